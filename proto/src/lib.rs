@@ -1,0 +1,39 @@
+//! The telemetry-bridge gRPC contract, `telemetry.bridge.v1`.
+//!
+//! # Layout
+//! - [`v1`]: every message and the `TelemetryBridge` client, generated from
+//!   `telemetry/bridge/v1/bridge.proto` (the comments there are the API documentation).
+//! - [`server`]: the service trait the hub implements; it streams subscribers
+//!   [`encoded::EncodedSubscribeResponse`]s instead of `v1::SubscribeResponse`s.
+//! - [`encoded`]: subscription items encoded once and shared by every subscriber.
+//! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
+//! - [`sampling`]: the sampling rate and the deterministic per-correlation-id decision.
+//! - [`control`]: a worker's effective control state and the verdict it gives each event.
+//!
+//! The semantics every participant must share (names, patterns, sampling, control) live here,
+//! beside the wire types, so that the hub and the workers cannot drift apart.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for server reflection.
+
+pub mod control;
+pub mod encoded;
+pub mod pattern;
+pub mod sampling;
+
+/// Messages and the client of `telemetry.bridge.v1`.
+#[allow(missing_debug_implementations, unused_qualifications, clippy::all)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/full/telemetry.bridge.v1.rs"));
+}
+
+/// The `TelemetryBridge` service trait, as the hub implements it.
+#[allow(missing_debug_implementations, unused_qualifications, clippy::all)]
+pub mod server {
+    include!(concat!(env!("OUT_DIR"), "/server/telemetry.bridge.v1.rs"));
+}
+
+/// Encoded `FileDescriptorSet` of the contract, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/bridge_descriptor.bin"));
+
+/// The fully qualified service name, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "telemetry.bridge.v1.TelemetryBridge";

@@ -1,0 +1,200 @@
+//! The sampling decision shared by workers and the hub.
+//!
+//! With a correlation id the decision is a pure function of the id and the rate, so the
+//! `.start` and `.stop` of one request, and every worker on its path, keep or drop it together:
+//! `h = fmix64(fnv1a64(id))`, keep iff `(h >> 11) / 2^53 < rate`. The function is written out in
+//! `bridge.proto` so that clients in other languages can implement it bit for bit. Events without
+//! a correlation id are sampled at random.
+
+use std::fmt;
+
+/// A sampling rate: finite and within `[0, 1]`.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Rate(f64);
+
+/// A rate that is not a finite number within `[0, 1]`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("sampling rate {0} is invalid: it must be a number from 0 to 1 (0.05 keeps 5 % of events)")]
+pub struct RateError(pub String);
+
+impl Rate {
+    pub const ALL: Rate = Rate(1.0);
+    pub const NONE: Rate = Rate(0.0);
+
+    pub fn new(rate: f64) -> Result<Self, RateError> {
+        if rate.is_finite() && (0.0..=1.0).contains(&rate) {
+            Ok(Self(rate))
+        } else {
+            Err(RateError(rate.to_string()))
+        }
+    }
+
+    pub fn get(self) -> f64 {
+        self.0
+    }
+
+    /// Whether to keep an event with this correlation id (empty: none, decided at random).
+    #[inline]
+    pub fn keep(self, correlation_id: &str) -> bool {
+        self.keep_with(correlation_id, &mut rand::rng())
+    }
+
+    /// [`Rate::keep`] drawing from `rng` for events without a correlation id.
+    #[inline]
+    pub fn keep_with<R: rand::Rng + ?Sized>(self, correlation_id: &str, rng: &mut R) -> bool {
+        if self.0 >= 1.0 {
+            true
+        } else if self.0 <= 0.0 {
+            false
+        } else if correlation_id.is_empty() {
+            rand::RngExt::random::<f64>(rng) < self.0
+        } else {
+            correlation_fraction(correlation_id) < self.0
+        }
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = RateError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let value: f64 = s.trim().parse().map_err(|_| RateError(s.to_owned()))?;
+        Self::new(value)
+    }
+}
+
+/// Maps a correlation id to a fraction in `[0, 1)`, uniformly for distinct ids.
+#[inline]
+pub fn correlation_fraction(correlation_id: &str) -> f64 {
+    let hash = fmix64(fnv1a64(correlation_id.as_bytes()));
+    (hash >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// MurmurHash3's finaliser: FNV-1a alone leaves the high bits of ids that differ only in their
+/// last characters (`req-1`, `req-2`) nearly equal, which would sample them together.
+fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(r: f64) -> Rate {
+        Rate::new(r).unwrap()
+    }
+
+    #[test]
+    fn rejects_rates_outside_zero_to_one() {
+        for bad in [1.5, -0.1, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert!(Rate::new(bad).is_err(), "{bad}");
+        }
+        assert!("nan".parse::<Rate>().is_err());
+        assert!("1.5".parse::<Rate>().is_err());
+        assert!(
+            "abc"
+                .parse::<Rate>()
+                .unwrap_err()
+                .to_string()
+                .contains("abc")
+        );
+        assert_eq!("0.25".parse::<Rate>().unwrap().get(), 0.25);
+        assert!(Rate::new(0.0).is_ok() && Rate::new(1.0).is_ok());
+    }
+
+    #[test]
+    fn decision_is_deterministic_per_correlation_id() {
+        for id in [
+            "req-1",
+            "req-2",
+            "a",
+            "0b2c6f9e-1f1e-4b0e-9d55-5c7d86d0c0de",
+        ] {
+            for r in [0.01, 0.3, 0.5, 0.99] {
+                let first = rate(r).keep(id);
+                assert!((0..20).all(|_| rate(r).keep(id) == first), "{id} at {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_kept_id_stays_kept_at_higher_rates() {
+        for i in 0..1000 {
+            let id = format!("req-{i}");
+            if rate(0.2).keep(&id) {
+                assert!(rate(0.5).keep(&id));
+            }
+        }
+    }
+
+    #[test]
+    fn zero_keeps_nothing_and_one_keeps_everything() {
+        for i in 0..10_000 {
+            let id = format!("req-{i}");
+            assert!(!Rate::NONE.keep(&id));
+            assert!(Rate::ALL.keep(&id));
+        }
+        assert!((0..1000).all(|_| !Rate::NONE.keep("")));
+        assert!((0..1000).all(|_| Rate::ALL.keep("")));
+    }
+
+    /// With n = 100,000 ids the kept count is Binomial(n, r); six standard deviations make a
+    /// false failure practically impossible while still catching a biased hash.
+    #[test]
+    fn kept_fraction_of_sequential_ids_is_within_statistical_bounds() {
+        let n = 100_000;
+        for r in [0.01, 0.1, 0.25, 0.5, 0.9] {
+            let kept = (0..n).filter(|i| rate(r).keep(&format!("req-{i}"))).count() as f64;
+            let sd = (n as f64 * r * (1.0 - r)).sqrt();
+            assert!(
+                (kept - n as f64 * r).abs() < 6.0 * sd,
+                "rate {r}: kept {kept} of {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn kept_fraction_without_correlation_id_is_within_statistical_bounds() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let n = 100_000;
+        for r in [0.05, 0.5, 0.8] {
+            let kept = (0..n).filter(|_| rate(r).keep_with("", &mut rng)).count() as f64;
+            let sd = (n as f64 * r * (1.0 - r)).sqrt();
+            assert!(
+                (kept - n as f64 * r).abs() < 6.0 * sd,
+                "rate {r}: kept {kept}"
+            );
+        }
+    }
+
+    #[test]
+    fn hash_matches_the_published_reference_values() {
+        // Pinned so a change to the function, which would split requests between workers
+        // running different versions, cannot go unnoticed.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fmix64(0), 0);
+        let f = correlation_fraction("req-1");
+        assert!((0.0..1.0).contains(&f));
+    }
+}
