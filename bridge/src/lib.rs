@@ -1,1 +1,28 @@
-//! placeholder
+//! The telemetry-bridge hub.
+//!
+//! Workers stream events in over `StreamTelemetry`; the hub fans them out to subscribers and
+//! streams each worker its desired control state, which operators change at runtime.
+//!
+//! # Layout
+//! - [`config`]: `config.toml` and its validation.
+//! - [`hub`]: the [`Hub`] handle tying the pieces below together.
+//! - [`registry`]: workers, their identity, sessions and counters.
+//! - [`worker_stream`]: both halves of a worker's stream (events in, control out).
+//! - [`fanout`]: subscribers, their filters, bounded queues and lag notices.
+//! - [`control`]: desired control state per worker, versioned and persisted.
+//! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection.
+//! - [`client`]: a typed client for the CLI and tests.
+//! - [`error`]: the hub's errors and their gRPC statuses.
+
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod fanout;
+pub mod hub;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod worker_stream;
+
+pub use crate::{config::Config, error::Error, hub::Hub, server::serve};

@@ -11,7 +11,7 @@ use prost::{
     encoding::{DecodeContext, WireType, skip_field},
 };
 
-use crate::v1::{EventDelivery, LagNotice, SubscribeResponse, subscribe_response::Item};
+use crate::v1::{EventDelivery, LagNotice, SubscribeResponse, TelemetryEvent, subscribe_response::Item};
 
 /// A `SubscribeResponse` already encoded; cloning it is a reference-count increment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,6 +25,46 @@ impl EncodedSubscribeResponse {
         Self::encode(SubscribeResponse {
             item: Some(Item::Event(delivery)),
         })
+    }
+
+    /// Encodes the delivery of `event` without copying it into an `EventDelivery` first: the
+    /// bytes are those of `SubscribeResponse { event: EventDelivery { .. } }`.
+    pub fn delivery(
+        worker_id: &str,
+        pool: &str,
+        event: &TelemetryEvent,
+        sampling_rate: f64,
+        received_ns: i64,
+    ) -> Self {
+        use prost::encoding::{double, encode_key, encode_varint, encoded_len_varint, int64, key_len, message};
+        let string_len = |tag: u32, s: &str| {
+            if s.is_empty() { 0 } else { key_len(tag) + encoded_len_varint(s.len() as u64) + s.len() }
+        };
+        let put_string = |buf: &mut Vec<u8>, tag: u32, s: &str| {
+            if !s.is_empty() {
+                encode_key(tag, WireType::LengthDelimited, buf);
+                encode_varint(s.len() as u64, buf);
+                buf.put_slice(s.as_bytes());
+            }
+        };
+        let body_len = string_len(1, worker_id)
+            + string_len(2, pool)
+            + message::encoded_len(3, event)
+            + if sampling_rate != 0.0 { double::encoded_len(4, &sampling_rate) } else { 0 }
+            + if received_ns != 0 { int64::encoded_len(5, &received_ns) } else { 0 };
+        let mut buf = Vec::with_capacity(key_len(1) + encoded_len_varint(body_len as u64) + body_len);
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(body_len as u64, &mut buf);
+        put_string(&mut buf, 1, worker_id);
+        put_string(&mut buf, 2, pool);
+        message::encode(3, event, &mut buf);
+        if sampling_rate != 0.0 {
+            double::encode(4, &sampling_rate, &mut buf);
+        }
+        if received_ns != 0 {
+            int64::encode(5, &received_ns, &mut buf);
+        }
+        Self { bytes: Bytes::from(buf) }
     }
 
     /// Encodes a lag notice for `skipped` missed events.
@@ -74,7 +114,7 @@ impl Message for EncodedSubscribeResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::TelemetryEvent;
+    use crate::v1::TelemetryValue;
 
     #[test]
     fn encodes_exactly_as_the_generated_message() {
@@ -92,7 +132,17 @@ mod tests {
         let encoded = EncodedSubscribeResponse::event(delivery.clone());
         let decoded = SubscribeResponse::decode(encoded.encode_to_vec().as_slice())
             .expect("decodes as SubscribeResponse");
-        assert_eq!(decoded.item, Some(Item::Event(delivery)));
+        assert_eq!(decoded.item, Some(Item::Event(delivery.clone())));
+
+        let event = delivery.event.clone().unwrap();
+        let by_ref = EncodedSubscribeResponse::delivery("gpu-3", "llama", &event, 0.5, 7);
+        assert_eq!(by_ref, encoded, "encoding by reference is byte-identical");
+
+        let mut rich = event;
+        rich.measurements.insert("tokens".into(), TelemetryValue { value: Some(crate::v1::telemetry_value::Value::IntValue(512)) });
+        rich.metadata.insert("model".into(), "llama".into());
+        let owned = EncodedSubscribeResponse::event(EventDelivery { worker_id: String::new(), pool: String::new(), event: Some(rich.clone()), sampling_rate: 0.0, received_ns: 0 });
+        assert_eq!(EncodedSubscribeResponse::delivery("", "", &rich, 0.0, 0), owned);
 
         let lag = EncodedSubscribeResponse::lagged(42).encode_to_vec();
         let decoded = SubscribeResponse::decode(lag.as_slice()).expect("decodes");

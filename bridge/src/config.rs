@@ -1,0 +1,289 @@
+//! Hub configuration: built-in defaults < `config.toml` < command-line flags.
+//!
+//! The shipped `config.toml` documents every key; a test checks that it parses to exactly
+//! the built-in defaults, so the file and the code cannot drift apart.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use bridge_proto::{
+    pattern::Pattern,
+    sampling::{Rate, RateError},
+};
+use serde::Deserialize;
+
+/// The whole configuration file. `[worker]` belongs to the `worker` sidecar and is checked there.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub hub: HubConfig,
+    pub control: ControlConfig,
+    pub worker: toml::Table,
+}
+
+/// `[hub]`: where and how the hub serves.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Address the gRPC service listens on.
+    pub listen: SocketAddr,
+    /// Directory for the control state file; empty means the platform's state directory.
+    pub state_dir: PathBuf,
+    /// Reject worker streams that do not name themselves with `x-worker-id`.
+    pub require_worker_id: bool,
+    /// Events buffered per subscriber before it is told it lagged.
+    pub subscriber_queue: usize,
+    /// Largest message accepted from any client, in bytes.
+    pub max_message_bytes: usize,
+    /// How long shutdown waits for streams to close before exiting anyway, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// Disconnected workers remembered for `bridge workers` (oldest forgotten first).
+    pub max_remembered_workers: usize,
+    /// HTTP/2 flow-control window per stream, in bytes.
+    pub stream_window_bytes: u32,
+    /// HTTP/2 flow-control window per connection, in bytes.
+    pub connection_window_bytes: u32,
+    /// Interval of HTTP/2 keepalive pings, in seconds (0: off).
+    pub keepalive_secs: u64,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            state_dir: PathBuf::new(),
+            require_worker_id: false,
+            subscriber_queue: 8192,
+            max_message_bytes: 4 * 1024 * 1024,
+            shutdown_grace_ms: 5000,
+            max_remembered_workers: 10_000,
+            stream_window_bytes: 4 * 1024 * 1024,
+            connection_window_bytes: 16 * 1024 * 1024,
+            keepalive_secs: 20,
+        }
+    }
+}
+
+/// `[control]`: the control state workers start from, before any runtime change.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Whether workers emit at all.
+    pub enabled: bool,
+    /// Fraction of events kept when no rule matches.
+    pub default_sampling_rate: f64,
+    /// Per-pattern rates for every worker.
+    pub rules: BTreeMap<String, f64>,
+    /// Allow list for every worker (empty: everything).
+    pub allow: Vec<String>,
+    /// Block list for every worker.
+    pub block: Vec<String>,
+    /// Settings for the workers of a pool, by pool name.
+    pub pools: BTreeMap<String, LayerConfig>,
+    /// Settings for one worker, by worker id.
+    pub workers: BTreeMap<String, LayerConfig>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_sampling_rate: 1.0,
+            rules: BTreeMap::new(),
+            allow: Vec::new(),
+            block: Vec::new(),
+            pools: BTreeMap::new(),
+            workers: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[control.pools.NAME]` and `[control.workers.ID]`: unset keys inherit.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LayerConfig {
+    pub enabled: Option<bool>,
+    pub sampling_rate: Option<f64>,
+    pub rules: BTreeMap<String, f64>,
+    pub allow: Option<Vec<String>>,
+    pub block: Option<Vec<String>>,
+}
+
+/// A configuration that cannot be used; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads `path`, or the built-in defaults when there is none.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        config.validate().map_err(|(key, message)| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks every value, returning the key and what is wrong with it.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let hub = &self.hub;
+        if hub.subscriber_queue == 0 {
+            return Err(("hub.subscriber_queue".into(), "must be at least 1".into()));
+        }
+        if hub.max_message_bytes < 1024 {
+            return Err(("hub.max_message_bytes".into(), "must be at least 1024".into()));
+        }
+        if hub.stream_window_bytes < 65_535 || hub.connection_window_bytes < 65_535 {
+            return Err((
+                "hub.stream_window_bytes".into(),
+                "HTTP/2 windows must be at least 65535 bytes".into(),
+            ));
+        }
+        let control = &self.control;
+        check_rate("control.default_sampling_rate", control.default_sampling_rate)?;
+        check_rules("control.rules", &control.rules)?;
+        check_patterns("control.allow", &control.allow)?;
+        check_patterns("control.block", &control.block)?;
+        for (kind, layers) in [("pools", &control.pools), ("workers", &control.workers)] {
+            for (name, layer) in layers {
+                let prefix = format!("control.{kind}.{name}");
+                if let Some(rate) = layer.sampling_rate {
+                    check_rate(&format!("{prefix}.sampling_rate"), rate)?;
+                }
+                check_rules(&format!("{prefix}.rules"), &layer.rules)?;
+                check_patterns(&format!("{prefix}.allow"), layer.allow.as_deref().unwrap_or(&[]))?;
+                check_patterns(&format!("{prefix}.block"), layer.block.as_deref().unwrap_or(&[]))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HubConfig {
+    /// The state directory to use: the configured one, else `$XDG_STATE_HOME/telemetry-bridge`,
+    /// else `~/.local/state/telemetry-bridge`, else `./bridge-state`.
+    pub fn resolved_state_dir(&self) -> PathBuf {
+        if !self.state_dir.as_os_str().is_empty() {
+            return self.state_dir.clone();
+        }
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state"))
+            });
+        base.map_or_else(
+            || PathBuf::from("bridge-state"),
+            |b| b.join("telemetry-bridge"),
+        )
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+fn check_rate(key: &str, rate: f64) -> Result<(), (String, String)> {
+    Rate::new(rate)
+        .map(drop)
+        .map_err(|RateError(_)| (key.into(), format!("sampling rate {rate} must be a number from 0 to 1")))
+}
+
+fn check_rules(key: &str, rules: &BTreeMap<String, f64>) -> Result<(), (String, String)> {
+    for (pattern, rate) in rules {
+        let key = format!("{key}.\"{pattern}\"");
+        Pattern::parse(pattern).map_err(|e| (key.clone(), e.to_string()))?;
+        check_rate(&key, *rate)?;
+    }
+    Ok(())
+}
+
+fn check_patterns(key: &str, patterns: &[String]) -> Result<(), (String, String)> {
+    for (i, pattern) in patterns.iter().enumerate() {
+        Pattern::parse(pattern).map_err(|e| (format!("{key}[{i}]"), e.to_string()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn shipped_config_is_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.toml");
+        let shipped = Config::load(Some(&path)).expect("shipped config.toml loads");
+        assert_eq!(shipped.hub, HubConfig::default());
+        assert_eq!(shipped.control, ControlConfig::default());
+    }
+
+    #[test]
+    fn overrides_parse() {
+        let config = parse(
+            r#"
+            [control]
+            default_sampling_rate = 0.5
+            rules = { "inference.*" = 0.1 }
+            [control.pools.llama]
+            sampling_rate = 0.25
+            block = ["debug.>"]
+            [control.workers."gpu-3"]
+            enabled = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.control.default_sampling_rate, 0.5);
+        assert_eq!(config.control.pools["llama"].sampling_rate, Some(0.25));
+        assert_eq!(config.control.workers["gpu-3"].enabled, Some(false));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = parse("[control]\ndefault_sampling_rate = 1.5").unwrap_err().to_string();
+        assert!(err.contains("`control.default_sampling_rate`"), "{err}");
+        let err = parse("[control.pools.a]\nrules = { \"a..b\" = 0.5 }").unwrap_err().to_string();
+        assert!(err.contains("control.pools.a.rules.\"a..b\""), "{err}");
+        let err = parse("[hub]\nlisten_addr = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("unknown field `listen_addr`"), "{err}");
+        let err = parse("[control.workers.w]\nblock = [\"a.>.b\"]").unwrap_err().to_string();
+        assert!(err.contains("control.workers.w.block[0]"), "{err}");
+    }
+}

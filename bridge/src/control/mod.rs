@@ -1,0 +1,409 @@
+//! The control plane: desired control state per worker, with versions, persisted.
+//!
+//! Settings live at three levels (global, pool, worker), each seeded from `config.toml` and
+//! changed at runtime by operators; [`layer`] says how they combine. Runtime changes and the
+//! version counter are saved in the state directory ([`store`]) before they are pushed to any
+//! worker, so an acknowledged change survives a hub restart. Every start takes a new version,
+//! so versions only ever grow, even when `config.toml` changed in between.
+
+pub mod layer;
+pub mod store;
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use bridge_proto::{
+    control::{ControlState, parse_patterns, parse_rate},
+    pattern::Pattern,
+    sampling::Rate,
+    v1,
+};
+
+use self::{
+    layer::{FilterSpec, Layer, Setting, merge},
+    store::{Snapshot, Store},
+};
+use crate::{
+    config::ControlConfig,
+    error::{Error, Result},
+};
+
+/// Which workers a change addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Worker(String),
+    Pool(String),
+    All,
+}
+
+/// One operator command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Rate for all events (`patterns` empty) or for each of `patterns`.
+    Sampling { rate: Rate, patterns: Vec<Pattern> },
+    Toggle(bool),
+    /// Replace the filter; both lists empty means "no filter" at this level.
+    Filter {
+        allow: Vec<Pattern>,
+        block: Vec<Pattern>,
+    },
+    /// Forget this level's own settings so that it inherits again.
+    Reset,
+}
+
+impl TryFrom<Option<v1::Selector>> for Selector {
+    type Error = Error;
+    fn try_from(selector: Option<v1::Selector>) -> Result<Self> {
+        use v1::selector::Target;
+        match selector.and_then(|s| s.target) {
+            Some(Target::WorkerId(id)) if !id.is_empty() => Ok(Self::Worker(id)),
+            Some(Target::Pool(pool)) if !pool.is_empty() => Ok(Self::Pool(pool)),
+            Some(Target::All(true)) => Ok(Self::All),
+            _ => Err(Error::invalid(
+                "selector: name a worker id, a pool, or all workers",
+            )),
+        }
+    }
+}
+
+/// Converts an `UpdateControlRequest` into its selector, change and wait, validating all three.
+pub fn parse_update(request: v1::UpdateControlRequest) -> Result<(Selector, Change, Duration)> {
+    use v1::update_control_request::Change as Wire;
+    let selector = Selector::try_from(request.selector)?;
+    let change = match request.change {
+        Some(Wire::Sampling(update)) => Change::Sampling {
+            rate: parse_rate("sampling_rate", update.sampling_rate)?,
+            patterns: parse_patterns("event_patterns", &update.event_patterns)?,
+        },
+        Some(Wire::Toggle(toggle)) => Change::Toggle(toggle.enabled),
+        Some(Wire::Filter(filter)) => Change::Filter {
+            allow: parse_patterns("allowed_events", &filter.allowed_events)?,
+            block: parse_patterns("blocked_events", &filter.blocked_events)?,
+        },
+        Some(Wire::Reset(_)) => Change::Reset,
+        None => {
+            return Err(Error::invalid(
+                "change: set one of sampling, toggle, filter or reset",
+            ));
+        }
+    };
+    Ok((selector, change, Duration::from_millis(request.wait_ms.into())))
+}
+
+/// Settings from `config.toml`, all at version 0.
+#[derive(Debug, Default)]
+struct Configured {
+    global: Layer,
+    pools: BTreeMap<String, Layer>,
+    workers: BTreeMap<String, Layer>,
+}
+
+#[derive(Debug)]
+struct Book {
+    configured: Configured,
+    runtime: Snapshot,
+    /// The version taken at start; every worker's state is at least this new.
+    epoch: u64,
+}
+
+/// Desired control state, shared by every task of the hub.
+#[derive(Debug)]
+pub struct ControlPlane {
+    book: Mutex<Book>,
+    store: Store,
+    /// Serialises changes from the moment they are made until they are pushed to workers, so
+    /// that no worker can receive an older state after a newer one.
+    changes: tokio::sync::Mutex<()>,
+}
+
+/// A change that has been saved; the next change waits until this is dropped.
+#[derive(Debug)]
+pub struct Applied<'a> {
+    pub version: u64,
+    _serialised: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl ControlPlane {
+    /// Loads the state directory, takes a new version for this start, and saves it.
+    pub fn open(config: &ControlConfig, state_dir: &Path) -> Result<Self> {
+        let store = Store::open(state_dir)?;
+        let mut runtime = store.load()?;
+        runtime.version += 1;
+        store.save(&runtime)?;
+        let configured = Configured {
+            global: Layer::global_from_config(config),
+            pools: config
+                .pools
+                .iter()
+                .map(|(name, layer)| (name.clone(), Layer::from_config(layer)))
+                .collect(),
+            workers: config
+                .workers
+                .iter()
+                .map(|(id, layer)| (id.clone(), Layer::from_config(layer)))
+                .collect(),
+        };
+        Ok(Self {
+            book: Mutex::new(Book {
+                epoch: runtime.version,
+                configured,
+                runtime,
+            }),
+            store,
+            changes: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn state_file(&self) -> &Path {
+        self.store.path()
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // A panic while holding the lock cannot leave the book half-edited (edits are applied to
+        // a copy), so a poisoned lock is still safe to use.
+        self.book.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The state a worker with this id (if any) in this pool (empty: none) should apply.
+    pub fn effective(&self, worker: Option<&str>, pool: &str) -> ControlState {
+        let book = self.book();
+        let chain = book.chain(worker, pool);
+        let version = chain
+            .iter()
+            .map(|layer| layer.version)
+            .fold(book.epoch, u64::max);
+        merge(chain, version)
+    }
+
+    /// The levels behind [`Self::effective`], for display.
+    pub fn describe(&self, worker: Option<&str>, pool: &str) -> v1::GetControlResponse {
+        let effective = self.effective(worker, pool);
+        let book = self.book();
+        let combine = |configured: Option<&Layer>, runtime: Option<&Layer>| {
+            let (configured, runtime) = (configured.cloned(), runtime.cloned());
+            let layers: Vec<Layer> = configured.into_iter().chain(runtime).collect();
+            (!layers.is_empty()).then(|| {
+                let version = layers.iter().map(|l| l.version).max().unwrap_or(0);
+                let mut wire = merge_layer(&layers).to_wire();
+                wire.version = version;
+                wire
+            })
+        };
+        v1::GetControlResponse {
+            effective: Some(v1::ControlState::from(&effective)),
+            global: combine(
+                Some(&book.configured.global),
+                Some(&book.runtime.global),
+            ),
+            pool: (!pool.is_empty())
+                .then(|| combine(book.configured.pools.get(pool), book.runtime.pools.get(pool)))
+                .flatten(),
+            worker: worker
+                .and_then(|id| combine(book.configured.workers.get(id), book.runtime.workers.get(id))),
+        }
+    }
+
+    /// Whether settings exist for this worker id (so it may be addressed before it connects).
+    pub fn has_worker_settings(&self, id: &str) -> bool {
+        let book = self.book();
+        book.configured.workers.contains_key(id) || book.runtime.workers.contains_key(id)
+    }
+
+    /// Records a change and saves it. Push the resulting states to workers before dropping the
+    /// returned guard.
+    pub async fn apply(&self, selector: &Selector, change: &Change) -> Result<Applied<'_>> {
+        let serialised = self.changes.lock().await;
+        let (previous, snapshot) = {
+            let mut book = self.book();
+            let previous = book.runtime.clone();
+            book.runtime.version += 1;
+            let version = book.runtime.version;
+            let layer = match selector {
+                Selector::All => &mut book.runtime.global,
+                Selector::Pool(pool) => book.runtime.pools.entry(pool.clone()).or_default(),
+                Selector::Worker(id) => book.runtime.workers.entry(id.clone()).or_default(),
+            };
+            apply_change(layer, change, version);
+            (previous, book.runtime.clone())
+        };
+        let store = self.store.clone();
+        let saved = tokio::task::spawn_blocking(move || store.save(&snapshot))
+            .await
+            .unwrap_or_else(|join| {
+                Err(Error::StateWrite {
+                    path: self.store.path().to_owned(),
+                    source: std::io::Error::other(join.to_string()),
+                })
+            });
+        let mut book = self.book();
+        if let Err(error) = saved {
+            book.runtime = previous;
+            return Err(error);
+        }
+        Ok(Applied {
+            version: book.runtime.version,
+            _serialised: serialised,
+        })
+    }
+}
+
+impl Book {
+    /// The levels that apply to a worker, most general first.
+    fn chain(&self, worker: Option<&str>, pool: &str) -> Vec<&Layer> {
+        let mut chain = vec![&self.configured.global, &self.runtime.global];
+        if !pool.is_empty() {
+            chain.extend(self.configured.pools.get(pool));
+            chain.extend(self.runtime.pools.get(pool));
+        }
+        if let Some(id) = worker {
+            chain.extend(self.configured.workers.get(id));
+            chain.extend(self.runtime.workers.get(id));
+        }
+        chain
+    }
+}
+
+fn apply_change(layer: &mut Layer, change: &Change, version: u64) {
+    match change {
+        Change::Sampling { rate, patterns } if patterns.is_empty() => {
+            layer.sampling_rate = Some(Setting {
+                value: rate.get(),
+                version,
+            });
+        }
+        Change::Sampling { rate, patterns } => {
+            for pattern in patterns {
+                layer.rules.insert(
+                    pattern.to_string(),
+                    Setting {
+                        value: rate.get(),
+                        version,
+                    },
+                );
+            }
+        }
+        Change::Toggle(enabled) => {
+            layer.enabled = Some(Setting {
+                value: *enabled,
+                version,
+            });
+        }
+        Change::Filter { allow, block } => {
+            let names = |list: &[Pattern]| list.iter().map(ToString::to_string).collect();
+            layer.filter = Some(Setting {
+                value: FilterSpec {
+                    allow: names(allow),
+                    block: names(block),
+                },
+                version,
+            });
+        }
+        Change::Reset => *layer = Layer::default(),
+    }
+    layer.version = version;
+}
+
+/// One level's configured and runtime settings seen as one (runtime wins, being newer).
+fn merge_layer(layers: &[Layer]) -> Layer {
+    let mut merged = Layer::default();
+    for layer in layers {
+        if layer.enabled.is_some() {
+            merged.enabled.clone_from(&layer.enabled);
+        }
+        if layer.sampling_rate.is_some() {
+            merged.sampling_rate.clone_from(&layer.sampling_rate);
+        }
+        if layer.filter.is_some() {
+            merged.filter.clone_from(&layer.filter);
+        }
+        merged
+            .rules
+            .extend(layer.rules.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(r: f64) -> Rate {
+        Rate::new(r).unwrap()
+    }
+
+    fn sampling(r: f64) -> Change {
+        Change::Sampling {
+            rate: rate(r),
+            patterns: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_persist_and_versions_grow_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ControlConfig::default();
+        let plane = ControlPlane::open(&config, dir.path()).unwrap();
+        let start = plane.effective(Some("gpu-3"), "llama").version;
+        let v = plane
+            .apply(&Selector::Worker("gpu-3".into()), &sampling(0.1))
+            .await
+            .unwrap()
+            .version;
+        assert!(v > start);
+        let state = plane.effective(Some("gpu-3"), "llama");
+        assert_eq!((state.version, state.default_rate.get()), (v, 0.1));
+        assert_eq!(plane.effective(Some("gpu-4"), "llama").default_rate.get(), 1.0);
+        drop(plane);
+
+        let plane = ControlPlane::open(&config, dir.path()).unwrap();
+        let state = plane.effective(Some("gpu-3"), "llama");
+        assert_eq!(state.default_rate.get(), 0.1);
+        assert!(state.version > v, "a restart takes a new version");
+        assert!(plane.has_worker_settings("gpu-3"));
+    }
+
+    #[tokio::test]
+    async fn pool_settings_apply_to_workers_that_join_later_and_all_overrides_older() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ControlConfig::default();
+        config.workers.insert(
+            "gpu-1".into(),
+            crate::config::LayerConfig {
+                sampling_rate: Some(0.9),
+                ..Default::default()
+            },
+        );
+        let plane = ControlPlane::open(&config, dir.path()).unwrap();
+        assert_eq!(plane.effective(Some("gpu-1"), "").default_rate.get(), 0.9);
+
+        plane.apply(&Selector::Pool("llama".into()), &sampling(0.5)).await.unwrap();
+        assert_eq!(plane.effective(Some("new"), "llama").default_rate.get(), 0.5);
+        assert_eq!(plane.effective(Some("new"), "other").default_rate.get(), 1.0);
+
+        plane.apply(&Selector::All, &sampling(0.2)).await.unwrap();
+        assert_eq!(plane.effective(Some("gpu-1"), "llama").default_rate.get(), 0.2);
+        plane.apply(&Selector::Worker("gpu-1".into()), &sampling(0.3)).await.unwrap();
+        assert_eq!(plane.effective(Some("gpu-1"), "llama").default_rate.get(), 0.3);
+
+        plane.apply(&Selector::All, &Change::Reset).await.unwrap();
+        assert_eq!(plane.effective(Some("x"), "llama").default_rate.get(), 0.5);
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let plane = ControlPlane::open(&ControlConfig::default(), dir.path()).unwrap();
+        let before = plane.effective(None, "");
+        // Replace the directory with a file so that the next save cannot create its temp file.
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        std::fs::write(dir.path(), b"").unwrap();
+        let err = plane.apply(&Selector::All, &sampling(0.1)).await.unwrap_err();
+        assert!(err.to_string().contains("cannot write control state"), "{err}");
+        assert_eq!(plane.effective(None, ""), before);
+        std::fs::remove_file(dir.path()).unwrap();
+    }
+}

@@ -1,0 +1,145 @@
+//! The control state file: written atomically (temporary file, fsync, rename, fsync of the
+//! directory) so that a crash leaves either the old state or the new one, never a torn file.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::layer::Layer;
+use crate::error::{Error, Result};
+
+const FILE_NAME: &str = "control.json";
+const FORMAT: u32 = 1;
+
+/// What survives a hub restart: the version counter and the operators' changes.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub format: u32,
+    /// The last version handed out.
+    pub version: u64,
+    pub global: Layer,
+    pub pools: BTreeMap<String, Layer>,
+    pub workers: BTreeMap<String, Layer>,
+}
+
+/// The state file inside a state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    path: PathBuf,
+}
+
+impl Store {
+    /// Uses `dir`, creating it when missing.
+    pub fn open(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|source| Error::StateWrite {
+            path: dir.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: dir.join(FILE_NAME),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored snapshot; an empty one when there is no file yet.
+    pub fn load(&self) -> Result<Snapshot> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Snapshot {
+                    format: FORMAT,
+                    ..Snapshot::default()
+                });
+            }
+            Err(e) => {
+                return Err(Error::StateRead {
+                    path: self.path.clone(),
+                    message: e.to_string(),
+                });
+            }
+        };
+        let snapshot: Snapshot = serde_json::from_str(&text).map_err(|e| Error::StateRead {
+            path: self.path.clone(),
+            message: format!("{e} (move the file away to start from config.toml alone)"),
+        })?;
+        if snapshot.format != FORMAT {
+            return Err(Error::StateRead {
+                path: self.path.clone(),
+                message: format!(
+                    "format {} is not supported (this hub reads format {FORMAT})",
+                    snapshot.format
+                ),
+            });
+        }
+        Ok(snapshot)
+    }
+
+    /// Replaces the file with `snapshot`, atomically and durably.
+    pub fn save(&self, snapshot: &Snapshot) -> Result<()> {
+        let write_error = |source| Error::StateWrite {
+            path: self.path.clone(),
+            source,
+        };
+        let mut bytes = serde_json::to_vec_pretty(snapshot).map_err(|e| write_error(e.into()))?;
+        bytes.push(b'\n');
+        let tmp = self.path.with_extension("json.tmp");
+        let mut file = File::create(&tmp).map_err(write_error)?;
+        file.write_all(&bytes).map_err(write_error)?;
+        file.sync_all().map_err(write_error)?;
+        drop(file);
+        fs::rename(&tmp, &self.path).map_err(write_error)?;
+        if let Some(dir) = self.path.parent() {
+            // The rename is durable only once the directory entry is.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(write_error)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::layer::Setting;
+
+    #[test]
+    fn round_trips_and_reports_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("nested")).unwrap();
+        assert_eq!(store.load().unwrap().version, 0);
+
+        let mut snapshot = Snapshot {
+            format: FORMAT,
+            version: 9,
+            ..Default::default()
+        };
+        snapshot.workers.insert(
+            "gpu-3".into(),
+            Layer {
+                sampling_rate: Some(Setting {
+                    value: 0.1,
+                    version: 9,
+                }),
+                version: 9,
+                ..Default::default()
+            },
+        );
+        store.save(&snapshot).unwrap();
+        assert_eq!(store.load().unwrap(), snapshot);
+        assert!(!store.path().with_extension("json.tmp").exists());
+
+        fs::write(store.path(), "{ not json").unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("control.json") && err.contains("move the file away"), "{err}");
+    }
+}

@@ -1,0 +1,305 @@
+//! Fan-out of events to subscribers.
+//!
+//! Each subscriber has a bounded queue. Publishing never waits: an event that does not fit is
+//! counted as skipped, and the subscriber's next item carries the count so that its stream shows
+//! a lag notice exactly where the gap is. An event is encoded once, on the first subscriber that
+//! matches, and every other subscriber receives a clone of the same bytes. The subscriber list
+//! is swapped atomically on (rare) subscribe/unsubscribe, so publishing takes no lock.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+};
+
+use arc_swap::ArcSwap;
+use bridge_proto::{encoded::EncodedSubscribeResponse, pattern::Pattern, v1};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+
+/// Which events a subscriber wants; all given parts must match.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Any of these (empty: every event).
+    pub patterns: Vec<Pattern>,
+    /// Only these workers (empty: all).
+    pub worker_ids: HashSet<String>,
+    /// Only this pool.
+    pub pool: Option<String>,
+}
+
+impl Filter {
+    #[inline]
+    pub fn matches(&self, worker_id: &str, pool: &str, parts: &[String]) -> bool {
+        (self.worker_ids.is_empty() || self.worker_ids.contains(worker_id))
+            && self.pool.as_deref().is_none_or(|p| p == pool)
+            && (self.patterns.is_empty() || self.patterns.iter().any(|p| p.matches_parts(parts)))
+    }
+}
+
+impl TryFrom<v1::SubscribeRequest> for Filter {
+    type Error = Error;
+    fn try_from(request: v1::SubscribeRequest) -> Result<Self> {
+        let patterns = request
+            .patterns
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Pattern::parse(p).map_err(|e| Error::invalid(format!("patterns[{i}]: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            patterns,
+            worker_ids: request
+                .worker_ids
+                .into_iter()
+                .filter(|id| !id.is_empty())
+                .collect(),
+            pool: Some(request.pool).filter(|p| !p.is_empty()),
+        })
+    }
+}
+
+/// One queued item: an encoded delivery, and how many events were skipped just before it.
+#[derive(Debug)]
+pub struct Item {
+    pub skipped_before: u64,
+    pub response: EncodedSubscribeResponse,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    id: u64,
+    filter: Filter,
+    queue: mpsc::Sender<Item>,
+    /// Skipped since the last item that made it into the queue.
+    skipped: AtomicU64,
+    delivered: AtomicU64,
+    skipped_total: AtomicU64,
+}
+
+impl Subscriber {
+    #[inline]
+    fn offer(&self, response: &EncodedSubscribeResponse) {
+        let skipped_before = match self.skipped.load(Relaxed) {
+            0 => 0,
+            _ => self.skipped.swap(0, Relaxed),
+        };
+        match self.queue.try_send(Item {
+            skipped_before,
+            response: response.clone(),
+        }) {
+            Ok(()) => {
+                self.delivered.fetch_add(1, Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.skipped.fetch_add(item.skipped_before + 1, Relaxed);
+                self.skipped_total.fetch_add(1, Relaxed);
+            }
+            // The subscription is going away; its guard removes it.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    subscribers: ArcSwap<Vec<Arc<Subscriber>>>,
+    edit: Mutex<()>,
+    next_id: AtomicU64,
+    queue_capacity: usize,
+}
+
+/// The set of subscribers; a cheap-clone handle.
+#[derive(Debug, Clone)]
+pub struct Fanout {
+    shared: Arc<Shared>,
+}
+
+/// A live subscription. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    pub queue: mpsc::Receiver<Item>,
+    subscriber: Arc<Subscriber>,
+    fanout: Fanout,
+}
+
+impl Subscription {
+    /// Takes the count of events skipped since the last queued item (for a lag notice when
+    /// the queue has drained).
+    pub fn take_skipped(&self) -> u64 {
+        match self.subscriber.skipped.load(Relaxed) {
+            0 => 0,
+            _ => self.subscriber.skipped.swap(0, Relaxed),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.fanout.remove(self.subscriber.id);
+    }
+}
+
+/// What a publisher knows about where an event comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub worker_id: &'a str,
+    pub pool: &'a str,
+}
+
+impl Fanout {
+    pub fn new(queue_capacity: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                subscribers: ArcSwap::from_pointee(Vec::new()),
+                edit: Mutex::new(()),
+                next_id: AtomicU64::new(1),
+                queue_capacity,
+            }),
+        }
+    }
+
+    pub fn subscribe(&self, filter: Filter) -> Subscription {
+        let (tx, rx) = mpsc::channel(self.shared.queue_capacity);
+        let subscriber = Arc::new(Subscriber {
+            id: self.shared.next_id.fetch_add(1, Relaxed),
+            filter,
+            queue: tx,
+            skipped: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            skipped_total: AtomicU64::new(0),
+        });
+        let _edit = self.shared.edit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = Vec::clone(&self.shared.subscribers.load());
+        list.push(subscriber.clone());
+        self.shared.subscribers.store(Arc::new(list));
+        Subscription {
+            queue: rx,
+            subscriber,
+            fanout: self.clone(),
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        let _edit = self.shared.edit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = Vec::clone(&self.shared.subscribers.load());
+        list.retain(|s| s.id != id);
+        self.shared.subscribers.store(Arc::new(list));
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.shared.subscribers.load().len()
+    }
+
+    /// Offers an event to every matching subscriber; returns how many it was queued for or
+    /// skipped by (matching subscribers).
+    pub fn publish(
+        &self,
+        source: Source<'_>,
+        event: &v1::TelemetryEvent,
+        sampling_rate: f64,
+        received_ns: i64,
+    ) -> usize {
+        let subscribers = self.shared.subscribers.load();
+        let mut encoded: Option<EncodedSubscribeResponse> = None;
+        let mut matched = 0;
+        for subscriber in subscribers.iter() {
+            if !subscriber
+                .filter
+                .matches(source.worker_id, source.pool, &event.event_parts)
+            {
+                continue;
+            }
+            matched += 1;
+            let response = encoded.get_or_insert_with(|| {
+                EncodedSubscribeResponse::delivery(
+                    source.worker_id,
+                    source.pool,
+                    event,
+                    sampling_rate,
+                    received_ns,
+                )
+            });
+            subscriber.offer(response);
+        }
+        matched
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn event(name: &str) -> v1::TelemetryEvent {
+        v1::TelemetryEvent {
+            event_parts: name.split('.').map(String::from).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn decode(item: &Item) -> v1::subscribe_response::Item {
+        v1::SubscribeResponse::decode(item.response.as_bytes().clone())
+            .unwrap()
+            .item
+            .unwrap()
+    }
+
+    const SRC: Source<'static> = Source {
+        worker_id: "gpu-3",
+        pool: "llama",
+    };
+
+    #[test]
+    fn delivers_to_matching_subscribers_only() {
+        let fanout = Fanout::new(16);
+        let mut inference = fanout.subscribe(Filter {
+            patterns: vec![Pattern::parse("inference.>").unwrap()],
+            ..Default::default()
+        });
+        let mut other_pool = fanout.subscribe(Filter {
+            pool: Some("mistral".into()),
+            ..Default::default()
+        });
+        assert_eq!(fanout.publish(SRC, &event("inference.stop"), 0.5, 1), 1);
+        assert_eq!(fanout.publish(SRC, &event("gpu.util"), 1.0, 2), 0);
+        let item = inference.queue.try_recv().unwrap();
+        match decode(&item) {
+            v1::subscribe_response::Item::Event(d) => {
+                assert_eq!((d.worker_id.as_str(), d.pool.as_str()), ("gpu-3", "llama"));
+                assert_eq!(d.sampling_rate, 0.5);
+                assert_eq!(d.event.unwrap().event_parts, ["inference", "stop"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(inference.queue.try_recv().is_err());
+        assert!(other_pool.queue.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_full_queue_counts_skips_and_reports_them_on_the_next_item() {
+        let fanout = Fanout::new(2);
+        let mut slow = fanout.subscribe(Filter::default());
+        for _ in 0..5 {
+            fanout.publish(SRC, &event("a"), 1.0, 0);
+        }
+        assert_eq!(slow.queue.try_recv().unwrap().skipped_before, 0);
+        assert_eq!(slow.queue.try_recv().unwrap().skipped_before, 0);
+        fanout.publish(SRC, &event("a"), 1.0, 0);
+        assert_eq!(slow.queue.try_recv().unwrap().skipped_before, 3);
+        assert_eq!(slow.take_skipped(), 0);
+    }
+
+    #[test]
+    fn dropping_a_subscription_unsubscribes() {
+        let fanout = Fanout::new(2);
+        let sub = fanout.subscribe(Filter::default());
+        assert_eq!(fanout.subscriber_count(), 1);
+        drop(sub);
+        assert_eq!(fanout.subscriber_count(), 0);
+    }
+}

@@ -1,0 +1,323 @@
+//! The hub: workers, subscribers and the control plane behind one cheap-clone handle.
+
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bridge_proto::v1;
+use futures_util::future::join_all;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    config::Config,
+    control::{Change, ControlPlane, Selector},
+    error::{Error, Result},
+    fanout::{Fanout, Filter, Source, Subscription},
+    registry::{Identity, Registry, Session, Worker},
+};
+
+/// Event names the hub publishes about workers.
+pub const WORKER_CONNECTED: [&str; 3] = ["bridge", "worker", "connected"];
+pub const WORKER_DISCONNECTED: [&str; 3] = ["bridge", "worker", "disconnected"];
+
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    registry: Registry,
+    fanout: Fanout,
+    control: ControlPlane,
+    /// Cancelled when the hub shuts down; every stream's token is a child.
+    shutdown: CancellationToken,
+}
+
+/// The hub; clone it freely.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+impl Hub {
+    /// Opens the control state in the configured state directory.
+    pub fn new(config: Config) -> Result<Self> {
+        let state_dir = config.hub.resolved_state_dir();
+        let control = ControlPlane::open(&config.control, &state_dir)?;
+        info!(state_file = %control.state_file().display(), "control state loaded");
+        Ok(Self {
+            shared: Arc::new(Shared {
+                registry: Registry::new(config.hub.max_remembered_workers),
+                fanout: Fanout::new(config.hub.subscriber_queue),
+                control,
+                shutdown: CancellationToken::new(),
+                config,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    pub fn fanout(&self) -> &Fanout {
+        &self.shared.fanout
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shared.shutdown
+    }
+
+    /// Ends every worker stream and subscription with UNAVAILABLE.
+    pub fn shut_down(&self) {
+        self.shared
+            .registry
+            .end_all(&tonic::Status::unavailable("the hub is shutting down"));
+        self.shared.shutdown.cancel();
+    }
+
+    /// Opens a session for a worker stream and announces it to subscribers.
+    pub fn connect(&self, identity: &Identity) -> Session {
+        let control = &self.shared.control;
+        let opened = self.shared.registry.open(identity, &self.shared.shutdown, || {
+            control.effective(Some(&identity.id), &identity.pool)
+        });
+        if let Some(old) = &opened.replaced {
+            info!(worker.id = %identity.id, "worker reconnected; its previous stream is replaced");
+            self.announce_disconnected(&old.worker, "replaced by a newer stream");
+        }
+        info!(
+            worker.id = %identity.id,
+            worker.pool = %identity.pool,
+            worker.pid = identity.pid,
+            peer = %identity.peer,
+            generated_id = identity.generated,
+            acknowledges = identity.acknowledges,
+            control.version = opened.session.worker.desired().version,
+            "worker connected"
+        );
+        let mut metadata = std::collections::HashMap::from([
+            ("pool".to_owned(), identity.pool.clone()),
+            ("peer".to_owned(), identity.peer.clone()),
+            ("acknowledges".to_owned(), identity.acknowledges.to_string()),
+        ]);
+        if identity.pid != 0 {
+            metadata.insert("pid".into(), identity.pid.to_string());
+        }
+        for (key, value) in &identity.labels {
+            metadata.insert(format!("label.{key}"), value.clone());
+        }
+        self.publish_lifecycle(&identity.id, &identity.pool, &WORKER_CONNECTED, metadata, Default::default());
+        opened.session
+    }
+
+    /// Closes a session; announces the disconnect if it was the worker's current one.
+    pub fn disconnect(&self, session: &Session, reason: &str) {
+        session.cancel.cancel();
+        if self.shared.registry.close(session) {
+            info!(worker.id = %session.worker.id, reason, "worker disconnected");
+            self.announce_disconnected(&session.worker, reason);
+        }
+    }
+
+    fn announce_disconnected(&self, worker: &Worker, reason: &str) {
+        let pool = worker.status().pool.clone();
+        let received = worker.counters.received.load(Relaxed);
+        self.publish_lifecycle(
+            &worker.id,
+            &pool,
+            &WORKER_DISCONNECTED,
+            [("reason".to_owned(), reason.to_owned())].into(),
+            [(
+                "events_received".to_owned(),
+                v1::TelemetryValue {
+                    value: Some(v1::telemetry_value::Value::IntValue(
+                        i64::try_from(received).unwrap_or(i64::MAX),
+                    )),
+                },
+            )]
+            .into(),
+        );
+    }
+
+    fn publish_lifecycle(
+        &self,
+        worker_id: &str,
+        pool: &str,
+        name: &[&str],
+        metadata: std::collections::HashMap<String, String>,
+        measurements: std::collections::HashMap<String, v1::TelemetryValue>,
+    ) {
+        let now = unix_nanos(SystemTime::now());
+        let event = v1::TelemetryEvent {
+            event_parts: name.iter().map(|s| (*s).to_owned()).collect(),
+            measurements,
+            metadata,
+            timestamp_ns: now,
+            correlation_id: String::new(),
+        };
+        self.shared
+            .fanout
+            .publish(Source { worker_id, pool }, &event, 1.0, now);
+    }
+
+    pub fn subscribe(&self, filter: Filter) -> Subscription {
+        self.shared.fanout.subscribe(filter)
+    }
+
+    /// Applies an operator's change, pushes the new state to the workers it reaches, and waits
+    /// up to `wait` for the connected ones that acknowledge control to apply it.
+    pub async fn update_control(
+        &self,
+        selector: &Selector,
+        change: &Change,
+        wait: Duration,
+    ) -> Result<v1::UpdateControlResponse> {
+        if self.shared.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if let Selector::Worker(id) = selector {
+            if self.shared.registry.get(id).is_none() && !self.shared.control.has_worker_settings(id)
+            {
+                return Err(Error::UnknownWorker(id.clone()));
+            }
+        }
+        let started = Instant::now();
+        let applied = self.shared.control.apply(selector, change).await?;
+        let version = applied.version;
+        let reached: Vec<Arc<Worker>> = self
+            .shared
+            .registry
+            .all()
+            .into_iter()
+            .filter(|worker| selects(selector, worker))
+            .collect();
+        for worker in &reached {
+            let pool = worker.status().pool.clone();
+            worker.offer_desired(self.shared.control.effective(Some(&worker.id), &pool));
+        }
+        drop(applied);
+        info!(?selector, ?change, control.version = version, workers = reached.len(), "control changed");
+
+        let deadline = tokio::time::Instant::now() + wait;
+        let targets = reached.iter().filter(|w| w.status().connected).map(|worker| async move {
+            let acknowledges = worker.status().acknowledges;
+            let mut applied = worker.watch_applied();
+            let acked = acknowledges
+                && !wait.is_zero()
+                && tokio::time::timeout_at(deadline, applied.wait_for(|v| *v >= version))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            let acked = acked || worker.applied_version().is_some_and(|v| v >= version);
+            v1::TargetStatus {
+                worker_id: worker.id.clone(),
+                acknowledges,
+                applied: acked,
+                ack_latency_us: if acked {
+                    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+                } else {
+                    0
+                },
+            }
+        });
+        let targets = join_all(targets).await;
+        Ok(v1::UpdateControlResponse { version, targets })
+    }
+
+    /// The workers the selector addresses (all when `None`), as the admin API shows them.
+    pub fn list_workers(&self, selector: Option<&Selector>) -> Vec<v1::WorkerInfo> {
+        self.shared
+            .registry
+            .all()
+            .iter()
+            .filter(|w| selector.is_none_or(|s| selects(s, w)))
+            .map(|w| worker_info(w))
+            .collect()
+    }
+
+    /// The effective control state for a selector and the levels it comes from.
+    pub fn describe_control(&self, selector: &Selector) -> Result<v1::GetControlResponse> {
+        let control = &self.shared.control;
+        Ok(match selector {
+            Selector::All => control.describe(None, ""),
+            Selector::Pool(pool) => control.describe(None, pool),
+            Selector::Worker(id) => {
+                let pool = match self.shared.registry.get(id) {
+                    Some(worker) => worker.status().pool.clone(),
+                    None if control.has_worker_settings(id) => String::new(),
+                    None => return Err(Error::UnknownWorker(id.clone())),
+                };
+                control.describe(Some(id), &pool)
+            }
+        })
+    }
+
+    /// Runs once-a-second housekeeping until shutdown.
+    pub async fn run_ticker(self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shared.shutdown.cancelled() => return,
+                _ = tick.tick() => self.shared.registry.tick_rates(),
+            }
+        }
+    }
+
+    /// Logs an event rejected as invalid, once per session to keep logs readable.
+    pub(crate) fn warn_invalid(&self, session: &Session, first: bool, error: &dyn std::fmt::Display) {
+        if first {
+            warn!(worker.id = %session.worker.id, %error, "dropping invalid events from worker (logged once per stream; counted as drop reason `invalid`)");
+        }
+    }
+}
+
+fn selects(selector: &Selector, worker: &Worker) -> bool {
+    match selector {
+        Selector::All => true,
+        Selector::Worker(id) => worker.id == *id,
+        Selector::Pool(pool) => worker.status().pool == *pool,
+    }
+}
+
+fn worker_info(worker: &Worker) -> v1::WorkerInfo {
+    let desired = worker.desired();
+    let events_per_second = worker.events_per_second();
+    let applied_version = worker.applied_version();
+    let status = worker.status();
+    v1::WorkerInfo {
+        id: worker.id.clone(),
+        pool: status.pool.clone(),
+        connected: status.connected,
+        connected_since_ns: unix_nanos(status.connected_since),
+        disconnected_ns: status.disconnected_at.map_or(0, unix_nanos),
+        pid: status.pid,
+        peer: status.peer.clone(),
+        labels: status.labels.clone().into_iter().collect(),
+        events_received: worker.counters.received.load(Relaxed),
+        events_per_second,
+        hub_drops: worker
+            .counters
+            .drops()
+            .filter(|(_, n)| *n > 0)
+            .map(|(reason, n)| (reason.as_str().to_owned(), n))
+            .collect(),
+        worker_counters: status.reported.clone().into_iter().collect(),
+        desired_version: desired.version,
+        applied_version,
+        acknowledges: status.acknowledges,
+        control: Some(v1::ControlState::from(&*desired)),
+        last_ack_latency_us: status
+            .last_ack_latency
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+    }
+}
+
+/// Nanoseconds since the Unix epoch (0 for times before it).
+pub fn unix_nanos(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,573 @@
+//! Workers known to the hub, and their sessions.
+//!
+//! A worker is keyed by its id. It keeps its entry (counters, desired control, applied version)
+//! across reconnects; each stream is a session with its own generation, so that a stream
+//! replaced by a newer one cannot mark the worker disconnected when it finally ends.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use bridge_proto::control::ControlState;
+use dashmap::DashMap;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+
+use crate::error::{Error, Result};
+
+/// Longest worker id, pool name, label key or value accepted from metadata.
+const MAX_NAME_LEN: usize = 256;
+
+/// Who is on the other end of a `StreamTelemetry` stream, from its request metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub id: String,
+    /// The hub made the id up because the client sent none.
+    pub generated: bool,
+    pub pool: String,
+    pub pid: u32,
+    pub labels: BTreeMap<String, String>,
+    /// The client applies `ControlState` itself and acknowledges it.
+    pub acknowledges: bool,
+    pub peer: String,
+}
+
+impl Identity {
+    pub fn from_metadata(
+        metadata: &MetadataMap,
+        peer: Option<SocketAddr>,
+        require_id: bool,
+    ) -> Result<Self> {
+        let text = |key: &str| -> Result<Option<String>> {
+            match metadata.get(key) {
+                None => Ok(None),
+                Some(value) => {
+                    let value = value
+                        .to_str()
+                        .map_err(|_| Error::invalid(format!("{key}: must be printable ASCII")))?
+                        .trim();
+                    check_name(key, value)?;
+                    Ok((!value.is_empty()).then(|| value.to_owned()))
+                }
+            }
+        };
+        let (id, generated) = match text("x-worker-id")? {
+            Some(id) => (id, false),
+            None if require_id => {
+                return Err(Error::invalid(
+                    "x-worker-id: this hub requires workers to name themselves",
+                ));
+            }
+            None => (format!("anon-{:08x}", rand::random::<u32>()), true),
+        };
+        let pid = match text("x-worker-pid")? {
+            None => 0,
+            Some(pid) => pid
+                .parse()
+                .map_err(|_| Error::invalid(format!("x-worker-pid: `{pid}` is not a process id")))?,
+        };
+        let mut labels = BTreeMap::new();
+        for key in metadata.keys() {
+            if let tonic::metadata::KeyRef::Ascii(key) = key {
+                if let Some(label) = key.as_str().strip_prefix("x-worker-label-") {
+                    if let Some(value) = text(key.as_str())? {
+                        labels.insert(label.to_owned(), value);
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            id,
+            generated,
+            pool: text("x-worker-pool")?.unwrap_or_default(),
+            pid,
+            labels,
+            acknowledges: text("x-bridge-control-ack")?.as_deref() == Some("1"),
+            peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+        })
+    }
+}
+
+fn check_name(key: &str, value: &str) -> Result<()> {
+    if value.len() > MAX_NAME_LEN {
+        return Err(Error::invalid(format!(
+            "{key}: longer than {MAX_NAME_LEN} bytes"
+        )));
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid(format!(
+            "{key}: `{value}` contains whitespace"
+        )));
+    }
+    Ok(())
+}
+
+/// Why the hub did not deliver an event it received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubDrop {
+    Disabled,
+    Filtered,
+    SampledOut,
+    /// Malformed name or a reserved name the worker may not send.
+    Invalid,
+}
+
+impl HubDrop {
+    pub const ALL: [HubDrop; 4] = [
+        HubDrop::Disabled,
+        HubDrop::Filtered,
+        HubDrop::SampledOut,
+        HubDrop::Invalid,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HubDrop::Disabled => "disabled",
+            HubDrop::Filtered => "filtered",
+            HubDrop::SampledOut => "sampled_out",
+            HubDrop::Invalid => "invalid",
+        }
+    }
+}
+
+/// Per-worker counters, updated on the ingest path without locks.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub delivered: AtomicU64,
+    drops: [AtomicU64; HubDrop::ALL.len()],
+}
+
+impl Counters {
+    pub fn drop(&self, reason: HubDrop) {
+        self.drops[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn drops(&self) -> impl Iterator<Item = (HubDrop, u64)> + '_ {
+        HubDrop::ALL
+            .into_iter()
+            .map(|reason| (reason, self.drops[reason as usize].load(Relaxed)))
+    }
+}
+
+/// Events per second over a short sliding window, sampled by a once-a-second tick.
+#[derive(Debug, Default)]
+struct RateWindow {
+    last_total: u64,
+    per_second: [u64; 5],
+    filled: usize,
+    next: usize,
+}
+
+impl RateWindow {
+    fn tick(&mut self, total: u64) {
+        self.per_second[self.next] = total.saturating_sub(self.last_total);
+        self.last_total = total;
+        self.next = (self.next + 1) % self.per_second.len();
+        self.filled = (self.filled + 1).min(self.per_second.len());
+    }
+
+    fn rate(&self) -> f64 {
+        if self.filled == 0 {
+            return 0.0;
+        }
+        self.per_second.iter().sum::<u64>() as f64 / self.filled as f64
+    }
+}
+
+/// What changes only when a worker connects, disconnects or reports.
+#[derive(Debug)]
+pub struct Status {
+    pub pool: String,
+    pub pid: u32,
+    pub peer: String,
+    pub labels: BTreeMap<String, String>,
+    pub acknowledges: bool,
+    pub connected: bool,
+    pub connected_since: SystemTime,
+    pub disconnected_at: Option<SystemTime>,
+    /// The worker's own counters from its last stats report.
+    pub reported: BTreeMap<String, u64>,
+    /// The last version sent and when, to time its acknowledgement.
+    pub last_sent: Option<(u64, Instant)>,
+    pub last_ack_latency: Option<Duration>,
+    session: Option<SessionHandle>,
+    rate: RateWindow,
+}
+
+#[derive(Debug)]
+struct SessionHandle {
+    generation: u64,
+    pool: Arc<str>,
+    cancel: CancellationToken,
+    ended: Arc<Mutex<Option<tonic::Status>>>,
+}
+
+/// A worker known to the hub.
+#[derive(Debug)]
+pub struct Worker {
+    pub id: String,
+    pub counters: Counters,
+    status: Mutex<Status>,
+    /// The state the hub wants the worker to apply; its current session streams it.
+    control: watch::Sender<Arc<ControlState>>,
+    /// The version the worker acknowledged on its current session (0: none yet).
+    applied: watch::Sender<u64>,
+}
+
+impl Worker {
+    pub fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn desired(&self) -> Arc<ControlState> {
+        self.control.borrow().clone()
+    }
+
+    pub fn watch_desired(&self) -> watch::Receiver<Arc<ControlState>> {
+        self.control.subscribe()
+    }
+
+    /// Offers a newly computed desired state; an older one than the current is ignored, so
+    /// concurrent updates cannot go backwards.
+    pub fn offer_desired(&self, state: ControlState) -> bool {
+        self.control.send_if_modified(|current| {
+            if state.version > current.version || (state.version == current.version && **current != state) {
+                *current = Arc::new(state);
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    pub fn applied_version(&self) -> Option<u64> {
+        Some(*self.applied.borrow()).filter(|v| *v > 0)
+    }
+
+    pub fn watch_applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Records an acknowledgement; returns how long it took since the version was sent.
+    pub fn acknowledge(&self, version: u64) -> Option<Duration> {
+        self.applied.send_if_modified(|current| {
+            let newer = version > *current;
+            if newer {
+                *current = version;
+            }
+            newer
+        });
+        let mut status = self.status();
+        let latency = match status.last_sent {
+            Some((sent, at)) if sent == version => Some(at.elapsed()),
+            _ => None,
+        };
+        if latency.is_some() {
+            status.last_ack_latency = latency;
+        }
+        latency
+    }
+
+    pub fn events_per_second(&self) -> f64 {
+        self.status().rate.rate()
+    }
+}
+
+/// An open stream of a worker.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub worker: Arc<Worker>,
+    /// The pool the worker named when it opened this stream.
+    pub pool: Arc<str>,
+    pub generation: u64,
+    pub cancel: CancellationToken,
+    /// Why the hub ended the stream, when it did.
+    ended: Arc<Mutex<Option<tonic::Status>>>,
+}
+
+impl Session {
+    /// Ends the stream from the hub's side with `status`.
+    pub fn end(&self, status: tonic::Status) {
+        self.ended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(status);
+        self.cancel.cancel();
+    }
+
+    /// The status the hub ended the stream with, if it did.
+    pub fn ended_with(&self) -> Option<tonic::Status> {
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// All workers, keyed by id.
+#[derive(Debug)]
+pub struct Registry {
+    workers: DashMap<String, Arc<Worker>>,
+    generations: AtomicU64,
+    max_remembered: usize,
+}
+
+/// What [`Registry::open`] did.
+#[derive(Debug)]
+pub struct Opened {
+    pub session: Session,
+    /// The session this one replaced, already ended.
+    pub replaced: Option<Session>,
+}
+
+impl Registry {
+    pub fn new(max_remembered: usize) -> Self {
+        Self {
+            workers: DashMap::new(),
+            generations: AtomicU64::new(0),
+            max_remembered,
+        }
+    }
+
+    /// Opens a session for `identity`, replacing the worker's current one. The new session
+    /// starts unacknowledged with `initial` as its desired state (which only ever replaces an
+    /// older state).
+    pub fn open(&self, identity: &Identity, parent: &CancellationToken, initial: impl FnOnce() -> ControlState) -> Opened {
+        let worker = self
+            .workers
+            .entry(identity.id.clone())
+            .or_insert_with(|| {
+                Arc::new(Worker {
+                    id: identity.id.clone(),
+                    counters: Counters::default(),
+                    status: Mutex::new(Status {
+                        pool: identity.pool.clone(),
+                        pid: 0,
+                        peer: String::new(),
+                        labels: BTreeMap::new(),
+                        acknowledges: false,
+                        connected: false,
+                        connected_since: SystemTime::now(),
+                        disconnected_at: None,
+                        reported: BTreeMap::new(),
+                        last_sent: None,
+                        last_ack_latency: None,
+                        session: None,
+                        rate: RateWindow::default(),
+                    }),
+                    control: watch::Sender::new(Arc::new(ControlState::default())),
+                    applied: watch::Sender::new(0),
+                })
+            })
+            .clone();
+        let generation = self.generations.fetch_add(1, Relaxed) + 1;
+        let session = Session {
+            worker: worker.clone(),
+            pool: identity.pool.as_str().into(),
+            generation,
+            cancel: parent.child_token(),
+            ended: Arc::new(Mutex::new(None)),
+        };
+        let previous = {
+            let mut status = worker.status();
+            status.pool.clone_from(&identity.pool);
+            status.pid = identity.pid;
+            status.peer.clone_from(&identity.peer);
+            status.labels.clone_from(&identity.labels);
+            status.acknowledges = identity.acknowledges;
+            status.connected = true;
+            status.connected_since = SystemTime::now();
+            status.disconnected_at = None;
+            status.reported.clear();
+            status.last_sent = None;
+            status.session.replace(SessionHandle {
+                generation,
+                pool: session.pool.clone(),
+                cancel: session.cancel.clone(),
+                ended: session.ended.clone(),
+            })
+        };
+        // Computed after the worker is visible (and its pool set), so that a concurrent control
+        // change either sees this worker or is already part of `initial()`.
+        worker.offer_desired(initial());
+        worker.applied.send_replace(0);
+        let replaced = previous.map(|handle| {
+            let old = Session {
+                worker: worker.clone(),
+                pool: handle.pool,
+                generation: handle.generation,
+                cancel: handle.cancel,
+                ended: handle.ended,
+            };
+            old.end(tonic::Status::aborted(format!(
+                "worker `{}` opened a newer stream; this one is replaced",
+                identity.id
+            )));
+            old
+        });
+        Opened { session, replaced }
+    }
+
+    /// Marks the worker disconnected if `session` is still its current one. Returns whether it
+    /// was.
+    pub fn close(&self, session: &Session) -> bool {
+        let closed = {
+            let mut status = session.worker.status();
+            let current = status
+                .session
+                .as_ref()
+                .is_some_and(|h| h.generation == session.generation);
+            if current {
+                status.session = None;
+                status.connected = false;
+                status.disconnected_at = Some(SystemTime::now());
+            }
+            current
+        };
+        if closed {
+            self.forget_oldest_disconnected();
+        }
+        closed
+    }
+
+    fn forget_oldest_disconnected(&self) {
+        let disconnected: Vec<(SystemTime, String)> = self
+            .workers
+            .iter()
+            .filter_map(|w| {
+                let status = w.status();
+                status.disconnected_at.map(|at| (at, w.id.clone()))
+            })
+            .collect();
+        if disconnected.len() <= self.max_remembered {
+            return;
+        }
+        let mut disconnected = disconnected;
+        disconnected.sort();
+        let excess = disconnected.len() - self.max_remembered;
+        for (_, id) in disconnected.into_iter().take(excess) {
+            self.workers
+                .remove_if(&id, |_, w| !w.status().connected);
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Worker>> {
+        self.workers.get(id).map(|w| w.clone())
+    }
+
+    /// Every worker, in id order.
+    pub fn all(&self) -> Vec<Arc<Worker>> {
+        let mut all: Vec<_> = self.workers.iter().map(|w| w.clone()).collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// Ends every open session with `status` (hub shutdown).
+    pub fn end_all(&self, status: &tonic::Status) {
+        for worker in self.workers.iter() {
+            let handle = worker.status().session.as_ref().map(|h| (h.cancel.clone(), h.ended.clone()));
+            if let Some((cancel, ended)) = handle {
+                ended
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(|| status.clone());
+                cancel.cancel();
+            }
+        }
+    }
+
+    /// Advances every worker's events-per-second window; called once a second.
+    pub fn tick_rates(&self) {
+        for worker in self.workers.iter() {
+            let total = worker.counters.received.load(Relaxed);
+            worker.status().rate.tick(total);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::metadata::MetadataValue;
+
+    fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {
+        let mut map = MetadataMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, MetadataValue::try_from(*v).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn identity_from_metadata() {
+        let id = Identity::from_metadata(
+            &metadata(&[
+                ("x-worker-id", "gpu-3"),
+                ("x-worker-pool", "llama"),
+                ("x-worker-pid", "4242"),
+                ("x-worker-label-zone", "b"),
+                ("x-bridge-control-ack", "1"),
+            ]),
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!((id.id.as_str(), id.pool.as_str(), id.pid), ("gpu-3", "llama", 4242));
+        assert_eq!(id.labels["zone"], "b");
+        assert!(id.acknowledges && !id.generated);
+
+        let anon = Identity::from_metadata(&MetadataMap::new(), None, false).unwrap();
+        assert!(anon.generated && anon.id.starts_with("anon-") && !anon.acknowledges);
+        assert!(Identity::from_metadata(&MetadataMap::new(), None, true).is_err());
+        let err = Identity::from_metadata(&metadata(&[("x-worker-pid", "abc")]), None, false)
+            .unwrap_err();
+        assert!(err.to_string().contains("x-worker-pid"));
+    }
+
+    #[test]
+    fn a_replaced_session_does_not_disconnect_the_worker() {
+        let registry = Registry::new(10);
+        let root = CancellationToken::new();
+        let identity = Identity::from_metadata(&metadata(&[("x-worker-id", "w")]), None, false).unwrap();
+        let first = registry.open(&identity, &root, ControlState::default).session;
+        let second = registry.open(&identity, &root, ControlState::default);
+        assert!(first.cancel.is_cancelled());
+        assert_eq!(second.replaced.unwrap().generation, first.generation);
+        assert_eq!(first.ended_with().unwrap().code(), tonic::Code::Aborted);
+        assert!(!registry.close(&first));
+        assert!(registry.get("w").unwrap().status().connected);
+        assert!(registry.close(&second.session));
+        assert!(!registry.get("w").unwrap().status().connected);
+    }
+
+    #[test]
+    fn forgets_the_oldest_disconnected_workers_beyond_the_limit() {
+        let registry = Registry::new(2);
+        let root = CancellationToken::new();
+        for i in 0..4 {
+            let identity = Identity::from_metadata(
+                &metadata(&[("x-worker-id", &format!("w{i}"))]),
+                None,
+                false,
+            )
+            .unwrap();
+            let opened = registry.open(&identity, &root, ControlState::default);
+            registry.close(&opened.session);
+        }
+        let ids: Vec<_> = registry.all().iter().map(|w| w.id.clone()).collect();
+        assert_eq!(ids, ["w2", "w3"]);
+    }
+}

@@ -1,0 +1,128 @@
+//! The gRPC edge: converts requests into domain types, calls the hub, maps errors to statuses.
+
+use std::pin::Pin;
+
+use async_stream::stream;
+use bridge_proto::{encoded::EncodedSubscribeResponse, server::telemetry_bridge_server, v1};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    control::{Selector, parse_update},
+    fanout::Filter,
+    hub::Hub,
+    registry::Identity,
+    worker_stream,
+};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// `telemetry.bridge.v1.TelemetryBridge`, served by a [`Hub`].
+#[derive(Debug, Clone)]
+pub struct BridgeService {
+    hub: Hub,
+}
+
+impl BridgeService {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub }
+    }
+}
+
+#[tonic::async_trait]
+impl telemetry_bridge_server::TelemetryBridge for BridgeService {
+    type StreamTelemetryStream = BoxStream<v1::TelemetryControl>;
+    type SubscribeStream = BoxStream<EncodedSubscribeResponse>;
+
+    async fn stream_telemetry(
+        &self,
+        request: Request<Streaming<v1::TelemetryEvent>>,
+    ) -> Result<Response<Self::StreamTelemetryStream>, Status> {
+        if self.hub.shutdown_token().is_cancelled() {
+            return Err(Status::unavailable("the hub is shutting down"));
+        }
+        let identity = Identity::from_metadata(
+            request.metadata(),
+            request.remote_addr(),
+            self.hub.config().hub.require_worker_id,
+        )?;
+        let session = self.hub.connect(&identity);
+        tokio::spawn(worker_stream::ingest(
+            self.hub.clone(),
+            session.clone(),
+            request.into_inner(),
+        ));
+        Ok(Response::new(Box::pin(worker_stream::controls(
+            session,
+            identity.acknowledges,
+        ))))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let filter = Filter::try_from(request.into_inner())?;
+        let mut subscription = self.hub.subscribe(filter);
+        let shutdown = self.hub.shutdown_token().clone();
+        Ok(Response::new(Box::pin(stream! {
+            loop {
+                let item = match subscription.queue.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => {
+                        // Drained: report events skipped since the last queued one before
+                        // waiting, so a lag is never hidden behind a quiet period.
+                        let skipped = subscription.take_skipped();
+                        if skipped > 0 {
+                            yield Ok(EncodedSubscribeResponse::lagged(skipped));
+                        }
+                        tokio::select! {
+                            item = subscription.queue.recv() => match item {
+                                Some(item) => item,
+                                None => break,
+                            },
+                            () = shutdown.cancelled() => {
+                                yield Err(Status::unavailable("the hub is shutting down"));
+                                break;
+                            }
+                        }
+                    }
+                };
+                if item.skipped_before > 0 {
+                    yield Ok(EncodedSubscribeResponse::lagged(item.skipped_before));
+                }
+                yield Ok(item.response);
+            }
+        })))
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<v1::ListWorkersRequest>,
+    ) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        let selector = match request.into_inner().selector {
+            None => None,
+            some => Some(Selector::try_from(some)?),
+        };
+        Ok(Response::new(v1::ListWorkersResponse {
+            workers: self.hub.list_workers(selector.as_ref()),
+        }))
+    }
+
+    async fn update_control(
+        &self,
+        request: Request<v1::UpdateControlRequest>,
+    ) -> Result<Response<v1::UpdateControlResponse>, Status> {
+        let (selector, change, wait) = parse_update(request.into_inner())?;
+        let response = self.hub.update_control(&selector, &change, wait).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_control(
+        &self,
+        request: Request<v1::GetControlRequest>,
+    ) -> Result<Response<v1::GetControlResponse>, Status> {
+        let selector = Selector::try_from(request.into_inner().selector)?;
+        Ok(Response::new(self.hub.describe_control(&selector)?))
+    }
+}

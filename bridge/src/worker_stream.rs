@@ -1,0 +1,223 @@
+//! Both halves of a worker's `StreamTelemetry` stream: events in, control out.
+//!
+//! Inbound, each event is validated, checked against the worker's desired control state when
+//! the worker has not acknowledged it (so a command takes effect even on clients that ignore
+//! control), and fanned out. Acknowledgements and counter reports arrive in-band as reserved
+//! event names. Outbound, the worker receives its full desired state on connect and after every
+//! change.
+
+use std::{sync::Arc, time::Instant};
+
+use async_stream::stream;
+use bridge_proto::{
+    control::{ControlState, Verdict},
+    pattern::validate_event_parts,
+    v1::{self, telemetry_control::Control, telemetry_value::Value},
+};
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Status, Streaming};
+use tracing::debug;
+
+use crate::{
+    fanout::Source,
+    hub::{Hub, unix_nanos},
+    registry::{HubDrop, Session},
+};
+
+/// Reserved event a worker sends after applying a control state (int measurement `version`).
+pub const CONTROL_APPLIED: [&str; 3] = ["bridge", "control", "applied"];
+/// Reserved event carrying a worker's cumulative counters (int measurements).
+pub const WORKER_STATS: [&str; 3] = ["bridge", "worker", "stats"];
+
+/// Reads the worker's events until the stream ends or the hub ends it.
+pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<v1::TelemetryEvent>) {
+    let mut enforcer = Enforcer::new(session.worker.watch_desired());
+    let mut warned = false;
+    let reason = loop {
+        let message = tokio::select! {
+            biased;
+            () = session.cancel.cancelled() => {
+                break session
+                    .ended_with()
+                    .map_or_else(|| "closed by the hub".to_owned(), |s| s.message().to_owned());
+            }
+            message = inbound.message() => message,
+        };
+        match message {
+            Ok(Some(event)) => {
+                if let Err(error) = accept(&hub, &session, &mut enforcer, event) {
+                    hub.warn_invalid(&session, !warned, &error);
+                    warned = true;
+                }
+            }
+            Ok(None) => break "stream closed by the worker".to_owned(),
+            Err(status) => break format!("stream failed: {}", status.message()),
+        }
+    };
+    hub.disconnect(&session, &reason);
+}
+
+/// Delivers or drops one event; `Err` says why an event was invalid (already counted).
+fn accept(
+    hub: &Hub,
+    session: &Session,
+    enforcer: &mut Enforcer,
+    mut event: v1::TelemetryEvent,
+) -> Result<(), String> {
+    let worker = &session.worker;
+    if event.event_parts.first().is_some_and(|p| p == "bridge") {
+        return protocol_event(session, enforcer, &event);
+    }
+    worker.counters.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Err(error) = validate_event_parts(&event.event_parts) {
+        worker.counters.drop(HubDrop::Invalid);
+        return Err(error.to_string());
+    }
+    let rate = match enforcer.verdict(&event) {
+        Verdict::Keep(rate) => rate,
+        Verdict::Disabled => return Ok(worker.counters.drop(HubDrop::Disabled)),
+        Verdict::Filtered => return Ok(worker.counters.drop(HubDrop::Filtered)),
+        Verdict::SampledOut(_) => return Ok(worker.counters.drop(HubDrop::SampledOut)),
+    };
+    let received_ns = unix_nanos(std::time::SystemTime::now());
+    if event.timestamp_ns == 0 {
+        event.timestamp_ns = received_ns;
+    }
+    hub.fanout().publish(
+        Source {
+            worker_id: &worker.id,
+            pool: &session.pool,
+        },
+        &event,
+        rate.get(),
+        received_ns,
+    );
+    worker
+        .counters
+        .delivered
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Handles the reserved `bridge.*` names a worker may send.
+fn protocol_event(
+    session: &Session,
+    enforcer: &mut Enforcer,
+    event: &v1::TelemetryEvent,
+) -> Result<(), String> {
+    let worker = &session.worker;
+    let int = |key: &str| match event.measurements.get(key).and_then(|v| v.value.as_ref()) {
+        Some(Value::IntValue(v)) => u64::try_from(*v).ok(),
+        _ => None,
+    };
+    if event.event_parts == CONTROL_APPLIED {
+        let version = int("version").ok_or("bridge.control.applied needs an int measurement `version`")?;
+        enforcer.applied = Some(version);
+        let latency = worker.acknowledge(version);
+        debug!(worker.id = %worker.id, control.version = version, ?latency, "control acknowledged");
+        Ok(())
+    } else if event.event_parts == WORKER_STATS {
+        let counters = event
+            .measurements
+            .iter()
+            .filter_map(|(k, v)| match v.value {
+                Some(Value::IntValue(n)) => Some((k.clone(), u64::try_from(n).unwrap_or(0))),
+                _ => None,
+            })
+            .collect();
+        worker.status().reported = counters;
+        Ok(())
+    } else {
+        worker.counters.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        worker.counters.drop(HubDrop::Invalid);
+        Err(format!(
+            "`{}`: event names starting with `bridge.` are reserved",
+            event.event_parts.join(".")
+        ))
+    }
+}
+
+/// The worker's desired state as seen by its ingest loop, and whether the worker applies it.
+struct Enforcer {
+    desired: watch::Receiver<Arc<ControlState>>,
+    state: Arc<ControlState>,
+    /// Acknowledged on this stream; acknowledgements arrive in-band, so this loop sees them in
+    /// order with the events that follow.
+    applied: Option<u64>,
+}
+
+impl Enforcer {
+    fn new(mut desired: watch::Receiver<Arc<ControlState>>) -> Self {
+        let state = desired.borrow_and_update().clone();
+        Self {
+            desired,
+            state,
+            applied: None,
+        }
+    }
+
+    fn verdict(&mut self, event: &v1::TelemetryEvent) -> Verdict {
+        if self.desired.has_changed().unwrap_or(false) {
+            self.state = self.desired.borrow_and_update().clone();
+        }
+        if self.applied == Some(self.state.version) {
+            // The worker applied this state itself; what arrives was already decided.
+            Verdict::Keep(self.state.rate_for_parts(&event.event_parts))
+        } else {
+            self.state
+                .decide_parts(&event.event_parts, &event.correlation_id)
+        }
+    }
+}
+
+/// The control messages for a worker: its full state now and after every change.
+pub fn controls(
+    session: Session,
+    acknowledges: bool,
+) -> impl Stream<Item = Result<v1::TelemetryControl, Status>> {
+    let mut desired = session.worker.watch_desired();
+    stream! {
+        loop {
+            let state = desired.borrow_and_update().clone();
+            session.worker.status().last_sent = Some((state.version, Instant::now()));
+            for message in messages_for(&state, acknowledges) {
+                yield Ok(message);
+            }
+            tokio::select! {
+                () = session.cancel.cancelled() => {
+                    if let Some(status) = session.ended_with() {
+                        yield Err(status);
+                    }
+                    break;
+                }
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Clients that acknowledge get the whole state in one message. Plain clients get the toggle
+/// and the filter, so they can skip work early; the hub samples their events itself, and a
+/// client sampling them as well would square the rate.
+fn messages_for(state: &ControlState, acknowledges: bool) -> Vec<v1::TelemetryControl> {
+    let message = |control| v1::TelemetryControl {
+        control: Some(control),
+    };
+    if acknowledges {
+        return vec![message(Control::State(v1::ControlState::from(state)))];
+    }
+    vec![
+        message(Control::Toggle(v1::TelemetryToggle {
+            enabled: state.enabled,
+        })),
+        message(Control::Filter(v1::TelemetryEventFilter {
+            allowed_events: state.allow.iter().map(ToString::to_string).collect(),
+            blocked_events: state.block.iter().map(ToString::to_string).collect(),
+        })),
+    ]
+}
