@@ -254,10 +254,7 @@ mod tests {
 
     #[test]
     fn disabled_wins_over_everything() {
-        let state = ControlState {
-            enabled: false,
-            ..Default::default()
-        };
+        let state = ControlState::new(1, false, Rate::ALL, vec![], vec![], vec![]);
         assert_eq!(state.decide_name("a.b", "x"), Verdict::Disabled);
     }
 

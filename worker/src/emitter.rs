@@ -1,0 +1,444 @@
+//! The emitting side of the worker library: `emit`, spans, and what happens before an event is
+//! queued.
+//!
+//! Toggle, filters and sampling are decided before anything is allocated, so a disabled,
+//! filtered or sampled-out event costs a few nanoseconds. A kept event goes into a bounded
+//! queue that never blocks the caller: when it is full the event is dropped and counted.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwap;
+use bridge_proto::{
+    control::{ControlState, Verdict},
+    pattern::validate_event_name,
+    v1::{self, telemetry_value},
+};
+use tokio::sync::mpsc;
+
+use crate::counters::{Counters, DropReason};
+
+/// A measured value. Integers stay integers on the wire; strings are for labels that are
+/// measured rather than contextual (e.g. a device state).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value<'a> {
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+}
+
+macro_rules! int_value {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Value<'_> {
+            fn from(v: $t) -> Self {
+                Value::Int(i64::from(v))
+            }
+        }
+    )*};
+}
+int_value!(i8, i16, i32, i64, u8, u16, u32);
+
+impl From<u64> for Value<'_> {
+    /// Values above `i64::MAX` saturate.
+    fn from(v: u64) -> Self {
+        Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<usize> for Value<'_> {
+    fn from(v: usize) -> Self {
+        Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<f64> for Value<'_> {
+    fn from(v: f64) -> Self {
+        Value::Float(v)
+    }
+}
+
+impl From<f32> for Value<'_> {
+    fn from(v: f32) -> Self {
+        Value::Float(f64::from(v))
+    }
+}
+
+impl<'a> From<&'a str> for Value<'a> {
+    fn from(v: &'a str) -> Self {
+        Value::Str(v)
+    }
+}
+
+impl<'a> From<&'a String> for Value<'a> {
+    fn from(v: &'a String) -> Self {
+        Value::Str(v)
+    }
+}
+
+impl Value<'_> {
+    fn to_wire(self) -> v1::TelemetryValue {
+        v1::TelemetryValue {
+            value: Some(match self {
+                Value::Int(v) => telemetry_value::Value::IntValue(v),
+                Value::Float(v) => telemetry_value::Value::FloatValue(v),
+                Value::Str(v) => telemetry_value::Value::StringValue(v.to_owned()),
+            }),
+        }
+    }
+}
+
+/// State shared by an emitter's clones and its link to the hub.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Mirrors `control.enabled`, checked first so that a disabled emit reads one atomic.
+    pub(crate) enabled: AtomicBool,
+    pub(crate) control: ArcSwap<ControlState>,
+    pub(crate) counters: Counters,
+    pub(crate) queue: mpsc::Sender<v1::TelemetryEvent>,
+}
+
+impl Shared {
+    pub(crate) fn apply(&self, state: ControlState) {
+        self.enabled.store(state.enabled, Relaxed);
+        self.control.store(Arc::new(state));
+    }
+}
+
+/// Emits telemetry events. Cheap to clone; every clone feeds the same queue and link.
+#[derive(Debug, Clone)]
+pub struct Emitter {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Emitter {
+    /// An emitter with a queue of `capacity` events and no link: the receiver gets what would
+    /// be sent. For tests, and for feeding events into a link of your own.
+    pub fn detached(capacity: usize) -> (Self, mpsc::Receiver<v1::TelemetryEvent>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (
+            Self {
+                shared: Arc::new(Shared {
+                    enabled: AtomicBool::new(true),
+                    control: ArcSwap::from_pointee(ControlState::default()),
+                    counters: Counters::default(),
+                    queue: tx,
+                }),
+            },
+            rx,
+        )
+    }
+
+    /// Emits an event named `name` (dotted, e.g. `inference.stop`).
+    ///
+    /// Never blocks and never fails: an event that is disabled, filtered, sampled out, badly
+    /// named or does not fit in the queue is counted by reason (see [`Emitter::counters`]).
+    #[inline]
+    pub fn emit(
+        &self,
+        name: &str,
+        measurements: &[(&str, Value<'_>)],
+        metadata: &[(&str, &str)],
+        correlation_id: Option<&str>,
+    ) {
+        let counters = &self.shared.counters;
+        if !self.shared.enabled.load(Relaxed) {
+            counters.disabled();
+            return;
+        }
+        let correlation_id = correlation_id.unwrap_or("");
+        match self.shared.control.load().decide_name(name, correlation_id) {
+            Verdict::Keep(_) => {}
+            Verdict::Disabled => return counters.disabled(),
+            Verdict::Filtered => return counters.filtered(),
+            Verdict::SampledOut(_) => return counters.sampled_out(),
+        }
+        if validate_event_name(name).is_err() {
+            return counters.dropped(DropReason::InvalidName);
+        }
+        self.enqueue(v1::TelemetryEvent {
+            event_parts: name.split('.').map(str::to_owned).collect(),
+            measurements: measurements
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.to_wire()))
+                .collect(),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            timestamp_ns: now_ns(),
+            correlation_id: correlation_id.to_owned(),
+        });
+    }
+
+    /// Emits an event built elsewhere (e.g. relayed from another process), applying the same
+    /// toggle, filters and sampling as [`Emitter::emit`].
+    pub fn emit_event(&self, event: v1::TelemetryEvent) {
+        let counters = &self.shared.counters;
+        if !self.shared.enabled.load(Relaxed) {
+            return counters.disabled();
+        }
+        if bridge_proto::pattern::validate_event_parts(&event.event_parts).is_err() {
+            return counters.dropped(DropReason::InvalidName);
+        }
+        match self
+            .shared
+            .control
+            .load()
+            .decide_parts(&event.event_parts, &event.correlation_id)
+        {
+            Verdict::Keep(_) => self.enqueue(event),
+            Verdict::Disabled => counters.disabled(),
+            Verdict::Filtered => counters.filtered(),
+            Verdict::SampledOut(_) => counters.sampled_out(),
+        }
+    }
+
+    fn enqueue(&self, event: v1::TelemetryEvent) {
+        let counters = &self.shared.counters;
+        match self.shared.queue.try_send(event) {
+            Ok(()) => counters.queued(),
+            Err(mpsc::error::TrySendError::Full(_)) => counters.dropped(DropReason::QueueFull),
+            Err(mpsc::error::TrySendError::Closed(_)) => counters.dropped(DropReason::Closed),
+        }
+    }
+
+    /// Starts a span: emits `{operation}.start` now, and `.stop` or `.exception` (with the
+    /// duration) when the span ends. All three share one correlation id (generated when
+    /// `correlation_id` is `None`), so sampling keeps or drops them together.
+    pub fn span(
+        &self,
+        operation: &str,
+        metadata: &[(&str, &str)],
+        correlation_id: Option<&str>,
+    ) -> Span {
+        let correlation_id = correlation_id.map_or_else(new_correlation_id, str::to_owned);
+        let span = Span {
+            emitter: self.clone(),
+            operation: operation.to_owned(),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            correlation_id,
+            started: Instant::now(),
+            finished: false,
+        };
+        span.emit(
+            "start",
+            &[("system_time_ns", Value::Int(now_ns()))],
+            &[],
+        );
+        span
+    }
+
+    /// The control state this emitter applies now.
+    pub fn control(&self) -> Arc<ControlState> {
+        self.shared.control.load_full()
+    }
+
+    /// What happened to every event emitted so far.
+    pub fn counters(&self) -> crate::counters::Snapshot {
+        self.shared.counters.snapshot()
+    }
+
+    /// Applies a control state locally, as a link does when the hub sends one.
+    pub fn apply_control(&self, state: ControlState) {
+        self.shared.apply(state);
+    }
+}
+
+/// A timed operation; see [`Emitter::span`].
+#[derive(Debug)]
+pub struct Span {
+    emitter: Emitter,
+    operation: String,
+    metadata: HashMap<String, String>,
+    correlation_id: String,
+    started: Instant,
+    finished: bool,
+}
+
+impl Span {
+    pub fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
+
+    /// Ends the span successfully: `{operation}.stop` with `duration_ns`, `result=success`.
+    pub fn stop(mut self) {
+        self.finish("stop", &[("result", "success")]);
+    }
+
+    /// Ends the span with an error: `{operation}.exception` with `duration_ns`,
+    /// `result=error`, `error_type` and `error_message`.
+    pub fn exception(mut self, error_type: &str, error_message: &str) {
+        self.finish(
+            "exception",
+            &[
+                ("result", "error"),
+                ("error_type", error_type),
+                ("error_message", error_message),
+            ],
+        );
+    }
+
+    fn finish(&mut self, suffix: &str, extra: &[(&str, &str)]) {
+        self.finished = true;
+        let duration = i64::try_from(self.started.elapsed().as_nanos()).unwrap_or(i64::MAX);
+        self.emit(
+            suffix,
+            &[
+                ("duration_ns", Value::Int(duration)),
+                ("system_time_ns", Value::Int(now_ns())),
+            ],
+            extra,
+        );
+    }
+
+    fn emit(&self, suffix: &str, measurements: &[(&str, Value<'_>)], extra: &[(&str, &str)]) {
+        let name = format!("{}.{suffix}", self.operation);
+        let mut metadata: Vec<(&str, &str)> = self
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        metadata.extend_from_slice(extra);
+        self.emitter
+            .emit(&name, measurements, &metadata, Some(&self.correlation_id));
+    }
+}
+
+impl Drop for Span {
+    /// A span dropped without `stop` or `exception` ended abnormally: by a panic, or by an early
+    /// return (`?`). Either way it is reported, never lost.
+    fn drop(&mut self) {
+        if !self.finished {
+            let (error_type, message) = if std::thread::panicking() {
+                ("panic", "the span's thread panicked")
+            } else {
+                ("dropped", "the span ended without stop() or exception()")
+            };
+            self.finish(
+                "exception",
+                &[
+                    ("result", "error"),
+                    ("error_type", error_type),
+                    ("error_message", message),
+                ],
+            );
+        }
+    }
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// A random 128-bit id in hex, for spans started without a correlation id.
+pub fn new_correlation_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_proto::{pattern::Pattern, sampling::Rate};
+
+    fn names(rx: &mut mpsc::Receiver<v1::TelemetryEvent>) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| e.event_parts.join("."))
+            .collect()
+    }
+
+    #[test]
+    fn emit_builds_the_event_with_typed_values() {
+        let (emitter, mut rx) = Emitter::detached(8);
+        emitter.emit(
+            "inference.stop",
+            &[("tokens", 512.into()), ("latency_ms", 12.5.into()), ("state", "warm".into())],
+            &[("model", "llama")],
+            Some("req-1"),
+        );
+        let event = rx.try_recv().unwrap();
+        assert_eq!(event.event_parts, ["inference", "stop"]);
+        assert_eq!(event.correlation_id, "req-1");
+        assert_eq!(event.metadata["model"], "llama");
+        use telemetry_value::Value as V;
+        assert_eq!(event.measurements["tokens"].value, Some(V::IntValue(512)));
+        assert_eq!(event.measurements["latency_ms"].value, Some(V::FloatValue(12.5)));
+        assert_eq!(event.measurements["state"].value, Some(V::StringValue("warm".into())));
+        assert!(event.timestamp_ns > 0);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_without_blocking() {
+        let (emitter, _rx) = Emitter::detached(2);
+        for _ in 0..5 {
+            emitter.emit("a.b", &[], &[], None);
+        }
+        let counters = emitter.counters();
+        assert_eq!((counters.queued, counters.dropped_queue_full), (2, 3));
+        assert_eq!(counters.produced(), 5);
+    }
+
+    #[test]
+    fn toggle_filters_and_sampling_apply_before_queueing() {
+        let (emitter, mut rx) = Emitter::detached(64);
+        let rules = vec![bridge_proto::control::SamplingRule {
+            pattern: Pattern::parse("noisy.*").unwrap(),
+            rate: Rate::NONE,
+        }];
+        emitter.apply_control(ControlState::new(
+            1,
+            true,
+            Rate::ALL,
+            rules,
+            vec![],
+            vec![Pattern::parse("debug.>").unwrap()],
+        ));
+        emitter.emit("noisy.tick", &[], &[], Some("x"));
+        emitter.emit("debug.trace", &[], &[], None);
+        emitter.emit("inference.stop", &[], &[], None);
+        emitter.emit("bad..name", &[], &[], None);
+        assert_eq!(names(&mut rx), ["inference.stop"]);
+        let c = emitter.counters();
+        assert_eq!((c.sampled_out, c.filtered, c.dropped_invalid_name), (1, 1, 1));
+
+        emitter.apply_control(ControlState::new(2, false, Rate::ALL, vec![], vec![], vec![]));
+        emitter.emit("inference.stop", &[], &[], None);
+        assert!(names(&mut rx).is_empty());
+        assert_eq!(emitter.counters().disabled, 1);
+    }
+
+    #[test]
+    fn spans_share_a_correlation_id_and_report_their_outcome() {
+        let (emitter, mut rx) = Emitter::detached(16);
+        let span = emitter.span("inference", &[("model", "llama")], None);
+        let id = span.correlation_id().to_owned();
+        span.stop();
+        emitter.span("tool", &[], Some("req-9")).exception("Timeout", "took too long");
+        drop(emitter.span("early", &[], None));
+
+        let events: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        let names: Vec<_> = events.iter().map(|e| e.event_parts.join(".")).collect();
+        assert_eq!(
+            names,
+            ["inference.start", "inference.stop", "tool.start", "tool.exception", "early.start", "early.exception"]
+        );
+        assert!(events[..2].iter().all(|e| e.correlation_id == id));
+        assert_eq!(events[1].metadata["result"], "success");
+        assert_eq!(events[1].metadata["model"], "llama");
+        assert!(events[1].measurements.contains_key("duration_ns"));
+        assert_eq!(events[3].metadata["error_type"], "Timeout");
+        assert_eq!(events[3].correlation_id, "req-9");
+        assert_eq!(events[5].metadata["error_type"], "dropped");
+    }
+}

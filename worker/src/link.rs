@@ -1,0 +1,462 @@
+//! The link from a worker to the hub: one `StreamTelemetry` stream, re-opened with backoff.
+//!
+//! Events leave the emitter's queue in order. On the same stream the hub sends the worker's
+//! control state; the link applies it to the emitter and acknowledges the version in-band
+//! (`bridge.control.applied`), ahead of queued events so that a deep queue does not delay it.
+//! The emitter's counters travel the same way (`bridge.worker.stats`) once a second when they
+//! changed.
+
+use std::{sync::Arc, time::Duration};
+
+use async_stream::stream;
+use bridge_proto::{
+    control::{ControlState, parse_patterns},
+    sampling::Rate,
+    v1::{self, telemetry_bridge_client::TelemetryBridgeClient, telemetry_control::Control},
+};
+use tokio::{
+    sync::{Mutex, mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Request,
+    metadata::{AsciiMetadataKey, AsciiMetadataValue},
+    transport::{Channel, Endpoint},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    backoff::Backoff,
+    counters::Snapshot,
+    emitter::{Emitter, Shared, now_ns},
+};
+
+/// How to reach the hub and who this worker is.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    /// Hub URL, e.g. `http://127.0.0.1:50051`.
+    pub hub: String,
+    /// Worker id; empty lets the hub generate one.
+    pub id: String,
+    pub pool: String,
+    pub pid: u32,
+    pub labels: Vec<(String, String)>,
+    /// Events held while the hub is slow or away; more are dropped and counted.
+    pub queue_capacity: usize,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+    pub stats_interval: Duration,
+}
+
+impl LinkOptions {
+    pub fn new(hub: impl Into<String>, id: impl Into<String>) -> Self {
+        Self {
+            hub: hub.into(),
+            id: id.into(),
+            pool: String::new(),
+            pid: std::process::id(),
+            labels: Vec::new(),
+            queue_capacity: 65_536,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            stats_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What the link is doing, for callers that want to wait for it or show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    Connecting,
+    /// Streaming; `applied` is the last control version applied on this stream.
+    Connected { applied: Option<u64> },
+    /// Lost or refused; retrying after a backoff.
+    Disconnected { error: String },
+    Closed,
+}
+
+/// Errors that stop a link from starting at all.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("invalid hub address `{0}`: {1}")]
+    InvalidHub(String, String),
+    #[error("invalid worker identity: {0}")]
+    InvalidIdentity(String),
+}
+
+/// A running link and the emitter that feeds it.
+#[derive(Debug)]
+pub struct Link {
+    emitter: Emitter,
+    closing: CancellationToken,
+    state: watch::Receiver<LinkState>,
+    task: JoinHandle<()>,
+}
+
+impl Link {
+    /// Starts linking to the hub on the current Tokio runtime. Fails only on options that can
+    /// never work; an unreachable hub is retried for as long as the link lives.
+    pub fn start(options: LinkOptions) -> Result<Self, LinkError> {
+        let endpoint = endpoint(&options)?;
+        let headers = headers(&options)?;
+        let (emitter, queue) = Emitter::detached(options.queue_capacity);
+        let closing = CancellationToken::new();
+        let (state_tx, state) = watch::channel(LinkState::Connecting);
+        let task = tokio::spawn(run(
+            emitter.shared.clone(),
+            Arc::new(Mutex::new(queue)),
+            endpoint,
+            headers,
+            options,
+            closing.clone(),
+            state_tx,
+        ));
+        Ok(Self {
+            emitter,
+            closing,
+            state,
+            task,
+        })
+    }
+
+    pub fn emitter(&self) -> Emitter {
+        self.emitter.clone()
+    }
+
+    /// Follows the link's state.
+    pub fn state(&self) -> watch::Receiver<LinkState> {
+        self.state.clone()
+    }
+
+    /// Sends what is queued, then closes the stream; gives up after `timeout`. Returns the
+    /// final counters.
+    pub async fn close(self, timeout: Duration) -> Snapshot {
+        self.closing.cancel();
+        let mut task = self.task;
+        if tokio::time::timeout(timeout, &mut task).await.is_err() {
+            warn!(?timeout, "telemetry link did not drain in time; abandoning queued events");
+            task.abort();
+        }
+        self.emitter.counters()
+    }
+}
+
+fn endpoint(options: &LinkOptions) -> Result<Endpoint, LinkError> {
+    let invalid = |e: &dyn std::fmt::Display| LinkError::InvalidHub(options.hub.clone(), e.to_string());
+    if !(options.hub.starts_with("http://") || options.hub.starts_with("https://")) {
+        return Err(invalid(&"it must start with http:// or https://"));
+    }
+    Ok(Endpoint::from_shared(options.hub.clone())
+        .map_err(|e| invalid(&e))?
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024)))
+}
+
+type Headers = Vec<(AsciiMetadataKey, AsciiMetadataValue)>;
+
+fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
+    let mut headers = Vec::new();
+    let mut add = |key: String, value: &str| -> Result<(), LinkError> {
+        if value.is_empty() {
+            return Ok(());
+        }
+        let bad = |what: &str| LinkError::InvalidIdentity(format!("{key}: {what}"));
+        let parsed_key = AsciiMetadataKey::from_bytes(key.as_bytes()).map_err(|_| bad("not a valid header name"))?;
+        let parsed_value = AsciiMetadataValue::try_from(value).map_err(|_| bad("must be printable ASCII"))?;
+        headers.push((parsed_key, parsed_value));
+        Ok(())
+    };
+    add("x-worker-id".into(), &options.id)?;
+    add("x-worker-pool".into(), &options.pool)?;
+    if options.pid != 0 {
+        add("x-worker-pid".into(), &options.pid.to_string())?;
+    }
+    for (key, value) in &options.labels {
+        add(format!("x-worker-label-{}", key.to_ascii_lowercase()), value)?;
+    }
+    add("x-bridge-control-ack".into(), "1")?;
+    Ok(headers)
+}
+
+type Queue = Arc<Mutex<mpsc::Receiver<v1::TelemetryEvent>>>;
+
+async fn run(
+    shared: Arc<Shared>,
+    queue: Queue,
+    endpoint: Endpoint,
+    headers: Headers,
+    options: LinkOptions,
+    closing: CancellationToken,
+    state: watch::Sender<LinkState>,
+) {
+    let mut backoff = Backoff::new(options.backoff_initial, options.backoff_max);
+    let mut failures = 0u32;
+    loop {
+        state.send_replace(LinkState::Connecting);
+        let result = stream_once(
+            &shared,
+            &queue,
+            &endpoint,
+            &headers,
+            &options,
+            &closing,
+            &state,
+            &mut backoff,
+        )
+        .await;
+        if closing.is_cancelled() {
+            break;
+        }
+        let error = match result {
+            Ok(()) => "the hub closed the stream".to_owned(),
+            Err(status) => describe(&status),
+        };
+        failures += 1;
+        if failures == 1 || failures.is_power_of_two() {
+            warn!(hub = %options.hub, %error, attempts = failures, "telemetry link down; retrying with backoff");
+        } else {
+            debug!(hub = %options.hub, %error, "telemetry link still down");
+        }
+        state.send_replace(LinkState::Disconnected { error });
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = closing.cancelled() => break,
+        }
+    }
+    state.send_replace(LinkState::Closed);
+}
+
+fn describe(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut text = format!("{}: {}", status.code(), status.message());
+    let mut source = status.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_once(
+    shared: &Arc<Shared>,
+    queue: &Queue,
+    endpoint: &Endpoint,
+    headers: &Headers,
+    options: &LinkOptions,
+    closing: &CancellationToken,
+    state: &watch::Sender<LinkState>,
+    backoff: &mut Backoff,
+) -> Result<(), tonic::Status> {
+    let channel: Channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {}: {}", options.hub, source_chain(&e))))?;
+    let mut client = TelemetryBridgeClient::new(channel)
+        .max_decoding_message_size(16 * 1024 * 1024);
+    let (acks, ack_rx) = watch::channel(0u64);
+    // Ends this stream's outbound half when the stream is over, so the queue is free for the
+    // next one even if the transport keeps the old request body alive.
+    let over = CancellationToken::new();
+    let _over_guard = over.clone().drop_guard();
+    let mut request = Request::new(outbound(
+        shared.clone(),
+        queue.clone(),
+        ack_rx,
+        options.stats_interval,
+        closing.clone(),
+        over,
+    ));
+    for (key, value) in headers {
+        request.metadata_mut().insert(key.clone(), value.clone());
+    }
+    let mut inbound = client.stream_telemetry(request).await?.into_inner();
+    info!(hub = %options.hub, worker.id = %options.id, "telemetry link connected");
+    state.send_replace(LinkState::Connected { applied: None });
+    while let Some(control) = inbound.message().await? {
+        backoff.reset();
+        if let Some(version) = apply(shared, control) {
+            acks.send_replace(version);
+            state.send_replace(LinkState::Connected {
+                applied: Some(version),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Events, acknowledgements and counter reports, in that priority.
+fn outbound(
+    shared: Arc<Shared>,
+    queue: Queue,
+    mut acks: watch::Receiver<u64>,
+    stats_interval: Duration,
+    closing: CancellationToken,
+    over: CancellationToken,
+) -> impl tokio_stream::Stream<Item = v1::TelemetryEvent> {
+    stream! {
+        let mut queue = queue.lock_owned().await;
+        let mut stats = tokio::time::interval(stats_interval);
+        stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reported: Option<Snapshot> = None;
+        loop {
+            tokio::select! {
+                biased;
+                () = over.cancelled() => break,
+                changed = acks.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let version = *acks.borrow_and_update();
+                    yield protocol_event(&["bridge", "control", "applied"], &[("version", version)]);
+                }
+                () = closing.cancelled() => {
+                    while let Ok(event) = queue.try_recv() {
+                        shared.counters.sent();
+                        yield event;
+                    }
+                    yield stats_event(&shared.counters.snapshot());
+                    break;
+                }
+                _ = stats.tick() => {
+                    let now = shared.counters.snapshot();
+                    if reported != Some(now) {
+                        reported = Some(now);
+                        yield stats_event(&now);
+                    }
+                }
+                event = queue.recv() => match event {
+                    Some(event) => {
+                        shared.counters.sent();
+                        yield event;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+fn stats_event(snapshot: &Snapshot) -> v1::TelemetryEvent {
+    protocol_event(&["bridge", "worker", "stats"], &snapshot.measurements())
+}
+
+fn protocol_event(name: &[&str], measurements: &[(&str, u64)]) -> v1::TelemetryEvent {
+    v1::TelemetryEvent {
+        event_parts: name.iter().map(|s| (*s).to_owned()).collect(),
+        measurements: measurements
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    v1::TelemetryValue {
+                        value: Some(v1::telemetry_value::Value::IntValue(
+                            i64::try_from(*v).unwrap_or(i64::MAX),
+                        )),
+                    },
+                )
+            })
+            .collect(),
+        metadata: Default::default(),
+        timestamp_ns: now_ns(),
+        correlation_id: String::new(),
+    }
+}
+
+/// Applies a control message; returns the version to acknowledge, if it carried one.
+fn apply(shared: &Shared, control: v1::TelemetryControl) -> Option<u64> {
+    let current = shared.control.load_full();
+    let rebuilt = |enabled: bool, rate: Rate, rules, allow, block| {
+        ControlState::new(current.version, enabled, rate, rules, allow, block)
+    };
+    match control.control? {
+        Control::State(state) => match ControlState::try_from(state) {
+            Ok(state) => {
+                let version = state.version;
+                debug!(control.version = version, "applying control state");
+                shared.apply(state);
+                Some(version)
+            }
+            Err(error) => {
+                warn!(%error, "ignoring a control state the hub sent: it is invalid");
+                None
+            }
+        },
+        // The original design's messages, from hubs that do not send `state`.
+        Control::Toggle(toggle) => {
+            shared.apply(rebuilt(
+                toggle.enabled,
+                current.default_rate,
+                current.rules().to_vec(),
+                current.allow.clone(),
+                current.block.clone(),
+            ));
+            None
+        }
+        Control::Sampling(update) => {
+            let Ok(rate) = Rate::new(update.sampling_rate) else {
+                warn!(rate = update.sampling_rate, "ignoring an invalid sampling rate from the hub");
+                return None;
+            };
+            let Ok(patterns) = parse_patterns("event_patterns", &update.event_patterns) else {
+                warn!("ignoring a sampling update with invalid patterns from the hub");
+                return None;
+            };
+            let mut rules = current.rules().to_vec();
+            let default_rate = if patterns.is_empty() {
+                rate
+            } else {
+                rules.retain(|rule| !patterns.contains(&rule.pattern));
+                rules.extend(patterns.into_iter().map(|pattern| {
+                    bridge_proto::control::SamplingRule { pattern, rate }
+                }));
+                current.default_rate
+            };
+            shared.apply(rebuilt(
+                current.enabled,
+                default_rate,
+                rules,
+                current.allow.clone(),
+                current.block.clone(),
+            ));
+            None
+        }
+        Control::Filter(filter) => {
+            let allow = parse_patterns("allowed_events", &filter.allowed_events);
+            let block = parse_patterns("blocked_events", &filter.blocked_events);
+            match (allow, block) {
+                (Ok(allow), Ok(block)) => shared.apply(rebuilt(
+                    current.enabled,
+                    current.default_rate,
+                    current.rules().to_vec(),
+                    allow,
+                    block,
+                )),
+                (Err(error), _) | (_, Err(error)) => {
+                    warn!(%error, "ignoring an invalid filter from the hub");
+                }
+            }
+            None
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Synthetic inference traffic, for demos, smoke tests and benchmarks.
+//!
+//! Each simulated request emits `inference.start` and `inference.stop` (or, for about 1 in 100,
+//! `inference.exception`) with one correlation id, the way an instrumented model server would;
+//! once a second the worker also reports `gpu.utilization`.
+
+use std::time::{Duration, Instant};
+
+use rand::{RngExt, rngs::SmallRng};
+use tokio_util::sync::CancellationToken;
+
+use crate::emitter::{Emitter, Value, new_correlation_id};
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct Simulation {
+    pub model: String,
+    /// Requests per second (each is two events).
+    pub requests_per_second: f64,
+}
+
+/// Emits simulated traffic until `until` is cancelled.
+pub async fn run(emitter: Emitter, simulation: Simulation, until: CancellationToken) {
+    let mut rng: SmallRng = rand::make_rng();
+    let started = Instant::now();
+    let mut requests = 0u64;
+    let mut gpu_reports = 0u64;
+    // Tokio timers have millisecond resolution, so emit whatever is due on each tick.
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            () = until.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let due = (elapsed * simulation.requests_per_second) as u64;
+        while requests < due {
+            request(&emitter, &simulation.model, &mut rng);
+            requests += 1;
+        }
+        while gpu_reports <= elapsed as u64 {
+            gpu(&emitter, &mut rng);
+            gpu_reports += 1;
+        }
+    }
+}
+
+/// One request's events.
+pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
+    let id = new_correlation_id();
+    let batch_size: i64 = [1, 2, 4, 8, 16][rng.random_range(0..5)];
+    let tokens_in: i64 = rng.random_range(16..2048);
+    let tokens_out: i64 = rng.random_range(1..512);
+    let metadata = [("model", model), ("route", "/v1/completions")];
+    emitter.emit(
+        "inference.start",
+        &[("batch_size", Value::Int(batch_size)), ("tokens_in", Value::Int(tokens_in))],
+        &metadata,
+        Some(&id),
+    );
+    let latency_ms = 5.0 + tokens_out as f64 * rng.random_range(0.02..0.08);
+    if rng.random_range(0..100) == 0 {
+        emitter.emit(
+            "inference.exception",
+            &[("duration_ms", Value::Float(latency_ms))],
+            &[("model", model), ("result", "error"), ("error_type", "CudaOutOfMemory")],
+            Some(&id),
+        );
+    } else {
+        emitter.emit(
+            "inference.stop",
+            &[
+                ("batch_size", Value::Int(batch_size)),
+                ("tokens_in", Value::Int(tokens_in)),
+                ("tokens_out", Value::Int(tokens_out)),
+                ("duration_ms", Value::Float(latency_ms)),
+                ("ttft_ms", Value::Float(latency_ms * rng.random_range(0.05..0.3))),
+            ],
+            &[("model", model), ("result", "success")],
+            Some(&id),
+        );
+    }
+}
+
+fn gpu(emitter: &Emitter, rng: &mut SmallRng) {
+    emitter.emit(
+        "gpu.utilization",
+        &[
+            ("gpu_percent", Value::Float(rng.random_range(55.0..99.0))),
+            ("memory_used_bytes", Value::Int(rng.random_range(30..70) * (1 << 30))),
+        ],
+        &[("device", "0")],
+        None,
+    );
+}
