@@ -1,1 +1,136 @@
-//! client
+//! A typed client of the hub, for the CLI, the demo and tests.
+
+use std::time::Duration;
+
+use bridge_proto::v1::{self, telemetry_bridge_client::TelemetryBridgeClient};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::control::{Change, Selector};
+
+/// Why a call to the hub failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid hub address `{address}`: {message}")]
+    InvalidAddress { address: String, message: String },
+    #[error("hub unreachable at {address}: {message}")]
+    Unreachable { address: String, message: String },
+    #[error("{}", .0.message())]
+    Status(#[from] tonic::Status),
+}
+
+/// A connection to one hub.
+#[derive(Debug, Clone)]
+pub struct HubClient {
+    inner: TelemetryBridgeClient<Channel>,
+    address: String,
+}
+
+impl HubClient {
+    /// Connects now, so that an unreachable hub is reported before anything else happens.
+    pub async fn connect(address: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let invalid = |message: String| ClientError::InvalidAddress {
+            address: address.to_owned(),
+            message,
+        };
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
+            return Err(invalid("it must start with http:// or https://".into()));
+        }
+        let endpoint = Endpoint::from_shared(address.to_owned())
+            .map_err(|e| invalid(e.to_string()))?
+            .connect_timeout(timeout)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(8 * 1024 * 1024))
+            .initial_connection_window_size(Some(16 * 1024 * 1024));
+        let channel = endpoint.connect().await.map_err(|e| ClientError::Unreachable {
+            address: address.to_owned(),
+            message: worker::link::error_chain(&e),
+        })?;
+        Ok(Self {
+            inner: TelemetryBridgeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            address: address.to_owned(),
+        })
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The generated client, for calls this wrapper does not cover.
+    pub fn raw(&mut self) -> &mut TelemetryBridgeClient<Channel> {
+        &mut self.inner
+    }
+
+    pub async fn list_workers(
+        &mut self,
+        selector: Option<&Selector>,
+    ) -> Result<Vec<v1::WorkerInfo>, ClientError> {
+        let response = self
+            .inner
+            .list_workers(v1::ListWorkersRequest {
+                selector: selector.map(to_wire_selector),
+            })
+            .await?;
+        Ok(response.into_inner().workers)
+    }
+
+    pub async fn update_control(
+        &mut self,
+        selector: &Selector,
+        change: &Change,
+        wait: Duration,
+    ) -> Result<v1::UpdateControlResponse, ClientError> {
+        let request = v1::UpdateControlRequest {
+            selector: Some(to_wire_selector(selector)),
+            change: Some(to_wire_change(change)),
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+        };
+        Ok(self.inner.update_control(request).await?.into_inner())
+    }
+
+    pub async fn get_control(
+        &mut self,
+        selector: &Selector,
+    ) -> Result<v1::GetControlResponse, ClientError> {
+        let request = v1::GetControlRequest {
+            selector: Some(to_wire_selector(selector)),
+        };
+        Ok(self.inner.get_control(request).await?.into_inner())
+    }
+
+    pub async fn subscribe(
+        &mut self,
+        request: v1::SubscribeRequest,
+    ) -> Result<tonic::Streaming<v1::SubscribeResponse>, ClientError> {
+        Ok(self.inner.subscribe(request).await?.into_inner())
+    }
+}
+
+pub fn to_wire_selector(selector: &Selector) -> v1::Selector {
+    use v1::selector::Target;
+    v1::Selector {
+        target: Some(match selector {
+            Selector::Worker(id) => Target::WorkerId(id.clone()),
+            Selector::Pool(pool) => Target::Pool(pool.clone()),
+            Selector::All => Target::All(true),
+        }),
+    }
+}
+
+pub fn to_wire_change(change: &Change) -> v1::update_control_request::Change {
+    use v1::update_control_request::Change as Wire;
+    let names = |patterns: &[bridge_proto::pattern::Pattern]| {
+        patterns.iter().map(ToString::to_string).collect()
+    };
+    match change {
+        Change::Sampling { rate, patterns } => Wire::Sampling(v1::TelemetrySamplingUpdate {
+            sampling_rate: rate.get(),
+            event_patterns: names(patterns),
+        }),
+        Change::Toggle(enabled) => Wire::Toggle(v1::TelemetryToggle { enabled: *enabled }),
+        Change::Filter { allow, block } => Wire::Filter(v1::TelemetryEventFilter {
+            allowed_events: names(allow),
+            blocked_events: names(block),
+        }),
+        Change::Reset => Wire::Reset(v1::ResetControl {}),
+    }
+}

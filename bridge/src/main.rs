@@ -1,1 +1,7 @@
-fn main() {}
+//! `bridge`: run the telemetry-bridge hub, tail live events, and steer workers.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

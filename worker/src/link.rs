@@ -235,15 +235,11 @@ async fn run(
 }
 
 fn describe(status: &tonic::Status) -> String {
-    use std::error::Error as _;
-    let mut text = format!("{}: {}", status.code(), status.message());
-    let mut source = status.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+    let text = format!("{}: {}", status.code(), status.message());
+    match std::error::Error::source(status) {
+        Some(cause) => format!("{text}: {}", error_chain(cause)),
+        None => text,
     }
-    text
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -260,7 +256,7 @@ async fn stream_once(
     let channel: Channel = endpoint
         .connect()
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {}: {}", options.hub, source_chain(&e))))?;
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {}: {}", options.hub, error_chain(&e))))?;
     let mut client = TelemetryBridgeClient::new(channel)
         .max_decoding_message_size(16 * 1024 * 1024);
     let (acks, ack_rx) = watch::channel(0u64);
@@ -294,12 +290,17 @@ async fn stream_once(
     Ok(())
 }
 
-fn source_chain(error: &dyn std::error::Error) -> String {
+/// An error and its causes on one line (`transport error: connection refused`), skipping
+/// causes that the text already includes.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text

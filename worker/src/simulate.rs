@@ -59,7 +59,8 @@ pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
         &metadata,
         Some(&id),
     );
-    let latency_ms = 5.0 + tokens_out as f64 * rng.random_range(0.02..0.08);
+    let round = |ms: f64| (ms * 100.0).round() / 100.0;
+    let latency_ms = round(5.0 + tokens_out as f64 * rng.random_range(0.02..0.08));
     if rng.random_range(0..100) == 0 {
         emitter.emit(
             "inference.exception",
@@ -75,7 +76,7 @@ pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
                 ("tokens_in", Value::Int(tokens_in)),
                 ("tokens_out", Value::Int(tokens_out)),
                 ("duration_ms", Value::Float(latency_ms)),
-                ("ttft_ms", Value::Float(latency_ms * rng.random_range(0.05..0.3))),
+                ("ttft_ms", Value::Float(round(latency_ms * rng.random_range(0.05..0.3)))),
             ],
             &[("model", model), ("result", "success")],
             Some(&id),
@@ -87,7 +88,7 @@ fn gpu(emitter: &Emitter, rng: &mut SmallRng) {
     emitter.emit(
         "gpu.utilization",
         &[
-            ("gpu_percent", Value::Float(rng.random_range(55.0..99.0))),
+            ("gpu_percent", Value::Float((rng.random_range(55.0..99.0_f64) * 10.0).round() / 10.0)),
             ("memory_used_bytes", Value::Int(rng.random_range(30..70) * (1 << 30))),
         ],
         &[("device", "0")],

@@ -1,0 +1,269 @@
+//! `bridge sample | toggle | filter | reset | control`: change and read control state.
+
+use std::time::Duration;
+
+use bridge::control::{Change, Selector};
+use bridge_proto::{pattern::Pattern, sampling::Rate, v1};
+
+use super::{
+    Failure, Outcome, connect,
+    render::{self, Format},
+};
+
+/// Which workers: a WORKER argument, `--pool NAME` or `--all`.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// Every worker in this pool, including workers that join it later.
+    #[arg(long, value_name = "NAME", conflicts_with = "all")]
+    pool: Option<String>,
+    /// Every worker, including workers that join later.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Wait {
+    /// Do not wait for workers to acknowledge.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for acknowledgements (e.g. 500ms, 5s).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SampleArgs {
+    /// `WORKER RATE`, or `RATE` with --pool or --all. RATE is from 0 to 1 (0.05 keeps 5 %).
+    #[arg(value_name = "[WORKER] RATE", num_args = 1..=2, required = true)]
+    args: Vec<String>,
+    /// Only for events matching this pattern (repeatable); otherwise the default rate.
+    #[arg(long = "pattern", value_name = "P")]
+    patterns: Vec<String>,
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    wait: Wait,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ToggleArgs {
+    /// `WORKER on|off`, or `on|off` with --pool or --all.
+    #[arg(value_name = "[WORKER] on|off", num_args = 1..=2, required = true)]
+    args: Vec<String>,
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    wait: Wait,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FilterArgs {
+    /// The worker (or use --pool / --all).
+    worker: Option<String>,
+    /// Emit only events matching one of these patterns (repeatable).
+    #[arg(long, value_name = "P")]
+    allow: Vec<String>,
+    /// Never emit events matching these patterns (repeatable); wins over --allow.
+    #[arg(long, value_name = "P")]
+    block: Vec<String>,
+    /// Remove all filters at this level.
+    #[arg(long, conflicts_with_all = ["allow", "block"])]
+    clear: bool,
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    wait: Wait,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResetArgs {
+    /// The worker (or use --pool / --all).
+    worker: Option<String>,
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    wait: Wait,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// The worker (or use --pool / --all).
+    worker: Option<String>,
+    #[command(flatten)]
+    target: Target,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+fn selector(worker: Option<String>, target: &Target) -> Result<Selector, Failure> {
+    match (worker, &target.pool, target.all) {
+        (Some(id), None, false) => Ok(Selector::Worker(id)),
+        (None, Some(pool), false) => Ok(Selector::Pool(pool.clone())),
+        (None, None, true) => Ok(Selector::All),
+        (None, None, false) => Err(Failure::invalid("name a WORKER, or use --pool NAME or --all")),
+        _ => Err(Failure::invalid(
+            "name either a WORKER or --pool/--all, not both",
+        )),
+    }
+}
+
+/// Splits `[WORKER] VALUE` positionals according to the target flags.
+fn worker_and_value(args: Vec<String>, target: &Target) -> Result<(Selector, String), Failure> {
+    let broad = target.pool.is_some() || target.all;
+    let mut args = args.into_iter();
+    let (worker, value) = match (args.next(), args.next(), broad) {
+        (Some(worker), Some(value), false) => (Some(worker), value),
+        (Some(value), None, true) => (None, value),
+        (Some(_), Some(_), true) => {
+            return Err(Failure::invalid(
+                "with --pool or --all, give only the value, not a WORKER",
+            ));
+        }
+        _ => return Err(Failure::invalid("name a WORKER (or use --pool NAME or --all)")),
+    };
+    Ok((selector(worker, target)?, value))
+}
+
+fn patterns(list: &[String]) -> Result<Vec<Pattern>, Failure> {
+    list.iter()
+        .map(|p| Pattern::parse(p).map_err(Failure::invalid))
+        .collect()
+}
+
+pub async fn sample(hub: &str, args: SampleArgs) -> Outcome {
+    let (selector, rate) = worker_and_value(args.args, &args.target)?;
+    let rate: Rate = rate.parse().map_err(Failure::invalid)?;
+    let change = Change::Sampling {
+        rate,
+        patterns: patterns(&args.patterns)?,
+    };
+    apply(hub, selector, change, &args.wait).await
+}
+
+pub async fn toggle(hub: &str, args: ToggleArgs) -> Outcome {
+    let (selector, state) = worker_and_value(args.args, &args.target)?;
+    let enabled = match state.as_str() {
+        "on" | "true" | "enable" => true,
+        "off" | "false" | "disable" => false,
+        other => return Err(Failure::invalid(format!("`{other}`: say on or off"))),
+    };
+    apply(hub, selector, Change::Toggle(enabled), &args.wait).await
+}
+
+pub async fn filter(hub: &str, args: FilterArgs) -> Outcome {
+    let selector = selector(args.worker, &args.target)?;
+    if !args.clear && args.allow.is_empty() && args.block.is_empty() {
+        return Err(Failure::invalid("give --allow and/or --block patterns, or --clear"));
+    }
+    let change = Change::Filter {
+        allow: patterns(&args.allow)?,
+        block: patterns(&args.block)?,
+    };
+    apply(hub, selector, change, &args.wait).await
+}
+
+pub async fn reset(hub: &str, args: ResetArgs) -> Outcome {
+    let selector = selector(args.worker, &args.target)?;
+    apply(hub, selector, Change::Reset, &args.wait).await
+}
+
+pub async fn show(hub: &str, args: ShowArgs) -> Outcome {
+    let selector = selector(args.worker, &args.target)?;
+    let mut client = connect(hub).await?;
+    let response = client.get_control(&selector).await?;
+    println!("{}", render::describe_control(&response, args.format));
+    Ok(())
+}
+
+fn describe(change: &Change) -> String {
+    let list = |p: &[Pattern]| p.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    match change {
+        Change::Sampling { rate, patterns } if patterns.is_empty() => format!("sampling {rate}"),
+        Change::Sampling { rate, patterns } => format!("sampling {rate} for {}", list(patterns)),
+        Change::Toggle(true) => "telemetry on".into(),
+        Change::Toggle(false) => "telemetry off".into(),
+        Change::Filter { allow, block } if allow.is_empty() && block.is_empty() => "no filter".into(),
+        Change::Filter { allow, block } => format!("filter allow=[{}] block=[{}]", list(allow), list(block)),
+        Change::Reset => "reset to inherited settings".into(),
+    }
+}
+
+async fn apply(hub: &str, selector: Selector, change: Change, wait: &Wait) -> Outcome {
+    let mut client = connect(hub).await?;
+    let wait_for = if wait.no_wait { Duration::ZERO } else { wait.timeout };
+    let response = client.update_control(&selector, &change, wait_for).await?;
+    report(&selector, &change, &response, wait)
+}
+
+fn report(
+    selector: &Selector,
+    change: &Change,
+    response: &v1::UpdateControlResponse,
+    wait: &Wait,
+) -> Outcome {
+    let what = describe(change);
+    let version = response.version;
+    if response.targets.is_empty() {
+        println!(
+            "{what}: stored as version {version}; {}",
+            match selector {
+                Selector::Worker(id) => format!("{id} is not connected and gets it when it reconnects"),
+                Selector::Pool(pool) => format!("no worker of pool `{pool}` is connected; workers that join it get it"),
+                Selector::All => "no worker is connected; workers that connect get it".into(),
+            }
+        );
+        return Ok(());
+    }
+    let mut late = Vec::new();
+    let many = response.targets.len() > 10;
+    let (mut applied, mut plain, mut slowest) = (0, 0, 0u64);
+    for target in &response.targets {
+        let line = if target.applied {
+            applied += 1;
+            slowest = slowest.max(target.ack_latency_us);
+            format!(
+                "{}: {what} applied in {} (version {version})",
+                target.worker_id,
+                millis(target.ack_latency_us)
+            )
+        } else if !target.acknowledges {
+            plain += 1;
+            format!(
+                "{}: {what} takes effect at the hub (version {version}); this client does not acknowledge control, so the hub enforces it on its events",
+                target.worker_id
+            )
+        } else if wait.no_wait {
+            format!("{}: {what} sent (version {version}); not waiting for the acknowledgement", target.worker_id)
+        } else {
+            late.push(target.worker_id.clone());
+            format!(
+                "{}: did not acknowledge version {version} within {}",
+                target.worker_id,
+                humantime::format_duration(wait.timeout)
+            )
+        };
+        if !many || !target.applied {
+            println!("{line}");
+        }
+    }
+    if many {
+        println!(
+            "{what} (version {version}) reached {} workers: {applied} applied (slowest {}), {plain} enforced at the hub, {} pending",
+            response.targets.len(),
+            millis(slowest),
+            response.targets.len() - applied - plain,
+        );
+    }
+    if late.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            5,
+            format!("{} worker(s) did not acknowledge in time: {}", late.len(), late.join(", ")),
+        ))
+    }
+}
+
+fn millis(us: u64) -> String {
+    format!("{:.1} ms", us as f64 / 1000.0)
+}

@@ -1,0 +1,201 @@
+//! `bridge demo`: the whole loop on one machine, on real sockets, in a few seconds.
+//!
+//! A hub on a free loopback port, three simulated model servers streaming inference events
+//! through the worker library, a live tail through `Subscribe`, and halfway through a sampling
+//! change for one worker made through the same admin call as `bridge sample`; the per-second
+//! rates show it take effect.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bridge::{
+    Config, Hub,
+    client::HubClient,
+    control::{Change, Selector},
+};
+use bridge_proto::{sampling::Rate, v1};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use worker::{Link, LinkOptions, LinkState, simulate};
+
+use super::{Failure, Outcome, render};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// How long to run, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 8, value_parser = clap::value_parser!(u64).range(4..=3600))]
+    duration: u64,
+    /// Requests per second each simulated worker serves (two events each).
+    #[arg(long, default_value_t = 100.0)]
+    requests_per_second: f64,
+}
+
+const WORKERS: [(&str, &str); 3] = [
+    ("gpu-1", "llama-70b"),
+    ("gpu-2", "llama-70b"),
+    ("gpu-3", "mistral-7b"),
+];
+const TARGET: &str = "gpu-1";
+const NEW_RATE: f64 = 0.1;
+
+pub async fn run(args: Args) -> Outcome {
+    let state_dir = tempfile::tempdir().map_err(|e| Failure::new(1, format!("cannot create a state directory: {e}")))?;
+    let mut config = Config::default();
+    config.hub.state_dir = state_dir.path().to_owned();
+    let hub = Hub::new(config).map_err(|e| Failure::new(1, e))?;
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .map_err(|e| Failure::new(1, format!("cannot listen on loopback: {e}")))?;
+    let url = format!("http://{}", listener.local_addr().map_err(|e| Failure::new(1, e))?);
+    let stop_hub = CancellationToken::new();
+    let server = tokio::spawn(bridge::serve(hub, listener, stop_hub.clone().cancelled_owned()));
+    println!("hub listening on {url}; 3 simulated workers, {} requests/s each\n", args.requests_per_second);
+
+    let mut client = HubClient::connect(&url, Duration::from_secs(5)).await?;
+    println!("$ bridge subscribe      (every event; the first few shown, then rates per second)");
+    let tail = client.subscribe(v1::SubscribeRequest::default()).await?;
+    let counts = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    let printer = tokio::spawn(print_tail(tail, counts.clone()));
+
+    let stop_traffic = CancellationToken::new();
+    let mut links = Vec::new();
+    for (id, model) in WORKERS {
+        let mut options = LinkOptions::new(url.clone(), id);
+        options.pool = model.to_owned();
+        let link = Link::start(options).map_err(|e| Failure::new(1, e))?;
+        wait_connected(&link).await?;
+        tokio::spawn(simulate::run(
+            link.emitter(),
+            simulate::Simulation {
+                model: model.to_owned(),
+                requests_per_second: args.requests_per_second,
+            },
+            stop_traffic.clone(),
+        ));
+        links.push(link);
+    }
+
+    let switch_at = args.duration / 2;
+    let mut before = Vec::new();
+    let mut after = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    counts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    for second in 1..=args.duration {
+        tick.tick().await;
+        let window = std::mem::take(&mut *counts.lock().unwrap_or_else(|p| p.into_inner()));
+        let row: Vec<String> = WORKERS
+            .iter()
+            .map(|(id, _)| format!("{id} {:>4}/s", window.get(*id).copied().unwrap_or(0)))
+            .collect();
+        println!("  t={second:>2}s  inference events  {}", row.join("   "));
+        let target_rate = window.get(TARGET).copied().unwrap_or(0);
+        if second > 1 && second <= switch_at {
+            before.push(target_rate);
+        } else if second > switch_at + 1 {
+            after.push(target_rate);
+        }
+        if second == switch_at {
+            change_rate(&mut client).await?;
+        }
+    }
+
+    println!("\n$ bridge workers");
+    print!("{}", render::workers_table(&client.list_workers(None).await?));
+
+    stop_traffic.cancel();
+    for link in links {
+        link.close(Duration::from_secs(2)).await;
+    }
+    stop_hub.cancel();
+    let _ = server.await;
+    printer.abort();
+
+    let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
+    let (before, after) = (mean(&before), mean(&after));
+    println!(
+        "\n{TARGET} went from {before:.0} to {after:.0} inference events/s after `bridge sample {TARGET} {NEW_RATE}` \
+         (the others kept their rate); the demo is over."
+    );
+    if before > 0.0 && after > before * 0.5 {
+        return Err(Failure::new(1, "the sampling change did not show in the delivered rate"));
+    }
+    Ok(())
+}
+
+async fn wait_connected(link: &Link) -> Result<(), Failure> {
+    let mut state = link.state();
+    let connected = tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|s| matches!(s, LinkState::Connected { applied: Some(_) })),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    match connected {
+        true => Ok(()),
+        false => Err(Failure::new(3, format!("a simulated worker could not connect: {:?}", *state.borrow()))),
+    }
+}
+
+async fn change_rate(client: &mut HubClient) -> Outcome {
+    println!("\n$ bridge sample {TARGET} {NEW_RATE}");
+    let rate = Rate::new(NEW_RATE).map_err(Failure::invalid)?;
+    let response = client
+        .update_control(
+            &Selector::Worker(TARGET.into()),
+            &Change::Sampling {
+                rate,
+                patterns: vec![],
+            },
+            Duration::from_secs(2),
+        )
+        .await?;
+    match response.targets.first() {
+        Some(target) if target.applied => println!(
+            "{TARGET}: sampling {NEW_RATE} applied in {:.1} ms (version {})\n",
+            target.ack_latency_us as f64 / 1000.0,
+            response.version
+        ),
+        _ => return Err(Failure::new(5, format!("{TARGET} did not acknowledge the change"))),
+    }
+    Ok(())
+}
+
+/// Prints a few events, every lifecycle event and lag notice, and counts inference events per
+/// worker for the rate table.
+async fn print_tail(
+    mut tail: tonic::Streaming<v1::SubscribeResponse>,
+    counts: Arc<Mutex<BTreeMap<String, u64>>>,
+) {
+    let mut shown = 0;
+    let mut shown_sampled = 0;
+    while let Ok(Some(response)) = tail.message().await {
+        match response.item {
+            Some(v1::subscribe_response::Item::Event(delivery)) => {
+                let name = delivery.event.as_ref().map(|e| e.event_parts.join(".")).unwrap_or_default();
+                if name.starts_with("inference.") {
+                    *counts
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(delivery.worker_id.clone())
+                        .or_default() += 1;
+                }
+                let sampled = delivery.sampling_rate < 1.0;
+                let show = name.starts_with("bridge.")
+                    || (shown < 4 && name.starts_with("inference."))
+                    || (sampled && shown_sampled < 2);
+                if show {
+                    shown += usize::from(!name.starts_with("bridge."));
+                    shown_sampled += usize::from(sampled);
+                    println!("  {}", render::delivery_text(&delivery));
+                }
+            }
+            Some(v1::subscribe_response::Item::Lagged(lag)) => println!("  {}", render::lag_text(lag.skipped)),
+            None => {}
+        }
+    }
+}

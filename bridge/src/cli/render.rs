@@ -1,0 +1,335 @@
+//! How the CLI shows deliveries, workers and control state, as text or JSON.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bridge_proto::v1::{self, telemetry_value::Value};
+use serde_json::{Map, Value as Json, json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+fn value_json(value: Option<&Value>) -> Json {
+    match value {
+        Some(Value::IntValue(v)) => json!(v),
+        Some(Value::FloatValue(v)) if v.is_finite() => json!(v),
+        // JSON has no NaN or infinity; keep them visible rather than null.
+        Some(Value::FloatValue(v)) => json!(v.to_string()),
+        Some(Value::StringValue(v)) => json!(v),
+        None => Json::Null,
+    }
+}
+
+fn value_text(value: Option<&Value>) -> String {
+    match value {
+        Some(Value::IntValue(v)) => v.to_string(),
+        Some(Value::FloatValue(v)) => format!("{v}"),
+        Some(Value::StringValue(v)) => quoted(v),
+        None => "null".into(),
+    }
+}
+
+fn quoted(text: &str) -> String {
+    if text.is_empty() || text.contains(|c: char| c.is_whitespace() || c == '"' || c == '=') {
+        format!("{text:?}")
+    } else {
+        text.to_owned()
+    }
+}
+
+/// One JSON object per delivery, the shape `bridge subscribe --format json` promises.
+pub fn delivery_json(delivery: &v1::EventDelivery) -> Json {
+    let event = delivery.event.clone().unwrap_or_default();
+    let measurements: Map<String, Json> = event
+        .measurements
+        .iter()
+        .map(|(k, v)| (k.clone(), value_json(v.value.as_ref())))
+        .collect();
+    let metadata: Map<String, Json> = event
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    json!({
+        "type": "event",
+        "worker_id": delivery.worker_id,
+        "pool": delivery.pool,
+        "event": event.event_parts.join("."),
+        "measurements": measurements,
+        "metadata": metadata,
+        "timestamp_ns": event.timestamp_ns,
+        "correlation_id": event.correlation_id,
+        "sampling_rate": delivery.sampling_rate,
+        "received_ns": delivery.received_ns,
+    })
+}
+
+pub fn lag_json(skipped: u64) -> Json {
+    json!({ "type": "lag", "skipped": skipped })
+}
+
+/// `2026-11-22T05:33:44.123Z gpu-3/llama inference.stop tokens=5 {model=llama} cid=ab rate=0.1`
+pub fn delivery_text(delivery: &v1::EventDelivery) -> String {
+    let event = delivery.event.clone().unwrap_or_default();
+    let mut line = format!(
+        "{} {}",
+        timestamp(event.timestamp_ns),
+        if delivery.pool.is_empty() {
+            delivery.worker_id.clone()
+        } else {
+            format!("{}/{}", delivery.worker_id, delivery.pool)
+        }
+    );
+    let _ = write!(line, " {}", event.event_parts.join("."));
+    for (key, value) in event.measurements.iter().collect::<BTreeMap<_, _>>() {
+        let _ = write!(line, " {key}={}", value_text(value.value.as_ref()));
+    }
+    if !event.metadata.is_empty() {
+        let metadata: Vec<String> = event
+            .metadata
+            .iter()
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", quoted(v)))
+            .collect();
+        let _ = write!(line, " {{{}}}", metadata.join(" "));
+    }
+    if !event.correlation_id.is_empty() {
+        let _ = write!(line, " cid={}", quoted(&event.correlation_id));
+    }
+    if delivery.sampling_rate < 1.0 {
+        let _ = write!(line, " rate={}", delivery.sampling_rate);
+    }
+    line
+}
+
+pub fn lag_text(skipped: u64) -> String {
+    format!("-- lagged: {skipped} events skipped (this subscriber fell behind) --")
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn timestamp(unix_ns: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_nanos(u64::try_from(unix_ns).unwrap_or(0));
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// `on rate=0.5 inference.*=0.1 allow=[a.>] block=[debug.>]`
+pub fn control_text(state: &v1::ControlState) -> String {
+    let mut text = format!(
+        "{} rate={}",
+        if state.enabled { "on" } else { "off" },
+        state.sampling_rate
+    );
+    for rule in &state.rules {
+        let _ = write!(text, " {}={}", rule.pattern, rule.sampling_rate);
+    }
+    if !state.allowed_events.is_empty() {
+        let _ = write!(text, " allow=[{}]", state.allowed_events.join(","));
+    }
+    if !state.blocked_events.is_empty() {
+        let _ = write!(text, " block=[{}]", state.blocked_events.join(","));
+    }
+    text
+}
+
+pub fn control_json(state: &v1::ControlState) -> Json {
+    let rules: Map<String, Json> = state
+        .rules
+        .iter()
+        .map(|r| (r.pattern.clone(), json!(r.sampling_rate)))
+        .collect();
+    json!({
+        "version": state.version,
+        "enabled": state.enabled,
+        "sampling_rate": state.sampling_rate,
+        "rules": rules,
+        "allow": state.allowed_events,
+        "block": state.blocked_events,
+    })
+}
+
+fn layer_json(layer: &v1::ControlLayer) -> Json {
+    let rules: Map<String, Json> = layer
+        .rules
+        .iter()
+        .map(|r| (r.pattern.clone(), json!(r.sampling_rate)))
+        .collect();
+    json!({
+        "version": layer.version,
+        "enabled": layer.enabled,
+        "sampling_rate": layer.sampling_rate,
+        "rules": rules,
+        "filter": layer.filter.as_ref().map(|f| json!({"allow": f.allowed_events, "block": f.blocked_events})),
+    })
+}
+
+fn layer_text(layer: &v1::ControlLayer) -> String {
+    let mut parts = Vec::new();
+    if let Some(enabled) = layer.enabled {
+        parts.push(if enabled { "on".to_owned() } else { "off".to_owned() });
+    }
+    if let Some(rate) = layer.sampling_rate {
+        parts.push(format!("rate={rate}"));
+    }
+    for rule in &layer.rules {
+        parts.push(format!("{}={}", rule.pattern, rule.sampling_rate));
+    }
+    if let Some(filter) = &layer.filter {
+        parts.push(format!(
+            "allow=[{}] block=[{}]",
+            filter.allowed_events.join(","),
+            filter.blocked_events.join(",")
+        ));
+    }
+    if parts.is_empty() {
+        parts.push("(nothing set)".into());
+    }
+    format!("{} (v{})", parts.join(" "), layer.version)
+}
+
+pub fn describe_control(response: &v1::GetControlResponse, format: Format) -> String {
+    let effective = response.effective.clone().unwrap_or_default();
+    match format {
+        Format::Json => json!({
+            "effective": control_json(&effective),
+            "global": response.global.as_ref().map(layer_json),
+            "pool": response.pool.as_ref().map(layer_json),
+            "worker": response.worker.as_ref().map(layer_json),
+        })
+        .to_string(),
+        Format::Text => {
+            let mut text = format!("effective  v{} {}", effective.version, control_text(&effective));
+            for (name, layer) in [("global", &response.global), ("pool", &response.pool), ("worker", &response.worker)] {
+                if let Some(layer) = layer {
+                    let _ = write!(text, "\n{name:<10} {}", layer_text(layer));
+                }
+            }
+            text
+        }
+    }
+}
+
+fn drops(worker: &v1::WorkerInfo) -> (Map<String, Json>, Map<String, Json>) {
+    let worker_side = worker
+        .worker_counters
+        .iter()
+        .filter_map(|(k, v)| {
+            let reason = k.strip_prefix("dropped.").or(match k.as_str() {
+                "sampled_out" | "filtered" | "disabled" => Some(k.as_str()),
+                _ => None,
+            })?;
+            Some((reason.to_owned(), json!(v)))
+        })
+        .collect();
+    let hub_side = worker
+        .hub_drops
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    (worker_side, hub_side)
+}
+
+pub fn worker_json(worker: &v1::WorkerInfo) -> Json {
+    let (worker_drops, hub_drops) = drops(worker);
+    let counters: Map<String, Json> = worker
+        .worker_counters
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    json!({
+        "id": worker.id,
+        "pool": worker.pool,
+        "connected": worker.connected,
+        "connected_since": timestamp(worker.connected_since_ns),
+        "disconnected_at": (worker.disconnected_ns != 0).then(|| timestamp(worker.disconnected_ns)),
+        "pid": (worker.pid != 0).then_some(worker.pid),
+        "peer": worker.peer,
+        "labels": worker.labels,
+        "events_received": worker.events_received,
+        "events_per_second": (worker.events_per_second * 10.0).round() / 10.0,
+        "drops": { "worker": worker_drops, "hub": hub_drops },
+        "worker_counters": counters,
+        "acknowledges": worker.acknowledges,
+        "desired_version": worker.desired_version,
+        "applied_version": worker.applied_version,
+        "last_ack_latency_us": (worker.last_ack_latency_us != 0).then_some(worker.last_ack_latency_us),
+        "control": worker.control.as_ref().map(control_json),
+    })
+}
+
+/// A table, one worker a row.
+pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
+    let now = SystemTime::now();
+    let header = ["WORKER", "POOL", "STATUS", "EVENTS", "EV/S", "DROPS", "CONTROL", "STATE"];
+    let rows: Vec<[String; 8]> = workers
+        .iter()
+        .map(|w| {
+            let since = |ns: i64| {
+                let at = UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0));
+                let secs = now.duration_since(at).unwrap_or_default().as_secs();
+                humantime::format_duration(Duration::from_secs(secs)).to_string().replace(' ', "")
+            };
+            let status = if w.connected {
+                format!("up {}", since(w.connected_since_ns))
+            } else {
+                format!("gone {} ago", since(w.disconnected_ns))
+            };
+            let (worker_drops, hub_drops) = drops(w);
+            let mut drop_text: Vec<String> = worker_drops
+                .iter()
+                .filter(|(_, v)| v.as_u64() != Some(0))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            drop_text.extend(hub_drops.iter().map(|(k, v)| format!("hub:{k}={v}")));
+            let control = if !w.acknowledges {
+                format!("v{} hub-enforced", w.desired_version)
+            } else {
+                match w.applied_version {
+                    Some(applied) if applied == w.desired_version => format!("v{applied} applied"),
+                    Some(applied) => format!("v{} (applied v{applied})", w.desired_version),
+                    None => format!("v{} pending", w.desired_version),
+                }
+            };
+            [
+                w.id.clone(),
+                if w.pool.is_empty() { "-".into() } else { w.pool.clone() },
+                status,
+                w.events_received.to_string(),
+                format!("{:.1}", w.events_per_second),
+                if drop_text.is_empty() { "-".into() } else { drop_text.join(" ") },
+                control,
+                w.control.as_ref().map(control_text).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                let _ = write!(text, "{cell:<width$}  ");
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header.map(String::from));
+    for row in &rows {
+        line(row);
+    }
+    out
+}

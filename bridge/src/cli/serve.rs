@@ -1,0 +1,69 @@
+//! `bridge serve`: run a hub until SIGINT or SIGTERM.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use bridge::{Config, Hub};
+use tokio::net::TcpListener;
+
+use super::{Failure, Outcome};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Configuration file (built-in defaults when omitted).
+    #[arg(long, env = "BRIDGE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:50051 (overrides hub.listen). Port 0 picks a free one.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory for the control state file (overrides hub.state_dir).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+pub async fn run(args: Args) -> Outcome {
+    let mut config = Config::load(args.config.as_deref()).map_err(Failure::invalid)?;
+    if let Some(listen) = args.listen {
+        config.hub.listen = listen;
+    }
+    if let Some(dir) = args.state_dir {
+        config.hub.state_dir = dir;
+    }
+    let listen = config.hub.listen;
+    let hub = Hub::new(config).map_err(|e| Failure::new(1, e))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| Failure::new(1, format!("cannot listen on {listen}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Failure::new(1, format!("cannot read the bound address: {e}")))?;
+    // The first line on stdout names the bound address, so scripts and tests that asked for
+    // port 0 can find it.
+    println!("listening on {bound}");
+    tracing::info!(%bound, "hub listening");
+    bridge::serve(hub, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,79 @@
+//! `bridge subscribe`: tail live events, filtered on the hub.
+
+use std::io::Write;
+
+use bridge_proto::{pattern::Pattern, v1};
+
+use super::{
+    Failure, Outcome, connect,
+    render::{self, Format},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Event patterns: `*` matches one token, `>` the rest (e.g. 'inference.>'). None: every
+    /// event.
+    patterns: Vec<String>,
+    /// Only events from this worker (repeat for several).
+    #[arg(long = "worker", value_name = "ID")]
+    workers: Vec<String>,
+    /// Only events from workers in this pool.
+    #[arg(long)]
+    pool: Option<String>,
+    /// Output format; json prints one object per line.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Exit after this many events.
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+}
+
+pub async fn run(hub: &str, args: Args) -> Outcome {
+    for pattern in &args.patterns {
+        Pattern::parse(pattern).map_err(Failure::invalid)?;
+    }
+    if args.limit == Some(0) {
+        return Ok(());
+    }
+    let mut client = connect(hub).await?;
+    let mut stream = client
+        .subscribe(v1::SubscribeRequest {
+            patterns: args.patterns,
+            worker_ids: args.workers,
+            pool: args.pool.unwrap_or_default(),
+        })
+        .await?;
+    let mut events = 0u64;
+    loop {
+        let item = match stream.message().await {
+            Ok(Some(response)) => response.item,
+            Ok(None) => return Err(Failure::new(3, format!("the hub at {hub} ended the subscription"))),
+            Err(status) => return Err(bridge::client::ClientError::from(status).into()),
+        };
+        let line = match (&item, args.format) {
+            (Some(v1::subscribe_response::Item::Event(delivery)), Format::Json) => {
+                render::delivery_json(delivery).to_string()
+            }
+            (Some(v1::subscribe_response::Item::Event(delivery)), Format::Text) => {
+                render::delivery_text(delivery)
+            }
+            (Some(v1::subscribe_response::Item::Lagged(lag)), Format::Json) => {
+                render::lag_json(lag.skipped).to_string()
+            }
+            (Some(v1::subscribe_response::Item::Lagged(lag)), Format::Text) => {
+                render::lag_text(lag.skipped)
+            }
+            (None, _) => continue,
+        };
+        if writeln!(std::io::stdout().lock(), "{line}").is_err() {
+            // The reader went away (`| head`): that is a normal way to stop.
+            return Ok(());
+        }
+        if matches!(item, Some(v1::subscribe_response::Item::Event(_))) {
+            events += 1;
+            if args.limit.is_some_and(|limit| events >= limit) {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! `bridge workers`: who is connected, their rates, drops and control state.
+
+use super::{
+    Outcome, connect,
+    render::{self, Format},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Output format; json prints one array of objects.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+pub async fn run(hub: &str, args: Args) -> Outcome {
+    let mut client = connect(hub).await?;
+    let workers = client.list_workers(None).await?;
+    match args.format {
+        Format::Json => {
+            let array: Vec<_> = workers.iter().map(render::worker_json).collect();
+            println!("{}", serde_json::Value::Array(array));
+        }
+        Format::Text if workers.is_empty() => println!("no workers known to the hub at {hub}"),
+        Format::Text => print!("{}", render::workers_table(&workers)),
+    }
+    Ok(())
+}
