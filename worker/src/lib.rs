@@ -19,9 +19,11 @@
 //!   acknowledging control, reporting counters.
 //! - [`counters`]: what became of every event.
 //! - [`backoff`]: capped exponential backoff with jitter.
+//! - [`config`]: the `[worker]` section of `config.toml`.
 //! - [`simulate`]: synthetic inference traffic for demos and tests.
 
 pub mod backoff;
+pub mod config;
 pub mod counters;
 pub mod emitter;
 pub mod link;

@@ -1,0 +1,131 @@
+//! The `[worker]` section of `config.toml`: built-in defaults < file < environment < flags.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use serde::Deserialize;
+
+use crate::link::LinkOptions;
+
+/// The configuration file as the sidecar reads it; `[hub]` and `[control]` belong to the hub.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct File {
+    worker: WorkerConfig,
+    hub: toml::Table,
+    control: toml::Table,
+}
+
+/// `[worker]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    pub hub: String,
+    /// Empty: the host name.
+    pub id: String,
+    pub pool: String,
+    pub labels: BTreeMap<String, String>,
+    pub queue_capacity: usize,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    pub stats_interval_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            hub: "http://127.0.0.1:50051".into(),
+            id: String::new(),
+            pool: String::new(),
+            labels: BTreeMap::new(),
+            queue_capacity: 65_536,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5000,
+            stats_interval_ms: 1000,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Loads `[worker]` from `path`, or the defaults without one. Errors name the file and key.
+    pub fn load(path: Option<&Path>) -> Result<Self, String> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let file: File = toml::from_str(&text)
+            .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end().replace('\n', " ")))?;
+        let config = file.worker;
+        config
+            .validate()
+            .map_err(|(key, message)| format!("{}: `worker.{key}`: {message}", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(self.hub.starts_with("http://") || self.hub.starts_with("https://")) {
+            return Err(("hub", format!("`{}` must start with http:// or https://", self.hub)));
+        }
+        if self.queue_capacity == 0 {
+            return Err(("queue_capacity", "must be at least 1".into()));
+        }
+        if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
+            return Err((
+                "backoff_max_ms",
+                "backoff delays must be positive, with the cap at least the first delay".into(),
+            ));
+        }
+        if self.stats_interval_ms == 0 {
+            return Err(("stats_interval_ms", "must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// Link options for this configuration; an empty id becomes the host name.
+    pub fn link_options(&self) -> LinkOptions {
+        let id = if self.id.is_empty() { host_name() } else { self.id.clone() };
+        let mut options = LinkOptions::new(self.hub.clone(), id);
+        options.pool.clone_from(&self.pool);
+        options.labels = self.labels.clone().into_iter().collect();
+        options.queue_capacity = self.queue_capacity;
+        options.backoff_initial = Duration::from_millis(self.backoff_initial_ms);
+        options.backoff_max = Duration::from_millis(self.backoff_max_ms);
+        options.stats_interval = Duration::from_millis(self.stats_interval_ms);
+        options
+    }
+}
+
+/// The machine's host name, or `worker-<pid>` when it cannot be read.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_is_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.toml");
+        assert_eq!(WorkerConfig::load(Some(&path)).unwrap(), WorkerConfig::default());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("worker-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[worker]\nhub = \"localhost:50051\"\n").unwrap();
+        let err = WorkerConfig::load(Some(&path)).unwrap_err();
+        assert!(err.contains("`worker.hub`") && err.contains("http://"), "{err}");
+        std::fs::write(&path, "[worker]\nqueue = 5\n").unwrap();
+        let err = WorkerConfig::load(Some(&path)).unwrap_err();
+        assert!(err.contains("unknown field `queue`"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
