@@ -41,10 +41,13 @@ impl HubClient {
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(8 * 1024 * 1024))
             .initial_connection_window_size(Some(16 * 1024 * 1024));
-        let channel = endpoint.connect().await.map_err(|e| ClientError::Unreachable {
-            address: address.to_owned(),
-            message: worker::link::error_chain(&e),
-        })?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                address: address.to_owned(),
+                message: worker::link::error_chain(&e),
+            })?;
         Ok(Self {
             inner: TelemetryBridgeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
             address: address.to_owned(),

@@ -150,11 +150,13 @@ impl Config {
             path: origin.to_owned(),
             message: e.to_string().trim_end().replace('\n', " "),
         })?;
-        config.validate().map_err(|(key, message)| ConfigError::Invalid {
-            path: origin.to_owned(),
-            key,
-            message,
-        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: origin.to_owned(),
+                key,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -165,7 +167,10 @@ impl Config {
             return Err(("hub.subscriber_queue".into(), "must be at least 1".into()));
         }
         if hub.max_message_bytes < 1024 {
-            return Err(("hub.max_message_bytes".into(), "must be at least 1024".into()));
+            return Err((
+                "hub.max_message_bytes".into(),
+                "must be at least 1024".into(),
+            ));
         }
         if hub.stream_window_bytes < 65_535 || hub.connection_window_bytes < 65_535 {
             return Err((
@@ -174,7 +179,10 @@ impl Config {
             ));
         }
         let control = &self.control;
-        check_rate("control.default_sampling_rate", control.default_sampling_rate)?;
+        check_rate(
+            "control.default_sampling_rate",
+            control.default_sampling_rate,
+        )?;
         check_rules("control.rules", &control.rules)?;
         check_patterns("control.allow", &control.allow)?;
         check_patterns("control.block", &control.block)?;
@@ -185,8 +193,14 @@ impl Config {
                     check_rate(&format!("{prefix}.sampling_rate"), rate)?;
                 }
                 check_rules(&format!("{prefix}.rules"), &layer.rules)?;
-                check_patterns(&format!("{prefix}.allow"), layer.allow.as_deref().unwrap_or(&[]))?;
-                check_patterns(&format!("{prefix}.block"), layer.block.as_deref().unwrap_or(&[]))?;
+                check_patterns(
+                    &format!("{prefix}.allow"),
+                    layer.allow.as_deref().unwrap_or(&[]),
+                )?;
+                check_patterns(
+                    &format!("{prefix}.block"),
+                    layer.block.as_deref().unwrap_or(&[]),
+                )?;
             }
         }
         Ok(())
@@ -218,9 +232,12 @@ impl HubConfig {
 }
 
 fn check_rate(key: &str, rate: f64) -> Result<(), (String, String)> {
-    Rate::new(rate)
-        .map(drop)
-        .map_err(|RateError(_)| (key.into(), format!("sampling rate {rate} must be a number from 0 to 1")))
+    Rate::new(rate).map(drop).map_err(|RateError(_)| {
+        (
+            key.into(),
+            format!("sampling rate {rate} must be a number from 0 to 1"),
+        )
+    })
 }
 
 fn check_rules(key: &str, rules: &BTreeMap<String, f64>) -> Result<(), (String, String)> {
@@ -277,13 +294,19 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let err = parse("[control]\ndefault_sampling_rate = 1.5").unwrap_err().to_string();
+        let err = parse("[control]\ndefault_sampling_rate = 1.5")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`control.default_sampling_rate`"), "{err}");
-        let err = parse("[control.pools.a]\nrules = { \"a..b\" = 0.5 }").unwrap_err().to_string();
+        let err = parse("[control.pools.a]\nrules = { \"a..b\" = 0.5 }")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("control.pools.a.rules.\"a..b\""), "{err}");
         let err = parse("[hub]\nlisten_addr = \"x\"").unwrap_err().to_string();
         assert!(err.contains("unknown field `listen_addr`"), "{err}");
-        let err = parse("[control.workers.w]\nblock = [\"a.>.b\"]").unwrap_err().to_string();
+        let err = parse("[control.workers.w]\nblock = [\"a.>.b\"]")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("control.workers.w.block[0]"), "{err}");
     }
 }

@@ -82,9 +82,12 @@ impl Hub {
     /// Opens a session for a worker stream and announces it to subscribers.
     pub fn connect(&self, identity: &Identity) -> Session {
         let control = &self.shared.control;
-        let opened = self.shared.registry.open(identity, &self.shared.shutdown, || {
-            control.effective(Some(&identity.id), &identity.pool)
-        });
+        let opened = self
+            .shared
+            .registry
+            .open(identity, &self.shared.shutdown, || {
+                control.effective(Some(&identity.id), &identity.pool)
+            });
         if let Some(old) = &opened.replaced {
             info!(worker.id = %identity.id, "worker reconnected; its previous stream is replaced");
             self.announce_disconnected(&old.worker, "replaced by a newer stream");
@@ -110,7 +113,13 @@ impl Hub {
         for (key, value) in &identity.labels {
             metadata.insert(format!("label.{key}"), value.clone());
         }
-        self.publish_lifecycle(&identity.id, &identity.pool, &WORKER_CONNECTED, metadata, Default::default());
+        self.publish_lifecycle(
+            &identity.id,
+            &identity.pool,
+            &WORKER_CONNECTED,
+            metadata,
+            Default::default(),
+        );
         opened.session
     }
 
@@ -180,7 +189,8 @@ impl Hub {
             return Err(Error::ShuttingDown);
         }
         if let Selector::Worker(id) = selector {
-            if self.shared.registry.get(id).is_none() && !self.shared.control.has_worker_settings(id)
+            if self.shared.registry.get(id).is_none()
+                && !self.shared.control.has_worker_settings(id)
             {
                 return Err(Error::UnknownWorker(id.clone()));
             }
@@ -200,29 +210,38 @@ impl Hub {
             worker.offer_desired(self.shared.control.effective(Some(&worker.id), &pool));
         }
         drop(applied);
-        info!(?selector, ?change, control.version = version, workers = reached.len(), "control changed");
+        info!(
+            ?selector,
+            ?change,
+            control.version = version,
+            workers = reached.len(),
+            "control changed"
+        );
 
         let deadline = tokio::time::Instant::now() + wait;
-        let targets = reached.iter().filter(|w| w.status().connected).map(|worker| async move {
-            let acknowledges = worker.status().acknowledges;
-            let mut applied = worker.watch_applied();
-            let acked = acknowledges
-                && !wait.is_zero()
-                && tokio::time::timeout_at(deadline, applied.wait_for(|v| *v >= version))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-            let acked = acked || worker.applied_version().is_some_and(|v| v >= version);
-            v1::TargetStatus {
-                worker_id: worker.id.clone(),
-                acknowledges,
-                applied: acked,
-                ack_latency_us: if acked {
-                    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
-                } else {
-                    0
-                },
-            }
-        });
+        let targets = reached
+            .iter()
+            .filter(|w| w.status().connected)
+            .map(|worker| async move {
+                let acknowledges = worker.status().acknowledges;
+                let mut applied = worker.watch_applied();
+                let acked = acknowledges
+                    && !wait.is_zero()
+                    && tokio::time::timeout_at(deadline, applied.wait_for(|v| *v >= version))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                let acked = acked || worker.applied_version().is_some_and(|v| v >= version);
+                v1::TargetStatus {
+                    worker_id: worker.id.clone(),
+                    acknowledges,
+                    applied: acked,
+                    ack_latency_us: if acked {
+                        u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+                    } else {
+                        0
+                    },
+                }
+            });
         let targets = join_all(targets).await;
         Ok(v1::UpdateControlResponse { version, targets })
     }
@@ -268,7 +287,12 @@ impl Hub {
     }
 
     /// Logs an event rejected as invalid, once per session to keep logs readable.
-    pub(crate) fn warn_invalid(&self, session: &Session, first: bool, error: &dyn std::fmt::Display) {
+    pub(crate) fn warn_invalid(
+        &self,
+        session: &Session,
+        first: bool,
+        error: &dyn std::fmt::Display,
+    ) {
         if first {
             warn!(worker.id = %session.worker.id, %error, "dropping invalid events from worker (logged once per stream; counted as drop reason `invalid`)");
         }

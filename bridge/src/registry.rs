@@ -69,9 +69,9 @@ impl Identity {
         };
         let pid = match text("x-worker-pid")? {
             None => 0,
-            Some(pid) => pid
-                .parse()
-                .map_err(|_| Error::invalid(format!("x-worker-pid: `{pid}` is not a process id")))?,
+            Some(pid) => pid.parse().map_err(|_| {
+                Error::invalid(format!("x-worker-pid: `{pid}` is not a process id"))
+            })?,
         };
         let mut labels = BTreeMap::new();
         for key in metadata.keys() {
@@ -239,7 +239,9 @@ impl Worker {
     /// concurrent updates cannot go backwards.
     pub fn offer_desired(&self, state: ControlState) -> bool {
         self.control.send_if_modified(|current| {
-            if state.version > current.version || (state.version == current.version && **current != state) {
+            if state.version > current.version
+                || (state.version == current.version && **current != state)
+            {
                 *current = Arc::new(state);
                 true
             } else {
@@ -337,7 +339,12 @@ impl Registry {
     /// Opens a session for `identity`, replacing the worker's current one. The new session
     /// starts unacknowledged with `initial` as its desired state (which only ever replaces an
     /// older state).
-    pub fn open(&self, identity: &Identity, parent: &CancellationToken, initial: impl FnOnce() -> ControlState) -> Opened {
+    pub fn open(
+        &self,
+        identity: &Identity,
+        parent: &CancellationToken,
+        initial: impl FnOnce() -> ControlState,
+    ) -> Opened {
         let worker = self
             .workers
             .entry(identity.id.clone())
@@ -451,8 +458,7 @@ impl Registry {
         disconnected.sort();
         let excess = disconnected.len() - self.max_remembered;
         for (_, id) in disconnected.into_iter().take(excess) {
-            self.workers
-                .remove_if(&id, |_, w| !w.status().connected);
+            self.workers.remove_if(&id, |_, w| !w.status().connected);
         }
     }
 
@@ -470,7 +476,11 @@ impl Registry {
     /// Ends every open session with `status` (hub shutdown).
     pub fn end_all(&self, status: &tonic::Status) {
         for worker in self.workers.iter() {
-            let handle = worker.status().session.as_ref().map(|h| (h.cancel.clone(), h.ended.clone()));
+            let handle = worker
+                .status()
+                .session
+                .as_ref()
+                .map(|h| (h.cancel.clone(), h.ended.clone()));
             if let Some((cancel, ended)) = handle {
                 ended
                     .lock()
@@ -525,7 +535,10 @@ mod tests {
             false,
         )
         .unwrap();
-        assert_eq!((id.id.as_str(), id.pool.as_str(), id.pid), ("gpu-3", "llama", 4242));
+        assert_eq!(
+            (id.id.as_str(), id.pool.as_str(), id.pid),
+            ("gpu-3", "llama", 4242)
+        );
         assert_eq!(id.labels["zone"], "b");
         assert!(id.acknowledges && !id.generated);
 
@@ -541,8 +554,11 @@ mod tests {
     fn a_replaced_session_does_not_disconnect_the_worker() {
         let registry = Registry::new(10);
         let root = CancellationToken::new();
-        let identity = Identity::from_metadata(&metadata(&[("x-worker-id", "w")]), None, false).unwrap();
-        let first = registry.open(&identity, &root, ControlState::default).session;
+        let identity =
+            Identity::from_metadata(&metadata(&[("x-worker-id", "w")]), None, false).unwrap();
+        let first = registry
+            .open(&identity, &root, ControlState::default)
+            .session;
         let second = registry.open(&identity, &root, ControlState::default);
         assert!(first.cancel.is_cancelled());
         assert_eq!(second.replaced.unwrap().generation, first.generation);

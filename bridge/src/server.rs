@@ -2,7 +2,9 @@
 
 use std::{future::Future, time::Duration};
 
-use bridge_proto::{FILE_DESCRIPTOR_SET, SERVICE_NAME, server::telemetry_bridge_server::TelemetryBridgeServer};
+use bridge_proto::{
+    FILE_DESCRIPTOR_SET, SERVICE_NAME, server::telemetry_bridge_server::TelemetryBridgeServer,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -21,7 +23,9 @@ pub async fn serve(
     let config = hub.config().hub.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
-    health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -37,8 +41,12 @@ pub async fn serve(
     let signal = async move {
         shutdown.await;
         info!("shutting down: ending worker streams and subscriptions");
-        health.set_service_status("", ServingStatus::NotServing).await;
-        health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
         hub_for_shutdown.shut_down();
     };
     let server = Server::builder()

@@ -69,7 +69,10 @@ fn accept(
     if event.event_parts.first().is_some_and(|p| p == "bridge") {
         return protocol_event(session, enforcer, &event);
     }
-    worker.counters.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    worker
+        .counters
+        .received
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Err(error) = validate_event_parts(&event.event_parts) {
         worker.counters.drop(HubDrop::Invalid);
         return Err(error.to_string());
@@ -112,7 +115,8 @@ fn protocol_event(
         _ => None,
     };
     if event.event_parts == CONTROL_APPLIED {
-        let version = int("version").ok_or("bridge.control.applied needs an int measurement `version`")?;
+        let version =
+            int("version").ok_or("bridge.control.applied needs an int measurement `version`")?;
         enforcer.applied = Some(version);
         let latency = worker.acknowledge(version);
         debug!(worker.id = %worker.id, control.version = version, ?latency, "control acknowledged");
@@ -129,7 +133,10 @@ fn protocol_event(
         worker.status().reported = counters;
         Ok(())
     } else {
-        worker.counters.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        worker
+            .counters
+            .received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         worker.counters.drop(HubDrop::Invalid);
         Err(format!(
             "`{}`: event names starting with `bridge.` are reserved",

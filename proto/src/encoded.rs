@@ -11,7 +11,9 @@ use prost::{
     encoding::{DecodeContext, WireType, skip_field},
 };
 
-use crate::v1::{EventDelivery, LagNotice, SubscribeResponse, TelemetryEvent, subscribe_response::Item};
+use crate::v1::{
+    EventDelivery, LagNotice, SubscribeResponse, TelemetryEvent, subscribe_response::Item,
+};
 
 /// A `SubscribeResponse` already encoded; cloning it is a reference-count increment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,9 +38,15 @@ impl EncodedSubscribeResponse {
         sampling_rate: f64,
         received_ns: i64,
     ) -> Self {
-        use prost::encoding::{double, encode_key, encode_varint, encoded_len_varint, int64, key_len, message};
+        use prost::encoding::{
+            double, encode_key, encode_varint, encoded_len_varint, int64, key_len, message,
+        };
         let string_len = |tag: u32, s: &str| {
-            if s.is_empty() { 0 } else { key_len(tag) + encoded_len_varint(s.len() as u64) + s.len() }
+            if s.is_empty() {
+                0
+            } else {
+                key_len(tag) + encoded_len_varint(s.len() as u64) + s.len()
+            }
         };
         let put_string = |buf: &mut Vec<u8>, tag: u32, s: &str| {
             if !s.is_empty() {
@@ -50,9 +58,18 @@ impl EncodedSubscribeResponse {
         let body_len = string_len(1, worker_id)
             + string_len(2, pool)
             + message::encoded_len(3, event)
-            + if sampling_rate != 0.0 { double::encoded_len(4, &sampling_rate) } else { 0 }
-            + if received_ns != 0 { int64::encoded_len(5, &received_ns) } else { 0 };
-        let mut buf = Vec::with_capacity(key_len(1) + encoded_len_varint(body_len as u64) + body_len);
+            + if sampling_rate != 0.0 {
+                double::encoded_len(4, &sampling_rate)
+            } else {
+                0
+            }
+            + if received_ns != 0 {
+                int64::encoded_len(5, &received_ns)
+            } else {
+                0
+            };
+        let mut buf =
+            Vec::with_capacity(key_len(1) + encoded_len_varint(body_len as u64) + body_len);
         encode_key(1, WireType::LengthDelimited, &mut buf);
         encode_varint(body_len as u64, &mut buf);
         put_string(&mut buf, 1, worker_id);
@@ -64,7 +81,9 @@ impl EncodedSubscribeResponse {
         if received_ns != 0 {
             int64::encode(5, &received_ns, &mut buf);
         }
-        Self { bytes: Bytes::from(buf) }
+        Self {
+            bytes: Bytes::from(buf),
+        }
     }
 
     /// Encodes a lag notice for `skipped` missed events.
@@ -139,10 +158,24 @@ mod tests {
         assert_eq!(by_ref, encoded, "encoding by reference is byte-identical");
 
         let mut rich = event;
-        rich.measurements.insert("tokens".into(), TelemetryValue { value: Some(crate::v1::telemetry_value::Value::IntValue(512)) });
+        rich.measurements.insert(
+            "tokens".into(),
+            TelemetryValue {
+                value: Some(crate::v1::telemetry_value::Value::IntValue(512)),
+            },
+        );
         rich.metadata.insert("model".into(), "llama".into());
-        let owned = EncodedSubscribeResponse::event(EventDelivery { worker_id: String::new(), pool: String::new(), event: Some(rich.clone()), sampling_rate: 0.0, received_ns: 0 });
-        assert_eq!(EncodedSubscribeResponse::delivery("", "", &rich, 0.0, 0), owned);
+        let owned = EncodedSubscribeResponse::event(EventDelivery {
+            worker_id: String::new(),
+            pool: String::new(),
+            event: Some(rich.clone()),
+            sampling_rate: 0.0,
+            received_ns: 0,
+        });
+        assert_eq!(
+            EncodedSubscribeResponse::delivery("", "", &rich, 0.0, 0),
+            owned
+        );
 
         let lag = EncodedSubscribeResponse::lagged(42).encode_to_vec();
         let decoded = SubscribeResponse::decode(lag.as_slice()).expect("decodes");

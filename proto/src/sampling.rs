@@ -63,8 +63,9 @@ impl fmt::Display for Rate {
 impl std::str::FromStr for Rate {
     type Err = RateError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let value: f64 = s.trim().parse().map_err(|_| RateError(s.to_owned()))?;
-        Self::new(value)
+        let invalid = || RateError(format!("`{}`", s.trim()));
+        let value: f64 = s.trim().parse().map_err(|_| invalid())?;
+        Self::new(value).map_err(|_| invalid())
     }
 }
 

@@ -1,1 +1,364 @@
-//! placeholder
+//! Helpers for the integration tests: real `bridge` and `worker` processes on loopback ports,
+//! the CLI as a user runs it, and waiting on conditions (never on fixed sleeps).
+
+use std::{
+    future::Future,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bridge::client::HubClient;
+use bridge_proto::v1;
+
+/// Builds the binaries once per test process and returns the path of `name`.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // The test executable lives in target/<profile>/deps; the binaries one level up.
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_owned();
+        let mut build = Command::new(env!("CARGO"));
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "telemetry-bridge",
+            "-p",
+            "telemetry-worker",
+            "--bins",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build of the binaries failed");
+        profile_dir
+    });
+    dir.join(name)
+}
+
+/// Everything a test needs to start a hub.
+#[derive(Debug, Default, Clone)]
+pub struct HubOptions {
+    /// Reuse a state directory (e.g. across a restart); a fresh temporary one otherwise.
+    pub state_dir: Option<PathBuf>,
+    /// Listen here (e.g. the address of a hub that was killed); `127.0.0.1:0` otherwise.
+    pub listen: Option<SocketAddr>,
+    /// Extra configuration, TOML.
+    pub config: Option<String>,
+}
+
+/// A `bridge serve` process. Killed when dropped.
+#[derive(Debug)]
+pub struct HubProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub url: String,
+    pub state_dir: PathBuf,
+    log: PathBuf,
+    _temp: tempfile::TempDir,
+}
+
+impl HubProcess {
+    pub fn start() -> Self {
+        Self::start_with(HubOptions::default())
+    }
+
+    pub fn start_with(options: HubOptions) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let state_dir = options
+            .state_dir
+            .unwrap_or_else(|| temp.path().join("state"));
+        let log = temp.path().join("hub.log");
+        let listen = options
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let mut command = Command::new(bin("bridge"));
+        command
+            .args(["serve", "--listen", &listen.to_string(), "--state-dir"])
+            .arg(&state_dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        if let Some(config) = options.config {
+            let path = temp.path().join("config.toml");
+            std::fs::write(&path, config).expect("write config");
+            command.arg("--config").arg(path);
+        }
+        let mut child = command.spawn().expect("spawn bridge serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let line = read_line_within(stdout, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("hub did not report its address; log:\n{}", read(&log)));
+        let addr: SocketAddr = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from the hub: {line:?}"));
+        Self {
+            child,
+            addr,
+            url: format!("http://{addr}"),
+            state_dir,
+            log,
+            _temp: temp,
+        }
+    }
+
+    pub async fn client(&self) -> HubClient {
+        HubClient::connect(&self.url, Duration::from_secs(5))
+            .await
+            .expect("connect to hub")
+    }
+
+    /// SIGKILL: the hub gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        signal(self.child.id(), "TERM");
+        wait_exit(&mut self.child, Duration::from_secs(15)).expect("hub exits after SIGTERM")
+    }
+
+    pub fn log(&self) -> String {
+        read(&self.log)
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- hub log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A `worker` process. Stopped with SIGTERM when dropped.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    child: Child,
+    log: PathBuf,
+    _temp: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    /// `worker --hub URL --id ID [--pool POOL] ARGS...`
+    pub fn start(hub: &str, id: &str, pool: &str, args: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let log = temp.path().join("worker.log");
+        let config = temp.path().join("worker.toml");
+        // Quick reconnects keep restart tests short.
+        std::fs::write(
+            &config,
+            "[worker]\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\nstats_interval_ms = 100\n",
+        )
+        .expect("write worker config");
+        let mut command = Command::new(bin("worker"));
+        command
+            .arg("--config")
+            .arg(&config)
+            .args(["--hub", hub, "--id", id])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        if !pool.is_empty() {
+            command.args(["--pool", pool]);
+        }
+        Self {
+            child: command.spawn().expect("spawn worker"),
+            log,
+            _temp: temp,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        read(&self.log)
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        signal(self.child.id(), "TERM");
+        if wait_exit(&mut self.child, Duration::from_secs(5)).is_none() {
+            self.kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- worker log ---\n{}", self.log());
+        }
+    }
+}
+
+/// What a finished CLI command printed and how it exited.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `bridge --hub HUB ARGS...` to completion.
+pub fn cli(hub: &str, args: &[&str]) -> CliOutput {
+    let output = Command::new(bin("bridge"))
+        .arg("--hub")
+        .arg(hub)
+        .args(args)
+        .output()
+        .expect("run bridge");
+    CliOutput {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Polls `check` every 5 ms until it yields a value; panics naming `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One worker as `ListWorkers` reports it, by id.
+pub async fn worker_info(client: &mut HubClient, id: &str) -> Option<v1::WorkerInfo> {
+    client
+        .list_workers(None)
+        .await
+        .ok()?
+        .into_iter()
+        .find(|w| w.id == id)
+}
+
+/// A subscription read in the background; everything it receives is kept in order.
+#[derive(Debug, Clone)]
+pub struct Tail {
+    items: Arc<Mutex<Vec<v1::subscribe_response::Item>>>,
+    ended: Arc<AtomicBool>,
+}
+
+impl Tail {
+    pub async fn start(client: &mut HubClient, request: v1::SubscribeRequest) -> Self {
+        let mut stream = client.subscribe(request).await.expect("subscribe");
+        let tail = Self {
+            items: Arc::default(),
+            ended: Arc::default(),
+        };
+        let (items, ended) = (tail.items.clone(), tail.ended.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(response)) = stream.message().await {
+                if let Some(item) = response.item {
+                    items.lock().expect("tail lock").push(item);
+                }
+            }
+            ended.store(true, Ordering::SeqCst);
+        });
+        tail
+    }
+
+    /// Event deliveries so far.
+    pub fn deliveries(&self) -> Vec<v1::EventDelivery> {
+        self.items
+            .lock()
+            .expect("tail lock")
+            .iter()
+            .filter_map(|item| match item {
+                v1::subscribe_response::Item::Event(d) => Some(d.clone()),
+                v1::subscribe_response::Item::Lagged(_) => None,
+            })
+            .collect()
+    }
+
+    /// Everything so far, lag notices included.
+    pub fn items(&self) -> Vec<v1::subscribe_response::Item> {
+        self.items.lock().expect("tail lock").clone()
+    }
+
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+}
+
+/// The dotted name of a delivered event.
+pub fn name(delivery: &v1::EventDelivery) -> String {
+    delivery
+        .event
+        .as_ref()
+        .map(|e| e.event_parts.join("."))
+        .unwrap_or_default()
+}
+
+fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read_line_within(
+    stdout: impl std::io::Read + Send + 'static,
+    timeout: Duration,
+) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep draining so the hub never blocks on a full pipe.
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    });
+    rx.recv_timeout(timeout).ok().filter(|l| !l.is_empty())
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}

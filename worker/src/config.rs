@@ -53,8 +53,13 @@ impl WorkerConfig {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let file: File = toml::from_str(&text)
-            .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end().replace('\n', " ")))?;
+        let file: File = toml::from_str(&text).map_err(|e| {
+            format!(
+                "{}: {}",
+                path.display(),
+                e.to_string().trim_end().replace('\n', " ")
+            )
+        })?;
         let config = file.worker;
         config
             .validate()
@@ -64,7 +69,10 @@ impl WorkerConfig {
 
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if !(self.hub.starts_with("http://") || self.hub.starts_with("https://")) {
-            return Err(("hub", format!("`{}` must start with http:// or https://", self.hub)));
+            return Err((
+                "hub",
+                format!("`{}` must start with http:// or https://", self.hub),
+            ));
         }
         if self.queue_capacity == 0 {
             return Err(("queue_capacity", "must be at least 1".into()));
@@ -83,7 +91,11 @@ impl WorkerConfig {
 
     /// Link options for this configuration; an empty id becomes the host name.
     pub fn link_options(&self) -> LinkOptions {
-        let id = if self.id.is_empty() { host_name() } else { self.id.clone() };
+        let id = if self.id.is_empty() {
+            host_name()
+        } else {
+            self.id.clone()
+        };
         let mut options = LinkOptions::new(self.hub.clone(), id);
         options.pool.clone_from(&self.pool);
         options.labels = self.labels.clone().into_iter().collect();
@@ -112,7 +124,10 @@ mod tests {
     #[test]
     fn shipped_config_is_exactly_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.toml");
-        assert_eq!(WorkerConfig::load(Some(&path)).unwrap(), WorkerConfig::default());
+        assert_eq!(
+            WorkerConfig::load(Some(&path)).unwrap(),
+            WorkerConfig::default()
+        );
     }
 
     #[test]
@@ -122,7 +137,10 @@ mod tests {
         let path = dir.join("bad.toml");
         std::fs::write(&path, "[worker]\nhub = \"localhost:50051\"\n").unwrap();
         let err = WorkerConfig::load(Some(&path)).unwrap_err();
-        assert!(err.contains("`worker.hub`") && err.contains("http://"), "{err}");
+        assert!(
+            err.contains("`worker.hub`") && err.contains("http://"),
+            "{err}"
+        );
         std::fs::write(&path, "[worker]\nqueue = 5\n").unwrap();
         let err = WorkerConfig::load(Some(&path)).unwrap_err();
         assert!(err.contains("unknown field `queue`"), "{err}");

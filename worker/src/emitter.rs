@@ -229,11 +229,7 @@ impl Emitter {
             started: Instant::now(),
             finished: false,
         };
-        span.emit(
-            "start",
-            &[("system_time_ns", Value::Int(now_ns()))],
-            &[],
-        );
+        span.emit("start", &[("system_time_ns", Value::Int(now_ns()))], &[]);
         span
     }
 
@@ -363,7 +359,11 @@ mod tests {
         let (emitter, mut rx) = Emitter::detached(8);
         emitter.emit(
             "inference.stop",
-            &[("tokens", 512.into()), ("latency_ms", 12.5.into()), ("state", "warm".into())],
+            &[
+                ("tokens", 512.into()),
+                ("latency_ms", 12.5.into()),
+                ("state", "warm".into()),
+            ],
             &[("model", "llama")],
             Some("req-1"),
         );
@@ -373,8 +373,14 @@ mod tests {
         assert_eq!(event.metadata["model"], "llama");
         use telemetry_value::Value as V;
         assert_eq!(event.measurements["tokens"].value, Some(V::IntValue(512)));
-        assert_eq!(event.measurements["latency_ms"].value, Some(V::FloatValue(12.5)));
-        assert_eq!(event.measurements["state"].value, Some(V::StringValue("warm".into())));
+        assert_eq!(
+            event.measurements["latency_ms"].value,
+            Some(V::FloatValue(12.5))
+        );
+        assert_eq!(
+            event.measurements["state"].value,
+            Some(V::StringValue("warm".into()))
+        );
         assert!(event.timestamp_ns > 0);
     }
 
@@ -410,9 +416,19 @@ mod tests {
         emitter.emit("bad..name", &[], &[], None);
         assert_eq!(names(&mut rx), ["inference.stop"]);
         let c = emitter.counters();
-        assert_eq!((c.sampled_out, c.filtered, c.dropped_invalid_name), (1, 1, 1));
+        assert_eq!(
+            (c.sampled_out, c.filtered, c.dropped_invalid_name),
+            (1, 1, 1)
+        );
 
-        emitter.apply_control(ControlState::new(2, false, Rate::ALL, vec![], vec![], vec![]));
+        emitter.apply_control(ControlState::new(
+            2,
+            false,
+            Rate::ALL,
+            vec![],
+            vec![],
+            vec![],
+        ));
         emitter.emit("inference.stop", &[], &[], None);
         assert!(names(&mut rx).is_empty());
         assert_eq!(emitter.counters().disabled, 1);
@@ -424,14 +440,23 @@ mod tests {
         let span = emitter.span("inference", &[("model", "llama")], None);
         let id = span.correlation_id().to_owned();
         span.stop();
-        emitter.span("tool", &[], Some("req-9")).exception("Timeout", "took too long");
+        emitter
+            .span("tool", &[], Some("req-9"))
+            .exception("Timeout", "took too long");
         drop(emitter.span("early", &[], None));
 
         let events: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         let names: Vec<_> = events.iter().map(|e| e.event_parts.join(".")).collect();
         assert_eq!(
             names,
-            ["inference.start", "inference.stop", "tool.start", "tool.exception", "early.start", "early.exception"]
+            [
+                "inference.start",
+                "inference.stop",
+                "tool.start",
+                "tool.exception",
+                "early.start",
+                "early.exception"
+            ]
         );
         assert!(events[..2].iter().all(|e| e.correlation_id == id));
         assert_eq!(events[1].metadata["result"], "success");

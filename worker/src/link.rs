@@ -72,9 +72,13 @@ impl LinkOptions {
 pub enum LinkState {
     Connecting,
     /// Streaming; `applied` is the last control version applied on this stream.
-    Connected { applied: Option<u64> },
+    Connected {
+        applied: Option<u64>,
+    },
     /// Lost or refused; retrying after a backoff.
-    Disconnected { error: String },
+    Disconnected {
+        error: String,
+    },
     Closed,
 }
 
@@ -137,7 +141,10 @@ impl Link {
         self.closing.cancel();
         let mut task = self.task;
         if tokio::time::timeout(timeout, &mut task).await.is_err() {
-            warn!(?timeout, "telemetry link did not drain in time; abandoning queued events");
+            warn!(
+                ?timeout,
+                "telemetry link did not drain in time; abandoning queued events"
+            );
             task.abort();
         }
         self.emitter.counters()
@@ -145,7 +152,8 @@ impl Link {
 }
 
 fn endpoint(options: &LinkOptions) -> Result<Endpoint, LinkError> {
-    let invalid = |e: &dyn std::fmt::Display| LinkError::InvalidHub(options.hub.clone(), e.to_string());
+    let invalid =
+        |e: &dyn std::fmt::Display| LinkError::InvalidHub(options.hub.clone(), e.to_string());
     if !(options.hub.starts_with("http://") || options.hub.starts_with("https://")) {
         return Err(invalid(&"it must start with http:// or https://"));
     }
@@ -169,8 +177,10 @@ fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
             return Ok(());
         }
         let bad = |what: &str| LinkError::InvalidIdentity(format!("{key}: {what}"));
-        let parsed_key = AsciiMetadataKey::from_bytes(key.as_bytes()).map_err(|_| bad("not a valid header name"))?;
-        let parsed_value = AsciiMetadataValue::try_from(value).map_err(|_| bad("must be printable ASCII"))?;
+        let parsed_key = AsciiMetadataKey::from_bytes(key.as_bytes())
+            .map_err(|_| bad("not a valid header name"))?;
+        let parsed_value =
+            AsciiMetadataValue::try_from(value).map_err(|_| bad("must be printable ASCII"))?;
         headers.push((parsed_key, parsed_value));
         Ok(())
     };
@@ -180,7 +190,10 @@ fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
         add("x-worker-pid".into(), &options.pid.to_string())?;
     }
     for (key, value) in &options.labels {
-        add(format!("x-worker-label-{}", key.to_ascii_lowercase()), value)?;
+        add(
+            format!("x-worker-label-{}", key.to_ascii_lowercase()),
+            value,
+        )?;
     }
     add("x-bridge-control-ack".into(), "1")?;
     Ok(headers)
@@ -215,6 +228,9 @@ async fn run(
         if closing.is_cancelled() {
             break;
         }
+        // Replaced means another live stream uses this worker id: reconnecting at once would
+        // only take it back and start a tug of war, so wait the longest delay.
+        let replaced = matches!(&result, Err(status) if status.code() == tonic::Code::Aborted);
         let error = match result {
             Ok(()) => "the hub closed the stream".to_owned(),
             Err(status) => describe(&status),
@@ -225,9 +241,17 @@ async fn run(
         } else {
             debug!(hub = %options.hub, %error, "telemetry link still down");
         }
+        if replaced {
+            warn!(worker.id = %options.id, "another stream with this worker id replaced ours; is the id unique?");
+        }
         state.send_replace(LinkState::Disconnected { error });
+        let delay = if replaced {
+            options.backoff_max
+        } else {
+            backoff.next_delay()
+        };
         tokio::select! {
-            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = tokio::time::sleep(delay) => {}
             () = closing.cancelled() => break,
         }
     }
@@ -253,12 +277,15 @@ async fn stream_once(
     state: &watch::Sender<LinkState>,
     backoff: &mut Backoff,
 ) -> Result<(), tonic::Status> {
-    let channel: Channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {}: {}", options.hub, error_chain(&e))))?;
-    let mut client = TelemetryBridgeClient::new(channel)
-        .max_decoding_message_size(16 * 1024 * 1024);
+    let channel: Channel = endpoint.connect().await.map_err(|e| {
+        tonic::Status::unavailable(format!(
+            "cannot connect to {}: {}",
+            options.hub,
+            error_chain(&e)
+        ))
+    })?;
+    let mut client =
+        TelemetryBridgeClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
     let (acks, ack_rx) = watch::channel(0u64);
     // Ends this stream's outbound half when the stream is over, so the queue is free for the
     // next one even if the transport keeps the old request body alive.
@@ -416,7 +443,10 @@ fn apply(shared: &Shared, control: v1::TelemetryControl) -> Option<u64> {
         }
         Control::Sampling(update) => {
             let Ok(rate) = Rate::new(update.sampling_rate) else {
-                warn!(rate = update.sampling_rate, "ignoring an invalid sampling rate from the hub");
+                warn!(
+                    rate = update.sampling_rate,
+                    "ignoring an invalid sampling rate from the hub"
+                );
                 return None;
             };
             let Ok(patterns) = parse_patterns("event_patterns", &update.event_patterns) else {
@@ -428,9 +458,11 @@ fn apply(shared: &Shared, control: v1::TelemetryControl) -> Option<u64> {
                 rate
             } else {
                 rules.retain(|rule| !patterns.contains(&rule.pattern));
-                rules.extend(patterns.into_iter().map(|pattern| {
-                    bridge_proto::control::SamplingRule { pattern, rate }
-                }));
+                rules.extend(
+                    patterns
+                        .into_iter()
+                        .map(|pattern| bridge_proto::control::SamplingRule { pattern, rate }),
+                );
                 current.default_rate
             };
             shared.apply(rebuilt(

@@ -40,8 +40,14 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     let (key, value) = text
         .split_once('=')
         .ok_or_else(|| format!("`{text}`: a label is key=value"))?;
-    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(format!("`{key}`: label keys are letters, digits, '-' and '_'"));
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "`{key}`: label keys are letters, digits, '-' and '_'"
+        ));
     }
     Ok((key.to_owned(), value.to_owned()))
 }
@@ -49,7 +55,10 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(&args.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -77,10 +86,14 @@ async fn run(args: Args) -> Result<(), String> {
         config.pool = pool;
     }
     config.labels.extend(args.labels);
-    config.validate().map_err(|(key, message)| format!("{key}: {message}"))?;
+    config
+        .validate()
+        .map_err(|(key, message)| format!("{key}: {message}"))?;
     if let Some(rate) = args.simulate {
         if !(rate.is_finite() && rate > 0.0) {
-            return Err(format!("--simulate {rate}: give a positive number of requests per second"));
+            return Err(format!(
+                "--simulate {rate}: give a positive number of requests per second"
+            ));
         }
     }
 

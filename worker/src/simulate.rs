@@ -55,7 +55,10 @@ pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
     let metadata = [("model", model), ("route", "/v1/completions")];
     emitter.emit(
         "inference.start",
-        &[("batch_size", Value::Int(batch_size)), ("tokens_in", Value::Int(tokens_in))],
+        &[
+            ("batch_size", Value::Int(batch_size)),
+            ("tokens_in", Value::Int(tokens_in)),
+        ],
         &metadata,
         Some(&id),
     );
@@ -65,7 +68,11 @@ pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
         emitter.emit(
             "inference.exception",
             &[("duration_ms", Value::Float(latency_ms))],
-            &[("model", model), ("result", "error"), ("error_type", "CudaOutOfMemory")],
+            &[
+                ("model", model),
+                ("result", "error"),
+                ("error_type", "CudaOutOfMemory"),
+            ],
             Some(&id),
         );
     } else {
@@ -76,7 +83,10 @@ pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
                 ("tokens_in", Value::Int(tokens_in)),
                 ("tokens_out", Value::Int(tokens_out)),
                 ("duration_ms", Value::Float(latency_ms)),
-                ("ttft_ms", Value::Float(round(latency_ms * rng.random_range(0.05..0.3)))),
+                (
+                    "ttft_ms",
+                    Value::Float(round(latency_ms * rng.random_range(0.05..0.3))),
+                ),
             ],
             &[("model", model), ("result", "success")],
             Some(&id),
@@ -88,8 +98,14 @@ fn gpu(emitter: &Emitter, rng: &mut SmallRng) {
     emitter.emit(
         "gpu.utilization",
         &[
-            ("gpu_percent", Value::Float((rng.random_range(55.0..99.0_f64) * 10.0).round() / 10.0)),
-            ("memory_used_bytes", Value::Int(rng.random_range(30..70) * (1 << 30))),
+            (
+                "gpu_percent",
+                Value::Float((rng.random_range(55.0..99.0_f64) * 10.0).round() / 10.0),
+            ),
+            (
+                "memory_used_bytes",
+                Value::Int(rng.random_range(30..70) * (1 << 30)),
+            ),
         ],
         &[("device", "0")],
         None,

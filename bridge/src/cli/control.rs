@@ -100,7 +100,9 @@ fn selector(worker: Option<String>, target: &Target) -> Result<Selector, Failure
         (Some(id), None, false) => Ok(Selector::Worker(id)),
         (None, Some(pool), false) => Ok(Selector::Pool(pool.clone())),
         (None, None, true) => Ok(Selector::All),
-        (None, None, false) => Err(Failure::invalid("name a WORKER, or use --pool NAME or --all")),
+        (None, None, false) => Err(Failure::invalid(
+            "name a WORKER, or use --pool NAME or --all",
+        )),
         _ => Err(Failure::invalid(
             "name either a WORKER or --pool/--all, not both",
         )),
@@ -119,7 +121,11 @@ fn worker_and_value(args: Vec<String>, target: &Target) -> Result<(Selector, Str
                 "with --pool or --all, give only the value, not a WORKER",
             ));
         }
-        _ => return Err(Failure::invalid("name a WORKER (or use --pool NAME or --all)")),
+        _ => {
+            return Err(Failure::invalid(
+                "name a WORKER (or use --pool NAME or --all)",
+            ));
+        }
     };
     Ok((selector(worker, target)?, value))
 }
@@ -153,7 +159,9 @@ pub async fn toggle(hub: &str, args: ToggleArgs) -> Outcome {
 pub async fn filter(hub: &str, args: FilterArgs) -> Outcome {
     let selector = selector(args.worker, &args.target)?;
     if !args.clear && args.allow.is_empty() && args.block.is_empty() {
-        return Err(Failure::invalid("give --allow and/or --block patterns, or --clear"));
+        return Err(Failure::invalid(
+            "give --allow and/or --block patterns, or --clear",
+        ));
     }
     let change = Change::Filter {
         allow: patterns(&args.allow)?,
@@ -176,21 +184,34 @@ pub async fn show(hub: &str, args: ShowArgs) -> Outcome {
 }
 
 fn describe(change: &Change) -> String {
-    let list = |p: &[Pattern]| p.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let list = |p: &[Pattern]| {
+        p.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     match change {
         Change::Sampling { rate, patterns } if patterns.is_empty() => format!("sampling {rate}"),
         Change::Sampling { rate, patterns } => format!("sampling {rate} for {}", list(patterns)),
         Change::Toggle(true) => "telemetry on".into(),
         Change::Toggle(false) => "telemetry off".into(),
-        Change::Filter { allow, block } if allow.is_empty() && block.is_empty() => "no filter".into(),
-        Change::Filter { allow, block } => format!("filter allow=[{}] block=[{}]", list(allow), list(block)),
+        Change::Filter { allow, block } if allow.is_empty() && block.is_empty() => {
+            "no filter".into()
+        }
+        Change::Filter { allow, block } => {
+            format!("filter allow=[{}] block=[{}]", list(allow), list(block))
+        }
         Change::Reset => "reset to inherited settings".into(),
     }
 }
 
 async fn apply(hub: &str, selector: Selector, change: Change, wait: &Wait) -> Outcome {
     let mut client = connect(hub).await?;
-    let wait_for = if wait.no_wait { Duration::ZERO } else { wait.timeout };
+    let wait_for = if wait.no_wait {
+        Duration::ZERO
+    } else {
+        wait.timeout
+    };
     let response = client.update_control(&selector, &change, wait_for).await?;
     report(&selector, &change, &response, wait)
 }
@@ -207,8 +228,10 @@ fn report(
         println!(
             "{what}: stored as version {version}; {}",
             match selector {
-                Selector::Worker(id) => format!("{id} is not connected and gets it when it reconnects"),
-                Selector::Pool(pool) => format!("no worker of pool `{pool}` is connected; workers that join it get it"),
+                Selector::Worker(id) =>
+                    format!("{id} is not connected and gets it when it reconnects"),
+                Selector::Pool(pool) =>
+                    format!("no worker of pool `{pool}` is connected; workers that join it get it"),
                 Selector::All => "no worker is connected; workers that connect get it".into(),
             }
         );
@@ -233,7 +256,10 @@ fn report(
                 target.worker_id
             )
         } else if wait.no_wait {
-            format!("{}: {what} sent (version {version}); not waiting for the acknowledgement", target.worker_id)
+            format!(
+                "{}: {what} sent (version {version}); not waiting for the acknowledgement",
+                target.worker_id
+            )
         } else {
             late.push(target.worker_id.clone());
             format!(
@@ -259,7 +285,11 @@ fn report(
     } else {
         Err(Failure::new(
             5,
-            format!("{} worker(s) did not acknowledge in time: {}", late.len(), late.join(", ")),
+            format!(
+                "{} worker(s) did not acknowledge in time: {}",
+                late.len(),
+                late.join(", ")
+            ),
         ))
     }
 }

@@ -43,17 +43,28 @@ const TARGET: &str = "gpu-1";
 const NEW_RATE: f64 = 0.1;
 
 pub async fn run(args: Args) -> Outcome {
-    let state_dir = tempfile::tempdir().map_err(|e| Failure::new(1, format!("cannot create a state directory: {e}")))?;
+    let state_dir = tempfile::tempdir()
+        .map_err(|e| Failure::new(1, format!("cannot create a state directory: {e}")))?;
     let mut config = Config::default();
     config.hub.state_dir = state_dir.path().to_owned();
     let hub = Hub::new(config).map_err(|e| Failure::new(1, e))?;
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .map_err(|e| Failure::new(1, format!("cannot listen on loopback: {e}")))?;
-    let url = format!("http://{}", listener.local_addr().map_err(|e| Failure::new(1, e))?);
+    let url = format!(
+        "http://{}",
+        listener.local_addr().map_err(|e| Failure::new(1, e))?
+    );
     let stop_hub = CancellationToken::new();
-    let server = tokio::spawn(bridge::serve(hub, listener, stop_hub.clone().cancelled_owned()));
-    println!("hub listening on {url}; 3 simulated workers, {} requests/s each\n", args.requests_per_second);
+    let server = tokio::spawn(bridge::serve(
+        hub,
+        listener,
+        stop_hub.clone().cancelled_owned(),
+    ));
+    println!(
+        "hub listening on {url}; 3 simulated workers, {} requests/s each\n",
+        args.requests_per_second
+    );
 
     let mut client = HubClient::connect(&url, Duration::from_secs(5)).await?;
     println!("$ bridge subscribe      (every event; the first few shown, then rates per second)");
@@ -105,7 +116,10 @@ pub async fn run(args: Args) -> Outcome {
     }
 
     println!("\n$ bridge workers");
-    print!("{}", render::workers_table(&client.list_workers(None).await?));
+    print!(
+        "{}",
+        render::workers_table(&client.list_workers(None).await?)
+    );
 
     stop_traffic.cancel();
     for link in links {
@@ -122,7 +136,10 @@ pub async fn run(args: Args) -> Outcome {
          (the others kept their rate); the demo is over."
     );
     if before > 0.0 && after > before * 0.5 {
-        return Err(Failure::new(1, "the sampling change did not show in the delivered rate"));
+        return Err(Failure::new(
+            1,
+            "the sampling change did not show in the delivered rate",
+        ));
     }
     Ok(())
 }
@@ -137,7 +154,13 @@ async fn wait_connected(link: &Link) -> Result<(), Failure> {
     .is_ok_and(|r| r.is_ok());
     match connected {
         true => Ok(()),
-        false => Err(Failure::new(3, format!("a simulated worker could not connect: {:?}", *state.borrow()))),
+        false => Err(Failure::new(
+            3,
+            format!(
+                "a simulated worker could not connect: {:?}",
+                *state.borrow()
+            ),
+        )),
     }
 }
 
@@ -160,7 +183,12 @@ async fn change_rate(client: &mut HubClient) -> Outcome {
             target.ack_latency_us as f64 / 1000.0,
             response.version
         ),
-        _ => return Err(Failure::new(5, format!("{TARGET} did not acknowledge the change"))),
+        _ => {
+            return Err(Failure::new(
+                5,
+                format!("{TARGET} did not acknowledge the change"),
+            ));
+        }
     }
     Ok(())
 }
@@ -176,7 +204,11 @@ async fn print_tail(
     while let Ok(Some(response)) = tail.message().await {
         match response.item {
             Some(v1::subscribe_response::Item::Event(delivery)) => {
-                let name = delivery.event.as_ref().map(|e| e.event_parts.join(".")).unwrap_or_default();
+                let name = delivery
+                    .event
+                    .as_ref()
+                    .map(|e| e.event_parts.join("."))
+                    .unwrap_or_default();
                 if name.starts_with("inference.") {
                     *counts
                         .lock()
@@ -194,7 +226,9 @@ async fn print_tail(
                     println!("  {}", render::delivery_text(&delivery));
                 }
             }
-            Some(v1::subscribe_response::Item::Lagged(lag)) => println!("  {}", render::lag_text(lag.skipped)),
+            Some(v1::subscribe_response::Item::Lagged(lag)) => {
+                println!("  {}", render::lag_text(lag.skipped))
+            }
             None => {}
         }
     }

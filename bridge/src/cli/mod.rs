@@ -21,7 +21,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "bridge", version, about, propagate_version = true)]
 struct Cli {
     /// Hub to talk to.
-    #[arg(long, global = true, env = "BRIDGE_HUB", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "BRIDGE_HUB",
+        default_value = "http://127.0.0.1:50051"
+    )]
     hub: String,
     /// Log format for diagnostics on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -110,7 +115,10 @@ pub type Outcome = Result<(), Failure>;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, matches!(cli.command, Command::Serve(_)));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

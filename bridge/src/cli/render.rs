@@ -172,7 +172,11 @@ fn layer_json(layer: &v1::ControlLayer) -> Json {
 fn layer_text(layer: &v1::ControlLayer) -> String {
     let mut parts = Vec::new();
     if let Some(enabled) = layer.enabled {
-        parts.push(if enabled { "on".to_owned() } else { "off".to_owned() });
+        parts.push(if enabled {
+            "on".to_owned()
+        } else {
+            "off".to_owned()
+        });
     }
     if let Some(rate) = layer.sampling_rate {
         parts.push(format!("rate={rate}"));
@@ -204,8 +208,16 @@ pub fn describe_control(response: &v1::GetControlResponse, format: Format) -> St
         })
         .to_string(),
         Format::Text => {
-            let mut text = format!("effective  v{} {}", effective.version, control_text(&effective));
-            for (name, layer) in [("global", &response.global), ("pool", &response.pool), ("worker", &response.worker)] {
+            let mut text = format!(
+                "effective  v{} {}",
+                effective.version,
+                control_text(&effective)
+            );
+            for (name, layer) in [
+                ("global", &response.global),
+                ("pool", &response.pool),
+                ("worker", &response.worker),
+            ] {
                 if let Some(layer) = layer {
                     let _ = write!(text, "\n{name:<10} {}", layer_text(layer));
                 }
@@ -266,14 +278,18 @@ pub fn worker_json(worker: &v1::WorkerInfo) -> Json {
 /// A table, one worker a row.
 pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
     let now = SystemTime::now();
-    let header = ["WORKER", "POOL", "STATUS", "EVENTS", "EV/S", "DROPS", "CONTROL", "STATE"];
+    let header = [
+        "WORKER", "POOL", "STATUS", "EVENTS", "EV/S", "DROPS", "CONTROL", "STATE",
+    ];
     let rows: Vec<[String; 8]> = workers
         .iter()
         .map(|w| {
             let since = |ns: i64| {
                 let at = UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0));
                 let secs = now.duration_since(at).unwrap_or_default().as_secs();
-                humantime::format_duration(Duration::from_secs(secs)).to_string().replace(' ', "")
+                humantime::format_duration(Duration::from_secs(secs))
+                    .to_string()
+                    .replace(' ', "")
             };
             let status = if w.connected {
                 format!("up {}", since(w.connected_since_ns))
@@ -298,11 +314,19 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
             };
             [
                 w.id.clone(),
-                if w.pool.is_empty() { "-".into() } else { w.pool.clone() },
+                if w.pool.is_empty() {
+                    "-".into()
+                } else {
+                    w.pool.clone()
+                },
                 status,
                 w.events_received.to_string(),
                 format!("{:.1}", w.events_per_second),
-                if drop_text.is_empty() { "-".into() } else { drop_text.join(" ") },
+                if drop_text.is_empty() {
+                    "-".into()
+                } else {
+                    drop_text.join(" ")
+                },
                 control,
                 w.control.as_ref().map(control_text).unwrap_or_default(),
             ]

@@ -47,7 +47,12 @@ pub async fn run(hub: &str, args: Args) -> Outcome {
     loop {
         let item = match stream.message().await {
             Ok(Some(response)) => response.item,
-            Ok(None) => return Err(Failure::new(3, format!("the hub at {hub} ended the subscription"))),
+            Ok(None) => {
+                return Err(Failure::new(
+                    3,
+                    format!("the hub at {hub} ended the subscription"),
+                ));
+            }
             Err(status) => return Err(bridge::client::ClientError::from(status).into()),
         };
         let line = match (&item, args.format) {

@@ -129,7 +129,10 @@ fn rules_from_config(rules: &BTreeMap<String, f64>) -> BTreeMap<String, Setting<
 pub fn merge<'a>(layers: impl IntoIterator<Item = &'a Layer>, version: u64) -> ControlState {
     fn newer<T: Clone>(current: &mut Option<Setting<T>>, candidate: &Option<Setting<T>>) {
         if let Some(candidate) = candidate {
-            if current.as_ref().is_none_or(|c| candidate.version >= c.version) {
+            if current
+                .as_ref()
+                .is_none_or(|c| candidate.version >= c.version)
+            {
                 *current = Some(candidate.clone());
             }
         }
@@ -208,10 +211,28 @@ mod tests {
     #[test]
     fn rules_merge_per_pattern() {
         let mut global = Layer::default();
-        global.rules.insert("a.*".into(), Setting { value: 0.5, version: 1 });
-        global.rules.insert("b.*".into(), Setting { value: 0.5, version: 1 });
+        global.rules.insert(
+            "a.*".into(),
+            Setting {
+                value: 0.5,
+                version: 1,
+            },
+        );
+        global.rules.insert(
+            "b.*".into(),
+            Setting {
+                value: 0.5,
+                version: 1,
+            },
+        );
         let mut worker = Layer::default();
-        worker.rules.insert("a.*".into(), Setting { value: 0.1, version: 2 });
+        worker.rules.insert(
+            "a.*".into(),
+            Setting {
+                value: 0.1,
+                version: 2,
+            },
+        );
         let state = merge([&global, &worker], 2);
         let rates: Vec<_> = state
             .rules()

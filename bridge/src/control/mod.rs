@@ -44,7 +44,10 @@ pub enum Selector {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// Rate for all events (`patterns` empty) or for each of `patterns`.
-    Sampling { rate: Rate, patterns: Vec<Pattern> },
+    Sampling {
+        rate: Rate,
+        patterns: Vec<Pattern>,
+    },
     Toggle(bool),
     /// Replace the filter; both lists empty means "no filter" at this level.
     Filter {
@@ -91,7 +94,11 @@ pub fn parse_update(request: v1::UpdateControlRequest) -> Result<(Selector, Chan
             ));
         }
     };
-    Ok((selector, change, Duration::from_millis(request.wait_ms.into())))
+    Ok((
+        selector,
+        change,
+        Duration::from_millis(request.wait_ms.into()),
+    ))
 }
 
 /// Settings from `config.toml`, all at version 0.
@@ -165,7 +172,9 @@ impl ControlPlane {
     fn book(&self) -> MutexGuard<'_, Book> {
         // A panic while holding the lock cannot leave the book half-edited (edits are applied to
         // a copy), so a poisoned lock is still safe to use.
-        self.book.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.book
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The state a worker with this id (if any) in this pool (empty: none) should apply.
@@ -195,15 +204,21 @@ impl ControlPlane {
         };
         v1::GetControlResponse {
             effective: Some(v1::ControlState::from(&effective)),
-            global: combine(
-                Some(&book.configured.global),
-                Some(&book.runtime.global),
-            ),
+            global: combine(Some(&book.configured.global), Some(&book.runtime.global)),
             pool: (!pool.is_empty())
-                .then(|| combine(book.configured.pools.get(pool), book.runtime.pools.get(pool)))
+                .then(|| {
+                    combine(
+                        book.configured.pools.get(pool),
+                        book.runtime.pools.get(pool),
+                    )
+                })
                 .flatten(),
-            worker: worker
-                .and_then(|id| combine(book.configured.workers.get(id), book.runtime.workers.get(id))),
+            worker: worker.and_then(|id| {
+                combine(
+                    book.configured.workers.get(id),
+                    book.runtime.workers.get(id),
+                )
+            }),
         }
     }
 
@@ -356,7 +371,10 @@ mod tests {
         assert!(v > start);
         let state = plane.effective(Some("gpu-3"), "llama");
         assert_eq!((state.version, state.default_rate.get()), (v, 0.1));
-        assert_eq!(plane.effective(Some("gpu-4"), "llama").default_rate.get(), 1.0);
+        assert_eq!(
+            plane.effective(Some("gpu-4"), "llama").default_rate.get(),
+            1.0
+        );
         drop(plane);
 
         let plane = ControlPlane::open(&config, dir.path()).unwrap();
@@ -380,14 +398,32 @@ mod tests {
         let plane = ControlPlane::open(&config, dir.path()).unwrap();
         assert_eq!(plane.effective(Some("gpu-1"), "").default_rate.get(), 0.9);
 
-        plane.apply(&Selector::Pool("llama".into()), &sampling(0.5)).await.unwrap();
-        assert_eq!(plane.effective(Some("new"), "llama").default_rate.get(), 0.5);
-        assert_eq!(plane.effective(Some("new"), "other").default_rate.get(), 1.0);
+        plane
+            .apply(&Selector::Pool("llama".into()), &sampling(0.5))
+            .await
+            .unwrap();
+        assert_eq!(
+            plane.effective(Some("new"), "llama").default_rate.get(),
+            0.5
+        );
+        assert_eq!(
+            plane.effective(Some("new"), "other").default_rate.get(),
+            1.0
+        );
 
         plane.apply(&Selector::All, &sampling(0.2)).await.unwrap();
-        assert_eq!(plane.effective(Some("gpu-1"), "llama").default_rate.get(), 0.2);
-        plane.apply(&Selector::Worker("gpu-1".into()), &sampling(0.3)).await.unwrap();
-        assert_eq!(plane.effective(Some("gpu-1"), "llama").default_rate.get(), 0.3);
+        assert_eq!(
+            plane.effective(Some("gpu-1"), "llama").default_rate.get(),
+            0.2
+        );
+        plane
+            .apply(&Selector::Worker("gpu-1".into()), &sampling(0.3))
+            .await
+            .unwrap();
+        assert_eq!(
+            plane.effective(Some("gpu-1"), "llama").default_rate.get(),
+            0.3
+        );
 
         plane.apply(&Selector::All, &Change::Reset).await.unwrap();
         assert_eq!(plane.effective(Some("x"), "llama").default_rate.get(), 0.5);
@@ -401,8 +437,14 @@ mod tests {
         // Replace the directory with a file so that the next save cannot create its temp file.
         std::fs::remove_dir_all(dir.path()).unwrap();
         std::fs::write(dir.path(), b"").unwrap();
-        let err = plane.apply(&Selector::All, &sampling(0.1)).await.unwrap_err();
-        assert!(err.to_string().contains("cannot write control state"), "{err}");
+        let err = plane
+            .apply(&Selector::All, &sampling(0.1))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("cannot write control state"),
+            "{err}"
+        );
         assert_eq!(plane.effective(None, ""), before);
         std::fs::remove_file(dir.path()).unwrap();
     }

@@ -140,6 +140,9 @@ mod tests {
 
         fs::write(store.path(), "{ not json").unwrap();
         let err = store.load().unwrap_err().to_string();
-        assert!(err.contains("control.json") && err.contains("move the file away"), "{err}");
+        assert!(
+            err.contains("control.json") && err.contains("move the file away"),
+            "{err}"
+        );
     }
 }
