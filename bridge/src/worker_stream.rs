@@ -52,10 +52,28 @@ pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<v1::Telem
                 }
             }
             Ok(None) => break "stream closed by the worker".to_owned(),
-            Err(status) => break format!("stream failed: {}", status.message()),
+            Err(status) => {
+                let status = inbound_failure(status);
+                let reason = format!("stream failed: {}", status.message());
+                // Tell the worker why (it may be a message of ours it cannot see otherwise).
+                session.end(status);
+                break reason;
+            }
         }
     };
     hub.disconnect(&session, &reason);
+}
+
+/// gRPC says RESOURCE_EXHAUSTED for a message over the receive limit; tonic says OUT_OF_RANGE.
+fn inbound_failure(status: Status) -> Status {
+    if status.code() == tonic::Code::OutOfRange && status.message().contains("too large") {
+        Status::resource_exhausted(format!(
+            "event message too large (raise hub.max_message_bytes to accept it): {}",
+            status.message()
+        ))
+    } else {
+        status
+    }
 }
 
 /// Delivers or drops one event; `Err` says why an event was invalid (already counted).

@@ -34,7 +34,7 @@ pub struct Wait {
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
     /// `WORKER RATE`, or `RATE` with --pool or --all. RATE is from 0 to 1 (0.05 keeps 5 %).
-    #[arg(value_name = "[WORKER] RATE", num_args = 1..=2, required = true)]
+    #[arg(value_name = "[WORKER] RATE", num_args = 1..=2, required = true, allow_negative_numbers = true)]
     args: Vec<String>,
     /// Only for events matching this pattern (repeatable); otherwise the default rate.
     #[arg(long = "pattern", value_name = "P")]

@@ -1,0 +1,328 @@
+//! Bad input gets a clear error with the right status or exit code, and loses nothing else.
+
+use std::time::Duration;
+
+use bridge_proto::v1::{self, selector::Target, update_control_request::Change};
+use bridge_tests::{
+    HubOptions, HubProcess, Tail, WorkerProcess, cli, eventually, name, worker_info,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn sampling(target: Target, rate: f64, patterns: &[&str]) -> v1::UpdateControlRequest {
+    v1::UpdateControlRequest {
+        selector: Some(v1::Selector {
+            target: Some(target),
+        }),
+        change: Some(Change::Sampling(v1::TelemetrySamplingUpdate {
+            sampling_rate: rate,
+            event_patterns: patterns.iter().map(|p| (*p).to_owned()).collect(),
+        })),
+        wait_ms: 0,
+    }
+}
+
+fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, text: &str) {
+    let status = result.expect_err("the call must fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(text),
+        "{:?} should mention {text:?}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_subscribe_calls_reject_bad_input_with_the_right_status() {
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let raw = client.raw();
+    let all = || Target::All(true);
+
+    for (rate, shown) in [
+        (1.5, "1.5"),
+        (-0.1, "-0.1"),
+        (f64::NAN, "NaN"),
+        (f64::INFINITY, "inf"),
+    ] {
+        let result = raw.update_control(sampling(all(), rate, &[])).await;
+        assert_status(
+            result,
+            Code::InvalidArgument,
+            &format!("sampling rate {shown} is invalid"),
+        );
+    }
+    let result = raw
+        .update_control(sampling(all(), 0.5, &["inference.>", "a..b"]))
+        .await;
+    assert_status(
+        result,
+        Code::InvalidArgument,
+        "event_patterns[1]: `a..b` has an empty token",
+    );
+    let result = raw.update_control(sampling(all(), 0.5, &["a.>.b"])).await;
+    assert_status(
+        result,
+        Code::InvalidArgument,
+        "`>` may only be the last token",
+    );
+
+    let result = raw
+        .update_control(sampling(Target::WorkerId("ghost".into()), 0.5, &[]))
+        .await;
+    assert_status(
+        result,
+        Code::NotFound,
+        "no worker `ghost` is known to the hub",
+    );
+    let result = raw
+        .get_control(v1::GetControlRequest {
+            selector: Some(v1::Selector {
+                target: Some(Target::WorkerId("ghost".into())),
+            }),
+        })
+        .await;
+    assert_status(result, Code::NotFound, "ghost");
+
+    let mut no_selector = sampling(all(), 0.5, &[]);
+    no_selector.selector = None;
+    assert_status(
+        raw.update_control(no_selector).await,
+        Code::InvalidArgument,
+        "selector",
+    );
+    let mut no_change = sampling(all(), 0.5, &[]);
+    no_change.change = None;
+    assert_status(
+        raw.update_control(no_change).await,
+        Code::InvalidArgument,
+        "change",
+    );
+
+    let result = raw
+        .subscribe(v1::SubscribeRequest {
+            patterns: vec!["ok.*".into(), "bad*".into()],
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::InvalidArgument, "patterns[1]: `bad*`");
+
+    // None of that changed anything.
+    let state = raw
+        .get_control(v1::GetControlRequest {
+            selector: Some(v1::Selector {
+                target: Some(all()),
+            }),
+        })
+        .await
+        .expect("get control")
+        .into_inner();
+    let effective = state.effective.expect("effective");
+    assert_eq!((effective.sampling_rate, effective.rules.len()), (1.0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
+    let hub = HubProcess::start_with(HubOptions {
+        config: Some("[hub]\nmax_message_bytes = 4096\n".into()),
+        ..Default::default()
+    });
+    let mut client = hub.client().await;
+    let tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+
+    // Identity that cannot be parsed.
+    let (_tx, rx) = mpsc::channel::<v1::TelemetryEvent>(1);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("x-worker-pid", "not-a-pid".parse().expect("ascii"));
+    let result = client.raw().stream_telemetry(request).await.map(|_| ());
+    assert_status(
+        result,
+        Code::InvalidArgument,
+        "x-worker-pid: `not-a-pid` is not a process id",
+    );
+
+    // Invalid events are dropped and counted; the stream and the valid events go on.
+    let (tx, rx) = mpsc::channel::<v1::TelemetryEvent>(16);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("x-worker-id", "sloppy".parse().expect("ascii"));
+    let mut controls = client
+        .raw()
+        .stream_telemetry(request)
+        .await
+        .expect("opens")
+        .into_inner();
+    let event = |parts: &[&str]| v1::TelemetryEvent {
+        event_parts: parts.iter().map(|p| (*p).to_owned()).collect(),
+        ..Default::default()
+    };
+    for bad in [
+        &[][..],
+        &["a", ""],
+        &["a.b"],
+        &["gpu", "*"],
+        &["bridge", "worker", "connected"],
+    ] {
+        tx.send(event(bad)).await.expect("send");
+    }
+    tx.send(event(&["fine", "event"])).await.expect("send");
+    eventually("the valid event to be delivered", WAIT, || async {
+        tail.deliveries()
+            .iter()
+            .any(|d| name(d) == "fine.event")
+            .then_some(())
+    })
+    .await;
+    let sloppy = worker_info(&mut client, "sloppy").await.expect("listed");
+    assert_eq!(
+        sloppy.hub_drops.get("invalid"),
+        Some(&5),
+        "{:?}",
+        sloppy.hub_drops
+    );
+    let from_sloppy: Vec<String> = tail
+        .deliveries()
+        .iter()
+        .filter(|d| d.worker_id == "sloppy")
+        .map(name)
+        .collect();
+    // The hub's own announcement, then the valid event; the forged announcement was dropped.
+    assert_eq!(from_sloppy, ["bridge.worker.connected", "fine.event"]);
+
+    // A message over the limit ends that stream with RESOURCE_EXHAUSTED, and only that one.
+    let mut huge = event(&["huge"]);
+    huge.metadata.insert("blob".into(), "x".repeat(10_000));
+    tx.send(huge).await.expect("send");
+    let status = loop {
+        match tokio::time::timeout(WAIT, controls.message())
+            .await
+            .expect("stream ends")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream must end with a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("max_message_bytes"),
+        "{}",
+        status.message()
+    );
+
+    let _healthy = WorkerProcess::start(&hub.url, "healthy", "", &["--simulate", "50"]);
+    eventually("other workers to be unaffected", WAIT, || async {
+        tail.deliveries()
+            .iter()
+            .any(|d| d.worker_id == "healthy" && name(d).starts_with("inference."))
+            .then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn cli_errors_are_one_line_with_a_meaningful_exit_code() {
+    let hub = HubProcess::start();
+    let line = |out: &bridge_tests::CliOutput| {
+        assert_eq!(out.stderr.lines().count(), 1, "one line: {:?}", out.stderr);
+        out.stderr.trim_end().to_owned()
+    };
+
+    for rate in ["1.5", "nan", "-1", "lots"] {
+        let out = cli(&hub.url, &["sample", "--all", rate]);
+        assert_eq!(out.code, Some(2), "{out:?}");
+        assert_eq!(
+            line(&out),
+            format!(
+                "error: sampling rate `{rate}` is invalid: it must be a number from 0 to 1 (0.05 keeps 5 % of events)"
+            )
+        );
+    }
+    let out = cli(
+        &hub.url,
+        &["sample", "--all", "0.5", "--pattern", "inference..x"],
+    );
+    assert_eq!(out.code, Some(2));
+    assert!(line(&out).contains("`inference..x` has an empty token at position 2"));
+    let out = cli(&hub.url, &["subscribe", "infer*"]);
+    assert_eq!(out.code, Some(2));
+    assert!(line(&out).contains("mixes a wildcard with text"));
+
+    let out = cli(&hub.url, &["sample", "ghost", "0.5"]);
+    assert_eq!(out.code, Some(4), "{out:?}");
+    assert_eq!(
+        line(&out),
+        "error: no worker `ghost` is known to the hub (`bridge workers` lists them)"
+    );
+    let out = cli(&hub.url, &["toggle", "ghost", "maybe"]);
+    assert_eq!(out.code, Some(2));
+    assert!(line(&out).contains("`maybe`: say on or off"));
+    let out = cli(&hub.url, &["sample", "0.5"]);
+    assert_eq!(out.code, Some(2));
+    assert!(line(&out).contains("name a WORKER"));
+
+    let out = cli("http://127.0.0.1:1", &["workers"]);
+    assert_eq!(out.code, Some(3));
+    assert!(
+        line(&out).starts_with("error: hub unreachable at http://127.0.0.1:1: "),
+        "{}",
+        out.stderr
+    );
+    let out = cli("127.0.0.1:50051", &["workers"]);
+    assert_eq!(out.code, Some(2));
+    assert!(line(&out).contains("must start with http://"));
+}
+
+#[test]
+fn serve_refuses_bad_configuration_and_a_corrupt_state_file() {
+    let dir = tempfile::tempdir().expect("temp");
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[control.pools.llama]\nsampling_rate = 2\n").expect("write");
+    let out = cli(
+        "http://unused",
+        &[
+            "serve",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("`control.pools.llama.sampling_rate`"),
+        "{}",
+        out.stderr
+    );
+
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    std::fs::write(state.join("control.json"), "{ truncated").expect("write");
+    let out = cli(
+        "http://unused",
+        &[
+            "serve",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("control.json") && out.stderr.contains("move the file away"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(state.join("control.json")).expect("kept"),
+        "{ truncated",
+        "nothing lost"
+    );
+}
