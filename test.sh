@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, as CI does: formatting, lints, and every test in the workspace.
+# Needs only the Rust toolchain and python3; it installs what else the tests use.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# The interop test drives a Python client generated from the .proto (grpcio, grpcio-tools).
+venv=target/pyenv
+if ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+    echo "test.sh: installing grpcio and grpcio-tools into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check grpcio grpcio-tools
+fi
+export BRIDGE_TEST_PYTHON="$PWD/$venv/bin/python"
+export BRIDGE_REQUIRE_PYTHON=1
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked

@@ -1,0 +1,102 @@
+"""The telemetry-stream seed's Python emitter, run against a telemetry-bridge hub.
+
+It is the seed design's `GrpcTelemetryEmitter` with only the imports changed: it sends no
+metadata (no worker id, no acknowledgements) and handles `sampling` and `toggle` controls the
+way the seed does. It emits one `inference.stop` event every couple of milliseconds and prints
+every control message it receives as one JSON line on stdout, until stdin closes.
+
+usage: seed_emitter.py HOST:PORT GENERATED_DIR
+"""
+import asyncio
+import json
+import random
+import sys
+import time
+
+sys.path.insert(0, sys.argv[2])
+
+import grpc  # noqa: E402
+from google.protobuf.json_format import MessageToDict  # noqa: E402
+from telemetry.bridge.v1 import bridge_pb2 as pb2  # noqa: E402
+from telemetry.bridge.v1 import bridge_pb2_grpc as pb2_grpc  # noqa: E402
+
+
+class GrpcTelemetryEmitter:
+    """Emits telemetry events via gRPC stream (from the seed design)."""
+
+    def __init__(self, telemetry_stub):
+        self.stub = telemetry_stub
+        self.enabled = True
+        self.sampling_rate = 1.0
+        self.event_queue = asyncio.Queue(maxsize=1000)
+        self.stream_task = None
+
+    async def start_stream(self):
+        self.stream_task = asyncio.create_task(self._stream_loop())
+
+    async def _stream_loop(self):
+        try:
+            async def event_generator():
+                while True:
+                    event = await self.event_queue.get()
+                    if event is None:
+                        break
+                    yield event
+
+            async for control in self.stub.StreamTelemetry(event_generator()):
+                self._handle_control(control)
+        except Exception as e:  # never crash the worker due to telemetry
+            print(f"Telemetry stream error: {e}", file=sys.stderr)
+
+    def _handle_control(self, control):
+        print(json.dumps(MessageToDict(control)), flush=True)
+        if control.HasField("sampling"):
+            self.sampling_rate = control.sampling.sampling_rate
+        elif control.HasField("toggle"):
+            self.enabled = control.toggle.enabled
+
+    def emit(self, event_name, measurements, metadata=None, correlation_id=None):
+        if not self.enabled:
+            return
+        if random.random() > self.sampling_rate:
+            return
+        event = pb2.TelemetryEvent(
+            event_parts=event_name.split("."),
+            timestamp_ns=time.time_ns(),
+            correlation_id=correlation_id or "",
+        )
+        for key, value in (measurements or {}).items():
+            if isinstance(value, int):
+                event.measurements[key].int_value = value
+            elif isinstance(value, float):
+                event.measurements[key].float_value = value
+            else:
+                event.measurements[key].string_value = str(value)
+        for key, value in (metadata or {}).items():
+            event.metadata[key] = str(value)
+        try:
+            self.event_queue.put_nowait(event)
+        except asyncio.QueueFull:
+            pass
+
+
+async def main():
+    channel = grpc.aio.insecure_channel(sys.argv[1])
+    emitter = GrpcTelemetryEmitter(pb2_grpc.TelemetryBridgeStub(channel))
+    await emitter.start_stream()
+    stdin_closed = asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    i = 0
+    while not stdin_closed.done():
+        emitter.emit(
+            "inference.stop",
+            {"tokens": 100 + i % 50, "latency_ms": 12.5, "device": "cuda:0"},
+            {"model": "seed-model"},
+            correlation_id=f"py-{i}",
+        )
+        i += 1
+        await asyncio.sleep(0.002)
+    await emitter.event_queue.put(None)
+    await channel.close()
+
+
+asyncio.run(main())

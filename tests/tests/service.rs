@@ -1,0 +1,267 @@
+//! The hub as generic tools and other languages see it: health, reflection, a client generated
+//! from the .proto in Python, graceful shutdown, and the demo.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use bridge_proto::{SERVICE_NAME, v1};
+use bridge_tests::{HubProcess, Tail, WorkerProcess, bin, cli, eventually};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served_on_the_same_port() {
+    let hub = HubProcess::start();
+    let channel = tonic::transport::Endpoint::from_shared(hub.url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", SERVICE_NAME] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner();
+        assert_eq!(
+            response.status(),
+            ServingStatus::Serving,
+            "service {service:?}"
+        );
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("response")
+        .expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&SERVICE_NAME), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_streams_with_unavailable_and_exits_promptly() {
+    let mut hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let mut stream = client
+        .subscribe(v1::SubscribeRequest::default())
+        .await
+        .expect("subscribe");
+    let _worker = WorkerProcess::start(&hub.url, "busy", "", &["--simulate", "100"]);
+    let first = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("events flow");
+    assert!(matches!(first, Ok(Some(_))), "{first:?}");
+    let started = std::time::Instant::now();
+    let status = tokio::task::block_in_place(|| hub.terminate());
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    let status = end.expect_err("the subscription ends with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    assert!(hub.log().contains("shutting down"));
+}
+
+#[test]
+fn the_demo_shows_the_whole_loop_and_exits_zero() {
+    let output = Command::new(bin("bridge"))
+        .args(["demo", "--duration", "4"])
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("bridge.worker.connected"), "{stdout}");
+    assert!(
+        stdout.contains("$ bridge sample gpu-1 0.1\ngpu-1: sampling 0.1 applied in"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("$ bridge workers\nWORKER"), "{stdout}");
+    assert!(stdout.contains("gpu-1 went from"), "{stdout}");
+}
+
+/// The Python interpreter with `grpcio` and `grpcio-tools` (set up by `./test.sh`).
+fn python() -> Option<String> {
+    let python = std::env::var("BRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", "import grpc, grpc_tools"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("BRIDGE_REQUIRE_PYTHON").is_none(),
+        "{python} lacks grpcio/grpcio-tools; ./test.sh installs them"
+    );
+    eprintln!("skipping: no Python with grpcio (run ./test.sh to set one up)");
+    None
+}
+
+/// The seed design's Python emitter, generated from our .proto by grpcio-tools, sends no
+/// metadata and never acknowledges: it is listed, its events reach subscribers with their
+/// types, and it receives control messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_generated_from_the_proto_interoperates() {
+    let Some(python) = python() else { return };
+    let generated = tempfile::tempdir().expect("temp");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(&python)
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(root.join("proto"))
+        .arg(format!("--python_out={}", generated.path().display()))
+        .arg(format!("--grpc_python_out={}", generated.path().display()))
+        .arg(root.join("proto/telemetry/bridge/v1/bridge.proto"))
+        .status()
+        .expect("run grpc_tools.protoc");
+    assert!(
+        status.success(),
+        "Python code generation from bridge.proto failed"
+    );
+
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let tail = Tail::start(
+        &mut client,
+        v1::SubscribeRequest {
+            patterns: vec!["inference.>".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut child = Command::new(&python)
+        .arg(root.join("tests/python/seed_emitter.py"))
+        .arg(hub.addr.to_string())
+        .arg(generated.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the Python emitter");
+    let stdout = child.stdout.take().expect("stdout");
+    let (controls_tx, controls) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(value) = serde_json::from_str(&line) {
+                let _ = controls_tx.send(value);
+            }
+        }
+    });
+
+    let worker = eventually("the Python client to be listed", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_workers(None)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|w| w.connected)
+        }
+    })
+    .await;
+    assert!(
+        !worker.acknowledges && worker.id.starts_with("anon-"),
+        "{worker:?}"
+    );
+    let delivery = eventually("its events to reach the subscriber", WAIT, || async {
+        tail.deliveries()
+            .into_iter()
+            .find(|d| d.worker_id == worker.id)
+    })
+    .await;
+    let event = delivery.event.expect("event");
+    assert_eq!(event.event_parts, ["inference", "stop"]);
+    assert_eq!(event.metadata["model"], "seed-model");
+    use v1::telemetry_value::Value;
+    assert!(matches!(
+        event.measurements["tokens"].value,
+        Some(Value::IntValue(_))
+    ));
+    assert_eq!(
+        event.measurements["latency_ms"].value,
+        Some(Value::FloatValue(12.5))
+    );
+    assert_eq!(
+        event.measurements["device"].value,
+        Some(Value::StringValue("cuda:0".into()))
+    );
+
+    let url = hub.url.clone();
+    let id = worker.id.clone();
+    let tail_cli = tokio::task::spawn_blocking(move || {
+        cli(
+            &url,
+            &[
+                "subscribe",
+                "--worker",
+                &id,
+                "--limit",
+                "2",
+                "--format",
+                "json",
+            ],
+        )
+    })
+    .await
+    .expect("cli");
+    assert_eq!(tail_cli.code, Some(0), "{}", tail_cli.stderr);
+    assert_eq!(tail_cli.stdout.lines().count(), 2);
+
+    let id = worker.id.clone();
+    let url = hub.url.clone();
+    let out = tokio::task::spawn_blocking(move || cli(&url, &["toggle", &id, "off"]))
+        .await
+        .expect("cli");
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let toggled = (0..20)
+        .filter_map(|_| controls.recv_timeout(WAIT).ok())
+        .find(|c| c["toggle"].is_object() && c["toggle"].get("enabled").is_none());
+    assert!(
+        toggled.is_some(),
+        "the Python client received toggle off (enabled=false is proto3's default)"
+    );
+
+    drop(child.stdin.take());
+    let _ = child.wait();
+}
