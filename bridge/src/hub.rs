@@ -188,12 +188,11 @@ impl Hub {
         if self.shared.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        if let Selector::Worker(id) = selector {
-            if self.shared.registry.get(id).is_none()
-                && !self.shared.control.has_worker_settings(id)
-            {
-                return Err(Error::UnknownWorker(id.clone()));
-            }
+        if let Selector::Worker(id) = selector
+            && self.shared.registry.get(id).is_none()
+            && !self.shared.control.has_worker_settings(id)
+        {
+            return Err(Error::UnknownWorker(id.clone()));
         }
         let started = Instant::now();
         let applied = self.shared.control.apply(selector, change).await?;

@@ -75,12 +75,11 @@ impl Identity {
         };
         let mut labels = BTreeMap::new();
         for key in metadata.keys() {
-            if let tonic::metadata::KeyRef::Ascii(key) = key {
-                if let Some(label) = key.as_str().strip_prefix("x-worker-label-") {
-                    if let Some(value) = text(key.as_str())? {
-                        labels.insert(label.to_owned(), value);
-                    }
-                }
+            if let tonic::metadata::KeyRef::Ascii(key) = key
+                && let Some(label) = key.as_str().strip_prefix("x-worker-label-")
+                && let Some(value) = text(key.as_str())?
+            {
+                labels.insert(label.to_owned(), value);
             }
         }
         Ok(Self {

@@ -97,9 +97,14 @@ fn accept(
     }
     let rate = match enforcer.verdict(&event) {
         Verdict::Keep(rate) => rate,
-        Verdict::Disabled => return Ok(worker.counters.drop(HubDrop::Disabled)),
-        Verdict::Filtered => return Ok(worker.counters.drop(HubDrop::Filtered)),
-        Verdict::SampledOut(_) => return Ok(worker.counters.drop(HubDrop::SampledOut)),
+        verdict => {
+            worker.counters.drop(match verdict {
+                Verdict::Disabled => HubDrop::Disabled,
+                Verdict::Filtered => HubDrop::Filtered,
+                _ => HubDrop::SampledOut,
+            });
+            return Ok(());
+        }
     };
     let received_ns = unix_nanos(std::time::SystemTime::now());
     if event.timestamp_ns == 0 {

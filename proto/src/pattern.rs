@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn specificity_prefers_literals_then_no_tail() {
-        let mut v = vec![
+        let mut v = [
             p(">"),
             p("inference.>"),
             p("inference.*"),

@@ -89,12 +89,12 @@ async fn run(args: Args) -> Result<(), String> {
     config
         .validate()
         .map_err(|(key, message)| format!("{key}: {message}"))?;
-    if let Some(rate) = args.simulate {
-        if !(rate.is_finite() && rate > 0.0) {
-            return Err(format!(
-                "--simulate {rate}: give a positive number of requests per second"
-            ));
-        }
+    if let Some(rate) = args.simulate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(format!(
+            "--simulate {rate}: give a positive number of requests per second"
+        ));
     }
 
     let options = config.link_options();

@@ -128,13 +128,12 @@ fn rules_from_config(rules: &BTreeMap<String, f64>) -> BTreeMap<String, Setting<
 /// in, so this only guards against a hand-edited state file.
 pub fn merge<'a>(layers: impl IntoIterator<Item = &'a Layer>, version: u64) -> ControlState {
     fn newer<T: Clone>(current: &mut Option<Setting<T>>, candidate: &Option<Setting<T>>) {
-        if let Some(candidate) = candidate {
-            if current
+        if let Some(candidate) = candidate
+            && current
                 .as_ref()
                 .is_none_or(|c| candidate.version >= c.version)
-            {
-                *current = Some(candidate.clone());
-            }
+        {
+            *current = Some(candidate.clone());
         }
     }
     let mut enabled = None;
