@@ -70,7 +70,14 @@ pub async fn run(args: Args) -> Outcome {
     println!("$ bridge subscribe      (every event; the first few shown, then rates per second)");
     let tail = client.subscribe(v1::SubscribeRequest::default()).await?;
     let counts = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
-    let printer = tokio::spawn(print_tail(tail, counts.clone()));
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = tokio::spawn(read_tail(tail, counts.clone(), lines.clone()));
+    // The tail is read concurrently; its lines are printed from here, so output stays in order.
+    let flush = || {
+        for line in std::mem::take(&mut *lines.lock().unwrap_or_else(|p| p.into_inner())) {
+            println!("  {line}");
+        }
+    };
 
     let stop_traffic = CancellationToken::new();
     let mut links = Vec::new();
@@ -99,6 +106,7 @@ pub async fn run(args: Args) -> Outcome {
     for second in 1..=args.duration {
         tick.tick().await;
         let window = std::mem::take(&mut *counts.lock().unwrap_or_else(|p| p.into_inner()));
+        flush();
         let row: Vec<String> = WORKERS
             .iter()
             .map(|(id, _)| format!("{id} {:>4}/s", window.get(*id).copied().unwrap_or(0)))
@@ -115,6 +123,7 @@ pub async fn run(args: Args) -> Outcome {
         }
     }
 
+    flush();
     println!("\n$ bridge workers");
     print!(
         "{}",
@@ -127,7 +136,8 @@ pub async fn run(args: Args) -> Outcome {
     }
     stop_hub.cancel();
     let _ = server.await;
-    printer.abort();
+    reader.abort();
+    flush();
 
     let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
     let (before, after) = (mean(&before), mean(&after));
@@ -193,12 +203,14 @@ async fn change_rate(client: &mut HubClient) -> Outcome {
     Ok(())
 }
 
-/// Prints a few events, every lifecycle event and lag notice, and counts inference events per
-/// worker for the rate table.
-async fn print_tail(
+/// Keeps a few events, every lifecycle event and lag notice for printing, and counts inference
+/// events per worker for the rate table.
+async fn read_tail(
     mut tail: tonic::Streaming<v1::SubscribeResponse>,
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
+    lines: Arc<Mutex<Vec<String>>>,
 ) {
+    let print = |line: String| lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
     let mut shown = 0;
     let mut shown_sampled = 0;
     while let Ok(Some(response)) = tail.message().await {
@@ -223,7 +235,7 @@ async fn print_tail(
                 if show {
                     shown += usize::from(!name.starts_with("bridge."));
                     shown_sampled += usize::from(sampled);
-                    println!("  {}", render::delivery_text(&delivery));
+                    print(render::delivery_text(&delivery));
                 }
             }
             Some(v1::subscribe_response::Item::Lagged(lag)) => {
