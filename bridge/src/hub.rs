@@ -8,7 +8,7 @@ use std::{
 use bridge_proto::v1;
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::{
     config::Config,
@@ -282,18 +282,6 @@ impl Hub {
                 _ = self.shared.shutdown.cancelled() => return,
                 _ = tick.tick() => self.shared.registry.tick_rates(),
             }
-        }
-    }
-
-    /// Logs an event rejected as invalid, once per session to keep logs readable.
-    pub(crate) fn warn_invalid(
-        &self,
-        session: &Session,
-        first: bool,
-        error: &dyn std::fmt::Display,
-    ) {
-        if first {
-            warn!(worker.id = %session.worker.id, %error, "dropping invalid events from worker (logged once per stream; counted as drop reason `invalid`)");
         }
     }
 }

@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -316,6 +316,9 @@ pub struct Registry {
     workers: DashMap<String, Arc<Worker>>,
     generations: AtomicU64,
     max_remembered: usize,
+    /// Workers remembered while disconnected, so that trimming them costs nothing until
+    /// there are too many.
+    disconnected: AtomicUsize,
 }
 
 /// What [`Registry::open`] did.
@@ -332,6 +335,7 @@ impl Registry {
             workers: DashMap::new(),
             generations: AtomicU64::new(0),
             max_remembered,
+            disconnected: AtomicUsize::new(0),
         }
     }
 
@@ -388,7 +392,9 @@ impl Registry {
             status.acknowledges = identity.acknowledges;
             status.connected = true;
             status.connected_since = SystemTime::now();
-            status.disconnected_at = None;
+            if status.disconnected_at.take().is_some() {
+                self.disconnected.fetch_sub(1, Relaxed);
+            }
             status.reported.clear();
             status.last_sent = None;
             status.session.replace(SessionHandle {
@@ -432,17 +438,19 @@ impl Registry {
                 status.session = None;
                 status.connected = false;
                 status.disconnected_at = Some(SystemTime::now());
+                // Counted under the status lock, so a concurrent reconnect's decrement follows.
+                self.disconnected.fetch_add(1, Relaxed);
             }
             current
         };
-        if closed {
+        if closed && self.disconnected.load(Relaxed) > self.max_remembered {
             self.forget_oldest_disconnected();
         }
         closed
     }
 
     fn forget_oldest_disconnected(&self) {
-        let disconnected: Vec<(SystemTime, String)> = self
+        let mut disconnected: Vec<(SystemTime, String)> = self
             .workers
             .iter()
             .filter_map(|w| {
@@ -450,14 +458,16 @@ impl Registry {
                 status.disconnected_at.map(|at| (at, w.id.clone()))
             })
             .collect();
-        if disconnected.len() <= self.max_remembered {
-            return;
-        }
-        let mut disconnected = disconnected;
         disconnected.sort();
-        let excess = disconnected.len() - self.max_remembered;
+        let excess = disconnected.len().saturating_sub(self.max_remembered);
         for (_, id) in disconnected.into_iter().take(excess) {
-            self.workers.remove_if(&id, |_, w| !w.status().connected);
+            if self
+                .workers
+                .remove_if(&id, |_, w| !w.status().connected)
+                .is_some()
+            {
+                self.disconnected.fetch_sub(1, Relaxed);
+            }
         }
     }
 

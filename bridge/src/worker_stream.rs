@@ -17,7 +17,7 @@ use bridge_proto::{
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Status, Streaming};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{
     fanout::Source,
@@ -46,8 +46,10 @@ pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<v1::Telem
         };
         match message {
             Ok(Some(event)) => {
-                if let Err(error) = accept(&hub, &session, &mut enforcer, event) {
-                    hub.warn_invalid(&session, !warned, &error);
+                if let Err(error) = accept(&hub, &session, &mut enforcer, event)
+                    && !warned
+                {
+                    warn!(worker.id = %session.worker.id, %error, "dropping invalid events from this worker (logged once per stream; counted as drop reason `invalid`)");
                     warned = true;
                 }
             }

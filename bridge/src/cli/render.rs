@@ -304,7 +304,7 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
                 .collect();
             drop_text.extend(hub_drops.iter().map(|(k, v)| format!("hub:{k}={v}")));
             let control = if !w.acknowledges {
-                format!("v{} hub-enforced", w.desired_version)
+                format!("v{} unacknowledged (hub enforces)", w.desired_version)
             } else {
                 match w.applied_version {
                     Some(applied) if applied == w.desired_version => format!("v{applied} applied"),
