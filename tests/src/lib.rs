@@ -233,6 +233,61 @@ pub fn cli(hub: &str, args: &[&str]) -> CliOutput {
     }
 }
 
+/// [`cli`] without blocking the async test's runtime.
+pub async fn run_cli(hub: &str, args: &[&str]) -> CliOutput {
+    let hub = hub.to_owned();
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&hub, &args)
+    })
+    .await
+    .expect("cli task")
+}
+
+/// A subscription to events matching any of `patterns`.
+pub fn matching(patterns: &[&str]) -> v1::SubscribeRequest {
+    v1::SubscribeRequest {
+        patterns: patterns.iter().map(|p| (*p).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+/// The first connected worker `ListWorkers` reports.
+pub async fn first_connected(client: &HubClient) -> Option<v1::WorkerInfo> {
+    let mut client = client.clone();
+    client
+        .list_workers(None)
+        .await
+        .ok()?
+        .into_iter()
+        .find(|w| w.connected)
+}
+
+/// A bare `StreamTelemetry` client, as any language generated from the .proto would open one,
+/// with `metadata` as its request metadata. Events sent on the returned sender go to the hub.
+pub async fn open_stream(
+    client: &mut HubClient,
+    metadata: &[(&'static str, &str)],
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<v1::TelemetryEvent>,
+        tonic::Streaming<v1::TelemetryControl>,
+    ),
+    tonic::Status,
+> {
+    let (events, outbound) = tokio::sync::mpsc::channel(1024);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
+    for (key, value) in metadata {
+        let value = value
+            .parse()
+            .map_err(|_| tonic::Status::internal("metadata value"))?;
+        request.metadata_mut().insert(*key, value);
+    }
+    let controls = client.raw().stream_telemetry(request).await?.into_inner();
+    Ok((events, controls))
+}
+
 /// Polls `check` every 5 ms until it yields a value; panics naming `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
@@ -299,6 +354,14 @@ impl Tail {
                 v1::subscribe_response::Item::Lagged(_) => None,
             })
             .collect()
+    }
+
+    /// Deliveries so far that were sampled at `rate`.
+    pub fn count_at_rate(&self, rate: f64) -> usize {
+        self.deliveries()
+            .iter()
+            .filter(|d| d.sampling_rate == rate)
+            .count()
     }
 
     /// Everything so far, lag notices included.

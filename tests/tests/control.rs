@@ -8,23 +8,12 @@ use bridge_proto::{
     v1::{self, telemetry_control::Control},
 };
 use bridge_tests::{
-    HubOptions, HubProcess, Tail, WorkerProcess, cli, eventually, name, worker_info,
+    HubOptions, HubProcess, Tail, WorkerProcess, eventually, first_connected, matching, name,
+    open_stream, run_cli, worker_info,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-async fn run_cli(hub: &str, args: &[&str]) -> bridge_tests::CliOutput {
-    let hub = hub.to_owned();
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        cli(&hub, &args)
-    })
-    .await
-    .expect("cli")
-}
 
 /// Inference events per second over the span of their timestamps.
 fn rate_per_second(deliveries: &[&v1::EventDelivery]) -> f64 {
@@ -67,13 +56,7 @@ async fn a_sampling_change_reaches_a_running_worker_and_shows_in_the_delivered_r
     );
 
     eventually("events sampled at 0.1", WAIT, || async {
-        (tail
-            .deliveries()
-            .iter()
-            .filter(|d| d.sampling_rate == 0.1)
-            .count()
-            >= 80)
-            .then_some(())
+        (tail.count_at_rate(0.1) >= 80).then_some(())
     })
     .await;
     let deliveries = tail.deliveries();
@@ -195,14 +178,7 @@ async fn control_is_reapplied_after_the_worker_reconnects_and_after_the_hub_rest
         ..Default::default()
     });
     let mut client = hub.client().await;
-    let tail = Tail::start(
-        &mut client,
-        v1::SubscribeRequest {
-            patterns: vec!["inference.*".into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let tail = Tail::start(&mut client, matching(&["inference.*"])).await;
     let after_restart = eventually(
         "the worker to reconnect and apply the stored state",
         WAIT,
@@ -306,22 +282,9 @@ async fn pool_and_global_settings_reach_workers_including_those_that_join_later(
 async fn the_hub_enforces_control_on_a_client_that_never_acknowledges() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(
-        &mut client,
-        v1::SubscribeRequest {
-            patterns: vec!["inference.>".into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let tail = Tail::start(&mut client, matching(&["inference.>"])).await;
 
-    let (events, outbound) = mpsc::channel::<v1::TelemetryEvent>(1024);
-    let mut controls = client
-        .raw()
-        .stream_telemetry(ReceiverStream::new(outbound))
-        .await
-        .expect("stream opens")
-        .into_inner();
+    let (events, mut controls) = open_stream(&mut client, &[]).await.expect("stream opens");
     let (control_tx, mut control_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(Some(control)) = controls.message().await {
@@ -346,15 +309,7 @@ async fn the_hub_enforces_control_on_a_client_that_never_acknowledges() {
     });
 
     let plain = eventually("the plain client to be listed", WAIT, || {
-        let mut client = client.clone();
-        async move {
-            client
-                .list_workers(None)
-                .await
-                .ok()?
-                .into_iter()
-                .find(|w| w.connected)
-        }
+        first_connected(&client)
     })
     .await;
     assert!(
@@ -372,13 +327,7 @@ async fn the_hub_enforces_control_on_a_client_that_never_acknowledges() {
         out.stdout
     );
     eventually("events sampled by the hub", WAIT, || async {
-        (tail
-            .deliveries()
-            .iter()
-            .filter(|d| d.sampling_rate == 0.2)
-            .count()
-            >= 100)
-            .then_some(())
+        (tail.count_at_rate(0.2) >= 100).then_some(())
     })
     .await;
     let rate = Rate::new(0.2).expect("rate");

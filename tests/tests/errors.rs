@@ -4,10 +4,8 @@ use std::time::Duration;
 
 use bridge_proto::v1::{self, selector::Target, update_control_request::Change};
 use bridge_tests::{
-    HubOptions, HubProcess, Tail, WorkerProcess, cli, eventually, name, worker_info,
+    HubOptions, HubProcess, Tail, WorkerProcess, cli, eventually, name, open_stream, worker_info,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -134,12 +132,9 @@ async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
     let tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
 
     // Identity that cannot be parsed.
-    let (_tx, rx) = mpsc::channel::<v1::TelemetryEvent>(1);
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    request
-        .metadata_mut()
-        .insert("x-worker-pid", "not-a-pid".parse().expect("ascii"));
-    let result = client.raw().stream_telemetry(request).await.map(|_| ());
+    let result = open_stream(&mut client, &[("x-worker-pid", "not-a-pid")])
+        .await
+        .map(drop);
     assert_status(
         result,
         Code::InvalidArgument,
@@ -147,17 +142,9 @@ async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
     );
 
     // Invalid events are dropped and counted; the stream and the valid events go on.
-    let (tx, rx) = mpsc::channel::<v1::TelemetryEvent>(16);
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    request
-        .metadata_mut()
-        .insert("x-worker-id", "sloppy".parse().expect("ascii"));
-    let mut controls = client
-        .raw()
-        .stream_telemetry(request)
+    let (tx, mut controls) = open_stream(&mut client, &[("x-worker-id", "sloppy")])
         .await
-        .expect("opens")
-        .into_inner();
+        .expect("opens");
     let event = |parts: &[&str]| v1::TelemetryEvent {
         event_parts: parts.iter().map(|p| (*p).to_owned()).collect(),
         ..Default::default()

@@ -9,7 +9,9 @@ use std::{
 };
 
 use bridge_proto::{SERVICE_NAME, v1};
-use bridge_tests::{HubProcess, Tail, WorkerProcess, bin, cli, eventually};
+use bridge_tests::{
+    HubProcess, Tail, WorkerProcess, bin, eventually, first_connected, matching, run_cli,
+};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -162,14 +164,7 @@ async fn a_python_client_generated_from_the_proto_interoperates() {
 
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(
-        &mut client,
-        v1::SubscribeRequest {
-            patterns: vec!["inference.>".into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let tail = Tail::start(&mut client, matching(&["inference.>"])).await;
     let mut child = Command::new(&python)
         .arg(root.join("tests/python/seed_emitter.py"))
         .arg(hub.addr.to_string())
@@ -189,15 +184,7 @@ async fn a_python_client_generated_from_the_proto_interoperates() {
     });
 
     let worker = eventually("the Python client to be listed", WAIT, || {
-        let mut client = client.clone();
-        async move {
-            client
-                .list_workers(None)
-                .await
-                .ok()?
-                .into_iter()
-                .find(|w| w.connected)
-        }
+        first_connected(&client)
     })
     .await;
     assert!(
@@ -227,32 +214,23 @@ async fn a_python_client_generated_from_the_proto_interoperates() {
         Some(Value::StringValue("cuda:0".into()))
     );
 
-    let url = hub.url.clone();
-    let id = worker.id.clone();
-    let tail_cli = tokio::task::spawn_blocking(move || {
-        cli(
-            &url,
-            &[
-                "subscribe",
-                "--worker",
-                &id,
-                "--limit",
-                "2",
-                "--format",
-                "json",
-            ],
-        )
-    })
-    .await
-    .expect("cli");
+    let tail_cli = run_cli(
+        &hub.url,
+        &[
+            "subscribe",
+            "--worker",
+            &worker.id,
+            "--limit",
+            "2",
+            "--format",
+            "json",
+        ],
+    )
+    .await;
     assert_eq!(tail_cli.code, Some(0), "{}", tail_cli.stderr);
     assert_eq!(tail_cli.stdout.lines().count(), 2);
 
-    let id = worker.id.clone();
-    let url = hub.url.clone();
-    let out = tokio::task::spawn_blocking(move || cli(&url, &["toggle", &id, "off"]))
-        .await
-        .expect("cli");
+    let out = run_cli(&hub.url, &["toggle", &worker.id, "off"]).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let toggled = (0..20)
         .filter_map(|_| controls.recv_timeout(WAIT).ok())

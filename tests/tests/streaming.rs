@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use bridge_proto::v1::{self, subscribe_response::Item};
-use bridge_tests::{HubOptions, HubProcess, Tail, WorkerProcess, cli, eventually, name};
+use bridge_tests::{
+    HubOptions, HubProcess, Tail, WorkerProcess, eventually, matching, name, open_stream, run_cli,
+};
 use worker::{Link, LinkOptions, LinkState, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -12,22 +14,8 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn fan_out_to_subscribers_with_different_filters() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let lifecycle = Tail::start(
-        &mut client,
-        v1::SubscribeRequest {
-            patterns: vec!["bridge.worker.>".into()],
-            ..Default::default()
-        },
-    )
-    .await;
-    let stops = Tail::start(
-        &mut client,
-        v1::SubscribeRequest {
-            patterns: vec!["inference.stop".into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let lifecycle = Tail::start(&mut client, matching(&["bridge.worker.>"])).await;
+    let stops = Tail::start(&mut client, matching(&["inference.stop"])).await;
     let only_a = Tail::start(
         &mut client,
         v1::SubscribeRequest {
@@ -112,24 +100,20 @@ async fn fan_out_to_subscribers_with_different_filters() {
 async fn cli_tail_prints_json_lines_and_stops_after_the_limit() {
     let hub = HubProcess::start();
     let _worker = WorkerProcess::start(&hub.url, "gpu-7", "llama", &["--simulate", "100"]);
-    let url = hub.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        cli(
-            &url,
-            &[
-                "subscribe",
-                "inference.>",
-                "--worker",
-                "gpu-7",
-                "--format",
-                "json",
-                "--limit",
-                "5",
-            ],
-        )
-    })
-    .await
-    .expect("cli");
+    let out = run_cli(
+        &hub.url,
+        &[
+            "subscribe",
+            "inference.>",
+            "--worker",
+            "gpu-7",
+            "--format",
+            "json",
+            "--limit",
+            "5",
+        ],
+    )
+    .await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let lines: Vec<serde_json::Value> = out
         .stdout
@@ -173,10 +157,7 @@ async fn a_stalled_subscriber_gets_a_lag_notice_while_a_fast_one_keeps_up() {
         ..Default::default()
     });
     let mut client = hub.client().await;
-    let request = v1::SubscribeRequest {
-        patterns: vec!["load.>".into()],
-        ..Default::default()
-    };
+    let request = matching(&["load.>"]);
     let fast = Tail::start(&mut client, request.clone()).await;
 
     // The slow subscriber's connection has the smallest HTTP/2 window, so that it is the
@@ -273,17 +254,9 @@ async fn a_second_stream_with_the_same_id_replaces_the_first() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
     // The first stream is a bare client, so that nothing reconnects it once it is replaced.
-    let (_events, outbound) = tokio::sync::mpsc::channel::<v1::TelemetryEvent>(1);
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
-    request
-        .metadata_mut()
-        .insert("x-worker-id", "twin".parse().expect("ascii"));
-    let mut first = client
-        .raw()
-        .stream_telemetry(request)
+    let (_events, mut first) = open_stream(&mut client, &[("x-worker-id", "twin")])
         .await
-        .expect("first stream opens")
-        .into_inner();
+        .expect("first stream opens");
     eventually("the first twin to connect", WAIT, || {
         let mut client = client.clone();
         async move {
@@ -293,14 +266,7 @@ async fn a_second_stream_with_the_same_id_replaces_the_first() {
         }
     })
     .await;
-    let lifecycle = Tail::start(
-        &mut client,
-        v1::SubscribeRequest {
-            patterns: vec!["bridge.worker.>".into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let lifecycle = Tail::start(&mut client, matching(&["bridge.worker.>"])).await;
 
     let _second = WorkerProcess::start(&hub.url, "twin", "other-pool", &[]);
     let status = loop {
