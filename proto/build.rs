@@ -4,7 +4,10 @@
 //! - `full/`: every message, the client, and nothing else;
 //! - `server/`: only the service trait, with every message taken from `full/` except
 //!   `SubscribeResponse`, which the hub sends as bytes it encoded once for all subscribers
-//!   (`crate::encoded::EncodedSubscribeResponse`).
+//!   (`crate::encoded::EncodedSubscribeResponse`);
+//! - `worker_client/`: only the client, sending `TelemetryEvent`s that workers encoded when they
+//!   accepted them and keep, encoded, until the hub confirms receipt
+//!   (`crate::encoded::EncodedEvent`).
 
 use std::{env, fs, io, path::PathBuf};
 
@@ -37,6 +40,19 @@ fn main() -> io::Result<()> {
             "crate::encoded::EncodedSubscribeResponse",
         )
         .out_dir(&server)
+        .compile_fds(fds.clone())?;
+
+    let worker_client = out.join("worker_client");
+    fs::create_dir_all(&worker_client)?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .extern_path(".telemetry.bridge.v1", "crate::v1")
+        .extern_path(
+            ".telemetry.bridge.v1.TelemetryEvent",
+            "crate::encoded::EncodedEvent",
+        )
+        .out_dir(&worker_client)
         .compile_fds(fds)?;
     Ok(())
 }

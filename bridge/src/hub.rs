@@ -99,6 +99,7 @@ impl Hub {
             peer = %identity.peer,
             generated_id = identity.generated,
             acknowledges = identity.acknowledges,
+            gpu = %identity.gpu,
             control.version = opened.session.worker.desired().version,
             "worker connected"
         );
@@ -109,6 +110,9 @@ impl Hub {
         ]);
         if identity.pid != 0 {
             metadata.insert("pid".into(), identity.pid.to_string());
+        }
+        if !identity.gpu.is_empty() {
+            metadata.insert("gpu".into(), identity.gpu.clone());
         }
         for (key, value) in &identity.labels {
             metadata.insert(format!("label.{key}"), value.clone());
@@ -166,7 +170,7 @@ impl Hub {
             measurements,
             metadata,
             timestamp_ns: now,
-            correlation_id: String::new(),
+            ..Default::default()
         };
         self.shared
             .fanout
@@ -324,6 +328,9 @@ fn worker_info(worker: &Worker) -> v1::WorkerInfo {
         last_ack_latency_us: status
             .last_ack_latency
             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+        gpu: status.gpu.clone(),
+        missing_events: worker.counters.missing.load(Relaxed),
+        last_sequence: worker.counters.last_sequence.load(Relaxed),
     }
 }
 

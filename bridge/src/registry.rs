@@ -37,6 +37,10 @@ pub struct Identity {
     /// The client applies `ControlState` itself and acknowledges it.
     pub acknowledges: bool,
     pub peer: String,
+    /// One run of the worker process (`x-worker-instance`); sequence numbers restart with it.
+    pub instance: String,
+    /// What GPUs the worker reported (`x-worker-gpu`).
+    pub gpu: String,
 }
 
 impl Identity {
@@ -90,8 +94,26 @@ impl Identity {
             labels,
             acknowledges: text("x-bridge-control-ack")?.as_deref() == Some("1"),
             peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+            instance: text("x-worker-instance")?.unwrap_or_default(),
+            gpu: gpu_text(metadata)?,
         })
     }
+}
+
+/// `x-worker-gpu` is free text (device names have spaces); only its length is limited.
+fn gpu_text(metadata: &MetadataMap) -> Result<String> {
+    let Some(value) = metadata.get("x-worker-gpu") else {
+        return Ok(String::new());
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| Error::invalid("x-worker-gpu: must be printable ASCII"))?;
+    if value.len() > MAX_NAME_LEN {
+        return Err(Error::invalid(format!(
+            "x-worker-gpu: longer than {MAX_NAME_LEN} bytes"
+        )));
+    }
+    Ok(value.trim().to_owned())
 }
 
 fn check_name(key: &str, value: &str) -> Result<()> {
@@ -116,14 +138,17 @@ pub enum HubDrop {
     SampledOut,
     /// Malformed name or a reserved name the worker may not send.
     Invalid,
+    /// A replayed event this hub already received from the same worker process.
+    Duplicate,
 }
 
 impl HubDrop {
-    pub const ALL: [HubDrop; 4] = [
+    pub const ALL: [HubDrop; 5] = [
         HubDrop::Disabled,
         HubDrop::Filtered,
         HubDrop::SampledOut,
         HubDrop::Invalid,
+        HubDrop::Duplicate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -132,6 +157,7 @@ impl HubDrop {
             HubDrop::Filtered => "filtered",
             HubDrop::SampledOut => "sampled_out",
             HubDrop::Invalid => "invalid",
+            HubDrop::Duplicate => "duplicate",
         }
     }
 }
@@ -142,6 +168,10 @@ pub struct Counters {
     pub received: AtomicU64,
     pub delivered: AtomicU64,
     drops: [AtomicU64; HubDrop::ALL.len()],
+    /// Highest sequence number received from the current worker process (0: none yet).
+    pub last_sequence: AtomicU64,
+    /// Sequence numbers skipped since this hub first heard from the worker process.
+    pub missing: AtomicU64,
 }
 
 impl Counters {
@@ -189,6 +219,9 @@ pub struct Status {
     pub peer: String,
     pub labels: BTreeMap<String, String>,
     pub acknowledges: bool,
+    pub gpu: String,
+    /// The worker process whose sequence numbers `Counters::last_sequence` follows.
+    instance: String,
     pub connected: bool,
     pub connected_since: SystemTime,
     pub disconnected_at: Option<SystemTime>,
@@ -290,8 +323,38 @@ pub struct Session {
     pub pool: Arc<str>,
     pub generation: u64,
     pub cancel: CancellationToken,
+    /// Receipts owed to the worker for the numbered events of this stream.
+    pub receipts: Arc<Receipts>,
     /// Why the hub ended the stream, when it did.
     ended: Arc<Mutex<Option<tonic::Status>>>,
+}
+
+/// The ingest loop records the last sequence number it processed; the control stream confirms
+/// it to the worker, coalescing many events into one receipt.
+#[derive(Debug, Default)]
+pub struct Receipts {
+    through: AtomicU64,
+    pending: std::sync::atomic::AtomicBool,
+    pub notify: tokio::sync::Notify,
+}
+
+impl Receipts {
+    /// Records that every event up to `sequence` was received; wakes the sender once per burst.
+    #[inline]
+    pub fn received(&self, sequence: u64) {
+        self.through.fetch_max(sequence, Relaxed);
+        if !self.pending.load(Relaxed) && !self.pending.swap(true, Relaxed) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// The sequence to confirm now, if anything new arrived since the last call.
+    pub fn take(&self) -> Option<u64> {
+        self.pending
+            .swap(false, Relaxed)
+            .then(|| self.through.load(Relaxed))
+            .filter(|through| *through > 0)
+    }
 }
 
 impl Session {
@@ -361,6 +424,8 @@ impl Registry {
                         peer: String::new(),
                         labels: BTreeMap::new(),
                         acknowledges: false,
+                        gpu: String::new(),
+                        instance: String::new(),
                         connected: false,
                         connected_since: SystemTime::now(),
                         disconnected_at: None,
@@ -381,6 +446,7 @@ impl Registry {
             pool: identity.pool.as_str().into(),
             generation,
             cancel: parent.child_token(),
+            receipts: Arc::default(),
             ended: Arc::new(Mutex::new(None)),
         };
         let previous = {
@@ -390,6 +456,12 @@ impl Registry {
             status.peer.clone_from(&identity.peer);
             status.labels.clone_from(&identity.labels);
             status.acknowledges = identity.acknowledges;
+            status.gpu.clone_from(&identity.gpu);
+            if identity.instance.is_empty() || status.instance != identity.instance {
+                // A new process numbers its events from 1 again.
+                status.instance.clone_from(&identity.instance);
+                worker.counters.last_sequence.store(0, Relaxed);
+            }
             status.connected = true;
             status.connected_since = SystemTime::now();
             if status.disconnected_at.take().is_some() {
@@ -414,6 +486,7 @@ impl Registry {
                 pool: handle.pool,
                 generation: handle.generation,
                 cancel: handle.cancel,
+                receipts: Arc::default(),
                 ended: handle.ended,
             };
             old.end(tonic::Status::aborted(format!(

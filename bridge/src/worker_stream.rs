@@ -6,7 +6,10 @@
 //! event names. Outbound, the worker receives its full desired state on connect and after every
 //! change.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
 
 use async_stream::stream;
 use bridge_proto::{
@@ -89,10 +92,11 @@ fn accept(
     if event.event_parts.first().is_some_and(|p| p == "bridge") {
         return protocol_event(session, enforcer, &event);
     }
-    worker
-        .counters
-        .received
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    worker.counters.received.fetch_add(1, Relaxed);
+    if event.sequence > 0 && !first_time(session, event.sequence) {
+        worker.counters.drop(HubDrop::Duplicate);
+        return Ok(());
+    }
     if let Err(error) = validate_event_parts(&event.event_parts) {
         worker.counters.drop(HubDrop::Invalid);
         return Err(error.to_string());
@@ -121,11 +125,25 @@ fn accept(
         rate.get(),
         received_ns,
     );
-    worker
-        .counters
-        .delivered
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    worker.counters.delivered.fetch_add(1, Relaxed);
     Ok(())
+}
+
+/// Tracks the worker's sequence numbers: confirms receipt, counts gaps, and says whether this
+/// is the first time the hub sees `sequence` from this worker process (false: a replay).
+fn first_time(session: &Session, sequence: u64) -> bool {
+    let counters = &session.worker.counters;
+    session.receipts.received(sequence);
+    let last = counters.last_sequence.fetch_max(sequence, Relaxed);
+    if sequence <= last {
+        return false;
+    }
+    // Before the first event the hub has no idea what came earlier (another hub may have
+    // received it), so only gaps after it count as missing.
+    if last > 0 && sequence > last + 1 {
+        counters.missing.fetch_add(sequence - last - 1, Relaxed);
+    }
+    true
 }
 
 /// Handles the reserved `bridge.*` names a worker may send.
@@ -158,10 +176,7 @@ fn protocol_event(
         worker.status().reported = counters;
         Ok(())
     } else {
-        worker
-            .counters
-            .received
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        worker.counters.received.fetch_add(1, Relaxed);
         worker.counters.drop(HubDrop::Invalid);
         Err(format!(
             "`{}`: event names starting with `bridge.` are reserved",
@@ -203,23 +218,38 @@ impl Enforcer {
     }
 }
 
-/// The control messages for a worker: its full state now and after every change.
+/// How long receipts wait to cover more events; a worker keeps this much more in its buffer.
+const RECEIPT_DELAY: Duration = Duration::from_millis(5);
+
+/// The control messages for a worker: its full state now and after every change, and receipts
+/// for its numbered events. A stream the worker closed gets a last receipt before it ends, so
+/// a worker that drains and closes knows everything arrived.
 pub fn controls(
     session: Session,
     acknowledges: bool,
 ) -> impl Stream<Item = Result<v1::TelemetryControl, Status>> {
     let mut desired = session.worker.watch_desired();
+    let receipt = |through_sequence| v1::TelemetryControl {
+        control: Some(Control::Received(v1::ReceiptAck { through_sequence })),
+    };
     stream! {
+        let mut send_state = true;
         loop {
-            let state = desired.borrow_and_update().clone();
-            session.worker.status().last_sent = Some((state.version, Instant::now()));
-            for message in messages_for(&state, acknowledges) {
-                yield Ok(message);
+            if send_state {
+                let state = desired.borrow_and_update().clone();
+                session.worker.status().last_sent = Some((state.version, Instant::now()));
+                for message in state.messages(acknowledges) {
+                    yield Ok(message);
+                }
             }
+            send_state = false;
             tokio::select! {
                 () = session.cancel.cancelled() => {
-                    if let Some(status) = session.ended_with() {
-                        yield Err(status);
+                    match session.ended_with() {
+                        Some(status) => yield Err(status),
+                        None => if let Some(through) = session.receipts.take() {
+                            yield Ok(receipt(through));
+                        },
                     }
                     break;
                 }
@@ -227,29 +257,15 @@ pub fn controls(
                     if changed.is_err() {
                         break;
                     }
+                    send_state = true;
+                }
+                () = session.receipts.notify.notified() => {
+                    tokio::time::sleep(RECEIPT_DELAY).await;
+                    if let Some(through) = session.receipts.take() {
+                        yield Ok(receipt(through));
+                    }
                 }
             }
         }
     }
-}
-
-/// Clients that acknowledge get the whole state in one message. Plain clients get the toggle
-/// and the filter, so they can skip work early; the hub samples their events itself, and a
-/// client sampling them as well would square the rate.
-fn messages_for(state: &ControlState, acknowledges: bool) -> Vec<v1::TelemetryControl> {
-    let message = |control| v1::TelemetryControl {
-        control: Some(control),
-    };
-    if acknowledges {
-        return vec![message(Control::State(v1::ControlState::from(state)))];
-    }
-    vec![
-        message(Control::Toggle(v1::TelemetryToggle {
-            enabled: state.enabled,
-        })),
-        message(Control::Filter(v1::TelemetryEventFilter {
-            allowed_events: state.allow.iter().map(ToString::to_string).collect(),
-            blocked_events: state.block.iter().map(ToString::to_string).collect(),
-        })),
-    ]
 }

@@ -161,6 +161,31 @@ impl ControlState {
     }
 }
 
+impl ControlState {
+    /// The control messages that convey this state to a client. Clients that acknowledge get
+    /// it whole, in one message. Plain clients get the toggle and the filter, so they can skip
+    /// work early, but not sampling: the receiving side samples their events itself, and a
+    /// client sampling them as well would square the rate.
+    pub fn messages(&self, acknowledges: bool) -> Vec<v1::TelemetryControl> {
+        use v1::telemetry_control::Control;
+        let message = |control| v1::TelemetryControl {
+            control: Some(control),
+        };
+        if acknowledges {
+            return vec![message(Control::State(v1::ControlState::from(self)))];
+        }
+        vec![
+            message(Control::Toggle(v1::TelemetryToggle {
+                enabled: self.enabled,
+            })),
+            message(Control::Filter(v1::TelemetryEventFilter {
+                allowed_events: self.allow.iter().map(ToString::to_string).collect(),
+                blocked_events: self.block.iter().map(ToString::to_string).collect(),
+            })),
+        ]
+    }
+}
+
 /// Parses a list of patterns, naming the field and index of the first bad one.
 pub fn parse_patterns<S: AsRef<str>>(
     field: &str,

@@ -1,9 +1,13 @@
-//! Subscription items encoded once, shared by every subscriber that receives them.
+//! Messages encoded once and sent as bytes.
 //!
-//! Fan-out to N subscribers would otherwise encode the same event N times. The hub encodes a
-//! `SubscribeResponse` once into [`Bytes`]; each subscriber's stream holds a cheap clone, and
-//! this type's [`prost::Message`] impl writes those bytes verbatim. On the wire it is exactly a
-//! `v1::SubscribeResponse`, so clients decode it with the generated type.
+//! - [`EncodedSubscribeResponse`]: fan-out to N subscribers would otherwise encode the same event
+//!   N times. The hub encodes a `SubscribeResponse` once into [`Bytes`]; each subscriber's stream
+//!   holds a cheap clone.
+//! - [`EncodedEvent`]: a worker encodes an event when it accepts it, keeps the bytes until the hub
+//!   confirms receipt, and replays the same bytes after a reconnect.
+//!
+//! Their [`prost::Message`] impls write the bytes verbatim; on the wire they are exactly the
+//! generated messages, so peers decode them with the generated types.
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::{
@@ -130,6 +134,54 @@ impl Message for EncodedSubscribeResponse {
     }
 }
 
+/// An encoded `TelemetryEvent`; cloning it is a reference-count increment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EncodedEvent {
+    bytes: Bytes,
+}
+
+impl EncodedEvent {
+    /// Wraps bytes that are the encoding of a `TelemetryEvent`.
+    pub fn from_bytes(bytes: Bytes) -> Self {
+        Self { bytes }
+    }
+
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Appends the `sequence` field to an encoded event that has none. Protobuf fields may come
+    /// in any order, so this is the same message as one encoded with the sequence set.
+    pub fn append_sequence(encoded: &mut Vec<u8>, sequence: u64) {
+        prost::encoding::uint64::encode(6, &sequence, encoded);
+    }
+}
+
+impl Message for EncodedEvent {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.bytes);
+    }
+
+    /// Only workers encode this type; anything decoding it is skipped.
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn clear(&mut self) {
+        self.bytes = Bytes::new();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +227,17 @@ mod tests {
         assert_eq!(
             EncodedSubscribeResponse::delivery("", "", &rich, 0.0, 0),
             owned
+        );
+
+        let mut bytes = rich.encode_to_vec();
+        EncodedEvent::append_sequence(&mut bytes, 77);
+        let decoded = TelemetryEvent::decode(bytes.as_slice()).expect("decodes");
+        assert_eq!(
+            decoded,
+            TelemetryEvent {
+                sequence: 77,
+                ..rich
+            }
         );
 
         let lag = EncodedSubscribeResponse::lagged(42).encode_to_vec();

@@ -5,7 +5,9 @@
 //!   `telemetry/bridge/v1/bridge.proto` (the comments there are the API documentation).
 //! - [`server`]: the service trait the hub implements; it streams subscribers
 //!   [`encoded::EncodedSubscribeResponse`]s instead of `v1::SubscribeResponse`s.
-//! - [`encoded`]: subscription items encoded once and shared by every subscriber.
+//! - [`worker_client`]: the client as workers use it, streaming [`encoded::EncodedEvent`]s.
+//! - [`encoded`]: messages encoded once: subscription items shared by every subscriber, and
+//!   events a worker buffers until the hub confirms them.
 //! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
 //! - [`sampling`]: the sampling rate and the deterministic per-correlation-id decision.
 //! - [`control`]: a worker's effective control state and the verdict it gives each event.
@@ -29,6 +31,16 @@ pub mod v1 {
 #[allow(missing_debug_implementations, unused_qualifications, clippy::all)]
 pub mod server {
     include!(concat!(env!("OUT_DIR"), "/server/telemetry.bridge.v1.rs"));
+}
+
+/// The `TelemetryBridge` client as workers use it: `StreamTelemetry` sends
+/// [`encoded::EncodedEvent`]s, so that buffered events are encoded once and replayed as they are.
+#[allow(missing_debug_implementations, unused_qualifications, clippy::all)]
+pub mod worker_client {
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/worker_client/telemetry.bridge.v1.rs"
+    ));
 }
 
 /// Encoded `FileDescriptorSet` of the contract, for `tonic-reflection`.

@@ -24,10 +24,15 @@ pub struct WorkerConfig {
     pub id: String,
     pub pool: String,
     pub labels: BTreeMap<String, String>,
-    pub queue_capacity: usize,
+    /// Events held until the hub confirms them.
+    pub buffer_events: usize,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
     pub stats_interval_ms: u64,
+    /// GPU and app process metrics interval.
+    pub gpu_interval_ms: u64,
+    /// Local endpoint for apps' own gRPC clients: `127.0.0.1:PORT`, a unix socket path, or empty.
+    pub local: String,
 }
 
 impl Default for WorkerConfig {
@@ -37,10 +42,12 @@ impl Default for WorkerConfig {
             id: String::new(),
             pool: String::new(),
             labels: BTreeMap::new(),
-            queue_capacity: 65_536,
+            buffer_events: 100_000,
             backoff_initial_ms: 100,
             backoff_max_ms: 5000,
             stats_interval_ms: 1000,
+            gpu_interval_ms: 10_000,
+            local: String::new(),
         }
     }
 }
@@ -74,8 +81,11 @@ impl WorkerConfig {
                 format!("`{}` must start with http:// or https://", self.hub),
             ));
         }
-        if self.queue_capacity == 0 {
-            return Err(("queue_capacity", "must be at least 1".into()));
+        if self.buffer_events == 0 {
+            return Err(("buffer_events", "must be at least 1".into()));
+        }
+        if self.gpu_interval_ms < 100 {
+            return Err(("gpu_interval_ms", "must be at least 100".into()));
         }
         if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
             return Err((
@@ -99,7 +109,7 @@ impl WorkerConfig {
         let mut options = LinkOptions::new(self.hub.clone(), id);
         options.pool.clone_from(&self.pool);
         options.labels = self.labels.clone().into_iter().collect();
-        options.queue_capacity = self.queue_capacity;
+        options.buffer_events = self.buffer_events;
         options.backoff_initial = Duration::from_millis(self.backoff_initial_ms);
         options.backoff_max = Duration::from_millis(self.backoff_max_ms);
         options.stats_interval = Duration::from_millis(self.stats_interval_ms);

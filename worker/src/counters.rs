@@ -1,75 +1,83 @@
 //! What happened to every event a worker produced.
 //!
-//! The accounting rule: `produced = queued + sampled_out + filtered + disabled + dropped`
-//! (by reason), and of the queued ones `sent` have been handed to the hub. Only outcomes are
-//! counted, never `produced` itself, so an emit touches one counter.
+//! The accounting rule: `produced = accepted + sampled_out + filtered + disabled + invalid`
+//! (invalid: a malformed name or TELEMETRY line), and of the accepted events each is, in the end,
+//! `confirmed` by the hub or `dropped.buffer_full`; the rest are still buffered. Only outcomes
+//! are counted, never `produced` itself, so an emit touches one counter.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Why an event was dropped after it passed toggle, filters and sampling.
+/// Why an event was not accepted, or was dropped after it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
-    /// The queue to the hub was full.
-    QueueFull,
+    /// The outage buffer was full; the oldest event made room.
+    BufferFull,
     /// The event name is malformed.
     InvalidName,
-    /// The emitter was closed.
-    Closed,
+    /// A `TELEMETRY:` line that is not valid JSON of the expected shape.
+    ParseError,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    queued: AtomicU64,
+    accepted: AtomicU64,
     sent: AtomicU64,
+    replayed: AtomicU64,
+    confirmed: AtomicU64,
     sampled_out: AtomicU64,
     filtered: AtomicU64,
     disabled: AtomicU64,
-    queue_full: AtomicU64,
+    buffer_full: AtomicU64,
     invalid_name: AtomicU64,
-    closed: AtomicU64,
+    parse_error: AtomicU64,
+}
+
+macro_rules! bump {
+    ($($name:ident),*) => {$(
+        #[inline]
+        pub(crate) fn $name(&self) {
+            self.$name.fetch_add(1, Relaxed);
+        }
+    )*};
 }
 
 impl Counters {
-    #[inline]
-    pub(crate) fn queued(&self) {
-        self.queued.fetch_add(1, Relaxed);
+    bump!(accepted, sampled_out, filtered, disabled);
+
+    pub(crate) fn sent(&self, count: usize) {
+        self.sent.fetch_add(count as u64, Relaxed);
     }
-    #[inline]
-    pub(crate) fn sent(&self) {
-        self.sent.fetch_add(1, Relaxed);
+
+    pub(crate) fn replayed(&self, count: usize) {
+        self.replayed.fetch_add(count as u64, Relaxed);
     }
-    #[inline]
-    pub(crate) fn sampled_out(&self) {
-        self.sampled_out.fetch_add(1, Relaxed);
+
+    pub(crate) fn confirmed(&self, count: usize) {
+        self.confirmed.fetch_add(count as u64, Relaxed);
     }
-    #[inline]
-    pub(crate) fn filtered(&self) {
-        self.filtered.fetch_add(1, Relaxed);
-    }
-    #[inline]
-    pub(crate) fn disabled(&self) {
-        self.disabled.fetch_add(1, Relaxed);
-    }
+
     #[inline]
     pub(crate) fn dropped(&self, reason: DropReason) {
         match reason {
-            DropReason::QueueFull => &self.queue_full,
+            DropReason::BufferFull => &self.buffer_full,
             DropReason::InvalidName => &self.invalid_name,
-            DropReason::Closed => &self.closed,
+            DropReason::ParseError => &self.parse_error,
         }
         .fetch_add(1, Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
         Snapshot {
-            queued: self.queued.load(Relaxed),
+            accepted: self.accepted.load(Relaxed),
             sent: self.sent.load(Relaxed),
+            replayed: self.replayed.load(Relaxed),
+            confirmed: self.confirmed.load(Relaxed),
             sampled_out: self.sampled_out.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
             disabled: self.disabled.load(Relaxed),
-            dropped_queue_full: self.queue_full.load(Relaxed),
+            dropped_buffer_full: self.buffer_full.load(Relaxed),
             dropped_invalid_name: self.invalid_name.load(Relaxed),
-            dropped_closed: self.closed.load(Relaxed),
+            dropped_parse_error: self.parse_error.load(Relaxed),
         }
     }
 }
@@ -77,40 +85,54 @@ impl Counters {
 /// Counter values at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    pub queued: u64,
+    /// Numbered and buffered for the hub.
+    pub accepted: u64,
+    /// Handed to a stream, replays included.
     pub sent: u64,
+    /// Sent again after a reconnect because the hub had not confirmed them.
+    pub replayed: u64,
+    /// Confirmed received by the hub.
+    pub confirmed: u64,
     pub sampled_out: u64,
     pub filtered: u64,
     pub disabled: u64,
-    pub dropped_queue_full: u64,
+    pub dropped_buffer_full: u64,
     pub dropped_invalid_name: u64,
-    pub dropped_closed: u64,
+    pub dropped_parse_error: u64,
 }
 
 impl Snapshot {
     /// Every event emitted, whatever became of it.
     pub fn produced(&self) -> u64 {
-        self.queued
+        self.accepted
             + self.sampled_out
             + self.filtered
             + self.disabled
-            + self.dropped_queue_full
             + self.dropped_invalid_name
-            + self.dropped_closed
+            + self.dropped_parse_error
+    }
+
+    /// Accepted events neither confirmed nor dropped: still in the buffer.
+    pub fn buffered(&self) -> u64 {
+        self.accepted
+            .saturating_sub(self.confirmed + self.dropped_buffer_full)
     }
 
     /// The counters as `bridge.worker.stats` measurements.
-    pub fn measurements(&self) -> [(&'static str, u64); 9] {
+    pub fn measurements(&self) -> [(&'static str, u64); 12] {
         [
             ("produced", self.produced()),
-            ("queued", self.queued),
+            ("accepted", self.accepted),
             ("sent", self.sent),
+            ("replayed", self.replayed),
+            ("confirmed", self.confirmed),
+            ("buffered", self.buffered()),
             ("sampled_out", self.sampled_out),
             ("filtered", self.filtered),
             ("disabled", self.disabled),
-            ("dropped.queue_full", self.dropped_queue_full),
+            ("dropped.buffer_full", self.dropped_buffer_full),
             ("dropped.invalid_name", self.dropped_invalid_name),
-            ("dropped.closed", self.dropped_closed),
+            ("dropped.parse_error", self.dropped_parse_error),
         ]
     }
 }

@@ -2,8 +2,9 @@
 //! queued.
 //!
 //! Toggle, filters and sampling are decided before anything is allocated, so a disabled,
-//! filtered or sampled-out event costs a few nanoseconds. A kept event goes into a bounded
-//! queue that never blocks the caller: when it is full the event is dropped and counted.
+//! filtered or sampled-out event costs a few nanoseconds. A kept event is encoded once, numbered
+//! and put in the bounded outage buffer, which never blocks the caller: when it is full the
+//! oldest event is dropped and counted.
 
 use std::{
     collections::HashMap,
@@ -17,12 +18,17 @@ use std::{
 use arc_swap::ArcSwap;
 use bridge_proto::{
     control::{ControlState, Verdict},
-    pattern::validate_event_name,
-    v1::{self, telemetry_value},
+    pattern::{validate_event_name, validate_event_parts},
+    v1,
 };
-use tokio::sync::mpsc;
+use prost::Message;
+use tokio::sync::watch;
 
-use crate::counters::{Counters, DropReason};
+use crate::{
+    buffer::Buffer,
+    counters::{Counters, DropReason},
+    encode,
+};
 
 /// A measured value. Integers stay integers on the wire; strings are for labels that are
 /// measured rather than contextual (e.g. a device state).
@@ -81,18 +87,6 @@ impl<'a> From<&'a String> for Value<'a> {
     }
 }
 
-impl Value<'_> {
-    fn to_wire(self) -> v1::TelemetryValue {
-        v1::TelemetryValue {
-            value: Some(match self {
-                Value::Int(v) => telemetry_value::Value::IntValue(v),
-                Value::Float(v) => telemetry_value::Value::FloatValue(v),
-                Value::Str(v) => telemetry_value::Value::StringValue(v.to_owned()),
-            }),
-        }
-    }
-}
-
 /// State shared by an emitter's clones and its link to the hub.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -100,13 +94,17 @@ pub(crate) struct Shared {
     pub(crate) enabled: AtomicBool,
     pub(crate) control: ArcSwap<ControlState>,
     pub(crate) counters: Counters,
-    pub(crate) queue: mpsc::Sender<v1::TelemetryEvent>,
+    pub(crate) buffer: Buffer,
+    /// Follows `control`, for whoever forwards it (the sidecar's local clients).
+    pub(crate) control_changes: watch::Sender<Arc<ControlState>>,
 }
 
 impl Shared {
     pub(crate) fn apply(&self, state: ControlState) {
+        let state = Arc::new(state);
         self.enabled.store(state.enabled, Relaxed);
-        self.control.store(Arc::new(state));
+        self.control.store(state.clone());
+        self.control_changes.send_replace(state);
     }
 }
 
@@ -117,27 +115,25 @@ pub struct Emitter {
 }
 
 impl Emitter {
-    /// An emitter with a queue of `capacity` events and no link: the receiver gets what would
-    /// be sent. For tests, and for feeding events into a link of your own.
-    pub fn detached(capacity: usize) -> (Self, mpsc::Receiver<v1::TelemetryEvent>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        (
-            Self {
-                shared: Arc::new(Shared {
-                    enabled: AtomicBool::new(true),
-                    control: ArcSwap::from_pointee(ControlState::default()),
-                    counters: Counters::default(),
-                    queue: tx,
-                }),
-            },
-            rx,
-        )
+    /// An emitter whose buffer holds up to `capacity` events, with no link to send them:
+    /// [`Emitter::buffered`] shows what it would send. Links make their own.
+    pub fn detached(capacity: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                enabled: AtomicBool::new(true),
+                control: ArcSwap::from_pointee(ControlState::default()),
+                counters: Counters::default(),
+                buffer: Buffer::new(capacity),
+                control_changes: watch::Sender::new(Arc::new(ControlState::default())),
+            }),
+        }
     }
 
     /// Emits an event named `name` (dotted, e.g. `inference.stop`).
     ///
-    /// Never blocks and never fails: an event that is disabled, filtered, sampled out, badly
-    /// named or does not fit in the queue is counted by reason (see [`Emitter::counters`]).
+    /// Never blocks and never fails: an event that is disabled, filtered, sampled out or badly
+    /// named is counted by reason, and so is the oldest event when the buffer is full (see
+    /// [`Emitter::counters`]).
     #[inline]
     pub fn emit(
         &self,
@@ -158,32 +154,27 @@ impl Emitter {
             Verdict::Filtered => return counters.filtered(),
             Verdict::SampledOut(_) => return counters.sampled_out(),
         }
-        if validate_event_name(name).is_err() {
+        if validate_event_name(name).is_err() || name == "bridge" || name.starts_with("bridge.") {
             return counters.dropped(DropReason::InvalidName);
         }
-        self.enqueue(v1::TelemetryEvent {
-            event_parts: name.split('.').map(str::to_owned).collect(),
-            measurements: measurements
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.to_wire()))
-                .collect(),
-            metadata: metadata
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            timestamp_ns: now_ns(),
-            correlation_id: correlation_id.to_owned(),
-        });
+        self.accept(encode::event(
+            name,
+            measurements,
+            metadata,
+            now_ns(),
+            correlation_id,
+        ));
     }
 
     /// Emits an event built elsewhere (e.g. relayed from another process), applying the same
-    /// toggle, filters and sampling as [`Emitter::emit`].
+    /// toggle, filters and sampling as [`Emitter::emit`]. Its sequence number, if it had one, is
+    /// replaced by this worker's. A missing timestamp becomes now.
     pub fn emit_event(&self, event: v1::TelemetryEvent) {
         let counters = &self.shared.counters;
         if !self.shared.enabled.load(Relaxed) {
             return counters.disabled();
         }
-        if bridge_proto::pattern::validate_event_parts(&event.event_parts).is_err() {
+        if !acceptable(&event.event_parts) {
             return counters.dropped(DropReason::InvalidName);
         }
         match self
@@ -192,19 +183,35 @@ impl Emitter {
             .load()
             .decide_parts(&event.event_parts, &event.correlation_id)
         {
-            Verdict::Keep(_) => self.enqueue(event),
+            Verdict::Keep(_) => self.emit_decided(event),
             Verdict::Disabled => counters.disabled(),
             Verdict::Filtered => counters.filtered(),
             Verdict::SampledOut(_) => counters.sampled_out(),
         }
     }
 
-    fn enqueue(&self, event: v1::TelemetryEvent) {
+    /// Buffers an event whose toggle, filter and sampling were already decided by its source
+    /// (a local client that applied this emitter's control state itself).
+    pub fn emit_decided(&self, mut event: v1::TelemetryEvent) {
+        if !acceptable(&event.event_parts) {
+            return self.shared.counters.dropped(DropReason::InvalidName);
+        }
+        if event.timestamp_ns == 0 {
+            event.timestamp_ns = now_ns();
+        }
+        self.accept(encode::message(event));
+    }
+
+    /// Counts a `TELEMETRY:` line (or other relayed input) that could not be parsed.
+    pub fn count_parse_error(&self) {
+        self.shared.counters.dropped(DropReason::ParseError);
+    }
+
+    fn accept(&self, encoded: Vec<u8>) {
         let counters = &self.shared.counters;
-        match self.shared.queue.try_send(event) {
-            Ok(()) => counters.queued(),
-            Err(mpsc::error::TrySendError::Full(_)) => counters.dropped(DropReason::QueueFull),
-            Err(mpsc::error::TrySendError::Closed(_)) => counters.dropped(DropReason::Closed),
+        counters.accepted();
+        if self.shared.buffer.push(encoded).evicted {
+            counters.dropped(DropReason::BufferFull);
         }
     }
 
@@ -238,6 +245,11 @@ impl Emitter {
         self.shared.control.load_full()
     }
 
+    /// Follows the control state this emitter applies.
+    pub fn watch_control(&self) -> watch::Receiver<Arc<ControlState>> {
+        self.shared.control_changes.subscribe()
+    }
+
     /// What happened to every event emitted so far.
     pub fn counters(&self) -> crate::counters::Snapshot {
         self.shared.counters.snapshot()
@@ -246,6 +258,16 @@ impl Emitter {
     /// Applies a control state locally, as a link does when the hub sends one.
     pub fn apply_control(&self, state: ControlState) {
         self.shared.apply(state);
+    }
+
+    /// The events buffered and not yet confirmed by a hub, oldest first, decoded.
+    pub fn buffered(&self) -> Vec<v1::TelemetryEvent> {
+        self.shared
+            .buffer
+            .snapshot()
+            .iter()
+            .filter_map(|e| v1::TelemetryEvent::decode(e.as_bytes().clone()).ok())
+            .collect()
     }
 }
 
@@ -331,6 +353,11 @@ impl Drop for Span {
     }
 }
 
+/// A well-formed name outside the `bridge.` namespace, which belongs to the protocol.
+fn acceptable(parts: &[String]) -> bool {
+    validate_event_parts(parts).is_ok() && parts.first().is_none_or(|p| p != "bridge")
+}
+
 /// Nanoseconds since the Unix epoch.
 pub fn now_ns() -> i64 {
     SystemTime::now()
@@ -348,15 +375,17 @@ mod tests {
     use super::*;
     use bridge_proto::{pattern::Pattern, sampling::Rate};
 
-    fn names(rx: &mut mpsc::Receiver<v1::TelemetryEvent>) -> Vec<String> {
-        std::iter::from_fn(|| rx.try_recv().ok())
+    fn names(emitter: &Emitter) -> Vec<String> {
+        emitter
+            .buffered()
+            .iter()
             .map(|e| e.event_parts.join("."))
             .collect()
     }
 
     #[test]
     fn emit_builds_the_event_with_typed_values() {
-        let (emitter, mut rx) = Emitter::detached(8);
+        let emitter = Emitter::detached(8);
         emitter.emit(
             "inference.stop",
             &[
@@ -367,11 +396,12 @@ mod tests {
             &[("model", "llama")],
             Some("req-1"),
         );
-        let event = rx.try_recv().unwrap();
+        let event = emitter.buffered().remove(0);
         assert_eq!(event.event_parts, ["inference", "stop"]);
+        assert_eq!(event.sequence, 1);
         assert_eq!(event.correlation_id, "req-1");
         assert_eq!(event.metadata["model"], "llama");
-        use telemetry_value::Value as V;
+        use bridge_proto::v1::telemetry_value::Value as V;
         assert_eq!(event.measurements["tokens"].value, Some(V::IntValue(512)));
         assert_eq!(
             event.measurements["latency_ms"].value,
@@ -385,19 +415,21 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_and_counts_without_blocking() {
-        let (emitter, _rx) = Emitter::detached(2);
-        for _ in 0..5 {
-            emitter.emit("a.b", &[], &[], None);
+    fn a_full_buffer_drops_the_oldest_and_counts_without_blocking() {
+        let emitter = Emitter::detached(2);
+        for i in 0..5 {
+            emitter.emit("a.b", &[("i", Value::Int(i))], &[], None);
         }
         let counters = emitter.counters();
-        assert_eq!((counters.queued, counters.dropped_queue_full), (2, 3));
-        assert_eq!(counters.produced(), 5);
+        assert_eq!((counters.accepted, counters.dropped_buffer_full), (5, 3));
+        assert_eq!((counters.produced(), counters.buffered()), (5, 2));
+        let kept: Vec<u64> = emitter.buffered().iter().map(|e| e.sequence).collect();
+        assert_eq!(kept, [4, 5], "the newest events are kept");
     }
 
     #[test]
     fn toggle_filters_and_sampling_apply_before_queueing() {
-        let (emitter, mut rx) = Emitter::detached(64);
+        let emitter = Emitter::detached(64);
         let rules = vec![bridge_proto::control::SamplingRule {
             pattern: Pattern::parse("noisy.*").unwrap(),
             rate: Rate::NONE,
@@ -414,7 +446,7 @@ mod tests {
         emitter.emit("debug.trace", &[], &[], None);
         emitter.emit("inference.stop", &[], &[], None);
         emitter.emit("bad..name", &[], &[], None);
-        assert_eq!(names(&mut rx), ["inference.stop"]);
+        assert_eq!(names(&emitter), ["inference.stop"]);
         let c = emitter.counters();
         assert_eq!(
             (c.sampled_out, c.filtered, c.dropped_invalid_name),
@@ -430,13 +462,17 @@ mod tests {
             vec![],
         ));
         emitter.emit("inference.stop", &[], &[], None);
-        assert!(names(&mut rx).is_empty());
+        assert_eq!(
+            names(&emitter),
+            ["inference.stop"],
+            "nothing more was accepted"
+        );
         assert_eq!(emitter.counters().disabled, 1);
     }
 
     #[test]
     fn spans_share_a_correlation_id_and_report_their_outcome() {
-        let (emitter, mut rx) = Emitter::detached(16);
+        let emitter = Emitter::detached(16);
         let span = emitter.span("inference", &[("model", "llama")], None);
         let id = span.correlation_id().to_owned();
         span.stop();
@@ -445,7 +481,7 @@ mod tests {
             .exception("Timeout", "took too long");
         drop(emitter.span("early", &[], None));
 
-        let events: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        let events = emitter.buffered();
         let names: Vec<_> = events.iter().map(|e| e.event_parts.join(".")).collect();
         assert_eq!(
             names,

@@ -14,20 +14,30 @@
 //! ```
 //!
 //! # Layout
-//! - [`emitter`]: [`Emitter`]: `emit`, spans, toggle/filter/sampling before the bounded queue.
-//! - [`link`]: [`Link`]: the stream to the hub, reconnecting with backoff, applying and
-//!   acknowledging control, reporting counters.
+//! - [`emitter`]: [`Emitter`]: `emit`, spans, toggle/filter/sampling, then encoding straight to
+//!   bytes into the outage buffer (`buffer`: numbered, bounded, replayed until confirmed).
+//! - [`link`]: [`Link`]: the stream to the hub, reconnecting with backoff, replaying what the hub
+//!   did not confirm, applying and acknowledging control, reporting counters.
 //! - [`counters`]: what became of every event.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`config`]: the `[worker]` section of `config.toml`.
+//! - [`sidecar`]: the `worker` binary: runs an app, relays its [`telemetry_line`]s, serves the
+//!   [`local`] endpoint, reports [`gpu`] (NVML) and [`process`] metrics.
 //! - [`simulate`]: synthetic inference traffic for demos and tests.
 
 pub mod backoff;
+mod buffer;
 pub mod config;
 pub mod counters;
 pub mod emitter;
+mod encode;
+pub mod gpu;
 pub mod link;
+pub mod local;
+pub mod process;
+pub mod sidecar;
 pub mod simulate;
+pub mod telemetry_line;
 
 pub use crate::{
     emitter::{Emitter, Span, Value},

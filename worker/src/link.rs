@@ -1,23 +1,24 @@
 //! The link from a worker to the hub: one `StreamTelemetry` stream, re-opened with backoff.
 //!
-//! Events leave the emitter's queue in order. On the same stream the hub sends the worker's
-//! control state; the link applies it to the emitter and acknowledges the version in-band
-//! (`bridge.control.applied`), ahead of queued events so that a deep queue does not delay it.
-//! The emitter's counters travel the same way (`bridge.worker.stats`) once a second when they
-//! changed.
+//! Events leave the emitter's buffer in sequence order and stay there until the hub confirms
+//! receipt (`TelemetryControl.received`); a new stream replays whatever the last one did not get
+//! confirmed, so a hub restart loses nothing the buffer could hold. On the same stream the hub
+//! sends the worker's control state; the link applies it and acknowledges the version in-band
+//! (`bridge.control.applied`), ahead of buffered events so that a backlog does not delay it. The
+//! emitter's counters travel the same way (`bridge.worker.stats`) when they changed.
 
 use std::{sync::Arc, time::Duration};
 
 use async_stream::stream;
 use bridge_proto::{
     control::{ControlState, parse_patterns},
+    encoded::EncodedEvent,
     sampling::Rate,
-    v1::{self, telemetry_bridge_client::TelemetryBridgeClient, telemetry_control::Control},
+    v1::{self, telemetry_control::Control},
+    worker_client::telemetry_bridge_client::TelemetryBridgeClient,
 };
-use tokio::{
-    sync::{Mutex, mpsc, watch},
-    task::JoinHandle,
-};
+use prost::Message;
+use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Request,
@@ -32,6 +33,9 @@ use crate::{
     emitter::{Emitter, Shared, now_ns},
 };
 
+/// Events handed to the transport per wake-up, so that acknowledgements interleave.
+const SEND_BATCH: usize = 256;
+
 /// How to reach the hub and who this worker is.
 #[derive(Debug, Clone)]
 pub struct LinkOptions {
@@ -42,8 +46,11 @@ pub struct LinkOptions {
     pub pool: String,
     pub pid: u32,
     pub labels: Vec<(String, String)>,
-    /// Events held while the hub is slow or away; more are dropped and counted.
-    pub queue_capacity: usize,
+    /// What GPUs this worker sees ("none" when it has none); empty: not reported.
+    pub gpu: String,
+    /// Events held until the hub confirms them (e.g. while it is away); when full, the oldest
+    /// are dropped and counted.
+    pub buffer_events: usize,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
@@ -58,7 +65,8 @@ impl LinkOptions {
             pool: String::new(),
             pid: std::process::id(),
             labels: Vec::new(),
-            queue_capacity: 65_536,
+            gpu: String::new(),
+            buffer_events: 65_536,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
@@ -106,12 +114,11 @@ impl Link {
     pub fn start(options: LinkOptions) -> Result<Self, LinkError> {
         let endpoint = endpoint(&options)?;
         let headers = headers(&options)?;
-        let (emitter, queue) = Emitter::detached(options.queue_capacity);
+        let emitter = Emitter::detached(options.buffer_events);
         let closing = CancellationToken::new();
         let (state_tx, state) = watch::channel(LinkState::Connecting);
         let task = tokio::spawn(run(
             emitter.shared.clone(),
-            Arc::new(Mutex::new(queue)),
             endpoint,
             headers,
             options,
@@ -135,15 +142,16 @@ impl Link {
         self.state.clone()
     }
 
-    /// Sends what is queued, then closes the stream; gives up after `timeout`. Returns the
-    /// final counters.
+    /// Sends what is buffered and waits for the hub to confirm it; gives up after `timeout`
+    /// (what is still unconfirmed then is lost and shows as `buffered` in the counters).
     pub async fn close(self, timeout: Duration) -> Snapshot {
         self.closing.cancel();
         let mut task = self.task;
         if tokio::time::timeout(timeout, &mut task).await.is_err() {
             warn!(
                 ?timeout,
-                "telemetry link did not drain in time; abandoning queued events"
+                unconfirmed = self.emitter.shared.buffer.unconfirmed(),
+                "telemetry link did not drain in time; abandoning unconfirmed events"
             );
             task.abort();
         }
@@ -195,15 +203,18 @@ fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
             value,
         )?;
     }
+    add("x-worker-gpu".into(), &options.gpu)?;
+    // One run of this process: sequence numbers restart with it.
+    add(
+        "x-worker-instance".into(),
+        &format!("{:016x}", rand::random::<u64>()),
+    )?;
     add("x-bridge-control-ack".into(), "1")?;
     Ok(headers)
 }
 
-type Queue = Arc<Mutex<mpsc::Receiver<v1::TelemetryEvent>>>;
-
 async fn run(
     shared: Arc<Shared>,
-    queue: Queue,
     endpoint: Endpoint,
     headers: Headers,
     options: LinkOptions,
@@ -216,7 +227,6 @@ async fn run(
         state.send_replace(LinkState::Connecting);
         let result = stream_once(
             &shared,
-            &queue,
             &endpoint,
             &headers,
             &options,
@@ -225,7 +235,7 @@ async fn run(
             &mut backoff,
         )
         .await;
-        if closing.is_cancelled() {
+        if closing.is_cancelled() && (result.is_ok() || shared.buffer.unconfirmed() == 0) {
             break;
         }
         // Replaced means another live stream uses this worker id: reconnecting at once would
@@ -237,7 +247,7 @@ async fn run(
         };
         failures += 1;
         if failures == 1 || failures.is_power_of_two() {
-            warn!(hub = %options.hub, %error, attempts = failures, "telemetry link down; retrying with backoff");
+            warn!(hub = %options.hub, %error, attempts = failures, unconfirmed = shared.buffer.unconfirmed(), "telemetry link down; buffering and retrying with backoff");
         } else {
             debug!(hub = %options.hub, %error, "telemetry link still down");
         }
@@ -250,10 +260,7 @@ async fn run(
         } else {
             backoff.next_delay()
         };
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = closing.cancelled() => break,
-        }
+        tokio::time::sleep(delay).await;
     }
     state.send_replace(LinkState::Closed);
 }
@@ -269,7 +276,6 @@ fn describe(status: &tonic::Status) -> String {
 #[allow(clippy::too_many_arguments)]
 async fn stream_once(
     shared: &Arc<Shared>,
-    queue: &Queue,
     endpoint: &Endpoint,
     headers: &Headers,
     options: &LinkOptions,
@@ -286,14 +292,21 @@ async fn stream_once(
     })?;
     let mut client =
         TelemetryBridgeClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
+    let replay = shared.buffer.rewind();
+    if replay > 0 {
+        shared.counters.replayed(replay);
+        info!(
+            events = replay,
+            "replaying events the hub has not confirmed"
+        );
+    }
     let (acks, ack_rx) = watch::channel(0u64);
-    // Ends this stream's outbound half when the stream is over, so the queue is free for the
-    // next one even if the transport keeps the old request body alive.
+    // Ends this stream's outbound half when the stream is over, so a transport that keeps the
+    // old request body alive cannot keep sending from it.
     let over = CancellationToken::new();
     let _over_guard = over.clone().drop_guard();
     let mut request = Request::new(outbound(
         shared.clone(),
-        queue.clone(),
         ack_rx,
         options.stats_interval,
         closing.clone(),
@@ -307,6 +320,11 @@ async fn stream_once(
     state.send_replace(LinkState::Connected { applied: None });
     while let Some(control) = inbound.message().await? {
         backoff.reset();
+        if let Some(Control::Received(receipt)) = &control.control {
+            let confirmed = shared.buffer.confirm(receipt.through_sequence);
+            shared.counters.confirmed(confirmed);
+            continue;
+        }
         if let Some(version) = apply(shared, control) {
             acks.send_replace(version);
             state.send_replace(LinkState::Connected {
@@ -333,21 +351,27 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// Events, acknowledgements and counter reports, in that priority.
+/// Acknowledgements, buffered events and counter reports, in that priority. When closing, it
+/// sends everything still unsent and a last report, then ends the stream.
 fn outbound(
     shared: Arc<Shared>,
-    queue: Queue,
     mut acks: watch::Receiver<u64>,
     stats_interval: Duration,
     closing: CancellationToken,
     over: CancellationToken,
-) -> impl tokio_stream::Stream<Item = v1::TelemetryEvent> {
+) -> impl tokio_stream::Stream<Item = EncodedEvent> {
     stream! {
-        let mut queue = queue.lock_owned().await;
         let mut stats = tokio::time::interval(stats_interval);
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported: Option<Snapshot> = None;
         loop {
+            let batch = shared.buffer.take_unsent(SEND_BATCH);
+            if !batch.is_empty() {
+                shared.counters.sent(batch.len());
+                for event in batch {
+                    yield event;
+                }
+            }
             tokio::select! {
                 biased;
                 () = over.cancelled() => break,
@@ -359,9 +383,15 @@ fn outbound(
                     yield protocol_event(&["bridge", "control", "applied"], &[("version", version)]);
                 }
                 () = closing.cancelled() => {
-                    while let Ok(event) = queue.try_recv() {
-                        shared.counters.sent();
-                        yield event;
+                    loop {
+                        let batch = shared.buffer.take_unsent(SEND_BATCH);
+                        if batch.is_empty() {
+                            break;
+                        }
+                        shared.counters.sent(batch.len());
+                        for event in batch {
+                            yield event;
+                        }
                     }
                     yield stats_event(&shared.counters.snapshot());
                     break;
@@ -373,24 +403,20 @@ fn outbound(
                         yield stats_event(&now);
                     }
                 }
-                event = queue.recv() => match event {
-                    Some(event) => {
-                        shared.counters.sent();
-                        yield event;
-                    }
-                    None => break,
-                },
+                // A push while this loop was busy left a permit, so nothing is missed.
+                () = shared.buffer.ready.notified() => {}
             }
         }
     }
 }
 
-fn stats_event(snapshot: &Snapshot) -> v1::TelemetryEvent {
+fn stats_event(snapshot: &Snapshot) -> EncodedEvent {
     protocol_event(&["bridge", "worker", "stats"], &snapshot.measurements())
 }
 
-fn protocol_event(name: &[&str], measurements: &[(&str, u64)]) -> v1::TelemetryEvent {
-    v1::TelemetryEvent {
+/// A protocol event; these carry no sequence number, since they are never replayed.
+fn protocol_event(name: &[&str], measurements: &[(&str, u64)]) -> EncodedEvent {
+    let event = v1::TelemetryEvent {
         event_parts: name.iter().map(|s| (*s).to_owned()).collect(),
         measurements: measurements
             .iter()
@@ -405,10 +431,10 @@ fn protocol_event(name: &[&str], measurements: &[(&str, u64)]) -> v1::TelemetryE
                 )
             })
             .collect(),
-        metadata: Default::default(),
         timestamp_ns: now_ns(),
-        correlation_id: String::new(),
-    }
+        ..Default::default()
+    };
+    EncodedEvent::from_bytes(event.encode_to_vec().into())
 }
 
 /// Applies a control message; returns the version to acknowledge, if it carried one.
@@ -418,6 +444,7 @@ fn apply(shared: &Shared, control: v1::TelemetryControl) -> Option<u64> {
         ControlState::new(current.version, enabled, rate, rules, allow, block)
     };
     match control.control? {
+        Control::Received(_) => None,
         Control::State(state) => match ControlState::try_from(state) {
             Ok(state) => {
                 let version = state.version;

@@ -1,12 +1,22 @@
 //! `worker`: the telemetry-bridge sidecar.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use worker::{Link, config::WorkerConfig, simulate};
+use worker::{
+    Link,
+    config::WorkerConfig,
+    local::LocalAddress,
+    sidecar::{self, SidecarOptions},
+    simulate,
+};
 
-/// Streams telemetry to a telemetry-bridge hub and applies the hub's control.
+/// Relays an app's telemetry to a telemetry-bridge hub, with GPU metrics, and applies the hub's
+/// control.
+///
+/// Run an app: `worker --hub http://hub:50051 --id gpu-3 --pool llama -- python serve.py`.
+/// Its stdout and stderr pass through; stderr lines `TELEMETRY:{json}` become events.
 #[derive(Debug, Parser)]
 #[command(name = "worker", version, about)]
 struct Args {
@@ -25,15 +35,33 @@ struct Args {
     /// Label sent to the hub, as key=value (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     labels: Vec<(String, String)>,
-    /// Emit simulated inference traffic at this many requests per second (two events each).
-    #[arg(long, value_name = "REQUESTS_PER_SEC")]
+    /// Events kept until the hub confirms them; when full the oldest are dropped and counted.
+    #[arg(long, value_name = "N")]
+    buffer_events: Option<usize>,
+    /// Interval of GPU and app metrics, e.g. 10s.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    gpu_interval: Option<Duration>,
+    /// Local endpoint for apps' own gRPC clients: 127.0.0.1:PORT or a unix socket path.
+    #[arg(long, value_name = "ADDR")]
+    local: Option<String>,
+    /// How long to wait for the hub to confirm buffered events when exiting.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Without an app: emit simulated inference traffic at this many requests per second.
+    #[arg(long, value_name = "REQUESTS_PER_SEC", conflicts_with = "command")]
     simulate: Option<f64>,
     /// Model name for simulated traffic.
     #[arg(long, default_value = "llama-3-8b")]
     model: String,
+    /// Report this many fake GPUs instead of asking NVML (for tests and demos).
+    #[arg(long, hide = true)]
+    fake_gpus: Option<u32>,
     /// Log format on stderr.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
+    /// The app to run, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -54,28 +82,48 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(&args.log_format);
+    // Wrapping an app, the sidecar keeps its stderr for the app and says only what is wrong.
+    init_logging(
+        &args.log_format,
+        if args.command.is_empty() {
+            "info"
+        } else {
+            "warn"
+        },
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
+            eprintln!("worker: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::from(2)
+        Ok(code) => ExitCode::from(code),
+        Err(Failure { code, message }) => {
+            eprintln!("worker: {message}");
+            ExitCode::from(code)
         }
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let mut config = WorkerConfig::load(args.config.as_deref())?;
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+async fn run(args: Args) -> Result<u8, Failure> {
+    let mut config = WorkerConfig::load(args.config.as_deref()).map_err(usage)?;
     if let Some(hub) = args.hub {
         config.hub = hub;
     }
@@ -86,56 +134,86 @@ async fn run(args: Args) -> Result<(), String> {
         config.pool = pool;
     }
     config.labels.extend(args.labels);
+    if let Some(events) = args.buffer_events {
+        config.buffer_events = events;
+    }
+    if let Some(interval) = args.gpu_interval {
+        config.gpu_interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+    }
+    if let Some(local) = args.local {
+        config.local = local;
+    }
     config
         .validate()
-        .map_err(|(key, message)| format!("{key}: {message}"))?;
+        .map_err(|(key, message)| usage(format!("{key}: {message}")))?;
+    let local = if config.local.is_empty() {
+        None
+    } else {
+        Some(
+            config
+                .local
+                .parse::<LocalAddress>()
+                .map_err(|e| usage(format!("--local: {e}")))?,
+        )
+    };
     if let Some(rate) = args.simulate
         && !(rate.is_finite() && rate > 0.0)
     {
-        return Err(format!(
+        return Err(usage(format!(
             "--simulate {rate}: give a positive number of requests per second"
-        ));
+        )));
     }
 
-    let options = config.link_options();
-    tracing::info!(hub = %options.hub, worker.id = %options.id, worker.pool = %options.pool, "worker starting");
-    let link = Link::start(options).map_err(|e| e.to_string())?;
-    let stop = CancellationToken::new();
-    if let Some(rate) = args.simulate {
-        tokio::spawn(simulate::run(
-            link.emitter(),
-            simulate::Simulation {
-                model: args.model,
-                requests_per_second: rate,
+    let options = SidecarOptions {
+        link: config.link_options(),
+        command: args.command,
+        metrics_interval: Duration::from_millis(config.gpu_interval_ms),
+        local,
+        fake_gpus: args.fake_gpus,
+        drain_timeout: args.drain_timeout,
+    };
+    tracing::info!(hub = %options.link.hub, worker.id = %options.link.id, worker.pool = %options.link.pool, "worker starting");
+    match args.simulate {
+        None => sidecar::run(options).await.map_err(|message| Failure {
+            // A command that cannot be started is the shell's 127.
+            code: if message.starts_with("cannot run") {
+                127
+            } else {
+                1
             },
-            stop.clone(),
-        ));
+            message,
+        }),
+        Some(rate) => simulate_until_signalled(options, rate, args.model).await,
     }
-    shutdown_signal().await;
+}
+
+async fn simulate_until_signalled(
+    options: SidecarOptions,
+    rate: f64,
+    model: String,
+) -> Result<u8, Failure> {
+    let link = Link::start(options.link).map_err(|e| usage(e.to_string()))?;
+    let stop = CancellationToken::new();
+    let traffic = tokio::spawn(simulate::run(
+        link.emitter(),
+        simulate::Simulation {
+            model,
+            requests_per_second: rate,
+        },
+        stop.clone(),
+    ));
+    let _ = tokio::signal::ctrl_c().await;
     stop.cancel();
-    let counters = link.close(Duration::from_secs(5)).await;
+    let _ = traffic.await;
+    let counters = link.close(options.drain_timeout).await;
     tracing::info!(?counters, "worker stopped");
-    Ok(())
+    Ok(0)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-fn init_logging(format: &str) {
+fn init_logging(format: &str, default_level: &str) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

@@ -1,0 +1,183 @@
+//! The outage buffer: events a worker accepted, in sequence order, until the hub confirms them.
+//!
+//! Every accepted event gets the next sequence number and is kept, encoded, until the hub's
+//! cumulative receipt covers it. A stream sends what it has not sent yet; after a reconnect the
+//! next stream starts again from the oldest unconfirmed event, so a hub that died mid-stream
+//! loses nothing it did not confirm. The buffer is bounded: when full, the oldest event is
+//! dropped and counted, leaving a gap in the sequence that the hub and subscribers can see.
+
+use std::{
+    collections::VecDeque,
+    sync::{Mutex, MutexGuard},
+};
+
+use bridge_proto::encoded::EncodedEvent;
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+#[derive(Debug)]
+struct Inner {
+    /// Unconfirmed events, oldest first, with their sequence numbers.
+    events: VecDeque<(u64, EncodedEvent)>,
+    next_sequence: u64,
+    /// How many of the newest events the current stream has not sent yet.
+    unsent: usize,
+    capacity: usize,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pushed {
+    pub sequence: u64,
+    /// The oldest event was dropped to make room.
+    pub evicted: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Buffer {
+    inner: Mutex<Inner>,
+    /// Woken when there is something new to send.
+    pub(crate) ready: Notify,
+}
+
+impl Buffer {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                events: VecDeque::with_capacity(capacity.clamp(1, 4096)),
+                next_sequence: 1,
+                unsent: 0,
+                capacity: capacity.max(1),
+            }),
+            ready: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section leaves `Inner` consistent, so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Numbers an encoded event (which must not have a sequence yet) and keeps it.
+    pub(crate) fn push(&self, mut encoded: Vec<u8>) -> Pushed {
+        let pushed = {
+            let mut inner = self.lock();
+            let sequence = inner.next_sequence;
+            inner.next_sequence += 1;
+            EncodedEvent::append_sequence(&mut encoded, sequence);
+            inner
+                .events
+                .push_back((sequence, EncodedEvent::from_bytes(Bytes::from(encoded))));
+            inner.unsent += 1;
+            let evicted = inner.events.len() > inner.capacity;
+            if evicted {
+                inner.events.pop_front();
+                inner.unsent = inner.unsent.min(inner.events.len());
+            }
+            Pushed { sequence, evicted }
+        };
+        self.ready.notify_one();
+        pushed
+    }
+
+    /// Up to `max` events the current stream has not sent, oldest first.
+    pub(crate) fn take_unsent(&self, max: usize) -> Vec<EncodedEvent> {
+        let mut inner = self.lock();
+        let start = inner.events.len() - inner.unsent;
+        let count = inner.unsent.min(max);
+        inner.unsent -= count;
+        inner
+            .events
+            .range(start..start + count)
+            .map(|(_, event)| event.clone())
+            .collect()
+    }
+
+    /// Forgets events the hub confirmed; returns how many.
+    pub(crate) fn confirm(&self, through_sequence: u64) -> usize {
+        let mut inner = self.lock();
+        let before = inner.events.len();
+        while inner
+            .events
+            .front()
+            .is_some_and(|(sequence, _)| *sequence <= through_sequence)
+        {
+            inner.events.pop_front();
+        }
+        inner.unsent = inner.unsent.min(inner.events.len());
+        before - inner.events.len()
+    }
+
+    /// Makes every unconfirmed event unsent again, for the next stream to replay.
+    pub(crate) fn rewind(&self) -> usize {
+        let mut inner = self.lock();
+        let replay = inner.events.len() - inner.unsent;
+        inner.unsent = inner.events.len();
+        replay
+    }
+
+    /// Events kept (sent or not) that the hub has not confirmed.
+    pub(crate) fn unconfirmed(&self) -> usize {
+        self.lock().events.len()
+    }
+
+    /// Copies of the kept events, oldest first.
+    pub(crate) fn snapshot(&self) -> Vec<EncodedEvent> {
+        self.lock().events.iter().map(|(_, e)| e.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_proto::v1::TelemetryEvent;
+    use prost::Message;
+
+    fn event(name: &str) -> Vec<u8> {
+        TelemetryEvent {
+            event_parts: vec![name.into()],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn sequences(events: &[EncodedEvent]) -> Vec<u64> {
+        events
+            .iter()
+            .map(|e| {
+                TelemetryEvent::decode(e.as_bytes().clone())
+                    .unwrap()
+                    .sequence
+            })
+            .collect()
+    }
+
+    #[test]
+    fn numbers_sends_confirms_and_replays() {
+        let buffer = Buffer::new(10);
+        for _ in 0..5 {
+            buffer.push(event("a"));
+        }
+        assert_eq!(sequences(&buffer.take_unsent(3)), [1, 2, 3]);
+        assert_eq!(sequences(&buffer.take_unsent(10)), [4, 5]);
+        assert!(buffer.take_unsent(10).is_empty());
+        assert_eq!(buffer.confirm(2), 2);
+        // The connection dies: the next one replays what was not confirmed.
+        assert_eq!(buffer.rewind(), 3);
+        buffer.push(event("a"));
+        assert_eq!(sequences(&buffer.take_unsent(10)), [3, 4, 5, 6]);
+        assert_eq!(buffer.confirm(6), 4);
+        assert_eq!(buffer.unconfirmed(), 0);
+    }
+
+    #[test]
+    fn a_full_buffer_drops_the_oldest() {
+        let buffer = Buffer::new(3);
+        let evicted: Vec<bool> = (0..5).map(|_| buffer.push(event("a")).evicted).collect();
+        assert_eq!(evicted, [false, false, false, true, true]);
+        assert_eq!(sequences(&buffer.take_unsent(10)), [3, 4, 5]);
+        buffer.push(event("a"));
+        assert_eq!(sequences(&buffer.take_unsent(10)), [6]);
+        assert_eq!(sequences(&buffer.snapshot()), [4, 5, 6]);
+    }
+}

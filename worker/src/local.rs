@@ -1,0 +1,268 @@
+//! The sidecar's local endpoint: the same `StreamTelemetry` contract the hub serves, on loopback
+//! TCP or a unix socket, so an app with its own gRPC client sends its events through the sidecar
+//! (which numbers, buffers and replays them under its own worker id).
+//!
+//! Local clients receive the sidecar's control state the way the hub sends it: whole, to clients
+//! that declare `x-bridge-control-ack: 1`, and as toggle and filter to plain clients. Events of a
+//! client that acknowledged the current state are taken as decided; everything else gets the
+//! sidecar's toggle, filters and sampling.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+};
+
+use async_stream::stream;
+use bridge_proto::{
+    encoded::EncodedSubscribeResponse,
+    server::telemetry_bridge_server::{TelemetryBridge, TelemetryBridgeServer},
+    v1::{self, telemetry_value::Value},
+};
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming, transport::Server};
+use tracing::{debug, info};
+
+use crate::emitter::Emitter;
+
+/// Where the local endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalAddress {
+    /// A loopback address, e.g. `127.0.0.1:50052`.
+    Tcp(SocketAddr),
+    /// A unix socket path, e.g. `/run/bridge/worker.sock`.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for LocalAddress {
+    type Err = String;
+
+    /// A path (anything with a `/`) is a unix socket; otherwise a loopback `HOST:PORT`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.contains('/') {
+            return Ok(Self::Unix(PathBuf::from(
+                text.strip_prefix("unix:").unwrap_or(text),
+            )));
+        }
+        let address: SocketAddr = text.parse().map_err(|_| {
+            format!("`{text}` is neither a socket path nor an address like 127.0.0.1:50052")
+        })?;
+        if !address.ip().is_loopback() {
+            return Err(format!(
+                "`{text}` is not a loopback address; the local endpoint has no authentication, so it only listens on 127.0.0.1, ::1 or a unix socket"
+            ));
+        }
+        Ok(Self::Tcp(address))
+    }
+}
+
+impl std::fmt::Display for LocalAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(address) => write!(f, "{address}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Relays local clients' events into the sidecar's emitter.
+#[derive(Debug, Clone)]
+struct LocalIngest {
+    emitter: Emitter,
+    shutdown: CancellationToken,
+}
+
+const ONLY_STREAMING: &str = "the sidecar's local endpoint accepts StreamTelemetry only; subscribe and administer at the hub";
+
+#[tonic::async_trait]
+impl TelemetryBridge for LocalIngest {
+    type StreamTelemetryStream = BoxStream<v1::TelemetryControl>;
+    type SubscribeStream = BoxStream<EncodedSubscribeResponse>;
+
+    async fn stream_telemetry(
+        &self,
+        request: Request<Streaming<v1::TelemetryEvent>>,
+    ) -> Result<Response<Self::StreamTelemetryStream>, Status> {
+        let acknowledges = request
+            .metadata()
+            .get("x-bridge-control-ack")
+            .is_some_and(|v| v == "1");
+        let mut inbound = request.into_inner();
+        let applied = Arc::new(AtomicU64::new(0));
+        let done = self.shutdown.child_token();
+        {
+            let (emitter, applied, done) = (self.emitter.clone(), applied.clone(), done.clone());
+            tokio::spawn(async move {
+                debug!(acknowledges, "local client connected");
+                loop {
+                    let message = tokio::select! {
+                        () = done.cancelled() => break,
+                        message = inbound.message() => message,
+                    };
+                    match message {
+                        Ok(Some(event)) => relay(&emitter, &applied, acknowledges, event),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                debug!("local client disconnected");
+                done.cancel();
+            });
+        }
+        let mut control = self.emitter.watch_control();
+        let outbound = stream! {
+            loop {
+                let state = control.borrow_and_update().clone();
+                for message in state.messages(acknowledges) {
+                    yield Ok(message);
+                }
+                tokio::select! {
+                    () = done.cancelled() => break,
+                    changed = control.changed() => if changed.is_err() { break },
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(outbound)))
+    }
+
+    async fn subscribe(
+        &self,
+        _: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(Status::unimplemented(ONLY_STREAMING))
+    }
+
+    async fn list_workers(
+        &self,
+        _: Request<v1::ListWorkersRequest>,
+    ) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        Err(Status::unimplemented(ONLY_STREAMING))
+    }
+
+    async fn update_control(
+        &self,
+        _: Request<v1::UpdateControlRequest>,
+    ) -> Result<Response<v1::UpdateControlResponse>, Status> {
+        Err(Status::unimplemented(ONLY_STREAMING))
+    }
+
+    async fn get_control(
+        &self,
+        _: Request<v1::GetControlRequest>,
+    ) -> Result<Response<v1::GetControlResponse>, Status> {
+        Err(Status::unimplemented(ONLY_STREAMING))
+    }
+}
+
+/// One event from a local client: an acknowledgement, a counter report (ignored: the sidecar
+/// reports its own), or telemetry to relay.
+fn relay(emitter: &Emitter, applied: &AtomicU64, acknowledges: bool, event: v1::TelemetryEvent) {
+    match event
+        .event_parts
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()[..]
+    {
+        ["bridge", "control", "applied"] => {
+            if let Some(Some(Value::IntValue(version))) =
+                event.measurements.get("version").map(|v| v.value.clone())
+            {
+                applied.store(u64::try_from(version).unwrap_or(0), Relaxed);
+            }
+        }
+        ["bridge", "worker", "stats"] => {}
+        _ if acknowledges && applied.load(Relaxed) == emitter.control().version => {
+            emitter.emit_decided(event);
+        }
+        _ => emitter.emit_event(event),
+    }
+}
+
+/// Serves the local endpoint until `shutdown` is cancelled.
+pub async fn serve(
+    emitter: Emitter,
+    address: LocalAddress,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let service = TelemetryBridgeServer::new(LocalIngest {
+        emitter,
+        shutdown: shutdown.clone(),
+    });
+    let router = Server::builder().tcp_nodelay(true).add_service(service);
+    let stop = shutdown.clone().cancelled_owned();
+    match &address {
+        LocalAddress::Tcp(socket) => {
+            let listener = tokio::net::TcpListener::bind(socket)
+                .await
+                .map_err(|e| format!("cannot listen on {socket}: {e}"))?;
+            info!(local = %address, "local endpoint listening");
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stop,
+                )
+                .await
+                .map_err(|e| e.to_string())
+        }
+        LocalAddress::Unix(path) => {
+            // A socket file left by an earlier run would make bind fail.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(path);
+            }
+            let listener = tokio::net::UnixListener::bind(path)
+                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+            info!(local = %address, "local endpoint listening");
+            let served = router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    stop,
+                )
+                .await
+                .map_err(|e| e.to_string());
+            let _ = std::fs::remove_file(path);
+            served
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_loopback_addresses_and_socket_paths_only() {
+        assert_eq!(
+            "127.0.0.1:50052".parse::<LocalAddress>(),
+            Ok(LocalAddress::Tcp("127.0.0.1:50052".parse().unwrap()))
+        );
+        assert_eq!(
+            "/run/w.sock".parse::<LocalAddress>(),
+            Ok(LocalAddress::Unix("/run/w.sock".into()))
+        );
+        assert_eq!(
+            "unix:/run/w.sock".parse::<LocalAddress>(),
+            Ok(LocalAddress::Unix("/run/w.sock".into()))
+        );
+        assert!(
+            "0.0.0.0:50052"
+                .parse::<LocalAddress>()
+                .unwrap_err()
+                .contains("not a loopback")
+        );
+        assert!(
+            "localhost"
+                .parse::<LocalAddress>()
+                .unwrap_err()
+                .contains("neither")
+        );
+    }
+}

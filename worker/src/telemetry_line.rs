@@ -1,0 +1,204 @@
+//! The simple mode of the telemetry-stream design: an app writes one line per event on stderr,
+//!
+//! ```text
+//! TELEMETRY:{"event": "inference.stop", "measurements": {"tokens": 512, "latency_ms": 12.5},
+//!            "metadata": {"model": "llama"}, "correlation_id": "req-1", "timestamp_ns": 123}
+//! ```
+//!
+//! (on one line). Only `event` is required, as a dotted name or a list of parts. JSON integers
+//! become `int_value`, other numbers `float_value`, strings `string_value`. Metadata values are
+//! strings; numbers and booleans are taken as their JSON text. Anything else is an error that
+//! says what is wrong, so that the sidecar can count the line and pass it through untouched.
+
+use std::collections::HashMap;
+
+use bridge_proto::{
+    pattern::validate_event_parts,
+    v1::{TelemetryEvent, TelemetryValue, telemetry_value},
+};
+use serde_json::{Map, Value as Json};
+
+/// The prefix that marks a telemetry line.
+pub const PREFIX: &[u8] = b"TELEMETRY:";
+
+/// Whether a stderr line (without its line ending) is meant as telemetry.
+pub fn is_telemetry(line: &[u8]) -> bool {
+    line.starts_with(PREFIX)
+}
+
+/// Parses a line that starts with [`PREFIX`] (line ending allowed).
+pub fn parse(line: &[u8]) -> Result<TelemetryEvent, String> {
+    let body = line
+        .strip_prefix(PREFIX)
+        .ok_or("the line does not start with TELEMETRY:")?;
+    let body = std::str::from_utf8(body).map_err(|_| "the line is not UTF-8".to_owned())?;
+    let object: Map<String, Json> = match serde_json::from_str(body.trim_end()) {
+        Ok(Json::Object(object)) => object,
+        Ok(_) => return Err("expected a JSON object after TELEMETRY:".into()),
+        Err(e) => return Err(format!("invalid JSON: {e}")),
+    };
+    let mut event = TelemetryEvent::default();
+    let mut has_event = false;
+    for (key, value) in object {
+        match key.as_str() {
+            "event" => {
+                event.event_parts = event_parts(value)?;
+                has_event = true;
+            }
+            "measurements" => event.measurements = measurements(value)?,
+            "metadata" => event.metadata = metadata(value)?,
+            "correlation_id" => match value {
+                Json::String(id) => event.correlation_id = id,
+                Json::Null => {}
+                _ => return Err("`correlation_id` must be a string".into()),
+            },
+            "timestamp_ns" => match value.as_i64() {
+                Some(ns) => event.timestamp_ns = ns,
+                None => return Err("`timestamp_ns` must be an integer (nanoseconds)".into()),
+            },
+            other => {
+                return Err(format!(
+                    "unknown key `{other}` (expected event, measurements, metadata, correlation_id, timestamp_ns)"
+                ));
+            }
+        }
+    }
+    if !has_event {
+        return Err("`event` is required".into());
+    }
+    validate_event_parts(&event.event_parts).map_err(|e| format!("`event`: {e}"))?;
+    Ok(event)
+}
+
+fn event_parts(value: Json) -> Result<Vec<String>, String> {
+    match value {
+        Json::String(name) => Ok(name.split('.').map(str::to_owned).collect()),
+        Json::Array(parts) => parts
+            .into_iter()
+            .map(|part| match part {
+                Json::String(part) => Ok(part),
+                _ => Err("`event` parts must be strings".to_owned()),
+            })
+            .collect(),
+        _ => Err("`event` must be a dotted name or a list of parts".into()),
+    }
+}
+
+fn measurements(value: Json) -> Result<HashMap<String, TelemetryValue>, String> {
+    let Json::Object(object) = value else {
+        return Err("`measurements` must be an object".into());
+    };
+    object
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match value {
+                Json::Number(n) => match n.as_i64() {
+                    Some(int) => telemetry_value::Value::IntValue(int),
+                    None => telemetry_value::Value::FloatValue(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                Json::String(text) => telemetry_value::Value::StringValue(text),
+                other => {
+                    return Err(format!(
+                        "measurement `{key}`: {} is not a number or a string",
+                        kind(&other)
+                    ));
+                }
+            };
+            Ok((key, TelemetryValue { value: Some(value) }))
+        })
+        .collect()
+}
+
+fn metadata(value: Json) -> Result<HashMap<String, String>, String> {
+    let Json::Object(object) = value else {
+        return Err("`metadata` must be an object".into());
+    };
+    object
+        .into_iter()
+        .map(|(key, value)| match value {
+            Json::String(text) => Ok((key, text)),
+            Json::Number(n) => Ok((key, n.to_string())),
+            Json::Bool(b) => Ok((key, b.to_string())),
+            other => Err(format!(
+                "metadata `{key}`: {} is not a string",
+                kind(&other)
+            )),
+        })
+        .collect()
+}
+
+fn kind(value: &Json) -> &'static str {
+    match value {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telemetry_value::Value as V;
+
+    fn value(event: &TelemetryEvent, key: &str) -> V {
+        event.measurements[key].value.clone().unwrap()
+    }
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let event = parse(
+            br#"TELEMETRY:{"event":"inference.stop","measurements":{"tokens":512,"latency_ms":12.5,"big":1e3,"state":"warm"},"metadata":{"model":"llama","pid":42,"ok":true},"correlation_id":"req-1","timestamp_ns":123}"#,
+        )
+        .unwrap();
+        assert_eq!(event.event_parts, ["inference", "stop"]);
+        assert_eq!(value(&event, "tokens"), V::IntValue(512));
+        assert_eq!(value(&event, "latency_ms"), V::FloatValue(12.5));
+        assert_eq!(value(&event, "big"), V::FloatValue(1000.0));
+        assert_eq!(value(&event, "state"), V::StringValue("warm".into()));
+        assert_eq!(event.metadata["pid"], "42");
+        assert_eq!(event.metadata["ok"], "true");
+        assert_eq!(
+            (event.correlation_id.as_str(), event.timestamp_ns),
+            ("req-1", 123)
+        );
+    }
+
+    #[test]
+    fn only_the_event_is_required_and_parts_may_be_a_list() {
+        let event = parse(b"TELEMETRY:{\"event\": [\"worker\", \"ready\"]}\n").unwrap();
+        assert_eq!(event.event_parts, ["worker", "ready"]);
+        assert!(event.measurements.is_empty() && event.timestamp_ns == 0);
+    }
+
+    #[test]
+    fn malformed_lines_say_what_is_wrong() {
+        let err = |line: &str| parse(line.as_bytes()).unwrap_err();
+        assert!(err("TELEMETRY:{not json").starts_with("invalid JSON"));
+        assert_eq!(
+            err("TELEMETRY:[1,2]"),
+            "expected a JSON object after TELEMETRY:"
+        );
+        assert_eq!(err("TELEMETRY:{}"), "`event` is required");
+        assert!(err(r#"TELEMETRY:{"event":"a..b"}"#).contains("empty token"));
+        assert!(
+            err(r#"TELEMETRY:{"event":"a","measurement":{}}"#)
+                .contains("unknown key `measurement`")
+        );
+        assert_eq!(
+            err(r#"TELEMETRY:{"event":"a","measurements":{"ok":true}}"#),
+            "measurement `ok`: a boolean is not a number or a string"
+        );
+        assert!(err(r#"TELEMETRY:{"event":"a","timestamp_ns":1.5}"#).contains("timestamp_ns"));
+        assert!(err(r#"TELEMETRY:{"event":7}"#).contains("dotted name"));
+    }
+
+    #[test]
+    fn recognises_the_prefix_only_at_the_start() {
+        assert!(is_telemetry(b"TELEMETRY:{}"));
+        assert!(!is_telemetry(b" TELEMETRY:{}"));
+        assert!(!is_telemetry(b"log: TELEMETRY:{}"));
+    }
+}
