@@ -5,15 +5,13 @@ metadata (no worker id, no acknowledgements) and handles `sampling` and `toggle`
 way the seed does. It emits one `inference.stop` event every couple of milliseconds and prints
 every control message it receives as one JSON line on stdout, until stdin closes.
 
-usage: seed_emitter.py HOST:PORT GENERATED_DIR
+usage: PYTHONPATH=GENERATED_DIR seed_emitter.py HOST:PORT
 """
 import asyncio
 import json
 import random
 import sys
 import time
-
-sys.path.insert(0, sys.argv[2])
 
 import grpc  # noqa: E402
 from google.protobuf.json_format import MessageToDict  # noqa: E402

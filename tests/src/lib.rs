@@ -17,6 +17,9 @@ use std::{
 use bridge::client::HubClient;
 use bridge_proto::v1;
 
+mod proxy;
+pub use proxy::Proxy;
+
 /// Builds the binaries once per test process and returns the path of `name`.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
@@ -157,35 +160,64 @@ pub struct WorkerProcess {
     _temp: tempfile::TempDir,
 }
 
+/// Reconnects quickly, so restart tests stay short.
+pub const QUICK_WORKER_CONFIG: &str =
+    "[worker]\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\nstats_interval_ms = 100\n";
+
 impl WorkerProcess {
-    /// `worker --hub URL --id ID [--pool POOL] ARGS...`
+    /// `worker --hub URL --id ID [--pool POOL] ARGS...`, with [`QUICK_WORKER_CONFIG`].
     pub fn start(hub: &str, id: &str, pool: &str, args: &[&str]) -> Self {
-        let temp = tempfile::tempdir().expect("temp dir");
-        let log = temp.path().join("worker.log");
-        let config = temp.path().join("worker.toml");
-        // Quick reconnects keep restart tests short.
-        std::fs::write(
-            &config,
-            "[worker]\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\nstats_interval_ms = 100\n",
-        )
-        .expect("write worker config");
+        let mut command = Self::command(hub, id, pool, QUICK_WORKER_CONFIG, args);
+        command.command.stdout(Stdio::null());
+        Self::spawn(command, true)
+    }
+
+    /// The `worker` command, for a test to adjust (stdio, environment) before [`Self::spawn`];
+    /// `config` is the contents of its configuration file.
+    pub fn command(hub: &str, id: &str, pool: &str, config: &str, args: &[&str]) -> WorkerCommand {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("worker.toml");
+        std::fs::write(&path, config).expect("write worker config");
         let mut command = Command::new(bin("worker"));
         command
             .arg("--config")
-            .arg(&config)
+            .arg(&path)
             .args(["--hub", hub, "--id", id])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"));
+            .env("RUST_LOG", "info");
         if !pool.is_empty() {
             command.args(["--pool", pool]);
         }
-        Self {
-            child: command.spawn().expect("spawn worker"),
-            log,
-            _temp: temp,
+        command.args(args);
+        WorkerCommand { command, dir }
+    }
+
+    /// Starts `command`; with `log_stderr`, its stderr goes to a log file shown on failure
+    /// (otherwise the caller set up stderr).
+    pub fn spawn(mut command: WorkerCommand, log_stderr: bool) -> Self {
+        let log = command.dir.path().join("worker.log");
+        if log_stderr {
+            command
+                .command
+                .stderr(std::fs::File::create(&log).expect("log file"));
         }
+        Self {
+            child: command.command.spawn().expect("spawn worker"),
+            log,
+            _temp: command.dir,
+        }
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        wait_exit(&mut self.child, timeout).expect("worker exits in time")
     }
 
     pub fn kill(&mut self) {
@@ -210,6 +242,13 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// A `worker` command line and the directory holding its configuration.
+#[derive(Debug)]
+pub struct WorkerCommand {
+    pub command: Command,
+    dir: tempfile::TempDir,
+}
+
 /// What a finished CLI command printed and how it exited.
 #[derive(Debug)]
 pub struct CliOutput {
@@ -218,18 +257,35 @@ pub struct CliOutput {
     pub stderr: String,
 }
 
-/// Runs `bridge --hub HUB ARGS...` to completion.
+/// Runs `bridge --hub HUB ARGS...` to completion, or kills it after a minute (a hung command
+/// then shows as `code: None` instead of hanging the test).
 pub fn cli(hub: &str, args: &[&str]) -> CliOutput {
-    let output = Command::new(bin("bridge"))
+    let mut child = Command::new(bin("bridge"))
         .arg("--hub")
         .arg(hub)
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run bridge");
+    let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = read_all(Box::new(child.stderr.take().expect("stderr")));
+    let status = wait_exit(&mut child, Duration::from_secs(60));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     CliOutput {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        code: status.and_then(|s| s.code()),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }
 
@@ -383,14 +439,75 @@ pub fn name(delivery: &v1::EventDelivery) -> String {
         .unwrap_or_default()
 }
 
-fn signal(pid: u32, name: &str) {
+/// A Python interpreter with `grpcio`, and client code generated from `bridge.proto` by
+/// `grpcio-tools`: a client of the contract in another language.
+#[derive(Debug)]
+pub struct PythonGrpc {
+    pub python: String,
+    generated: tempfile::TempDir,
+}
+
+impl PythonGrpc {
+    /// `None` (test skipped, said on stderr) when no Python with grpcio is found, unless
+    /// `BRIDGE_REQUIRE_PYTHON` is set (as `./test.sh` does), which makes that a failure.
+    pub fn set_up() -> Option<Self> {
+        let python = std::env::var("BRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let ok = Command::new(&python)
+            .args(["-c", "import grpc, grpc_tools"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                std::env::var_os("BRIDGE_REQUIRE_PYTHON").is_none(),
+                "{python} lacks grpcio/grpcio-tools; ./test.sh installs them"
+            );
+            eprintln!("skipping: no Python with grpcio (run ./test.sh to set one up)");
+            return None;
+        }
+        let generated = tempfile::tempdir().expect("temp dir");
+        let root = repo_root();
+        let status = Command::new(&python)
+            .args(["-m", "grpc_tools.protoc", "-I"])
+            .arg(root.join("proto"))
+            .arg(format!("--python_out={}", generated.path().display()))
+            .arg(format!("--grpc_python_out={}", generated.path().display()))
+            .arg(root.join("proto/telemetry/bridge/v1/bridge.proto"))
+            .status()
+            .expect("run grpc_tools.protoc");
+        assert!(
+            status.success(),
+            "Python code generation from bridge.proto failed"
+        );
+        Some(Self { python, generated })
+    }
+
+    /// `python tests/python/SCRIPT`, with the generated code importable.
+    pub fn script(&self, script: &str) -> Command {
+        let mut command = Command::new(&self.python);
+        command
+            .arg(repo_root().join("tests/python").join(script))
+            .env("PYTHONPATH", self.generated.path());
+        command
+    }
+}
+
+/// The repository's top directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_owned()
+}
+
+/// Sends a signal (by name, e.g. "TERM") to a process.
+pub fn signal(pid: u32, name: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{name}"))
         .arg(pid.to_string())
         .status();
 }
 
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -403,7 +520,7 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
-fn read_line_within(
+pub fn read_line_within(
     stdout: impl std::io::Read + Send + 'static,
     timeout: Duration,
 ) -> Option<String> {

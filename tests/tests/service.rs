@@ -3,14 +3,14 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use bridge_proto::{SERVICE_NAME, v1};
 use bridge_tests::{
-    HubProcess, Tail, WorkerProcess, bin, eventually, first_connected, matching, run_cli,
+    HubProcess, PythonGrpc, Tail, WorkerProcess, bin, eventually, first_connected, matching,
+    run_cli,
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -123,52 +123,21 @@ fn the_demo_shows_the_whole_loop_and_exits_zero() {
     assert!(stdout.contains("gpu-1 went from"), "{stdout}");
 }
 
-/// The Python interpreter with `grpcio` and `grpcio-tools` (set up by `./test.sh`).
-fn python() -> Option<String> {
-    let python = std::env::var("BRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python)
-        .args(["-c", "import grpc, grpc_tools"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(python);
-    }
-    assert!(
-        std::env::var_os("BRIDGE_REQUIRE_PYTHON").is_none(),
-        "{python} lacks grpcio/grpcio-tools; ./test.sh installs them"
-    );
-    eprintln!("skipping: no Python with grpcio (run ./test.sh to set one up)");
-    None
-}
-
 /// The seed design's Python emitter, generated from our .proto by grpcio-tools, sends no
 /// metadata and never acknowledges: it is listed, its events reach subscribers with their
 /// types, and it receives control messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_client_generated_from_the_proto_interoperates() {
-    let Some(python) = python() else { return };
-    let generated = tempfile::tempdir().expect("temp");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(&python)
-        .args(["-m", "grpc_tools.protoc", "-I"])
-        .arg(root.join("proto"))
-        .arg(format!("--python_out={}", generated.path().display()))
-        .arg(format!("--grpc_python_out={}", generated.path().display()))
-        .arg(root.join("proto/telemetry/bridge/v1/bridge.proto"))
-        .status()
-        .expect("run grpc_tools.protoc");
-    assert!(
-        status.success(),
-        "Python code generation from bridge.proto failed"
-    );
+    let Some(python) = PythonGrpc::set_up() else {
+        return;
+    };
 
     let hub = HubProcess::start();
     let mut client = hub.client().await;
     let tail = Tail::start(&mut client, matching(&["inference.>"])).await;
-    let mut child = Command::new(&python)
-        .arg(root.join("tests/python/seed_emitter.py"))
+    let mut child = python
+        .script("seed_emitter.py")
         .arg(hub.addr.to_string())
-        .arg(generated.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -38,6 +38,8 @@ pub(crate) struct Buffer {
     inner: Mutex<Inner>,
     /// Woken when there is something new to send.
     pub(crate) ready: Notify,
+    /// Woken (by the link, once it has counted them) when the hub confirmed events.
+    pub(crate) confirmed: Notify,
 }
 
 impl Buffer {
@@ -50,6 +52,7 @@ impl Buffer {
                 capacity: capacity.max(1),
             }),
             ready: Notify::new(),
+            confirmed: Notify::new(),
         }
     }
 

@@ -323,6 +323,7 @@ async fn stream_once(
         if let Some(Control::Received(receipt)) = &control.control {
             let confirmed = shared.buffer.confirm(receipt.through_sequence);
             shared.counters.confirmed(confirmed);
+            shared.buffer.confirmed.notify_one();
             continue;
         }
         if let Some(version) = apply(shared, control) {
@@ -391,6 +392,13 @@ fn outbound(
                         shared.counters.sent(batch.len());
                         for event in batch {
                             yield event;
+                        }
+                    }
+                    // The last report should say what the hub confirmed, so wait for it.
+                    while shared.buffer.unconfirmed() > 0 {
+                        tokio::select! {
+                            () = over.cancelled() => break,
+                            () = shared.buffer.confirmed.notified() => {}
                         }
                     }
                     yield stats_event(&shared.counters.snapshot());

@@ -2,6 +2,10 @@
 //! TCP or a unix socket, so an app with its own gRPC client sends its events through the sidecar
 //! (which numbers, buffers and replays them under its own worker id).
 //!
+//! Over a unix socket, grpcio (Python, C++) sends the percent-encoded socket path as
+//! `:authority`, which the HTTP/2 implementation rejects as malformed (hyperium/h2#487); such
+//! clients set the channel option `grpc.default_authority` to `localhost`, or use loopback TCP.
+//!
 //! Local clients receive the sidecar's control state the way the hub sends it: whole, to clients
 //! that declare `x-bridge-control-ack: 1`, and as toggle and filter to plain clients. Events of a
 //! client that acknowledged the current state are taken as decided; everything else gets the

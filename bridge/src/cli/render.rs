@@ -65,6 +65,7 @@ pub fn delivery_json(delivery: &v1::EventDelivery) -> Json {
         "metadata": metadata,
         "timestamp_ns": event.timestamp_ns,
         "correlation_id": event.correlation_id,
+        "sequence": (event.sequence != 0).then_some(event.sequence),
         "sampling_rate": delivery.sampling_rate,
         "received_ns": delivery.received_ns,
     })
@@ -102,6 +103,9 @@ pub fn delivery_text(delivery: &v1::EventDelivery) -> String {
     }
     if !event.correlation_id.is_empty() {
         let _ = write!(line, " cid={}", quoted(&event.correlation_id));
+    }
+    if event.sequence != 0 {
+        let _ = write!(line, " seq={}", event.sequence);
     }
     if delivery.sampling_rate < 1.0 {
         let _ = write!(line, " rate={}", delivery.sampling_rate);
@@ -263,7 +267,10 @@ pub fn worker_json(worker: &v1::WorkerInfo) -> Json {
         "pid": (worker.pid != 0).then_some(worker.pid),
         "peer": worker.peer,
         "labels": worker.labels,
+        "gpu": worker.gpu,
         "events_received": worker.events_received,
+        "last_sequence": worker.last_sequence,
+        "missing_events": worker.missing_events,
         "events_per_second": (worker.events_per_second * 10.0).round() / 10.0,
         "drops": { "worker": worker_drops, "hub": hub_drops },
         "worker_counters": counters,
@@ -279,9 +286,9 @@ pub fn worker_json(worker: &v1::WorkerInfo) -> Json {
 pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
     let now = SystemTime::now();
     let header = [
-        "WORKER", "POOL", "STATUS", "EVENTS", "EV/S", "DROPS", "CONTROL", "STATE",
+        "WORKER", "POOL", "STATUS", "GPU", "EVENTS", "EV/S", "DROPS", "CONTROL", "STATE",
     ];
-    let rows: Vec<[String; 8]> = workers
+    let rows: Vec<[String; 9]> = workers
         .iter()
         .map(|w| {
             let since = |ns: i64| {
@@ -303,6 +310,9 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             drop_text.extend(hub_drops.iter().map(|(k, v)| format!("hub:{k}={v}")));
+            if w.missing_events > 0 {
+                drop_text.push(format!("missing={}", w.missing_events));
+            }
             let control = if !w.acknowledges {
                 format!("v{} unacknowledged (hub enforces)", w.desired_version)
             } else {
@@ -320,6 +330,11 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
                     w.pool.clone()
                 },
                 status,
+                if w.gpu.is_empty() {
+                    "-".into()
+                } else {
+                    w.gpu.clone()
+                },
                 w.events_received.to_string(),
                 format!("{:.1}", w.events_per_second),
                 if drop_text.is_empty() {

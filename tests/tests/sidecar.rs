@@ -1,0 +1,627 @@
+//! The `worker` sidecar around real child processes: pass-through, signals, exit codes, the
+//! TELEMETRY line format, outage buffering across a hub restart, GPU metrics and the local
+//! endpoint.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    io::{BufRead, BufReader},
+    process::Stdio,
+    time::Duration,
+};
+
+use bridge_proto::{sampling::Rate, v1};
+use bridge_tests::{
+    HubOptions, HubProcess, Proxy, PythonGrpc, QUICK_WORKER_CONFIG, Tail, WorkerProcess,
+    eventually, matching, name, read_line_within, run_cli, signal, worker_info,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn int(delivery: &v1::EventDelivery, key: &str) -> Option<i64> {
+    match delivery.event.as_ref()?.measurements.get(key)?.value {
+        Some(v1::telemetry_value::Value::IntValue(v)) => Some(v),
+        _ => None,
+    }
+}
+
+fn sequence(delivery: &v1::EventDelivery) -> u64 {
+    delivery.event.as_ref().map_or(0, |e| e.sequence)
+}
+
+/// A shell script in a temporary directory.
+fn script(body: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("app.sh");
+    std::fs::write(&path, body).expect("write script");
+    let path = path.to_str().expect("utf-8 path").to_owned();
+    (dir, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_runs_with_its_output_untouched_and_its_telemetry_relayed() {
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let (_dir, app) = script(
+        r#"printf 'line one\n\001\377 binary\n'
+printf 'plain stderr \377\n' >&2
+echo 'TELEMETRY:{"event":"inference.stop","measurements":{"tokens":512,"latency_ms":12.5,"device":"cuda:0"},"metadata":{"model":"llama"},"correlation_id":"req-1"}' >&2
+echo 'TELEMETRY:{"event": oops' >&2
+echo 'TELEMETRY:{"event":["tool","stop"],"timestamp_ns":1700000000000000000}' >&2
+printf 'last line without newline' >&2
+exit 7
+"#,
+    );
+    let mut command = WorkerProcess::command(
+        &hub.url,
+        "app-1",
+        "llama",
+        QUICK_WORKER_CONFIG,
+        &["--", "sh", &app],
+    );
+    // Byte-for-byte comparison: the sidecar's own diagnostics off.
+    command.command.env("RUST_LOG", "off");
+    let output = tokio::task::spawn_blocking(move || command.command.output())
+        .await
+        .expect("join")
+        .expect("run worker");
+    assert_eq!(
+        output.status.code(),
+        Some(7),
+        "the app's exit code is the sidecar's"
+    );
+    assert_eq!(output.stdout, b"line one\n\x01\xff binary\n");
+    assert_eq!(
+        output.stderr,
+        &b"plain stderr \xff\nTELEMETRY:{\"event\": oops\nlast line without newline"[..],
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let deliveries = eventually("the app's events", WAIT, || async {
+        let deliveries = tail.deliveries();
+        deliveries
+            .iter()
+            .any(|d| name(d) == "worker.exit")
+            .then_some(deliveries)
+    })
+    .await;
+    let from_app: Vec<_> = deliveries
+        .iter()
+        .filter(|d| d.worker_id == "app-1")
+        .collect();
+    let names: Vec<String> = from_app.iter().map(|d| name(d)).collect();
+    let position = |n: &str| {
+        names
+            .iter()
+            .position(|x| x == n)
+            .unwrap_or_else(|| panic!("{n} in {names:?}"))
+    };
+    assert!(position("worker.ready") < position("inference.stop"));
+    assert!(position("tool.stop") < position("worker.exit"));
+
+    let stop = from_app[position("inference.stop")]
+        .event
+        .clone()
+        .expect("event");
+    use v1::telemetry_value::Value;
+    assert_eq!(
+        stop.measurements["tokens"].value,
+        Some(Value::IntValue(512))
+    );
+    assert_eq!(
+        stop.measurements["latency_ms"].value,
+        Some(Value::FloatValue(12.5))
+    );
+    assert_eq!(
+        stop.measurements["device"].value,
+        Some(Value::StringValue("cuda:0".into()))
+    );
+    assert_eq!(
+        (
+            stop.metadata["model"].as_str(),
+            stop.correlation_id.as_str()
+        ),
+        ("llama", "req-1")
+    );
+    assert!(stop.timestamp_ns > 0 && stop.sequence > 0);
+    let tool = from_app[position("tool.stop")]
+        .event
+        .clone()
+        .expect("event");
+    assert_eq!(tool.timestamp_ns, 1_700_000_000_000_000_000);
+    let exit = from_app[position("worker.exit")];
+    assert_eq!(int(exit, "exit_code"), Some(7));
+    assert_eq!(
+        int(exit, "pid"),
+        int(from_app[position("worker.ready")], "pid")
+    );
+
+    let info = eventually("the final counters", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "app-1")
+                .await
+                .filter(|w| !w.connected && w.worker_counters.contains_key("confirmed"))
+        }
+    })
+    .await;
+    assert_eq!(
+        info.worker_counters["dropped.parse_error"], 1,
+        "{:?}",
+        info.worker_counters
+    );
+    assert_eq!(
+        info.worker_counters["confirmed"], info.worker_counters["accepted"],
+        "everything accepted was confirmed before exit"
+    );
+}
+
+#[test]
+fn signals_reach_the_app_and_its_exit_status_is_passed_on() {
+    let cases = [
+        (
+            "trap 'echo got-term >&2; exit 42' TERM; echo ready; while :; do sleep 0.02; done",
+            "TERM",
+            42,
+        ),
+        (
+            "trap 'exit 3' INT; echo ready; while :; do sleep 0.02; done",
+            "INT",
+            3,
+        ),
+        ("echo ready; exec sleep 30", "TERM", 128 + 15),
+        ("echo ready; exec sleep 30", "KILL", 128 + 9),
+    ];
+    for (body, signal_name, expected) in cases {
+        let (_dir, app) = script(body);
+        // Nobody listens on the hub's address: the app must not care.
+        let mut command = WorkerProcess::command(
+            "http://127.0.0.1:9",
+            "sig",
+            "",
+            QUICK_WORKER_CONFIG,
+            &["--drain-timeout", "100ms", "--", "sh", &app],
+        );
+        command
+            .command
+            .stdout(Stdio::piped())
+            .env("RUST_LOG", "off");
+        let mut worker = WorkerProcess::spawn(command, true);
+        let stdout = worker.child().stdout.take().expect("stdout");
+        assert_eq!(
+            read_line_within(stdout, Duration::from_secs(10)).as_deref(),
+            Some("ready\n"),
+            "{body}"
+        );
+        if signal_name == "KILL" {
+            // SIGKILL cannot be forwarded: kill the app itself, as the OOM killer would.
+            let app_pid = std::process::Command::new("pgrep")
+                .args(["-P", &worker.pid().to_string()])
+                .output()
+                .expect("pgrep");
+            signal(
+                String::from_utf8_lossy(&app_pid.stdout)
+                    .trim()
+                    .parse()
+                    .expect("app pid"),
+                "KILL",
+            );
+        } else {
+            signal(worker.pid(), signal_name);
+        }
+        let status = worker.wait(Duration::from_secs(10));
+        assert_eq!(
+            status.code(),
+            Some(expected),
+            "{body} with SIG{signal_name}"
+        );
+    }
+
+    let mut command = WorkerProcess::command(
+        "http://127.0.0.1:9",
+        "sig",
+        "",
+        QUICK_WORKER_CONFIG,
+        &["--", "no-such-command-anywhere"],
+    );
+    command.command.env("RUST_LOG", "off");
+    let output = command.command.output().expect("run worker");
+    assert_eq!(output.status.code(), Some(127));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .starts_with("worker: cannot run `no-such-command-anywhere`"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A steady stream through a proxy, so the test decides when the worker can reach which hub.
+const STEADY_APP: &str = r#"
+import json, sys, time
+for i in range(1500):
+    print("TELEMETRY:" + json.dumps({"event": "load.tick", "measurements": {"i": i}}), file=sys.stderr, flush=True)
+    if i % 10 == 0:
+        print('TELEMETRY:{"event": "debug.trace"}', file=sys.stderr, flush=True)
+    time.sleep(0.002)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_event_is_lost_or_delivered_twice_across_a_hub_restart() {
+    let state = tempfile::tempdir().expect("state dir");
+    let mut hub = HubProcess::start_with(HubOptions {
+        state_dir: Some(state.path().to_owned()),
+        ..Default::default()
+    });
+    let proxy = Proxy::start(hub.addr, true).await;
+    let mut client = hub.client().await;
+    let first = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    // Set before the worker exists (a pool's settings reach workers that join it later), so
+    // that it holds for every event.
+    let out = run_cli(
+        &hub.url,
+        &["filter", "--pool", "steady-pool", "--block", "debug.>"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    let python = std::env::var("BRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut worker = WorkerProcess::spawn(
+        WorkerProcess::command(
+            &proxy.url(),
+            "steady",
+            "steady-pool",
+            "[worker]\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\nstats_interval_ms = 100\n",
+            &["--", &python, "-c", STEADY_APP],
+        ),
+        true,
+    );
+    let before = eventually("the sidecar to apply its pool's filter", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "steady")
+                .await
+                .filter(|w| w.applied_version.is_some_and(|v| v == w.desired_version))
+        }
+    })
+    .await;
+    eventually("events to flow", WAIT, || async {
+        (first
+            .deliveries()
+            .iter()
+            .filter(|d| name(d) == "load.tick")
+            .count()
+            >= 300)
+            .then_some(())
+    })
+    .await;
+
+    // The hub dies mid-stream; the sidecar buffers while it is away.
+    hub.kill();
+    proxy.close();
+    let hub = HubProcess::start_with(HubOptions {
+        state_dir: Some(state.path().to_owned()),
+        listen: Some(hub.addr),
+        ..Default::default()
+    });
+    let mut client = hub.client().await;
+    let second = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    proxy.open();
+
+    let status = tokio::task::block_in_place(|| worker.wait(WAIT));
+    assert_eq!(status.code(), Some(0));
+
+    let numbered = |tail: &Tail| -> Vec<v1::EventDelivery> {
+        tail.deliveries()
+            .into_iter()
+            .filter(|d| d.worker_id == "steady" && sequence(d) > 0)
+            .collect()
+    };
+    let (first, second) = (numbered(&first), numbered(&second));
+    let second_sequences: Vec<u64> = second.iter().map(sequence).collect();
+    let unique: HashSet<u64> = second_sequences.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        second_sequences.len(),
+        "no event delivered twice by the new hub"
+    );
+    let all: BTreeSet<u64> = first.iter().chain(&second).map(sequence).collect();
+    let last = *all.last().expect("events");
+    assert_eq!(
+        all,
+        (1..=last).collect(),
+        "no sequence number missing across the restart"
+    );
+    let ticks: BTreeSet<i64> = first
+        .iter()
+        .chain(&second)
+        .filter(|d| name(d) == "load.tick")
+        .filter_map(|d| int(d, "i"))
+        .collect();
+    assert_eq!(
+        ticks,
+        (0..1500).collect(),
+        "every event the app wrote arrived"
+    );
+    assert!(
+        first
+            .iter()
+            .chain(&second)
+            .all(|d| !name(d).starts_with("debug.")),
+        "the filter held before and after the restart"
+    );
+
+    let after = worker_info(&mut client, "steady").await.expect("steady");
+    assert!(after.desired_version > before.desired_version);
+    assert_eq!(
+        after.applied_version,
+        Some(after.desired_version),
+        "state re-applied"
+    );
+    let control = after.control.expect("control");
+    assert_eq!(control.blocked_events, ["debug.>"]);
+    assert_eq!(after.worker_counters["dropped.buffer_full"], 0);
+    assert!(
+        after.worker_counters["replayed"] > 0,
+        "{:?}",
+        after.worker_counters
+    );
+    assert_eq!(after.missing_events, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_buffer_drops_the_oldest_and_reports_exactly_what_is_missing() {
+    let hub = HubProcess::start();
+    let proxy = Proxy::start(hub.addr, false).await;
+    let mut client = hub.client().await;
+    let tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let (_dir, app) = script(
+        r#"i=0
+while [ $i -lt 500 ]; do
+  echo "TELEMETRY:{\"event\":\"load.tick\",\"measurements\":{\"i\":$i}}" >&2
+  i=$((i+1))
+done
+echo done >&2
+exec sleep 60
+"#,
+    );
+    let mut command = WorkerProcess::command(
+        &proxy.url(),
+        "overflow",
+        "",
+        QUICK_WORKER_CONFIG,
+        &["--buffer-events", "100", "--", "sh", &app],
+    );
+    command
+        .command
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "off");
+    let mut worker = WorkerProcess::spawn(command, false);
+    let stderr = worker.child().stderr.take().expect("stderr");
+    // The sidecar relays stderr in order: once `done` comes through, every line before it has
+    // been turned into an event.
+    let done = tokio::task::spawn_blocking(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line == "done")
+    });
+    assert!(
+        tokio::time::timeout(WAIT, done)
+            .await
+            .expect("in time")
+            .expect("join")
+    );
+
+    proxy.open();
+    let info = eventually("the buffer to drain", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "overflow").await.filter(|w| {
+                let c = &w.worker_counters;
+                c.get("buffered") == Some(&0) && c.get("accepted").is_some_and(|a| *a >= 501)
+            })
+        }
+    })
+    .await;
+    let dropped = info.worker_counters["dropped.buffer_full"];
+    let delivered: Vec<v1::EventDelivery> = tail
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.worker_id == "overflow" && sequence(d) > 0)
+        .collect();
+    let last = delivered.iter().map(sequence).max().expect("events");
+    let missing = last - delivered.len() as u64;
+    assert_eq!(
+        missing, dropped,
+        "the drop count equals the events missing from the sequence"
+    );
+    assert!(dropped >= 400, "{dropped}");
+    let ticks: Vec<i64> = delivered
+        .iter()
+        .filter(|d| name(d) == "load.tick")
+        .filter_map(|d| int(d, "i"))
+        .collect();
+    let oldest_kept = 500 - ticks.len() as i64;
+    assert_eq!(
+        ticks,
+        (oldest_kept..500).collect::<Vec<_>>(),
+        "the newest events were kept, in order"
+    );
+    drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_metrics_come_from_nvml_or_say_clearly_there_is_no_gpu() {
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let tail = Tail::start(&mut client, matching(&["gpu.>"])).await;
+    let _fake = WorkerProcess::start(
+        &hub.url,
+        "with-gpu",
+        "",
+        &["--fake-gpus", "2", "--gpu-interval", "200ms"],
+    );
+    // This machine has no NVIDIA driver: the real NVML path runs and finds none.
+    let without = WorkerProcess::start(&hub.url, "without-gpu", "", &["--gpu-interval", "200ms"]);
+
+    let metrics = eventually("both fake devices to report", WAIT, || async {
+        let devices: BTreeSet<String> = tail
+            .deliveries()
+            .iter()
+            .filter(|d| name(d) == "gpu.metrics")
+            .filter_map(|d| d.event.as_ref().map(|e| e.metadata["device"].clone()))
+            .collect();
+        (devices.len() == 2).then(|| tail.deliveries())
+    })
+    .await;
+    let device = metrics
+        .iter()
+        .find(|d| name(d) == "gpu.metrics")
+        .expect("metrics");
+    assert_eq!(device.worker_id, "with-gpu");
+    let event = device.event.as_ref().expect("event");
+    for key in [
+        "utilization_gpu_percent",
+        "utilization_memory_percent",
+        "memory_used_bytes",
+        "memory_total_bytes",
+        "temperature_celsius",
+        "power_watts",
+        "sm_clock_mhz",
+        "compute_processes",
+    ] {
+        assert!(
+            event.measurements.contains_key(key),
+            "{key} in {:?}",
+            event.measurements.keys()
+        );
+    }
+    assert!(event.metadata["uuid"].starts_with("GPU-fake-"));
+    assert!(metrics.iter().any(|d| name(d) == "gpu.process"));
+    assert!(
+        metrics.iter().all(|d| d.worker_id == "with-gpu"),
+        "no GPU events without a GPU"
+    );
+
+    let gpus = eventually("both workers listed", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            let a = worker_info(&mut client, "with-gpu").await?;
+            let b = worker_info(&mut client, "without-gpu").await?;
+            Some((a.gpu, b.gpu))
+        }
+    })
+    .await;
+    assert_eq!(gpus, ("2x Fake GPU".to_owned(), "none".to_owned()));
+    let table = run_cli(&hub.url, &["workers"]).await.stdout;
+    assert!(
+        table.contains("2x Fake GPU") && table.contains(" none "),
+        "{table}"
+    );
+    let log = without.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("no GPU metrics"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("NVML is not available"), "{}", lines[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_on_the_local_endpoint_relays_through_the_sidecar() {
+    let Some(python) = PythonGrpc::set_up() else {
+        return;
+    };
+    let hub = HubProcess::start();
+    let socket_dir = tempfile::tempdir().expect("temp dir");
+    let socket = socket_dir.path().join("worker.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let _sidecar = WorkerProcess::start(&hub.url, "side-py", "llama", &["--local", socket]);
+    let mut client = hub.client().await;
+    eventually("the sidecar to connect", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "side-py")
+                .await
+                .filter(|w| w.applied_version.is_some())
+        }
+    })
+    .await;
+    let tail = Tail::start(&mut client, matching(&["app.>"])).await;
+
+    let mut app = python
+        .script("local_client.py")
+        .arg(format!("unix:{socket}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the Python client");
+    let (controls_tx, controls) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = app.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(value) = serde_json::from_str(&line) {
+                let _ = controls_tx.send(value);
+            }
+        }
+    });
+
+    let out = run_cli(
+        &hub.url,
+        &[
+            "subscribe",
+            "app.request",
+            "--limit",
+            "3",
+            "--format",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    for line in out.stdout.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).expect("json");
+        assert_eq!(
+            event["worker_id"], "side-py",
+            "relayed under the sidecar's id"
+        );
+        assert_eq!(event["pool"], "llama");
+        assert!(
+            event["sequence"].as_u64().is_some(),
+            "numbered by the sidecar"
+        );
+    }
+
+    let out = run_cli(&hub.url, &["sample", "side-py", "0.5"]).await;
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    let state = (0..10)
+        .filter_map(|_| controls.recv_timeout(WAIT).ok())
+        .find(|c| c["state"]["samplingRate"] == 0.5);
+    assert!(
+        state.is_some(),
+        "the Python client received the sampling change"
+    );
+
+    let seen = tail.count_at_rate(0.5);
+    eventually("sampled events from the Python client", WAIT, || async {
+        (tail.count_at_rate(0.5) >= seen + 20).then_some(())
+    })
+    .await;
+    let rate = Rate::new(0.5).expect("rate");
+    let sampled: Vec<_> = tail
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.sampling_rate == 0.5)
+        .collect();
+    // The client applied the contract's sampling function itself; the same ids survive.
+    let late = &sampled[sampled.len().min(10)..];
+    for delivery in late {
+        let cid = &delivery.event.as_ref().expect("event").correlation_id;
+        assert!(
+            rate.keep(cid),
+            "{cid}: the Python client's sampler disagrees with the hub's"
+        );
+    }
+    drop(app.stdin.take());
+    let _ = app.wait();
+}
