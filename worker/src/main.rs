@@ -3,9 +3,7 @@
 use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use worker::{
-    Link,
     config::WorkerConfig,
     local::LocalAddress,
     sidecar::{self, SidecarOptions},
@@ -171,43 +169,21 @@ async fn run(args: Args) -> Result<u8, Failure> {
         local,
         fake_gpus: args.fake_gpus,
         drain_timeout: args.drain_timeout,
+        simulate: args.simulate.map(|rate| simulate::Simulation {
+            model: args.model,
+            requests_per_second: rate,
+        }),
     };
     tracing::info!(hub = %options.link.hub, worker.id = %options.link.id, worker.pool = %options.link.pool, "worker starting");
-    match args.simulate {
-        None => sidecar::run(options).await.map_err(|message| Failure {
-            // A command that cannot be started is the shell's 127.
-            code: if message.starts_with("cannot run") {
-                127
-            } else {
-                1
-            },
-            message,
-        }),
-        Some(rate) => simulate_until_signalled(options, rate, args.model).await,
-    }
-}
-
-async fn simulate_until_signalled(
-    options: SidecarOptions,
-    rate: f64,
-    model: String,
-) -> Result<u8, Failure> {
-    let link = Link::start(options.link).map_err(|e| usage(e.to_string()))?;
-    let stop = CancellationToken::new();
-    let traffic = tokio::spawn(simulate::run(
-        link.emitter(),
-        simulate::Simulation {
-            model,
-            requests_per_second: rate,
+    sidecar::run(options).await.map_err(|message| Failure {
+        // A command that cannot be started is the shell's 127.
+        code: if message.starts_with("cannot run") {
+            127
+        } else {
+            1
         },
-        stop.clone(),
-    ));
-    let _ = tokio::signal::ctrl_c().await;
-    stop.cancel();
-    let _ = traffic.await;
-    let counters = link.close(options.drain_timeout).await;
-    tracing::info!(?counters, "worker stopped");
-    Ok(0)
+        message,
+    })
 }
 
 fn init_logging(format: &str, default_level: &str) {

@@ -25,7 +25,7 @@ use crate::{
     link::{Link, LinkOptions},
     local::{self, LocalAddress},
     process::{self, ProcessSampler},
-    telemetry_line,
+    simulate, telemetry_line,
 };
 
 /// Everything the sidecar needs to run.
@@ -40,6 +40,8 @@ pub struct SidecarOptions {
     pub fake_gpus: Option<u32>,
     /// How long to wait for the hub to confirm buffered events when exiting.
     pub drain_timeout: Duration,
+    /// Without a command: also emit simulated inference traffic.
+    pub simulate: Option<simulate::Simulation>,
 }
 
 /// Runs the sidecar to completion; returns the process exit code.
