@@ -72,10 +72,16 @@ pub async fn run(mut options: SidecarOptions) -> Result<u8, String> {
             options.metrics_interval,
             stop.clone(),
         ));
+        let traffic = options.simulate.map(|simulation| {
+            tokio::spawn(simulate::run(emitter.clone(), simulation, stop.clone()))
+        });
         let signal = signals.next().await;
         info!(?signal, "stopping");
         stop.cancel();
         let _ = metrics.await;
+        if let Some(traffic) = traffic {
+            let _ = traffic.await;
+        }
         0
     } else {
         let mut child = spawn_app(&options.command)?;
