@@ -19,6 +19,36 @@ use crate::v1::{
     EventDelivery, LagNotice, SubscribeResponse, TelemetryEvent, subscribe_response::Item,
 };
 
+/// Implements [`prost::Message`] for a wrapper of already-encoded bytes: encoding writes them
+/// verbatim. Only the side that sends these types uses them, so decoding skips every field.
+macro_rules! bytes_message {
+    ($type:ty) => {
+        impl Message for $type {
+            fn encode_raw(&self, buf: &mut impl BufMut) {
+                buf.put_slice(&self.bytes);
+            }
+
+            fn merge_field(
+                &mut self,
+                tag: u32,
+                wire_type: WireType,
+                buf: &mut impl Buf,
+                ctx: DecodeContext,
+            ) -> Result<(), DecodeError> {
+                skip_field(wire_type, tag, buf, ctx)
+            }
+
+            fn encoded_len(&self) -> usize {
+                self.bytes.len()
+            }
+
+            fn clear(&mut self) {
+                self.bytes = Bytes::new();
+            }
+        }
+    };
+}
+
 /// A `SubscribeResponse` already encoded; cloning it is a reference-count increment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EncodedSubscribeResponse {
@@ -109,30 +139,7 @@ impl EncodedSubscribeResponse {
     }
 }
 
-impl Message for EncodedSubscribeResponse {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.bytes);
-    }
-
-    /// Only the hub encodes this type; anything decoding it is skipped.
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    fn clear(&mut self) {
-        self.bytes = Bytes::new();
-    }
-}
+bytes_message!(EncodedSubscribeResponse);
 
 /// An encoded `TelemetryEvent`; cloning it is a reference-count increment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -157,30 +164,7 @@ impl EncodedEvent {
     }
 }
 
-impl Message for EncodedEvent {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.bytes);
-    }
-
-    /// Only workers encode this type; anything decoding it is skipped.
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    fn clear(&mut self) {
-        self.bytes = Bytes::new();
-    }
-}
+bytes_message!(EncodedEvent);
 
 #[cfg(test)]
 mod tests {
