@@ -39,6 +39,7 @@ fn main() -> io::Result<()> {
             ".telemetry.bridge.v1.SubscribeResponse",
             "crate::encoded::EncodedSubscribeResponse",
         )
+        .codec_path("crate::codec::LeanCodec")
         .out_dir(&server)
         .compile_fds(fds.clone())?;
 

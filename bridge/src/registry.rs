@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -334,26 +334,45 @@ pub struct Session {
 #[derive(Debug, Default)]
 pub struct Receipts {
     through: AtomicU64,
-    pending: std::sync::atomic::AtomicBool,
+    /// The last sequence confirmed to the worker.
+    confirmed: AtomicU64,
+    pending: AtomicBool,
+    full: AtomicBool,
+    /// Something arrived that has not been confirmed.
     pub notify: tokio::sync::Notify,
+    /// So much arrived that the worker's buffer should not wait for the delay.
+    pub urgent: tokio::sync::Notify,
 }
 
 impl Receipts {
-    /// Records that every event up to `sequence` was received; wakes the sender once per burst.
+    /// Unconfirmed events after which a receipt goes out at once.
+    pub const BATCH: u64 = 4096;
+
+    /// Records that every event up to `sequence` was received; wakes the sender once per burst,
+    /// and again when a batch's worth is waiting.
     #[inline]
     pub fn received(&self, sequence: u64) {
         self.through.fetch_max(sequence, Relaxed);
         if !self.pending.load(Relaxed) && !self.pending.swap(true, Relaxed) {
             self.notify.notify_one();
         }
+        if sequence.saturating_sub(self.confirmed.load(Relaxed)) >= Self::BATCH
+            && !self.full.swap(true, Relaxed)
+        {
+            self.urgent.notify_one();
+        }
     }
 
     /// The sequence to confirm now, if anything new arrived since the last call.
     pub fn take(&self) -> Option<u64> {
-        self.pending
+        let through = self
+            .pending
             .swap(false, Relaxed)
             .then(|| self.through.load(Relaxed))
-            .filter(|through| *through > 0)
+            .filter(|through| *through > 0)?;
+        self.confirmed.store(through, Relaxed);
+        self.full.store(false, Relaxed);
+        Some(through)
     }
 }
 

@@ -1,8 +1,8 @@
 //! Both halves of a worker's `StreamTelemetry` stream: events in, control out.
 //!
-//! Inbound, each event is validated, checked against the worker's desired control state when
-//! the worker has not acknowledged it (so a command takes effect even on clients that ignore
-//! control), and fanned out. Acknowledgements and counter reports arrive in-band as reserved
+//! Inbound, each event is validated, checked against the worker's desired control state unless
+//! it was decided under that very version (so a command takes effect at once, even on clients
+//! that ignore control), and fanned out with the rate it was kept at. Acknowledgements and counter reports arrive in-band as reserved
 //! event names. Outbound, the worker receives its full desired state on connect and after every
 //! change.
 
@@ -15,6 +15,7 @@ use async_stream::stream;
 use bridge_proto::{
     control::{ControlState, Verdict},
     pattern::validate_event_parts,
+    sampling::{Rate, combined},
     v1::{self, telemetry_control::Control, telemetry_value::Value},
 };
 use tokio::sync::watch;
@@ -37,10 +38,13 @@ pub const WORKER_STATS: [&str; 3] = ["bridge", "worker", "stats"];
 pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<v1::TelemetryEvent>) {
     let mut enforcer = Enforcer::new(session.worker.watch_desired());
     let mut warned = false;
+    // Made once: a fresh future per message costs a measurable share of a trickling stream.
+    let cancelled = session.cancel.cancelled();
+    tokio::pin!(cancelled);
     let reason = loop {
         let message = tokio::select! {
             biased;
-            () = session.cancel.cancelled() => {
+            () = &mut cancelled => {
                 break session
                     .ended_with()
                     .map_or_else(|| "closed by the hub".to_owned(), |s| s.message().to_owned());
@@ -90,7 +94,7 @@ fn accept(
 ) -> Result<(), String> {
     let worker = &session.worker;
     if event.event_parts.first().is_some_and(|p| p == "bridge") {
-        return protocol_event(session, enforcer, &event);
+        return protocol_event(session, &event);
     }
     worker.counters.received.fetch_add(1, Relaxed);
     if event.sequence > 0 && !first_time(session, event.sequence) {
@@ -102,13 +106,9 @@ fn accept(
         return Err(error.to_string());
     }
     let rate = match enforcer.verdict(&event) {
-        Verdict::Keep(rate) => rate,
-        verdict => {
-            worker.counters.drop(match verdict {
-                Verdict::Disabled => HubDrop::Disabled,
-                Verdict::Filtered => HubDrop::Filtered,
-                _ => HubDrop::SampledOut,
-            });
+        Ok(rate) => rate,
+        Err(reason) => {
+            worker.counters.drop(reason);
             return Ok(());
         }
     };
@@ -122,7 +122,7 @@ fn accept(
             pool: &session.pool,
         },
         &event,
-        rate.get(),
+        rate,
         received_ns,
     );
     worker.counters.delivered.fetch_add(1, Relaxed);
@@ -147,11 +147,7 @@ fn first_time(session: &Session, sequence: u64) -> bool {
 }
 
 /// Handles the reserved `bridge.*` names a worker may send.
-fn protocol_event(
-    session: &Session,
-    enforcer: &mut Enforcer,
-    event: &v1::TelemetryEvent,
-) -> Result<(), String> {
+fn protocol_event(session: &Session, event: &v1::TelemetryEvent) -> Result<(), String> {
     let worker = &session.worker;
     let int = |key: &str| match event.measurements.get(key).and_then(|v| v.value.as_ref()) {
         Some(Value::IntValue(v)) => u64::try_from(*v).ok(),
@@ -160,7 +156,6 @@ fn protocol_event(
     if event.event_parts == CONTROL_APPLIED {
         let version =
             int("version").ok_or("bridge.control.applied needs an int measurement `version`")?;
-        enforcer.applied = Some(version);
         let latency = worker.acknowledge(version);
         debug!(worker.id = %worker.id, control.version = version, ?latency, "control acknowledged");
         Ok(())
@@ -185,41 +180,46 @@ fn protocol_event(
     }
 }
 
-/// The worker's desired state as seen by its ingest loop, and whether the worker applies it.
+/// The worker's desired state as its ingest loop sees it.
 struct Enforcer {
     desired: watch::Receiver<Arc<ControlState>>,
     state: Arc<ControlState>,
-    /// Acknowledged on this stream; acknowledgements arrive in-band, so this loop sees them in
-    /// order with the events that follow.
-    applied: Option<u64>,
 }
 
 impl Enforcer {
     fn new(mut desired: watch::Receiver<Arc<ControlState>>) -> Self {
         let state = desired.borrow_and_update().clone();
-        Self {
-            desired,
-            state,
-            applied: None,
-        }
+        Self { desired, state }
     }
 
-    fn verdict(&mut self, event: &v1::TelemetryEvent) -> Verdict {
+    /// The sampling rate to deliver the event with, or why it is dropped.
+    fn verdict(&mut self, event: &v1::TelemetryEvent) -> Result<f64, HubDrop> {
         if self.desired.has_changed().unwrap_or(false) {
             self.state = self.desired.borrow_and_update().clone();
         }
-        if self.applied == Some(self.state.version) {
-            // The worker applied this state itself; what arrives was already decided.
-            Verdict::Keep(self.state.rate_for_parts(&event.event_parts))
-        } else {
-            self.state
-                .decide_parts(&event.event_parts, &event.correlation_id)
+        if event.control_version != 0 && event.control_version == self.state.version {
+            // The worker decided it under the current state; it was kept at the rate it says.
+            return Ok(combined(
+                event.sampling_rate,
+                Rate::ALL,
+                &event.correlation_id,
+            ));
+        }
+        match self
+            .state
+            .decide_parts(&event.event_parts, &event.correlation_id)
+        {
+            Verdict::Keep(rate) => Ok(combined(event.sampling_rate, rate, &event.correlation_id)),
+            Verdict::Disabled => Err(HubDrop::Disabled),
+            Verdict::Filtered => Err(HubDrop::Filtered),
+            Verdict::SampledOut(_) => Err(HubDrop::SampledOut),
         }
     }
 }
 
-/// How long receipts wait to cover more events; a worker keeps this much more in its buffer.
-const RECEIPT_DELAY: Duration = Duration::from_millis(5);
+/// How long a receipt waits to cover more events, unless `Receipts::BATCH` are waiting: a
+/// trickling worker then gets one receipt for several events instead of one write per event.
+const RECEIPT_DELAY: Duration = Duration::from_secs(1);
 
 /// The control messages for a worker: its full state now and after every change, and receipts
 /// for its numbered events. A stream the worker closed gets a last receipt before it ends, so
@@ -260,7 +260,11 @@ pub fn controls(
                     send_state = true;
                 }
                 () = session.receipts.notify.notified() => {
-                    tokio::time::sleep(RECEIPT_DELAY).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(RECEIPT_DELAY) => {}
+                        () = session.receipts.urgent.notified() => {}
+                        () = session.cancel.cancelled() => {}
+                    }
                     if let Some(through) = session.receipts.take() {
                         yield Ok(receipt(through));
                     }

@@ -6,6 +6,7 @@
 //! - [`server`]: the service trait the hub implements; it streams subscribers
 //!   [`encoded::EncodedSubscribeResponse`]s instead of `v1::SubscribeResponse`s.
 //! - [`worker_client`]: the client as workers use it, streaming [`encoded::EncodedEvent`]s.
+//! - [`codec`]: the server's codec, with small per-stream buffers.
 //! - [`encoded`]: messages encoded once: subscription items shared by every subscriber, and
 //!   events a worker buffers until the hub confirms them.
 //! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
@@ -16,6 +17,7 @@
 //! beside the wire types, so that the hub and the workers cannot drift apart.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for server reflection.
 
+pub mod codec;
 pub mod control;
 pub mod encoded;
 pub mod pattern;

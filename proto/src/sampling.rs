@@ -69,6 +69,22 @@ impl std::str::FromStr for Rate {
     }
 }
 
+/// The rate an event was kept at after a second sampling at `rate`, when it had already been
+/// kept at `earlier` (0 meaning not sampled before). With a correlation id both draws are the
+/// same hash, so the stricter rate decides; without one they are independent.
+pub fn combined(earlier: f64, rate: Rate, correlation_id: &str) -> f64 {
+    let earlier = if earlier > 0.0 && earlier < 1.0 {
+        earlier
+    } else {
+        1.0
+    };
+    if correlation_id.is_empty() {
+        earlier * rate.get()
+    } else {
+        earlier.min(rate.get())
+    }
+}
+
 /// Maps a correlation id to a fraction in `[0, 1)`, uniformly for distinct ids.
 #[inline]
 pub fn correlation_fraction(correlation_id: &str) -> f64 {
@@ -186,6 +202,14 @@ mod tests {
                 "rate {r}: kept {kept}"
             );
         }
+    }
+
+    #[test]
+    fn combining_rates() {
+        assert_eq!(combined(0.0, rate(0.5), "id"), 0.5);
+        assert_eq!(combined(0.2, rate(0.5), "id"), 0.2);
+        assert_eq!(combined(0.2, rate(0.5), ""), 0.1);
+        assert_eq!(combined(1.0, Rate::ALL, ""), 1.0);
     }
 
     #[test]

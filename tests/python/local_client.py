@@ -39,7 +39,7 @@ def keep(correlation_id, rate):
 
 
 async def main():
-    state = {"rate": 1.0, "enabled": True}
+    state = {"rate": 1.0, "enabled": True, "version": 0}
     outbox = asyncio.Queue()
 
     async def events():
@@ -54,7 +54,13 @@ async def main():
         while True:
             cid = f"py-{i}"
             if state["enabled"] and keep(cid, state["rate"]):
-                await outbox.put(pb2.TelemetryEvent(event_parts=["app", "request"], correlation_id=cid))
+                # Says how it was decided, so that the hub's accounting is exact.
+                await outbox.put(pb2.TelemetryEvent(
+                    event_parts=["app", "request"],
+                    correlation_id=cid,
+                    sampling_rate=state["rate"] if state["rate"] < 1.0 else 0.0,
+                    control_version=state["version"],
+                ))
             i += 1
             await asyncio.sleep(0.003)
 
@@ -72,6 +78,7 @@ async def main():
             if control.HasField("state"):
                 state["rate"] = control.state.sampling_rate
                 state["enabled"] = control.state.enabled
+                state["version"] = control.state.version
                 print(json.dumps(MessageToDict(control)), flush=True)
                 applied = pb2.TelemetryEvent(event_parts=["bridge", "control", "applied"])
                 applied.measurements["version"].int_value = control.state.version

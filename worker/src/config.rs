@@ -29,6 +29,8 @@ pub struct WorkerConfig {
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
     pub stats_interval_ms: u64,
+    /// How long events that closely follow a send wait to travel with the next ones.
+    pub linger_ms: u64,
     /// GPU and app process metrics interval.
     pub gpu_interval_ms: u64,
     /// Local endpoint for apps' own gRPC clients: `127.0.0.1:PORT`, a unix socket path, or empty.
@@ -46,6 +48,7 @@ impl Default for WorkerConfig {
             backoff_initial_ms: 100,
             backoff_max_ms: 5000,
             stats_interval_ms: 1000,
+            linger_ms: 100,
             gpu_interval_ms: 10_000,
             local: String::new(),
         }
@@ -113,6 +116,7 @@ impl WorkerConfig {
         options.backoff_initial = Duration::from_millis(self.backoff_initial_ms);
         options.backoff_max = Duration::from_millis(self.backoff_max_ms);
         options.stats_interval = Duration::from_millis(self.stats_interval_ms);
+        options.linger = Duration::from_millis(self.linger_ms);
         options
     }
 }

@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 use bridge_proto::{
     control::{ControlState, Verdict},
     pattern::{validate_event_name, validate_event_parts},
+    sampling::combined,
     v1,
 };
 use prost::Message;
@@ -148,12 +149,13 @@ impl Emitter {
             return;
         }
         let correlation_id = correlation_id.unwrap_or("");
-        match self.shared.control.load().decide_name(name, correlation_id) {
-            Verdict::Keep(_) => {}
+        let control = self.shared.control.load();
+        let rate = match control.decide_name(name, correlation_id) {
+            Verdict::Keep(rate) => rate,
             Verdict::Disabled => return counters.disabled(),
             Verdict::Filtered => return counters.filtered(),
             Verdict::SampledOut(_) => return counters.sampled_out(),
-        }
+        };
         if validate_event_name(name).is_err() || name == "bridge" || name.starts_with("bridge.") {
             return counters.dropped(DropReason::InvalidName);
         }
@@ -163,6 +165,10 @@ impl Emitter {
             metadata,
             now_ns(),
             correlation_id,
+            encode::Decision {
+                sampling_rate: rate.get(),
+                control_version: control.version,
+            },
         ));
     }
 
@@ -177,22 +183,35 @@ impl Emitter {
         if !acceptable(&event.event_parts) {
             return counters.dropped(DropReason::InvalidName);
         }
-        match self
-            .shared
-            .control
-            .load()
-            .decide_parts(&event.event_parts, &event.correlation_id)
-        {
-            Verdict::Keep(_) => self.emit_decided(event),
+        let control = self.shared.control.load();
+        match control.decide_parts(&event.event_parts, &event.correlation_id) {
+            Verdict::Keep(rate) => {
+                let mut event = event;
+                event.sampling_rate = combined(event.sampling_rate, rate, &event.correlation_id);
+                event.control_version = control.version;
+                self.accept_message(event);
+            }
             Verdict::Disabled => counters.disabled(),
             Verdict::Filtered => counters.filtered(),
             Verdict::SampledOut(_) => counters.sampled_out(),
         }
     }
 
-    /// Buffers an event whose toggle, filter and sampling were already decided by its source
-    /// (a local client that applied this emitter's control state itself).
+    /// Buffers an event whose toggle, filter and sampling its source already decided under
+    /// this emitter's current control state (a local client that applied it itself). Unless the
+    /// event says otherwise, it was sampled at the rate that state sets for it.
     pub fn emit_decided(&self, mut event: v1::TelemetryEvent) {
+        let control = self.shared.control.load();
+        if event.control_version == 0 {
+            event.control_version = control.version;
+        }
+        if event.sampling_rate == 0.0 {
+            event.sampling_rate = control.rate_for_parts(&event.event_parts).get();
+        }
+        self.accept_message(event);
+    }
+
+    fn accept_message(&self, mut event: v1::TelemetryEvent) {
         if !acceptable(&event.event_parts) {
             return self.shared.counters.dropped(DropReason::InvalidName);
         }

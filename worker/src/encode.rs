@@ -80,8 +80,20 @@ pub(crate) fn event(
     metadata: &[(&str, &str)],
     timestamp_ns: i64,
     correlation_id: &str,
+    decision: Decision,
 ) -> Vec<u8> {
+    let Decision {
+        sampling_rate,
+        control_version,
+    } = decision;
+    let sampled = sampling_rate > 0.0 && sampling_rate < 1.0;
     let len = name.split('.').map(|t| string_len(1, t)).sum::<usize>()
+        + if sampled { key_len(7) + 8 } else { 0 }
+        + if control_version != 0 {
+            key_len(8) + encoded_len_varint(control_version)
+        } else {
+            0
+        }
         + measurements
             .iter()
             .map(|(k, v)| len_delimited(2, measurement_entry_len(k, v)))
@@ -125,7 +137,22 @@ pub(crate) fn event(
     if !correlation_id.is_empty() {
         put_string(&mut buf, 5, correlation_id);
     }
+    if sampled {
+        encode_key(7, WireType::SixtyFourBit, &mut buf);
+        buf.extend_from_slice(&sampling_rate.to_le_bytes());
+    }
+    if control_version != 0 {
+        encode_key(8, WireType::Varint, &mut buf);
+        encode_varint(control_version, &mut buf);
+    }
     buf
+}
+
+/// How an event was decided: the rate it was kept at and the control version that said so.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Decision {
+    pub sampling_rate: f64,
+    pub control_version: u64,
 }
 
 /// The encoding of an event built elsewhere (a relayed one), without its sequence number.
@@ -158,6 +185,10 @@ mod tests {
             &[("model", "llama"), ("", "")],
             1_700_000_000_000_000_000,
             "req-1",
+            Decision {
+                sampling_rate: 0.25,
+                control_version: 9,
+            },
         );
         assert!(bytes.capacity() >= bytes.len() + SEQUENCE_ROOM);
         let decoded = v1::TelemetryEvent::decode(bytes.as_slice()).unwrap();
@@ -182,6 +213,8 @@ mod tests {
             timestamp_ns: 1_700_000_000_000_000_000,
             correlation_id: "req-1".into(),
             sequence: 0,
+            sampling_rate: 0.25,
+            control_version: 9,
         };
         assert_eq!(decoded, expected);
         assert_eq!(bytes.len(), expected.encoded_len());

@@ -18,7 +18,7 @@ use bridge_proto::{
     worker_client::telemetry_bridge_client::TelemetryBridgeClient,
 };
 use prost::Message;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Request,
@@ -55,6 +55,9 @@ pub struct LinkOptions {
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
     pub stats_interval: Duration,
+    /// How long events that follow a send closely wait to travel together; zero sends each
+    /// event as soon as it is emitted.
+    pub linger: Duration,
 }
 
 impl LinkOptions {
@@ -71,6 +74,7 @@ impl LinkOptions {
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             stats_interval: Duration::from_secs(1),
+            linger: Duration::from_millis(100),
         }
     }
 }
@@ -309,6 +313,7 @@ async fn stream_once(
         shared.clone(),
         ack_rx,
         options.stats_interval,
+        options.linger,
         closing.clone(),
         over,
     ));
@@ -354,10 +359,16 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 /// Acknowledgements, buffered events and counter reports, in that priority. When closing, it
 /// sends everything still unsent and a last report, then ends the stream.
+///
+/// Events that arrive soon after a flush wait until `linger` has passed since it, so that a
+/// worker emitting steadily sends several events per write instead of one write per event
+/// (each write costs the hub a wake-up and a system call). A backlog goes out at once, and so
+/// does an event after a quiet spell.
 fn outbound(
     shared: Arc<Shared>,
     mut acks: watch::Receiver<u64>,
     stats_interval: Duration,
+    linger: Duration,
     closing: CancellationToken,
     over: CancellationToken,
 ) -> impl tokio_stream::Stream<Item = EncodedEvent> {
@@ -365,14 +376,35 @@ fn outbound(
         let mut stats = tokio::time::interval(stats_interval);
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported: Option<Snapshot> = None;
+        let mut last_flush: Option<Instant> = None;
+        let mut flush_at: Option<Instant> = None;
+        // A report waiting to travel with the next events rather than in a write of its own.
+        let mut report_due = false;
         loop {
-            let batch = shared.buffer.take_unsent(SEND_BATCH);
-            if !batch.is_empty() {
-                shared.counters.sent(batch.len());
-                for event in batch {
-                    yield event;
+            if flush_at.is_none_or(|at| at <= Instant::now()) {
+                flush_at = None;
+                let batch = shared.buffer.take_unsent(SEND_BATCH);
+                if !batch.is_empty() {
+                    let full = batch.len() == SEND_BATCH;
+                    shared.counters.sent(batch.len());
+                    for event in batch {
+                        yield event;
+                    }
+                    last_flush = Some(Instant::now());
+                    if full {
+                        // More may be waiting, with no wake-up left to say so.
+                        continue;
+                    }
+                    if std::mem::take(&mut report_due) {
+                        let now = shared.counters.snapshot();
+                        reported = Some(now);
+                        yield stats_event(&now);
+                    }
                 }
             }
+            let linger_over = tokio::time::sleep_until(
+                flush_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            );
             tokio::select! {
                 biased;
                 () = over.cancelled() => break,
@@ -407,12 +439,23 @@ fn outbound(
                 _ = stats.tick() => {
                     let now = shared.counters.snapshot();
                     if reported != Some(now) {
-                        reported = Some(now);
-                        yield stats_event(&now);
+                        if flush_at.is_some() {
+                            report_due = true;
+                        } else {
+                            reported = Some(now);
+                            yield stats_event(&now);
+                        }
                     }
                 }
+                () = linger_over, if flush_at.is_some() => {}
                 // A push while this loop was busy left a permit, so nothing is missed.
-                () = shared.buffer.ready.notified() => {}
+                () = shared.buffer.ready.notified(), if flush_at.is_none() => {
+                    if let Some(last) = last_flush
+                        && last.elapsed() < linger
+                    {
+                        flush_at = Some(last + linger);
+                    }
+                }
             }
         }
     }

@@ -13,40 +13,61 @@ pub struct ProcessSample {
     pub threads: u64,
 }
 
-/// Turns successive `/proc/PID/stat` readings into CPU percentages.
+/// What `/proc` says about a process right now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessStat {
+    /// User plus system CPU time since the process started.
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+    pub threads: u64,
+}
+
+impl ProcessStat {
+    /// `None` once the process is gone (or on a system without `/proc`).
+    pub fn read(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let (ticks, threads) = parse_stat(&stat)?;
+        Some(Self {
+            cpu_seconds: ticks as f64 / ticks_per_second(),
+            rss_bytes: parse_rss_bytes(&status)?,
+            threads,
+        })
+    }
+}
+
+fn ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)
+        .unwrap_or(100) as f64
+}
+
+/// Turns successive readings into CPU percentages.
 #[derive(Debug)]
 pub struct ProcessSampler {
     pid: u32,
-    ticks_per_second: f64,
-    previous: Option<(Instant, u64)>,
+    previous: Option<(Instant, f64)>,
 }
 
 impl ProcessSampler {
     pub fn new(pid: u32) -> Self {
-        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .filter(|t| *t > 0)
-            .unwrap_or(100);
         Self {
             pid,
-            ticks_per_second: ticks as f64,
             previous: None,
         }
     }
 
     /// A reading, or `None` once the process is gone (or on a system without `/proc`).
     pub fn sample(&mut self) -> Option<ProcessSample> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-        let (ticks, threads) = parse_stat(&stat)?;
-        let rss_bytes = parse_rss_bytes(&status)?;
+        let stat = ProcessStat::read(self.pid)?;
         let now = Instant::now();
-        let cpu_percent = match self.previous.replace((now, ticks)) {
+        let cpu_percent = match self.previous.replace((now, stat.cpu_seconds)) {
             Some((then, before)) => {
                 let seconds = now.duration_since(then).as_secs_f64();
                 if seconds > 0.0 {
-                    (ticks.saturating_sub(before) as f64 / self.ticks_per_second) / seconds * 100.0
+                    (stat.cpu_seconds - before).max(0.0) / seconds * 100.0
                 } else {
                     0.0
                 }
@@ -55,8 +76,8 @@ impl ProcessSampler {
         };
         Some(ProcessSample {
             cpu_percent,
-            rss_bytes,
-            threads,
+            rss_bytes: stat.rss_bytes,
+            threads: stat.threads,
         })
     }
 }

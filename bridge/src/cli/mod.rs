@@ -4,6 +4,7 @@
 //! 1 other failure, 2 invalid input (also clap's usage errors), 3 hub unreachable,
 //! 4 unknown worker, 5 not acknowledged in time.
 
+mod bench;
 mod control;
 mod demo;
 mod render;
@@ -61,6 +62,15 @@ enum Command {
     Control(control::ShowArgs),
     /// Run a hub, three simulated workers and a tail, and change a sampling rate live.
     Demo(demo::Args),
+    /// Measure throughput, latency, control round trips, memory and emit cost against a
+    /// baseline server, in separate processes on loopback.
+    Bench(bench::Args),
+    /// A process of `bridge bench` (internal).
+    #[command(hide = true)]
+    BenchRole {
+        #[command(subcommand)]
+        role: bench::role::Role,
+    },
 }
 
 /// A failure, with the exit code it maps to.
@@ -141,6 +151,8 @@ async fn run(cli: Cli) -> Outcome {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::BenchRole { role } => bench::role::run(role).await,
         Command::Subscribe(args) => subscribe::run(&cli.hub, args).await,
         Command::Workers(args) => workers::run(&cli.hub, args).await,
         Command::Sample(args) => control::sample(&cli.hub, args).await,

@@ -1,0 +1,366 @@
+//! The benchmark's other processes, started by `bridge bench` as `bridge bench-role ...`.
+//!
+//! Each role prints `ready` once it is set up, then answers every `mark` line on stdin with one
+//! JSON line of its counters (so the orchestrator reads them at exactly the moments it reads the
+//! server's CPU time), takes `rate N` lines where it has a rate, and exits when stdin closes.
+
+use std::{
+    io::BufRead,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use async_stream::stream;
+use bridge_proto::v1;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::net::TcpListener;
+use worker::{Link, LinkOptions, Value, emitter::now_ns};
+
+use super::{
+    baseline,
+    payload::{self, Payload},
+    wire::{self, RawItem},
+};
+use crate::cli::{Failure, Outcome};
+
+/// Connections opened at once while setting up many workers or subscribers.
+const CONNECTING: usize = 128;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Role {
+    /// The baseline server.
+    Baseline {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// Worker streams sending pre-encoded events: as fast as flow control allows, or at `--rate`
+    /// in total (open loop; changed by `rate N` on stdin).
+    Load {
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Workers made with the worker library (`Link` and `Emitter::emit`), each emitting
+    /// `--rate` events per second.
+    Workers {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        workers: usize,
+        #[arg(long)]
+        rate: f64,
+    },
+    /// Subscriptions counting deliveries.
+    Subscribe {
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 1)]
+        subscribers: usize,
+        /// Each subscriber matches a different 1 % of the events instead of all of them.
+        #[arg(long)]
+        buckets: bool,
+        /// Record emit → delivery latency from event timestamps.
+        #[arg(long)]
+        latency: bool,
+    },
+    /// Connected workers that send nothing and acknowledge every control state.
+    Idle {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        workers: usize,
+    },
+}
+
+pub async fn run(role: Role) -> Outcome {
+    let result = match role {
+        Role::Baseline { listen } => baseline_server(listen).await,
+        Role::Load {
+            target,
+            streams,
+            rate,
+        } => load(&target, streams, rate).await,
+        Role::Workers {
+            target,
+            workers,
+            rate,
+        } => library_workers(&target, workers, rate).await,
+        Role::Subscribe {
+            target,
+            subscribers,
+            buckets,
+            latency,
+        } => subscribe(&target, subscribers, buckets, latency).await,
+        Role::Idle { target, workers } => idle(&target, workers).await,
+    };
+    result.map_err(|e| Failure::new(1, e))
+}
+
+async fn baseline_server(listen: SocketAddr) -> Result<(), String> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("bind {listen}: {e}"))?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("listening on {address}");
+    baseline::serve(listener).await
+}
+
+/// Answers `mark` lines with `report()` and passes `rate N` to `set_rate`, until stdin closes.
+async fn serve_marks(
+    report: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    set_rate: impl Fn(f64) + Send + Sync + 'static,
+) {
+    println!("ready");
+    let _ = tokio::task::spawn_blocking(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if line == "mark" {
+                println!("{}", report());
+            } else if let Some(rate) = line.strip_prefix("rate ").and_then(|r| r.parse().ok()) {
+                set_rate(rate);
+            }
+        }
+    })
+    .await;
+}
+
+/// Opens `count` things concurrently (a bounded number at a time), failing on the first error.
+async fn open_all<T, F, Fut>(count: usize, open: F) -> Result<Vec<T>, String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    futures_util::stream::iter(0..count)
+        .map(open)
+        .buffer_unordered(CONNECTING)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+async fn load(target: &str, streams: usize, rate: Option<f64>) -> Result<(), String> {
+    let sent = Arc::new(AtomicU64::new(0));
+    // Events per second per stream, as f64 bits; 0 means as fast as possible.
+    let per_stream = Arc::new(AtomicU64::new(
+        rate.map_or(0.0, |r| r / streams as f64).to_bits(),
+    ));
+    let payload = Arc::new(Payload::default());
+    let firsts = open_all(streams, |k| {
+        let (sent, payload, per_stream) = (sent.clone(), payload.clone(), per_stream.clone());
+        async move {
+            let channel = wire::connect(target).await?;
+            let events = stream! {
+                let (started, started_ns) = (Instant::now(), now_ns());
+                let mut next_due = Duration::ZERO;
+                let mut sequence = 0u64;
+                loop {
+                    let rate = f64::from_bits(per_stream.load(Relaxed));
+                    if rate <= 0.0 {
+                        sequence += 1;
+                        sent.fetch_add(1, Relaxed);
+                        yield payload.event(sequence, now_ns());
+                        continue;
+                    }
+                    // Open loop: what is due by now goes out, stamped with the time it was due,
+                    // so a stall shows up as latency instead of as a slower schedule.
+                    let interval = Duration::from_secs_f64(1.0 / rate);
+                    let now = started.elapsed();
+                    if next_due + Duration::from_millis(100) < now {
+                        // A rate change or a long stall: do not burst to catch up on old debt.
+                        next_due = now;
+                    }
+                    while next_due <= now {
+                        sequence += 1;
+                        sent.fetch_add(1, Relaxed);
+                        let intended = started_ns + i64::try_from(next_due.as_nanos()).unwrap_or(i64::MAX);
+                        yield payload.event(sequence, intended);
+                        next_due += interval;
+                    }
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+            };
+            let mut versions = wire::worker_stream(channel, &format!("bench-{k}"), events)
+                .await
+                .map_err(|e| e.to_string())?;
+            let first = versions.next().await;
+            // Keep reading, so that acknowledgements keep flowing.
+            tokio::spawn(async move { while versions.next().await.is_some() {} });
+            Ok(first)
+        }
+    })
+    .await?;
+    drop(firsts);
+    serve_marks(
+        move || json!({ "events": sent.load(Relaxed) }),
+        move |rate| per_stream.store((rate / streams as f64).to_bits(), Relaxed),
+    )
+    .await;
+    Ok(())
+}
+
+/// Real worker-library workers, as a model server would run them.
+async fn library_workers(target: &str, workers: usize, rate: f64) -> Result<(), String> {
+    let emitted = Arc::new(AtomicU64::new(0));
+    let mut links = Vec::with_capacity(workers);
+    for k in 0..workers {
+        let link = Link::start(LinkOptions::new(target, format!("bench-{k}")))
+            .map_err(|e| e.to_string())?;
+        links.push(link);
+    }
+    for link in &links {
+        let mut state = link.state();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            state.wait_for(|s| matches!(s, worker::LinkState::Connected { applied: Some(_) })),
+        )
+        .await
+        .map_err(|_| "a worker did not connect in time".to_owned())?
+        .map_err(|e| e.to_string())?;
+    }
+    for (k, link) in links.iter().enumerate() {
+        let (emitter, emitted) = (link.emitter(), emitted.clone());
+        tokio::spawn(async move {
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            // Spread the workers over the interval instead of emitting in lockstep.
+            tokio::time::sleep(interval.mul_f64(k as f64 / workers as f64)).await;
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut i = 0i64;
+            loop {
+                tick.tick().await;
+                i += 1;
+                emitter.emit(
+                    "inference.stop",
+                    &[
+                        ("tokens_in", Value::Int(1337)),
+                        ("tokens_out", Value::Int(i)),
+                        ("duration_ms", Value::Float(48.25)),
+                    ],
+                    &[("model", "llama-3-8b")],
+                    Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
+                );
+                emitted.fetch_add(1, Relaxed);
+            }
+        });
+    }
+    serve_marks(move || json!({ "events": emitted.load(Relaxed) }), |_| {}).await;
+    drop(links);
+    Ok(())
+}
+
+#[derive(Debug)]
+struct Deliveries {
+    count: AtomicU64,
+    lagged: AtomicU64,
+    latency: Mutex<Histogram<u64>>,
+}
+
+async fn subscribe(
+    target: &str,
+    subscribers: usize,
+    buckets: bool,
+    latency: bool,
+) -> Result<(), String> {
+    let deliveries = Arc::new(Deliveries {
+        count: AtomicU64::new(0),
+        lagged: AtomicU64::new(0),
+        latency: Mutex::new(
+            Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
+        ),
+    });
+    let streams = open_all(subscribers, |k| async move {
+        let channel = wire::connect(target).await?;
+        let patterns = if buckets {
+            vec![payload::bucket_name(k as u64 % payload::BUCKETS)]
+        } else {
+            vec![">".to_owned()]
+        };
+        wire::subscribe(
+            channel,
+            v1::SubscribeRequest {
+                patterns,
+                ..Default::default()
+            },
+            latency,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    })
+    .await?;
+    for mut items in streams {
+        let deliveries = deliveries.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(item)) = items.message().await {
+                match item {
+                    RawItem::Event { timestamp_ns } => {
+                        deliveries.count.fetch_add(1, Relaxed);
+                        if latency {
+                            let micros = (now_ns() - timestamp_ns).max(1000) / 1000;
+                            let mut histogram =
+                                deliveries.latency.lock().unwrap_or_else(|p| p.into_inner());
+                            histogram.saturating_record(u64::try_from(micros).unwrap_or(1));
+                        }
+                    }
+                    RawItem::Lagged(skipped) => {
+                        deliveries.lagged.fetch_add(skipped, Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    serve_marks(
+        move || {
+            let mut histogram = deliveries.latency.lock().unwrap_or_else(|p| p.into_inner());
+            let report = json!({
+                "deliveries": deliveries.count.load(Relaxed),
+                "lagged": deliveries.lagged.load(Relaxed),
+                "latency_us": {
+                    "count": histogram.len(),
+                    "p50": histogram.value_at_quantile(0.5),
+                    "p99": histogram.value_at_quantile(0.99),
+                    "p999": histogram.value_at_quantile(0.999),
+                    "max": histogram.max(),
+                },
+            });
+            histogram.reset();
+            report
+        },
+        |_| {},
+    )
+    .await;
+    Ok(())
+}
+
+async fn idle(target: &str, workers: usize) -> Result<(), String> {
+    let applied = Arc::new(AtomicU64::new(0));
+    let streams = open_all(workers, |k| async move {
+        let channel = wire::connect(target).await?;
+        let mut versions =
+            wire::worker_stream(channel, &format!("bench-{k}"), tokio_stream::pending())
+                .await
+                .map_err(|e| e.to_string())?;
+        versions.next().await;
+        Ok(versions)
+    })
+    .await?;
+    for mut versions in streams {
+        let applied = applied.clone();
+        tokio::spawn(async move {
+            while versions.next().await.is_some() {
+                applied.fetch_add(1, Relaxed);
+            }
+        });
+    }
+    serve_marks(move || json!({ "applied": applied.load(Relaxed) }), |_| {}).await;
+    Ok(())
+}
