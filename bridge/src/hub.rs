@@ -201,16 +201,32 @@ impl Hub {
         let started = Instant::now();
         let applied = self.shared.control.apply(selector, change).await?;
         let version = applied.version;
-        let reached: Vec<Arc<Worker>> = self
-            .shared
-            .registry
-            .all()
-            .into_iter()
-            .filter(|worker| selects(selector, worker))
-            .collect();
+        let reached: Vec<Arc<Worker>> = match selector {
+            Selector::Worker(id) => self.shared.registry.get(id).into_iter().collect(),
+            _ => self
+                .shared
+                .registry
+                .unordered()
+                .into_iter()
+                .filter(|worker| selects(selector, worker))
+                .collect(),
+        };
+        // Most workers have no settings of their own: their state depends on their pool only,
+        // so it is computed once per pool rather than once per worker.
+        let mut by_pool: std::collections::HashMap<String, bridge_proto::control::ControlState> =
+            std::collections::HashMap::new();
         for worker in &reached {
             let pool = worker.status().pool.clone();
-            worker.offer_desired(self.shared.control.effective(Some(&worker.id), &pool));
+            let control = &self.shared.control;
+            let state = if control.has_worker_settings(&worker.id) {
+                control.effective(Some(&worker.id), &pool)
+            } else {
+                by_pool
+                    .entry(pool)
+                    .or_insert_with_key(|pool| control.effective(None, pool))
+                    .clone()
+            };
+            worker.offer_desired(state);
         }
         drop(applied);
         info!(

@@ -567,6 +567,11 @@ impl Registry {
         self.workers.get(id).map(|w| w.clone())
     }
 
+    /// Every worker, in no particular order.
+    pub fn unordered(&self) -> Vec<Arc<Worker>> {
+        self.workers.iter().map(|w| w.clone()).collect()
+    }
+
     /// Every worker, in id order.
     pub fn all(&self) -> Vec<Arc<Worker>> {
         let mut all: Vec<_> = self.workers.iter().map(|w| w.clone()).collect();

@@ -6,8 +6,7 @@ use bridge_proto::{
     FILE_DESCRIPTOR_SET, SERVICE_NAME, server::telemetry_bridge_server::TelemetryBridgeServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -58,7 +57,9 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(bridge)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        // tonic applies `tcp_nodelay` only to listeners it binds itself; without it, small
+        // writes wait for delayed acknowledgements (40 ms stalls).
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
 
     tokio::pin!(server);
     tokio::select! {

@@ -12,13 +12,19 @@ use std::{
 };
 
 use bridge_proto::encoded::EncodedEvent;
-use bytes::Bytes;
+use bytes::BytesMut;
+
+/// Size of the chunks events are copied into.
+const ARENA_CHUNK: usize = 64 * 1024;
 use tokio::sync::Notify;
 
 #[derive(Debug)]
 struct Inner {
     /// Unconfirmed events, oldest first, with their sequence numbers.
     events: VecDeque<(u64, EncodedEvent)>,
+    /// Where events are copied: each is a slice of a shared chunk, so accepting one allocates
+    /// nothing; a chunk is freed when its last event is confirmed or dropped.
+    arena: BytesMut,
     next_sequence: u64,
     /// How many of the newest events the current stream has not sent yet.
     unsent: usize,
@@ -47,6 +53,7 @@ impl Buffer {
         Self {
             inner: Mutex::new(Inner {
                 events: VecDeque::with_capacity(capacity.clamp(1, 4096)),
+                arena: BytesMut::with_capacity(ARENA_CHUNK),
                 next_sequence: 1,
                 unsent: 0,
                 capacity: capacity.max(1),
@@ -61,16 +68,20 @@ impl Buffer {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Numbers an encoded event (which must not have a sequence yet) and keeps it.
-    pub(crate) fn push(&self, mut encoded: Vec<u8>) -> Pushed {
+    /// Numbers an encoded event (which must not have a sequence yet) and keeps a copy.
+    pub(crate) fn push(&self, encoded: &[u8]) -> Pushed {
         let pushed = {
             let mut inner = self.lock();
             let sequence = inner.next_sequence;
             inner.next_sequence += 1;
-            EncodedEvent::append_sequence(&mut encoded, sequence);
+            // Room for the sequence field: a one-byte key and up to ten bytes of varint.
+            inner.arena.reserve(encoded.len() + 11);
+            inner.arena.extend_from_slice(encoded);
+            prost::encoding::uint64::encode(6, &sequence, &mut inner.arena);
+            let bytes = inner.arena.split().freeze();
             inner
                 .events
-                .push_back((sequence, EncodedEvent::from_bytes(Bytes::from(encoded))));
+                .push_back((sequence, EncodedEvent::from_bytes(bytes)));
             inner.unsent += 1;
             let evicted = inner.events.len() > inner.capacity;
             if evicted {
@@ -159,7 +170,7 @@ mod tests {
     fn numbers_sends_confirms_and_replays() {
         let buffer = Buffer::new(10);
         for _ in 0..5 {
-            buffer.push(event("a"));
+            buffer.push(&event("a"));
         }
         assert_eq!(sequences(&buffer.take_unsent(3)), [1, 2, 3]);
         assert_eq!(sequences(&buffer.take_unsent(10)), [4, 5]);
@@ -167,7 +178,7 @@ mod tests {
         assert_eq!(buffer.confirm(2), 2);
         // The connection dies: the next one replays what was not confirmed.
         assert_eq!(buffer.rewind(), 3);
-        buffer.push(event("a"));
+        buffer.push(&event("a"));
         assert_eq!(sequences(&buffer.take_unsent(10)), [3, 4, 5, 6]);
         assert_eq!(buffer.confirm(6), 4);
         assert_eq!(buffer.unconfirmed(), 0);
@@ -176,10 +187,10 @@ mod tests {
     #[test]
     fn a_full_buffer_drops_the_oldest() {
         let buffer = Buffer::new(3);
-        let evicted: Vec<bool> = (0..5).map(|_| buffer.push(event("a")).evicted).collect();
+        let evicted: Vec<bool> = (0..5).map(|_| buffer.push(&event("a")).evicted).collect();
         assert_eq!(evicted, [false, false, false, true, true]);
         assert_eq!(sequences(&buffer.take_unsent(10)), [3, 4, 5]);
-        buffer.push(event("a"));
+        buffer.push(&event("a"));
         assert_eq!(sequences(&buffer.take_unsent(10)), [6]);
         assert_eq!(sequences(&buffer.snapshot()), [4, 5, 6]);
     }

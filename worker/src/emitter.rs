@@ -29,6 +29,7 @@ use crate::{
     buffer::Buffer,
     counters::{Counters, DropReason},
     encode,
+    fast_control::FastControl,
 };
 
 /// A measured value. Integers stay integers on the wire; strings are for labels that are
@@ -94,6 +95,8 @@ pub(crate) struct Shared {
     /// Mirrors `control.enabled`, checked first so that a disabled emit reads one atomic.
     pub(crate) enabled: AtomicBool,
     pub(crate) control: ArcSwap<ControlState>,
+    /// `control` when it has no rules and no filters, for the fast path of `emit`.
+    fast: FastControl,
     pub(crate) counters: Counters,
     pub(crate) buffer: Buffer,
     /// Follows `control`, for whoever forwards it (the sidecar's local clients).
@@ -103,6 +106,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn apply(&self, state: ControlState) {
         let state = Arc::new(state);
+        self.fast.store(&state);
         self.enabled.store(state.enabled, Relaxed);
         self.control.store(state.clone());
         self.control_changes.send_replace(state);
@@ -119,13 +123,17 @@ impl Emitter {
     /// An emitter whose buffer holds up to `capacity` events, with no link to send them:
     /// [`Emitter::buffered`] shows what it would send. Links make their own.
     pub fn detached(capacity: usize) -> Self {
+        let initial = ControlState::default();
+        let fast = FastControl::default();
+        fast.store(&initial);
         Self {
             shared: Arc::new(Shared {
                 enabled: AtomicBool::new(true),
-                control: ArcSwap::from_pointee(ControlState::default()),
+                control: ArcSwap::from_pointee(initial.clone()),
+                fast,
                 counters: Counters::default(),
                 buffer: Buffer::new(capacity),
-                control_changes: watch::Sender::new(Arc::new(ControlState::default())),
+                control_changes: watch::Sender::new(Arc::new(initial)),
             }),
         }
     }
@@ -149,27 +157,38 @@ impl Emitter {
             return;
         }
         let correlation_id = correlation_id.unwrap_or("");
-        let control = self.shared.control.load();
-        let rate = match control.decide_name(name, correlation_id) {
-            Verdict::Keep(rate) => rate,
-            Verdict::Disabled => return counters.disabled(),
-            Verdict::Filtered => return counters.filtered(),
-            Verdict::SampledOut(_) => return counters.sampled_out(),
+        let (rate, control_version) = match self.shared.fast.load() {
+            Some((rate, version)) if rate.keep(correlation_id) => (rate, version),
+            Some(_) => return counters.sampled_out(),
+            None => {
+                let control = self.shared.control.load();
+                match control.decide_name(name, correlation_id) {
+                    Verdict::Keep(rate) => (rate, control.version),
+                    Verdict::Disabled => return counters.disabled(),
+                    Verdict::Filtered => return counters.filtered(),
+                    Verdict::SampledOut(_) => return counters.sampled_out(),
+                }
+            }
         };
-        if validate_event_name(name).is_err() || name == "bridge" || name.starts_with("bridge.") {
+        if !valid_name(name) {
             return counters.dropped(DropReason::InvalidName);
         }
-        self.accept(encode::event(
-            name,
-            measurements,
-            metadata,
-            now_ns(),
-            correlation_id,
-            encode::Decision {
-                sampling_rate: rate.get(),
-                control_version: control.version,
-            },
-        ));
+        let decision = encode::Decision {
+            sampling_rate: rate.get(),
+            control_version,
+        };
+        let timestamp = now_ns();
+        self.accept(|buf| {
+            encode::event(
+                name,
+                measurements,
+                metadata,
+                timestamp,
+                correlation_id,
+                decision,
+                buf,
+            )
+        });
     }
 
     /// Emits an event built elsewhere (e.g. relayed from another process), applying the same
@@ -218,7 +237,7 @@ impl Emitter {
         if event.timestamp_ns == 0 {
             event.timestamp_ns = now_ns();
         }
-        self.accept(encode::message(event));
+        self.accept(|buf| encode::message(event, buf));
     }
 
     /// Counts a `TELEMETRY:` line (or other relayed input) that could not be parsed.
@@ -226,10 +245,20 @@ impl Emitter {
         self.shared.counters.dropped(DropReason::ParseError);
     }
 
-    fn accept(&self, encoded: Vec<u8>) {
+    /// Encodes with `encode` into this thread's scratch buffer and buffers a copy.
+    fn accept(&self, encode: impl FnOnce(&mut Vec<u8>)) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let evicted = SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.clear();
+            encode(&mut scratch);
+            self.shared.buffer.push(&scratch).evicted
+        });
         let counters = &self.shared.counters;
         counters.accepted();
-        if self.shared.buffer.push(encoded).evicted {
+        if evicted {
             counters.dropped(DropReason::BufferFull);
         }
     }
@@ -372,7 +401,30 @@ impl Drop for Span {
     }
 }
 
-/// A well-formed name outside the `bridge.` namespace, which belongs to the protocol.
+/// A well-formed name outside the `bridge.` namespace, which belongs to the protocol. Callers
+/// emit the same few names over and over, so the last one found valid on this thread is
+/// remembered and a repeat costs a comparison.
+#[inline]
+fn valid_name(name: &str) -> bool {
+    thread_local! {
+        static LAST_VALID: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    LAST_VALID.with(|last| {
+        if *last.borrow() == name {
+            return true;
+        }
+        let valid =
+            validate_event_name(name).is_ok() && name != "bridge" && !name.starts_with("bridge.");
+        if valid {
+            let mut last = last.borrow_mut();
+            last.clear();
+            last.push_str(name);
+        }
+        valid
+    })
+}
+
+/// The same for an event given as parts.
 fn acceptable(parts: &[String]) -> bool {
     validate_event_parts(parts).is_ok() && parts.first().is_none_or(|p| p != "bridge")
 }

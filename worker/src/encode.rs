@@ -2,16 +2,30 @@
 //!
 //! Building the generated struct first would allocate a `String` per token, key and value and
 //! two `HashMap`s, only to encode and drop them; this writes the same bytes from the borrowed
-//! arguments with one allocation. The sequence number is appended later, when the event is
-//! accepted, so the capacity leaves room for it.
+//! arguments into a reused buffer. The sequence number is appended later, when the event is
+//! accepted.
 
 use bridge_proto::v1;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+use prost::encoding::{WireType, encoded_len_varint, key_len};
 
 use crate::emitter::Value;
 
-/// Room for the sequence field (key and a 10-byte varint).
-const SEQUENCE_ROOM: usize = 11;
+/// Writes a field key; every tag here is below 16, so a key is one byte.
+#[inline]
+fn encode_key(tag: u32, wire_type: WireType, buf: &mut Vec<u8>) {
+    debug_assert!(tag < 16);
+    buf.push(((tag << 3) | wire_type as u32) as u8);
+}
+
+/// prost's varint writer, specialised to `Vec` so that it inlines.
+#[inline]
+fn encode_varint(mut value: u64, buf: &mut Vec<u8>) {
+    while value >= 0x80 {
+        buf.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    buf.push(value as u8);
+}
 
 fn len_delimited(tag: u32, len: usize) -> usize {
     key_len(tag) + encoded_len_varint(len as u64) + len
@@ -81,71 +95,47 @@ pub(crate) fn event(
     timestamp_ns: i64,
     correlation_id: &str,
     decision: Decision,
-) -> Vec<u8> {
+    buf: &mut Vec<u8>,
+) {
     let Decision {
         sampling_rate,
         control_version,
     } = decision;
     let sampled = sampling_rate > 0.0 && sampling_rate < 1.0;
-    let len = name.split('.').map(|t| string_len(1, t)).sum::<usize>()
-        + if sampled { key_len(7) + 8 } else { 0 }
-        + if control_version != 0 {
-            key_len(8) + encoded_len_varint(control_version)
-        } else {
-            0
-        }
-        + measurements
-            .iter()
-            .map(|(k, v)| len_delimited(2, measurement_entry_len(k, v)))
-            .sum::<usize>()
-        + metadata
-            .iter()
-            .map(|(k, v)| len_delimited(3, metadata_entry_len(k, v)))
-            .sum::<usize>()
-        + if timestamp_ns != 0 {
-            key_len(4) + encoded_len_varint(timestamp_ns as u64)
-        } else {
-            0
-        }
-        + if correlation_id.is_empty() {
-            0
-        } else {
-            string_len(5, correlation_id)
-        };
-    let mut buf = Vec::with_capacity(len + SEQUENCE_ROOM);
+    // `buf` is a reused scratch buffer: it is already as large as the events it has held, so
+    // the total is not computed up front (only nested messages need their lengths).
     for token in name.split('.') {
-        put_string(&mut buf, 1, token);
+        put_string(buf, 1, token);
     }
     for (key, value) in measurements {
-        encode_key(2, WireType::LengthDelimited, &mut buf);
-        encode_varint(measurement_entry_len(key, value) as u64, &mut buf);
-        put_entry_string(&mut buf, 1, key);
-        encode_key(2, WireType::LengthDelimited, &mut buf);
-        encode_varint(value_len(value) as u64, &mut buf);
-        put_value(&mut buf, value);
+        encode_key(2, WireType::LengthDelimited, buf);
+        encode_varint(measurement_entry_len(key, value) as u64, buf);
+        put_entry_string(buf, 1, key);
+        encode_key(2, WireType::LengthDelimited, buf);
+        encode_varint(value_len(value) as u64, buf);
+        put_value(buf, value);
     }
     for (key, value) in metadata {
-        encode_key(3, WireType::LengthDelimited, &mut buf);
-        encode_varint(metadata_entry_len(key, value) as u64, &mut buf);
-        put_entry_string(&mut buf, 1, key);
-        put_entry_string(&mut buf, 2, value);
+        encode_key(3, WireType::LengthDelimited, buf);
+        encode_varint(metadata_entry_len(key, value) as u64, buf);
+        put_entry_string(buf, 1, key);
+        put_entry_string(buf, 2, value);
     }
     if timestamp_ns != 0 {
-        encode_key(4, WireType::Varint, &mut buf);
-        encode_varint(timestamp_ns as u64, &mut buf);
+        encode_key(4, WireType::Varint, buf);
+        encode_varint(timestamp_ns as u64, buf);
     }
     if !correlation_id.is_empty() {
-        put_string(&mut buf, 5, correlation_id);
+        put_string(buf, 5, correlation_id);
     }
     if sampled {
-        encode_key(7, WireType::SixtyFourBit, &mut buf);
+        encode_key(7, WireType::SixtyFourBit, buf);
         buf.extend_from_slice(&sampling_rate.to_le_bytes());
     }
     if control_version != 0 {
-        encode_key(8, WireType::Varint, &mut buf);
-        encode_varint(control_version, &mut buf);
+        encode_key(8, WireType::Varint, buf);
+        encode_varint(control_version, buf);
     }
-    buf
 }
 
 /// How an event was decided: the rate it was kept at and the control version that said so.
@@ -156,12 +146,11 @@ pub(crate) struct Decision {
 }
 
 /// The encoding of an event built elsewhere (a relayed one), without its sequence number.
-pub(crate) fn message(mut event: v1::TelemetryEvent) -> Vec<u8> {
+pub(crate) fn message(mut event: v1::TelemetryEvent, buf: &mut Vec<u8>) {
     use prost::Message;
     event.sequence = 0;
-    let mut buf = Vec::with_capacity(event.encoded_len() + SEQUENCE_ROOM);
-    event.encode_raw(&mut buf);
-    buf
+    buf.reserve(event.encoded_len());
+    event.encode_raw(buf);
 }
 
 #[cfg(test)]
@@ -172,7 +161,8 @@ mod tests {
 
     #[test]
     fn matches_the_generated_encoding() {
-        let bytes = event(
+        let mut bytes = Vec::new();
+        event(
             "inference.stop",
             &[
                 ("tokens", Value::Int(512)),
@@ -189,8 +179,8 @@ mod tests {
                 sampling_rate: 0.25,
                 control_version: 9,
             },
+            &mut bytes,
         );
-        assert!(bytes.capacity() >= bytes.len() + SEQUENCE_ROOM);
         let decoded = v1::TelemetryEvent::decode(bytes.as_slice()).unwrap();
         let value = |v| TelemetryValue { value: Some(v) };
         use telemetry_value::Value as V;
@@ -227,7 +217,9 @@ mod tests {
             sequence: 99,
             ..Default::default()
         };
-        let decoded = v1::TelemetryEvent::decode(message(event).as_slice()).unwrap();
+        let mut bytes = Vec::new();
+        message(event, &mut bytes);
+        let decoded = v1::TelemetryEvent::decode(bytes.as_slice()).unwrap();
         assert_eq!(decoded.sequence, 0);
     }
 }

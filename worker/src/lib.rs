@@ -31,6 +31,7 @@ pub mod config;
 pub mod counters;
 pub mod emitter;
 mod encode;
+mod fast_control;
 pub mod gpu;
 pub mod link;
 pub mod local;

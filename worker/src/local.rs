@@ -208,7 +208,7 @@ pub async fn serve(
             info!(local = %address, "local endpoint listening");
             router
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     stop,
                 )
                 .await

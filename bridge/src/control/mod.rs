@@ -122,6 +122,8 @@ struct Book {
 pub struct ControlPlane {
     book: Mutex<Book>,
     store: Store,
+    /// Asks the thread that flushes the state file to disk to do so (see `store`).
+    syncer: std::sync::mpsc::Sender<()>,
     /// Serialises changes from the moment they are made until they are pushed to workers, so
     /// that no worker can receive an older state after a newer one.
     changes: tokio::sync::Mutex<()>,
@@ -141,6 +143,7 @@ impl ControlPlane {
         let mut runtime = store.load()?;
         runtime.version += 1;
         store.save(&runtime)?;
+        store.sync()?;
         let configured = Configured {
             global: Layer::global_from_config(config),
             pools: config
@@ -154,6 +157,23 @@ impl ControlPlane {
                 .map(|(id, layer)| (id.clone(), Layer::from_config(layer)))
                 .collect(),
         };
+        let (syncer, requests) = std::sync::mpsc::channel::<()>();
+        let syncing = store.clone();
+        std::thread::Builder::new()
+            .name("state-sync".into())
+            .spawn(move || {
+                while requests.recv().is_ok() {
+                    // One flush covers every change written before it.
+                    while requests.try_recv().is_ok() {}
+                    if let Err(error) = syncing.sync() {
+                        tracing::warn!(%error, "control state written but not flushed to disk");
+                    }
+                }
+            })
+            .map_err(|source| Error::StateWrite {
+                path: store.path().to_owned(),
+                source,
+            })?;
         Ok(Self {
             book: Mutex::new(Book {
                 epoch: runtime.version,
@@ -161,6 +181,7 @@ impl ControlPlane {
                 runtime,
             }),
             store,
+            syncer,
             changes: tokio::sync::Mutex::new(()),
         })
     }
@@ -246,14 +267,20 @@ impl ControlPlane {
             (previous, book.runtime.clone())
         };
         let store = self.store.clone();
-        let saved = tokio::task::spawn_blocking(move || store.save(&snapshot))
-            .await
-            .unwrap_or_else(|join| {
-                Err(Error::StateWrite {
-                    path: self.store.path().to_owned(),
-                    source: std::io::Error::other(join.to_string()),
-                })
-            });
+        let syncer = self.syncer.clone();
+        let saved = tokio::task::spawn_blocking(move || {
+            store.save(&snapshot)?;
+            // Durable against a power loss a moment later; the command need not wait for it.
+            let _ = syncer.send(());
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|join| {
+            Err(Error::StateWrite {
+                path: self.store.path().to_owned(),
+                source: std::io::Error::other(join.to_string()),
+            })
+        });
         let mut book = self.book();
         if let Err(error) = saved {
             book.runtime = previous;

@@ -1,5 +1,11 @@
-//! The control state file: written atomically (temporary file, fsync, rename, fsync of the
-//! directory) so that a crash leaves either the old state or the new one, never a torn file.
+//! The control state file, replaced atomically (temporary file, rename) so that a crash leaves
+//! either the old state or the new one, never a torn file.
+//!
+//! A change is written before the command that made it is answered, so it survives the hub
+//! process dying at any moment. Flushing it to the disk (fsync of the file and the directory)
+//! takes most of a millisecond, which would be most of a command's round trip, so [`Store::sync`]
+//! runs right after, in the background: only a power loss within those milliseconds can lose
+//! the last change.
 
 use std::{
     collections::BTreeMap,
@@ -83,7 +89,7 @@ impl Store {
         Ok(snapshot)
     }
 
-    /// Replaces the file with `snapshot`, atomically and durably.
+    /// Replaces the file with `snapshot`, atomically; call [`Store::sync`] to make it durable.
     pub fn save(&self, snapshot: &Snapshot) -> Result<()> {
         let write_error = |source| Error::StateWrite {
             path: self.path.clone(),
@@ -94,14 +100,24 @@ impl Store {
         let tmp = self.path.with_extension("json.tmp");
         let mut file = File::create(&tmp).map_err(write_error)?;
         file.write_all(&bytes).map_err(write_error)?;
-        file.sync_all().map_err(write_error)?;
         drop(file);
-        fs::rename(&tmp, &self.path).map_err(write_error)?;
+        fs::rename(&tmp, &self.path).map_err(write_error)
+    }
+
+    /// Flushes the file and its directory entry to the disk.
+    pub fn sync(&self) -> Result<()> {
+        let sync_error = |source| Error::StateWrite {
+            path: self.path.clone(),
+            source,
+        };
+        File::open(&self.path)
+            .and_then(|f| f.sync_all())
+            .map_err(sync_error)?;
         if let Some(dir) = self.path.parent() {
             // The rename is durable only once the directory entry is.
             File::open(dir)
                 .and_then(|d| d.sync_all())
-                .map_err(write_error)?;
+                .map_err(sync_error)?;
         }
         Ok(())
     }

@@ -174,7 +174,9 @@ pub async fn serve(listener: TcpListener) -> Result<(), String> {
             TelemetryBridgeServer::new(Baseline::default())
                 .max_decoding_message_size(config.max_message_bytes),
         )
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        )
         .await
         .map_err(|e| e.to_string())
 }

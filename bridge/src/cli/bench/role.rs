@@ -15,6 +15,7 @@ use std::{
 };
 
 use async_stream::stream;
+use bridge_proto::encoded::EncodedEvent;
 use bridge_proto::v1;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
@@ -150,62 +151,108 @@ where
 
 async fn load(target: &str, streams: usize, rate: Option<f64>) -> Result<(), String> {
     let sent = Arc::new(AtomicU64::new(0));
-    // Events per second per stream, as f64 bits; 0 means as fast as possible.
-    let per_stream = Arc::new(AtomicU64::new(
-        rate.map_or(0.0, |r| r / streams as f64).to_bits(),
-    ));
+    // Events per second over all streams, as f64 bits; 0 means as fast as possible.
+    let total_rate = Arc::new(AtomicU64::new(rate.unwrap_or(0.0).to_bits()));
     let payload = Arc::new(Payload::default());
-    let firsts = open_all(streams, |k| {
-        let (sent, payload, per_stream) = (sent.clone(), payload.clone(), per_stream.clone());
-        async move {
-            let channel = wire::connect(target).await?;
-            let events = stream! {
-                let (started, started_ns) = (Instant::now(), now_ns());
-                let mut next_due = Duration::ZERO;
-                let mut sequence = 0u64;
-                loop {
-                    let rate = f64::from_bits(per_stream.load(Relaxed));
-                    if rate <= 0.0 {
-                        sequence += 1;
-                        sent.fetch_add(1, Relaxed);
-                        yield payload.event(sequence, now_ns());
-                        continue;
-                    }
-                    // Open loop: what is due by now goes out, stamped with the time it was due,
-                    // so a stall shows up as latency instead of as a slower schedule.
-                    let interval = Duration::from_secs_f64(1.0 / rate);
-                    let now = started.elapsed();
-                    if next_due + Duration::from_millis(100) < now {
-                        // A rate change or a long stall: do not burst to catch up on old debt.
-                        next_due = now;
-                    }
-                    while next_due <= now {
-                        sequence += 1;
-                        sent.fetch_add(1, Relaxed);
-                        let intended = started_ns + i64::try_from(next_due.as_nanos()).unwrap_or(i64::MAX);
-                        yield payload.event(sequence, intended);
-                        next_due += interval;
-                    }
-                    tokio::time::sleep(Duration::from_micros(500)).await;
-                }
-            };
-            let mut versions = wire::worker_stream(channel, &format!("bench-{k}"), events)
-                .await
-                .map_err(|e| e.to_string())?;
-            let first = versions.next().await;
-            // Keep reading, so that acknowledgements keep flowing.
-            tokio::spawn(async move { while versions.next().await.is_some() {} });
-            Ok(first)
+    let open_loop = rate.is_some();
+    let mut senders = Vec::with_capacity(streams);
+    let firsts = {
+        let mut queues = Vec::with_capacity(streams);
+        for _ in 0..streams {
+            let (tx, rx) = tokio::sync::mpsc::channel::<EncodedEvent>(65_536);
+            senders.push(tx);
+            queues.push(Mutex::new(Some(rx)));
         }
-    })
-    .await?;
+        let queues = Arc::new(queues);
+        open_all(streams, |k| {
+            let (sent, payload, queues) = (sent.clone(), payload.clone(), queues.clone());
+            async move {
+                let channel = wire::connect(target).await?;
+                let events: std::pin::Pin<
+                    Box<dyn futures_util::Stream<Item = EncodedEvent> + Send>,
+                > = if open_loop {
+                    let queue = queues[k]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                        .ok_or("queue taken twice")?;
+                    Box::pin(tokio_stream::wrappers::ReceiverStream::new(queue))
+                } else {
+                    Box::pin(stream! {
+                        let mut sequence = 0u64;
+                        loop {
+                            sequence += 1;
+                            sent.fetch_add(1, Relaxed);
+                            yield payload.event(sequence, now_ns());
+                        }
+                    })
+                };
+                let mut versions = wire::worker_stream(channel, &format!("bench-{k}"), events)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let first = versions.next().await;
+                // Keep reading, so that acknowledgements keep flowing.
+                tokio::spawn(async move { while versions.next().await.is_some() {} });
+                Ok(first)
+            }
+        })
+        .await?
+    };
     drop(firsts);
+    if open_loop {
+        let (sent, payload, total_rate) = (sent.clone(), payload.clone(), total_rate.clone());
+        std::thread::spawn(move || pace(&senders, &payload, &total_rate, &sent));
+    }
     serve_marks(
         move || json!({ "events": sent.load(Relaxed) }),
-        move |rate| per_stream.store((rate / streams as f64).to_bits(), Relaxed),
+        move |rate| total_rate.store(rate.to_bits(), Relaxed),
     )
     .await;
     Ok(())
+}
+
+/// The open-loop schedule, on a thread of its own: OS sleeps are far finer than the async
+/// runtime's millisecond timer. Each event is stamped with the time it was due, so that any
+/// delay, the generator's own included, counts as latency and none is omitted.
+fn pace(
+    senders: &[tokio::sync::mpsc::Sender<EncodedEvent>],
+    payload: &Payload,
+    total_rate: &AtomicU64,
+    sent: &AtomicU64,
+) {
+    let (started, started_ns) = (Instant::now(), now_ns());
+    let mut sequences = vec![0u64; senders.len()];
+    let mut next_due = Duration::ZERO;
+    let mut i = 0usize;
+    loop {
+        let rate = f64::from_bits(total_rate.load(Relaxed));
+        if rate <= 0.0 {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let now = started.elapsed();
+        if next_due + Duration::from_millis(100) < now {
+            // A rate change: do not burst to pay an old schedule's debt.
+            next_due = now;
+        }
+        while next_due <= now {
+            let k = i % senders.len();
+            i += 1;
+            sequences[k] += 1;
+            let intended = started_ns + i64::try_from(next_due.as_nanos()).unwrap_or(i64::MAX);
+            // Blocks when the server falls far behind; the stamps keep the delay honest.
+            if senders[k]
+                .blocking_send(payload.event(sequences[k], intended))
+                .is_err()
+            {
+                return;
+            }
+            sent.fetch_add(1, Relaxed);
+            next_due += interval;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
 }
 
 /// Real worker-library workers, as a model server would run them.

@@ -152,16 +152,48 @@ impl Decoder for CountingCodec {
             src.advance(src.remaining());
             return Ok(Some(item));
         }
-        let response = v1::SubscribeResponse::decode(&mut *src)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Some(match response.item {
-            Some(v1::subscribe_response::Item::Event(delivery)) => RawItem::Event {
-                timestamp_ns: delivery.event.map_or(0, |e| e.timestamp_ns),
-            },
-            Some(v1::subscribe_response::Item::Lagged(lag)) => RawItem::Lagged(lag.skipped),
-            None => RawItem::Lagged(0),
+        let bytes = src.copy_to_bytes(src.remaining());
+        Ok(Some(RawItem::Event {
+            timestamp_ns: delivery_timestamp(&bytes).unwrap_or(0),
         }))
     }
+}
+
+/// The field `tag` of an encoded message: `Ok` with the raw bytes of a length-delimited field,
+/// `Err` with the value of a varint; other fields are skipped without decoding them.
+fn field(mut message: &[u8], tag: u32) -> Option<Result<&[u8], u64>> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    while !message.is_empty() {
+        let (field, wire_type) = decode_key(&mut message).ok()?;
+        match wire_type {
+            WireType::Varint => {
+                let value = decode_varint(&mut message).ok()?;
+                if field == tag {
+                    return Some(Err(value));
+                }
+            }
+            WireType::LengthDelimited => {
+                let len = usize::try_from(decode_varint(&mut message).ok()?).ok()?;
+                let (body, rest) = message.split_at_checked(len)?;
+                if field == tag {
+                    return Some(Ok(body));
+                }
+                message = rest;
+            }
+            WireType::SixtyFourBit => message = message.get(8..)?,
+            WireType::ThirtyTwoBit => message = message.get(4..)?,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// `SubscribeResponse.event.event.timestamp_ns`, read without decoding the rest: a subscriber
+/// measuring latency must not be the bottleneck it measures.
+fn delivery_timestamp(response: &[u8]) -> Option<i64> {
+    let delivery = field(response, 1)?.ok()?;
+    let event = field(delivery, 3)?.ok()?;
+    field(event, 4)?.err().map(|v| v as i64)
 }
 
 /// Subscribes with the counting codec.
@@ -179,4 +211,28 @@ pub async fn subscribe(
         .server_streaming(Request::new(request), path, CountingCodec { timestamps })
         .await?
         .into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_proto::encoded::EncodedSubscribeResponse;
+
+    #[test]
+    fn reads_the_timestamp_without_decoding() {
+        let event = v1::TelemetryEvent {
+            event_parts: vec!["a".into()],
+            metadata: [("k".to_owned(), "v".to_owned())].into(),
+            timestamp_ns: 1_795_000_000_123_456_789,
+            correlation_id: "id".into(),
+            sequence: 5,
+            sampling_rate: 0.5,
+            ..Default::default()
+        };
+        let response = EncodedSubscribeResponse::delivery("w", "p", &event, 0.5, 42);
+        assert_eq!(
+            delivery_timestamp(response.as_bytes()),
+            Some(1_795_000_000_123_456_789)
+        );
+    }
 }

@@ -1,0 +1,77 @@
+//! `bridge bench --quick` runs end to end and reports every figure the performance targets
+//! name. Only the shape is checked: figures measured in a debug build on a shared CI machine
+//! say nothing about speed (BENCHMARKS.md records real runs).
+
+use std::process::Command;
+
+use bridge_tests::bin;
+
+#[test]
+fn the_quick_benchmark_reports_every_figure_next_to_its_baseline() {
+    let output = Command::new(bin("bridge"))
+        .args(["bench", "--quick", "--json"])
+        .output()
+        .expect("run bridge bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON object");
+    assert!(report["machine"]["cores"].as_u64().is_some_and(|c| c > 0));
+    assert!(report["commit"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(
+        report["event_bytes"]
+            .as_u64()
+            .is_some_and(|b| (120..=160).contains(&b))
+    );
+
+    let figures = report["figures"].as_array().expect("figures");
+    let find = |prefix: &str| {
+        figures
+            .iter()
+            .find(|f| f["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+            .unwrap_or_else(|| panic!("no figure `{prefix}` in {figures:#?}"))
+    };
+    let with_target = [
+        "ingest, 8 workers",
+        "1000 workers x 50 events/s, hub CPU",
+        "fan-out, 10 subscribers matching all",
+        "fan-out, 100 subscribers matching all",
+        "emit -> subscriber p99, 50000 deliveries/s",
+        "emit -> subscriber p99, 400000 deliveries/s",
+        "sample one worker -> acknowledged p99",
+        "sample --all -> acknowledged by all",
+        "hub memory per idle worker",
+        "emit, telemetry disabled",
+        "emit, sampled out",
+        "emit, queued",
+    ];
+    for name in with_target {
+        let figure = find(name);
+        assert!(
+            figure["value"].as_f64().is_some_and(|v| v >= 0.0),
+            "{figure}"
+        );
+        assert!(
+            figure["target"].is_string() && figure["met"].is_boolean(),
+            "{figure}"
+        );
+    }
+    let with_baseline = [
+        "ingest, 1 workers",
+        "ingest, 64 workers",
+        "  hub CPU per million events",
+        "fan-out, 1 subscribers matching all",
+        "fan-out, 100 subscribers matching 1 % each",
+        "emit -> subscriber p50, 25 % of max ingest",
+        "emit -> subscriber p99.9, 75 % of max ingest",
+        "sample one worker -> acknowledged p50",
+        "hub memory per idle worker",
+        "emit, queued",
+    ];
+    for name in with_baseline {
+        let figure = find(name);
+        assert!(figure["value"].as_f64().is_some(), "{figure}");
+        assert!(figure["baseline"].as_f64().is_some(), "{figure}");
+        assert!(figure["ratio"].as_f64().is_some(), "{figure}");
+    }
+}

@@ -1,0 +1,44 @@
+//! What `Emitter::emit` costs the caller: disabled, sampled out, and accepted into the buffer.
+//! `bridge bench` reports the same figures next to the naive encoding; this is for profiling.
+
+use bridge_proto::{control::ControlState, sampling::Rate};
+use criterion::{Criterion, criterion_group, criterion_main};
+use std::hint::black_box;
+use worker::{Emitter, Value};
+
+fn emitter(enabled: bool, rate: Rate, capacity: usize) -> Emitter {
+    let emitter = Emitter::detached(capacity);
+    emitter.apply_control(ControlState::new(1, enabled, rate, vec![], vec![], vec![]));
+    emitter
+}
+
+fn emit(emitter: &Emitter, i: i64) {
+    emitter.emit(
+        "inference.stop",
+        &[
+            ("tokens_in", Value::Int(1337)),
+            ("tokens_out", Value::Int(black_box(i))),
+            ("duration_ms", Value::Float(48.25)),
+        ],
+        &[("model", "llama-3-8b")],
+        Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
+    );
+}
+
+fn bench(c: &mut Criterion) {
+    let disabled = emitter(false, Rate::ALL, 1);
+    c.bench_function("emit/disabled", |b| b.iter(|| emit(&disabled, 1)));
+    let sampled_out = emitter(true, Rate::NONE, 1);
+    c.bench_function("emit/sampled_out", |b| b.iter(|| emit(&sampled_out, 1)));
+    let by_id = emitter(true, Rate::new(0.01).expect("rate"), 1 << 20);
+    c.bench_function("emit/sampled_by_correlation_id_1pct", |b| {
+        b.iter(|| emit(&by_id, 1))
+    });
+    // The buffer keeps the newest 2^20 events; past that each emit also evicts the oldest, as
+    // it does in a worker whose hub is away.
+    let queued = emitter(true, Rate::ALL, 1 << 20);
+    c.bench_function("emit/queued", |b| b.iter(|| emit(&queued, 1)));
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
