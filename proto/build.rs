@@ -4,7 +4,8 @@
 //! - `full/`: every message, the client, and nothing else;
 //! - `server/`: only the service trait, with every message taken from `full/` except
 //!   `SubscribeResponse`, which the hub sends as bytes it encoded once for all subscribers
-//!   (`crate::encoded::EncodedSubscribeResponse`);
+//!   (`crate::encoded::EncodedSubscribeResponse`), and `TelemetryEvent`, which it receives as a
+//!   view of the bytes (`crate::view::EventView`);
 //! - `worker_client/`: only the client, sending `TelemetryEvent`s that workers encoded when they
 //!   accepted them and keep, encoded, until the hub confirms receipt
 //!   (`crate::encoded::EncodedEvent`).
@@ -38,6 +39,10 @@ fn main() -> io::Result<()> {
         .extern_path(
             ".telemetry.bridge.v1.SubscribeResponse",
             "crate::encoded::EncodedSubscribeResponse",
+        )
+        .extern_path(
+            ".telemetry.bridge.v1.TelemetryEvent",
+            "crate::view::EventView",
         )
         .codec_path("crate::codec::LeanCodec")
         .out_dir(&server)

@@ -15,7 +15,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use bridge_proto::{encoded::EncodedSubscribeResponse, pattern::Pattern, v1};
+use bridge_proto::{encoded::EncodedSubscribeResponse, pattern::Pattern, v1, view::EventView};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
@@ -33,10 +33,14 @@ pub struct Filter {
 
 impl Filter {
     #[inline]
-    pub fn matches(&self, worker_id: &str, pool: &str, parts: &[String]) -> bool {
+    pub fn matches(&self, worker_id: &str, pool: &str, event: &EventView) -> bool {
         (self.worker_ids.is_empty() || self.worker_ids.contains(worker_id))
             && self.pool.as_deref().is_none_or(|p| p == pool)
-            && (self.patterns.is_empty() || self.patterns.iter().any(|p| p.matches_parts(parts)))
+            && (self.patterns.is_empty()
+                || self
+                    .patterns
+                    .iter()
+                    .any(|p| p.matches_tokens(event.parts())))
     }
 }
 
@@ -197,10 +201,11 @@ impl Fanout {
 
     /// Offers an event to every matching subscriber; returns how many it was queued for or
     /// skipped by (matching subscribers).
+    /// An event without a timestamp is stamped with `received_ns`.
     pub fn publish(
         &self,
         source: Source<'_>,
-        event: &v1::TelemetryEvent,
+        event: &EventView,
         sampling_rate: f64,
         received_ns: i64,
     ) -> usize {
@@ -210,16 +215,17 @@ impl Fanout {
         for subscriber in subscribers.iter() {
             if !subscriber
                 .filter
-                .matches(source.worker_id, source.pool, &event.event_parts)
+                .matches(source.worker_id, source.pool, event)
             {
                 continue;
             }
             matched += 1;
             let response = encoded.get_or_insert_with(|| {
-                EncodedSubscribeResponse::delivery(
+                EncodedSubscribeResponse::delivery_of_bytes(
                     source.worker_id,
                     source.pool,
-                    event,
+                    event.as_bytes(),
+                    (event.timestamp_ns == 0).then_some(received_ns),
                     sampling_rate,
                     received_ns,
                 )
@@ -235,11 +241,12 @@ mod tests {
     use super::*;
     use prost::Message;
 
-    fn event(name: &str) -> v1::TelemetryEvent {
-        v1::TelemetryEvent {
+    fn event(name: &str) -> EventView {
+        EventView::from_event(&v1::TelemetryEvent {
             event_parts: name.split('.').map(String::from).collect(),
             ..Default::default()
-        }
+        })
+        .unwrap()
     }
 
     fn decode(item: &Item) -> v1::subscribe_response::Item {

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use bridge_proto::v1;
+use bridge_proto::{v1, view::EventView};
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -172,9 +172,11 @@ impl Hub {
             timestamp_ns: now,
             ..Default::default()
         };
-        self.shared
-            .fanout
-            .publish(Source { worker_id, pool }, &event, 1.0, now);
+        if let Ok(event) = EventView::from_event(&event) {
+            self.shared
+                .fanout
+                .publish(Source { worker_id, pool }, &event, 1.0, now);
+        }
     }
 
     pub fn subscribe(&self, filter: Filter) -> Subscription {

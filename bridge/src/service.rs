@@ -3,7 +3,9 @@
 use std::pin::Pin;
 
 use async_stream::stream;
-use bridge_proto::{encoded::EncodedSubscribeResponse, server::telemetry_bridge_server, v1};
+use bridge_proto::{
+    encoded::EncodedSubscribeResponse, server::telemetry_bridge_server, v1, view::EventView,
+};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -36,7 +38,7 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
 
     async fn stream_telemetry(
         &self,
-        request: Request<Streaming<v1::TelemetryEvent>>,
+        request: Request<Streaming<EventView>>,
     ) -> Result<Response<Self::StreamTelemetryStream>, Status> {
         if self.hub.shutdown_token().is_cancelled() {
             return Err(Status::unavailable("the hub is shutting down"));

@@ -14,9 +14,10 @@ use std::{
 use async_stream::stream;
 use bridge_proto::{
     control::{ControlState, Verdict},
-    pattern::validate_event_parts,
+    pattern::validate_event_tokens,
     sampling::{Rate, combined},
     v1::{self, telemetry_control::Control, telemetry_value::Value},
+    view::EventView,
 };
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -35,7 +36,7 @@ pub const CONTROL_APPLIED: [&str; 3] = ["bridge", "control", "applied"];
 pub const WORKER_STATS: [&str; 3] = ["bridge", "worker", "stats"];
 
 /// Reads the worker's events until the stream ends or the hub ends it.
-pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<v1::TelemetryEvent>) {
+pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView>) {
     let mut enforcer = Enforcer::new(session.worker.watch_desired());
     let mut warned = false;
     // Made once: a fresh future per message costs a measurable share of a trickling stream.
@@ -90,18 +91,23 @@ fn accept(
     hub: &Hub,
     session: &Session,
     enforcer: &mut Enforcer,
-    mut event: v1::TelemetryEvent,
+    event: EventView,
 ) -> Result<(), String> {
     let worker = &session.worker;
-    if event.event_parts.first().is_some_and(|p| p == "bridge") {
-        return protocol_event(session, &event);
+    if event.first_part() == Some("bridge") {
+        let decoded = event.to_event().map_err(|e| e.to_string())?;
+        return protocol_event(session, &decoded);
     }
     worker.counters.received.fetch_add(1, Relaxed);
     if event.sequence > 0 && !first_time(session, event.sequence) {
         worker.counters.drop(HubDrop::Duplicate);
         return Ok(());
     }
-    if let Err(error) = validate_event_parts(&event.event_parts) {
+    if let Some(problem) = event.problem() {
+        worker.counters.drop(HubDrop::Invalid);
+        return Err(problem.to_owned());
+    }
+    if let Err(error) = validate_event_tokens(event.parts()) {
         worker.counters.drop(HubDrop::Invalid);
         return Err(error.to_string());
     }
@@ -113,9 +119,6 @@ fn accept(
         }
     };
     let received_ns = unix_nanos(std::time::SystemTime::now());
-    if event.timestamp_ns == 0 {
-        event.timestamp_ns = received_ns;
-    }
     hub.fanout().publish(
         Source {
             worker_id: &worker.id,
@@ -193,7 +196,7 @@ impl Enforcer {
     }
 
     /// The sampling rate to deliver the event with, or why it is dropped.
-    fn verdict(&mut self, event: &v1::TelemetryEvent) -> Result<f64, HubDrop> {
+    fn verdict(&mut self, event: &EventView) -> Result<f64, HubDrop> {
         if self.desired.has_changed().unwrap_or(false) {
             self.state = self.desired.borrow_and_update().clone();
         }
@@ -202,14 +205,11 @@ impl Enforcer {
             return Ok(combined(
                 event.sampling_rate,
                 Rate::ALL,
-                &event.correlation_id,
+                event.correlation_id(),
             ));
         }
-        match self
-            .state
-            .decide_parts(&event.event_parts, &event.correlation_id)
-        {
-            Verdict::Keep(rate) => Ok(combined(event.sampling_rate, rate, &event.correlation_id)),
+        match self.state.decide(|| event.parts(), event.correlation_id()) {
+            Verdict::Keep(rate) => Ok(combined(event.sampling_rate, rate, event.correlation_id())),
             Verdict::Disabled => Err(HubDrop::Disabled),
             Verdict::Filtered => Err(HubDrop::Filtered),
             Verdict::SampledOut(_) => Err(HubDrop::SampledOut),

@@ -72,8 +72,29 @@ impl EncodedSubscribeResponse {
         sampling_rate: f64,
         received_ns: i64,
     ) -> Self {
+        Self::delivery_of_bytes(
+            worker_id,
+            pool,
+            &event.encode_to_vec(),
+            None,
+            sampling_rate,
+            received_ns,
+        )
+    }
+
+    /// The same for an event given as its encoding (as the hub receives it), which is copied
+    /// as it is; `timestamp_ns` is appended when given (for events sent without one; the last
+    /// occurrence of a field is the one that counts).
+    pub fn delivery_of_bytes(
+        worker_id: &str,
+        pool: &str,
+        event: &[u8],
+        timestamp_ns: Option<i64>,
+        sampling_rate: f64,
+        received_ns: i64,
+    ) -> Self {
         use prost::encoding::{
-            double, encode_key, encode_varint, encoded_len_varint, int64, key_len, message,
+            double, encode_key, encode_varint, encoded_len_varint, int64, key_len,
         };
         let string_len = |tag: u32, s: &str| {
             if s.is_empty() {
@@ -89,9 +110,12 @@ impl EncodedSubscribeResponse {
                 buf.put_slice(s.as_bytes());
             }
         };
+        let event_len = event.len() + timestamp_ns.map_or(0, |ns| int64::encoded_len(4, &ns));
         let body_len = string_len(1, worker_id)
             + string_len(2, pool)
-            + message::encoded_len(3, event)
+            + key_len(3)
+            + encoded_len_varint(event_len as u64)
+            + event_len
             + if sampling_rate != 0.0 {
                 double::encoded_len(4, &sampling_rate)
             } else {
@@ -108,7 +132,12 @@ impl EncodedSubscribeResponse {
         encode_varint(body_len as u64, &mut buf);
         put_string(&mut buf, 1, worker_id);
         put_string(&mut buf, 2, pool);
-        message::encode(3, event, &mut buf);
+        encode_key(3, WireType::LengthDelimited, &mut buf);
+        encode_varint(event_len as u64, &mut buf);
+        buf.put_slice(event);
+        if let Some(ns) = timestamp_ns {
+            int64::encode(4, &ns, &mut buf);
+        }
         if sampling_rate != 0.0 {
             double::encode(4, &sampling_rate, &mut buf);
         }

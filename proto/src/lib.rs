@@ -12,6 +12,7 @@
 //! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
 //! - [`sampling`]: the sampling rate and the deterministic per-correlation-id decision.
 //! - [`control`]: a worker's effective control state and the verdict it gives each event.
+//! - [`view`]: `TelemetryEvent` as the hub receives it, without building its maps.
 //!
 //! The semantics every participant must share (names, patterns, sampling, control) live here,
 //! beside the wire types, so that the hub and the workers cannot drift apart.
@@ -22,6 +23,7 @@ pub mod control;
 pub mod encoded;
 pub mod pattern;
 pub mod sampling;
+pub mod view;
 
 /// Messages and the client of `telemetry.bridge.v1`.
 #[allow(missing_debug_implementations, unused_qualifications, clippy::all)]

@@ -179,18 +179,18 @@ fn check_token_chars(input: &str, token: &str, index: usize) -> Result<(), NameE
 /// Checks an event given as parts: at least one part, each a non-empty token without dots,
 /// wildcards or whitespace.
 pub fn validate_event_parts<S: AsRef<str>>(parts: &[S]) -> Result<(), NameError> {
-    if parts.is_empty() {
-        return Err(NameError::EmptyName);
-    }
-    for (index, part) in parts.iter().enumerate() {
-        let part = part.as_ref();
-        let joined = || {
-            parts
-                .iter()
-                .map(AsRef::as_ref)
-                .collect::<Vec<_>>()
-                .join(".")
-        };
+    validate_event_tokens(parts.iter().map(AsRef::as_ref))
+}
+
+/// [`validate_event_parts`] for tokens given one by one.
+pub fn validate_event_tokens<'a>(
+    parts: impl Iterator<Item = &'a str> + Clone,
+) -> Result<(), NameError> {
+    let all = parts.clone();
+    let mut empty = true;
+    for (index, part) in parts.enumerate() {
+        empty = false;
+        let joined = || all.clone().collect::<Vec<_>>().join(".");
         if part.contains('.') {
             return Err(NameError::DotInPart {
                 input: joined(),
@@ -198,6 +198,9 @@ pub fn validate_event_parts<S: AsRef<str>>(parts: &[S]) -> Result<(), NameError>
             });
         }
         check_name_token(&joined, part, index)?;
+    }
+    if empty {
+        return Err(NameError::EmptyName);
     }
     Ok(())
 }

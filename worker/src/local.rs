@@ -26,6 +26,7 @@ use bridge_proto::{
     encoded::EncodedSubscribeResponse,
     server::telemetry_bridge_server::{TelemetryBridge, TelemetryBridgeServer},
     v1::{self, telemetry_value::Value},
+    view::EventView,
 };
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -92,7 +93,7 @@ impl TelemetryBridge for LocalIngest {
 
     async fn stream_telemetry(
         &self,
-        request: Request<Streaming<v1::TelemetryEvent>>,
+        request: Request<Streaming<EventView>>,
     ) -> Result<Response<Self::StreamTelemetryStream>, Status> {
         let acknowledges = request
             .metadata()
@@ -111,7 +112,10 @@ impl TelemetryBridge for LocalIngest {
                         message = inbound.message() => message,
                     };
                     match message {
-                        Ok(Some(event)) => relay(&emitter, &applied, acknowledges, event),
+                        Ok(Some(event)) => match event.to_event() {
+                            Ok(event) => relay(&emitter, &applied, acknowledges, event),
+                            Err(_) => emitter.count_parse_error(),
+                        },
                         Ok(None) | Err(_) => break,
                     }
                 }

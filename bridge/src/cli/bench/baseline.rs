@@ -20,6 +20,7 @@ use bridge_proto::{
     encoded::EncodedSubscribeResponse,
     server::telemetry_bridge_server::{TelemetryBridge, TelemetryBridgeServer},
     v1,
+    view::EventView,
 };
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::Stream;
@@ -48,12 +49,12 @@ struct Baseline {
 }
 
 impl Baseline {
-    fn forward(&self, event: &v1::TelemetryEvent) {
+    fn forward(&self, event: &EventView) {
         let subscribers = self.shared.subscribers.load();
         if subscribers.is_empty() {
             return;
         }
-        let name = event.event_parts.join(".");
+        let name = event.name();
         let mut encoded = None;
         for subscriber in subscribers.iter() {
             if subscriber
@@ -64,10 +65,11 @@ impl Baseline {
                 continue;
             }
             let response = encoded.get_or_insert_with(|| {
-                EncodedSubscribeResponse::delivery(
+                EncodedSubscribeResponse::delivery_of_bytes(
                     "bench",
                     "",
-                    event,
+                    event.as_bytes(),
+                    None,
                     1.0,
                     unix_nanos(std::time::SystemTime::now()),
                 )
@@ -86,7 +88,7 @@ impl TelemetryBridge for Baseline {
 
     async fn stream_telemetry(
         &self,
-        request: Request<Streaming<v1::TelemetryEvent>>,
+        request: Request<Streaming<EventView>>,
     ) -> Result<Response<Self::StreamTelemetryStream>, Status> {
         let mut inbound = request.into_inner();
         let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();

@@ -1,0 +1,345 @@
+//! `TelemetryEvent` as the hub receives it: the event's own bytes, and where the few fields the
+//! hub reads are.
+//!
+//! Decoding every event into the generated struct builds two hash maps and a string per key and
+//! value, only for the hub to encode them again for its subscribers; that was the largest part
+//! of the hub's work per event. An [`EventView`] keeps the received encoding in one buffer,
+//! records the name tokens, correlation id, timestamp, sequence, sampling rate and control
+//! version, and checks (without building anything) that the measurements and metadata are
+//! well-formed, so that every subscriber can decode what it is sent. A delivery then copies
+//! the bytes as they are.
+
+use std::ops::Range;
+
+use bytes::{Buf, BufMut};
+use prost::{
+    DecodeError, Message,
+    encoding::{
+        DecodeContext, WireType, check_wire_type, decode_key, decode_varint, encode_key,
+        encode_varint,
+    },
+};
+use smallvec::SmallVec;
+
+use crate::v1::TelemetryEvent;
+
+/// A received `TelemetryEvent`; see the module documentation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventView {
+    /// The event re-assembled field by field, in the order received: the same encoding.
+    bytes: Vec<u8>,
+    parts: SmallVec<[Range<u32>; 4]>,
+    correlation_id: Range<u32>,
+    pub timestamp_ns: i64,
+    pub sequence: u64,
+    pub sampling_rate: f64,
+    pub control_version: u64,
+    /// What is wrong with the event, if anything (its bytes are kept either way).
+    problem: Option<&'static str>,
+}
+
+impl EventView {
+    /// The event's name tokens.
+    pub fn parts(&self) -> impl Iterator<Item = &str> + Clone {
+        self.parts.iter().map(|range| self.text(range))
+    }
+
+    /// The dotted name, for messages.
+    pub fn name(&self) -> String {
+        self.parts().collect::<Vec<_>>().join(".")
+    }
+
+    pub fn first_part(&self) -> Option<&str> {
+        self.parts.first().map(|range| self.text(range))
+    }
+
+    pub fn correlation_id(&self) -> &str {
+        self.text(&self.correlation_id)
+    }
+
+    /// Why the event cannot be delivered (bad UTF-8 or a malformed map entry), if so.
+    pub fn problem(&self) -> Option<&'static str> {
+        self.problem
+    }
+
+    /// The encoded event, as received.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The whole event, decoded (for the rare events whose measurements the hub reads).
+    pub fn to_event(&self) -> Result<TelemetryEvent, DecodeError> {
+        TelemetryEvent::decode(self.bytes.as_slice())
+    }
+
+    /// A view of an event built locally.
+    pub fn from_event(event: &TelemetryEvent) -> Result<Self, DecodeError> {
+        <Self as Message>::decode(event.encode_to_vec().as_slice())
+    }
+
+    fn text(&self, range: &Range<u32>) -> &str {
+        // Ranges are recorded only for fields that were checked to be UTF-8.
+        std::str::from_utf8(&self.bytes[range.start as usize..range.end as usize]).unwrap_or("")
+    }
+
+    /// Copies a length-delimited field's payload; returns its range in `bytes`.
+    fn copy_delimited(&mut self, tag: u32, buf: &mut impl Buf) -> Result<Range<u32>, DecodeError> {
+        let len = decode_varint(buf)?;
+        let len = usize::try_from(len).map_err(|_| malformed("length overflow"))?;
+        if len > buf.remaining() {
+            return Err(malformed("buffer underflow"));
+        }
+        encode_key(tag, WireType::LengthDelimited, &mut self.bytes);
+        encode_varint(len as u64, &mut self.bytes);
+        let start = self.bytes.len();
+        self.bytes.resize(start + len, 0);
+        buf.copy_to_slice(&mut self.bytes[start..]);
+        let end = u32::try_from(self.bytes.len()).map_err(|_| malformed("event too large"))?;
+        Ok(start as u32..end)
+    }
+
+    fn note(&mut self, problem: &'static str) {
+        self.problem.get_or_insert(problem);
+    }
+
+    fn utf8(&mut self, range: &Range<u32>, problem: &'static str) {
+        if std::str::from_utf8(&self.bytes[range.start as usize..range.end as usize]).is_err() {
+            self.note(problem);
+        }
+    }
+}
+
+impl Message for EventView {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.bytes);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match tag {
+            1 | 5 => {
+                check_wire_type(WireType::LengthDelimited, wire_type)?;
+                let range = self.copy_delimited(tag, buf)?;
+                self.utf8(&range, "a name token or the correlation id is not UTF-8");
+                if tag == 1 {
+                    self.parts.push(range);
+                } else {
+                    self.correlation_id = range;
+                }
+            }
+            2 | 3 => {
+                check_wire_type(WireType::LengthDelimited, wire_type)?;
+                let range = self.copy_delimited(tag, buf)?;
+                let entry = &self.bytes[range.start as usize..range.end as usize];
+                if let Err(problem) = check_entry(entry, tag == 2) {
+                    self.note(problem);
+                }
+            }
+            4 | 6 | 8 => {
+                check_wire_type(WireType::Varint, wire_type)?;
+                let value = decode_varint(buf)?;
+                encode_key(tag, WireType::Varint, &mut self.bytes);
+                encode_varint(value, &mut self.bytes);
+                match tag {
+                    4 => self.timestamp_ns = value as i64,
+                    6 => self.sequence = value,
+                    _ => self.control_version = value,
+                }
+            }
+            7 => {
+                check_wire_type(WireType::SixtyFourBit, wire_type)?;
+                if buf.remaining() < 8 {
+                    return Err(malformed("buffer underflow"));
+                }
+                self.sampling_rate = buf.get_f64_le();
+                encode_key(tag, WireType::SixtyFourBit, &mut self.bytes);
+                self.bytes.put_f64_le(self.sampling_rate);
+            }
+            _ => {
+                // A field from a newer contract: passed on as it came.
+                match wire_type {
+                    WireType::LengthDelimited => {
+                        self.copy_delimited(tag, buf)?;
+                    }
+                    WireType::Varint => {
+                        let value = decode_varint(buf)?;
+                        encode_key(tag, WireType::Varint, &mut self.bytes);
+                        encode_varint(value, &mut self.bytes);
+                    }
+                    _ => prost::encoding::skip_field(wire_type, tag, buf, ctx)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// prost has no public constructor for its decode error other than this deprecated one, and a
+/// truncated message must fail like it would with the generated code.
+#[allow(deprecated)]
+fn malformed(what: &'static str) -> DecodeError {
+    DecodeError::new(what)
+}
+
+/// Checks a `measurements` (`TelemetryValue` values) or `metadata` (string values) map entry
+/// the way a subscriber's decoder will read it, without building anything.
+fn check_entry(mut entry: &[u8], measurement: bool) -> Result<(), &'static str> {
+    const BAD: &str = "a measurement or metadata entry is malformed";
+    while entry.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut entry).map_err(|_| BAD)?;
+        match (tag, wire_type) {
+            (1, WireType::LengthDelimited) => {
+                let key = delimited(&mut entry)?;
+                std::str::from_utf8(key).map_err(|_| "a map key is not UTF-8")?;
+            }
+            (2, WireType::LengthDelimited) if measurement => check_value(delimited(&mut entry)?)?,
+            (2, WireType::LengthDelimited) => {
+                std::str::from_utf8(delimited(&mut entry)?)
+                    .map_err(|_| "a metadata value is not UTF-8")?;
+            }
+            (1 | 2, _) => return Err(BAD),
+            (_, wire_type) => skip(wire_type, &mut entry)?,
+        }
+    }
+    Ok(())
+}
+
+fn check_value(mut value: &[u8]) -> Result<(), &'static str> {
+    const BAD: &str = "a measurement value is malformed";
+    while value.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut value).map_err(|_| BAD)?;
+        match (tag, wire_type) {
+            (1, WireType::Varint) => {
+                decode_varint(&mut value).map_err(|_| BAD)?;
+            }
+            (2, WireType::SixtyFourBit) => {
+                value = value.get(8..).ok_or(BAD)?;
+            }
+            (3, WireType::LengthDelimited) => {
+                std::str::from_utf8(delimited(&mut value)?)
+                    .map_err(|_| "a measurement string is not UTF-8")?;
+            }
+            (1..=3, _) => return Err(BAD),
+            (_, wire_type) => skip(wire_type, &mut value)?,
+        }
+    }
+    Ok(())
+}
+
+fn delimited<'a>(bytes: &mut &'a [u8]) -> Result<&'a [u8], &'static str> {
+    const BAD: &str = "a length is out of bounds";
+    let len = usize::try_from(decode_varint(bytes).map_err(|_| BAD)?).map_err(|_| BAD)?;
+    let (body, rest) = bytes.split_at_checked(len).ok_or(BAD)?;
+    *bytes = rest;
+    Ok(body)
+}
+
+fn skip(wire_type: WireType, bytes: &mut &[u8]) -> Result<(), &'static str> {
+    const BAD: &str = "an unknown field is malformed";
+    match wire_type {
+        WireType::Varint => decode_varint(bytes).map(drop).map_err(|_| BAD),
+        WireType::LengthDelimited => delimited(bytes).map(drop),
+        WireType::SixtyFourBit => {
+            *bytes = bytes.get(8..).ok_or(BAD)?;
+            Ok(())
+        }
+        WireType::ThirtyTwoBit => {
+            *bytes = bytes.get(4..).ok_or(BAD)?;
+            Ok(())
+        }
+        _ => Err(BAD),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::{TelemetryValue, telemetry_value::Value};
+
+    fn event() -> TelemetryEvent {
+        let value = |v| TelemetryValue { value: Some(v) };
+        TelemetryEvent {
+            event_parts: vec!["inference".into(), "stop".into()],
+            measurements: [
+                ("tokens".to_owned(), value(Value::IntValue(512))),
+                ("ms".to_owned(), value(Value::FloatValue(1.5))),
+                ("state".to_owned(), value(Value::StringValue("warm".into()))),
+            ]
+            .into(),
+            metadata: [("model".to_owned(), "llama".to_owned())].into(),
+            timestamp_ns: 1_795_000_000_000_000_000,
+            correlation_id: "req-1".into(),
+            sequence: 42,
+            sampling_rate: 0.25,
+            control_version: 7,
+        }
+    }
+
+    #[test]
+    fn reads_the_fields_the_hub_needs_and_keeps_the_encoding() {
+        let original = event();
+        let view = EventView::from_event(&original).unwrap();
+        assert_eq!(view.parts().collect::<Vec<_>>(), ["inference", "stop"]);
+        assert_eq!(view.name(), "inference.stop");
+        assert_eq!(view.correlation_id(), "req-1");
+        assert_eq!(
+            (
+                view.timestamp_ns,
+                view.sequence,
+                view.sampling_rate,
+                view.control_version
+            ),
+            (1_795_000_000_000_000_000, 42, 0.25, 7)
+        );
+        assert_eq!(view.problem(), None);
+        assert_eq!(view.as_bytes(), original.encode_to_vec().as_slice());
+        assert_eq!(view.to_event().unwrap(), original);
+    }
+
+    #[test]
+    fn malformed_maps_and_bad_utf8_are_problems_not_errors() {
+        // A metadata entry whose value is not UTF-8: field 3, entry { 1: "k", 2: [0xff] }.
+        let mut bytes = TelemetryEvent {
+            event_parts: vec!["a".into()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        bytes.extend_from_slice(&[0x1a, 0x06, 0x0a, 0x01, b'k', 0x12, 0x01, 0xff]);
+        let view = EventView::decode(bytes.as_slice()).unwrap();
+        assert_eq!(view.problem(), Some("a metadata value is not UTF-8"));
+
+        let mut bytes = vec![0x0a, 0x02, 0xc3, 0x28];
+        bytes.extend_from_slice(&[0x2a, 0x01, b'x']);
+        let view = EventView::decode(bytes.as_slice()).unwrap();
+        assert!(view.problem().is_some());
+
+        // A measurement whose value says int but carries a string: malformed.
+        let bytes = [
+            0x0a, 0x01, b'a', 0x12, 0x07, 0x0a, 0x01, b'k', 0x12, 0x02, 0x08, 0xff,
+        ];
+        assert!(EventView::decode(&bytes[..]).unwrap().problem().is_some());
+    }
+
+    #[test]
+    fn unknown_fields_pass_through() {
+        let mut bytes = event().encode_to_vec();
+        // Field 99, varint 5; field 100, bytes "zz".
+        bytes.extend_from_slice(&[0x98, 0x06, 0x05, 0xa2, 0x06, 0x02, b'z', b'z']);
+        let view = EventView::decode(bytes.as_slice()).unwrap();
+        assert_eq!(view.as_bytes(), bytes.as_slice());
+        assert_eq!(view.to_event().unwrap(), event());
+    }
+}
