@@ -3,7 +3,11 @@
 use std::time::Duration;
 
 use bridge_proto::v1::{self, telemetry_bridge_client::TelemetryBridgeClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
+use worker::security::{Authorize, ClientSecurity, SecurityError};
 
 use crate::control::{Change, Selector};
 
@@ -14,20 +18,34 @@ pub enum ClientError {
     InvalidAddress { address: String, message: String },
     #[error("hub unreachable at {address}: {message}")]
     Unreachable { address: String, message: String },
+    #[error(transparent)]
+    Security(#[from] SecurityError),
     #[error("{}", .0.message())]
     Status(#[from] tonic::Status),
 }
 
+/// The generated client, with credentials added to every call.
+pub type RawClient = TelemetryBridgeClient<InterceptedService<Channel, Authorize>>;
+
 /// A connection to one hub.
 #[derive(Debug, Clone)]
 pub struct HubClient {
-    inner: TelemetryBridgeClient<Channel>,
+    inner: RawClient,
     address: String,
 }
 
 impl HubClient {
-    /// Connects now, so that an unreachable hub is reported before anything else happens.
+    /// Connects without credentials, over plaintext; see [`Self::connect_with`].
     pub async fn connect(address: &str, timeout: Duration) -> Result<Self, ClientError> {
+        Self::connect_with(address, &ClientSecurity::default(), timeout).await
+    }
+
+    /// Connects now, so that an unreachable hub is reported before anything else happens.
+    pub async fn connect_with(
+        address: &str,
+        security: &ClientSecurity,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
         let invalid = |message: String| ClientError::InvalidAddress {
             address: address.to_owned(),
             message,
@@ -41,6 +59,8 @@ impl HubClient {
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(8 * 1024 * 1024))
             .initial_connection_window_size(Some(16 * 1024 * 1024));
+        let endpoint = security.configure(endpoint, address)?;
+        let authorize = security.interceptor()?;
         let channel = endpoint
             .connect()
             .await
@@ -49,7 +69,8 @@ impl HubClient {
                 message: worker::link::error_chain(&e),
             })?;
         Ok(Self {
-            inner: TelemetryBridgeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            inner: TelemetryBridgeClient::with_interceptor(channel, authorize)
+                .max_decoding_message_size(64 * 1024 * 1024),
             address: address.to_owned(),
         })
     }
@@ -59,7 +80,7 @@ impl HubClient {
     }
 
     /// The generated client, for calls this wrapper does not cover.
-    pub fn raw(&mut self) -> &mut TelemetryBridgeClient<Channel> {
+    pub fn raw(&mut self) -> &mut RawClient {
         &mut self.inner
     }
 

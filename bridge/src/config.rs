@@ -22,7 +22,116 @@ use serde::Deserialize;
 pub struct Config {
     pub hub: HubConfig,
     pub control: ControlConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    pub limits: LimitsConfig,
     pub worker: toml::Table,
+}
+
+/// `[auth]`: who may call what. No tokens: every caller may do everything (loopback only,
+/// unless the hub is started with `--insecure`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// `[[auth.tokens]]`: one bearer token and its role. `Debug` never shows the token.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it, for logs and errors (the token itself is never logged).
+    pub name: String,
+    pub role: Role,
+    /// The token; or `token_file`, a file holding it (surrounding whitespace ignored).
+    #[serde(default)]
+    pub token: String,
+    #[serde(default)]
+    pub token_file: PathBuf,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("token", &"<redacted>")
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `StreamTelemetry` only.
+    Worker,
+    /// `Subscribe`, `ListWorkers` and `GetControl`.
+    Reader,
+    /// Everything.
+    Admin,
+}
+
+/// `[tls]`: serve TLS when `cert` and `key` are set; require client certificates signed by
+/// `client_ca` when it is set (mutual TLS; a worker's id must then be a name in its
+/// certificate).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
+}
+
+/// `[limits]`: what one client may cost the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Name tokens per event.
+    pub max_event_parts: usize,
+    /// Measurement plus metadata entries per event.
+    pub max_event_entries: usize,
+    /// Bytes in any name token, correlation id, map key or string value.
+    pub max_string_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    /// Worker streams open at once, over all connections.
+    pub max_worker_streams: usize,
+    /// Subscriptions open at once.
+    pub max_subscribers: usize,
+    /// Events per second one worker may send (bursts of up to one second's worth); the excess
+    /// is dropped and counted as `rate_limited`. 0: no limit.
+    pub worker_events_per_second: u32,
+    /// Time a new connection has to start talking (TLS handshake, or the HTTP/2 preface).
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_event_parts: 16,
+            max_event_entries: 256,
+            max_string_bytes: 4096,
+            max_streams_per_connection: 1024,
+            max_worker_streams: 50_000,
+            max_subscribers: 1024,
+            worker_events_per_second: 0,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
 }
 
 /// `[hub]`: where and how the hub serves.
@@ -178,6 +287,51 @@ impl Config {
                 "HTTP/2 windows must be at least 65535 bytes".into(),
             ));
         }
+        let limits = &self.limits;
+        for (key, value) in [
+            ("limits.max_event_parts", limits.max_event_parts),
+            ("limits.max_event_entries", limits.max_event_entries),
+            ("limits.max_string_bytes", limits.max_string_bytes),
+            ("limits.max_worker_streams", limits.max_worker_streams),
+            ("limits.max_subscribers", limits.max_subscribers),
+            (
+                "limits.max_streams_per_connection",
+                limits.max_streams_per_connection as usize,
+            ),
+            (
+                "limits.handshake_timeout_ms",
+                usize::try_from(limits.handshake_timeout_ms).unwrap_or(usize::MAX),
+            ),
+        ] {
+            if value == 0 {
+                return Err((key.into(), "must be at least 1".into()));
+            }
+        }
+        let tls = &self.tls;
+        if tls.cert.as_os_str().is_empty() != tls.key.as_os_str().is_empty() {
+            return Err(("tls.cert".into(), "tls.cert and tls.key go together".into()));
+        }
+        if !tls.client_ca.as_os_str().is_empty() && !tls.enabled() {
+            return Err((
+                "tls.client_ca".into(),
+                "client certificates need TLS: set tls.cert and tls.key too".into(),
+            ));
+        }
+        for (i, token) in self.auth.tokens.iter().enumerate() {
+            let key = format!("auth.tokens[{i}]");
+            if token.name.trim().is_empty() {
+                return Err((format!("{key}.name"), "must not be empty".into()));
+            }
+            if token.token.is_empty() == token.token_file.as_os_str().is_empty() {
+                return Err((
+                    key,
+                    format!(
+                        "`{}`: give exactly one of `token` and `token_file`",
+                        token.name
+                    ),
+                ));
+            }
+        }
         let control = &self.control;
         check_rate(
             "control.default_sampling_rate",
@@ -270,6 +424,9 @@ mod tests {
         let shipped = Config::load(Some(&path)).expect("shipped config.toml loads");
         assert_eq!(shipped.hub, HubConfig::default());
         assert_eq!(shipped.control, ControlConfig::default());
+        assert_eq!(shipped.auth, AuthConfig::default());
+        assert_eq!(shipped.tls, TlsConfig::default());
+        assert_eq!(shipped.limits, LimitsConfig::default());
     }
 
     #[test]
@@ -308,5 +465,90 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("control.workers.w.block[0]"), "{err}");
+    }
+
+    mod hostile {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Configuration files an operator might get wrong: real sections and keys, values of
+        /// any type, and stray keys.
+        fn near_miss() -> impl Strategy<Value = String> {
+            let section = prop_oneof![
+                Just("hub"),
+                Just("control"),
+                Just("auth"),
+                Just("tls"),
+                Just("limits"),
+                Just("control.pools.a"),
+                Just("control.workers.\"gpu-1\""),
+                Just("nope"),
+            ];
+            let key = prop_oneof![
+                Just("listen"),
+                Just("subscriber_queue"),
+                Just("max_message_bytes"),
+                Just("default_sampling_rate"),
+                Just("rules"),
+                Just("allow"),
+                Just("block"),
+                Just("sampling_rate"),
+                Just("enabled"),
+                Just("tokens"),
+                Just("cert"),
+                Just("client_ca"),
+                Just("max_event_parts"),
+                Just("handshake_timeout_ms"),
+                Just("worker_events_per_second"),
+                Just("typo"),
+            ];
+            let value = prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                // TOML spells NaN `nan`.
+                any::<f64>().prop_map(|f| format!("{f:?}").replace("NaN", "nan")),
+                any::<bool>().prop_map(|b| b.to_string()),
+                "[a-z0-9.:*>]{0,10}".prop_map(|s| format!("{s:?}")),
+                prop::collection::vec("[a-z.*>]{0,6}", 0..3).prop_map(|v| format!("{v:?}")),
+                ("[a-z.*>]{1,6}", any::<f64>()).prop_map(|(k, v)| format!("{{ {k:?} = {v:?} }}")),
+                Just("[{ name = \"a\", role = \"root\" }]".to_owned()),
+            ];
+            prop::collection::vec((section, prop::collection::vec((key, value), 0..4)), 0..4)
+                .prop_map(|sections| {
+                    sections
+                        .into_iter()
+                        .map(|(section, keys)| {
+                            let keys: Vec<String> = keys
+                                .into_iter()
+                                .map(|(k, v)| format!("{k} = {v}"))
+                                .collect();
+                            format!("[{section}]\n{}\n", keys.join("\n"))
+                        })
+                        .collect()
+                })
+        }
+
+        proptest! {
+            /// Never a panic; an error is one line naming the file.
+            #[test]
+            fn any_text_loads_or_says_why(text in "\\PC{0,200}") {
+                if let Err(error) = parse(&text) {
+                    let message = error.to_string();
+                    prop_assert!(message.starts_with("test.toml"), "{}", message);
+                }
+            }
+
+            #[test]
+            fn near_miss_files_load_valid_or_say_which_key(text in near_miss()) {
+                match parse(&text) {
+                    Ok(config) => prop_assert!(config.validate().is_ok()),
+                    Err(error) => {
+                        let message = error.to_string();
+                        prop_assert!(message.starts_with("test.toml"), "{}", message);
+                        prop_assert!(!message.contains('\n'), "{}", message);
+                    }
+                }
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{
+    auth::Authenticator,
     config::Config,
     control::{Change, ControlPlane, Selector},
     error::{Error, Result},
@@ -28,6 +29,7 @@ struct Shared {
     registry: Registry,
     fanout: Fanout,
     control: ControlPlane,
+    auth: Authenticator,
     /// Cancelled when the hub shuts down; every stream's token is a child.
     shutdown: CancellationToken,
 }
@@ -42,6 +44,7 @@ impl Hub {
     /// Opens the control state in the configured state directory.
     pub fn new(config: Config) -> Result<Self> {
         let state_dir = config.hub.resolved_state_dir();
+        let auth = Authenticator::new(&config.auth).map_err(Error::InvalidArgument)?;
         let control = ControlPlane::open(&config.control, &state_dir)?;
         info!(state_file = %control.state_file().display(), "control state loaded");
         Ok(Self {
@@ -49,6 +52,7 @@ impl Hub {
                 registry: Registry::new(config.hub.max_remembered_workers),
                 fanout: Fanout::new(config.hub.subscriber_queue),
                 control,
+                auth,
                 shutdown: CancellationToken::new(),
                 config,
             }),
@@ -57,6 +61,10 @@ impl Hub {
 
     pub fn config(&self) -> &Config {
         &self.shared.config
+    }
+
+    pub fn auth(&self) -> &Authenticator {
+        &self.shared.auth
     }
 
     pub fn registry(&self) -> &Registry {
@@ -72,6 +80,11 @@ impl Hub {
     }
 
     /// Ends every worker stream and subscription with UNAVAILABLE.
+    /// Flushes the control state file to disk.
+    pub fn flush_state(&self) -> Result<()> {
+        self.shared.control.flush()
+    }
+
     pub fn shut_down(&self) {
         self.shared
             .registry

@@ -10,16 +10,20 @@
 //! - [`worker_stream`]: both halves of a worker's stream (events in, control out).
 //! - [`fanout`]: subscribers, their filters, bounded queues and lag notices.
 //! - [`control`]: desired control state per worker, versioned and persisted.
-//! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection.
+//! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection, over TLS
+//!   when configured; [`listener`]: accepting connections.
+//! - [`auth`]: bearer tokens with roles, and client certificate names.
 //! - [`client`]: a typed client for the CLI and tests.
 //! - [`error`]: the hub's errors and their gRPC statuses.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod error;
 pub mod fanout;
 pub mod hub;
+pub mod listener;
 pub mod registry;
 pub mod server;
 pub mod service;

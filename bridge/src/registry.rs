@@ -140,15 +140,21 @@ pub enum HubDrop {
     Invalid,
     /// A replayed event this hub already received from the same worker process.
     Duplicate,
+    /// Larger than `[limits]` allows (name tokens, entries or string length).
+    OverLimit,
+    /// Beyond the worker's `limits.worker_events_per_second`.
+    RateLimited,
 }
 
 impl HubDrop {
-    pub const ALL: [HubDrop; 5] = [
+    pub const ALL: [HubDrop; 7] = [
         HubDrop::Disabled,
         HubDrop::Filtered,
         HubDrop::SampledOut,
         HubDrop::Invalid,
         HubDrop::Duplicate,
+        HubDrop::OverLimit,
+        HubDrop::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -158,6 +164,8 @@ impl HubDrop {
             HubDrop::SampledOut => "sampled_out",
             HubDrop::Invalid => "invalid",
             HubDrop::Duplicate => "duplicate",
+            HubDrop::OverLimit => "over_limit",
+            HubDrop::RateLimited => "rate_limited",
         }
     }
 }
@@ -607,6 +615,13 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Workers with an open stream.
+    pub fn connected(&self) -> usize {
+        self.workers
+            .len()
+            .saturating_sub(self.disconnected.load(Relaxed))
     }
 
     pub fn is_empty(&self) -> bool {

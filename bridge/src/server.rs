@@ -6,11 +6,11 @@ use bridge_proto::{
     FILE_DESCRIPTOR_SET, SERVICE_NAME, server::telemetry_bridge_server::TelemetryBridgeServer,
 };
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
-use crate::{hub::Hub, service::BridgeService};
+use crate::{config::Config, hub::Hub, listener, service::BridgeService};
 
 /// Serves `hub` on `listener` until `shutdown` completes, then ends every stream with
 /// UNAVAILABLE and waits up to the configured grace period for connections to close.
@@ -19,6 +19,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = tls_config(hub.config())?;
+    let limits = hub.config().limits.clone();
     let config = hub.config().hub.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -48,8 +50,13 @@ pub async fn serve(
             .await;
         hub_for_shutdown.shut_down();
     };
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
         .initial_stream_window_size(config.stream_window_bytes)
         .initial_connection_window_size(config.connection_window_bytes)
         .http2_keepalive_interval(keepalive)
@@ -57,9 +64,10 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(bridge)
-        // tonic applies `tcp_nodelay` only to listeners it binds itself; without it, small
-        // writes wait for delayed acknowledgements (40 ms stalls).
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+        .serve_with_incoming_shutdown(
+            listener::incoming(listener, limits.handshake_timeout()),
+            signal,
+        );
 
     tokio::pin!(server);
     tokio::select! {
@@ -71,5 +79,31 @@ pub async fn serve(
             warn!(grace_ms = config.shutdown_grace_ms, "connections still open after the grace period; exiting anyway");
         }
     }
+    // Every change was written before it was confirmed; this makes the last ones durable
+    // against a power loss too, instead of leaving them to the background flush.
+    hub.flush_state()?;
+    info!("control state flushed; hub stopped");
     Ok(())
+}
+
+/// TLS settings from `[tls]`, with certificates read now so that a bad path fails at start.
+fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let tls = &config.tls;
+    if !tls.enabled() {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("tls.{what}: cannot read {}: {e}", path.display()))
+    };
+    let mut server = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(&tls.cert, "cert")?,
+            read(&tls.key, "key")?,
+        ))
+        .timeout(config.limits.handshake_timeout());
+    if !tls.client_ca.as_os_str().is_empty() {
+        server = server.client_ca_root(Certificate::from_pem(read(&tls.client_ca, "client_ca")?));
+    }
+    Ok(Some(server))
 }

@@ -10,6 +10,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    auth::{Access, check_certificate_name},
     control::{Selector, parse_update},
     fanout::Filter,
     hub::Hub,
@@ -43,11 +44,28 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
         if self.hub.shutdown_token().is_cancelled() {
             return Err(Status::unavailable("the hub is shutting down"));
         }
+        self.hub.auth().check(request.metadata(), Access::Stream)?;
+        let peer_certs = request.peer_certs();
         let identity = Identity::from_metadata(
             request.metadata(),
             request.remote_addr(),
-            self.hub.config().hub.require_worker_id,
+            self.hub.config().hub.require_worker_id || peer_certs.is_some(),
         )?;
+        if let Some(cert) = peer_certs.as_deref().and_then(|certs| certs.first()) {
+            check_certificate_name(cert, &identity.id)?;
+        }
+        let limit = self.hub.config().limits.max_worker_streams;
+        if self
+            .hub
+            .registry()
+            .get(&identity.id)
+            .is_none_or(|w| !w.status().connected)
+            && self.hub.registry().connected() >= limit
+        {
+            return Err(Status::resource_exhausted(format!(
+                "this hub serves at most {limit} worker streams (limits.max_worker_streams)"
+            )));
+        }
         let session = self.hub.connect(&identity);
         tokio::spawn(worker_stream::ingest(
             self.hub.clone(),
@@ -64,6 +82,13 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.hub.auth().check(request.metadata(), Access::Read)?;
+        let limit = self.hub.config().limits.max_subscribers;
+        if self.hub.fanout().subscriber_count() >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "this hub serves at most {limit} subscriptions (limits.max_subscribers)"
+            )));
+        }
         let filter = Filter::try_from(request.into_inner())?;
         let mut subscription = self.hub.subscribe(filter);
         let shutdown = self.hub.shutdown_token().clone();
@@ -102,6 +127,7 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
         &self,
         request: Request<v1::ListWorkersRequest>,
     ) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        self.hub.auth().check(request.metadata(), Access::Read)?;
         let selector = match request.into_inner().selector {
             None => None,
             some => Some(Selector::try_from(some)?),
@@ -115,6 +141,9 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
         &self,
         request: Request<v1::UpdateControlRequest>,
     ) -> Result<Response<v1::UpdateControlResponse>, Status> {
+        if let Some(name) = self.hub.auth().check(request.metadata(), Access::Admin)? {
+            tracing::info!(token = name, "control change requested");
+        }
         let (selector, change, wait) = parse_update(request.into_inner())?;
         let response = self.hub.update_control(&selector, &change, wait).await?;
         Ok(Response::new(response))
@@ -124,6 +153,7 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
         &self,
         request: Request<v1::GetControlRequest>,
     ) -> Result<Response<v1::GetControlResponse>, Status> {
+        self.hub.auth().check(request.metadata(), Access::Read)?;
         let selector = Selector::try_from(request.into_inner().selector)?;
         Ok(Response::new(self.hub.describe_control(&selector)?))
     }

@@ -25,6 +25,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::{
+    config::LimitsConfig,
     fanout::Source,
     hub::{Hub, unix_nanos},
     registry::{HubDrop, Session},
@@ -38,6 +39,7 @@ pub const WORKER_STATS: [&str; 3] = ["bridge", "worker", "stats"];
 /// Reads the worker's events until the stream ends or the hub ends it.
 pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView>) {
     let mut enforcer = Enforcer::new(session.worker.watch_desired());
+    let mut admission = Admission::new(&hub.config().limits);
     let mut warned = false;
     // Made once: a fresh future per message costs a measurable share of a trickling stream.
     let cancelled = session.cancel.cancelled();
@@ -54,7 +56,7 @@ pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView
         };
         match message {
             Ok(Some(event)) => {
-                if let Err(error) = accept(&hub, &session, &mut enforcer, event)
+                if let Err(error) = accept(&hub, &session, &mut admission, &mut enforcer, event)
                     && !warned
                 {
                     warn!(worker.id = %session.worker.id, %error, "dropping invalid events from this worker (logged once per stream; counted as drop reason `invalid`)");
@@ -90,6 +92,7 @@ fn inbound_failure(status: Status) -> Status {
 fn accept(
     hub: &Hub,
     session: &Session,
+    admission: &mut Admission,
     enforcer: &mut Enforcer,
     event: EventView,
 ) -> Result<(), String> {
@@ -110,6 +113,14 @@ fn accept(
     if let Err(error) = validate_event_tokens(event.parts()) {
         worker.counters.drop(HubDrop::Invalid);
         return Err(error.to_string());
+    }
+    if let Err(excess) = admission.check(&event) {
+        worker.counters.drop(excess.reason());
+        return match excess {
+            Excess::Size(what) => Err(format!("`{}`: {what}", event.name())),
+            // Expected under a quota, and counted: not worth a warning.
+            Excess::Rate => Ok(()),
+        };
     }
     let rate = match enforcer.verdict(&event) {
         Ok(rate) => rate,
@@ -180,6 +191,84 @@ fn protocol_event(session: &Session, event: &v1::TelemetryEvent) -> Result<(), S
             "`{}`: event names starting with `bridge.` are reserved",
             event.event_parts.join(".")
         ))
+    }
+}
+
+/// Why [`Admission`] refused an event.
+enum Excess {
+    Size(String),
+    Rate,
+}
+
+impl Excess {
+    fn reason(&self) -> HubDrop {
+        match self {
+            Excess::Size(_) => HubDrop::OverLimit,
+            Excess::Rate => HubDrop::RateLimited,
+        }
+    }
+}
+
+/// `[limits]` as one worker stream applies them: event size, and a token bucket for the
+/// worker's event rate (bursts of up to one second's worth).
+struct Admission {
+    limits: LimitsConfig,
+    bucket: Option<(f64, Instant)>,
+}
+
+impl Admission {
+    fn new(limits: &LimitsConfig) -> Self {
+        let per_second = f64::from(limits.worker_events_per_second);
+        Self {
+            limits: limits.clone(),
+            bucket: (per_second > 0.0).then(|| (per_second, Instant::now())),
+        }
+    }
+
+    fn check(&mut self, event: &EventView) -> Result<(), Excess> {
+        let shape = event.shape();
+        let limits = &self.limits;
+        let over = |what: &str, value: usize, limit: usize, key: &str| {
+            Excess::Size(format!(
+                "{value} {what}, over the limit of {limit} (limits.{key})"
+            ))
+        };
+        if shape.parts > limits.max_event_parts {
+            return Err(over(
+                "name tokens",
+                shape.parts,
+                limits.max_event_parts,
+                "max_event_parts",
+            ));
+        }
+        if shape.entries > limits.max_event_entries {
+            return Err(over(
+                "measurements and metadata entries",
+                shape.entries,
+                limits.max_event_entries,
+                "max_event_entries",
+            ));
+        }
+        if shape.longest_string > limits.max_string_bytes {
+            return Err(over(
+                "bytes in one string",
+                shape.longest_string,
+                limits.max_string_bytes,
+                "max_string_bytes",
+            ));
+        }
+        if let Some((tokens, refilled)) = &mut self.bucket {
+            let per_second = f64::from(limits.worker_events_per_second);
+            let now = Instant::now();
+            *tokens = (*tokens + now.duration_since(*refilled).as_secs_f64() * per_second)
+                .min(per_second);
+            *refilled = now;
+            if *tokens < 1.0 {
+                return Err(Excess::Rate);
+            }
+            *tokens -= 1.0;
+        }
+        Ok(())
     }
 }
 

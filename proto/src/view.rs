@@ -36,6 +36,10 @@ pub struct EventView {
     pub control_version: u64,
     /// What is wrong with the event, if anything (its bytes are kept either way).
     problem: Option<&'static str>,
+    /// Measurement and metadata entries.
+    entries: u32,
+    /// Longest name token, correlation id, map key or string value, in bytes.
+    longest_string: u32,
 }
 
 impl EventView {
@@ -60,6 +64,15 @@ impl EventView {
     /// Why the event cannot be delivered (bad UTF-8 or a malformed map entry), if so.
     pub fn problem(&self) -> Option<&'static str> {
         self.problem
+    }
+
+    /// How big the event is, for the hub's limits.
+    pub fn shape(&self) -> EventShape {
+        EventShape {
+            parts: self.parts.len(),
+            entries: self.entries as usize,
+            longest_string: self.longest_string as usize,
+        }
     }
 
     /// The encoded event, as received.
@@ -125,6 +138,7 @@ impl Message for EventView {
             1 | 5 => {
                 check_wire_type(WireType::LengthDelimited, wire_type)?;
                 let range = self.copy_delimited(tag, buf)?;
+                self.longest_string = self.longest_string.max(range.end - range.start);
                 self.utf8(&range, "a name token or the correlation id is not UTF-8");
                 if tag == 1 {
                     self.parts.push(range);
@@ -136,8 +150,10 @@ impl Message for EventView {
                 check_wire_type(WireType::LengthDelimited, wire_type)?;
                 let range = self.copy_delimited(tag, buf)?;
                 let entry = &self.bytes[range.start as usize..range.end as usize];
-                if let Err(problem) = check_entry(entry, tag == 2) {
-                    self.note(problem);
+                self.entries = self.entries.saturating_add(1);
+                match check_entry(entry, tag == 2) {
+                    Ok(longest) => self.longest_string = self.longest_string.max(longest),
+                    Err(problem) => self.note(problem),
                 }
             }
             4 | 6 | 8 => {
@@ -194,31 +210,51 @@ fn malformed(what: &'static str) -> DecodeError {
     DecodeError::new(what)
 }
 
+/// An event's size in the terms of the hub's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventShape {
+    /// Name tokens.
+    pub parts: usize,
+    /// Measurement and metadata entries.
+    pub entries: usize,
+    /// Longest name token, correlation id, map key or string value, in bytes.
+    pub longest_string: usize,
+}
+
 /// Checks a `measurements` (`TelemetryValue` values) or `metadata` (string values) map entry
-/// the way a subscriber's decoder will read it, without building anything.
-fn check_entry(mut entry: &[u8], measurement: bool) -> Result<(), &'static str> {
+/// the way a subscriber's decoder will read it, without building anything. Returns the length
+/// of its longest string.
+fn check_entry(mut entry: &[u8], measurement: bool) -> Result<u32, &'static str> {
     const BAD: &str = "a measurement or metadata entry is malformed";
+    let mut longest = 0;
     while entry.has_remaining() {
         let (tag, wire_type) = decode_key(&mut entry).map_err(|_| BAD)?;
         match (tag, wire_type) {
             (1, WireType::LengthDelimited) => {
                 let key = delimited(&mut entry)?;
+                longest = longest.max(key.len());
                 std::str::from_utf8(key).map_err(|_| "a map key is not UTF-8")?;
             }
-            (2, WireType::LengthDelimited) if measurement => check_value(delimited(&mut entry)?)?,
+            (2, WireType::LengthDelimited) if measurement => {
+                longest = longest.max(check_value(delimited(&mut entry)?)?);
+            }
             (2, WireType::LengthDelimited) => {
-                std::str::from_utf8(delimited(&mut entry)?)
-                    .map_err(|_| "a metadata value is not UTF-8")?;
+                let value = delimited(&mut entry)?;
+                longest = longest.max(value.len());
+                std::str::from_utf8(value).map_err(|_| "a metadata value is not UTF-8")?;
             }
             (1 | 2, _) => return Err(BAD),
             (_, wire_type) => skip(wire_type, &mut entry)?,
         }
     }
-    Ok(())
+    // Entries are slices of a message whose length fits in u32.
+    Ok(u32::try_from(longest).unwrap_or(u32::MAX))
 }
 
-fn check_value(mut value: &[u8]) -> Result<(), &'static str> {
+/// Checks a `TelemetryValue`; returns the length of its string, if it holds one.
+fn check_value(mut value: &[u8]) -> Result<usize, &'static str> {
     const BAD: &str = "a measurement value is malformed";
+    let mut longest = 0;
     while value.has_remaining() {
         let (tag, wire_type) = decode_key(&mut value).map_err(|_| BAD)?;
         match (tag, wire_type) {
@@ -229,14 +265,15 @@ fn check_value(mut value: &[u8]) -> Result<(), &'static str> {
                 value = value.get(8..).ok_or(BAD)?;
             }
             (3, WireType::LengthDelimited) => {
-                std::str::from_utf8(delimited(&mut value)?)
-                    .map_err(|_| "a measurement string is not UTF-8")?;
+                let text = delimited(&mut value)?;
+                longest = longest.max(text.len());
+                std::str::from_utf8(text).map_err(|_| "a measurement string is not UTF-8")?;
             }
             (1..=3, _) => return Err(BAD),
             (_, wire_type) => skip(wire_type, &mut value)?,
         }
     }
-    Ok(())
+    Ok(longest)
 }
 
 fn delimited<'a>(bytes: &mut &'a [u8]) -> Result<&'a [u8], &'static str> {
@@ -331,6 +368,104 @@ mod tests {
             0x0a, 0x01, b'a', 0x12, 0x07, 0x0a, 0x01, b'k', 0x12, 0x02, 0x08, 0xff,
         ];
         assert!(EventView::decode(&bytes[..]).unwrap().problem().is_some());
+    }
+
+    #[test]
+    fn shape_counts_what_the_limits_bound() {
+        let view = EventView::from_event(&event()).unwrap();
+        assert_eq!(
+            view.shape(),
+            EventShape {
+                parts: 2,
+                entries: 4,
+                longest_string: "inference".len()
+            }
+        );
+    }
+
+    mod hostile {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn any_event() -> impl Strategy<Value = TelemetryEvent> {
+            let value = prop_oneof![
+                any::<i64>().prop_map(Value::IntValue),
+                (-1e12..1e12f64).prop_map(Value::FloatValue),
+                ".{0,12}".prop_map(Value::StringValue),
+            ];
+            (
+                prop::collection::vec("[a-z]{1,6}", 0..5),
+                prop::collection::hash_map(".{0,8}", value, 0..5),
+                prop::collection::hash_map(".{0,8}", ".{0,8}", 0..5),
+                (
+                    any::<i64>(),
+                    ".{0,10}",
+                    any::<u64>(),
+                    0.0..=1.0f64,
+                    any::<u64>(),
+                ),
+            )
+                .prop_map(|(parts, measurements, metadata, rest)| TelemetryEvent {
+                    event_parts: parts,
+                    measurements: measurements
+                        .into_iter()
+                        .map(|(k, v)| (k, TelemetryValue { value: Some(v) }))
+                        .collect(),
+                    metadata,
+                    timestamp_ns: rest.0,
+                    correlation_id: rest.1,
+                    sequence: rest.2,
+                    sampling_rate: rest.3,
+                    control_version: rest.4,
+                })
+        }
+
+        proptest! {
+            /// Whatever arrives from the network: an error or a view, never a panic; and a view
+            /// without a problem is something every subscriber's generated decoder accepts.
+            #[test]
+            fn arbitrary_bytes_never_panic_and_clean_views_decode(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                if let Ok(view) = EventView::decode(bytes.as_slice()) {
+                    let _ = (view.name(), view.correlation_id(), view.shape());
+                    if view.problem().is_none() {
+                        prop_assert!(view.to_event().is_ok());
+                    }
+                }
+            }
+
+            /// A well-formed event is read exactly, and delivered byte for byte.
+            #[test]
+            fn well_formed_events_round_trip(original in any_event()) {
+                let bytes = original.encode_to_vec();
+                let view = EventView::decode(bytes.as_slice()).unwrap();
+                prop_assert_eq!(view.problem(), None);
+                prop_assert_eq!(view.as_bytes(), bytes.as_slice());
+                prop_assert_eq!(view.parts().collect::<Vec<_>>(), original.event_parts.clone());
+                prop_assert_eq!(view.correlation_id(), original.correlation_id.as_str());
+                let entries = original.measurements.len() + original.metadata.len();
+                prop_assert_eq!(view.shape().entries, entries);
+                prop_assert_eq!(view.to_event().unwrap(), original);
+            }
+
+            /// Damaging a well-formed event anywhere gives an error or a flagged view, never a
+            /// panic or a view that subscribers cannot decode.
+            #[test]
+            fn damaged_events_are_caught(original in any_event(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+                let mut bytes = original.encode_to_vec();
+                if bytes.is_empty() {
+                    return Ok(());
+                }
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+                bytes.truncate(cut.index(bytes.len()) + 1);
+                if let Ok(view) = EventView::decode(bytes.as_slice())
+                    && view.problem().is_none()
+                {
+                    prop_assert!(view.to_event().is_ok());
+                }
+            }
+        }
     }
 
     #[test]

@@ -17,8 +17,10 @@ use std::{
 use bridge::client::HubClient;
 use bridge_proto::v1;
 
+mod pki;
 mod proxy;
-pub use proxy::Proxy;
+pub use pki::{Issued, Pki};
+pub use proxy::{Mode as ProxyMode, Proxy};
 
 /// Builds the binaries once per test process and returns the path of `name`.
 pub fn bin(name: &str) -> PathBuf {
@@ -428,6 +430,19 @@ impl Tail {
     pub fn ended(&self) -> bool {
         self.ended.load(Ordering::SeqCst)
     }
+}
+
+/// An int measurement of a delivered event.
+pub fn int(delivery: &v1::EventDelivery, key: &str) -> Option<i64> {
+    match delivery.event.as_ref()?.measurements.get(key)?.value {
+        Some(v1::telemetry_value::Value::IntValue(v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// The worker's sequence number of a delivered event (0: unnumbered).
+pub fn sequence(delivery: &v1::EventDelivery) -> u64 {
+    delivery.event.as_ref().map_or(0, |e| e.sequence)
 }
 
 /// The dotted name of a delivered event.

@@ -1,61 +1,82 @@
-//! A TCP proxy between a worker and a hub that a test can close and open, so it decides exactly
-//! when the worker can reach the hub.
+//! A TCP proxy between a worker and a hub that a test steers: open or closed, delaying every
+//! chunk, black-holing traffic (the connection stays up, nothing gets through), cutting
+//! connections cleanly or resetting them, so the test decides exactly what the network does.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::{net::SocketAddr, time::Duration};
 
 use tokio::{
-    net::{TcpListener, TcpStream},
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
     sync::watch,
 };
 
-/// Forwards connections on [`Proxy::addr`] to a target while open; while closed it accepts and
-/// immediately drops them (and cuts the ones it was forwarding).
+/// What the proxy does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward as it comes.
+    Forward,
+    /// Forward each chunk after this delay.
+    Delay(Duration),
+    /// Keep connections (and accept new ones) but move no bytes: a network partition, as far
+    /// as either end can tell.
+    Blackhole,
+    /// Accept and immediately drop new connections.
+    Refuse,
+}
+
+/// How in-flight connections end when the test cuts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    Close,
+    Reset,
+}
+
 #[derive(Debug)]
 pub struct Proxy {
     pub addr: SocketAddr,
-    open: Arc<AtomicBool>,
-    generation: watch::Sender<u64>,
+    mode: watch::Sender<Mode>,
+    cuts: watch::Sender<(u64, Cut)>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
+    /// Forwards to `target` if `open`, refuses connections otherwise.
     pub async fn start(target: SocketAddr, open: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let open = Arc::new(AtomicBool::new(open));
-        let (generation, _) = watch::channel(0u64);
+        let (mode, _) = watch::channel(if open { Mode::Forward } else { Mode::Refuse });
+        let (cuts, _) = watch::channel((0u64, Cut::Close));
         let task = {
-            let (open, generation) = (open.clone(), generation.clone());
+            let (mode, cuts) = (mode.clone(), cuts.clone());
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    if !open.load(Ordering::SeqCst) {
+                    if *mode.borrow() == Mode::Refuse {
                         drop(client);
                         continue;
                     }
-                    let mut cut = generation.subscribe();
+                    let (mode, cut) = (mode.subscribe(), cuts.subscribe());
                     tokio::spawn(async move {
                         let Ok(upstream) = TcpStream::connect(target).await else {
                             return;
                         };
-                        let (mut client, mut upstream) = (client, upstream);
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
-                            _ = cut.changed() => {}
-                        }
+                        let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
+                        let (client_in, client_out) = client.into_split();
+                        let (upstream_in, upstream_out) = upstream.into_split();
+                        tokio::join!(
+                            pump(client_in, upstream_out, mode.clone(), cut.clone()),
+                            pump(upstream_in, client_out, mode, cut),
+                        );
                     });
                 }
             })
         };
         Self {
             addr,
-            open,
-            generation,
+            mode,
+            cuts,
             task,
         }
     }
@@ -64,15 +85,93 @@ impl Proxy {
         format!("http://{}", self.addr)
     }
 
-    /// Opens the way to the target.
-    pub fn open(&self) {
-        self.open.store(true, Ordering::SeqCst);
+    pub fn set(&self, mode: Mode) {
+        self.mode.send_replace(mode);
     }
 
-    /// Refuses new connections and cuts the ones in flight.
+    /// Forwards again.
+    pub fn open(&self) {
+        self.set(Mode::Forward);
+    }
+
+    /// Refuses new connections and closes the ones in flight.
     pub fn close(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
+        self.set(Mode::Refuse);
+        self.cuts
+            .send_modify(|(n, cut)| (*n, *cut) = (*n + 1, Cut::Close));
+    }
+
+    /// Resets the connections in flight (RST, as a crashed peer or middlebox would); new ones
+    /// are served as the mode says.
+    pub fn reset(&self) {
+        self.cuts
+            .send_modify(|(n, cut)| (*n, *cut) = (*n + 1, Cut::Reset));
+    }
+}
+
+/// Copies one direction of a connection as `mode` says, until either side closes or the
+/// connection is cut.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+    mut cut: watch::Receiver<(u64, Cut)>,
+) {
+    cut.mark_unchanged();
+    let mut buf = vec![0u8; 16 * 1024];
+    let ended = loop {
+        let current = current_mode(&mode);
+        mode.mark_unchanged();
+        if current == Mode::Blackhole {
+            tokio::select! {
+                changed = mode.changed() => if changed.is_err() { break None } else { continue },
+                _ = cut.changed() => break Some(current_cut(&cut)),
+            }
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => n,
+            },
+            // A mode change while waiting to read applies to the next chunk.
+            changed = mode.changed() => if changed.is_err() { break None } else { continue },
+            _ = cut.changed() => break Some(current_cut(&cut)),
+        };
+        // Bytes read when a partition starts are held until it heals, as TCP would.
+        while current_mode(&mode) == Mode::Blackhole {
+            tokio::select! {
+                changed = mode.changed() => if changed.is_err() { return },
+                _ = cut.changed() => {
+                    finish(&to, current_cut(&cut));
+                    return;
+                }
+            }
+        }
+        if let Mode::Delay(delay) = current_mode(&mode) {
+            tokio::time::sleep(delay).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break None;
+        }
+    };
+    if let Some(how) = ended {
+        finish(&to, how);
+    }
+}
+
+/// The mode now, without holding the channel's lock (across an await it would not be `Send`).
+fn current_mode(mode: &watch::Receiver<Mode>) -> Mode {
+    *mode.borrow()
+}
+
+fn current_cut(cut: &watch::Receiver<(u64, Cut)>) -> Cut {
+    cut.borrow().1
+}
+
+fn finish(to: &OwnedWriteHalf, how: Cut) {
+    if how == Cut::Reset {
+        // Closing with a zero linger sends RST instead of FIN.
+        let _ = to.as_ref().set_zero_linger();
     }
 }
 

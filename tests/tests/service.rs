@@ -7,10 +7,11 @@ use std::{
     time::Duration,
 };
 
+use bridge_proto::v1::telemetry_bridge_client::TelemetryBridgeClient;
 use bridge_proto::{SERVICE_NAME, v1};
 use bridge_tests::{
-    HubProcess, PythonGrpc, Tail, WorkerProcess, bin, eventually, first_connected, matching,
-    run_cli,
+    HubOptions, HubProcess, PythonGrpc, Tail, WorkerProcess, bin, eventually, first_connected,
+    matching, run_cli,
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -100,6 +101,44 @@ async fn sigterm_ends_streams_with_unavailable_and_exits_promptly() {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("shutting down"), "{status:?}");
     assert!(hub.log().contains("shutting down"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_within_the_grace_period_even_with_a_stalled_subscriber() {
+    let mut hub = HubProcess::start_with(HubOptions {
+        config: Some("[hub]\nshutdown_grace_ms = 1000\n".into()),
+        ..Default::default()
+    });
+    // A subscriber that never reads, with the smallest windows HTTP/2 allows: the hub soon
+    // cannot send it anything, not even the end of its stream.
+    let channel = tonic::transport::Endpoint::from_shared(hub.url.clone())
+        .expect("url")
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .expect("connect");
+    let _stalled = TelemetryBridgeClient::new(channel)
+        .subscribe(v1::SubscribeRequest::default())
+        .await
+        .expect("subscribe");
+    let mut client = hub.client().await;
+    let reader = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let _worker = WorkerProcess::start(&hub.url, "busy", "", &["--simulate", "2000"]);
+    // Well past what the stalled subscriber's window holds.
+    eventually("events to flow", WAIT, || async {
+        (reader.deliveries().len() > 2000).then_some(())
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    let status = tokio::task::block_in_place(|| hub.terminate());
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    let log = hub.log();
+    assert!(log.contains("still open after the grace period"), "{log}");
+    assert!(log.contains("control state flushed"), "{log}");
 }
 
 #[test]

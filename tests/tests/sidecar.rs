@@ -12,21 +12,10 @@ use std::{
 use bridge_proto::{sampling::Rate, v1};
 use bridge_tests::{
     HubOptions, HubProcess, Proxy, PythonGrpc, QUICK_WORKER_CONFIG, Tail, WorkerProcess,
-    eventually, matching, name, read_line_within, run_cli, signal, worker_info,
+    eventually, int, matching, name, read_line_within, run_cli, sequence, signal, worker_info,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn int(delivery: &v1::EventDelivery, key: &str) -> Option<i64> {
-    match delivery.event.as_ref()?.measurements.get(key)?.value {
-        Some(v1::telemetry_value::Value::IntValue(v)) => Some(v),
-        _ => None,
-    }
-}
-
-fn sequence(delivery: &v1::EventDelivery) -> u64 {
-    delivery.event.as_ref().map_or(0, |e| e.sequence)
-}
 
 /// A shell script in a temporary directory.
 fn script(body: &str) -> (tempfile::TempDir, String) {

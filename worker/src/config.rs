@@ -13,6 +13,9 @@ struct File {
     worker: WorkerConfig,
     hub: toml::Table,
     control: toml::Table,
+    auth: toml::Table,
+    tls: toml::Table,
+    limits: toml::Table,
 }
 
 /// `[worker]`.
@@ -29,6 +32,9 @@ pub struct WorkerConfig {
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
     pub stats_interval_ms: u64,
+    /// HTTP/2 keepalive ping interval, and how long a ping may go unanswered.
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
     /// How long events that closely follow a send wait to travel with the next ones.
     pub linger_ms: u64,
     /// GPU and app process metrics interval.
@@ -48,6 +54,8 @@ impl Default for WorkerConfig {
             backoff_initial_ms: 100,
             backoff_max_ms: 5000,
             stats_interval_ms: 1000,
+            keepalive_interval_ms: 10_000,
+            keepalive_timeout_ms: 5000,
             linger_ms: 100,
             gpu_interval_ms: 10_000,
             local: String::new(),
@@ -84,6 +92,12 @@ impl WorkerConfig {
                 format!("`{}` must start with http:// or https://", self.hub),
             ));
         }
+        if self.keepalive_interval_ms < 100 || self.keepalive_timeout_ms < 100 {
+            return Err((
+                "keepalive_interval_ms",
+                "keepalive interval and timeout must be at least 100 ms".into(),
+            ));
+        }
         if self.buffer_events == 0 {
             return Err(("buffer_events", "must be at least 1".into()));
         }
@@ -116,6 +130,8 @@ impl WorkerConfig {
         options.backoff_initial = Duration::from_millis(self.backoff_initial_ms);
         options.backoff_max = Duration::from_millis(self.backoff_max_ms);
         options.stats_interval = Duration::from_millis(self.stats_interval_ms);
+        options.keepalive_interval = Duration::from_millis(self.keepalive_interval_ms);
+        options.keepalive_timeout = Duration::from_millis(self.keepalive_timeout_ms);
         options.linger = Duration::from_millis(self.linger_ms);
         options
     }

@@ -31,6 +31,7 @@ use crate::{
     backoff::Backoff,
     counters::Snapshot,
     emitter::{Emitter, Shared, now_ns},
+    security::{ClientSecurity, SecurityError},
 };
 
 /// Events handed to the transport per wake-up, so that acknowledgements interleave.
@@ -55,9 +56,15 @@ pub struct LinkOptions {
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
     pub stats_interval: Duration,
+    /// HTTP/2 ping interval, and how long a ping may go unanswered before the link is
+    /// declared lost: the bound on noticing a hub that vanished without closing the connection.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
     /// How long events that follow a send closely wait to travel together; zero sends each
     /// event as soon as it is emitted.
     pub linger: Duration,
+    /// Token and TLS settings for reaching the hub.
+    pub security: ClientSecurity,
 }
 
 impl LinkOptions {
@@ -74,7 +81,10 @@ impl LinkOptions {
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             stats_interval: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
             linger: Duration::from_millis(100),
+            security: ClientSecurity::default(),
         }
     }
 }
@@ -101,6 +111,8 @@ pub enum LinkError {
     InvalidHub(String, String),
     #[error("invalid worker identity: {0}")]
     InvalidIdentity(String),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 /// A running link and the emitter that feeds it.
@@ -163,21 +175,30 @@ impl Link {
     }
 }
 
+/// Checks everything [`Link::start`] checks (addresses, identity, credentials and their files)
+/// without starting anything.
+pub fn validate(options: &LinkOptions) -> Result<(), LinkError> {
+    endpoint(options)?;
+    headers(options)?;
+    Ok(())
+}
+
 fn endpoint(options: &LinkOptions) -> Result<Endpoint, LinkError> {
     let invalid =
         |e: &dyn std::fmt::Display| LinkError::InvalidHub(options.hub.clone(), e.to_string());
     if !(options.hub.starts_with("http://") || options.hub.starts_with("https://")) {
         return Err(invalid(&"it must start with http:// or https://"));
     }
-    Ok(Endpoint::from_shared(options.hub.clone())
+    let endpoint = Endpoint::from_shared(options.hub.clone())
         .map_err(|e| invalid(&e))?
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(options.keepalive_interval)
+        .keep_alive_timeout(options.keepalive_timeout)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(8 * 1024 * 1024)))
+        .initial_connection_window_size(Some(8 * 1024 * 1024));
+    Ok(options.security.configure(endpoint, &options.hub)?)
 }
 
 type Headers = Vec<(AsciiMetadataKey, AsciiMetadataValue)>;
@@ -214,6 +235,12 @@ fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
         &format!("{:016x}", rand::random::<u64>()),
     )?;
     add("x-bridge-control-ack".into(), "1")?;
+    if let Some(authorization) = options.security.authorization()? {
+        headers.push((
+            AsciiMetadataKey::from_static("authorization"),
+            authorization,
+        ));
+    }
     Ok(headers)
 }
 

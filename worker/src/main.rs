@@ -6,6 +6,7 @@ use clap::Parser;
 use worker::{
     config::WorkerConfig,
     local::LocalAddress,
+    security::ClientSecurity,
     sidecar::{self, SidecarOptions},
     simulate,
 };
@@ -57,6 +58,8 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
+    #[command(flatten)]
+    security: ClientSecurity,
     /// The app to run, after `--`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -162,8 +165,12 @@ async fn run(args: Args) -> Result<u8, Failure> {
         )));
     }
 
+    let mut link = config.link_options();
+    // Read now, so that a missing certificate is a usage error and not a retry loop.
+    link.security = args.security;
+    worker::link::validate(&link).map_err(|e| usage(e.to_string()))?;
     let options = SidecarOptions {
-        link: config.link_options(),
+        link,
         command: args.command,
         metrics_interval: Duration::from_millis(config.gpu_interval_ms),
         local,

@@ -201,4 +201,67 @@ mod tests {
         assert!(!is_telemetry(b" TELEMETRY:{}"));
         assert!(!is_telemetry(b"log: TELEMETRY:{}"));
     }
+
+    mod hostile {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// JSON that looks like telemetry: the right keys with values of any type.
+        fn near_miss() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                Just("null".to_owned()),
+                any::<bool>().prop_map(|b| b.to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_map(|f| format!("{f:?}")),
+                "[a-z.* >]{0,10}".prop_map(|s| format!("{s:?}")),
+            ];
+            let value = leaf.prop_recursive(2, 8, 3, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..3)
+                        .prop_map(|v| format!("[{}]", v.join(","))),
+                    prop::collection::vec(("[a-z]{1,4}", inner), 0..3).prop_map(|v| {
+                        let fields: Vec<String> =
+                            v.into_iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+                        format!("{{{}}}", fields.join(","))
+                    }),
+                ]
+            });
+            let key = prop_oneof![
+                Just("event"),
+                Just("measurements"),
+                Just("metadata"),
+                Just("correlation_id"),
+                Just("timestamp_ns"),
+                Just("other"),
+            ];
+            prop::collection::vec((key, value), 0..5).prop_map(|fields| {
+                let fields: Vec<String> = fields
+                    .into_iter()
+                    .map(|(k, v)| format!("{k:?}:{v}"))
+                    .collect();
+                format!("TELEMETRY:{{{}}}", fields.join(","))
+            })
+        }
+
+        proptest! {
+            /// Whatever an app writes: an event with a valid name, or an error, never a panic.
+            #[test]
+            fn any_line_parses_or_says_why(tail in prop::collection::vec(any::<u8>(), 0..128)) {
+                let mut line = PREFIX.to_vec();
+                line.extend(tail);
+                if let Ok(event) = parse(&line) {
+                    prop_assert!(validate_event_parts(&event.event_parts).is_ok());
+                }
+            }
+
+            #[test]
+            fn near_miss_json_parses_or_says_why(line in near_miss()) {
+                match parse(line.as_bytes()) {
+                    Ok(event) => prop_assert!(validate_event_parts(&event.event_parts).is_ok()),
+                    Err(message) => prop_assert!(!message.is_empty()),
+                }
+            }
+        }
+    }
 }

@@ -6,7 +6,7 @@ use bridge::control::{Change, Selector};
 use bridge_proto::{pattern::Pattern, sampling::Rate, v1};
 
 use super::{
-    Failure, Outcome, connect,
+    Failure, HubTarget, Outcome, connect,
     render::{self, Format},
 };
 
@@ -136,7 +136,7 @@ fn patterns(list: &[String]) -> Result<Vec<Pattern>, Failure> {
         .collect()
 }
 
-pub async fn sample(hub: &str, args: SampleArgs) -> Outcome {
+pub async fn sample(hub: &HubTarget, args: SampleArgs) -> Outcome {
     let (selector, rate) = worker_and_value(args.args, &args.target)?;
     let rate: Rate = rate.parse().map_err(Failure::invalid)?;
     let change = Change::Sampling {
@@ -146,7 +146,7 @@ pub async fn sample(hub: &str, args: SampleArgs) -> Outcome {
     apply(hub, selector, change, &args.wait).await
 }
 
-pub async fn toggle(hub: &str, args: ToggleArgs) -> Outcome {
+pub async fn toggle(hub: &HubTarget, args: ToggleArgs) -> Outcome {
     let (selector, state) = worker_and_value(args.args, &args.target)?;
     let enabled = match state.as_str() {
         "on" | "true" | "enable" => true,
@@ -156,7 +156,7 @@ pub async fn toggle(hub: &str, args: ToggleArgs) -> Outcome {
     apply(hub, selector, Change::Toggle(enabled), &args.wait).await
 }
 
-pub async fn filter(hub: &str, args: FilterArgs) -> Outcome {
+pub async fn filter(hub: &HubTarget, args: FilterArgs) -> Outcome {
     let selector = selector(args.worker, &args.target)?;
     if !args.clear && args.allow.is_empty() && args.block.is_empty() {
         return Err(Failure::invalid(
@@ -170,12 +170,12 @@ pub async fn filter(hub: &str, args: FilterArgs) -> Outcome {
     apply(hub, selector, change, &args.wait).await
 }
 
-pub async fn reset(hub: &str, args: ResetArgs) -> Outcome {
+pub async fn reset(hub: &HubTarget, args: ResetArgs) -> Outcome {
     let selector = selector(args.worker, &args.target)?;
     apply(hub, selector, Change::Reset, &args.wait).await
 }
 
-pub async fn show(hub: &str, args: ShowArgs) -> Outcome {
+pub async fn show(hub: &HubTarget, args: ShowArgs) -> Outcome {
     let selector = selector(args.worker, &args.target)?;
     let mut client = connect(hub).await?;
     let response = client.get_control(&selector).await?;
@@ -205,7 +205,7 @@ fn describe(change: &Change) -> String {
     }
 }
 
-async fn apply(hub: &str, selector: Selector, change: Change, wait: &Wait) -> Outcome {
+async fn apply(hub: &HubTarget, selector: Selector, change: Change, wait: &Wait) -> Outcome {
     let mut client = connect(hub).await?;
     let wait_for = if wait.no_wait {
         Duration::ZERO

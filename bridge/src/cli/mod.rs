@@ -2,7 +2,8 @@
 //!
 //! Every failure prints one readable line on stderr and exits with a code scripts can test:
 //! 1 other failure, 2 invalid input (also clap's usage errors), 3 hub unreachable,
-//! 4 unknown worker, 5 not acknowledged in time.
+//! 4 unknown worker, 5 not acknowledged in time, 6 not authenticated (missing or wrong token),
+//! 7 not permitted (the token's role does not allow it), 8 a hub limit was reached.
 
 mod bench;
 mod control;
@@ -16,6 +17,7 @@ use std::{process::ExitCode, time::Duration};
 
 use bridge::client::{ClientError, HubClient};
 use clap::{Parser, Subcommand};
+use worker::security::ClientSecurity;
 
 /// Live telemetry from ML workers, and control back to them.
 #[derive(Debug, Parser)]
@@ -32,6 +34,8 @@ struct Cli {
     /// Log format for diagnostics on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(flatten)]
+    security: ClientSecurity,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,13 +104,16 @@ impl From<ClientError> for Failure {
     fn from(error: ClientError) -> Self {
         use tonic::Code;
         let code = match &error {
-            ClientError::InvalidAddress { .. } => 2,
+            ClientError::InvalidAddress { .. } | ClientError::Security(_) => 2,
             ClientError::Unreachable { .. } => 3,
             ClientError::Status(status) => match status.code() {
                 Code::InvalidArgument => 2,
                 Code::Unavailable => 3,
                 Code::NotFound => 4,
                 Code::DeadlineExceeded => 5,
+                Code::Unauthenticated => 6,
+                Code::PermissionDenied => 7,
+                Code::ResourceExhausted => 8,
                 _ => 1,
             },
         };
@@ -152,24 +159,41 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Outcome {
+    let hub = HubTarget {
+        url: cli.hub,
+        security: cli.security,
+    };
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::BenchRole { role } => bench::role::run(role).await,
-        Command::Subscribe(args) => subscribe::run(&cli.hub, args).await,
-        Command::Workers(args) => workers::run(&cli.hub, args).await,
-        Command::Sample(args) => control::sample(&cli.hub, args).await,
-        Command::Toggle(args) => control::toggle(&cli.hub, args).await,
-        Command::Filter(args) => control::filter(&cli.hub, args).await,
-        Command::Reset(args) => control::reset(&cli.hub, args).await,
-        Command::Control(args) => control::show(&cli.hub, args).await,
+        Command::Subscribe(args) => subscribe::run(&hub, args).await,
+        Command::Workers(args) => workers::run(&hub, args).await,
+        Command::Sample(args) => control::sample(&hub, args).await,
+        Command::Toggle(args) => control::toggle(&hub, args).await,
+        Command::Filter(args) => control::filter(&hub, args).await,
+        Command::Reset(args) => control::reset(&hub, args).await,
+        Command::Control(args) => control::show(&hub, args).await,
+    }
+}
+
+/// The hub a command talks to, and how it proves who it is.
+#[derive(Debug)]
+pub struct HubTarget {
+    url: String,
+    security: ClientSecurity,
+}
+
+impl std::fmt::Display for HubTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
     }
 }
 
 /// Connects to the hub, with the timeout every command uses for that.
-pub async fn connect(hub: &str) -> Result<HubClient, Failure> {
-    Ok(HubClient::connect(hub, Duration::from_secs(5)).await?)
+pub async fn connect(hub: &HubTarget) -> Result<HubClient, Failure> {
+    Ok(HubClient::connect_with(&hub.url, &hub.security, Duration::from_secs(5)).await?)
 }
 
 fn init_logging(format: LogFormat, serving: bool) {

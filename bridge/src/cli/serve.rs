@@ -18,6 +18,10 @@ pub struct Args {
     /// Directory for the control state file (overrides hub.state_dir).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve on a non-loopback address without tokens: anyone who can reach it may read all
+    /// telemetry and change every worker's control.
+    #[arg(long)]
+    insecure: bool,
 }
 
 pub async fn run(args: Args) -> Outcome {
@@ -29,7 +33,22 @@ pub async fn run(args: Args) -> Outcome {
         config.hub.state_dir = dir;
     }
     let listen = config.hub.listen;
-    let hub = Hub::new(config).map_err(|e| Failure::new(1, e))?;
+    let hub = Hub::new(config).map_err(|e| {
+        let code = if matches!(e, bridge::Error::InvalidArgument(_)) {
+            2
+        } else {
+            1
+        };
+        Failure::new(code, e)
+    })?;
+    if !hub.auth().enabled() && !listen.ip().is_loopback() {
+        if !args.insecure {
+            return Err(Failure::invalid(format!(
+                "refusing to serve {listen} without tokens: anyone who can reach it could read all telemetry and steer every worker. Configure [[auth.tokens]], listen on loopback, or pass --insecure"
+            )));
+        }
+        tracing::warn!(%listen, "serving without tokens on a non-loopback address (--insecure): anyone who can reach it may read telemetry and change control");
+    }
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| Failure::new(1, format!("cannot listen on {listen}: {e}")))?;

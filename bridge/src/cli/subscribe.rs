@@ -5,7 +5,7 @@ use std::io::Write;
 use bridge_proto::{pattern::Pattern, v1};
 
 use super::{
-    Failure, Outcome, connect,
+    Failure, HubTarget, Outcome, connect,
     render::{self, Format},
 };
 
@@ -28,7 +28,7 @@ pub struct Args {
     limit: Option<u64>,
 }
 
-pub async fn run(hub: &str, args: Args) -> Outcome {
+pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
     for pattern in &args.patterns {
         Pattern::parse(pattern).map_err(Failure::invalid)?;
     }

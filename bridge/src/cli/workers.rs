@@ -1,7 +1,7 @@
 //! `bridge workers`: who is connected, their rates, drops and control state.
 
 use super::{
-    Outcome, connect,
+    HubTarget, Outcome, connect,
     render::{self, Format},
 };
 
@@ -12,7 +12,7 @@ pub struct Args {
     format: Format,
 }
 
-pub async fn run(hub: &str, args: Args) -> Outcome {
+pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
     let mut client = connect(hub).await?;
     let workers = client.list_workers(None).await?;
     match args.format {

@@ -186,6 +186,11 @@ impl ControlPlane {
         })
     }
 
+    /// Flushes the state file to disk now.
+    pub fn flush(&self) -> Result<()> {
+        self.store.sync()
+    }
+
     pub fn state_file(&self) -> &Path {
         self.store.path()
     }

@@ -1,0 +1,118 @@
+//! `[limits]`: oversized events and a worker over its quota are dropped and counted, and
+//! calls beyond the hub's capacity fail with RESOURCE_EXHAUSTED, while everything else flows.
+
+use std::{collections::HashMap, time::Duration};
+
+use bridge_proto::v1;
+use bridge_tests::{HubOptions, HubProcess, Tail, eventually, matching, open_stream, worker_info};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn event(parts: &[&str], entries: usize, correlation_id: &str) -> v1::TelemetryEvent {
+    v1::TelemetryEvent {
+        event_parts: parts.iter().map(|p| (*p).to_owned()).collect(),
+        metadata: (0..entries)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect(),
+        correlation_id: correlation_id.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_over_the_limits_are_counted_and_the_rest_flows() {
+    let hub = HubProcess::start_with(HubOptions {
+        config: Some(
+            "[limits]\nmax_event_parts = 3\nmax_event_entries = 2\nmax_string_bytes = 8\nworker_events_per_second = 50\nmax_subscribers = 2\n"
+                .into(),
+        ),
+        ..Default::default()
+    });
+    let mut client = hub.client().await;
+    let tail = Tail::start(&mut client, matching(&["ok.>"])).await;
+
+    let (sizes, _controls) = open_stream(&mut client, &[("x-worker-id", "sizes")])
+        .await
+        .expect("stream");
+    for event in [
+        event(&["ok", "a"], 2, "12345678"),
+        event(&["ok", "a", "b", "c"], 0, ""),
+        event(&["ok", "b"], 3, ""),
+        event(&["ok", "c"], 0, "123456789"),
+        event(&["ok", "toolongtoken"], 0, ""),
+        event(&["ok", "b", "c"], 1, ""),
+    ] {
+        sizes.send(event).await.expect("send");
+    }
+    let info = eventually("the size checks", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "sizes")
+                .await
+                .filter(|w| w.events_received == 6)
+        }
+    })
+    .await;
+    assert_eq!(info.hub_drops["over_limit"], 4, "{:?}", info.hub_drops);
+    eventually("the two events within limits", WAIT, || async {
+        (tail.deliveries().len() == 2).then_some(())
+    })
+    .await;
+
+    // A worker at ten times its quota: about a second's worth gets through (the burst plus
+    // what the quota refills while it sends), the rest is counted, nothing is unaccounted.
+    let (flood, _controls) = open_stream(&mut client, &[("x-worker-id", "flood")])
+        .await
+        .expect("stream");
+    for _ in 0..500 {
+        flood
+            .send(event(&["ok", "flood"], 0, ""))
+            .await
+            .expect("send");
+    }
+    let info = eventually("the flood to be counted", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "flood")
+                .await
+                .filter(|w| w.events_received == 500)
+        }
+    })
+    .await;
+    let limited = info.hub_drops["rate_limited"];
+    let drops: HashMap<_, _> = info.hub_drops.iter().filter(|(_, n)| **n > 0).collect();
+    assert_eq!(drops.len(), 1, "only rate_limited: {drops:?}");
+    assert!((350..=450).contains(&limited), "rate_limited {limited}");
+    let delivered = eventually("the flood's deliveries", WAIT, || async {
+        let n = tail
+            .deliveries()
+            .iter()
+            .filter(|d| d.worker_id == "flood")
+            .count() as u64;
+        (n + limited == 500).then_some(n)
+    })
+    .await;
+    assert!(delivered >= 50, "at least the burst: {delivered}");
+
+    // Two subscriptions at most: the third is refused until one goes.
+    let second = client
+        .subscribe(v1::SubscribeRequest::default())
+        .await
+        .expect("second subscription");
+    let third = client.subscribe(v1::SubscribeRequest::default()).await;
+    let Err(bridge::client::ClientError::Status(status)) = third else {
+        panic!("a third subscription was accepted");
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limits.max_subscribers"),
+        "{status:?}"
+    );
+    drop(second);
+    eventually("room for a subscription again", WAIT, || {
+        let mut client = client.clone();
+        async move { client.subscribe(v1::SubscribeRequest::default()).await.ok() }
+    })
+    .await;
+}
