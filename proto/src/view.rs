@@ -127,6 +127,18 @@ impl Message for EventView {
         buf.put_slice(&self.bytes);
     }
 
+    /// prost's loop, after reserving room for the whole event: re-encoding never makes a field
+    /// longer, so this is the one allocation the event takes (instead of one per doubling).
+    fn merge(&mut self, mut buf: impl Buf) -> Result<(), DecodeError> {
+        self.bytes.reserve(buf.remaining());
+        let ctx = DecodeContext::default();
+        while buf.has_remaining() {
+            let (tag, wire_type) = decode_key(&mut buf)?;
+            self.merge_field(tag, wire_type, &mut buf, ctx.clone())?;
+        }
+        Ok(())
+    }
+
     fn merge_field(
         &mut self,
         tag: u32,

@@ -44,6 +44,7 @@ fn the_quick_benchmark_reports_every_figure_next_to_its_baseline() {
         "emit, telemetry disabled",
         "emit, sampled out",
         "emit, queued",
+        "4 workers at 60000 events/s, delivered under pressure",
     ];
     for name in with_target {
         let figure = find(name);
@@ -67,6 +68,7 @@ fn the_quick_benchmark_reports_every_figure_next_to_its_baseline() {
         "sample one worker -> acknowledged p50",
         "hub memory per idle worker",
         "emit, queued",
+        "4 workers at 60000 events/s, delivered under pressure",
     ];
     for name in with_baseline {
         let figure = find(name);
@@ -74,4 +76,16 @@ fn the_quick_benchmark_reports_every_figure_next_to_its_baseline() {
         assert!(figure["baseline"].as_f64().is_some(), "{figure}");
         assert!(figure["ratio"].as_f64().is_some(), "{figure}");
     }
+    // A leak check: may be negative when the allocator returned pages between waves.
+    let growth = find("hub RSS growth under pressure");
+    assert!(
+        growth["value"].as_f64().is_some_and(f64::is_finite),
+        "{growth}"
+    );
+    assert!(growth["met"].is_boolean(), "{growth}");
+    assert!(
+        find("flooding worker at 5 x its quota")["value"]
+            .as_f64()
+            .is_some()
+    );
 }

@@ -11,6 +11,7 @@
 mod baseline;
 mod emit;
 mod payload;
+mod pressure;
 pub mod role;
 mod wire;
 
@@ -56,6 +57,7 @@ enum Section {
     Latency,
     Control,
     Memory,
+    Pressure,
     Emit,
 }
 
@@ -173,6 +175,9 @@ pub async fn run(args: Args) -> Outcome {
     }
     if wanted(Section::Memory) {
         figures.extend(memory(&plan).map_err(fail)?);
+    }
+    if wanted(Section::Pressure) {
+        figures.extend(pressure::pressure(&plan).await.map_err(fail)?);
     }
     if wanted(Section::Emit) {
         figures.extend(emit_cost(&plan));
@@ -298,8 +303,13 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn start(kind: Server) -> Result<Self, String> {
+        Self::start_with(kind, None)
+    }
+
+    /// Starts a server; a hub with `config` (TOML) when given.
+    fn start_with(kind: Server, config: Option<&str>) -> Result<Self, String> {
         let state = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let args: Vec<String> = match kind {
+        let mut args: Vec<String> = match kind {
             Server::Hub => vec![
                 "serve".into(),
                 "--listen".into(),
@@ -309,6 +319,11 @@ impl ServerProcess {
             ],
             Server::Baseline => vec!["bench-role".into(), "baseline".into()],
         };
+        if let (Server::Hub, Some(config)) = (kind, config) {
+            let path = state.path().join("config.toml");
+            std::fs::write(&path, config).map_err(|e| e.to_string())?;
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
         let mut process = RoleProcess::spawn(&args, &[("RUST_LOG", "error")])?;
         let line = process.line(Duration::from_secs(30))?;
         let address = line
@@ -327,6 +342,16 @@ impl ServerProcess {
 }
 
 fn load(url: &str, streams: usize, rate: Option<f64>) -> Result<RoleProcess, String> {
+    load_named(url, "bench", streams, rate)
+}
+
+/// [`load`] with worker ids `PREFIX-N`.
+fn load_named(
+    url: &str,
+    prefix: &str,
+    streams: usize,
+    rate: Option<f64>,
+) -> Result<RoleProcess, String> {
     let mut args = vec![
         "bench-role".into(),
         "load".into(),
@@ -334,6 +359,8 @@ fn load(url: &str, streams: usize, rate: Option<f64>) -> Result<RoleProcess, Str
         url.into(),
         "--streams".into(),
         streams.to_string(),
+        "--prefix".into(),
+        prefix.into(),
     ];
     if let Some(rate) = rate {
         args.extend(["--rate".into(), rate.to_string()]);
@@ -366,6 +393,17 @@ fn subscribers(
     buckets: bool,
     latency: bool,
 ) -> Result<RoleProcess, String> {
+    subscribers_of(url, count, buckets, latency, &[])
+}
+
+/// [`subscribers`] to the events of `workers` only.
+fn subscribers_of(
+    url: &str,
+    count: usize,
+    buckets: bool,
+    latency: bool,
+    workers: &[String],
+) -> Result<RoleProcess, String> {
     let mut args = vec![
         "bench-role".into(),
         "subscribe".into(),
@@ -374,6 +412,9 @@ fn subscribers(
         "--subscribers".into(),
         count.to_string(),
     ];
+    for worker in workers {
+        args.extend(["--worker".into(), worker.clone()]);
+    }
     if buckets {
         args.push("--buckets".into());
     }
@@ -386,6 +427,11 @@ fn subscribers(
 }
 
 fn idle(url: &str, workers: usize) -> Result<RoleProcess, String> {
+    idle_named(url, "bench", workers)
+}
+
+/// [`idle`] with worker ids `PREFIX-N`.
+fn idle_named(url: &str, prefix: &str, workers: usize) -> Result<RoleProcess, String> {
     let args = vec![
         "bench-role".into(),
         "idle".into(),
@@ -393,9 +439,26 @@ fn idle(url: &str, workers: usize) -> Result<RoleProcess, String> {
         url.into(),
         "--workers".into(),
         workers.to_string(),
+        "--prefix".into(),
+        prefix.into(),
     ];
     let mut process = RoleProcess::spawn(&args, &[])?;
     process.ready(Duration::from_secs(300))?;
+    Ok(process)
+}
+
+/// Subscriptions that are never read.
+fn stalled(url: &str, count: usize) -> Result<RoleProcess, String> {
+    let args = vec![
+        "bench-role".into(),
+        "stall".into(),
+        "--target".into(),
+        url.into(),
+        "--subscribers".into(),
+        count.to_string(),
+    ];
+    let mut process = RoleProcess::spawn(&args, &[])?;
+    process.ready(Duration::from_secs(60))?;
     Ok(process)
 }
 

@@ -49,6 +49,9 @@ pub enum Role {
         streams: usize,
         #[arg(long)]
         rate: Option<f64>,
+        /// Worker ids are PREFIX-0, PREFIX-1, ...
+        #[arg(long, default_value = "bench")]
+        prefix: String,
     },
     /// Workers made with the worker library (`Link` and `Emitter::emit`), each emitting
     /// `--rate` events per second.
@@ -72,6 +75,17 @@ pub enum Role {
         /// Record emit → delivery latency from event timestamps.
         #[arg(long)]
         latency: bool,
+        /// Only events from these workers (repeatable).
+        #[arg(long = "worker")]
+        workers: Vec<String>,
+    },
+    /// Subscriptions that are never read: the hub can send them nothing once their windows
+    /// are full.
+    Stall {
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 1)]
+        subscribers: usize,
     },
     /// Connected workers that send nothing and acknowledge every control state.
     Idle {
@@ -79,6 +93,8 @@ pub enum Role {
         target: String,
         #[arg(long)]
         workers: usize,
+        #[arg(long, default_value = "bench")]
+        prefix: String,
     },
 }
 
@@ -89,7 +105,8 @@ pub async fn run(role: Role) -> Outcome {
             target,
             streams,
             rate,
-        } => load(&target, streams, rate).await,
+            prefix,
+        } => load(&target, streams, rate, &prefix).await,
         Role::Workers {
             target,
             workers,
@@ -100,8 +117,17 @@ pub async fn run(role: Role) -> Outcome {
             subscribers,
             buckets,
             latency,
-        } => subscribe(&target, subscribers, buckets, latency).await,
-        Role::Idle { target, workers } => idle(&target, workers).await,
+            workers,
+        } => subscribe(&target, subscribers, buckets, latency, &workers).await,
+        Role::Stall {
+            target,
+            subscribers,
+        } => stall(&target, subscribers).await,
+        Role::Idle {
+            target,
+            workers,
+            prefix,
+        } => idle(&target, workers, &prefix).await,
     };
     result.map_err(|e| Failure::new(1, e))
 }
@@ -149,7 +175,7 @@ where
         .collect()
 }
 
-async fn load(target: &str, streams: usize, rate: Option<f64>) -> Result<(), String> {
+async fn load(target: &str, streams: usize, rate: Option<f64>, prefix: &str) -> Result<(), String> {
     let sent = Arc::new(AtomicU64::new(0));
     // Events per second over all streams, as f64 bits; 0 means as fast as possible.
     let total_rate = Arc::new(AtomicU64::new(rate.unwrap_or(0.0).to_bits()));
@@ -187,7 +213,7 @@ async fn load(target: &str, streams: usize, rate: Option<f64>) -> Result<(), Str
                         }
                     })
                 };
-                let mut versions = wire::worker_stream(channel, &format!("bench-{k}"), events)
+                let mut versions = wire::worker_stream(channel, &format!("{prefix}-{k}"), events)
                     .await
                     .map_err(|e| e.to_string())?;
                 let first = versions.next().await;
@@ -317,6 +343,7 @@ async fn subscribe(
     subscribers: usize,
     buckets: bool,
     latency: bool,
+    workers: &[String],
 ) -> Result<(), String> {
     let deliveries = Arc::new(Deliveries {
         count: AtomicU64::new(0),
@@ -336,6 +363,7 @@ async fn subscribe(
             channel,
             v1::SubscribeRequest {
                 patterns,
+                worker_ids: workers.to_vec(),
                 ..Default::default()
             },
             latency,
@@ -388,12 +416,25 @@ async fn subscribe(
     Ok(())
 }
 
-async fn idle(target: &str, workers: usize) -> Result<(), String> {
+async fn stall(target: &str, subscribers: usize) -> Result<(), String> {
+    let held = open_all(subscribers, |_| async move {
+        let channel = wire::connect(target).await?;
+        wire::subscribe(channel, v1::SubscribeRequest::default(), false)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await?;
+    serve_marks(|| json!({}), |_| {}).await;
+    drop(held);
+    Ok(())
+}
+
+async fn idle(target: &str, workers: usize, prefix: &str) -> Result<(), String> {
     let applied = Arc::new(AtomicU64::new(0));
     let streams = open_all(workers, |k| async move {
         let channel = wire::connect(target).await?;
         let mut versions =
-            wire::worker_stream(channel, &format!("bench-{k}"), tokio_stream::pending())
+            wire::worker_stream(channel, &format!("{prefix}-{k}"), tokio_stream::pending())
                 .await
                 .map_err(|e| e.to_string())?;
         versions.next().await;
