@@ -14,6 +14,7 @@
 //!   when configured; [`listener`]: accepting connections.
 //! - [`auth`]: bearer tokens with roles, and client certificate names.
 //! - [`client`]: a typed client for the CLI and tests.
+//! - [`fault_proxy`]: a TCP proxy that injects network faults, for tests and `bridge bench --soak`.
 //! - [`error`]: the hub's errors and their gRPC statuses.
 
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod fanout;
+pub mod fault_proxy;
 pub mod hub;
 pub mod listener;
 pub mod registry;

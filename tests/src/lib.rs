@@ -18,9 +18,8 @@ use bridge::client::HubClient;
 use bridge_proto::v1;
 
 mod pki;
-mod proxy;
+pub use bridge::fault_proxy::{Mode as ProxyMode, Proxy};
 pub use pki::{Issued, Pki};
-pub use proxy::{Mode as ProxyMode, Proxy};
 
 /// Builds the binaries once per test process and returns the path of `name`.
 pub fn bin(name: &str) -> PathBuf {

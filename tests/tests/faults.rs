@@ -36,7 +36,7 @@ async fn delays_partitions_and_resets_lose_and_duplicate_nothing() {
         let out = run_cli(&hub.url, args).await;
         assert_eq!(out.code, Some(0), "{}", out.stderr);
     }
-    let proxy = Proxy::start(hub.addr, true).await;
+    let proxy = Proxy::start(hub.addr, true).await.expect("proxy");
     let python = std::env::var("BRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let mut worker = WorkerProcess::spawn(
         WorkerProcess::command(

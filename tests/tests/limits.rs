@@ -116,3 +116,39 @@ async fn events_over_the_limits_are_counted_and_the_rest_flows() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_streams_beyond_the_limit_are_refused_but_a_reconnect_is_not() {
+    let hub = HubProcess::start_with(HubOptions {
+        config: Some("[limits]\nmax_worker_streams = 2\n".into()),
+        ..Default::default()
+    });
+    let mut client = hub.client().await;
+    let _first = open_stream(&mut client, &[("x-worker-id", "w1")])
+        .await
+        .expect("first");
+    let _second = open_stream(&mut client, &[("x-worker-id", "w2")])
+        .await
+        .expect("second");
+    eventually("both to be connected", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            let workers = client.list_workers(None).await.ok()?;
+            (workers.iter().filter(|w| w.connected).count() == 2).then_some(())
+        }
+    })
+    .await;
+    let status = open_stream(&mut client, &[("x-worker-id", "w3")])
+        .await
+        .map(drop)
+        .expect_err("a third worker");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limits.max_worker_streams"),
+        "{status:?}"
+    );
+    // A worker that reconnects replaces its own stream: it takes no extra room.
+    let _again = open_stream(&mut client, &[("x-worker-id", "w1")])
+        .await
+        .expect("w1 reconnecting");
+}

@@ -11,7 +11,7 @@ use std::{
 
 use bridge_proto::{sampling::Rate, v1};
 use bridge_tests::{
-    HubOptions, HubProcess, Proxy, PythonGrpc, QUICK_WORKER_CONFIG, Tail, WorkerProcess,
+    HubOptions, HubProcess, Proxy, ProxyMode, PythonGrpc, QUICK_WORKER_CONFIG, Tail, WorkerProcess,
     eventually, int, matching, name, read_line_within, run_cli, sequence, signal, worker_info,
 };
 
@@ -242,7 +242,7 @@ async fn no_event_is_lost_or_delivered_twice_across_a_hub_restart() {
         state_dir: Some(state.path().to_owned()),
         ..Default::default()
     });
-    let proxy = Proxy::start(hub.addr, true).await;
+    let proxy = Proxy::start(hub.addr, true).await.expect("proxy");
     let mut client = hub.client().await;
     let first = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
     // Set before the worker exists (a pool's settings reach workers that join it later), so
@@ -371,7 +371,7 @@ async fn no_event_is_lost_or_delivered_twice_across_a_hub_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overflowing_buffer_drops_the_oldest_and_reports_exactly_what_is_missing() {
     let hub = HubProcess::start();
-    let proxy = Proxy::start(hub.addr, false).await;
+    let proxy = Proxy::start(hub.addr, false).await.expect("proxy");
     let mut client = hub.client().await;
     let tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
     let (_dir, app) = script(
@@ -448,6 +448,96 @@ exec sleep 60
         "the newest events were kept, in order"
     );
     drop(worker);
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_telemetry_lines_at_a_stuck_hub_neither_blocks_the_app_nor_grows_memory() {
+    const LINES: u64 = 300_000;
+    let hub = HubProcess::start();
+    let proxy = Proxy::start(hub.addr, true).await.expect("proxy");
+    let client = hub.client().await;
+    let python = std::env::var("BRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    // Waits on stdin for the go, then writes as fast as it can and says when it is done.
+    let app = format!(
+        r#"
+import sys
+sys.stdin.readline()
+line = 'TELEMETRY:{{"event": "load.tick", "measurements": {{"bytes": 4096}}, "metadata": {{"model": "llama-3-8b"}}}}\n'
+for _ in range({LINES}):
+    sys.stderr.write(line)
+sys.stderr.flush()
+print("done", flush=True)
+"#
+    );
+    let mut command = WorkerProcess::command(
+        &proxy.url(),
+        "flood",
+        "",
+        QUICK_WORKER_CONFIG,
+        &["--buffer-events", "1000", "--", &python, "-c", &app],
+    );
+    command
+        .command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .env("RUST_LOG", "off");
+    let mut worker = WorkerProcess::spawn(command, false);
+    eventually("the sidecar to connect", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "flood")
+                .await
+                .filter(|w| w.connected)
+        }
+    })
+    .await;
+    // The hub stops answering: the connection stays up and nothing moves.
+    proxy.set(ProxyMode::Blackhole);
+    let mut stdin = worker.child().stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, b"go\n").expect("go");
+    let stdout = worker.child().stdout.take().expect("stdout");
+    let done = tokio::task::spawn_blocking(move || read_line_within(stdout, WAIT));
+    assert_eq!(
+        done.await.expect("join").as_deref().map(str::trim),
+        Some("done"),
+        "the app finished its {LINES} lines while the hub was stuck"
+    );
+    let peak_mib = peak_rss_kib(worker.pid()) / 1024;
+    assert!(peak_mib < 48, "the sidecar peaked at {peak_mib} MiB");
+
+    proxy.open();
+    let info = eventually("the sidecar to report after the hub is back", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "flood").await.filter(|w| {
+                let c = &w.worker_counters;
+                c.get("buffered") == Some(&0) && c.get("produced").is_some_and(|p| *p >= LINES)
+            })
+        }
+    })
+    .await;
+    let c = &info.worker_counters;
+    assert_eq!(
+        c["produced"],
+        c["confirmed"] + c["dropped.buffer_full"],
+        "every line was confirmed or counted as dropped: {c:?}"
+    );
+    assert!(c["dropped.buffer_full"] > LINES / 2, "{c:?}");
+    drop(stdin);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

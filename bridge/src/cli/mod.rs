@@ -131,7 +131,7 @@ pub type Outcome = Result<(), Failure>;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, matches!(cli.command, Command::Serve(_)));
+    init_logging(cli.log_format, &cli.command);
     // A benchmark's load processes share the machine with the server they measure: one
     // thread each leaves the cores to it and keeps the scheduling noise out of the figures.
     let mut builder = if matches!(cli.command, Command::BenchRole { .. }) {
@@ -196,10 +196,15 @@ pub async fn connect(hub: &HubTarget) -> Result<HubClient, Failure> {
     Ok(HubClient::connect_with(&hub.url, &hub.security, Duration::from_secs(5)).await?)
 }
 
-fn init_logging(format: LogFormat, serving: bool) {
+fn init_logging(format: LogFormat, command: &Command) {
     use tracing_subscriber::{EnvFilter, fmt};
-    // Client commands keep stderr for their own errors unless asked (RUST_LOG) for more.
-    let default = if serving { "info" } else { "warn" };
+    // Client commands keep stderr for their own errors unless asked (RUST_LOG) for more; the
+    // benchmark's workers meet injected faults on purpose and would warn about each.
+    let default = match command {
+        Command::Serve(_) => "info",
+        Command::Bench(_) => "error",
+        _ => "warn",
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {

@@ -13,6 +13,7 @@ mod emit;
 mod payload;
 mod pressure;
 pub mod role;
+mod soak;
 mod wire;
 
 use std::{
@@ -47,6 +48,10 @@ pub struct Args {
     /// Only these sections (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
+    /// Instead of the sections: run workers, a subscriber, control changes and network faults
+    /// together for this many minutes, then check the hub's memory and every worker's books.
+    #[arg(long, value_name = "MINUTES", conflicts_with = "only")]
+    soak: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -59,6 +64,8 @@ enum Section {
     Memory,
     Pressure,
     Emit,
+    #[value(skip)]
+    Soak,
 }
 
 /// How long and how often to measure.
@@ -154,12 +161,20 @@ enum Server {
 
 pub async fn run(args: Args) -> Outcome {
     let plan = Plan::new(&args);
-    let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    let wanted =
+        |s: Section| args.soak.is_none() && (args.only.is_empty() || args.only.contains(&s));
     let mut figures = Vec::new();
     let started = Instant::now();
     let fail = |e: String| Failure::new(1, format!("benchmark failed: {e}"));
     let mut max_ingest = None;
-    if wanted(Section::Ingest) {
+    if let Some(minutes) = args.soak {
+        if !(minutes.is_finite() && minutes > 0.0) {
+            return Err(Failure::invalid(format!(
+                "--soak {minutes}: give a positive number of minutes"
+            )));
+        }
+        figures.extend(soak::soak(minutes).await.map_err(fail)?);
+    } else if wanted(Section::Ingest) {
         let (section, max) = ingest(&plan).map_err(fail)?;
         figures.extend(section);
         max_ingest = Some(max);

@@ -1,6 +1,7 @@
-//! A TCP proxy between a worker and a hub that a test steers: open or closed, delaying every
-//! chunk, black-holing traffic (the connection stays up, nothing gets through), cutting
-//! connections cleanly or resetting them, so the test decides exactly what the network does.
+//! A TCP proxy between workers and a hub that a test or the soak benchmark steers: open or
+//! closed, delaying every chunk, black-holing traffic (the connection stays up, nothing gets
+//! through), cutting connections cleanly or resetting them, so the caller decides exactly what
+//! the network does. Not used by the hub itself.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -44,9 +45,9 @@ pub struct Proxy {
 
 impl Proxy {
     /// Forwards to `target` if `open`, refuses connections otherwise.
-    pub async fn start(target: SocketAddr, open: bool) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy address");
+    pub async fn start(target: SocketAddr, open: bool) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(if open { Mode::Forward } else { Mode::Refuse });
         let (cuts, _) = watch::channel((0u64, Cut::Close));
         let task = {
@@ -73,12 +74,12 @@ impl Proxy {
                 }
             })
         };
-        Self {
+        Ok(Self {
             addr,
             mode,
             cuts,
             task,
-        }
+        })
     }
 
     pub fn url(&self) -> String {
