@@ -100,6 +100,8 @@ pub struct LimitsConfig {
     pub max_event_entries: usize,
     /// Bytes in any name token, correlation id, map key or string value.
     pub max_string_bytes: usize,
+    /// Open connections; new ones beyond it are closed at once.
+    pub max_connections: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_streams_per_connection: u32,
     /// Worker streams open at once, over all connections.
@@ -119,6 +121,7 @@ impl Default for LimitsConfig {
             max_event_parts: 16,
             max_event_entries: 256,
             max_string_bytes: 4096,
+            max_connections: 50_000,
             max_streams_per_connection: 1024,
             max_worker_streams: 50_000,
             max_subscribers: 1024,
@@ -294,6 +297,7 @@ impl Config {
             ("limits.max_string_bytes", limits.max_string_bytes),
             ("limits.max_worker_streams", limits.max_worker_streams),
             ("limits.max_subscribers", limits.max_subscribers),
+            ("limits.max_connections", limits.max_connections),
             (
                 "limits.max_streams_per_connection",
                 limits.max_streams_per_connection as usize,

@@ -65,7 +65,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(bridge)
         .serve_with_incoming_shutdown(
-            listener::incoming(listener, limits.handshake_timeout()),
+            listener::incoming(listener, limits.handshake_timeout(), limits.max_connections),
             signal,
         );
 

@@ -3,6 +3,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use bridge::client::HubClient;
 use bridge_proto::v1;
 use bridge_tests::{HubOptions, HubProcess, Tail, eventually, matching, open_stream, worker_info};
 use tonic::Code;
@@ -151,4 +152,31 @@ async fn worker_streams_beyond_the_limit_are_refused_but_a_reconnect_is_not() {
     let _again = open_stream(&mut client, &[("x-worker-id", "w1")])
         .await
         .expect("w1 reconnecting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_until_one_goes() {
+    let hub = HubProcess::start_with(HubOptions {
+        config: Some("[limits]\nmax_connections = 2\n".into()),
+        ..Default::default()
+    });
+    let mut first = hub.client().await;
+    let mut second = hub.client().await;
+    assert!(first.list_workers(None).await.is_ok());
+    assert!(second.list_workers(None).await.is_ok());
+    let third = HubClient::connect(&hub.url, Duration::from_secs(5)).await;
+    let refused = match third {
+        Err(_) => true,
+        Ok(mut client) => client.list_workers(None).await.is_err(),
+    };
+    assert!(refused, "a third connection was served");
+    drop((first, second));
+    eventually("room for a connection again", WAIT, || async {
+        let mut client = HubClient::connect(&hub.url, Duration::from_secs(5))
+            .await
+            .ok()?;
+        client.list_workers(None).await.ok()
+    })
+    .await;
+    assert!(hub.log().contains("limits.max_connections reached"));
 }

@@ -80,6 +80,9 @@ struct Plan {
     idle_workers: usize,
     fanout_probes: usize,
     emit_scale: u64,
+    /// Silent worker streams per wave of the pressure section, and the waves.
+    pressure_silent: usize,
+    pressure_waves: usize,
 }
 
 impl Plan {
@@ -95,6 +98,8 @@ impl Plan {
                 idle_workers: 10_000,
                 fanout_probes: 7,
                 emit_scale: 4,
+                pressure_silent: 2000,
+                pressure_waves: 2,
             }
         } else {
             Self {
@@ -107,6 +112,8 @@ impl Plan {
                 idle_workers: 10_000,
                 fanout_probes: 10,
                 emit_scale: 1,
+                pressure_silent: 10_000,
+                pressure_waves: 3,
             }
         }
     }

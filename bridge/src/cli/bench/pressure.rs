@@ -19,7 +19,6 @@ const QUOTA: u32 = 20_000;
 const REFERENCE_WORKERS: usize = 4;
 const REFERENCE_RATE: f64 = 60_000.0;
 const STALLED_SUBSCRIBERS: usize = 10;
-const WAVES: usize = 3;
 
 struct Wave {
     /// Reference deliveries per second while the hostile peers were there.
@@ -45,15 +44,16 @@ pub(super) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
     let alone = delivered_per_second(plan, &mut counter).await?;
     let rss_alone = hub.stat()?.rss_bytes;
 
-    let mut waves = Vec::with_capacity(WAVES);
-    for wave in 1..=WAVES {
+    let wave_count = plan.pressure_waves;
+    let mut waves = Vec::with_capacity(wave_count);
+    for wave in 1..=wave_count {
         progress(&format!(
-            "pressure: wave {wave}/{WAVES}: a flood at 5x quota, {STALLED_SUBSCRIBERS} stalled subscribers, {} silent worker streams",
-            plan.idle_workers
+            "pressure: wave {wave}/{wave_count}: a flood at 5x quota, {STALLED_SUBSCRIBERS} stalled subscribers, {} silent worker streams",
+            plan.pressure_silent
         ));
         let flood = load_named(&hub.url, "flood", 1, Some(5.0 * f64::from(QUOTA)))?;
         let stall = stalled(&hub.url, STALLED_SUBSCRIBERS)?;
-        let silent = idle_named(&hub.url, "silent", plan.idle_workers)?;
+        let silent = idle_named(&hub.url, "silent", plan.pressure_silent)?;
         tokio::time::sleep(plan.warmup).await;
         let delivered = delivered_per_second(plan, &mut counter).await?;
         let rss_during = hub.stat()?.rss_bytes;
@@ -136,7 +136,7 @@ pub(super) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
         ),
         Figure::new(
             Section::Pressure,
-            format!("hub RSS growth under pressure, wave 1 to wave {WAVES}"),
+            format!("hub RSS growth under pressure, wave 1 to wave {wave_count}"),
             "MiB",
             growth,
         )
