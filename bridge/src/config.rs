@@ -143,6 +143,8 @@ impl LimitsConfig {
 pub struct HubConfig {
     /// Address the gRPC service listens on.
     pub listen: SocketAddr,
+    /// Address of the HTTP port (/metrics, /healthz, /readyz), or "off".
+    pub http: String,
     /// Directory for the control state file; empty means the platform's state directory.
     pub state_dir: PathBuf,
     /// Reject worker streams that do not name themselves with `x-worker-id`.
@@ -167,6 +169,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http: "127.0.0.1:9464".into(),
             state_dir: PathBuf::new(),
             require_worker_id: false,
             subscriber_queue: 8192,
@@ -275,6 +278,9 @@ impl Config {
     /// Checks every value, returning the key and what is wrong with it.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let hub = &self.hub;
+        if let Err(message) = hub.http_address() {
+            return Err(("hub.http".into(), message));
+        }
         if hub.subscriber_queue == 0 {
             return Err(("hub.subscriber_queue".into(), "must be at least 1".into()));
         }
@@ -382,6 +388,16 @@ impl HubConfig {
             || PathBuf::from("bridge-state"),
             |b| b.join("telemetry-bridge"),
         )
+    }
+
+    /// The HTTP port's address; `None` when it is off.
+    pub fn http_address(&self) -> Result<Option<SocketAddr>, String> {
+        match self.http.trim() {
+            "off" | "" => Ok(None),
+            address => address.parse().map(Some).map_err(|_| {
+                format!("`{address}` is not an address such as 127.0.0.1:9464 (or `off`)")
+            }),
+        }
     }
 
     pub fn shutdown_grace(&self) -> Duration {

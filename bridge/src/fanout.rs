@@ -115,6 +115,9 @@ struct Shared {
     edit: Mutex<()>,
     next_id: AtomicU64,
     queue_capacity: usize,
+    /// Deliveries and skips of subscribers that have gone, so totals never go down.
+    retired_delivered: AtomicU64,
+    retired_skipped: AtomicU64,
 }
 
 /// The set of subscribers; a cheap-clone handle.
@@ -163,6 +166,8 @@ impl Fanout {
                 edit: Mutex::new(()),
                 next_id: AtomicU64::new(1),
                 queue_capacity,
+                retired_delivered: AtomicU64::new(0),
+                retired_skipped: AtomicU64::new(0),
             }),
         }
     }
@@ -191,8 +196,31 @@ impl Fanout {
     fn remove(&self, id: u64) {
         let _edit = self.shared.edit.lock().unwrap_or_else(|p| p.into_inner());
         let mut list = Vec::clone(&self.shared.subscribers.load());
+        if let Some(gone) = list.iter().find(|s| s.id == id) {
+            let shared = &self.shared;
+            shared
+                .retired_delivered
+                .fetch_add(gone.delivered.load(Relaxed), Relaxed);
+            shared
+                .retired_skipped
+                .fetch_add(gone.skipped_total.load(Relaxed), Relaxed);
+        }
         list.retain(|s| s.id != id);
         self.shared.subscribers.store(Arc::new(list));
+    }
+
+    /// Events queued for subscribers, and events subscribers skipped because they lagged,
+    /// since the hub started.
+    pub fn totals(&self) -> (u64, u64) {
+        // Under the edit lock, so a subscriber leaving is never counted twice or not at all.
+        let _edit = self.shared.edit.lock().unwrap_or_else(|p| p.into_inner());
+        let live = self.shared.subscribers.load();
+        let delivered: u64 = live.iter().map(|s| s.delivered.load(Relaxed)).sum();
+        let skipped: u64 = live.iter().map(|s| s.skipped_total.load(Relaxed)).sum();
+        (
+            delivered + self.shared.retired_delivered.load(Relaxed),
+            skipped + self.shared.retired_skipped.load(Relaxed),
+        )
     }
 
     pub fn subscriber_count(&self) -> usize {

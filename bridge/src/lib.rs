@@ -13,6 +13,7 @@
 //! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection, over TLS
 //!   when configured; [`listener`]: accepting connections.
 //! - [`auth`]: bearer tokens with roles, and client certificate names.
+//! - [`http`]: the HTTP port; [`metrics`]: the hub's state as Prometheus metrics.
 //! - [`client`]: a typed client for the CLI and tests.
 //! - [`fault_proxy`]: a TCP proxy that injects network faults, for tests and `bridge bench --soak`.
 //! - [`error`]: the hub's errors and their gRPC statuses.
@@ -24,8 +25,10 @@ pub mod control;
 pub mod error;
 pub mod fanout;
 pub mod fault_proxy;
+pub mod http;
 pub mod hub;
 pub mod listener;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod service;

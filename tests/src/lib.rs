@@ -72,6 +72,8 @@ pub struct HubProcess {
     child: Child,
     pub addr: SocketAddr,
     pub url: String,
+    /// The HTTP port (/metrics, /healthz, /readyz).
+    pub http: SocketAddr,
     pub state_dir: PathBuf,
     log: PathBuf,
     _temp: tempfile::TempDir,
@@ -93,7 +95,14 @@ impl HubProcess {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
         let mut command = Command::new(bin("bridge"));
         command
-            .args(["serve", "--listen", &listen.to_string(), "--state-dir"])
+            .args([
+                "serve",
+                "--listen",
+                &listen.to_string(),
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .arg("--state-dir")
             .arg(&state_dir)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -105,16 +114,22 @@ impl HubProcess {
         }
         let mut child = command.spawn().expect("spawn bridge serve");
         let stdout = child.stdout.take().expect("stdout");
-        let line = read_line_within(stdout, Duration::from_secs(20))
-            .unwrap_or_else(|| panic!("hub did not report its address; log:\n{}", read(&log)));
-        let addr: SocketAddr = line
-            .strip_prefix("listening on ")
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from the hub: {line:?}"));
+        let mut lines = read_lines_within(stdout, 2, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("hub did not report its addresses; log:\n{}", read(&log)))
+            .into_iter();
+        let mut address = |prefix: &str| -> SocketAddr {
+            let line = lines.next().unwrap_or_default();
+            line.strip_prefix(prefix)
+                .and_then(|a| a.trim().parse().ok())
+                .unwrap_or_else(|| panic!("expected `{prefix}ADDR` from the hub, got {line:?}"))
+        };
+        let addr = address("listening on ");
+        let http = address("http on ");
         Self {
             child,
             addr,
             url: format!("http://{addr}"),
+            http,
             state_dir,
             log,
             _temp: temp,
@@ -431,6 +446,44 @@ impl Tail {
     }
 }
 
+/// A plain HTTP/1.1 response: status code, header block, body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+/// `GET path` on `addr` with a blocking socket, as curl would send it (optionally with a bearer
+/// token).
+pub fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> HttpResponse {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the http port");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let (status_line, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    HttpResponse {
+        status,
+        headers: headers.to_ascii_lowercase(),
+        body: body.to_owned(),
+    }
+}
+
 /// An int measurement of a delivered event.
 pub fn int(delivery: &v1::EventDelivery, key: &str) -> Option<i64> {
     match delivery.event.as_ref()?.measurements.get(key)?.value {
@@ -538,19 +591,35 @@ pub fn read_line_within(
     stdout: impl std::io::Read + Send + 'static,
     timeout: Duration,
 ) -> Option<String> {
+    read_lines_within(stdout, 1, timeout)?.pop()
+}
+
+/// The first `count` lines of `stdout` (with their line endings), or `None` if they do not all
+/// come within `timeout`; the rest is drained in the background.
+pub fn read_lines_within(
+    stdout: impl std::io::Read + Send + 'static,
+    count: usize,
+    timeout: Duration,
+) -> Option<Vec<String>> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = reader.read_line(&mut line);
-        let _ = tx.send(line);
+        let mut lines = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            lines.push(line);
+        }
+        let _ = tx.send(lines);
         // Keep draining so the hub never blocks on a full pipe.
         let mut sink = String::new();
         while reader.read_line(&mut sink).is_ok_and(|n| n > 0) {
             sink.clear();
         }
     });
-    rx.recv_timeout(timeout).ok().filter(|l| !l.is_empty())
+    rx.recv_timeout(timeout)
+        .ok()
+        .filter(|lines| lines.iter().all(|l| !l.is_empty()))
 }
 
 fn read(path: &Path) -> String {

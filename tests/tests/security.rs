@@ -332,6 +332,8 @@ fn a_hub_without_tokens_serves_beyond_loopback_only_when_told_it_is_insecure() {
             "--listen",
             "0.0.0.0:0",
             "--insecure",
+            "--http",
+            "off",
             "--state-dir",
         ])
         .arg(tempfile::tempdir().expect("dir").path())

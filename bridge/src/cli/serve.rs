@@ -22,6 +22,9 @@ pub struct Args {
     /// telemetry and change every worker's control.
     #[arg(long)]
     insecure: bool,
+    /// Address of the HTTP port (/metrics, /healthz, /readyz), or `off` (overrides hub.http).
+    #[arg(long, value_name = "ADDR|off")]
+    http: Option<String>,
 }
 
 pub async fn run(args: Args) -> Outcome {
@@ -32,6 +35,13 @@ pub async fn run(args: Args) -> Outcome {
     if let Some(dir) = args.state_dir {
         config.hub.state_dir = dir;
     }
+    if let Some(http) = args.http {
+        config.hub.http = http;
+    }
+    let http = config
+        .hub
+        .http_address()
+        .map_err(|e| Failure::invalid(format!("--http: {e}")))?;
     let listen = config.hub.listen;
     let hub = Hub::new(config).map_err(|e| {
         let code = if matches!(e, bridge::Error::InvalidArgument(_)) {
@@ -41,13 +51,18 @@ pub async fn run(args: Args) -> Outcome {
         };
         Failure::new(code, e)
     })?;
-    if !hub.auth().enabled() && !listen.ip().is_loopback() {
+    let exposed = std::iter::once(listen)
+        .chain(http)
+        .find(|address| !address.ip().is_loopback());
+    if let Some(exposed) = exposed
+        && !hub.auth().enabled()
+    {
         if !args.insecure {
             return Err(Failure::invalid(format!(
-                "refusing to serve {listen} without tokens: anyone who can reach it could read all telemetry and steer every worker. Configure [[auth.tokens]], listen on loopback, or pass --insecure"
+                "refusing to serve {exposed} without tokens: anyone who can reach it could read all telemetry and steer every worker. Configure [[auth.tokens]], listen on loopback, or pass --insecure"
             )));
         }
-        tracing::warn!(%listen, "serving without tokens on a non-loopback address (--insecure): anyone who can reach it may read telemetry and change control");
+        tracing::warn!(%exposed, "serving without tokens on a non-loopback address (--insecure): anyone who can reach it may read telemetry and change control");
     }
     let listener = TcpListener::bind(listen)
         .await
@@ -59,6 +74,27 @@ pub async fn run(args: Args) -> Outcome {
     // port 0 can find it.
     println!("listening on {bound}");
     tracing::info!(%bound, "hub listening");
+    if let Some(http) = http {
+        let http_listener = TcpListener::bind(http).await.map_err(|e| {
+            Failure::new(
+                1,
+                format!("cannot listen on {http} for HTTP: {e} (--http ADDR to move it, --http off to disable)"),
+            )
+        })?;
+        let bound = http_listener
+            .local_addr()
+            .map_err(|e| Failure::new(1, format!("cannot read the bound address: {e}")))?;
+        // The second line names the HTTP port, for the same reason.
+        println!("http on {bound}");
+        tracing::info!(%bound, "http listening (/metrics, /healthz, /readyz)");
+        let stopped = hub.shutdown_token().clone().cancelled_owned();
+        let http_hub = hub.clone();
+        tokio::spawn(async move {
+            if let Err(error) = bridge::http::serve(http_hub, http_listener, stopped).await {
+                tracing::warn!(%error, "http port failed");
+            }
+        });
+    }
     bridge::serve(hub, listener, shutdown_signal()).await?;
     Ok(())
 }

@@ -336,6 +336,8 @@ impl ServerProcess {
                 "serve".into(),
                 "--listen".into(),
                 "127.0.0.1:0".into(),
+                "--http".into(),
+                "off".into(),
                 "--state-dir".into(),
                 state.path().display().to_string(),
             ],

@@ -1,0 +1,220 @@
+//! The hub's state as Prometheus metrics, read at scrape time.
+//!
+//! Nothing is counted twice: the collector reads the counters the hub keeps anyway (per worker,
+//! per subscriber set), so the ingest path pays nothing for being observable. Label cardinality
+//! is bounded by the workers the hub remembers (`hub.max_remembered_workers`) and the fixed
+//! sets of drop reasons.
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use crate::hub::Hub;
+
+/// Worker-side outcomes reported in `bridge.worker.stats`, as metric label values.
+const WORKER_DROPS: [(&str, &str); 6] = [
+    ("sampled_out", "sampled_out"),
+    ("filtered", "filtered"),
+    ("disabled", "disabled"),
+    ("dropped.buffer_full", "buffer_full"),
+    ("dropped.invalid_name", "invalid_name"),
+    ("dropped.parse_error", "parse_error"),
+];
+
+/// Renders the hub's metrics in the OpenMetrics text format.
+pub fn render(hub: &Hub) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(HubCollector { hub: hub.clone() }));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug)]
+struct HubCollector {
+    hub: Hub,
+}
+
+impl Collector for HubCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let workers = self.hub.list_workers(None);
+        let (delivered, lagged) = self.hub.fanout().totals();
+
+        gauge(
+            &mut encoder,
+            "bridge_build_info",
+            "Build of the hub (value 1).",
+            &[(vec![("version", env!("CARGO_PKG_VERSION"))], 1)],
+        )?;
+        let connected = workers.iter().filter(|w| w.connected).count();
+        gauge(
+            &mut encoder,
+            "bridge_workers_connected",
+            "Workers with an open stream.",
+            &[(vec![], connected as i64)],
+        )?;
+        gauge(
+            &mut encoder,
+            "bridge_workers_known",
+            "Workers the hub knows, connected or remembered.",
+            &[(vec![], workers.len() as i64)],
+        )?;
+        gauge(
+            &mut encoder,
+            "bridge_subscribers",
+            "Open subscriptions.",
+            &[(vec![], self.hub.fanout().subscriber_count() as i64)],
+        )?;
+        counter(
+            &mut encoder,
+            "bridge_subscriber_deliveries",
+            "Events queued for subscribers.",
+            &[(vec![], delivered)],
+        )?;
+        counter(
+            &mut encoder,
+            "bridge_subscriber_lagged_events",
+            "Events subscribers skipped because they fell behind (each skip is also a lag notice).",
+            &[(vec![], lagged)],
+        )?;
+
+        let by_worker = |f: &dyn Fn(&bridge_proto::v1::WorkerInfo) -> u64| {
+            workers
+                .iter()
+                .map(|w| (vec![("worker", w.id.as_str())], f(w)))
+                .collect::<Vec<_>>()
+        };
+        counter(
+            &mut encoder,
+            "bridge_events_received",
+            "Events received from each worker (replays included).",
+            &by_worker(&|w| w.events_received),
+        )?;
+        counter(
+            &mut encoder,
+            "bridge_events_delivered",
+            "Events from each worker that passed the hub and were fanned out.",
+            &by_worker(&|w| w.events_received - w.hub_drops.values().sum::<u64>()),
+        )?;
+        counter(
+            &mut encoder,
+            "bridge_events_missing",
+            "Sequence numbers missing from each worker's stream.",
+            &by_worker(&|w| w.missing_events),
+        )?;
+        let hub_drops: Vec<_> = workers
+            .iter()
+            .flat_map(|w| {
+                w.hub_drops.iter().map(|(reason, n)| {
+                    (
+                        vec![("worker", w.id.as_str()), ("reason", reason.as_str())],
+                        *n,
+                    )
+                })
+            })
+            .collect();
+        counter(
+            &mut encoder,
+            "bridge_hub_dropped_events",
+            "Events the hub did not deliver, by worker and reason.",
+            &hub_drops,
+        )?;
+        let worker_drops: Vec<_> = workers
+            .iter()
+            .flat_map(|w| {
+                WORKER_DROPS.iter().filter_map(|(key, reason)| {
+                    let n = *w.worker_counters.get(*key)?;
+                    Some((vec![("worker", w.id.as_str()), ("reason", *reason)], n))
+                })
+            })
+            .collect();
+        counter(
+            &mut encoder,
+            "bridge_worker_dropped_events",
+            "Events workers did not send, by worker and reason (from their last report).",
+            &worker_drops,
+        )?;
+        let versions = |applied: bool| {
+            workers
+                .iter()
+                .filter(|w| !applied || w.applied_version.is_some())
+                .map(|w| {
+                    let version = if applied {
+                        w.applied_version.unwrap_or(0)
+                    } else {
+                        w.desired_version
+                    };
+                    (
+                        vec![("worker", w.id.as_str())],
+                        i64::try_from(version).unwrap_or(i64::MAX),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        gauge(
+            &mut encoder,
+            "bridge_control_version_desired",
+            "Version of the control state the hub wants each worker to apply.",
+            &versions(false),
+        )?;
+        gauge(
+            &mut encoder,
+            "bridge_control_version_applied",
+            "Version each worker acknowledged (absent while it never has).",
+            &versions(true),
+        )?;
+        Ok(())
+    }
+}
+
+/// A sample's labels; empty for a metric without any.
+type Labels<'a> = Vec<(&'a str, &'a str)>;
+
+/// One counter family; `name` without `_total` (the encoder adds it).
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels<'_>, u64)],
+) -> Result<(), std::fmt::Error> {
+    family(encoder, name, help, MetricType::Counter, samples, |v, m| {
+        ConstCounter::new(*v).encode(m)
+    })
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels<'_>, i64)],
+) -> Result<(), std::fmt::Error> {
+    family(encoder, name, help, MetricType::Gauge, samples, |v, m| {
+        ConstGauge::new(*v).encode(m)
+    })
+}
+
+fn family<V>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: &[(Labels<'_>, V)],
+    encode: impl Fn(&V, MetricEncoder<'_>) -> Result<(), std::fmt::Error>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    if let [(labels, value)] = samples
+        && labels.is_empty()
+    {
+        return encode(value, metric);
+    }
+    for (labels, value) in samples {
+        encode(value, metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}

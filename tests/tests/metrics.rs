@@ -1,0 +1,123 @@
+//! The HTTP port: Prometheus metrics that move as events flow, health and readiness, and the
+//! same tokens as the gRPC API.
+
+use std::time::Duration;
+
+use bridge_proto::v1;
+use bridge_tests::{HubOptions, HubProcess, Tail, WorkerProcess, eventually, http_get, run_cli};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The value of the sample `series` (name and labels exactly as exposed), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_events_flow_and_health_is_served() {
+    let hub = HubProcess::start();
+    let scrape = || http_get(hub.http, "/metrics", None);
+    let first = tokio::task::block_in_place(scrape);
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(
+        first
+            .headers
+            .contains("content-type: application/openmetrics-text"),
+        "{}",
+        first.headers
+    );
+    assert!(first.body.ends_with("# EOF\n"), "{}", first.body);
+    assert_eq!(sample(&first.body, "bridge_workers_connected"), Some(0.0));
+    assert!(first.body.contains("bridge_build_info{version=\""));
+    // Every sample line is `name{labels} value`, every name starts with bridge_.
+    for line in first.body.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').expect("series and value");
+        assert!(series.starts_with("bridge_"), "{line}");
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+
+    let mut client = hub.client().await;
+    let _tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let _worker = WorkerProcess::start(&hub.url, "m1", "metrics-pool", &["--simulate", "50"]);
+    let received = "bridge_events_received_total{worker=\"m1\"}";
+    let before = eventually("m1's events to be counted", WAIT, || async {
+        let text = tokio::task::block_in_place(scrape).body;
+        sample(&text, received).filter(|n| *n > 0.0)
+    })
+    .await;
+    eventually("the counter to keep moving", WAIT, || async {
+        let text = tokio::task::block_in_place(scrape).body;
+        sample(&text, received).filter(|n| *n > before)
+    })
+    .await;
+    let text = tokio::task::block_in_place(scrape).body;
+    assert_eq!(
+        sample(&text, "bridge_workers_connected"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "bridge_subscribers"), Some(1.0), "{text}");
+    assert!(sample(&text, "bridge_subscriber_deliveries_total").is_some_and(|n| n > 0.0));
+
+    // A sampling change shows as a new desired version, then applied, then sampled-out drops.
+    let out = run_cli(&hub.url, &["sample", "m1", "0.5"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    eventually("the worker to apply it and report drops", WAIT, || async {
+        let text = tokio::task::block_in_place(scrape).body;
+        let desired = sample(&text, "bridge_control_version_desired{worker=\"m1\"}")?;
+        let applied = sample(&text, "bridge_control_version_applied{worker=\"m1\"}")?;
+        let sampled_out = sample(
+            &text,
+            "bridge_worker_dropped_events_total{worker=\"m1\",reason=\"sampled_out\"}",
+        )?;
+        (desired == applied && sampled_out > 0.0).then_some(())
+    })
+    .await;
+
+    for (path, body) in [("/healthz", "ok"), ("/readyz", "ready")] {
+        let response = tokio::task::block_in_place(|| http_get(hub.http, path, None));
+        assert_eq!(
+            (response.status, response.body.trim()),
+            (200, body),
+            "{path}"
+        );
+    }
+    let missing = tokio::task::block_in_place(|| http_get(hub.http, "/nope", None));
+    assert_eq!(missing.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_need_a_reader_token_when_tokens_are_configured() {
+    let hub = HubProcess::start_with(HubOptions {
+        config: Some(
+            r#"
+[[auth.tokens]]
+name = "fleet"
+role = "worker"
+token = "worker-token-0123456789"
+[[auth.tokens]]
+name = "prometheus"
+role = "reader"
+token = "reader-token-0123456789"
+"#
+            .into(),
+        ),
+        ..Default::default()
+    });
+    let get = |token| tokio::task::block_in_place(|| http_get(hub.http, "/metrics", token));
+    assert_eq!(get(None).status, 401);
+    assert_eq!(get(Some("not-a-token-of-this-hub")).status, 401);
+    let denied = get(Some("worker-token-0123456789"));
+    assert_eq!(denied.status, 403);
+    assert!(denied.body.contains("needs role reader"), "{}", denied.body);
+    assert_eq!(get(Some("reader-token-0123456789")).status, 200);
+    // Probes stay open, like gRPC health.
+    let health = tokio::task::block_in_place(|| http_get(hub.http, "/healthz", None));
+    assert_eq!(health.status, 200);
+}
