@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, as CI does: formatting, lints, and every test in the workspace.
-# Needs only the Rust toolchain and python3; it installs what else the tests use.
+# Needs only the Rust toolchain and python3; it installs what else the tests use (grpcio in a
+# virtualenv, promtool from Debian).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -13,6 +14,16 @@ if ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
 fi
 export BRIDGE_TEST_PYTHON="$PWD/$venv/bin/python"
 export BRIDGE_REQUIRE_PYTHON=1
+
+# The metrics test lints /metrics with promtool (Debian package prometheus).
+if ! command -v promtool >/dev/null; then
+    echo "test.sh: installing promtool (Debian package prometheus)"
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+export BRIDGE_REQUIRE_PROMTOOL=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -33,6 +33,11 @@ pub async fn serve(
 /// Metrics name every worker: with tokens configured they need a reader or admin token, as
 /// `ListWorkers` does (Prometheus sends one with `authorization: {credentials: ...}`).
 async fn scrape(State(hub): State<Hub>, headers: HeaderMap) -> Response {
+    // Prometheus asks for OpenMetrics; anything else gets the classic text format.
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
     let metadata = tonic::metadata::MetadataMap::from_headers(headers);
     if let Err(status) = hub.auth().check(&metadata, Access::Read) {
         let code = match status.code() {
@@ -42,10 +47,15 @@ async fn scrape(State(hub): State<Hub>, headers: HeaderMap) -> Response {
         return (code, format!("{}\n", status.message())).into_response();
     }
     match metrics::render(&hub) {
-        Ok(text) => (
+        Ok(text) if openmetrics => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
             text,
+        ),
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, metrics::PROMETHEUS_CONTENT_TYPE)],
+            metrics::to_prometheus_text(&text),
         ),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,

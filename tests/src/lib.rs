@@ -454,18 +454,20 @@ pub struct HttpResponse {
     pub body: String,
 }
 
-/// `GET path` on `addr` with a blocking socket, as curl would send it (optionally with a bearer
-/// token).
-pub fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> HttpResponse {
+/// `GET path` on `addr` with a blocking socket, as curl would send it, with extra `headers`.
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the http port");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
     )
     .expect("send request");
     let mut raw = String::new();

@@ -19,20 +19,75 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// `promtool check metrics` (Prometheus's own linter) on `text`. ./test.sh installs promtool
+/// and sets BRIDGE_REQUIRE_PROMTOOL; a plain `cargo test` without it skips this check.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let spawned = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            assert!(
+                std::env::var_os("BRIDGE_REQUIRE_PROMTOOL").is_none(),
+                "promtool is required: {error}"
+            );
+            eprintln!("promtool not installed; skipping its check (./test.sh installs it)");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_as_events_flow_and_health_is_served() {
     let hub = HubProcess::start();
-    let scrape = || http_get(hub.http, "/metrics", None);
+    let scrape = || http_get(hub.http, "/metrics", &[]);
     let first = tokio::task::block_in_place(scrape);
     assert_eq!(first.status, 200, "{first:?}");
     assert!(
         first
             .headers
-            .contains("content-type: application/openmetrics-text"),
+            .contains("content-type: text/plain; version=0.0.4"),
         "{}",
         first.headers
     );
-    assert!(first.body.ends_with("# EOF\n"), "{}", first.body);
+    // Prometheus itself asks for OpenMetrics and gets it.
+    let openmetrics = tokio::task::block_in_place(|| {
+        http_get(
+            hub.http,
+            "/metrics",
+            &[("Accept", "application/openmetrics-text; version=1.0.0")],
+        )
+    });
+    assert!(
+        openmetrics
+            .headers
+            .contains("content-type: application/openmetrics-text"),
+        "{}",
+        openmetrics.headers
+    );
+    assert!(
+        openmetrics.body.ends_with("# EOF\n"),
+        "{}",
+        openmetrics.body
+    );
     assert_eq!(sample(&first.body, "bridge_workers_connected"), Some(0.0));
     assert!(first.body.contains("bridge_build_info{version=\""));
     // Every sample line is `name{labels} value`, every name starts with bridge_.
@@ -57,6 +112,7 @@ async fn metrics_move_as_events_flow_and_health_is_served() {
     })
     .await;
     let text = tokio::task::block_in_place(scrape).body;
+    promtool_check(&text);
     assert_eq!(
         sample(&text, "bridge_workers_connected"),
         Some(1.0),
@@ -81,14 +137,14 @@ async fn metrics_move_as_events_flow_and_health_is_served() {
     .await;
 
     for (path, body) in [("/healthz", "ok"), ("/readyz", "ready")] {
-        let response = tokio::task::block_in_place(|| http_get(hub.http, path, None));
+        let response = tokio::task::block_in_place(|| http_get(hub.http, path, &[]));
         assert_eq!(
             (response.status, response.body.trim()),
             (200, body),
             "{path}"
         );
     }
-    let missing = tokio::task::block_in_place(|| http_get(hub.http, "/nope", None));
+    let missing = tokio::task::block_in_place(|| http_get(hub.http, "/nope", &[]));
     assert_eq!(missing.status, 404);
 }
 
@@ -110,7 +166,14 @@ token = "reader-token-0123456789"
         ),
         ..Default::default()
     });
-    let get = |token| tokio::task::block_in_place(|| http_get(hub.http, "/metrics", token));
+    let get = |token: Option<&str>| {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        tokio::task::block_in_place(|| http_get(hub.http, "/metrics", &headers))
+    };
     assert_eq!(get(None).status, 401);
     assert_eq!(get(Some("not-a-token-of-this-hub")).status, 401);
     let denied = get(Some("worker-token-0123456789"));
@@ -118,6 +181,6 @@ token = "reader-token-0123456789"
     assert!(denied.body.contains("needs role reader"), "{}", denied.body);
     assert_eq!(get(Some("reader-token-0123456789")).status, 200);
     // Probes stay open, like gRPC health.
-    let health = tokio::task::block_in_place(|| http_get(hub.http, "/healthz", None));
+    let health = tokio::task::block_in_place(|| http_get(hub.http, "/healthz", &[]));
     assert_eq!(health.status, 200);
 }
