@@ -121,24 +121,15 @@ async fn pump(
     cut.mark_unchanged();
     let mut buf = vec![0u8; 16 * 1024];
     let ended = loop {
-        let current = current_mode(&mode);
-        mode.mark_unchanged();
-        if current == Mode::Blackhole {
-            tokio::select! {
-                changed = mode.changed() => if changed.is_err() { break None } else { continue },
-                _ = cut.changed() => break Some(current_cut(&cut)),
-            }
-        }
         let n = tokio::select! {
             read = from.read(&mut buf) => match read {
                 Ok(0) | Err(_) => break None,
                 Ok(n) => n,
             },
-            // A mode change while waiting to read applies to the next chunk.
-            changed = mode.changed() => if changed.is_err() { break None } else { continue },
             _ = cut.changed() => break Some(current_cut(&cut)),
         };
-        // Bytes read when a partition starts are held until it heals, as TCP would.
+        // During a partition the chunk just read is held, and nothing more is read, until it
+        // heals, as TCP would.
         while current_mode(&mode) == Mode::Blackhole {
             tokio::select! {
                 changed = mode.changed() => if changed.is_err() { return },

@@ -228,34 +228,31 @@ impl Admission {
     fn check(&mut self, event: &EventView) -> Result<(), Excess> {
         let shape = event.shape();
         let limits = &self.limits;
-        let over = |what: &str, value: usize, limit: usize, key: &str| {
-            Excess::Size(format!(
-                "{value} {what}, over the limit of {limit} (limits.{key})"
-            ))
-        };
-        if shape.parts > limits.max_event_parts {
-            return Err(over(
-                "name tokens",
+        for (value, limit, what, key) in [
+            (
                 shape.parts,
                 limits.max_event_parts,
+                "name tokens",
                 "max_event_parts",
-            ));
-        }
-        if shape.entries > limits.max_event_entries {
-            return Err(over(
-                "measurements and metadata entries",
+            ),
+            (
                 shape.entries,
                 limits.max_event_entries,
+                "measurements and metadata entries",
                 "max_event_entries",
-            ));
-        }
-        if shape.longest_string > limits.max_string_bytes {
-            return Err(over(
-                "bytes in one string",
+            ),
+            (
                 shape.longest_string,
                 limits.max_string_bytes,
+                "bytes in one string",
                 "max_string_bytes",
-            ));
+            ),
+        ] {
+            if value > limit {
+                return Err(Excess::Size(format!(
+                    "{value} {what}, over the limit of {limit} (limits.{key})"
+                )));
+            }
         }
         if let Some((tokens, refilled)) = &mut self.bucket {
             let per_second = f64::from(limits.worker_events_per_second);
