@@ -143,8 +143,10 @@ impl LimitsConfig {
 pub struct HubConfig {
     /// Address the gRPC service listens on.
     pub listen: SocketAddr,
-    /// Address of the HTTP port (/metrics, /healthz, /readyz), or "off".
+    /// Address of the HTTP port (/metrics, /healthz, /readyz, /api), or "off".
     pub http: String,
+    /// Origins whose web pages may call the HTTP API (CORS); "*" for any.
+    pub http_allowed_origins: Vec<String>,
     /// Directory for the control state file; empty means the platform's state directory.
     pub state_dir: PathBuf,
     /// Reject worker streams that do not name themselves with `x-worker-id`.
@@ -170,6 +172,7 @@ impl Default for HubConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http: "127.0.0.1:9464".into(),
+            http_allowed_origins: Vec::new(),
             state_dir: PathBuf::new(),
             require_worker_id: false,
             subscriber_queue: 8192,
@@ -280,6 +283,11 @@ impl Config {
         let hub = &self.hub;
         if let Err(message) = hub.http_address() {
             return Err(("hub.http".into(), message));
+        }
+        for (i, origin) in hub.http_allowed_origins.iter().enumerate() {
+            if let Err(message) = check_origin(origin) {
+                return Err((format!("hub.http_allowed_origins[{i}]"), message));
+            }
         }
         if hub.subscriber_queue == 0 {
             return Err(("hub.subscriber_queue".into(), "must be at least 1".into()));
@@ -402,6 +410,25 @@ impl HubConfig {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// An origin is what a browser sends in `Origin`: `scheme://host[:port]`, nothing after.
+fn check_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let well_formed = origin.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https")
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', ' '])
+    });
+    if well_formed {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{origin}` is not an origin such as https://grafana.example.com (or \"*\")"
+        ))
     }
 }
 

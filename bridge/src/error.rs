@@ -25,6 +25,9 @@ pub enum Error {
     StateRead { path: PathBuf, message: String },
     #[error("the hub is shutting down")]
     ShuttingDown,
+    /// A configured limit was reached.
+    #[error("{0}")]
+    Limit(String),
 }
 
 impl Error {
@@ -43,6 +46,7 @@ impl From<Error> for tonic::Status {
             }
             Error::StateWrite { .. } | Error::StateRead { .. } => Self::internal(message),
             Error::ShuttingDown => Self::unavailable(message),
+            Error::Limit(_) => Self::resource_exhausted(message),
         }
     }
 }

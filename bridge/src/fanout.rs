@@ -15,8 +15,11 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use async_stream::stream;
 use bridge_proto::{encoded::EncodedSubscribeResponse, pattern::Pattern, v1, view::EventView};
 use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
@@ -141,6 +144,53 @@ impl Subscription {
         match self.subscriber.skipped.load(Relaxed) {
             0 => 0,
             _ => self.subscriber.skipped.swap(0, Relaxed),
+        }
+    }
+}
+
+/// What a subscription yields, in order.
+#[derive(Debug)]
+pub enum Tail {
+    Event(EncodedSubscribeResponse),
+    /// This many matching events were skipped here because the subscriber fell behind.
+    Lagged(u64),
+    /// The hub is shutting down; nothing follows.
+    ShuttingDown,
+}
+
+impl Subscription {
+    /// The subscription as a stream of deliveries, with a lag notice wherever events were
+    /// skipped; it ends (after [`Tail::ShuttingDown`]) when `shutdown` is cancelled. Every
+    /// transport (gRPC, server-sent events) serves this one stream, so lag is reported alike.
+    pub fn into_tail(mut self, shutdown: CancellationToken) -> impl Stream<Item = Tail> + Send {
+        stream! {
+            loop {
+                let item = match self.queue.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => {
+                        // Drained: report events skipped since the last queued one before
+                        // waiting, so a lag is never hidden behind a quiet period.
+                        let skipped = self.take_skipped();
+                        if skipped > 0 {
+                            yield Tail::Lagged(skipped);
+                        }
+                        tokio::select! {
+                            item = self.queue.recv() => match item {
+                                Some(item) => item,
+                                None => break,
+                            },
+                            () = shutdown.cancelled() => {
+                                yield Tail::ShuttingDown;
+                                break;
+                            }
+                        }
+                    }
+                };
+                if item.skipped_before > 0 {
+                    yield Tail::Lagged(item.skipped_before);
+                }
+                yield Tail::Event(item.response);
+            }
         }
     }
 }

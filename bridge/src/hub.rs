@@ -34,6 +34,16 @@ struct Shared {
     shutdown: CancellationToken,
 }
 
+/// Who asked for a control change, for the log line every change writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Requester<'a> {
+    /// The name of the token presented, when the hub has tokens.
+    pub token: Option<&'a str>,
+    /// The interface the request came in on: "grpc" or "http".
+    pub via: &'static str,
+    pub peer: Option<std::net::SocketAddr>,
+}
+
 /// The hub; clone it freely.
 #[derive(Debug, Clone)]
 pub struct Hub {
@@ -192,8 +202,15 @@ impl Hub {
         }
     }
 
-    pub fn subscribe(&self, filter: Filter) -> Subscription {
-        self.shared.fanout.subscribe(filter)
+    /// Opens a subscription, unless the hub already serves `limits.max_subscribers`.
+    pub fn subscribe(&self, filter: Filter) -> Result<Subscription> {
+        let limit = self.shared.config.limits.max_subscribers;
+        if self.shared.fanout.subscriber_count() >= limit {
+            return Err(Error::Limit(format!(
+                "this hub serves at most {limit} subscriptions (limits.max_subscribers)"
+            )));
+        }
+        Ok(self.shared.fanout.subscribe(filter))
     }
 
     /// Applies an operator's change, pushes the new state to the workers it reaches, and waits
@@ -203,6 +220,7 @@ impl Hub {
         selector: &Selector,
         change: &Change,
         wait: Duration,
+        requester: Requester<'_>,
     ) -> Result<v1::UpdateControlResponse> {
         if self.shared.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
@@ -245,10 +263,13 @@ impl Hub {
         }
         drop(applied);
         info!(
-            ?selector,
-            ?change,
+            selector = %selector,
+            change = %change,
             control.version = version,
             workers = reached.len(),
+            token = requester.token,
+            via = requester.via,
+            peer = requester.peer.map(tracing::field::display),
             "control changed"
         );
 

@@ -14,7 +14,8 @@
 //!   when configured; [`listener`]: accepting connections.
 //! - [`auth`]: bearer tokens with roles, and client certificate names.
 //! - [`http`]: the HTTP port; [`metrics`]: the hub's state as Prometheus metrics.
-//! - [`client`]: a typed client for the CLI and tests.
+//! - [`client`]: a typed client for the CLI and tests; [`render`]: deliveries, workers and
+//!   control state as text and JSON, one shape for the CLI and the HTTP API.
 //! - [`fault_proxy`]: a TCP proxy that injects network faults, for tests and `bridge bench --soak`.
 //! - [`error`]: the hub's errors and their gRPC statuses.
 
@@ -30,6 +31,7 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod registry;
+pub mod render;
 pub mod server;
 pub mod service;
 pub mod worker_stream;

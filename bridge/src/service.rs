@@ -2,18 +2,17 @@
 
 use std::pin::Pin;
 
-use async_stream::stream;
 use bridge_proto::{
     encoded::EncodedSubscribeResponse, server::telemetry_bridge_server, v1, view::EventView,
 };
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     auth::{Access, check_certificate_name},
     control::{Selector, parse_update},
-    fanout::Filter,
-    hub::Hub,
+    fanout::{Filter, Tail},
+    hub::{Hub, Requester},
     registry::Identity,
     worker_stream,
 };
@@ -83,44 +82,16 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         self.hub.auth().check(request.metadata(), Access::Read)?;
-        let limit = self.hub.config().limits.max_subscribers;
-        if self.hub.fanout().subscriber_count() >= limit {
-            return Err(Status::resource_exhausted(format!(
-                "this hub serves at most {limit} subscriptions (limits.max_subscribers)"
-            )));
-        }
         let filter = Filter::try_from(request.into_inner())?;
-        let mut subscription = self.hub.subscribe(filter);
-        let shutdown = self.hub.shutdown_token().clone();
-        Ok(Response::new(Box::pin(stream! {
-            loop {
-                let item = match subscription.queue.try_recv() {
-                    Ok(item) => item,
-                    Err(_) => {
-                        // Drained: report events skipped since the last queued one before
-                        // waiting, so a lag is never hidden behind a quiet period.
-                        let skipped = subscription.take_skipped();
-                        if skipped > 0 {
-                            yield Ok(EncodedSubscribeResponse::lagged(skipped));
-                        }
-                        tokio::select! {
-                            item = subscription.queue.recv() => match item {
-                                Some(item) => item,
-                                None => break,
-                            },
-                            () = shutdown.cancelled() => {
-                                yield Err(Status::unavailable("the hub is shutting down"));
-                                break;
-                            }
-                        }
-                    }
-                };
-                if item.skipped_before > 0 {
-                    yield Ok(EncodedSubscribeResponse::lagged(item.skipped_before));
-                }
-                yield Ok(item.response);
-            }
-        })))
+        let tail = self
+            .hub
+            .subscribe(filter)?
+            .into_tail(self.hub.shutdown_token().clone());
+        Ok(Response::new(Box::pin(tail.map(|item| match item {
+            Tail::Event(response) => Ok(response),
+            Tail::Lagged(skipped) => Ok(EncodedSubscribeResponse::lagged(skipped)),
+            Tail::ShuttingDown => Err(Status::unavailable("the hub is shutting down")),
+        }))))
     }
 
     async fn list_workers(
@@ -141,11 +112,17 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
         &self,
         request: Request<v1::UpdateControlRequest>,
     ) -> Result<Response<v1::UpdateControlResponse>, Status> {
-        if let Some(name) = self.hub.auth().check(request.metadata(), Access::Admin)? {
-            tracing::info!(token = name, "control change requested");
-        }
+        let token = self.hub.auth().check(request.metadata(), Access::Admin)?;
+        let requester = Requester {
+            token,
+            via: "grpc",
+            peer: request.remote_addr(),
+        };
         let (selector, change, wait) = parse_update(request.into_inner())?;
-        let response = self.hub.update_control(&selector, &change, wait).await?;
+        let response = self
+            .hub
+            .update_control(&selector, &change, wait, requester)
+            .await?;
         Ok(Response::new(response))
     }
 

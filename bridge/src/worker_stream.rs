@@ -320,6 +320,9 @@ pub fn controls(
     };
     stream! {
         let mut send_state = true;
+        // When the receipts waiting now go out, unless `Receipts::BATCH` are waiting first. A
+        // deadline rather than a sleep, so that a control change never waits behind it.
+        let mut receipt_due: Option<tokio::time::Instant> = None;
         loop {
             if send_state {
                 let state = desired.borrow_and_update().clone();
@@ -329,6 +332,13 @@ pub fn controls(
                 }
             }
             send_state = false;
+            let receipts_ready = async {
+                let due = receipt_due.unwrap_or_else(tokio::time::Instant::now);
+                tokio::select! {
+                    () = tokio::time::sleep_until(due) => {}
+                    () = session.receipts.urgent.notified() => {}
+                }
+            };
             tokio::select! {
                 () = session.cancel.cancelled() => {
                     match session.ended_with() {
@@ -345,12 +355,11 @@ pub fn controls(
                     }
                     send_state = true;
                 }
-                () = session.receipts.notify.notified() => {
-                    tokio::select! {
-                        () = tokio::time::sleep(RECEIPT_DELAY) => {}
-                        () = session.receipts.urgent.notified() => {}
-                        () = session.cancel.cancelled() => {}
-                    }
+                () = session.receipts.notify.notified(), if receipt_due.is_none() => {
+                    receipt_due = Some(tokio::time::Instant::now() + RECEIPT_DELAY);
+                }
+                () = receipts_ready, if receipt_due.is_some() => {
+                    receipt_due = None;
                     if let Some(through) = session.receipts.take() {
                         yield Ok(receipt(through));
                     }

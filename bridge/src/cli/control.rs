@@ -183,28 +183,6 @@ pub async fn show(hub: &HubTarget, args: ShowArgs) -> Outcome {
     Ok(())
 }
 
-fn describe(change: &Change) -> String {
-    let list = |p: &[Pattern]| {
-        p.iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    match change {
-        Change::Sampling { rate, patterns } if patterns.is_empty() => format!("sampling {rate}"),
-        Change::Sampling { rate, patterns } => format!("sampling {rate} for {}", list(patterns)),
-        Change::Toggle(true) => "telemetry on".into(),
-        Change::Toggle(false) => "telemetry off".into(),
-        Change::Filter { allow, block } if allow.is_empty() && block.is_empty() => {
-            "no filter".into()
-        }
-        Change::Filter { allow, block } => {
-            format!("filter allow=[{}] block=[{}]", list(allow), list(block))
-        }
-        Change::Reset => "reset to inherited settings".into(),
-    }
-}
-
 async fn apply(hub: &HubTarget, selector: Selector, change: Change, wait: &Wait) -> Outcome {
     let mut client = connect(hub).await?;
     let wait_for = if wait.no_wait {
@@ -222,7 +200,7 @@ fn report(
     response: &v1::UpdateControlResponse,
     wait: &Wait,
 ) -> Outcome {
-    let what = describe(change);
+    let what = change.to_string();
     let version = response.version;
     if response.targets.is_empty() {
         println!(

@@ -8,7 +8,7 @@
 mod bench;
 mod control;
 mod demo;
-mod render;
+use bridge::render;
 mod serve;
 mod subscribe;
 mod workers;
@@ -206,7 +206,11 @@ fn init_logging(format: LogFormat, command: &Command) {
         _ => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: a log file or collector gets plain text.
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

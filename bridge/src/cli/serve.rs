@@ -22,7 +22,8 @@ pub struct Args {
     /// telemetry and change every worker's control.
     #[arg(long)]
     insecure: bool,
-    /// Address of the HTTP port (/metrics, /healthz, /readyz), or `off` (overrides hub.http).
+    /// Address of the HTTP port (/metrics, /healthz, /readyz, the JSON API under /api), or `off`
+    /// (overrides hub.http).
     #[arg(long, value_name = "ADDR|off")]
     http: Option<String>,
 }
@@ -86,7 +87,7 @@ pub async fn run(args: Args) -> Outcome {
             .map_err(|e| Failure::new(1, format!("cannot read the bound address: {e}")))?;
         // The second line names the HTTP port, for the same reason.
         println!("http on {bound}");
-        tracing::info!(%bound, "http listening (/metrics, /healthz, /readyz)");
+        tracing::info!(%bound, "http listening (/metrics, /healthz, /readyz, /api)");
         let stopped = hub.shutdown_token().clone().cancelled_owned();
         let http_hub = hub.clone();
         tokio::spawn(async move {

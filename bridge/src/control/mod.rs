@@ -58,6 +58,48 @@ pub enum Change {
     Reset,
 }
 
+/// `worker gpu-3`, `pool llama`, `all workers`: how logs and messages name a selector.
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Worker(id) => write!(f, "worker {id}"),
+            Self::Pool(pool) => write!(f, "pool {pool}"),
+            Self::All => f.write_str("all workers"),
+        }
+    }
+}
+
+/// `sampling 0.1 for inference.>`, `telemetry off`, `filter allow=[..] block=[..]`: how the
+/// CLI and the hub's log describe a change.
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |patterns: &[Pattern]| {
+            patterns
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self {
+            Self::Sampling { rate, patterns } if patterns.is_empty() => {
+                write!(f, "sampling {rate}")
+            }
+            Self::Sampling { rate, patterns } => {
+                write!(f, "sampling {rate} for {}", list(patterns))
+            }
+            Self::Toggle(true) => f.write_str("telemetry on"),
+            Self::Toggle(false) => f.write_str("telemetry off"),
+            Self::Filter { allow, block } if allow.is_empty() && block.is_empty() => {
+                f.write_str("no filter")
+            }
+            Self::Filter { allow, block } => {
+                write!(f, "filter allow=[{}] block=[{}]", list(allow), list(block))
+            }
+            Self::Reset => f.write_str("reset to inherited settings"),
+        }
+    }
+}
+
 impl TryFrom<Option<v1::Selector>> for Selector {
     type Error = Error;
     fn try_from(selector: Option<v1::Selector>) -> Result<Self> {

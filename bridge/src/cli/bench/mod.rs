@@ -451,11 +451,16 @@ fn subscribers_of(
 }
 
 fn idle(url: &str, workers: usize) -> Result<RoleProcess, String> {
-    idle_named(url, "bench", workers)
+    idle_named(url, "bench", workers, Duration::ZERO)
 }
 
-/// [`idle`] with worker ids `PREFIX-N`.
-fn idle_named(url: &str, prefix: &str, workers: usize) -> Result<RoleProcess, String> {
+/// [`idle`] with worker ids `PREFIX-N`, each sending a numbered event `every` (zero: never).
+fn idle_named(
+    url: &str,
+    prefix: &str,
+    workers: usize,
+    every: Duration,
+) -> Result<RoleProcess, String> {
     let args = vec![
         "bench-role".into(),
         "idle".into(),
@@ -465,6 +470,8 @@ fn idle_named(url: &str, prefix: &str, workers: usize) -> Result<RoleProcess, St
         workers.to_string(),
         "--prefix".into(),
         prefix.into(),
+        "--every-ms".into(),
+        every.as_millis().to_string(),
     ];
     let mut process = RoleProcess::spawn(&args, &[])?;
     process.ready(Duration::from_secs(300))?;
@@ -852,9 +859,12 @@ fn latency(plan: &Plan, max_ingest: f64) -> Result<Vec<Figure>, String> {
 
 async fn control(plan: &Plan) -> Result<Vec<Figure>, String> {
     let workers = plan.control_workers;
-    progress(&format!("control with {workers} connected workers, hub"));
+    progress(&format!(
+        "control with {workers} connected workers sending an event a second each, hub"
+    ));
     let hub = ServerProcess::start(Server::Hub)?;
-    let _idle = idle(&hub.url, workers)?;
+    // Trickling, numbered events: the hub's receipts for them must never hold a change back.
+    let _idle = idle_named(&hub.url, "bench", workers, Duration::from_secs(1))?;
     let mut client = HubClient::connect(&hub.url, Duration::from_secs(10))
         .await
         .map_err(|e| e.to_string())?;

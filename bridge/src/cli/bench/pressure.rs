@@ -53,7 +53,7 @@ pub(super) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
         ));
         let flood = load_named(&hub.url, "flood", 1, Some(5.0 * f64::from(QUOTA)))?;
         let stall = stalled(&hub.url, STALLED_SUBSCRIBERS)?;
-        let silent = idle_named(&hub.url, "silent", plan.pressure_silent)?;
+        let silent = idle_named(&hub.url, "silent", plan.pressure_silent, Duration::ZERO)?;
         tokio::time::sleep(plan.warmup).await;
         let delivered = delivered_per_second(plan, &mut counter).await?;
         let rss_during = hub.stat()?.rss_bytes;

@@ -87,7 +87,8 @@ pub enum Role {
         #[arg(long, default_value_t = 1)]
         subscribers: usize,
     },
-    /// Connected workers that send nothing and acknowledge every control state.
+    /// Connected workers that acknowledge every control state and send nothing else, or one
+    /// numbered event every `--every-ms` each (as a model server between requests does).
     Idle {
         #[arg(long)]
         target: String,
@@ -95,6 +96,8 @@ pub enum Role {
         workers: usize,
         #[arg(long, default_value = "bench")]
         prefix: String,
+        #[arg(long, default_value_t = 0)]
+        every_ms: u64,
     },
 }
 
@@ -127,7 +130,8 @@ pub async fn run(role: Role) -> Outcome {
             target,
             workers,
             prefix,
-        } => idle(&target, workers, &prefix).await,
+            every_ms,
+        } => idle(&target, workers, &prefix, every_ms).await,
     };
     result.map_err(|e| Failure::new(1, e))
 }
@@ -429,14 +433,37 @@ async fn stall(target: &str, subscribers: usize) -> Result<(), String> {
     Ok(())
 }
 
-async fn idle(target: &str, workers: usize, prefix: &str) -> Result<(), String> {
+/// Numbered events, one every `every`, starting at a random point of the first interval so
+/// that many workers do not send in step.
+fn trickle(every: Duration) -> impl tokio_stream::Stream<Item = EncodedEvent> + Send {
+    stream! {
+        let offset = every.mul_f64(rand::random::<f64>());
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+        for sequence in 1.. {
+            tick.tick().await;
+            let event = v1::TelemetryEvent {
+                event_parts: vec!["bench".into(), "heartbeat".into()],
+                timestamp_ns: now_ns(),
+                sequence,
+                ..Default::default()
+            };
+            yield EncodedEvent::from_bytes(prost::Message::encode_to_vec(&event).into());
+        }
+    }
+}
+
+async fn idle(target: &str, workers: usize, prefix: &str, every_ms: u64) -> Result<(), String> {
     let applied = Arc::new(AtomicU64::new(0));
     let streams = open_all(workers, |k| async move {
         let channel = wire::connect(target).await?;
-        let mut versions =
-            wire::worker_stream(channel, &format!("{prefix}-{k}"), tokio_stream::pending())
-                .await
-                .map_err(|e| e.to_string())?;
+        let events = if every_ms == 0 {
+            tokio_stream::pending().boxed()
+        } else {
+            trickle(Duration::from_millis(every_ms)).boxed()
+        };
+        let mut versions = wire::worker_stream(channel, &format!("{prefix}-{k}"), events)
+            .await
+            .map_err(|e| e.to_string())?;
         versions.next().await;
         Ok(versions)
     })

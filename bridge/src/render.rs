@@ -1,4 +1,5 @@
-//! How the CLI shows deliveries, workers and control state, as text or JSON.
+//! How deliveries, workers and control state look as text (for people) and JSON (for the CLI's
+//! `--format json` and the HTTP API, which promise the same shapes).
 
 use std::{
     collections::BTreeMap,
@@ -201,16 +202,37 @@ fn layer_text(layer: &v1::ControlLayer) -> String {
     format!("{} (v{})", parts.join(" "), layer.version)
 }
 
+/// The effective control state and the layers it comes from (`GetControl`).
+pub fn describe_control_json(response: &v1::GetControlResponse) -> Json {
+    json!({
+        "effective": control_json(&response.effective.clone().unwrap_or_default()),
+        "global": response.global.as_ref().map(layer_json),
+        "pool": response.pool.as_ref().map(layer_json),
+        "worker": response.worker.as_ref().map(layer_json),
+    })
+}
+
+/// The outcome of a control change (`UpdateControl`).
+pub fn update_json(response: &v1::UpdateControlResponse) -> Json {
+    let targets: Vec<Json> = response
+        .targets
+        .iter()
+        .map(|t| {
+            json!({
+                "worker_id": t.worker_id,
+                "acknowledges": t.acknowledges,
+                "applied": t.applied,
+                "ack_latency_us": t.applied.then_some(t.ack_latency_us),
+            })
+        })
+        .collect();
+    json!({ "version": response.version, "targets": targets })
+}
+
 pub fn describe_control(response: &v1::GetControlResponse, format: Format) -> String {
     let effective = response.effective.clone().unwrap_or_default();
     match format {
-        Format::Json => json!({
-            "effective": control_json(&effective),
-            "global": response.global.as_ref().map(layer_json),
-            "pool": response.pool.as_ref().map(layer_json),
-            "worker": response.worker.as_ref().map(layer_json),
-        })
-        .to_string(),
+        Format::Json => describe_control_json(response).to_string(),
         Format::Text => {
             let mut text = format!(
                 "effective  v{} {}",

@@ -1,0 +1,226 @@
+//! `/api/workers` and `/api/.../control`: `ListWorkers`, `GetControl` and `UpdateControl` as
+//! JSON over HTTP. Requests are converted to the RPCs' messages and validated by the same code,
+//! so a bad rate or pattern gets the same message on either interface.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{ConnectInfo, FromRequestParts, Path, RawQuery, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, request::Parts},
+};
+use bridge_proto::v1;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, authorize, query_params};
+use crate::{
+    auth::Access,
+    client::to_wire_selector,
+    control::{Selector, parse_update},
+    error::Error,
+    hub::{Hub, Requester},
+    render,
+};
+
+/// The selector a control route addresses: `{id}` a worker, `{name}` a pool, neither all.
+#[derive(Debug)]
+pub struct Target(Selector);
+
+impl<S: Send + Sync> FromRequestParts<S> for Target {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let params = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map(|Path(params)| params)
+            .unwrap_or_default();
+        let selector = match (params.get("id"), params.get("name")) {
+            (Some(id), _) => Selector::Worker(id.clone()),
+            (None, Some(pool)) => Selector::Pool(pool.clone()),
+            (None, None) => Selector::All,
+        };
+        Ok(Self(selector))
+    }
+}
+
+/// The client's address, when the server records it (not in in-process tests).
+#[derive(Debug)]
+pub struct Peer(Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|info| info.0),
+        ))
+    }
+}
+
+/// `GET /api/workers[?pool=NAME]`
+pub async fn list_workers(
+    State(hub): State<Hub>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&hub, &headers, None, Access::Read)?;
+    let mut selector = None;
+    for (key, value) in query_params(query.as_deref(), &["pool"])? {
+        if key == "pool" {
+            if value.is_empty() {
+                return Err(ApiError::invalid("pool: name a pool"));
+            }
+            selector = Some(Selector::Pool(value));
+        }
+    }
+    let workers: Vec<Value> = hub
+        .list_workers(selector.as_ref())
+        .iter()
+        .map(render::worker_json)
+        .collect();
+    Ok(Json(json!({ "workers": workers })))
+}
+
+/// `GET /api/workers/{id}`
+pub async fn get_worker(
+    State(hub): State<Hub>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&hub, &headers, None, Access::Read)?;
+    let workers = hub.list_workers(Some(&Selector::Worker(id.clone())));
+    let worker = workers.first().ok_or(Error::UnknownWorker(id))?;
+    Ok(Json(render::worker_json(worker)))
+}
+
+/// `GET .../control`: the effective state and the layers it comes from.
+pub async fn show_control(
+    State(hub): State<Hub>,
+    headers: HeaderMap,
+    Target(selector): Target,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&hub, &headers, None, Access::Read)?;
+    let description = hub.describe_control(&selector)?;
+    Ok(Json(render::describe_control_json(&description)))
+}
+
+/// A control change as JSON: exactly one of a sampling rate (optionally for some patterns), a
+/// toggle, or a filter; the field names are those of the `UpdateControlRequest` messages.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeBody {
+    sampling_rate: Option<f64>,
+    event_patterns: Option<Vec<String>>,
+    enabled: Option<bool>,
+    allowed_events: Option<Vec<String>>,
+    blocked_events: Option<Vec<String>>,
+    wait_ms: Option<u32>,
+}
+
+const CHANGE_KINDS: &str = "set one of sampling_rate (with event_patterns to limit it), enabled, \
+                            or allowed_events/blocked_events";
+
+impl ChangeBody {
+    fn into_change(self) -> Result<(v1::update_control_request::Change, u32), ApiError> {
+        use v1::update_control_request::Change;
+        let sampling = self.sampling_rate.is_some() || self.event_patterns.is_some();
+        let filter = self.allowed_events.is_some() || self.blocked_events.is_some();
+        let kinds = [sampling, self.enabled.is_some(), filter];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return Err(ApiError::invalid(format!("body: {CHANGE_KINDS}")));
+        }
+        let change = if sampling {
+            let rate = self.sampling_rate.ok_or_else(|| {
+                ApiError::invalid("body: event_patterns needs a sampling_rate for them")
+            })?;
+            Change::Sampling(v1::TelemetrySamplingUpdate {
+                sampling_rate: rate,
+                event_patterns: self.event_patterns.unwrap_or_default(),
+            })
+        } else if let Some(enabled) = self.enabled {
+            Change::Toggle(v1::TelemetryToggle { enabled })
+        } else {
+            Change::Filter(v1::TelemetryEventFilter {
+                allowed_events: self.allowed_events.unwrap_or_default(),
+                blocked_events: self.blocked_events.unwrap_or_default(),
+            })
+        };
+        Ok((change, self.wait_ms.unwrap_or(0)))
+    }
+}
+
+/// `PUT .../control`
+pub async fn change_control(
+    State(hub): State<Hub>,
+    headers: HeaderMap,
+    Peer(peer): Peer,
+    Target(selector): Target,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let token = authorize(&hub, &headers, None, Access::Admin)?;
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body: larger than {} bytes", super::MAX_BODY_BYTES),
+        ),
+        _ => ApiError::invalid(format!("body: {rejection}")),
+    })?;
+    let body: ChangeBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(format!(
+            "body: {e} (expected a JSON object such as {{\"sampling_rate\": 0.1}})"
+        ))
+    })?;
+    let (change, wait_ms) = body.into_change()?;
+    update(&hub, token, peer, selector, change, wait_ms).await
+}
+
+/// `DELETE .../control[?wait_ms=N]`: forget this level's own settings.
+pub async fn reset_control(
+    State(hub): State<Hub>,
+    headers: HeaderMap,
+    Peer(peer): Peer,
+    Target(selector): Target,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let token = authorize(&hub, &headers, None, Access::Admin)?;
+    let mut wait_ms = 0;
+    for (_, value) in query_params(query.as_deref(), &["wait_ms"])? {
+        wait_ms = value.parse().map_err(|_| {
+            ApiError::invalid(format!(
+                "wait_ms: `{value}` is not a number of milliseconds"
+            ))
+        })?;
+    }
+    let reset = v1::update_control_request::Change::Reset(v1::ResetControl {});
+    update(&hub, token, peer, selector, reset, wait_ms).await
+}
+
+async fn update(
+    hub: &Hub,
+    token: Option<String>,
+    peer: Option<SocketAddr>,
+    selector: Selector,
+    change: v1::update_control_request::Change,
+    wait_ms: u32,
+) -> Result<Json<Value>, ApiError> {
+    let request = v1::UpdateControlRequest {
+        selector: Some(to_wire_selector(&selector)),
+        change: Some(change),
+        wait_ms,
+    };
+    let (selector, change, wait) = parse_update(request)?;
+    let requester = Requester {
+        token: token.as_deref(),
+        via: "http",
+        peer,
+    };
+    let response = hub
+        .update_control(&selector, &change, wait, requester)
+        .await?;
+    Ok(Json(render::update_json(&response)))
+}

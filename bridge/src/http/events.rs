@@ -1,0 +1,70 @@
+//! `GET /api/events`: the live tail as server-sent events, for `curl -N` and a browser's
+//! `EventSource`. Each message's data is one JSON object in the shape of
+//! `bridge subscribe --format json` (`"type": "event"` or `"type": "lag"`); when the hub shuts
+//! down the stream sends an `end` event and closes.
+
+use std::convert::Infallible;
+
+use axum::{
+    extract::{RawQuery, State},
+    http::HeaderMap,
+    response::sse::{Event, KeepAlive, Sse},
+};
+use bridge_proto::v1::{self, subscribe_response::Item};
+use prost::Message;
+use serde_json::json;
+use tokio_stream::{Stream, StreamExt};
+
+use super::{ApiError, authorize, query_params};
+use crate::{
+    auth::Access,
+    fanout::{Filter, Tail},
+    hub::Hub,
+    render,
+};
+
+/// `?pattern=P&worker=ID&pool=NAME` (patterns and workers repeatable), and `token` for clients
+/// that cannot set an `authorization` header (`EventSource` cannot).
+pub async fn tail(
+    State(hub): State<Hub>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let mut request = v1::SubscribeRequest::default();
+    let mut token = None;
+    for (key, value) in query_params(query.as_deref(), &["pattern", "worker", "pool", "token"])? {
+        match key.as_str() {
+            "pattern" => request.patterns.push(value),
+            "worker" => request.worker_ids.push(value),
+            "pool" => request.pool = value,
+            _ => token = Some(value),
+        }
+    }
+    authorize(&hub, &headers, token.as_deref(), Access::Read)?;
+    let filter = Filter::try_from(request)?;
+    let tail = hub
+        .subscribe(filter)?
+        .into_tail(hub.shutdown_token().clone());
+    let events = tail.filter_map(|item| {
+        let data = match item {
+            Tail::Event(response) => {
+                match v1::SubscribeResponse::decode(response.as_bytes().clone()) {
+                    Ok(v1::SubscribeResponse {
+                        item: Some(Item::Event(delivery)),
+                    }) => render::delivery_json(&delivery),
+                    // The hub encoded it itself; this cannot fail short of a bug, and one
+                    // event is not worth ending the stream for.
+                    _ => return None,
+                }
+            }
+            Tail::Lagged(skipped) => render::lag_json(skipped),
+            Tail::ShuttingDown => {
+                return Some(Ok(Event::default().event("end").data(
+                    json!({ "type": "end", "reason": "the hub is shutting down" }).to_string(),
+                )));
+            }
+        };
+        Some(Ok(Event::default().data(data.to_string())))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,529 @@
+//! The HTTP JSON API against a real hub, with a real HTTP client: every route with good and bad
+//! input and with every role, the same messages as the gRPC API, changes that reach the worker,
+//! and every JSON body checked against the hub's own OpenAPI document.
+
+use std::time::Duration;
+
+use bridge_proto::v1;
+use bridge_tests::{HubOptions, HubProcess, WorkerProcess, eventually, openapi::OpenApi};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A client of one hub's HTTP API that checks every JSON answer against the OpenAPI document.
+struct Api {
+    base: String,
+    http: reqwest::Client,
+    doc: OpenApi,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    fn message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or_default()
+    }
+}
+
+impl Api {
+    async fn new(hub: &HubProcess) -> Self {
+        let base = format!("http://{}", hub.http);
+        let http = reqwest::Client::new();
+        let doc = http
+            .get(format!("{base}/api/openapi.json"))
+            .send()
+            .await
+            .expect("GET /api/openapi.json")
+            .json()
+            .await
+            .expect("the document is JSON");
+        Self {
+            base,
+            http,
+            doc: OpenApi::new(doc),
+        }
+    }
+
+    /// `method route` with `{id}` / `{name}` filled in from `params`, then `query`; the body
+    /// must match the documented schema for the status it came with.
+    async fn call(
+        &self,
+        method: Method,
+        route: &str,
+        params: &[(&str, &str)],
+        query: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> Answer {
+        let mut path = route.to_owned();
+        for (name, value) in params {
+            path = path.replace(&format!("{{{name}}}"), value);
+        }
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}{query}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_owned());
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+        let schema = self
+            .doc
+            .response_schema(method.as_str(), route, status.as_u16())
+            .unwrap_or_else(|| panic!("{method} {route}: status {status} is not documented"));
+        if let Err(mismatch) = self.doc.check(schema, &body, "$") {
+            panic!("{method} {route} ({status}): {mismatch}\n{body:#}");
+        }
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn get(&self, route: &str, params: &[(&str, &str)], query: &str) -> Answer {
+        self.call(Method::GET, route, params, query, None, None)
+            .await
+    }
+
+    async fn put(&self, route: &str, params: &[(&str, &str)], body: &str) -> Answer {
+        self.call(Method::PUT, route, params, "", None, Some(body))
+            .await
+    }
+}
+
+const WORKER: &str = "/api/workers/{id}";
+const WORKER_CONTROL: &str = "/api/workers/{id}/control";
+const POOL_CONTROL: &str = "/api/pools/{name}/control";
+const ALL_CONTROL: &str = "/api/control";
+
+/// What the gRPC API answers `UpdateControl` with for the same change, to compare messages.
+async fn grpc_message(hub: &HubProcess, change: v1::update_control_request::Change) -> String {
+    let mut client = hub.client().await;
+    let request = v1::UpdateControlRequest {
+        selector: Some(v1::Selector {
+            target: Some(v1::selector::Target::All(true)),
+        }),
+        change: Some(change),
+        wait_ms: 0,
+    };
+    client
+        .raw()
+        .update_control(request)
+        .await
+        .expect_err("the change is invalid")
+        .message()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_good_and_bad_input_as_the_grpc_api_does() {
+    let hub = HubProcess::start();
+    let api = Api::new(&hub).await;
+    let _worker = WorkerProcess::start(&hub.url, "gpu-1", "llama", &["--simulate", "20"]);
+    let id = [("id", "gpu-1")];
+    let pool = [("name", "llama")];
+
+    // Reading workers.
+    let listed = eventually("gpu-1 to be listed as connected", WAIT, || async {
+        let answer = api.get("/api/workers", &[], "").await;
+        let workers = answer.body["workers"].as_array()?.clone();
+        workers
+            .into_iter()
+            .find(|w| w["id"] == "gpu-1" && w["connected"] == true && w["events_received"] != 0)
+    })
+    .await;
+    assert_eq!(listed["pool"], "llama");
+    let in_pool = api.get("/api/workers", &[], "?pool=llama").await;
+    assert_eq!(in_pool.body["workers"].as_array().map(Vec::len), Some(1));
+    let other_pool = api.get("/api/workers", &[], "?pool=mistral").await;
+    assert_eq!(other_pool.body["workers"], json!([]));
+    let empty_pool = api.get("/api/workers", &[], "?pool=").await;
+    assert_eq!(empty_pool.status, StatusCode::BAD_REQUEST);
+    let typo = api.get("/api/workers", &[], "?pol=llama").await;
+    assert_eq!(typo.status, StatusCode::BAD_REQUEST);
+    assert!(typo.message().contains("unknown query parameter `pol`"));
+    let one = api.get(WORKER, &id, "").await;
+    assert_eq!(one.status, StatusCode::OK);
+    assert_eq!(one.body["id"], "gpu-1");
+    let ghost = api.get(WORKER, &[("id", "ghost")], "").await;
+    assert_eq!(ghost.status, StatusCode::NOT_FOUND);
+    assert_eq!(ghost.body["error"]["status"], "NOT_FOUND");
+    assert_eq!(ghost.body["error"]["code"], 404);
+    assert!(
+        ghost.message().contains("no worker `ghost`"),
+        "{}",
+        ghost.body
+    );
+
+    // A change reaches the worker, which applies it, as the gRPC API and the CLI show.
+    let changed = api
+        .put(
+            WORKER_CONTROL,
+            &id,
+            r#"{"sampling_rate": 0.25, "wait_ms": 10000}"#,
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    let version = changed.body["version"].as_u64().expect("version");
+    assert_eq!(changed.body["targets"][0]["worker_id"], "gpu-1");
+    assert_eq!(changed.body["targets"][0]["applied"], true);
+    let mut client = hub.client().await;
+    let info = bridge_tests::worker_info(&mut client, "gpu-1")
+        .await
+        .expect("gpu-1");
+    assert!(info.applied_version >= Some(version), "{info:?}");
+    assert_eq!(info.control.as_ref().map(|c| c.sampling_rate), Some(0.25));
+    let shown = api.get(WORKER_CONTROL, &id, "").await;
+    assert_eq!(shown.body["effective"]["sampling_rate"], 0.25);
+    assert_eq!(shown.body["worker"]["sampling_rate"], 0.25);
+
+    // Pools and all workers; per-pattern rates; filters; toggles.
+    let filtered = api
+        .put(
+            POOL_CONTROL,
+            &pool,
+            r#"{"allowed_events": ["inference.>"], "blocked_events": ["debug.>"]}"#,
+        )
+        .await;
+    assert_eq!(filtered.status, StatusCode::OK, "{}", filtered.body);
+    let shown = api.get(POOL_CONTROL, &pool, "").await;
+    assert_eq!(
+        shown.body["pool"]["filter"]["allow"],
+        json!(["inference.>"])
+    );
+    let per_pattern = api
+        .put(
+            ALL_CONTROL,
+            &[],
+            r#"{"sampling_rate": 0.5, "event_patterns": ["gpu.>"]}"#,
+        )
+        .await;
+    assert_eq!(per_pattern.status, StatusCode::OK, "{}", per_pattern.body);
+    let off = api
+        .put(ALL_CONTROL, &[], r#"{"enabled": false, "wait_ms": 10000}"#)
+        .await;
+    assert_eq!(off.body["targets"][0]["applied"], true, "{}", off.body);
+    let shown = api.get(ALL_CONTROL, &[], "").await;
+    assert_eq!(shown.body["effective"]["enabled"], false);
+    assert_eq!(shown.body["effective"]["rules"]["gpu.>"], 0.5);
+    api.put(ALL_CONTROL, &[], r#"{"enabled": true}"#).await;
+
+    // DELETE forgets a level's own settings: the worker inherits the global rate again.
+    let reset = api
+        .call(
+            Method::DELETE,
+            WORKER_CONTROL,
+            &id,
+            "?wait_ms=10000",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(reset.status, StatusCode::OK, "{}", reset.body);
+    assert_eq!(reset.body["targets"][0]["applied"], true);
+    let shown = api.get(WORKER_CONTROL, &id, "").await;
+    assert_eq!(shown.body["effective"]["sampling_rate"], 1.0);
+    assert_eq!(shown.body["worker"]["sampling_rate"], Value::Null);
+    let bad_wait = api
+        .call(
+            Method::DELETE,
+            POOL_CONTROL,
+            &pool,
+            "?wait_ms=soon",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(bad_wait.status, StatusCode::BAD_REQUEST);
+    assert!(bad_wait.message().contains("wait_ms"), "{}", bad_wait.body);
+
+    // Invalid changes: the gRPC API's messages, word for word.
+    use v1::update_control_request::Change;
+    let out_of_range = api.put(ALL_CONTROL, &[], r#"{"sampling_rate": 1.5}"#).await;
+    assert_eq!(out_of_range.status, StatusCode::BAD_REQUEST);
+    assert_eq!(out_of_range.body["error"]["status"], "INVALID_ARGUMENT");
+    let grpc = grpc_message(
+        &hub,
+        Change::Sampling(v1::TelemetrySamplingUpdate {
+            sampling_rate: 1.5,
+            event_patterns: vec![],
+        }),
+    )
+    .await;
+    assert_eq!(out_of_range.message(), grpc);
+    let bad_pattern = api
+        .put(
+            POOL_CONTROL,
+            &pool,
+            r#"{"allowed_events": ["inference.>", "a..b"]}"#,
+        )
+        .await;
+    let grpc = grpc_message(
+        &hub,
+        Change::Filter(v1::TelemetryEventFilter {
+            allowed_events: vec!["inference.>".into(), "a..b".into()],
+            blocked_events: vec![],
+        }),
+    )
+    .await;
+    assert_eq!(bad_pattern.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad_pattern.message(), grpc);
+    for (body, says) in [
+        (r#"{"sampling_rate": 0.5, "enabled": true}"#, "set one of"),
+        ("{}", "set one of"),
+        (r#"{"event_patterns": ["a.>"]}"#, "needs a sampling_rate"),
+        (r#"{"sampling_rat": 0.5}"#, "unknown field `sampling_rat`"),
+        (r#"{"sampling_rate": "half"}"#, "invalid type"),
+        (r#"{"sampling_rate": 0.5"#, "EOF"),
+        ("", "EOF"),
+        (r#"[0.5]"#, "expected a JSON object"),
+    ] {
+        let answer = api.put(WORKER_CONTROL, &id, body).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            answer.message().contains(says),
+            "{body}: {}",
+            answer.message()
+        );
+    }
+    let huge = format!(r#"{{"allowed_events": ["{}"]}}"#, "a".repeat(100_000));
+    let too_large = api.put(ALL_CONTROL, &[], &huge).await;
+    assert_eq!(too_large.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let ghost = api
+        .put(WORKER_CONTROL, &[("id", "ghost")], r#"{"enabled": false}"#)
+        .await;
+    assert_eq!(ghost.status, StatusCode::NOT_FOUND);
+
+    // Routes and methods that do not exist.
+    let wrong_method = api
+        .http
+        .post(format!("{}/api/control", api.base))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let nowhere = api
+        .http
+        .get(format!("{}/api/nowhere", api.base))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(nowhere.status(), StatusCode::NOT_FOUND);
+    let nowhere: Value = nowhere.json().await.expect("JSON error");
+    assert_eq!(nowhere["error"]["status"], "NOT_FOUND");
+    let invalid_events = api
+        .call(
+            Method::GET,
+            "/api/events",
+            &[],
+            "?pattern=a.>.b",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(invalid_events.status, StatusCode::BAD_REQUEST);
+    assert!(invalid_events.message().contains("patterns[0]"));
+
+    // Every change was logged once, on one line saying what, to whom, and through which API.
+    let log = hub.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("control changed"))
+        .collect();
+    assert_eq!(lines.len(), 6, "{log}");
+    assert!(
+        lines[0].contains("worker gpu-1")
+            && lines[0].contains("sampling 0.25")
+            && lines[0].contains("via=\"http\""),
+        "{}",
+        lines[0]
+    );
+}
+
+fn tokens_config() -> String {
+    r#"
+[[auth.tokens]]
+name = "fleet"
+role = "worker"
+token = "worker-token-7c1d9e2f3a"
+[[auth.tokens]]
+name = "dashboards"
+role = "reader"
+token = "reader-token-4b8a6c0d1e"
+[[auth.tokens]]
+name = "oncall"
+role = "admin"
+token = "admin-token-2e5f8a9b7c6d"
+"#
+    .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_the_same_tokens_and_roles_as_grpc() {
+    let hub = HubProcess::start_with(HubOptions {
+        config: Some(tokens_config()),
+        ..Default::default()
+    });
+    let api = Api::new(&hub).await;
+    let (worker, reader, admin) = (
+        "worker-token-7c1d9e2f3a",
+        "reader-token-4b8a6c0d1e",
+        "admin-token-2e5f8a9b7c6d",
+    );
+    let _gpu = WorkerProcess::start(
+        &hub.url,
+        "gpu-1",
+        "llama",
+        &["--simulate", "5", "--token", worker],
+    );
+    eventually("gpu-1 to connect", WAIT, || async {
+        let answer = api
+            .call(
+                Method::GET,
+                WORKER,
+                &[("id", "gpu-1")],
+                "",
+                Some(admin),
+                None,
+            )
+            .await;
+        (answer.body["connected"] == true).then_some(())
+    })
+    .await;
+
+    let reads: [(&str, &[(&str, &str)]); 5] = [
+        ("/api/workers", &[]),
+        (WORKER, &[("id", "gpu-1")]),
+        (WORKER_CONTROL, &[("id", "gpu-1")]),
+        (POOL_CONTROL, &[("name", "llama")]),
+        (ALL_CONTROL, &[]),
+    ];
+    for (route, params) in reads {
+        let call = |token| api.call(Method::GET, route, params, "", token, None);
+        let none = call(None).await;
+        assert_eq!(none.status, StatusCode::UNAUTHORIZED, "{route}");
+        assert_eq!(none.body["error"]["status"], "UNAUTHENTICATED");
+        assert_eq!(
+            none.headers
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some("Bearer"),
+            "{route}"
+        );
+        assert_eq!(
+            call(Some("not-a-token-of-this-hub")).await.status,
+            StatusCode::UNAUTHORIZED,
+            "{route}"
+        );
+        let denied = call(Some(worker)).await;
+        assert_eq!(denied.status, StatusCode::FORBIDDEN, "{route}");
+        assert_eq!(denied.body["error"]["status"], "PERMISSION_DENIED");
+        assert!(denied.message().contains("token `fleet` has role worker"));
+        assert_eq!(call(Some(reader)).await.status, StatusCode::OK, "{route}");
+        assert_eq!(call(Some(admin)).await.status, StatusCode::OK, "{route}");
+    }
+    let changes: [(&str, &[(&str, &str)]); 3] = [
+        (WORKER_CONTROL, &[("id", "gpu-1")]),
+        (POOL_CONTROL, &[("name", "llama")]),
+        (ALL_CONTROL, &[]),
+    ];
+    for (route, params) in changes {
+        for method in [Method::PUT, Method::DELETE] {
+            let body = (method == Method::PUT).then_some(r#"{"sampling_rate": 0.5}"#);
+            let call = |token| api.call(method.clone(), route, params, "", token, body);
+            assert_eq!(call(None).await.status, StatusCode::UNAUTHORIZED);
+            assert_eq!(call(Some(worker)).await.status, StatusCode::FORBIDDEN);
+            let reader_denied = call(Some(reader)).await;
+            assert_eq!(
+                reader_denied.status,
+                StatusCode::FORBIDDEN,
+                "{method} {route}"
+            );
+            assert!(
+                reader_denied
+                    .message()
+                    .contains("token `dashboards` has role reader")
+            );
+            let done = call(Some(admin)).await;
+            assert_eq!(
+                done.status,
+                StatusCode::OK,
+                "{method} {route}: {}",
+                done.body
+            );
+        }
+    }
+    // The health checks and the API description need no token; metrics do.
+    for path in ["/healthz", "/readyz", "/api/openapi.json"] {
+        let status = api
+            .http
+            .get(format!("{}{path}", api.base))
+            .send()
+            .await
+            .expect("GET")
+            .status();
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    // Server-sent events: a header, or `token` in the query for EventSource.
+    let events = |query: &str, token: Option<&str>| {
+        let mut request = api.http.get(format!("{}/api/events{query}", api.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(
+        events("", None).await.expect("GET").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        events(&format!("?token={worker}"), None)
+            .await
+            .expect("GET")
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        events("", Some(reader)).await.expect("GET").status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        events(&format!("?token={reader}"), None)
+            .await
+            .expect("GET")
+            .status(),
+        StatusCode::OK
+    );
+
+    // The log names the token holder of every change and never a token.
+    let log = hub.log();
+    let changes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("control changed"))
+        .collect();
+    assert_eq!(changes.len(), 6, "{log}");
+    assert!(
+        changes
+            .iter()
+            .all(|l| l.contains("token=\"oncall\"") || l.contains("token=oncall")),
+        "{changes:#?}"
+    );
+    for token in [worker, reader, admin] {
+        assert!(!log.contains(token), "a token appears in the hub's log");
+    }
+}
