@@ -219,33 +219,16 @@ fn report(
     let many = response.targets.len() > 10;
     let (mut applied, mut plain, mut slowest) = (0, 0, 0u64);
     for target in &response.targets {
-        let line = if target.applied {
+        let waited = (!wait.no_wait).then_some(wait.timeout);
+        let line = target_line(target, &what, version, waited);
+        if target.applied {
             applied += 1;
             slowest = slowest.max(target.ack_latency_us);
-            format!(
-                "{}: {what} applied in {} (version {version})",
-                target.worker_id,
-                millis(target.ack_latency_us)
-            )
         } else if !target.acknowledges {
             plain += 1;
-            format!(
-                "{}: {what} takes effect at the hub (version {version}); this client does not acknowledge control, so the hub enforces it on its events",
-                target.worker_id
-            )
-        } else if wait.no_wait {
-            format!(
-                "{}: {what} sent (version {version}); not waiting for the acknowledgement",
-                target.worker_id
-            )
-        } else {
+        } else if waited.is_some() {
             late.push(target.worker_id.clone());
-            format!(
-                "{}: did not acknowledge version {version} within {}",
-                target.worker_id,
-                humantime::format_duration(wait.timeout)
-            )
-        };
+        }
         if !many || !target.applied {
             println!("{line}");
         }
@@ -269,6 +252,34 @@ fn report(
                 late.join(", ")
             ),
         ))
+    }
+}
+
+/// What became of change `what` (version `version`) at one worker, after waiting `waited` for
+/// its acknowledgement (`None`: not waiting).
+pub fn target_line(
+    target: &v1::TargetStatus,
+    what: &str,
+    version: u64,
+    waited: Option<Duration>,
+) -> String {
+    let id = &target.worker_id;
+    if target.applied {
+        format!(
+            "{id}: {what} applied in {} (version {version})",
+            millis(target.ack_latency_us)
+        )
+    } else if !target.acknowledges {
+        format!(
+            "{id}: {what} takes effect at the hub (version {version}); this client does not acknowledge control, so the hub enforces it on its events"
+        )
+    } else if let Some(waited) = waited {
+        format!(
+            "{id}: did not acknowledge version {version} within {}",
+            humantime::format_duration(waited)
+        )
+    } else {
+        format!("{id}: {what} sent (version {version}); not waiting for the acknowledgement")
     }
 }
 

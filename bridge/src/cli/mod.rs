@@ -11,6 +11,7 @@ mod demo;
 use bridge::render;
 mod serve;
 mod subscribe;
+mod top;
 mod workers;
 
 use std::{process::ExitCode, time::Duration};
@@ -54,6 +55,8 @@ enum Command {
     Subscribe(subscribe::Args),
     /// List workers with their rates, drops and control state.
     Workers(workers::Args),
+    /// A live view of the workers; change a worker's sampling or toggle it from the keyboard.
+    Top(top::Args),
     /// Set the sampling rate of a worker, a pool, or all workers.
     Sample(control::SampleArgs),
     /// Turn telemetry on or off for a worker, a pool, or all workers.
@@ -170,6 +173,7 @@ async fn run(cli: Cli) -> Outcome {
         Command::BenchRole { role } => bench::role::run(role).await,
         Command::Subscribe(args) => subscribe::run(&hub, args).await,
         Command::Workers(args) => workers::run(&hub, args).await,
+        Command::Top(args) => top::run(&hub, args).await,
         Command::Sample(args) => control::sample(&hub, args).await,
         Command::Toggle(args) => control::toggle(&hub, args).await,
         Command::Filter(args) => control::filter(&hub, args).await,
@@ -205,7 +209,12 @@ fn init_logging(format: LogFormat, command: &Command) {
         Command::Bench(_) => "error",
         _ => "warn",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // A log line would tear the full-screen view; its status line reports failures instead.
+    let filter = if matches!(command, Command::Top(_)) {
+        EnvFilter::new("off")
+    } else {
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
+    };
     // Colour only for a person at a terminal: a log file or collector gets plain text.
     let builder = fmt()
         .with_env_filter(filter)

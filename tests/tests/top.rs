@@ -1,0 +1,147 @@
+//! `bridge top` in a real terminal (tmux): it lists a live worker, changes its sampling rate
+//! and toggles it from the keyboard, shows the worker's acknowledgement, and quits cleanly.
+
+use std::{
+    process::{Command, Output},
+    time::Duration,
+};
+
+use bridge_tests::{HubProcess, WorkerProcess, bin, eventually, worker_info};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A tmux server of the test's own (its own socket), killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("run tmux")
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "top"];
+        args.extend_from_slice(keys);
+        assert!(self.run(&args).status.success(), "send-keys {keys:?}");
+    }
+
+    async fn wait_for_screen(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        eventually(what, WAIT, || async {
+            let screen = tokio::task::block_in_place(|| self.screen());
+            check(&screen).then_some(screen)
+        })
+        .await
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+fn tmux_installed() -> bool {
+    let found = Command::new("tmux").arg("-V").output().is_ok();
+    assert!(
+        found || std::env::var_os("BRIDGE_REQUIRE_TMUX").is_none(),
+        "tmux is required (Debian package tmux)"
+    );
+    if !found {
+        eprintln!("tmux not installed; skipping the `bridge top` test (./test.sh installs it)");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_changes_a_workers_sampling_and_shows_it_applied() {
+    if !tmux_installed() {
+        return;
+    }
+    let hub = HubProcess::start();
+    let _worker = WorkerProcess::start(&hub.url, "gpu-3", "llama", &["--simulate", "20"]);
+    let mut client = hub.client().await;
+    eventually("gpu-3 to connect", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "gpu-3")
+                .await
+                .filter(|w| w.connected)
+        }
+    })
+    .await;
+    let tmux = Tmux {
+        socket: format!("bridge-top-{}", std::process::id()),
+    };
+    let command = format!(
+        "{} --hub {} top --interval 200ms; sleep 30",
+        bin("bridge").display(),
+        hub.url
+    );
+    let started = tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "160",
+        "-y",
+        "24",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    tmux.wait_for_screen("top to list gpu-3", |s| {
+        s.contains("gpu-3") && s.contains("llama") && s.contains("1 applied")
+    })
+    .await;
+
+    tmux.keys(&["r"]);
+    tmux.wait_for_screen("the rate prompt", |s| s.contains("sampling rate for gpu-3"))
+        .await;
+    tmux.keys(&["0.25", "Enter"]);
+    let screen = tmux
+        .wait_for_screen("the acknowledgement", |s| {
+            s.contains("gpu-3: sampling 0.25 applied in")
+        })
+        .await;
+    let info = worker_info(&mut client, "gpu-3").await.expect("gpu-3");
+    assert_eq!(
+        info.control.as_ref().map(|c| c.sampling_rate),
+        Some(0.25),
+        "{screen}"
+    );
+    assert!(info.applied_version >= Some(info.desired_version));
+    tmux.wait_for_screen("the table to show the rate applied", |s| {
+        s.contains("0.25 applied")
+    })
+    .await;
+
+    // A rate out of range is refused in the view and never sent.
+    let version = info.desired_version;
+    tmux.keys(&["r", "2", "Enter"]);
+    tmux.wait_for_screen("the refusal", |s| s.contains("`2` is not a sampling rate"))
+        .await;
+    let info = worker_info(&mut client, "gpu-3").await.expect("gpu-3");
+    assert_eq!(info.desired_version, version);
+
+    tmux.keys(&["t"]);
+    tmux.wait_for_screen("telemetry off acknowledged", |s| {
+        s.contains("gpu-3: telemetry off applied in")
+    })
+    .await;
+    let info = worker_info(&mut client, "gpu-3").await.expect("gpu-3");
+    assert_eq!(info.control.as_ref().map(|c| c.enabled), Some(false));
+
+    // q leaves the view and restores the terminal: the shell's `sleep` runs on a clean screen.
+    tmux.keys(&["q"]);
+    tmux.wait_for_screen("top to exit", |s| !s.contains("WORKER"))
+        .await;
+}
