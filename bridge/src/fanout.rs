@@ -12,6 +12,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
+    time::SystemTime,
 };
 
 use arc_swap::ArcSwap;
@@ -21,7 +22,11 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    hub::unix_nanos,
+    latency::{FANOUT_BOUNDS_NS, LatencyHistogram, elapsed_ns},
+};
 
 /// Which events a subscriber wants; all given parts must match.
 #[derive(Debug, Clone, Default)]
@@ -70,10 +75,12 @@ impl TryFrom<v1::SubscribeRequest> for Filter {
     }
 }
 
-/// One queued item: an encoded delivery, and how many events were skipped just before it.
+/// One queued item: an encoded delivery, when the hub received its event, and how many events
+/// were skipped just before it.
 #[derive(Debug)]
 pub struct Item {
     pub skipped_before: u64,
+    pub received_ns: i64,
     pub response: EncodedSubscribeResponse,
 }
 
@@ -90,13 +97,14 @@ struct Subscriber {
 
 impl Subscriber {
     #[inline]
-    fn offer(&self, response: &EncodedSubscribeResponse) {
+    fn offer(&self, response: &EncodedSubscribeResponse, received_ns: i64) {
         let skipped_before = match self.skipped.load(Relaxed) {
             0 => 0,
             _ => self.skipped.swap(0, Relaxed),
         };
         match self.queue.try_send(Item {
             skipped_before,
+            received_ns,
             response: response.clone(),
         }) {
             Ok(()) => {
@@ -121,6 +129,8 @@ struct Shared {
     /// Deliveries and skips of subscribers that have gone, so totals never go down.
     retired_delivered: AtomicU64,
     retired_skipped: AtomicU64,
+    /// From the hub receiving an event to a subscriber's stream taking it from its queue.
+    latency: LatencyHistogram,
 }
 
 /// The set of subscribers; a cheap-clone handle.
@@ -189,6 +199,8 @@ impl Subscription {
                 if item.skipped_before > 0 {
                     yield Tail::Lagged(item.skipped_before);
                 }
+                let waited = elapsed_ns(item.received_ns, unix_nanos(SystemTime::now()));
+                self.fanout.latency().record(self.subscriber.id, waited);
                 yield Tail::Event(item.response);
             }
         }
@@ -218,6 +230,7 @@ impl Fanout {
                 queue_capacity,
                 retired_delivered: AtomicU64::new(0),
                 retired_skipped: AtomicU64::new(0),
+                latency: LatencyHistogram::new(FANOUT_BOUNDS_NS),
             }),
         }
     }
@@ -273,6 +286,11 @@ impl Fanout {
         )
     }
 
+    /// Time from receipt to a subscriber's stream, over every delivery.
+    pub fn latency(&self) -> &LatencyHistogram {
+        &self.shared.latency
+    }
+
     pub fn subscriber_count(&self) -> usize {
         self.shared.subscribers.load().len()
     }
@@ -308,7 +326,7 @@ impl Fanout {
                     received_ns,
                 )
             });
-            subscriber.offer(response);
+            subscriber.offer(response, received_ns);
         }
         matched
     }

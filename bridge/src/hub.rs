@@ -16,6 +16,7 @@ use crate::{
     control::{Change, ControlPlane, Selector},
     error::{Error, Result},
     fanout::{Fanout, Filter, Source, Subscription},
+    latency::{INGEST_BOUNDS_NS, LatencyHistogram},
     registry::{Identity, Registry, Session, Worker},
 };
 
@@ -30,6 +31,8 @@ struct Shared {
     fanout: Fanout,
     control: ControlPlane,
     auth: Authenticator,
+    /// From an event's timestamp to the hub receiving it, for events that passed.
+    ingest_latency: LatencyHistogram,
     /// Cancelled when the hub shuts down; every stream's token is a child.
     shutdown: CancellationToken,
 }
@@ -63,6 +66,7 @@ impl Hub {
                 fanout: Fanout::new(config.hub.subscriber_queue),
                 control,
                 auth,
+                ingest_latency: LatencyHistogram::new(INGEST_BOUNDS_NS),
                 shutdown: CancellationToken::new(),
                 config,
             }),
@@ -79,6 +83,10 @@ impl Hub {
 
     pub fn registry(&self) -> &Registry {
         &self.shared.registry
+    }
+
+    pub fn ingest_latency(&self) -> &LatencyHistogram {
+        &self.shared.ingest_latency
     }
 
     pub fn fanout(&self) -> &Fanout {

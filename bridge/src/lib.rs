@@ -13,7 +13,8 @@
 //! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection, over TLS
 //!   when configured; [`listener`]: accepting connections.
 //! - [`auth`]: bearer tokens with roles, and client certificate names.
-//! - [`http`]: the HTTP port; [`metrics`]: the hub's state as Prometheus metrics.
+//! - [`http`]: the HTTP port; [`metrics`]: the hub's state as Prometheus metrics;
+//!   [`latency`]: the histograms the hot paths record for them.
 //! - [`client`]: a typed client for the CLI and tests; [`render`]: deliveries, workers and
 //!   control state as text and JSON, one shape for the CLI and the HTTP API.
 //! - [`fault_proxy`]: a TCP proxy that injects network faults, for tests and `bridge bench --soak`.
@@ -28,6 +29,7 @@ pub mod fanout;
 pub mod fault_proxy;
 pub mod http;
 pub mod hub;
+pub mod latency;
 pub mod listener;
 pub mod metrics;
 pub mod registry;

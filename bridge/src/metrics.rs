@@ -1,18 +1,19 @@
 //! The hub's state as Prometheus metrics, read at scrape time.
 //!
 //! Nothing is counted twice: the collector reads the counters the hub keeps anyway (per worker,
-//! per subscriber set), so the ingest path pays nothing for being observable. Label cardinality
+//! per subscriber set); the only thing the hot paths record for metrics alone is the two
+//! latency histograms ([`crate::latency`]). Label cardinality
 //! is bounded by the workers the hub remembers (`hub.max_remembered_workers`) and the fixed
 //! sets of drop reasons.
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
+    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
 
-use crate::hub::Hub;
+use crate::{hub::Hub, latency::Snapshot};
 
 /// Worker-side outcomes reported in `bridge.worker.stats`, as metric label values.
 const WORKER_DROPS: [(&str, &str); 6] = [
@@ -198,6 +199,19 @@ impl Collector for HubCollector {
             "Version each worker acknowledged (absent while it never has).",
             &versions(true),
         )?;
+        histogram(
+            &mut encoder,
+            "bridge_ingest_latency_seconds",
+            "From an event's timestamp to the hub receiving it (worker buffering and network; \
+             assumes synchronised clocks), for events the hub passed on.",
+            &self.hub.ingest_latency().snapshot(),
+        )?;
+        histogram(
+            &mut encoder,
+            "bridge_fanout_latency_seconds",
+            "From the hub receiving an event to a subscriber's stream taking it from its queue.",
+            &self.hub.fanout().latency().snapshot(),
+        )?;
         Ok(())
     }
 }
@@ -226,6 +240,22 @@ fn gauge(
     family(encoder, name, help, MetricType::Gauge, samples, |v, m| {
         ConstGauge::new(*v).encode(m)
     })
+}
+
+fn histogram(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    snapshot: &Snapshot,
+) -> Result<(), std::fmt::Error> {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(
+            snapshot.sum_seconds,
+            snapshot.count,
+            &snapshot.buckets,
+            None,
+        )
 }
 
 fn family<V>(

@@ -28,6 +28,7 @@ use crate::{
     config::LimitsConfig,
     fanout::Source,
     hub::{Hub, unix_nanos},
+    latency::elapsed_ns,
     registry::{HubDrop, Session},
 };
 
@@ -140,6 +141,10 @@ fn accept(
         received_ns,
     );
     worker.counters.delivered.fetch_add(1, Relaxed);
+    if event.timestamp_ns > 0 {
+        let age = elapsed_ns(event.timestamp_ns, received_ns);
+        hub.ingest_latency().record(session.generation, age);
+    }
     Ok(())
 }
 

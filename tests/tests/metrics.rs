@@ -120,6 +120,19 @@ async fn metrics_move_as_events_flow_and_health_is_served() {
     );
     assert_eq!(sample(&text, "bridge_subscribers"), Some(1.0), "{text}");
     assert!(sample(&text, "bridge_subscriber_deliveries_total").is_some_and(|n| n > 0.0));
+    // Both latency histograms saw the events: every observation in a bucket, the +Inf bucket
+    // holding them all, and times that are plausible for loopback.
+    for name in [
+        "bridge_ingest_latency_seconds",
+        "bridge_fanout_latency_seconds",
+    ] {
+        let count = sample(&text, &format!("{name}_count")).unwrap_or_default();
+        assert!(count > 0.0, "{name} recorded nothing:\n{text}");
+        let all = sample(&text, &format!("{name}_bucket{{le=\"+Inf\"}}"));
+        assert_eq!(all, Some(count), "{name}");
+        let sum = sample(&text, &format!("{name}_sum")).unwrap_or_default();
+        assert!(sum / count < 1.0, "{name}: mean {} s", sum / count);
+    }
 
     // A sampling change shows as a new desired version, then applied, then sampled-out drops.
     let out = run_cli(&hub.url, &["sample", "m1", "0.5"]).await;
