@@ -22,6 +22,31 @@ mod pki;
 pub use bridge::fault_proxy::{Mode as ProxyMode, Proxy};
 pub use pki::{Issued, Pki};
 
+/// A token of each role, and the hub configuration that grants them: `fleet` (worker),
+/// `dashboards` (reader) and `oncall` (admin).
+pub const WORKER_TOKEN: &str = "worker-token-5f0c2a9e7b";
+pub const READER_TOKEN: &str = "reader-token-93d1e6a4c2";
+pub const ADMIN_TOKEN: &str = "admin-token-0b8f47d2e1a6";
+
+pub fn tokens_config() -> String {
+    format!(
+        r#"
+[[auth.tokens]]
+name = "fleet"
+role = "worker"
+token = "{WORKER_TOKEN}"
+[[auth.tokens]]
+name = "dashboards"
+role = "reader"
+token = "{READER_TOKEN}"
+[[auth.tokens]]
+name = "oncall"
+role = "admin"
+token = "{ADMIN_TOKEN}"
+"#
+    )
+}
+
 /// Builds the binaries once per test process and returns the path of `name`.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();

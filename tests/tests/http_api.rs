@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use bridge_proto::v1;
-use bridge_tests::{HubOptions, HubProcess, WorkerProcess, eventually, openapi::OpenApi};
+use bridge_tests::{
+    ADMIN_TOKEN, HubOptions, HubProcess, READER_TOKEN, WORKER_TOKEN, WorkerProcess, eventually,
+    openapi::OpenApi, tokens_config,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -355,24 +358,6 @@ async fn every_route_answers_good_and_bad_input_as_the_grpc_api_does() {
     );
 }
 
-fn tokens_config() -> String {
-    r#"
-[[auth.tokens]]
-name = "fleet"
-role = "worker"
-token = "worker-token-7c1d9e2f3a"
-[[auth.tokens]]
-name = "dashboards"
-role = "reader"
-token = "reader-token-4b8a6c0d1e"
-[[auth.tokens]]
-name = "oncall"
-role = "admin"
-token = "admin-token-2e5f8a9b7c6d"
-"#
-    .into()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_needs_the_same_tokens_and_roles_as_grpc() {
     let hub = HubProcess::start_with(HubOptions {
@@ -380,11 +365,7 @@ async fn the_api_needs_the_same_tokens_and_roles_as_grpc() {
         ..Default::default()
     });
     let api = Api::new(&hub).await;
-    let (worker, reader, admin) = (
-        "worker-token-7c1d9e2f3a",
-        "reader-token-4b8a6c0d1e",
-        "admin-token-2e5f8a9b7c6d",
-    );
+    let (worker, reader, admin) = (WORKER_TOKEN, READER_TOKEN, ADMIN_TOKEN);
     let _gpu = WorkerProcess::start(
         &hub.url,
         "gpu-1",

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use bridge_proto::v1;
-use bridge_tests::{HubOptions, HubProcess, Tail, WorkerProcess, eventually, http_get, run_cli};
+use bridge_tests::{
+    HubOptions, HubProcess, READER_TOKEN, Tail, WORKER_TOKEN, WorkerProcess, eventually, http_get,
+    run_cli, tokens_config,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -164,19 +167,7 @@ async fn metrics_move_as_events_flow_and_health_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_need_a_reader_token_when_tokens_are_configured() {
     let hub = HubProcess::start_with(HubOptions {
-        config: Some(
-            r#"
-[[auth.tokens]]
-name = "fleet"
-role = "worker"
-token = "worker-token-0123456789"
-[[auth.tokens]]
-name = "prometheus"
-role = "reader"
-token = "reader-token-0123456789"
-"#
-            .into(),
-        ),
+        config: Some(tokens_config()),
         ..Default::default()
     });
     let get = |token: Option<&str>| {
@@ -189,10 +180,10 @@ token = "reader-token-0123456789"
     };
     assert_eq!(get(None).status, 401);
     assert_eq!(get(Some("not-a-token-of-this-hub")).status, 401);
-    let denied = get(Some("worker-token-0123456789"));
+    let denied = get(Some(WORKER_TOKEN));
     assert_eq!(denied.status, 403);
     assert!(denied.body.contains("needs role reader"), "{}", denied.body);
-    assert_eq!(get(Some("reader-token-0123456789")).status, 200);
+    assert_eq!(get(Some(READER_TOKEN)).status, 200);
     // Probes stay open, like gRPC health.
     let health = tokio::task::block_in_place(|| http_get(hub.http, "/healthz", &[]));
     assert_eq!(health.status, 200);

@@ -10,35 +10,13 @@ use std::{
 use bridge::client::{ClientError, HubClient};
 use bridge_proto::v1::{self, selector::Target, update_control_request::Change};
 use bridge_tests::{
-    HubOptions, HubProcess, Pki, WorkerProcess, eventually, open_stream, run_cli, worker_info,
+    ADMIN_TOKEN, HubOptions, HubProcess, Pki, READER_TOKEN, WORKER_TOKEN, WorkerProcess,
+    eventually, open_stream, run_cli, tokens_config, worker_info,
 };
 use tonic::Code;
 use worker::security::ClientSecurity;
 
 const WAIT: Duration = Duration::from_secs(20);
-const WORKER_TOKEN: &str = "worker-token-5f0c2a9e7b";
-const READER_TOKEN: &str = "reader-token-93d1e6a4c2";
-const ADMIN_TOKEN: &str = "admin-token-0b8f47d2e1a6";
-
-fn tokens_config() -> String {
-    format!(
-        r#"
-[[auth.tokens]]
-name = "fleet"
-role = "worker"
-token = "{WORKER_TOKEN}"
-[[auth.tokens]]
-name = "dashboards"
-role = "reader"
-token = "{READER_TOKEN}"
-[[auth.tokens]]
-name = "oncall"
-role = "admin"
-token = "{ADMIN_TOKEN}"
-"#
-    )
-}
-
 async fn client_with(url: &str, security: ClientSecurity) -> Result<HubClient, ClientError> {
     HubClient::connect_with(url, &security, Duration::from_secs(5)).await
 }

@@ -116,8 +116,9 @@ impl View {
             }
             history.push_back(worker.events_per_second);
         }
-        self.history
-            .retain(|id, _| workers.iter().any(|w| &w.id == id));
+        let listed: std::collections::HashSet<&str> =
+            workers.iter().map(|w| w.id.as_str()).collect();
+        self.history.retain(|id, _| listed.contains(id.as_str()));
         self.workers = workers;
     }
 

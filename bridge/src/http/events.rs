@@ -37,7 +37,8 @@ pub async fn tail(
             "pattern" => request.patterns.push(value),
             "worker" => request.worker_ids.push(value),
             "pool" => request.pool = value,
-            _ => token = Some(value),
+            "token" => token = Some(value),
+            _ => {}
         }
     }
     authorize(&hub, &headers, token.as_deref(), Access::Read)?;
