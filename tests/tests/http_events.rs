@@ -338,6 +338,8 @@ source.onerror = () => {{
             "--no-sandbox",
             "--disable-gpu",
             "--no-first-run",
+            // Containers often have a small /dev/shm, where Chromium would crash.
+            "--disable-dev-shm-usage",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(format!("http://127.0.0.1:{}/", server.port))
