@@ -88,6 +88,65 @@ pub fn incoming(
     }
 }
 
+impl Connection {
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.stream.peer_addr()
+    }
+}
+
+/// [`incoming`] as a listener for the HTTP port (axum), so that it is held to the same limits
+/// as the gRPC port.
+pub struct HttpListener {
+    connections: Pin<Box<dyn Stream<Item = io::Result<Connection>> + Send>>,
+    local: std::net::SocketAddr,
+}
+
+impl std::fmt::Debug for HttpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpListener")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpListener {
+    pub fn new(
+        listener: TcpListener,
+        timeout: Duration,
+        max_connections: usize,
+    ) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        Ok(Self {
+            connections: Box::pin(incoming(listener, timeout, max_connections)),
+            local,
+        })
+    }
+}
+
+impl axum::serve::Listener for HttpListener {
+    type Io = Connection;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.connections.next().await {
+                Some(Ok(connection)) => match connection.peer_addr() {
+                    Ok(peer) => return (connection, peer),
+                    // Gone already; nothing to serve.
+                    Err(_) => continue,
+                },
+                Some(Err(_)) => continue,
+                // `incoming` never ends; if it did, there would be nothing left to accept.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
 impl Connected for Connection {
     type ConnectInfo = TcpConnectInfo;
 

@@ -179,4 +179,34 @@ async fn connections_beyond_the_limit_are_closed_until_one_goes() {
     })
     .await;
     assert!(hub.log().contains("limits.max_connections reached"));
+
+    // The HTTP port has the same limit, on connections of its own.
+    let open = |addr| {
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream
+    };
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", hub.http);
+    let served = |stream: &mut std::net::TcpStream| {
+        use std::io::{Read, Write};
+        if stream.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut reply = [0u8; 12];
+        stream.read_exact(&mut reply).is_ok() && reply.starts_with(b"HTTP/1.1 200")
+    };
+    let (mut a, mut b) = (open(hub.http), open(hub.http));
+    assert!(
+        served(&mut a) && served(&mut b),
+        "two keep-alive connections"
+    );
+    let mut c = open(hub.http);
+    assert!(!served(&mut c), "a third HTTP connection was served");
+    drop((a, b));
+    eventually("room for an HTTP connection again", WAIT, || async {
+        tokio::task::block_in_place(|| served(&mut open(hub.http))).then_some(())
+    })
+    .await;
 }

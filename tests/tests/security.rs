@@ -334,21 +334,27 @@ async fn a_connection_that_never_speaks_is_closed_after_the_handshake_timeout() 
         config: Some("[limits]\nhandshake_timeout_ms = 300\n".into()),
         ..Default::default()
     });
-    let addr = hub.addr;
-    let (read, waited) = tokio::task::spawn_blocking(move || {
-        let mut silent = TcpStream::connect(addr).expect("connect");
-        silent
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let started = Instant::now();
-        // The hub sends nothing before the client's preface; the read ends when it closes.
-        let read = silent.read(&mut [0u8; 64]).map_err(|e| e.kind());
-        (read, started.elapsed())
-    })
-    .await
-    .expect("join");
-    assert_eq!(read, Ok(0), "the hub closed the silent connection");
-    assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
+    // On the gRPC port and on the HTTP port alike.
+    for addr in [hub.addr, hub.http] {
+        let (read, waited) = tokio::task::spawn_blocking(move || {
+            let mut silent = TcpStream::connect(addr).expect("connect");
+            silent
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let started = Instant::now();
+            // The hub sends nothing before the client speaks; the read ends when it closes.
+            let read = silent.read(&mut [0u8; 64]).map_err(|e| e.kind());
+            (read, started.elapsed())
+        })
+        .await
+        .expect("join");
+        assert_eq!(
+            read,
+            Ok(0),
+            "the hub closed the silent connection to {addr}"
+        );
+        assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
+    }
     // A client that talks is served as usual.
     let out = run_cli(&hub.url, &["workers"]).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);

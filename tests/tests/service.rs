@@ -104,7 +104,7 @@ async fn sigterm_ends_streams_with_unavailable_and_exits_promptly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_exits_within_the_grace_period_even_with_a_stalled_subscriber() {
+async fn sigterm_exits_within_the_grace_period_even_with_stalled_subscribers() {
     let mut hub = HubProcess::start_with(HubOptions {
         config: Some("[hub]\nshutdown_grace_ms = 1000\n".into()),
         ..Default::default()
@@ -122,6 +122,13 @@ async fn sigterm_exits_within_the_grace_period_even_with_a_stalled_subscriber() 
         .subscribe(v1::SubscribeRequest::default())
         .await
         .expect("subscribe");
+    // And one over HTTP (server-sent events) that never reads either.
+    let mut stalled_http = std::net::TcpStream::connect(hub.http).expect("connect http");
+    std::io::Write::write_all(
+        &mut stalled_http,
+        format!("GET /api/events HTTP/1.1\r\nHost: {}\r\n\r\n", hub.http).as_bytes(),
+    )
+    .expect("send the request");
     let mut client = hub.client().await;
     let reader = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
     let _worker = WorkerProcess::start(&hub.url, "busy", "", &["--simulate", "2000"]);

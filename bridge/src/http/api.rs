@@ -14,7 +14,7 @@ use bridge_proto::v1;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, authorize, query_params};
+use super::{ApiError, PeerAddr, authorize, query_params};
 use crate::{
     auth::Access,
     client::to_wire_selector,
@@ -56,8 +56,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
         Ok(Self(
             parts
                 .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|info| info.0),
+                .get::<ConnectInfo<PeerAddr>>()
+                .map(|info| info.0.0),
         ))
     }
 }

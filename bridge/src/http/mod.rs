@@ -12,16 +12,17 @@ use std::future::Future;
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{State, connect_info::Connected},
     http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{MethodRouter, get},
+    serve::IncomingStream,
 };
 use serde_json::json;
 use tokio::net::TcpListener;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::{auth::Access, config::HubConfig, hub::Hub, metrics};
+use crate::{auth::Access, config::HubConfig, hub::Hub, listener::HttpListener, metrics};
 
 /// The API description, written by hand and checked against the routes and the JSON they
 /// return by tests (`every_route_is_described_and_every_description_routed` below, and the
@@ -88,16 +89,29 @@ pub fn router(hub: Hub) -> Router {
     }
 }
 
-/// Serves the HTTP routes on `listener` until `shutdown` completes.
+/// Serves the HTTP routes on `listener` until `shutdown` completes, with the gRPC port's
+/// connection limits (`limits.max_connections` of its own, and the handshake timeout).
 pub async fn serve(
     hub: Hub,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(hub).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let limits = &hub.config().limits;
+    let listener = HttpListener::new(listener, limits.handshake_timeout(), limits.max_connections)?;
+    let app = router(hub).into_make_service_with_connect_info::<PeerAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// The client's address, recorded for every request (see [`api::Peer`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+impl Connected<IncomingStream<'_, HttpListener>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, HttpListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
 }
 
 fn cors(config: &HubConfig) -> Option<CorsLayer> {
