@@ -182,7 +182,7 @@ async fn connections_beyond_the_limit_are_closed_until_one_goes() {
 
     // The HTTP port has the same limit, on connections of its own.
     let open = |addr| {
-        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
