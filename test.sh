@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, as CI does: formatting, lints, and every test in the workspace.
 # Needs only the Rust toolchain and python3; it installs what else the tests use (grpcio in a
-# virtualenv; promtool, chromium and tmux from Debian).
+# virtualenv; promtool, chromium, tmux and nats-server from Debian).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,11 +16,13 @@ export BRIDGE_TEST_PYTHON="$PWD/$venv/bin/python"
 export BRIDGE_REQUIRE_PYTHON=1
 
 # Debian packages the tests drive: promtool lints /metrics (package prometheus), headless
-# Chromium opens an EventSource against the hub, tmux runs `bridge top` as a terminal would.
+# Chromium opens an EventSource against the hub, tmux runs `bridge top` as a terminal would,
+# nats-server carries events between hubs in cluster mode.
 missing=()
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v tmux >/dev/null || missing+=(tmux)
+command -v nats-server >/dev/null || missing+=(nats-server)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]} (Debian)"
     sudo=""
@@ -28,7 +30,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-export BRIDGE_REQUIRE_PROMTOOL=1 BRIDGE_REQUIRE_CHROMIUM=1 BRIDGE_REQUIRE_TMUX=1
+export BRIDGE_REQUIRE_PROMTOOL=1 BRIDGE_REQUIRE_CHROMIUM=1 BRIDGE_REQUIRE_TMUX=1 BRIDGE_REQUIRE_NATS=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -25,7 +25,36 @@ pub struct Config {
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
+    pub cluster: ClusterConfig,
     pub worker: toml::Table,
+}
+
+/// `[cluster]`: several hubs as one, through NATS. Off while `nats_url` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS server(s), e.g. "nats://10.0.0.5:4222"; empty: this hub runs alone.
+    pub nats_url: String,
+    /// This hub's name in the cluster; empty: host name and gRPC port.
+    pub node: String,
+    /// First token of every subject the hubs use.
+    pub subject_prefix: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: String::new(),
+            node: String::new(),
+            subject_prefix: "bridge".into(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.nats_url.trim().is_empty()
+    }
 }
 
 /// `[auth]`: who may call what. No tokens: every caller may do everything (loopback only,
@@ -284,6 +313,17 @@ impl Config {
         if let Err(message) = hub.http_address() {
             return Err(("hub.http".into(), message));
         }
+        let prefix = &self.cluster.subject_prefix;
+        if prefix.is_empty()
+            || prefix
+                .split('.')
+                .any(|t| t.is_empty() || t.contains(['*', '>', ' ', '\t']))
+        {
+            return Err((
+                "cluster.subject_prefix".into(),
+                format!("`{prefix}` is not a NATS subject prefix such as \"bridge\""),
+            ));
+        }
         for (i, origin) in hub.http_allowed_origins.iter().enumerate() {
             if let Err(message) = check_origin(origin) {
                 return Err((format!("hub.http_allowed_origins[{i}]"), message));
@@ -474,6 +514,7 @@ mod tests {
         assert_eq!(shipped.auth, AuthConfig::default());
         assert_eq!(shipped.tls, TlsConfig::default());
         assert_eq!(shipped.limits, LimitsConfig::default());
+        assert_eq!(shipped.cluster, ClusterConfig::default());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::{
     collections::HashSet,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::SystemTime,
@@ -23,6 +23,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    cluster::{ClusterLink, Outbound},
     error::{Error, Result},
     hub::unix_nanos,
     latency::{FANOUT_BOUNDS_NS, LatencyHistogram, elapsed_ns},
@@ -40,6 +41,22 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// [`Filter::matches`] for an event known by its name tokens (from another hub).
+    pub fn matches_parts<'a>(
+        &self,
+        worker_id: &str,
+        pool: &str,
+        parts: impl Iterator<Item = &'a str> + Clone,
+    ) -> bool {
+        (self.worker_ids.is_empty() || self.worker_ids.contains(worker_id))
+            && self.pool.as_deref().is_none_or(|p| p == pool)
+            && (self.patterns.is_empty()
+                || self
+                    .patterns
+                    .iter()
+                    .any(|p| p.matches_tokens(parts.clone())))
+    }
+
     #[inline]
     pub fn matches(&self, worker_id: &str, pool: &str, event: &EventView) -> bool {
         (self.worker_ids.is_empty() || self.worker_ids.contains(worker_id))
@@ -84,8 +101,9 @@ pub struct Item {
     pub response: EncodedSubscribeResponse,
 }
 
+/// One subscription's end of the fan-out: its filter and its queue.
 #[derive(Debug)]
-struct Subscriber {
+pub struct Subscriber {
     id: u64,
     filter: Filter,
     queue: mpsc::Sender<Item>,
@@ -96,8 +114,18 @@ struct Subscriber {
 }
 
 impl Subscriber {
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
+    /// Completes when the subscription has gone.
+    pub async fn closed(&self) {
+        self.queue.closed().await;
+    }
+
+    /// Queues a delivery, or counts it as skipped when the queue is full.
     #[inline]
-    fn offer(&self, response: &EncodedSubscribeResponse, received_ns: i64) {
+    pub fn offer(&self, response: &EncodedSubscribeResponse, received_ns: i64) {
         let skipped_before = match self.skipped.load(Relaxed) {
             0 => 0,
             _ => self.skipped.swap(0, Relaxed),
@@ -131,6 +159,8 @@ struct Shared {
     retired_skipped: AtomicU64,
     /// From the hub receiving an event to a subscriber's stream taking it from its queue.
     latency: LatencyHistogram,
+    /// Set when the hub joins a cluster.
+    cluster: OnceLock<Arc<ClusterLink>>,
 }
 
 /// The set of subscribers; a cheap-clone handle.
@@ -231,6 +261,7 @@ impl Fanout {
                 retired_delivered: AtomicU64::new(0),
                 retired_skipped: AtomicU64::new(0),
                 latency: LatencyHistogram::new(FANOUT_BOUNDS_NS),
+                cluster: OnceLock::new(),
             }),
         }
     }
@@ -249,6 +280,9 @@ impl Fanout {
         let mut list = Vec::clone(&self.shared.subscribers.load());
         list.push(subscriber.clone());
         self.shared.subscribers.store(Arc::new(list));
+        if let Some(cluster) = self.shared.cluster.get() {
+            cluster.mirror(subscriber.clone());
+        }
         Subscription {
             queue: rx,
             subscriber,
@@ -284,6 +318,16 @@ impl Fanout {
             delivered + self.shared.retired_delivered.load(Relaxed),
             skipped + self.shared.retired_skipped.load(Relaxed),
         )
+    }
+
+    /// From now on, publishes every event to the cluster too, and feeds each new subscription
+    /// the events other hubs publish. Once only; later calls change nothing.
+    pub fn join_cluster(&self, link: Arc<ClusterLink>) {
+        let _ = self.shared.cluster.set(link);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
+        self.shared.cluster.get()
     }
 
     /// Time from receipt to a subscriber's stream, over every delivery.
@@ -327,6 +371,23 @@ impl Fanout {
                 )
             });
             subscriber.offer(response, received_ns);
+        }
+        if let Some(cluster) = self.shared.cluster.get() {
+            let response = encoded.unwrap_or_else(|| {
+                EncodedSubscribeResponse::delivery_of_bytes(
+                    source.worker_id,
+                    source.pool,
+                    event.as_bytes(),
+                    (event.timestamp_ns == 0).then_some(received_ns),
+                    sampling_rate,
+                    received_ns,
+                )
+            });
+            cluster.offer(Outbound {
+                subject: cluster.subject(source.pool, source.worker_id, event.parts()),
+                response,
+                received_ns,
+            });
         }
         matched
     }

@@ -22,6 +22,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod error;

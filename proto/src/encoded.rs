@@ -166,6 +166,17 @@ impl EncodedSubscribeResponse {
     pub fn as_bytes(&self) -> &Bytes {
         &self.bytes
     }
+
+    /// Bytes received from elsewhere (another hub) that must hold an event delivery; `None`
+    /// when they do not, so that nothing malformed reaches a subscriber.
+    pub fn checked_delivery(bytes: Bytes) -> Option<Self> {
+        match SubscribeResponse::decode(bytes.clone()) {
+            Ok(SubscribeResponse {
+                item: Some(Item::Event(_)),
+            }) => Some(Self { bytes }),
+            _ => None,
+        }
+    }
 }
 
 bytes_message!(EncodedSubscribeResponse);

@@ -670,3 +670,59 @@ pub fn read_lines_within(
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
+
+/// A `nats-server` on a free loopback port, killed when dropped.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Child,
+    pub url: String,
+}
+
+impl NatsServer {
+    /// Starts one, or returns `None` when nats-server is not installed (./test.sh installs it
+    /// and sets BRIDGE_REQUIRE_NATS, so CI never skips).
+    pub fn start() -> Option<Self> {
+        let spawned = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", "-1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(error) => {
+                assert!(
+                    std::env::var_os("BRIDGE_REQUIRE_NATS").is_none(),
+                    "nats-server is required (Debian package nats-server): {error}"
+                );
+                eprintln!("nats-server not installed; skipping (./test.sh installs it)");
+                return None;
+            }
+        };
+        let stderr = child.stderr.take().expect("stderr");
+        let (found, listening) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // "[INF] Listening for client connections on 127.0.0.1:4222"; then keep draining
+            // so that the server never blocks on a full pipe.
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Listening for client connections on") {
+                    let _ = found.send(line);
+                }
+            }
+        });
+        let line = listening
+            .recv_timeout(Duration::from_secs(20))
+            .expect("nats-server to listen");
+        let address = line.rsplit(' ').next().expect("address").trim().to_owned();
+        Some(Self {
+            child,
+            url: format!("nats://{address}"),
+        })
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use bridge::{Config, Hub};
+use bridge::{Config, Hub, cluster::ClusterLink};
 use tokio::net::TcpListener;
 
 use super::{Failure, Outcome};
@@ -75,6 +75,19 @@ pub async fn run(args: Args) -> Outcome {
     // port 0 can find it.
     println!("listening on {bound}");
     tracing::info!(%bound, "hub listening");
+    let cluster = &hub.config().cluster;
+    if cluster.enabled() {
+        let node = if cluster.node.trim().is_empty() {
+            format!("{}:{}", worker::config::host_name(), bound.port())
+        } else {
+            cluster.node.trim().to_owned()
+        };
+        let link = ClusterLink::connect(cluster, node)
+            .await
+            .map_err(Failure::invalid)?;
+        tracing::info!(node = link.node(), nats = %cluster.nats_url, "cluster mode: sharing events through NATS");
+        hub.fanout().join_cluster(link);
+    }
     if let Some(http) = http {
         let http_listener = TcpListener::bind(http).await.map_err(|e| {
             Failure::new(

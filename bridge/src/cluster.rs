@@ -1,0 +1,331 @@
+//! Cluster mode: hubs share their events through NATS.
+//!
+//! Each hub publishes every event it passes on to `<prefix>.events.<pool>.<worker>.<event
+//! name>` (pool and worker as [`subject_token`]s), with the encoded delivery its own subscribers
+//! get as the payload. For each local subscription it subscribes to the subjects its filter maps
+//! to, so NATS does the matching, and queues what other hubs published exactly as local events
+//! (same queue, same lag notices). Messages a hub published itself are skipped: its own
+//! subscribers got them directly. Publishing never waits: when NATS is slow or away the backlog
+//! is bounded and what does not fit is counted, while local delivery goes on.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+use async_nats::HeaderMap;
+use bridge_proto::encoded::EncodedSubscribeResponse;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::ClusterConfig,
+    fanout::{Filter, Subscriber},
+    hub::unix_nanos,
+};
+
+/// Events waiting for the NATS connection; beyond this they are dropped and counted.
+const BACKLOG: usize = 65_536;
+const NODE_HEADER: &str = "Bridge-Node";
+const RECEIVED_HEADER: &str = "Bridge-Received-Ns";
+
+/// One event on its way to NATS.
+#[derive(Debug)]
+pub struct Outbound {
+    pub subject: String,
+    pub response: EncodedSubscribeResponse,
+    pub received_ns: i64,
+}
+
+/// This hub's link to the cluster.
+#[derive(Debug)]
+pub struct ClusterLink {
+    client: async_nats::Client,
+    node: Arc<str>,
+    prefix: String,
+    outbound: mpsc::Sender<Outbound>,
+    /// Events that found the backlog full (NATS slow or away).
+    pub dropped: AtomicU64,
+    /// Events received from other hubs.
+    pub received: AtomicU64,
+}
+
+impl ClusterLink {
+    /// Connects (in the background: a hub whose NATS is down still starts and serves locally)
+    /// and starts publishing.
+    pub async fn connect(config: &ClusterConfig, node: String) -> Result<Arc<Self>, String> {
+        let url = config.nats_url.trim();
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("telemetry-bridge {node}"))
+            .retry_on_initial_connect()
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => info!("cluster: connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        warn!("cluster: NATS connection lost; serving local workers and subscribers only");
+                    }
+                    other => debug!(%other, "cluster: NATS event"),
+                }
+            })
+            .connect(url)
+            .await
+            .map_err(|e| format!("cluster.nats_url `{url}`: {e}"))?;
+        let (outbound, backlog) = mpsc::channel(BACKLOG);
+        let link = Arc::new(Self {
+            client,
+            node: node.into(),
+            prefix: config.subject_prefix.clone(),
+            outbound,
+            dropped: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        });
+        tokio::spawn(publish(link.clone(), backlog));
+        Ok(link)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The subject of an event from `worker` in `pool`.
+    pub fn subject<'a>(
+        &self,
+        pool: &str,
+        worker: &str,
+        parts: impl Iterator<Item = &'a str>,
+    ) -> String {
+        let mut subject = format!(
+            "{}.events.{}.{}",
+            self.prefix,
+            subject_token(pool),
+            subject_token(worker)
+        );
+        for part in parts {
+            subject.push('.');
+            subject.push_str(part);
+        }
+        subject
+    }
+
+    /// Hands an event to the publisher; never waits.
+    pub fn offer(&self, event: Outbound) {
+        if self.outbound.try_send(event).is_err() {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Feeds `subscriber` the events other hubs publish that match its filter, until it goes.
+    pub fn mirror(self: &Arc<Self>, subscriber: Arc<Subscriber>) {
+        let link = self.clone();
+        tokio::spawn(async move {
+            let subjects = subjects(&link.prefix, subscriber.filter());
+            let mut streams = Vec::with_capacity(subjects.len());
+            for subject in subjects {
+                match link.client.subscribe(subject.clone()).await {
+                    Ok(stream) => streams.push(stream),
+                    Err(error) => {
+                        warn!(%subject, %error, "cluster: cannot subscribe; this subscriber sees local events only");
+                        return;
+                    }
+                }
+            }
+            let mut messages = futures_util::stream::select_all(streams);
+            loop {
+                tokio::select! {
+                    () = subscriber.closed() => break,
+                    message = messages.next() => {
+                        let Some(message) = message else { break };
+                        link.deliver(&subscriber, message);
+                    }
+                }
+            }
+            // Dropping the subscriptions unsubscribes.
+        });
+    }
+
+    fn deliver(&self, subscriber: &Subscriber, message: async_nats::Message) {
+        let headers = message.headers.as_ref();
+        let header = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        if header(NODE_HEADER).as_deref() == Some(&*self.node) {
+            return;
+        }
+        let Some((pool, worker, parts)) = parse_subject(&self.prefix, &message.subject) else {
+            return;
+        };
+        // NATS matched the subject; the filter is checked again because a subscriber with
+        // several patterns subscribes more widely (see `subjects`).
+        if !subscriber
+            .filter()
+            .matches_parts(&worker, &pool, parts.iter().map(String::as_str))
+        {
+            return;
+        }
+        let received_ns = header(RECEIVED_HEADER)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| unix_nanos(std::time::SystemTime::now()));
+        let Some(delivery) = EncodedSubscribeResponse::checked_delivery(message.payload) else {
+            debug!(subject = %message.subject, "cluster: skipping a message that is not an event delivery");
+            return;
+        };
+        self.received.fetch_add(1, Relaxed);
+        subscriber.offer(&delivery, received_ns);
+    }
+}
+
+async fn publish(link: Arc<ClusterLink>, mut backlog: mpsc::Receiver<Outbound>) {
+    while let Some(event) = backlog.recv().await {
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, &*link.node);
+        headers.insert(RECEIVED_HEADER, event.received_ns.to_string().as_str());
+        let payload = event.response.as_bytes().clone();
+        if link
+            .client
+            .publish_with_headers(event.subject, headers, payload)
+            .await
+            .is_err()
+        {
+            link.dropped.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// A pool or worker id as one subject token: characters NATS gives a meaning to ('.', '*',
+/// '>', whitespace), '~' and non-ASCII are written `~HH`; the empty string is `~`.
+pub fn subject_token(text: &str) -> String {
+    if text.is_empty() {
+        return "~".into();
+    }
+    let mut token = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_graphic() && !matches!(byte, b'.' | b'*' | b'>' | b'~') {
+            token.push(char::from(byte));
+        } else {
+            token.push_str(&format!("~{byte:02X}"));
+        }
+    }
+    token
+}
+
+/// The inverse of [`subject_token`]; `None` for a token it cannot have written.
+pub fn parse_token(token: &str) -> Option<String> {
+    if token == "~" {
+        return Some(String::new());
+    }
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'~' {
+            let hex = token.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Pool, worker and event name tokens of an event subject.
+fn parse_subject(prefix: &str, subject: &str) -> Option<(String, String, Vec<String>)> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix(".events.")?;
+    let mut tokens = rest.split('.');
+    let pool = parse_token(tokens.next()?)?;
+    let worker = parse_token(tokens.next()?)?;
+    let parts: Vec<String> = tokens.map(str::to_owned).collect();
+    (!parts.is_empty()).then_some((pool, worker, parts))
+}
+
+/// The subjects that carry the events `filter` matches, without overlap (NATS would deliver an
+/// event once per matching subscription): one per worker named (or any), with the pattern when
+/// there is one, or every name when there are several (they may overlap; the filter is checked
+/// again on arrival).
+fn subjects(prefix: &str, filter: &Filter) -> Vec<String> {
+    let pool = filter
+        .pool
+        .as_deref()
+        .map_or_else(|| "*".to_owned(), subject_token);
+    let event = match filter.patterns.as_slice() {
+        [one] => one.as_str().to_owned(),
+        _ => ">".to_owned(),
+    };
+    let mut workers: Vec<String> = filter.worker_ids.iter().map(|w| subject_token(w)).collect();
+    if workers.is_empty() {
+        workers.push("*".into());
+    }
+    workers.sort();
+    workers
+        .into_iter()
+        .map(|worker| format!("{prefix}.events.{pool}.{worker}.{event}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use bridge_proto::pattern::Pattern;
+
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_never_contain_subject_syntax() {
+        for text in [
+            "gpu-3",
+            "",
+            "a.b",
+            "x*y>z",
+            "tilde~",
+            "two words",
+            "ünï",
+            "_",
+        ] {
+            let token = subject_token(text);
+            assert!(!token.contains(['.', '*', '>', ' ']), "{token}");
+            assert!(!token.is_empty());
+            assert_eq!(parse_token(&token).as_deref(), Some(text), "{token}");
+        }
+        assert_eq!(subject_token("gpu-3"), "gpu-3");
+        assert_eq!(parse_token("~4"), None);
+        assert_eq!(parse_token("~ZZ"), None);
+    }
+
+    #[test]
+    fn filters_map_onto_subjects_nats_can_match() {
+        let filter = Filter {
+            patterns: vec![Pattern::parse("inference.>").unwrap()],
+            worker_ids: ["gpu-3".to_owned(), "a.b".to_owned()].into(),
+            pool: Some("llama".into()),
+        };
+        assert_eq!(
+            subjects("bridge", &filter),
+            [
+                "bridge.events.llama.a~2Eb.inference.>",
+                "bridge.events.llama.gpu-3.inference.>"
+            ]
+        );
+        let everything = Filter::default();
+        assert_eq!(subjects("b", &everything), ["b.events.*.*.>"]);
+        let two = Filter {
+            patterns: vec![
+                Pattern::parse("a.>").unwrap(),
+                Pattern::parse("a.b").unwrap(),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(subjects("b", &two), ["b.events.*.*.>"]);
+        assert_eq!(
+            parse_subject("b", "b.events.~.gpu~2E1.inference.stop"),
+            Some((
+                String::new(),
+                "gpu.1".into(),
+                vec!["inference".into(), "stop".into()]
+            ))
+        );
+        assert_eq!(parse_subject("b", "b.events.~.w"), None);
+    }
+}

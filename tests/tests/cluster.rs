@@ -1,0 +1,118 @@
+//! Cluster mode: hubs sharing events through a real nats-server on loopback. Subscribers on any
+//! hub receive the events of workers on every hub, filtered as on one hub, exactly once.
+
+use std::{collections::HashSet, time::Duration};
+
+use bridge_proto::v1;
+use bridge_tests::{
+    HubOptions, HubProcess, NatsServer, Tail, WorkerProcess, eventually, name, sequence,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn clustered(nats: &NatsServer, node: &str) -> HubProcess {
+    HubProcess::start_with(HubOptions {
+        config: Some(format!(
+            "[cluster]\nnats_url = \"{}\"\nnode = \"{node}\"\n",
+            nats.url
+        )),
+        ..Default::default()
+    })
+}
+
+/// Sequence numbers of `worker`'s events in `tail`, checking each arrived once.
+fn sequences_once(tail: &Tail, worker: &str) -> Vec<u64> {
+    let sequences: Vec<u64> = tail
+        .deliveries()
+        .iter()
+        .filter(|d| d.worker_id == worker && d.event.as_ref().is_some_and(|e| e.sequence > 0))
+        .map(sequence)
+        .collect();
+    let unique: HashSet<u64> = sequences.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        sequences.len(),
+        "{worker}: an event arrived twice"
+    );
+    sequences
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_on_any_hub_see_workers_on_every_hub_once() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let a = clustered(&nats, "hub-a");
+    let b = clustered(&nats, "hub-b");
+    let (mut client_a, mut client_b) = (a.client().await, b.client().await);
+    let request = |patterns: &[&str], workers: &[&str]| v1::SubscribeRequest {
+        patterns: patterns.iter().map(|p| (*p).to_owned()).collect(),
+        worker_ids: workers.iter().map(|w| (*w).to_owned()).collect(),
+        ..Default::default()
+    };
+    // On B: gpu-a's inference events (gpu-a streams to A); everything; and gpu-a's GPU events.
+    let b_inference = Tail::start(&mut client_b, request(&["inference.>"], &["gpu-a"])).await;
+    let b_all = Tail::start(&mut client_b, request(&[], &[])).await;
+    let b_gpu_b_only = Tail::start(&mut client_b, request(&[], &["gpu-b"])).await;
+    // On A: everything, local and remote.
+    let a_all = Tail::start(&mut client_a, request(&[], &[])).await;
+
+    let _gpu_a = WorkerProcess::start(&a.url, "gpu-a", "llama", &["--simulate", "100"]);
+    let _gpu_b = WorkerProcess::start(&b.url, "gpu-b", "mistral", &["--simulate", "100"]);
+
+    eventually("events of both workers on both hubs", WAIT, || async {
+        let enough = |tail: &Tail, worker: &str| {
+            tail.deliveries()
+                .iter()
+                .filter(|d| d.worker_id == worker)
+                .count()
+                > 200
+        };
+        (enough(&b_inference, "gpu-a")
+            && enough(&b_all, "gpu-a")
+            && enough(&b_all, "gpu-b")
+            && enough(&a_all, "gpu-a")
+            && enough(&a_all, "gpu-b"))
+        .then_some(())
+    })
+    .await;
+
+    // The filters hold across hubs.
+    for delivery in b_inference.deliveries() {
+        assert_eq!(delivery.worker_id, "gpu-a");
+        assert!(
+            name(&delivery).starts_with("inference."),
+            "{}",
+            name(&delivery)
+        );
+        assert_eq!(delivery.pool, "llama");
+    }
+    assert!(
+        b_gpu_b_only
+            .deliveries()
+            .iter()
+            .all(|d| d.worker_id == "gpu-b"),
+        "a worker filter let another worker through"
+    );
+    // Exactly once, local or remote: no echo of a hub's own events, no duplicates.
+    for (tail, worker) in [
+        (&a_all, "gpu-a"),
+        (&a_all, "gpu-b"),
+        (&b_all, "gpu-a"),
+        (&b_all, "gpu-b"),
+    ] {
+        let sequences = sequences_once(tail, worker);
+        assert!(
+            sequences.windows(2).all(|w| w[0] < w[1]),
+            "{worker}'s events out of order"
+        );
+    }
+    // Lifecycle events travel too: B heard that gpu-a connected to A.
+    assert!(
+        b_all
+            .deliveries()
+            .iter()
+            .any(|d| name(d) == "bridge.worker.connected" && d.worker_id == "gpu-a"),
+        "B never heard of gpu-a connecting"
+    );
+}
