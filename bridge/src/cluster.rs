@@ -88,6 +88,11 @@ impl ClusterLink {
         &self.node
     }
 
+    /// Whether the NATS connection is up now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// The subject of an event from `worker` in `pool`.
     pub fn subject<'a>(
         &self,

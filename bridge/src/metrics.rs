@@ -199,6 +199,35 @@ impl Collector for HubCollector {
             "Version each worker acknowledged (absent while it never has).",
             &versions(true),
         )?;
+        if let Some(cluster) = self.hub.fanout().cluster() {
+            gauge(
+                &mut encoder,
+                "bridge_cluster_connected",
+                "Whether this hub's NATS connection is up (cluster mode).",
+                &[(
+                    vec![("node", cluster.node())],
+                    i64::from(cluster.connected()),
+                )],
+            )?;
+            counter(
+                &mut encoder,
+                "bridge_cluster_received_events",
+                "Events from other hubs queued for this hub's subscribers.",
+                &[(
+                    vec![],
+                    cluster.received.load(std::sync::atomic::Ordering::Relaxed),
+                )],
+            )?;
+            counter(
+                &mut encoder,
+                "bridge_cluster_dropped_events",
+                "Events not published to the cluster because NATS was slow or away too long.",
+                &[(
+                    vec![],
+                    cluster.dropped.load(std::sync::atomic::Ordering::Relaxed),
+                )],
+            )?;
+        }
         histogram(
             &mut encoder,
             "bridge_ingest_latency_seconds",

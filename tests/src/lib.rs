@@ -682,8 +682,13 @@ impl NatsServer {
     /// Starts one, or returns `None` when nats-server is not installed (./test.sh installs it
     /// and sets BRIDGE_REQUIRE_NATS, so CI never skips).
     pub fn start() -> Option<Self> {
+        Self::start_on("-1")
+    }
+
+    /// The same on `port` (e.g. that of a server that was stopped; "-1": a free one).
+    pub fn start_on(port: &str) -> Option<Self> {
         let spawned = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", "-1"])
+            .args(["-a", "127.0.0.1", "-p", port])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn();
@@ -717,6 +722,17 @@ impl NatsServer {
             child,
             url: format!("nats://{address}"),
         })
+    }
+}
+
+impl NatsServer {
+    pub fn port(&self) -> String {
+        self.url.rsplit(':').next().unwrap_or_default().to_owned()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -5,7 +5,7 @@ use std::{collections::HashSet, time::Duration};
 
 use bridge_proto::v1;
 use bridge_tests::{
-    HubOptions, HubProcess, NatsServer, Tail, WorkerProcess, eventually, name, sequence,
+    HubOptions, HubProcess, NatsServer, Tail, WorkerProcess, eventually, http_get, name, sequence,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -115,4 +115,60 @@ async fn subscribers_on_any_hub_see_workers_on_every_hub_once() {
             .any(|d| name(d) == "bridge.worker.connected" && d.worker_id == "gpu-a"),
         "B never heard of gpu-a connecting"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    let a = clustered(&nats, "hub-a");
+    let b = clustered(&nats, "hub-b");
+    let (mut client_a, mut client_b) = (a.client().await, b.client().await);
+    let local = Tail::start(&mut client_a, v1::SubscribeRequest::default()).await;
+    let remote = Tail::start(&mut client_b, v1::SubscribeRequest::default()).await;
+    let _gpu_a = WorkerProcess::start(&a.url, "gpu-a", "llama", &["--simulate", "100"]);
+    let from_a = |tail: &Tail| {
+        tail.deliveries()
+            .iter()
+            .filter(|d| d.worker_id == "gpu-a")
+            .count()
+    };
+    eventually("gpu-a's events on B", WAIT, || async {
+        (from_a(&remote) > 50).then_some(())
+    })
+    .await;
+    let ready =
+        |hub: &HubProcess| tokio::task::block_in_place(|| http_get(hub.http, "/readyz", &[]));
+    assert_eq!(ready(&a).body.trim(), "ready");
+
+    // NATS goes away: A keeps serving its own subscriber and says it is degraded.
+    let port = nats.port();
+    nats.kill();
+    eventually("A to report the lost connection", WAIT, || async {
+        let answer = ready(&a);
+        (answer.status == 200 && answer.body.contains("degraded")).then_some(())
+    })
+    .await;
+    let metrics = tokio::task::block_in_place(|| http_get(a.http, "/metrics", &[])).body;
+    assert!(
+        metrics.contains("bridge_cluster_connected{node=\"hub-a\"} 0"),
+        "{metrics}"
+    );
+    let before = from_a(&local);
+    eventually("A's local subscriber to keep receiving", WAIT, || async {
+        (from_a(&local) > before + 100).then_some(())
+    })
+    .await;
+    let remote_before = from_a(&remote);
+
+    // NATS returns on the same address: both hubs reconnect and B hears from gpu-a again.
+    let _nats = NatsServer::start_on(&port).expect("nats-server restarts");
+    eventually("B to receive gpu-a's events again", WAIT, || async {
+        (from_a(&remote) > remote_before + 50).then_some(())
+    })
+    .await;
+    assert_eq!(ready(&a).body.trim(), "ready");
+    sequences_once(&remote, "gpu-a");
+    sequences_once(&local, "gpu-a");
 }

@@ -293,9 +293,16 @@ async fn scrape(State(hub): State<Hub>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
+/// Ready while not shutting down. A clustered hub whose NATS connection is down still serves
+/// its own workers and subscribers, so it stays ready and says it is degraded.
 async fn ready(State(hub): State<Hub>) -> impl IntoResponse {
     if hub.shutdown_token().is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else if hub.fanout().cluster().is_some_and(|c| !c.connected()) {
+        (
+            StatusCode::OK,
+            "ready, degraded: no NATS connection; serving local workers and subscribers only\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }
