@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::link::LinkOptions;
 
-/// The configuration file as the sidecar reads it; `[hub]` and `[control]` belong to the hub.
+/// The configuration file as the sidecar reads it; the other sections belong to the hub.
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct File {
@@ -16,6 +16,7 @@ struct File {
     auth: toml::Table,
     tls: toml::Table,
     limits: toml::Table,
+    cluster: toml::Table,
 }
 
 /// `[worker]`.
