@@ -351,6 +351,16 @@ impl Fanout {
     ) -> usize {
         let subscribers = self.shared.subscribers.load();
         let mut encoded: Option<EncodedSubscribeResponse> = None;
+        let encode = || {
+            EncodedSubscribeResponse::delivery_of_bytes(
+                source.worker_id,
+                source.pool,
+                event.as_bytes(),
+                (event.timestamp_ns == 0).then_some(received_ns),
+                sampling_rate,
+                received_ns,
+            )
+        };
         let mut matched = 0;
         for subscriber in subscribers.iter() {
             if !subscriber
@@ -360,29 +370,11 @@ impl Fanout {
                 continue;
             }
             matched += 1;
-            let response = encoded.get_or_insert_with(|| {
-                EncodedSubscribeResponse::delivery_of_bytes(
-                    source.worker_id,
-                    source.pool,
-                    event.as_bytes(),
-                    (event.timestamp_ns == 0).then_some(received_ns),
-                    sampling_rate,
-                    received_ns,
-                )
-            });
+            let response = encoded.get_or_insert_with(encode);
             subscriber.offer(response, received_ns);
         }
         if let Some(cluster) = self.shared.cluster.get() {
-            let response = encoded.unwrap_or_else(|| {
-                EncodedSubscribeResponse::delivery_of_bytes(
-                    source.worker_id,
-                    source.pool,
-                    event.as_bytes(),
-                    (event.timestamp_ns == 0).then_some(received_ns),
-                    sampling_rate,
-                    received_ns,
-                )
-            });
+            let response = encoded.unwrap_or_else(encode);
             cluster.offer(Outbound {
                 subject: cluster.subject(source.pool, source.worker_id, event.parts()),
                 response,
