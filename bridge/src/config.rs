@@ -313,6 +313,19 @@ impl Config {
         if let Err(message) = hub.http_address() {
             return Err(("hub.http".into(), message));
         }
+        let cluster = &self.cluster;
+        if cluster.enabled() {
+            for url in cluster.nats_url.split(',').map(str::trim) {
+                if let Err(error) = url.parse::<async_nats::ServerAddr>() {
+                    return Err((
+                        "cluster.nats_url".into(),
+                        format!(
+                            "`{url}` is not a NATS server address such as nats://10.0.0.5:4222: {error}"
+                        ),
+                    ));
+                }
+            }
+        }
         let prefix = &self.cluster.subject_prefix;
         if prefix.is_empty()
             || prefix
@@ -553,6 +566,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("control.workers.w.block[0]"), "{err}");
+        for (text, key) in [
+            ("[cluster]\nnats_url = \"::bad::\"", "`cluster.nats_url`"),
+            (
+                "[cluster]\nsubject_prefix = \"a.*\"",
+                "`cluster.subject_prefix`",
+            ),
+            (
+                "[hub]\nhttp_allowed_origins = [\"example.com/x\"]",
+                "http_allowed_origins[0]",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let cluster = parse("[cluster]\nnats_url = \"nats://a:4222, nats://b:4222\"").unwrap();
+        assert!(cluster.cluster.enabled());
     }
 
     mod hostile {
@@ -569,6 +598,7 @@ mod tests {
                 Just("auth"),
                 Just("tls"),
                 Just("limits"),
+                Just("cluster"),
                 Just("control.pools.a"),
                 Just("control.workers.\"gpu-1\""),
                 Just("nope"),
@@ -587,6 +617,8 @@ mod tests {
                 Just("cert"),
                 Just("client_ca"),
                 Just("max_event_parts"),
+                Just("nats_url"),
+                Just("subject_prefix"),
                 Just("handshake_timeout_ms"),
                 Just("worker_events_per_second"),
                 Just("typo"),
