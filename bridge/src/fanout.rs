@@ -41,7 +41,8 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// [`Filter::matches`] for an event known by its name tokens (from another hub).
+    /// Whether an event from `worker_id` in `pool` with these name tokens passes.
+    #[inline]
     pub fn matches_parts<'a>(
         &self,
         worker_id: &str,
@@ -59,13 +60,7 @@ impl Filter {
 
     #[inline]
     pub fn matches(&self, worker_id: &str, pool: &str, event: &EventView) -> bool {
-        (self.worker_ids.is_empty() || self.worker_ids.contains(worker_id))
-            && self.pool.as_deref().is_none_or(|p| p == pool)
-            && (self.patterns.is_empty()
-                || self
-                    .patterns
-                    .iter()
-                    .any(|p| p.matches_tokens(event.parts())))
+        self.matches_parts(worker_id, pool, event.parts())
     }
 }
 
