@@ -4,8 +4,8 @@
 //! name>` (pool and worker as [`subject_token`]s), with the encoded delivery its own subscribers
 //! get as the payload. For each local subscription it subscribes to the subjects its filter maps
 //! to, so NATS does the matching, and queues what other hubs published exactly as local events
-//! (same queue, same lag notices). Messages a hub published itself are skipped: its own
-//! subscribers got them directly. Publishing never waits: when NATS is slow or away the backlog
+//! (same queue, same lag notices). The connection is made with `no_echo`, so NATS never
+//! sends a hub its own messages: its own subscribers got them directly. Publishing never waits: when NATS is slow or away the backlog
 //! is bounded and what does not fit is counted, while local delivery goes on.
 
 use std::sync::{
@@ -27,7 +27,6 @@ use crate::{
 
 /// Events waiting for the NATS connection; beyond this they are dropped and counted.
 const BACKLOG: usize = 65_536;
-const NODE_HEADER: &str = "Bridge-Node";
 const RECEIVED_HEADER: &str = "Bridge-Received-Ns";
 
 /// One event on its way to NATS.
@@ -59,6 +58,9 @@ impl ClusterLink {
         let client = async_nats::ConnectOptions::new()
             .name(format!("telemetry-bridge {node}"))
             .retry_on_initial_connect()
+            // A hub's own events reach its subscribers directly; back from NATS they would be
+            // duplicates, and every one of them would cross the network twice.
+            .no_echo()
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => info!("cluster: connected to NATS"),
@@ -150,15 +152,6 @@ impl ClusterLink {
     }
 
     fn deliver(&self, subscriber: &Subscriber, message: async_nats::Message) {
-        let headers = message.headers.as_ref();
-        let header = |name: &str| {
-            headers
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        if header(NODE_HEADER).as_deref() == Some(&*self.node) {
-            return;
-        }
         let Some((pool, worker, parts)) = parse_subject(&self.prefix, &message.subject) else {
             return;
         };
@@ -170,8 +163,11 @@ impl ClusterLink {
         {
             return;
         }
-        let received_ns = header(RECEIVED_HEADER)
-            .and_then(|v| v.parse().ok())
+        let received_ns = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(RECEIVED_HEADER))
+            .and_then(|v| v.as_str().parse().ok())
             .unwrap_or_else(|| unix_nanos(std::time::SystemTime::now()));
         let Some(delivery) = EncodedSubscribeResponse::checked_delivery(message.payload) else {
             debug!(subject = %message.subject, "cluster: skipping a message that is not an event delivery");
@@ -185,7 +181,6 @@ impl ClusterLink {
 async fn publish(link: Arc<ClusterLink>, mut backlog: mpsc::Receiver<Outbound>) {
     while let Some(event) = backlog.recv().await {
         let mut headers = HeaderMap::new();
-        headers.insert(NODE_HEADER, &*link.node);
         headers.insert(RECEIVED_HEADER, event.received_ns.to_string().as_str());
         let payload = event.response.as_bytes().clone();
         if link
