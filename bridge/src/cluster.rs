@@ -115,10 +115,14 @@ impl ClusterLink {
         subject
     }
 
-    /// Hands an event to the publisher; never waits.
-    pub fn offer(&self, event: Outbound) {
-        if self.outbound.try_send(event).is_err() {
-            self.dropped.fetch_add(1, Relaxed);
+    /// Hands an event to the publisher; never waits. `event` is only built when the backlog
+    /// has room for it, so an overloaded or cut-off hub does not encode what it would drop.
+    pub fn offer(&self, event: impl FnOnce() -> Outbound) {
+        match self.outbound.try_reserve() {
+            Ok(slot) => slot.send(event()),
+            Err(_) => {
+                self.dropped.fetch_add(1, Relaxed);
+            }
         }
     }
 

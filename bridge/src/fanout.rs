@@ -369,10 +369,9 @@ impl Fanout {
             subscriber.offer(response, received_ns);
         }
         if let Some(cluster) = self.shared.cluster.get() {
-            let response = encoded.unwrap_or_else(encode);
-            cluster.offer(Outbound {
+            cluster.offer(|| Outbound {
                 subject: cluster.subject(source.pool, source.worker_id, event.parts()),
-                response,
+                response: encoded.unwrap_or_else(encode),
                 received_ns,
             });
         }
