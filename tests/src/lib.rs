@@ -22,6 +22,17 @@ mod pki;
 pub use bridge::fault_proxy::{Mode as ProxyMode, Proxy};
 pub use pki::{Issued, Pki};
 
+/// For a test whose external tool is missing: a failure when `./test.sh` declared the tool
+/// required (it sets `require`, after installing the tool), otherwise a note on stderr that the
+/// test (or check) is skipped.
+pub fn skip_without(require: &str, missing: &str) {
+    assert!(
+        std::env::var_os(require).is_none(),
+        "{missing}; it is required here ({require} is set)"
+    );
+    eprintln!("skipping: {missing} (./test.sh installs it)");
+}
+
 /// A token of each role, and the hub configuration that grants them: `fleet` (worker),
 /// `dashboards` (reader) and `oncall` (admin).
 pub const WORKER_TOKEN: &str = "worker-token-5f0c2a9e7b";
@@ -569,11 +580,10 @@ impl PythonGrpc {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            assert!(
-                std::env::var_os("BRIDGE_REQUIRE_PYTHON").is_none(),
-                "{python} lacks grpcio/grpcio-tools; ./test.sh installs them"
+            skip_without(
+                "BRIDGE_REQUIRE_PYTHON",
+                &format!("{python} lacks grpcio/grpcio-tools"),
             );
-            eprintln!("skipping: no Python with grpcio (run ./test.sh to set one up)");
             return None;
         }
         let generated = tempfile::tempdir().expect("temp dir");
@@ -695,11 +705,10 @@ impl NatsServer {
         let mut child = match spawned {
             Ok(child) => child,
             Err(error) => {
-                assert!(
-                    std::env::var_os("BRIDGE_REQUIRE_NATS").is_none(),
-                    "nats-server is required (Debian package nats-server): {error}"
+                skip_without(
+                    "BRIDGE_REQUIRE_NATS",
+                    &format!("no nats-server (Debian package nats-server): {error}"),
                 );
-                eprintln!("nats-server not installed; skipping (./test.sh installs it)");
                 return None;
             }
         };

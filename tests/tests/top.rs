@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use bridge_tests::{HubProcess, WorkerProcess, bin, eventually, worker_info};
+use bridge_tests::{HubProcess, WorkerProcess, bin, eventually, skip_without, worker_info};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -51,12 +51,11 @@ impl Drop for Tmux {
 
 fn tmux_installed() -> bool {
     let found = Command::new("tmux").arg("-V").output().is_ok();
-    assert!(
-        found || std::env::var_os("BRIDGE_REQUIRE_TMUX").is_none(),
-        "tmux is required (Debian package tmux)"
-    );
     if !found {
-        eprintln!("tmux not installed; skipping the `bridge top` test (./test.sh installs it)");
+        skip_without(
+            "BRIDGE_REQUIRE_TMUX",
+            "no tmux (Debian package tmux) for the `bridge top` test",
+        );
     }
     found
 }
