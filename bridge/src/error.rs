@@ -25,6 +25,11 @@ pub enum Error {
     StateRead { path: PathBuf, message: String },
     #[error("the hub is shutting down")]
     ShuttingDown,
+    /// Something the hub depends on (NATS, in cluster mode) is out of reach; worth retrying.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
     /// A configured limit was reached.
     #[error("{0}")]
     Limit(String),
@@ -45,7 +50,8 @@ impl From<Error> for tonic::Status {
                 Self::invalid_argument(message)
             }
             Error::StateWrite { .. } | Error::StateRead { .. } => Self::internal(message),
-            Error::ShuttingDown => Self::unavailable(message),
+            Error::ShuttingDown | Error::Unavailable(_) => Self::unavailable(message),
+            Error::Internal(_) => Self::internal(message),
             Error::Limit(_) => Self::resource_exhausted(message),
         }
     }

@@ -12,8 +12,9 @@ use tracing::info;
 
 use crate::{
     auth::Authenticator,
+    cluster::{self, ClusterLink, rpc},
     config::Config,
-    control::{Change, ControlPlane, Selector},
+    control::{Change, ControlPlane, Selector, layer::Layer},
     error::{Error, Result},
     fanout::{Fanout, Filter, Source, Subscription},
     latency::{INGEST_BOUNDS_NS, LatencyHistogram},
@@ -58,7 +59,7 @@ impl Hub {
     pub fn new(config: Config) -> Result<Self> {
         let state_dir = config.hub.resolved_state_dir();
         let auth = Authenticator::new(&config.auth).map_err(Error::InvalidArgument)?;
-        let control = ControlPlane::open(&config.control, &state_dir)?;
+        let control = ControlPlane::open(&config.control, &state_dir, config.cluster.enabled())?;
         info!(state_file = %control.state_file().display(), "control state loaded");
         Ok(Self {
             shared: Arc::new(Shared {
@@ -91,6 +92,39 @@ impl Hub {
 
     pub fn fanout(&self) -> &Fanout {
         &self.shared.fanout
+    }
+
+    pub fn control(&self) -> &ControlPlane {
+        &self.shared.control
+    }
+
+    /// The hub's link to the other hubs, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
+        self.shared.fanout.cluster()
+    }
+
+    /// Shares events, workers and control with the other hubs of a cluster from now on.
+    pub fn join_cluster(&self, link: Arc<ClusterLink>) {
+        self.shared.fanout.join_cluster(link.clone());
+        cluster::start(self.clone(), link);
+    }
+
+    /// Takes the cluster's control state, just loaded, and pushes it to every worker.
+    pub async fn load_cluster_state(&self, epoch: u64) {
+        let control = &self.shared.control;
+        let _serialised = control.serialise().await;
+        control.set_epoch(epoch);
+        self.push(&Selector::All);
+    }
+
+    /// Takes a level of the cluster's control state that changed, and pushes it to the
+    /// workers it applies to.
+    pub async fn apply_cluster_layer(&self, selector: &Selector, layer: Layer) {
+        let control = &self.shared.control;
+        let _serialised = control.serialise().await;
+        if control.set_layer(selector, layer) {
+            self.push(selector);
+        }
     }
 
     pub fn shutdown_token(&self) -> &CancellationToken {
@@ -223,6 +257,9 @@ impl Hub {
 
     /// Applies an operator's change, pushes the new state to the workers it reaches, and waits
     /// up to `wait` for the connected ones that acknowledge control to apply it.
+    ///
+    /// In cluster mode the change is written to the cluster's state, which every hub (this one
+    /// included) follows, and the acknowledgements come from every hub.
     pub async fn update_control(
         &self,
         selector: &Selector,
@@ -234,14 +271,64 @@ impl Hub {
             return Err(Error::ShuttingDown);
         }
         if let Selector::Worker(id) = selector
-            && self.shared.registry.get(id).is_none()
-            && !self.shared.control.has_worker_settings(id)
+            && !self.knows_worker(id).await
         {
             return Err(Error::UnknownWorker(id.clone()));
         }
-        let started = Instant::now();
-        let applied = self.shared.control.apply(selector, change).await?;
-        let version = applied.version;
+        let (version, targets) = match self.cluster() {
+            Some(link) => {
+                let version =
+                    cluster::control::write(&link.buckets()?.control, selector, change).await?;
+                let (mut local, remote) = tokio::join!(
+                    self.local_acknowledgements(selector, version, wait),
+                    link.remote_acknowledgements(selector, version, wait)
+                );
+                local.extend(remote);
+                (version, local)
+            }
+            None => {
+                let started = Instant::now();
+                let applied = self.shared.control.apply(selector, change).await?;
+                let version = applied.version;
+                let reached = self.push(selector);
+                drop(applied);
+                let targets = self
+                    .acknowledgements(&reached, version, wait, started)
+                    .await;
+                (version, targets)
+            }
+        };
+        info!(
+            selector = %selector,
+            change = %change,
+            control.version = version,
+            workers = targets.len(),
+            token = requester.token,
+            via = requester.via,
+            peer = requester.peer.map(tracing::field::display),
+            "control changed"
+        );
+        Ok(v1::UpdateControlResponse { version, targets })
+    }
+
+    /// Whether a worker with this id is connected to (or remembered by) any hub, or has
+    /// settings of its own, so that it may be addressed.
+    async fn knows_worker(&self, id: &str) -> bool {
+        if self.shared.registry.get(id).is_some() || self.shared.control.has_worker_settings(id) {
+            return true;
+        }
+        match self.cluster() {
+            Some(link) => !link
+                .remote_workers(Some(&Selector::Worker(id.to_owned())))
+                .await
+                .is_empty(),
+            None => false,
+        }
+    }
+
+    /// Pushes the current desired state to this hub's workers that `selector` addresses;
+    /// returns them.
+    fn push(&self, selector: &Selector) -> Vec<Arc<Worker>> {
         let reached: Vec<Arc<Worker>> = match selector {
             Selector::Worker(id) => self.shared.registry.get(id).into_iter().collect(),
             _ => self
@@ -269,18 +356,49 @@ impl Hub {
             };
             worker.offer_desired(state);
         }
-        drop(applied);
-        info!(
-            selector = %selector,
-            change = %change,
-            control.version = version,
-            workers = reached.len(),
-            token = requester.token,
-            via = requester.via,
-            peer = requester.peer.map(tracing::field::display),
-            "control changed"
-        );
+        reached
+    }
 
+    /// Waits up to `wait` for this hub's workers that `selector` addresses to apply `version`
+    /// of the cluster's state (which this hub pushes to them once it has it).
+    pub async fn local_acknowledgements(
+        &self,
+        selector: &Selector,
+        version: u64,
+        wait: Duration,
+    ) -> Vec<v1::TargetStatus> {
+        let started = Instant::now();
+        if let Some(link) = self.cluster() {
+            // The change reaches this hub's copy through NATS; wait for it at least a moment
+            // even when the command does not wait for acknowledgements.
+            let deadline = tokio::time::Instant::now() + wait.max(rpc::ANSWER_MARGIN);
+            link.applied(version, deadline).await;
+        }
+        let reached: Vec<Arc<Worker>> = self
+            .shared
+            .registry
+            .unordered()
+            .into_iter()
+            .filter(|worker| selects(selector, worker))
+            .collect();
+        self.acknowledgements(
+            &reached,
+            version,
+            wait.saturating_sub(started.elapsed()),
+            started,
+        )
+        .await
+    }
+
+    /// Waits up to `wait` for the connected workers among `reached` that acknowledge control
+    /// to apply `version`; their statuses, with latencies counted from `started`.
+    async fn acknowledgements(
+        &self,
+        reached: &[Arc<Worker>],
+        version: u64,
+        wait: Duration,
+        started: Instant,
+    ) -> Vec<v1::TargetStatus> {
         let deadline = tokio::time::Instant::now() + wait;
         let targets = reached
             .iter()
@@ -305,23 +423,48 @@ impl Hub {
                     },
                 }
             });
-        let targets = join_all(targets).await;
-        Ok(v1::UpdateControlResponse { version, targets })
+        join_all(targets).await
     }
 
-    /// The workers the selector addresses (all when `None`), as the admin API shows them.
-    pub fn list_workers(&self, selector: Option<&Selector>) -> Vec<v1::WorkerInfo> {
+    /// The workers the selector addresses (all when `None`) on every hub, as the admin API
+    /// shows them. A worker that moved between hubs is shown where it is connected.
+    pub async fn list_workers(&self, selector: Option<&Selector>) -> Vec<v1::WorkerInfo> {
+        let mut workers = self.local_workers(selector);
+        let Some(link) = self.cluster() else {
+            return workers;
+        };
+        workers.extend(link.remote_workers(selector).await);
+        // Connected first, then the most recently connected: the first of each id stays.
+        workers.sort_by(|a, b| {
+            (
+                a.id.as_str(),
+                !a.connected,
+                std::cmp::Reverse(a.connected_since_ns),
+            )
+                .cmp(&(
+                    b.id.as_str(),
+                    !b.connected,
+                    std::cmp::Reverse(b.connected_since_ns),
+                ))
+        });
+        workers.dedup_by(|later, first| later.id == first.id);
+        workers
+    }
+
+    /// The workers the selector addresses (all when `None`) that this hub knows.
+    pub fn local_workers(&self, selector: Option<&Selector>) -> Vec<v1::WorkerInfo> {
+        let hub = self.cluster().map_or("", |link| link.node());
         self.shared
             .registry
             .all()
             .iter()
             .filter(|w| selector.is_none_or(|s| selects(s, w)))
-            .map(|w| worker_info(w))
+            .map(|w| worker_info(w, hub))
             .collect()
     }
 
     /// The effective control state for a selector and the levels it comes from.
-    pub fn describe_control(&self, selector: &Selector) -> Result<v1::GetControlResponse> {
+    pub async fn describe_control(&self, selector: &Selector) -> Result<v1::GetControlResponse> {
         let control = &self.shared.control;
         Ok(match selector {
             Selector::All => control.describe(None, ""),
@@ -329,8 +472,11 @@ impl Hub {
             Selector::Worker(id) => {
                 let pool = match self.shared.registry.get(id) {
                     Some(worker) => worker.status().pool.clone(),
-                    None if control.has_worker_settings(id) => String::new(),
-                    None => return Err(Error::UnknownWorker(id.clone())),
+                    None => match self.list_workers(Some(selector)).await.first() {
+                        Some(worker) => worker.pool.clone(),
+                        None if control.has_worker_settings(id) => String::new(),
+                        None => return Err(Error::UnknownWorker(id.clone())),
+                    },
                 };
                 control.describe(Some(id), &pool)
             }
@@ -358,7 +504,7 @@ fn selects(selector: &Selector, worker: &Worker) -> bool {
     }
 }
 
-fn worker_info(worker: &Worker) -> v1::WorkerInfo {
+fn worker_info(worker: &Worker, hub: &str) -> v1::WorkerInfo {
     let desired = worker.desired();
     let events_per_second = worker.events_per_second();
     let applied_version = worker.applied_version();
@@ -391,6 +537,7 @@ fn worker_info(worker: &Worker) -> v1::WorkerInfo {
         gpu: status.gpu.clone(),
         missing_events: worker.counters.missing.load(Relaxed),
         last_sequence: worker.counters.last_sequence.load(Relaxed),
+        hub: hub.to_owned(),
     }
 }
 

@@ -73,7 +73,7 @@ struct HubCollector {
 
 impl Collector for HubCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let workers = self.hub.list_workers(None);
+        let workers = self.hub.local_workers(None);
         let (delivered, lagged) = self.hub.fanout().totals();
 
         gauge(

@@ -283,6 +283,7 @@ pub fn worker_json(worker: &v1::WorkerInfo) -> Json {
     json!({
         "id": worker.id,
         "pool": worker.pool,
+        "hub": (!worker.hub.is_empty()).then_some(&worker.hub),
         "connected": worker.connected,
         "connected_since": timestamp(worker.connected_since_ns),
         "disconnected_at": (worker.disconnected_ns != 0).then(|| timestamp(worker.disconnected_ns)),
@@ -307,10 +308,15 @@ pub fn worker_json(worker: &v1::WorkerInfo) -> Json {
 /// A table, one worker a row.
 pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
     let now = SystemTime::now();
-    let header = [
+    // Which hub each worker streams to matters only in cluster mode.
+    let clustered = workers.iter().any(|w| !w.hub.is_empty());
+    let mut header = vec![
         "WORKER", "POOL", "STATUS", "GPU", "EVENTS", "EV/S", "DROPS", "CONTROL", "STATE",
     ];
-    let rows: Vec<[String; 9]> = workers
+    if clustered {
+        header.insert(2, "HUB");
+    }
+    let rows: Vec<Vec<String>> = workers
         .iter()
         .map(|w| {
             let since = |ns: i64| {
@@ -344,7 +350,7 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
                     None => format!("v{} pending", w.desired_version),
                 }
             };
-            [
+            let mut row = vec![
                 w.id.clone(),
                 if w.pool.is_empty() {
                     "-".into()
@@ -366,10 +372,14 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
                 },
                 control,
                 w.control.as_ref().map(control_text).unwrap_or_default(),
-            ]
+            ];
+            if clustered {
+                row.insert(2, w.hub.clone());
+            }
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -378,7 +388,7 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
     let mut out = String::new();
     let mut line = |cells: &[String]| {
         let mut text = String::new();
-        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+        for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
                 text.push_str(cell);
             } else {
@@ -388,7 +398,7 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
         out.push_str(text.trim_end());
         out.push('\n');
     };
-    line(&header.map(String::from));
+    line(&header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>());
     for row in &rows {
         line(row);
     }

@@ -104,7 +104,7 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
             some => Some(Selector::try_from(some)?),
         };
         Ok(Response::new(v1::ListWorkersResponse {
-            workers: self.hub.list_workers(selector.as_ref()),
+            workers: self.hub.list_workers(selector.as_ref()).await,
         }))
     }
 
@@ -132,6 +132,6 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
     ) -> Result<Response<v1::GetControlResponse>, Status> {
         self.hub.auth().check(request.metadata(), Access::Read)?;
         let selector = Selector::try_from(request.into_inner().selector)?;
-        Ok(Response::new(self.hub.describe_control(&selector)?))
+        Ok(Response::new(self.hub.describe_control(&selector).await?))
     }
 }

@@ -681,60 +681,32 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// A `nats-server` on a free loopback port, killed when dropped.
+/// A `nats-server` with JetStream on a free loopback port, killed when dropped. Its
+/// JetStream store outlives a [`NatsServer::kill`], as a real server's disk would.
 #[derive(Debug)]
 pub struct NatsServer {
     child: Child,
     pub url: String,
+    store: tempfile::TempDir,
 }
 
 impl NatsServer {
     /// Starts one, or returns `None` when nats-server is not installed (./test.sh installs it
     /// and sets BRIDGE_REQUIRE_NATS, so CI never skips).
     pub fn start() -> Option<Self> {
-        Self::start_on("-1")
-    }
-
-    /// The same on `port` (e.g. that of a server that was stopped; "-1": a free one).
-    pub fn start_on(port: &str) -> Option<Self> {
-        let spawned = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", port])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match spawned {
-            Ok(child) => child,
+        let store = tempfile::tempdir().expect("temp dir");
+        match spawn_nats("-1", store.path()) {
+            Ok((child, url)) => Some(Self { child, url, store }),
             Err(error) => {
                 skip_without(
                     "BRIDGE_REQUIRE_NATS",
                     &format!("no nats-server (Debian package nats-server): {error}"),
                 );
-                return None;
+                None
             }
-        };
-        let stderr = child.stderr.take().expect("stderr");
-        let (found, listening) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // "[INF] Listening for client connections on 127.0.0.1:4222"; then keep draining
-            // so that the server never blocks on a full pipe.
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("Listening for client connections on") {
-                    let _ = found.send(line);
-                }
-            }
-        });
-        let line = listening
-            .recv_timeout(Duration::from_secs(20))
-            .expect("nats-server to listen");
-        let address = line.rsplit(' ').next().expect("address").trim().to_owned();
-        Some(Self {
-            child,
-            url: format!("nats://{address}"),
-        })
+        }
     }
-}
 
-impl NatsServer {
     pub fn port(&self) -> String {
         self.url.rsplit(':').next().unwrap_or_default().to_owned()
     }
@@ -743,6 +715,41 @@ impl NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Starts the server again on the same port, with the same JetStream store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (child, url) =
+            spawn_nats(&self.port(), self.store.path()).expect("nats-server restarts");
+        assert_eq!(url, self.url, "nats-server came back on another address");
+        self.child = child;
+    }
+}
+
+/// Spawns nats-server on `port` ("-1": a free one); returns it and its URL once it listens.
+fn spawn_nats(port: &str, store: &Path) -> std::io::Result<(Child, String)> {
+    let mut child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().expect("stderr");
+    let (found, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // "[INF] Listening for client connections on 127.0.0.1:4222"; then keep draining
+        // so that the server never blocks on a full pipe.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("Listening for client connections on") {
+                let _ = found.send(line);
+            }
+        }
+    });
+    let line = listening
+        .recv_timeout(Duration::from_secs(20))
+        .expect("nats-server to listen");
+    let address = line.rsplit(' ').next().expect("address").trim().to_owned();
+    Ok((child, format!("nats://{address}")))
 }
 
 impl Drop for NatsServer {

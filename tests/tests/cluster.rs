@@ -143,7 +143,6 @@ async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
     assert_eq!(ready(&a).body.trim(), "ready");
 
     // NATS goes away: A keeps serving its own subscriber and says it is degraded.
-    let port = nats.port();
     nats.kill();
     eventually("A to report the lost connection", WAIT, || async {
         let answer = ready(&a);
@@ -163,7 +162,7 @@ async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
     let remote_before = from_a(&remote);
 
     // NATS returns on the same address: both hubs reconnect and B hears from gpu-a again.
-    let _nats = NatsServer::start_on(&port).expect("nats-server restarts");
+    nats.restart();
     eventually("B to receive gpu-a's events again", WAIT, || async {
         (from_a(&remote) > remote_before + 50).then_some(())
     })

@@ -86,7 +86,7 @@ pub async fn run(args: Args) -> Outcome {
             .await
             .map_err(Failure::invalid)?;
         tracing::info!(node = link.node(), nats = %cluster.nats_url, "cluster mode: sharing events through NATS");
-        hub.fanout().join_cluster(link);
+        hub.join_cluster(link);
     }
     if let Some(http) = http {
         let http_listener = TcpListener::bind(http).await.map_err(|e| {

@@ -164,8 +164,9 @@ struct Book {
 pub struct ControlPlane {
     book: Mutex<Book>,
     store: Store,
-    /// Asks the thread that flushes the state file to disk to do so (see `store`).
-    syncer: std::sync::mpsc::Sender<()>,
+    /// Asks the thread that flushes the state file to disk to do so, after writing the
+    /// snapshot it is given, if any (see `store`).
+    syncer: std::sync::mpsc::Sender<Option<Snapshot>>,
     /// Serialises changes from the moment they are made until they are pushed to workers, so
     /// that no worker can receive an older state after a newer one.
     changes: tokio::sync::Mutex<()>,
@@ -180,12 +181,23 @@ pub struct Applied<'a> {
 
 impl ControlPlane {
     /// Loads the state directory, takes a new version for this start, and saves it.
-    pub fn open(config: &ControlConfig, state_dir: &Path) -> Result<Self> {
-        let store = Store::open(state_dir)?;
+    ///
+    /// A clustered hub keeps its own copy of the cluster's state instead (see
+    /// [`crate::cluster::control`]): its versions are the cluster's, so it takes none of its own
+    /// and serves the copy until the cluster's state is loaded.
+    pub fn open(config: &ControlConfig, state_dir: &Path, clustered: bool) -> Result<Self> {
+        let file_name = if clustered {
+            store::CLUSTER_FILE_NAME
+        } else {
+            store::FILE_NAME
+        };
+        let store = Store::open(state_dir, file_name)?;
         let mut runtime = store.load()?;
-        runtime.version += 1;
-        store.save(&runtime)?;
-        store.sync()?;
+        if !clustered {
+            runtime.version += 1;
+            store.save(&runtime)?;
+            store.sync()?;
+        }
         let configured = Configured {
             global: Layer::global_from_config(config),
             pools: config
@@ -199,16 +211,20 @@ impl ControlPlane {
                 .map(|(id, layer)| (id.clone(), Layer::from_config(layer)))
                 .collect(),
         };
-        let (syncer, requests) = std::sync::mpsc::channel::<()>();
+        let (syncer, requests) = std::sync::mpsc::channel::<Option<Snapshot>>();
         let syncing = store.clone();
         std::thread::Builder::new()
             .name("state-sync".into())
             .spawn(move || {
-                while requests.recv().is_ok() {
-                    // One flush covers every change written before it.
-                    while requests.try_recv().is_ok() {}
-                    if let Err(error) = syncing.sync() {
-                        tracing::warn!(%error, "control state written but not flushed to disk");
+                while let Ok(first) = requests.recv() {
+                    // One write and flush covers every request made before it.
+                    let mut latest = first;
+                    while let Ok(next) = requests.try_recv() {
+                        latest = next.or(latest);
+                    }
+                    let written = latest.map_or(Ok(()), |snapshot| syncing.save(&snapshot));
+                    if let Err(error) = written.and_then(|()| syncing.sync()) {
+                        tracing::warn!(%error, "control state not saved to disk");
                     }
                 }
             })
@@ -226,6 +242,50 @@ impl ControlPlane {
             syncer,
             changes: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Takes a layer from the cluster's state, unless the book already holds a newer one.
+    /// Returns whether anything changed; the copy on disk follows in the background.
+    pub fn set_layer(&self, selector: &Selector, layer: Layer) -> bool {
+        let mut book = self.book();
+        let runtime = &mut book.runtime;
+        let slot = match selector {
+            Selector::All => Some(&mut runtime.global),
+            Selector::Pool(pool) => runtime.pools.get_mut(pool),
+            Selector::Worker(id) => runtime.workers.get_mut(id),
+        };
+        if slot
+            .as_ref()
+            .is_some_and(|held| held.version >= layer.version)
+        {
+            return false;
+        }
+        runtime.version = runtime.version.max(layer.version);
+        match selector {
+            Selector::All => runtime.global = layer,
+            Selector::Pool(pool) => {
+                runtime.pools.insert(pool.clone(), layer);
+            }
+            Selector::Worker(id) => {
+                runtime.workers.insert(id.clone(), layer);
+            }
+        }
+        let _ = self.syncer.send(Some(runtime.clone()));
+        true
+    }
+
+    /// Makes `epoch` the least version of every state from now on (a clustered hub takes it
+    /// from the cluster when it loads the cluster's state).
+    pub fn set_epoch(&self, epoch: u64) {
+        let mut book = self.book();
+        book.epoch = epoch;
+        book.runtime.version = book.runtime.version.max(epoch);
+    }
+
+    /// The changes serialiser: states computed and pushed while holding it cannot overtake
+    /// one another.
+    pub async fn serialise(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
     }
 
     /// Flushes the state file to disk now.
@@ -318,7 +378,7 @@ impl ControlPlane {
         let saved = tokio::task::spawn_blocking(move || {
             store.save(&snapshot)?;
             // Durable against a power loss a moment later; the command need not wait for it.
-            let _ = syncer.send(());
+            let _ = syncer.send(None);
             Ok(())
         })
         .await
@@ -356,7 +416,7 @@ impl Book {
     }
 }
 
-fn apply_change(layer: &mut Layer, change: &Change, version: u64) {
+pub(crate) fn apply_change(layer: &mut Layer, change: &Change, version: u64) {
     match change {
         Change::Sampling { rate, patterns } if patterns.is_empty() => {
             layer.sampling_rate = Some(Setting {
@@ -435,7 +495,7 @@ mod tests {
     async fn changes_persist_and_versions_grow_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let config = ControlConfig::default();
-        let plane = ControlPlane::open(&config, dir.path()).unwrap();
+        let plane = ControlPlane::open(&config, dir.path(), false).unwrap();
         let start = plane.effective(Some("gpu-3"), "llama").version;
         let v = plane
             .apply(&Selector::Worker("gpu-3".into()), &sampling(0.1))
@@ -451,7 +511,7 @@ mod tests {
         );
         drop(plane);
 
-        let plane = ControlPlane::open(&config, dir.path()).unwrap();
+        let plane = ControlPlane::open(&config, dir.path(), false).unwrap();
         let state = plane.effective(Some("gpu-3"), "llama");
         assert_eq!(state.default_rate.get(), 0.1);
         assert!(state.version > v, "a restart takes a new version");
@@ -469,7 +529,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let plane = ControlPlane::open(&config, dir.path()).unwrap();
+        let plane = ControlPlane::open(&config, dir.path(), false).unwrap();
         assert_eq!(plane.effective(Some("gpu-1"), "").default_rate.get(), 0.9);
 
         plane
@@ -506,7 +566,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_save_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let plane = ControlPlane::open(&ControlConfig::default(), dir.path()).unwrap();
+        let plane = ControlPlane::open(&ControlConfig::default(), dir.path(), false).unwrap();
         let before = plane.effective(None, "");
         // Replace the directory with a file so that the next save cannot create its temp file.
         std::fs::remove_dir_all(dir.path()).unwrap();

@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use super::layer::Layer;
 use crate::error::{Error, Result};
 
-const FILE_NAME: &str = "control.json";
+/// The state of a hub that runs alone.
+pub const FILE_NAME: &str = "control.json";
+/// A clustered hub's copy of the cluster's state, used until NATS answers after a restart.
+pub const CLUSTER_FILE_NAME: &str = "cluster-control.json";
 const FORMAT: u32 = 1;
 
 /// What survives a hub restart: the version counter and the operators' changes.
@@ -41,14 +44,14 @@ pub struct Store {
 }
 
 impl Store {
-    /// Uses `dir`, creating it when missing.
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Uses `file_name` in `dir`, creating `dir` when missing.
+    pub fn open(dir: &Path, file_name: &str) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|source| Error::StateWrite {
             path: dir.to_owned(),
             source,
         })?;
         Ok(Self {
-            path: dir.join(FILE_NAME),
+            path: dir.join(file_name),
         })
     }
 
@@ -131,7 +134,7 @@ mod tests {
     #[test]
     fn round_trips_and_reports_corruption() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("nested")).unwrap();
+        let store = Store::open(&dir.path().join("nested"), FILE_NAME).unwrap();
         assert_eq!(store.load().unwrap().version, 0);
 
         let mut snapshot = Snapshot {

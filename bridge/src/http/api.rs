@@ -80,6 +80,7 @@ pub async fn list_workers(
     }
     let workers: Vec<Value> = hub
         .list_workers(selector.as_ref())
+        .await
         .iter()
         .map(render::worker_json)
         .collect();
@@ -93,7 +94,7 @@ pub async fn get_worker(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&hub, &headers, None, Access::Read)?;
-    let workers = hub.list_workers(Some(&Selector::Worker(id.clone())));
+    let workers = hub.list_workers(Some(&Selector::Worker(id.clone()))).await;
     let worker = workers.first().ok_or(Error::UnknownWorker(id))?;
     Ok(Json(render::worker_json(worker)))
 }
@@ -105,7 +106,7 @@ pub async fn show_control(
     Target(selector): Target,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&hub, &headers, None, Access::Read)?;
-    let description = hub.describe_control(&selector)?;
+    let description = hub.describe_control(&selector).await?;
     Ok(Json(render::describe_control_json(&description)))
 }
 

@@ -298,10 +298,15 @@ async fn scrape(State(hub): State<Hub>, headers: HeaderMap) -> Response {
 async fn ready(State(hub): State<Hub>) -> impl IntoResponse {
     if hub.shutdown_token().is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else if hub.fanout().cluster().is_some_and(|c| !c.connected()) {
+    } else if hub.cluster().is_some_and(|c| !c.connected()) {
         (
             StatusCode::OK,
             "ready, degraded: no NATS connection; serving local workers and subscribers only\n",
+        )
+    } else if hub.cluster().is_some_and(|c| !c.following()) {
+        (
+            StatusCode::OK,
+            "ready, degraded: not following the cluster's control state yet (NATS JetStream); control changes are refused\n",
         )
     } else {
         (StatusCode::OK, "ready\n")

@@ -1,32 +1,30 @@
-//! Cluster mode: hubs share their events through NATS.
+//! Events across hubs.
 //!
 //! Each hub publishes every event it passes on to `<prefix>.events.<pool>.<worker>.<event
 //! name>` (pool and worker as [`subject_token`]s), with the encoded delivery its own subscribers
 //! get as the payload. For each local subscription it subscribes to the subjects its filter maps
 //! to, so NATS does the matching, and queues what other hubs published exactly as local events
-//! (same queue, same lag notices). The connection is made with `no_echo`, so NATS never
-//! sends a hub its own messages: its own subscribers got them directly. Publishing never waits: when NATS is slow or away the backlog
-//! is bounded and what does not fit is counted, while local delivery goes on.
+//! (same queue, same lag notices). The connection is made with `no_echo`, so NATS never sends a
+//! hub its own messages: its own subscribers got them directly. Publishing never waits: when
+//! NATS is slow or away the backlog is bounded and what does not fit is counted, while local
+//! delivery goes on.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering::Relaxed},
-};
+use std::sync::{Arc, atomic::Ordering::Relaxed};
 
 use async_nats::HeaderMap;
 use bridge_proto::encoded::EncodedSubscribeResponse;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+use super::ClusterLink;
 use crate::{
-    config::ClusterConfig,
     fanout::{Filter, Subscriber},
     hub::unix_nanos,
 };
 
 /// Events waiting for the NATS connection; beyond this they are dropped and counted.
-const BACKLOG: usize = 65_536;
+pub(super) const BACKLOG: usize = 65_536;
 const RECEIVED_HEADER: &str = "Bridge-Received-Ns";
 
 /// One event on its way to NATS.
@@ -37,64 +35,7 @@ pub struct Outbound {
     pub received_ns: i64,
 }
 
-/// This hub's link to the cluster.
-#[derive(Debug)]
-pub struct ClusterLink {
-    client: async_nats::Client,
-    node: Arc<str>,
-    prefix: String,
-    outbound: mpsc::Sender<Outbound>,
-    /// Events that found the backlog full (NATS slow or away).
-    pub dropped: AtomicU64,
-    /// Events received from other hubs.
-    pub received: AtomicU64,
-}
-
 impl ClusterLink {
-    /// Connects (in the background: a hub whose NATS is down still starts and serves locally)
-    /// and starts publishing.
-    pub async fn connect(config: &ClusterConfig, node: String) -> Result<Arc<Self>, String> {
-        let url = config.nats_url.trim();
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("telemetry-bridge {node}"))
-            .retry_on_initial_connect()
-            // A hub's own events reach its subscribers directly; back from NATS they would be
-            // duplicates, and every one of them would cross the network twice.
-            .no_echo()
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => info!("cluster: connected to NATS"),
-                    async_nats::Event::Disconnected => {
-                        warn!("cluster: NATS connection lost; serving local workers and subscribers only");
-                    }
-                    other => debug!(%other, "cluster: NATS event"),
-                }
-            })
-            .connect(url)
-            .await
-            .map_err(|e| format!("cluster.nats_url `{url}`: {e}"))?;
-        let (outbound, backlog) = mpsc::channel(BACKLOG);
-        let link = Arc::new(Self {
-            client,
-            node: node.into(),
-            prefix: config.subject_prefix.clone(),
-            outbound,
-            dropped: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-        });
-        tokio::spawn(publish(link.clone(), backlog));
-        Ok(link)
-    }
-
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
-    /// Whether the NATS connection is up now.
-    pub fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
-    }
-
     /// The subject of an event from `worker` in `pool`.
     pub fn subject<'a>(
         &self,
@@ -182,7 +123,7 @@ impl ClusterLink {
     }
 }
 
-async fn publish(link: Arc<ClusterLink>, mut backlog: mpsc::Receiver<Outbound>) {
+pub(super) async fn publish(link: Arc<ClusterLink>, mut backlog: mpsc::Receiver<Outbound>) {
     while let Some(event) = backlog.recv().await {
         let mut headers = HeaderMap::new();
         headers.insert(RECEIVED_HEADER, event.received_ns.to_string().as_str());

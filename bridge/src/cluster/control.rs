@@ -1,0 +1,428 @@
+//! Desired control state shared by every hub, in a JetStream key-value bucket.
+//!
+//! One key per level: `global`, `pool.<name>`, `worker.<id>`, each holding that level's
+//! [`Layer`] as JSON. A change reads its level, applies itself and writes the level back only
+//! if nobody wrote it in between (optimistic concurrency on the key's revision), so concurrent
+//! commands on different hubs never lose one another.
+//!
+//! Versions are the bucket's revisions. They grow across all keys, so they order changes made
+//! on any hub, as the single hub's version counter did. A setting cannot know the revision it
+//! will be written at, so the settings a write changes carry version 0 in the bucket, read as
+//! "the revision of this entry".
+//!
+//! Every hub follows the bucket: it loads every level when it connects, then applies each
+//! change to its own workers as it arrives. It keeps a copy on disk, so that a hub restarted
+//! while NATS is away still gives its workers the operators' settings rather than
+//! `config.toml`'s alone.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
+use tracing::{info, warn};
+
+use super::ClusterLink;
+use crate::{
+    control::{Change, Selector, apply_change, layer::Layer},
+    error::{Error, Result},
+    hub::Hub,
+};
+
+/// The key whose writes give each hub start a fresh version (its epoch).
+const EPOCH_KEY: &str = "epoch";
+/// A hub that stops refreshing its presence is forgotten after this long.
+pub(super) const PRESENCE_TTL: Duration = Duration::from_secs(15);
+const PRESENCE_EVERY: Duration = Duration::from_secs(5);
+/// Concurrent writes to one level that a change retries before giving up.
+const WRITE_ATTEMPTS: usize = 32;
+
+/// The cluster's buckets.
+#[derive(Debug, Clone)]
+pub struct Buckets {
+    /// Desired control state.
+    pub control: kv::Store,
+    /// One key per hub that is up, refreshed while it is.
+    pub hubs: kv::Store,
+}
+
+/// The key of a level.
+pub fn layer_key(selector: &Selector) -> String {
+    match selector {
+        Selector::All => "global".into(),
+        Selector::Pool(pool) => format!("pool.{}", key_token(pool)),
+        Selector::Worker(id) => format!("worker.{}", key_token(id)),
+    }
+}
+
+/// The level a key names; `None` for keys that are not levels.
+fn parse_layer_key(key: &str) -> Option<Selector> {
+    match key.split_once('.') {
+        None if key == "global" => Some(Selector::All),
+        Some(("pool", token)) => parse_key_token(token).map(Selector::Pool),
+        Some(("worker", token)) => parse_key_token(token).map(Selector::Worker),
+        _ => None,
+    }
+}
+
+/// Text as one key token: key-value keys allow letters, digits, '-', '_', '=' and '/' ('.'
+/// separates tokens), so every other byte, and '=', is written `=HH`; the empty string is `=`.
+pub fn key_token(text: &str) -> String {
+    if text.is_empty() {
+        return "=".into();
+    }
+    let mut token = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_') {
+            token.push(char::from(byte));
+        } else {
+            token.push_str(&format!("={byte:02X}"));
+        }
+    }
+    token
+}
+
+/// The inverse of [`key_token`]; `None` for a token it cannot have written.
+pub fn parse_key_token(token: &str) -> Option<String> {
+    if token == "=" {
+        return Some(String::new());
+    }
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' {
+            out.push(u8::from_str_radix(token.get(i + 1..i + 3)?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A level as stored at `revision`, its pending versions resolved (see the module notes).
+fn read_layer(value: &[u8], revision: u64) -> Result<Layer, serde_json::Error> {
+    let mut layer: Layer = if value.is_empty() {
+        Layer::default()
+    } else {
+        serde_json::from_slice(value)?
+    };
+    let resolve = |version: &mut u64| {
+        if *version == 0 {
+            *version = revision;
+        }
+    };
+    resolve(&mut layer.version);
+    if let Some(s) = &mut layer.enabled {
+        resolve(&mut s.version);
+    }
+    if let Some(s) = &mut layer.sampling_rate {
+        resolve(&mut s.version);
+    }
+    if let Some(s) = &mut layer.filter {
+        resolve(&mut s.version);
+    }
+    for s in layer.rules.values_mut() {
+        resolve(&mut s.version);
+    }
+    Ok(layer)
+}
+
+fn unavailable(what: &str, error: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!(
+        "cluster control state: {what}: {error} (changes need NATS JetStream; events still flow locally)"
+    ))
+}
+
+/// Writes `change` to its level; returns the revision, which is the change's version.
+pub async fn write(control: &kv::Store, selector: &Selector, change: &Change) -> Result<u64> {
+    let key = layer_key(selector);
+    for _ in 0..WRITE_ATTEMPTS {
+        let entry = control
+            .entry(key.clone())
+            .await
+            .map_err(|e| unavailable("read", e))?;
+        let (mut layer, expected) = match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let layer = read_layer(&entry.value, entry.revision).map_err(|e| {
+                    Error::Internal(format!("cluster control state `{key}` is corrupt: {e}"))
+                })?;
+                (layer, Some(entry.revision))
+            }
+            Some(entry) => (Layer::default(), Some(entry.revision)),
+            None => (Layer::default(), None),
+        };
+        apply_change(&mut layer, change, 0);
+        let value = serde_json::to_vec(&layer)
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .into();
+        let written = match expected {
+            Some(revision) => control.update(&key, value, revision).await.map_err(|e| {
+                (
+                    e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                    e.to_string(),
+                )
+            }),
+            None => control.create(&key, value).await.map_err(|e| {
+                (
+                    e.kind() == kv::CreateErrorKind::AlreadyExists,
+                    e.to_string(),
+                )
+            }),
+        };
+        match written {
+            Ok(revision) => return Ok(revision),
+            // Another hub wrote this level in between: read it again.
+            Err((true, _)) => {}
+            Err((false, error)) => return Err(unavailable("write", error)),
+        }
+    }
+    Err(unavailable(
+        "write",
+        format!("`{key}` kept changing under {WRITE_ATTEMPTS} attempts"),
+    ))
+}
+
+fn bucket_name(prefix: &str, what: &str) -> String {
+    let prefix: String = prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{prefix}_{what}")
+}
+
+/// Opens a bucket, creating it when it does not exist yet. The stream is made here rather than
+/// by `create_key_value`, which first reads account information in a shape older servers
+/// (nats-server 2.9, Debian's) do not send.
+async fn open_bucket(
+    js: &jetstream::Context,
+    bucket: String,
+    description: &str,
+    max_age: Duration,
+) -> Result<kv::Store, String> {
+    if let Ok(store) = js.get_key_value(&bucket).await {
+        return Ok(store);
+    }
+    let stream = jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    let created = js.get_or_create_stream(stream).await;
+    // Whether this hub or another created it, it is there now.
+    js.get_key_value(&bucket)
+        .await
+        .map_err(|error| match created {
+            Err(create) => format!("bucket {bucket}: {create}"),
+            Ok(_) => format!("bucket {bucket}: {error}"),
+        })
+}
+
+/// Follows the cluster's control state for as long as the hub runs, reconnecting as needed.
+pub(super) async fn follow(hub: Hub, link: std::sync::Arc<ClusterLink>) {
+    let mut last_error = String::new();
+    loop {
+        let followed = follow_once(&hub, &link).await;
+        link.applied_revision.send_replace(0);
+        match followed {
+            Ok(()) => last_error.clear(),
+            // While NATS is away every attempt fails the same way; say it once.
+            Err(error) if error != last_error => {
+                warn!(%error, "cluster: not following the control state; retrying");
+                last_error = error;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = hub.shutdown_token().cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
+    let js = jetstream::new(link.client.clone());
+    let control = open_bucket(
+        &js,
+        bucket_name(&link.prefix, "control"),
+        "telemetry-bridge: desired control state",
+        Duration::ZERO,
+    )
+    .await?;
+    let hubs = open_bucket(
+        &js,
+        bucket_name(&link.prefix, "hubs"),
+        "telemetry-bridge: hubs that are up",
+        PRESENCE_TTL,
+    )
+    .await?;
+    let node = key_token(link.node());
+    hubs.put(&node, link.node().as_bytes().to_vec().into())
+        .await
+        .map_err(|e| e.to_string())?;
+    link.buckets.send_replace(Some(Buckets {
+        control: control.clone(),
+        hubs: hubs.clone(),
+    }));
+    // Loaded state may be older than what this hub already pushed from its copy on disk;
+    // a fresh epoch puts every state from now on above both.
+    let epoch = control
+        .put(EPOCH_KEY, link.node().as_bytes().to_vec().into())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut entries = control
+        .watch_with_history(">")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut presence = tokio::time::interval(PRESENCE_EVERY);
+    let mut loaded = false;
+    loop {
+        let entry = tokio::select! {
+            () = hub.shutdown_token().cancelled() => {
+                let _ = hubs.purge(&node).await;
+                return Ok(());
+            }
+            _ = presence.tick() => {
+                hubs.put(&node, link.node().as_bytes().to_vec().into())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                continue;
+            }
+            entry = entries.next() => entry,
+        };
+        let entry = entry
+            .ok_or("the control state watch ended")?
+            .map_err(|e| e.to_string())?;
+        if entry.key == EPOCH_KEY {
+            if !loaded && entry.revision >= epoch {
+                // Everything written before this hub's start has arrived.
+                loaded = true;
+                hub.load_cluster_state(epoch).await;
+                info!(
+                    control.version = epoch,
+                    "cluster: control state loaded; following it"
+                );
+                link.applied_revision.send_replace(entry.revision);
+            }
+            continue;
+        }
+        let Some(selector) = parse_layer_key(&entry.key) else {
+            continue;
+        };
+        let value = match entry.operation {
+            kv::Operation::Put => entry.value.as_ref(),
+            // Removed by hand (`nats kv del`): the level has no settings.
+            kv::Operation::Delete | kv::Operation::Purge => &[],
+        };
+        match read_layer(value, entry.revision) {
+            Ok(layer) if loaded => {
+                hub.apply_cluster_layer(&selector, layer).await;
+                link.applied_revision.send_replace(entry.revision);
+            }
+            Ok(layer) => {
+                hub.control().set_layer(&selector, layer);
+            }
+            Err(error) => {
+                warn!(key = %entry.key, %error, "cluster: ignoring a control level that is not valid");
+            }
+        }
+    }
+}
+
+impl ClusterLink {
+    /// The buckets, or the error a command gets while they are out of reach.
+    pub fn buckets(&self) -> Result<Buckets> {
+        match &*self.buckets.borrow() {
+            Some(buckets) if self.connected() => Ok(buckets.clone()),
+            _ => Err(unavailable("unreachable", "not connected to NATS")),
+        }
+    }
+
+    /// Waits until this hub has applied `revision` of the control state, up to `deadline`.
+    pub async fn applied(&self, revision: u64, deadline: tokio::time::Instant) -> bool {
+        let mut applied = self.applied_revision.subscribe();
+        tokio::time::timeout_at(deadline, applied.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The other hubs that are up, by name.
+    pub async fn peers(&self) -> Option<Vec<String>> {
+        let hubs = self.buckets().ok()?.hubs;
+        let keys = hubs.keys().await.ok()?;
+        let keys: Vec<String> = keys.filter_map(|k| async { k.ok() }).collect().await;
+        Some(
+            keys.iter()
+                .filter_map(|k| parse_key_token(k))
+                .filter(|node| node != self.node())
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_tokens_round_trip_and_are_valid_keys() {
+        for text in ["gpu-3", "", "a.b", "x*y>z", "eq=", "two words", "ünï", "_"] {
+            let token = key_token(text);
+            assert!(
+                token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(&b)),
+                "{token}"
+            );
+            assert_eq!(parse_key_token(&token).as_deref(), Some(text), "{token}");
+        }
+        assert_eq!(
+            layer_key(&Selector::Worker("gpu.3".into())),
+            "worker.gpu=2E3"
+        );
+        assert_eq!(
+            parse_layer_key("pool.llama"),
+            Some(Selector::Pool("llama".into()))
+        );
+        assert_eq!(parse_layer_key("global"), Some(Selector::All));
+        assert_eq!(parse_layer_key(EPOCH_KEY), None);
+        assert_eq!(parse_key_token("=4"), None);
+    }
+
+    #[test]
+    fn settings_written_by_an_entry_take_its_revision() {
+        let mut layer = read_layer(b"", 3).unwrap();
+        assert_eq!(layer.version, 3);
+        let rate = |r| Change::Sampling {
+            rate: bridge_proto::sampling::Rate::new(r).unwrap(),
+            patterns: vec![],
+        };
+        apply_change(&mut layer, &rate(0.5), 0);
+        let stored = serde_json::to_vec(&layer).unwrap();
+        let read = read_layer(&stored, 9).unwrap();
+        assert_eq!(read.sampling_rate.as_ref().map(|s| s.version), Some(9));
+        assert_eq!(read.version, 9);
+        // A later change to another setting keeps this one's version.
+        let mut again = read.clone();
+        apply_change(&mut again, &Change::Toggle(false), 0);
+        let read = read_layer(&serde_json::to_vec(&again).unwrap(), 12).unwrap();
+        assert_eq!(read.sampling_rate.map(|s| s.version), Some(9));
+        assert_eq!(read.enabled.map(|s| s.version), Some(12));
+        assert!(read_layer(b"{ nope", 1).is_err());
+    }
+}

@@ -1,0 +1,195 @@
+//! Cluster mode, control: commands against any hub reach workers on every hub and are
+//! acknowledged back to the hub that was asked; the desired state lives in NATS JetStream, so it
+//! survives a restart of every hub and follows a worker that moves to another hub.
+
+use std::time::Duration;
+
+use bridge::control::{Change, Selector};
+use bridge_proto::sampling::Rate;
+use bridge_tests::{
+    HubOptions, HubProcess, NatsServer, WorkerProcess, eventually, http_get, run_cli, worker_info,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+const ACK_WAIT: Duration = Duration::from_secs(10);
+
+fn clustered(nats: &NatsServer, node: &str) -> HubProcess {
+    HubProcess::start_with(HubOptions {
+        config: Some(format!(
+            "[cluster]\nnats_url = \"{}\"\nnode = \"{node}\"\n",
+            nats.url
+        )),
+        ..Default::default()
+    })
+}
+
+/// Waits until `hub` answers /readyz with "ready" and no degradation: connected to NATS and
+/// following the cluster's control state.
+async fn ready(hub: &HubProcess) {
+    eventually("the hub to follow the cluster", WAIT, || async {
+        let answer = tokio::task::block_in_place(|| http_get(hub.http, "/readyz", &[]));
+        (answer.status == 200 && answer.body.trim() == "ready").then_some(())
+    })
+    .await;
+}
+
+/// The sampling rate `worker` has applied, as `hub` (any hub) reports it, once its applied
+/// version is the desired one.
+async fn applied_rate(hub: &HubProcess, worker: &str) -> Option<f64> {
+    let mut client = hub.client().await;
+    let info = worker_info(&mut client, worker).await?;
+    (info.connected && info.applied_version == Some(info.desired_version))
+        .then(|| info.control.map(|c| c.sampling_rate))
+        .flatten()
+}
+
+async fn wait_for_rate(hub: &HubProcess, worker: &str, rate: f64) {
+    eventually(
+        &format!("{worker} to apply sampling {rate}"),
+        WAIT,
+        || async { (applied_rate(hub, worker).await == Some(rate)).then_some(()) },
+    )
+    .await;
+}
+
+fn sampling(rate: f64) -> Change {
+    Change::Sampling {
+        rate: Rate::new(rate).expect("a valid rate"),
+        patterns: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_through_any_hub_reaches_every_hub_and_outlives_them() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let a = clustered(&nats, "hub-a");
+    let b = clustered(&nats, "hub-b");
+    ready(&a).await;
+    ready(&b).await;
+    let gpu_a = WorkerProcess::start(&a.url, "gpu-a", "llama", &["--simulate", "20"]);
+    let gpu_b = WorkerProcess::start(&b.url, "gpu-b", "llama", &["--simulate", "20"]);
+    let client_a = a.client().await;
+
+    // `bridge workers` on either hub lists the workers of both, each with its hub.
+    eventually("both workers listed by hub A", WAIT, || async {
+        let workers = client_a.clone().list_workers(None).await.ok()?;
+        let hub_of = |id: &str| {
+            workers
+                .iter()
+                .find(|w| w.id == id && w.connected)
+                .map(|w| w.hub.clone())
+        };
+        (hub_of("gpu-a")? == "hub-a" && hub_of("gpu-b")? == "hub-b").then_some(())
+    })
+    .await;
+    let table = run_cli(&b.url, &["workers"]).await;
+    assert_eq!(table.code, Some(0), "{table:?}");
+    assert!(
+        table.stdout.contains("HUB") && table.stdout.contains("hub-a"),
+        "{}",
+        table.stdout
+    );
+
+    // A command on A for a worker on B: applied, and acknowledged back to A.
+    let out = run_cli(&a.url, &["sample", "gpu-b", "0.25"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.starts_with("gpu-b: sampling 0.25 applied in "),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(applied_rate(&b, "gpu-b").await, Some(0.25));
+
+    // A pool-wide command on B reaches both hubs' workers; the answer lists both, applied.
+    let mut client_b = b.client().await;
+    let answer = client_b
+        .update_control(&Selector::Pool("llama".into()), &sampling(0.5), ACK_WAIT)
+        .await
+        .expect("pool change");
+    let mut reached: Vec<(String, bool)> = answer
+        .targets
+        .iter()
+        .map(|t| (t.worker_id.clone(), t.applied))
+        .collect();
+    reached.sort();
+    assert_eq!(
+        reached,
+        [("gpu-a".to_owned(), true), ("gpu-b".to_owned(), true)]
+    );
+    assert_eq!(applied_rate(&a, "gpu-a").await, Some(0.5));
+    // The latest command wins, whichever hub took it.
+    assert_eq!(applied_rate(&a, "gpu-b").await, Some(0.5));
+    let out = run_cli(&a.url, &["sample", "gpu-b", "0.125"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    // A worker no hub knows is refused by every hub, with the usual message.
+    for hub in [&a, &b] {
+        let out = run_cli(&hub.url, &["sample", "nobody", "0.5"]).await;
+        assert_ne!(out.code, Some(0));
+        assert!(out.stderr.contains("no worker `nobody`"), "{}", out.stderr);
+    }
+
+    // Every hub restarts, with fresh state directories: the state comes back from JetStream.
+    drop((gpu_a, gpu_b, client_a, client_b));
+    drop((a, b));
+    let a = clustered(&nats, "hub-a");
+    let b = clustered(&nats, "hub-b");
+    ready(&a).await;
+    ready(&b).await;
+    // gpu-b moves to A, gpu-a to B: each keeps its state.
+    let _gpu_b = WorkerProcess::start(&a.url, "gpu-b", "llama", &["--simulate", "20"]);
+    let _gpu_a = WorkerProcess::start(&b.url, "gpu-a", "llama", &["--simulate", "20"]);
+    wait_for_rate(&b, "gpu-b", 0.125).await;
+    wait_for_rate(&a, "gpu-a", 0.5).await;
+    let description = run_cli(&b.url, &["control", "gpu-b"]).await;
+    assert_eq!(description.code, Some(0), "{description:?}");
+    assert!(
+        description.stdout.contains("0.125"),
+        "{}",
+        description.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_waits_for_nats_and_catches_up_when_it_returns() {
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    let a = clustered(&nats, "hub-a");
+    let b = clustered(&nats, "hub-b");
+    ready(&a).await;
+    ready(&b).await;
+    let _gpu_a = WorkerProcess::start(&a.url, "gpu-a", "llama", &["--simulate", "20"]);
+    wait_for_rate(&a, "gpu-a", 1.0).await;
+    let out = run_cli(&b.url, &["sample", "gpu-a", "0.5"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    wait_for_rate(&a, "gpu-a", 0.5).await;
+
+    // Without NATS a change cannot be shared, so it is refused (UNAVAILABLE), not half made;
+    // the worker keeps the state it had.
+    nats.kill();
+    eventually("B to notice NATS is gone", WAIT, || async {
+        let answer = tokio::task::block_in_place(|| http_get(b.http, "/readyz", &[]));
+        answer.body.contains("degraded").then_some(())
+    })
+    .await;
+    let out = run_cli(&b.url, &["sample", "--all", "0.1"]).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(out.stderr.contains("NATS"), "{}", out.stderr);
+    assert_eq!(applied_rate(&a, "gpu-a").await, Some(0.5));
+
+    // NATS returns with its store: both hubs follow the state again, and changes flow.
+    nats.restart();
+    ready(&a).await;
+    ready(&b).await;
+    let out = run_cli(&b.url, &["sample", "--all", "0.2"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains("gpu-a: sampling 0.2 applied in"),
+        "{}",
+        out.stdout
+    );
+    wait_for_rate(&a, "gpu-a", 0.2).await;
+}
