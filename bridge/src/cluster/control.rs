@@ -289,6 +289,10 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
         .watch_with_history(">")
         .await
         .map_err(|e| e.to_string())?;
+    let mut members = hubs
+        .watch_with_history(">")
+        .await
+        .map_err(|e| e.to_string())?;
     let mut presence = tokio::time::interval(PRESENCE_EVERY);
     let mut loaded = false;
     loop {
@@ -301,6 +305,13 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
                 hubs.put(&node, link.node().as_bytes().to_vec().into())
                     .await
                     .map_err(|e| e.to_string())?;
+                continue;
+            }
+            member = members.next() => {
+                let member = member
+                    .ok_or("the hubs watch ended")?
+                    .map_err(|e| e.to_string())?;
+                link.saw_member(&member);
                 continue;
             }
             entry = entries.next() => entry,
@@ -361,15 +372,32 @@ impl ClusterLink {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// The other hubs that are up, by name.
-    pub async fn peers(&self) -> Option<Vec<String>> {
-        let hubs = self.buckets().ok()?.hubs;
-        let keys = hubs.keys().await.ok()?;
-        let keys: Vec<String> = keys.filter_map(|k| async { k.ok() }).collect().await;
+    /// Notes a hub's presence (a put, refreshed every few seconds) or departure.
+    fn saw_member(&self, entry: &kv::Entry) {
+        let Some(node) = parse_key_token(&entry.key) else {
+            return;
+        };
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if entry.operation == kv::Operation::Put {
+            members.insert(node, std::time::Instant::now());
+        } else {
+            members.remove(&node);
+        }
+    }
+
+    /// The other hubs that are up, by name; `None` while this hub cannot tell.
+    pub fn peers(&self) -> Option<Vec<String>> {
+        if !self.following() || !self.connected() {
+            return None;
+        }
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        // The bucket forgets a hub that stopped refreshing, without telling its watchers.
+        members.retain(|_, seen| seen.elapsed() < PRESENCE_TTL);
         Some(
-            keys.iter()
-                .filter_map(|k| parse_key_token(k))
-                .filter(|node| node != self.node())
+            members
+                .keys()
+                .filter(|node| *node != self.node())
+                .cloned()
                 .collect(),
         )
     }

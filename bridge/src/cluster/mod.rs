@@ -14,7 +14,11 @@ pub mod control;
 pub mod events;
 pub mod rpc;
 
-use std::sync::{Arc, atomic::AtomicU64};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::Instant,
+};
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -33,6 +37,8 @@ pub struct ClusterLink {
     buckets: watch::Sender<Option<control::Buckets>>,
     /// The newest revision of the control bucket this hub has applied (0: not loaded yet).
     applied_revision: watch::Sender<u64>,
+    /// Hubs that are up, and when this hub last heard that they were.
+    members: Mutex<HashMap<String, Instant>>,
     /// Events that found the backlog full (NATS slow or away).
     pub dropped: AtomicU64,
     /// Events received from other hubs.
@@ -78,6 +84,7 @@ impl ClusterLink {
             outbound,
             buckets: watch::Sender::new(None),
             applied_revision: watch::Sender::new(0),
+            members: Mutex::default(),
             dropped: AtomicU64::new(0),
             received: AtomicU64::new(0),
         });

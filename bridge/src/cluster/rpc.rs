@@ -114,7 +114,7 @@ async fn ask(
     payload: Vec<u8>,
     deadline: Instant,
 ) -> Vec<bytes::Bytes> {
-    let Some(peers) = link.peers().await else {
+    let Some(peers) = link.peers() else {
         warn!(
             "cluster: cannot tell which hubs are up (NATS unreachable); answering for this hub alone"
         );

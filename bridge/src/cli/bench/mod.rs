@@ -9,6 +9,7 @@
 //! forwards each event encoded once (fan-out, latency); the ratio to it is the number to watch.
 
 mod baseline;
+mod cluster;
 mod emit;
 mod payload;
 mod pressure;
@@ -64,6 +65,9 @@ enum Section {
     Memory,
     Pressure,
     Emit,
+    /// Two hubs and a nats-server (needs nats-server on PATH; skipped without it unless asked
+    /// for with --only).
+    Cluster,
     #[value(skip)]
     Soak,
 }
@@ -204,6 +208,10 @@ pub async fn run(args: Args) -> Outcome {
     if wanted(Section::Emit) {
         figures.extend(emit_cost(&plan));
     }
+    if wanted(Section::Cluster) {
+        let asked = args.only.contains(&Section::Cluster);
+        figures.extend(cluster::cluster(&plan, asked).await.map_err(fail)?);
+    }
     let report = json!({
         "commit": commit(),
         "machine": machine(),
@@ -223,6 +231,16 @@ pub async fn run(args: Args) -> Outcome {
 
 fn progress(message: &str) {
     eprintln!("bench: {message}");
+}
+
+/// The `q` quantile of `values` (nearest rank); NaN when there are none.
+fn percentile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n => sorted[((n as f64 - 1.0) * q).round() as usize],
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -669,10 +687,21 @@ fn measure_fanout(
     buckets: bool,
 ) -> Result<Fanout, String> {
     let server = ServerProcess::start(kind)?;
-    let mut subs = subscribers(&server.url, count, buckets, false)?;
+    probe_fanout(plan, &server.url, &server.url, count, buckets)
+}
+
+/// [`measure_fanout`] with the load sent to `load_url` and the subscribers on `subs_url`.
+fn probe_fanout(
+    plan: &Plan,
+    load_url: &str,
+    subs_url: &str,
+    count: usize,
+    buckets: bool,
+) -> Result<Fanout, String> {
+    let mut subs = subscribers(subs_url, count, buckets, false)?;
     let deliveries_per_event = if buckets { 1.0 } else { count as f64 };
     let mut rate = (100_000.0 / deliveries_per_event).max(1000.0);
-    let mut load = load(&server.url, 4, Some(rate))?;
+    let mut load = load(load_url, 4, Some(rate))?;
     let settle = plan.window / 5;
     let measure = |subs: &mut RoleProcess,
                    load: &mut RoleProcess,
@@ -793,8 +822,18 @@ struct Latency {
 
 fn measure_latency(plan: &Plan, kind: Server, rate: f64) -> Result<Latency, String> {
     let server = ServerProcess::start(kind)?;
-    let mut subs = subscribers(&server.url, 1, false, true)?;
-    let _load = load(&server.url, 8, Some(rate))?;
+    probe_latency(plan, &server.url, &server.url, rate)
+}
+
+/// [`measure_latency`] with the load sent to `load_url` and the subscriber on `subs_url`.
+fn probe_latency(
+    plan: &Plan,
+    load_url: &str,
+    subs_url: &str,
+    rate: f64,
+) -> Result<Latency, String> {
+    let mut subs = subscribers(subs_url, 1, false, true)?;
+    let _load = load(load_url, 8, Some(rate))?;
     std::thread::sleep(plan.warmup);
     // Resets the histogram: only the window counts.
     let (first, at0) = (subs.mark()?, Instant::now());
@@ -953,11 +992,6 @@ async fn control(plan: &Plan) -> Result<Vec<Figure>, String> {
             .map_err(|e| e.to_string())?;
         base_trips.push(started.elapsed().as_secs_f64() * 1000.0);
     }
-    let percentile = |values: &[f64], q: f64| {
-        let mut sorted = values.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
-    };
     let p99 = percentile(&round_trips, 0.99);
     Ok(vec![
         Figure::new(
