@@ -372,7 +372,6 @@ impl Fanout {
             cluster.offer(|| Outbound {
                 subject: cluster.subject(source.pool, source.worker_id, event.parts()),
                 response: encoded.unwrap_or_else(encode),
-                received_ns,
             });
         }
         matched

@@ -167,13 +167,14 @@ impl EncodedSubscribeResponse {
         &self.bytes
     }
 
-    /// Bytes received from elsewhere (another hub) that must hold an event delivery; `None`
-    /// when they do not, so that nothing malformed reaches a subscriber.
-    pub fn checked_delivery(bytes: Bytes) -> Option<Self> {
+    /// Bytes received from elsewhere (another hub) that must hold an event delivery, and the
+    /// time the delivering hub received the event; `None` when they do not, so that nothing
+    /// malformed reaches a subscriber.
+    pub fn checked_delivery(bytes: Bytes) -> Option<(Self, i64)> {
         match SubscribeResponse::decode(bytes.clone()) {
             Ok(SubscribeResponse {
-                item: Some(Item::Event(_)),
-            }) => Some(Self { bytes }),
+                item: Some(Item::Event(delivery)),
+            }) => Some((Self { bytes }, delivery.received_ns)),
             _ => None,
         }
     }

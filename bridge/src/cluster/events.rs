@@ -2,37 +2,36 @@
 //!
 //! Each hub publishes every event it passes on to `<prefix>.events.<pool>.<worker>.<event
 //! name>` (pool and worker as [`subject_token`]s), with the encoded delivery its own subscribers
-//! get as the payload. For each local subscription it subscribes to the subjects its filter maps
+//! get as the payload (it carries the time the hub received the event). For each local subscription it subscribes to the subjects its filter maps
 //! to, so NATS does the matching, and queues what other hubs published exactly as local events
 //! (same queue, same lag notices). The connection is made with `no_echo`, so NATS never sends a
 //! hub its own messages: its own subscribers got them directly. Publishing never waits: when
 //! NATS is slow or away the backlog is bounded and what does not fit is counted, while local
 //! delivery goes on.
 
-use std::sync::{Arc, atomic::Ordering::Relaxed};
+use std::{
+    borrow::Cow,
+    sync::{Arc, atomic::Ordering::Relaxed},
+};
 
-use async_nats::HeaderMap;
 use bridge_proto::encoded::EncodedSubscribeResponse;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::ClusterLink;
-use crate::{
-    fanout::{Filter, Subscriber},
-    hub::unix_nanos,
-};
+use crate::fanout::{Filter, Subscriber};
 
 /// Events waiting for the NATS connection; beyond this they are dropped and counted.
 pub(super) const BACKLOG: usize = 65_536;
-const RECEIVED_HEADER: &str = "Bridge-Received-Ns";
+/// Events the publisher takes from the backlog at a time.
+const BATCH: usize = 256;
 
 /// One event on its way to NATS.
 #[derive(Debug)]
 pub struct Outbound {
     pub subject: String,
     pub response: EncodedSubscribeResponse,
-    pub received_ns: i64,
 }
 
 impl ClusterLink {
@@ -97,24 +96,20 @@ impl ClusterLink {
     }
 
     fn deliver(&self, subscriber: &Subscriber, message: async_nats::Message) {
-        let Some((pool, worker, parts)) = parse_subject(&self.prefix, &message.subject) else {
+        let Some((pool, worker, name)) = parse_subject(&self.prefix, &message.subject) else {
             return;
         };
         // NATS matched the subject; the filter is checked again because a subscriber with
         // several patterns subscribes more widely (see `subjects`).
         if !subscriber
             .filter()
-            .matches_parts(&worker, &pool, parts.iter().map(String::as_str))
+            .matches_parts(&worker, &pool, name.split('.'))
         {
             return;
         }
-        let received_ns = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(RECEIVED_HEADER))
-            .and_then(|v| v.as_str().parse().ok())
-            .unwrap_or_else(|| unix_nanos(std::time::SystemTime::now()));
-        let Some(delivery) = EncodedSubscribeResponse::checked_delivery(message.payload) else {
+        let Some((delivery, received_ns)) =
+            EncodedSubscribeResponse::checked_delivery(message.payload)
+        else {
             debug!(subject = %message.subject, "cluster: skipping a message that is not an event delivery");
             return;
         };
@@ -124,17 +119,13 @@ impl ClusterLink {
 }
 
 pub(super) async fn publish(link: Arc<ClusterLink>, mut backlog: mpsc::Receiver<Outbound>) {
-    while let Some(event) = backlog.recv().await {
-        let mut headers = HeaderMap::new();
-        headers.insert(RECEIVED_HEADER, event.received_ns.to_string().as_str());
-        let payload = event.response.as_bytes().clone();
-        if link
-            .client
-            .publish_with_headers(event.subject, headers, payload)
-            .await
-            .is_err()
-        {
-            link.dropped.fetch_add(1, Relaxed);
+    let mut batch = Vec::with_capacity(BATCH);
+    while backlog.recv_many(&mut batch, BATCH).await > 0 {
+        for event in batch.drain(..) {
+            let payload = event.response.as_bytes().clone();
+            if link.client.publish(event.subject, payload).await.is_err() {
+                link.dropped.fetch_add(1, Relaxed);
+            }
         }
     }
 }
@@ -156,10 +147,14 @@ pub fn subject_token(text: &str) -> String {
     token
 }
 
-/// The inverse of [`subject_token`]; `None` for a token it cannot have written.
-pub fn parse_token(token: &str) -> Option<String> {
+/// The inverse of [`subject_token`]; `None` for a token it cannot have written. Borrows the
+/// token when it needed no escapes (nearly always).
+pub fn parse_token(token: &str) -> Option<Cow<'_, str>> {
     if token == "~" {
-        return Some(String::new());
+        return Some(Cow::Borrowed(""));
+    }
+    if !token.contains('~') {
+        return Some(Cow::Borrowed(token));
     }
     let bytes = token.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -174,17 +169,20 @@ pub fn parse_token(token: &str) -> Option<String> {
             i += 1;
         }
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
-/// Pool, worker and event name tokens of an event subject.
-fn parse_subject(prefix: &str, subject: &str) -> Option<(String, String, Vec<String>)> {
+/// Pool, worker and event name (dotted) of an event subject.
+fn parse_subject<'a>(
+    prefix: &str,
+    subject: &'a str,
+) -> Option<(Cow<'a, str>, Cow<'a, str>, &'a str)> {
     let rest = subject.strip_prefix(prefix)?.strip_prefix(".events.")?;
-    let mut tokens = rest.split('.');
+    let mut tokens = rest.splitn(3, '.');
     let pool = parse_token(tokens.next()?)?;
     let worker = parse_token(tokens.next()?)?;
-    let parts: Vec<String> = tokens.map(str::to_owned).collect();
-    (!parts.is_empty()).then_some((pool, worker, parts))
+    let name = tokens.next().filter(|name| !name.is_empty())?;
+    Some((pool, worker, name))
 }
 
 /// The subjects that carry the events `filter` matches, without overlap (NATS would deliver an
@@ -265,11 +263,7 @@ mod tests {
         assert_eq!(subjects("b", &two), ["b.events.*.*.>"]);
         assert_eq!(
             parse_subject("b", "b.events.~.gpu~2E1.inference.stop"),
-            Some((
-                String::new(),
-                "gpu.1".into(),
-                vec!["inference".into(), "stop".into()]
-            ))
+            Some(("".into(), "gpu.1".into(), "inference.stop"))
         );
         assert_eq!(parse_subject("b", "b.events.~.w"), None);
     }

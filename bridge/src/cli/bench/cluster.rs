@@ -229,7 +229,8 @@ async fn control_round_trips(
     }
     let sampling = |i: usize| -> Result<Change, String> {
         Ok(Change::Sampling {
-            rate: Rate::new(if i.is_multiple_of(2) { 0.5 } else { 1.0 }).map_err(|e| e.to_string())?,
+            rate: Rate::new(if i.is_multiple_of(2) { 0.5 } else { 1.0 })
+                .map_err(|e| e.to_string())?,
             patterns: vec![],
         })
     };
