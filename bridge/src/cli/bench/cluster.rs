@@ -17,13 +17,17 @@ use bridge::{
 };
 use bridge_proto::sampling::Rate;
 
+use worker::process::ProcessStat;
+
 use super::{
-    Figure, Plan, Section, Server, ServerProcess, idle_named, median, percentile, probe_fanout,
-    probe_latency, progress, repeat,
+    Figure, Plan, Section, Server, ServerProcess, idle_named, load, median, number, percentile,
+    probe_fanout, probe_latency, progress, repeat, subscribers,
 };
 
 /// Event rate of the latency figure: well under what either set-up sustains.
 const LATENCY_RATE: f64 = 10_000.0;
+/// Event rate of the cost figure.
+const COST_RATE: f64 = 100_000.0;
 /// Workers that take control changes, each sending an event a second.
 const CONTROL_WORKERS: usize = 100;
 
@@ -83,7 +87,7 @@ struct Pair {
     a: ServerProcess,
     b: ServerProcess,
     // Dropped last: the hubs go first.
-    _nats: Nats,
+    nats: Nats,
 }
 
 impl Pair {
@@ -97,7 +101,7 @@ impl Pair {
         Ok(Self {
             a: ServerProcess::start_with(Server::Hub, Some(&config("bench-a")))?,
             b: ServerProcess::start_with(Server::Hub, Some(&config("bench-b")))?,
-            _nats: nats,
+            nats,
         })
     }
 }
@@ -130,6 +134,23 @@ pub(super) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, Str
     figures.push(
         Figure::new(Section::Cluster, label, "deliveries/s", rate(&two)).baseline(rate(&one)),
     );
+
+    let label =
+        format!("CPU-s per million events delivered at {COST_RATE:.0}/s (hubs + nats-server)");
+    let two = repeat(plan, &format!("{label}, two hubs"), || {
+        let pair = start()?.ok_or("nats-server went away")?;
+        let pids = [
+            pair.a.process.pid(),
+            pair.b.process.pid(),
+            pair.nats.child.id(),
+        ];
+        cost(plan, &pair.a.url, &pair.b.url, &pids)
+    })?;
+    let one = repeat(plan, &format!("{label}, one hub"), || {
+        let hub = ServerProcess::start(Server::Hub)?;
+        cost(plan, &hub.url, &hub.url, &[hub.process.pid()])
+    })?;
+    figures.push(Figure::new(Section::Cluster, label, "CPU-s", median(two)).baseline(median(one)));
 
     let label = format!("event -> subscriber latency at {LATENCY_RATE:.0} events/s");
     let two = repeat(plan, &format!("{label}, two hubs"), || {
@@ -187,6 +208,27 @@ pub(super) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, Str
         .baseline(median(one.all)),
     );
     Ok(figures)
+}
+
+/// CPU seconds of `pids` per million events delivered, at [`COST_RATE`] into `load_url` with
+/// one subscriber on `subs_url`.
+fn cost(plan: &Plan, load_url: &str, subs_url: &str, pids: &[u32]) -> Result<f64, String> {
+    let mut subs = subscribers(subs_url, 1, false, false)?;
+    let _load = load(load_url, 4, Some(COST_RATE))?;
+    std::thread::sleep(plan.warmup);
+    let cpu = || -> Result<f64, String> {
+        pids.iter()
+            .map(|pid| {
+                ProcessStat::read(*pid)
+                    .map(|s| s.cpu_seconds)
+                    .ok_or_else(|| format!("process {pid} exited"))
+            })
+            .sum()
+    };
+    let (delivered0, cpu0) = (number(&subs.mark()?, "deliveries")?, cpu()?);
+    std::thread::sleep(plan.window);
+    let (delivered1, cpu1) = (number(&subs.mark()?, "deliveries")?, cpu()?);
+    Ok((cpu1 - cpu0) / (delivered1 - delivered0).max(1.0) * 1e6)
 }
 
 struct RoundTrips {
