@@ -76,6 +76,26 @@ fn the_quick_benchmark_reports_every_figure_next_to_its_baseline() {
         assert!(figure["baseline"].as_f64().is_some(), "{figure}");
         assert!(figure["ratio"].as_f64().is_some(), "{figure}");
     }
+    // Two hubs on a nats-server, when there is one (./test.sh installs it and requires it).
+    if std::env::var_os("BRIDGE_REQUIRE_NATS").is_some() {
+        for name in [
+            "fan-out across hubs, 1 subscriber matching all",
+            "CPU-s per million events delivered at",
+            "event -> subscriber latency at 10000 events/s, p99",
+            "through the other hub: sample one worker -> acknowledged p99",
+            "through the other hub: sample --all -> acknowledged by all",
+        ] {
+            let figure = find(name);
+            assert!(
+                figure["value"].as_f64().is_some_and(|v| v > 0.0),
+                "{figure}"
+            );
+            assert!(
+                figure["baseline"].as_f64().is_some_and(|v| v > 0.0),
+                "{figure}"
+            );
+        }
+    }
     // A leak check: may be negative when the allocator returned pages between waves.
     let growth = find("hub RSS growth under pressure");
     assert!(

@@ -191,7 +191,7 @@ pub(super) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, Str
         figures.push(
             Figure::new(
                 Section::Cluster,
-                format!("sample one worker -> acknowledged {name}, through the other hub"),
+                format!("through the other hub: sample one worker -> acknowledged {name}"),
                 "ms",
                 percentile(&two.one, q),
             )
@@ -201,7 +201,7 @@ pub(super) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, Str
     figures.push(
         Figure::new(
             Section::Cluster,
-            format!("sample --all -> acknowledged by all {CONTROL_WORKERS}, through the other hub"),
+            format!("through the other hub: sample --all -> acknowledged by all {CONTROL_WORKERS}"),
             "ms",
             median(two.all),
         )
