@@ -38,6 +38,16 @@ struct Shared {
     shutdown: CancellationToken,
 }
 
+/// Why desired states are pushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Push {
+    /// A change: a state older than a worker's current one is stale and ignored.
+    Change,
+    /// The cluster's state, loaded afresh: it wins even when its versions are lower (a
+    /// recreated bucket numbers them from 1 again).
+    Reload,
+}
+
 /// Who asked for a control change, for the log line every change writes.
 #[derive(Debug, Clone, Copy)]
 pub struct Requester<'a> {
@@ -110,11 +120,11 @@ impl Hub {
     }
 
     /// Takes the cluster's control state, just loaded, and pushes it to every worker.
-    pub async fn load_cluster_state(&self, epoch: u64) {
+    pub async fn load_cluster_state(&self, layers: Vec<(Selector, Layer)>, epoch: u64) {
         let control = &self.shared.control;
         let _serialised = control.serialise().await;
-        control.set_epoch(epoch);
-        self.push(&Selector::All);
+        control.load_cluster(layers, epoch);
+        self.push(&Selector::All, Push::Reload);
     }
 
     /// Takes a level of the cluster's control state that changed, and pushes it to the
@@ -123,7 +133,7 @@ impl Hub {
         let control = &self.shared.control;
         let _serialised = control.serialise().await;
         if control.set_layer(selector, layer) {
-            self.push(selector);
+            self.push(selector, Push::Change);
         }
     }
 
@@ -290,7 +300,7 @@ impl Hub {
                 let started = Instant::now();
                 let applied = self.shared.control.apply(selector, change).await?;
                 let version = applied.version;
-                let reached = self.push(selector);
+                let reached = self.push(selector, Push::Change);
                 drop(applied);
                 let targets = self
                     .acknowledgements(&reached, version, wait, started)
@@ -328,7 +338,7 @@ impl Hub {
 
     /// Pushes the current desired state to this hub's workers that `selector` addresses;
     /// returns them.
-    fn push(&self, selector: &Selector) -> Vec<Arc<Worker>> {
+    fn push(&self, selector: &Selector, how: Push) -> Vec<Arc<Worker>> {
         let reached: Vec<Arc<Worker>> = match selector {
             Selector::Worker(id) => self.shared.registry.get(id).into_iter().collect(),
             _ => self
@@ -354,7 +364,12 @@ impl Hub {
                     .or_insert_with_key(|pool| control.effective(None, pool))
                     .clone()
             };
-            worker.offer_desired(state);
+            match how {
+                Push::Change => {
+                    worker.offer_desired(state);
+                }
+                Push::Reload => worker.reload_desired(state),
+            }
         }
         reached
     }

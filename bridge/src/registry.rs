@@ -290,6 +290,18 @@ impl Worker {
         })
     }
 
+    /// Replaces the desired state even with an older version (see `Push::Reload` in the hub).
+    /// The applied version counted in the old numbers, so it is forgotten with them; the
+    /// worker acknowledges the new state.
+    pub fn reload_desired(&self, state: ControlState) {
+        if state.version < self.control.borrow().version {
+            self.applied.send_replace(0);
+            self.control.send_replace(Arc::new(state));
+        } else {
+            self.offer_desired(state);
+        }
+    }
+
     pub fn applied_version(&self) -> Option<u64> {
         Some(*self.applied.borrow()).filter(|v| *v > 0)
     }

@@ -716,6 +716,15 @@ impl NatsServer {
         let _ = self.child.wait();
     }
 
+    /// Starts the server again on the same port with an empty JetStream store, as a server
+    /// whose disk was lost would come back.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        std::fs::remove_dir_all(self.store.path()).expect("clear the JetStream store");
+        std::fs::create_dir_all(self.store.path()).expect("recreate the store directory");
+        self.restart();
+    }
+
     /// Starts the server again on the same port, with the same JetStream store.
     pub fn restart(&mut self) {
         self.kill();

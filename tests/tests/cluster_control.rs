@@ -14,12 +14,16 @@ const WAIT: Duration = Duration::from_secs(30);
 const ACK_WAIT: Duration = Duration::from_secs(10);
 
 fn clustered(nats: &NatsServer, node: &str) -> HubProcess {
+    clustered_with(nats, node, HubOptions::default())
+}
+
+fn clustered_with(nats: &NatsServer, node: &str, options: HubOptions) -> HubProcess {
     HubProcess::start_with(HubOptions {
         config: Some(format!(
             "[cluster]\nnats_url = \"{}\"\nnode = \"{node}\"\n",
             nats.url
         )),
-        ..Default::default()
+        ..options
     })
 }
 
@@ -157,7 +161,13 @@ async fn control_waits_for_nats_and_catches_up_when_it_returns() {
     let Some(mut nats) = NatsServer::start() else {
         return;
     };
-    let a = clustered(&nats, "hub-a");
+    // Hub A's state directory outlives its process (restarted below).
+    let state = tempfile::tempdir().expect("temp dir");
+    let a_options = || HubOptions {
+        state_dir: Some(state.path().to_owned()),
+        ..Default::default()
+    };
+    let a = clustered_with(&nats, "hub-a", a_options());
     let b = clustered(&nats, "hub-b");
     ready(&a).await;
     ready(&b).await;
@@ -180,6 +190,20 @@ async fn control_waits_for_nats_and_catches_up_when_it_returns() {
     assert!(out.stderr.contains("NATS"), "{}", out.stderr);
     assert_eq!(applied_rate(&a, "gpu-a").await, Some(0.5));
 
+    // A hub restarted while NATS is away gives its workers the state it last saw (its copy on
+    // disk), not config.toml's alone.
+    let listen = a.addr;
+    drop(a);
+    let a = clustered_with(
+        &nats,
+        "hub-a",
+        HubOptions {
+            listen: Some(listen),
+            ..a_options()
+        },
+    );
+    wait_for_rate(&a, "gpu-a", 0.5).await;
+
     // NATS returns with its store: both hubs follow the state again, and changes flow.
     nats.restart();
     ready(&a).await;
@@ -192,4 +216,19 @@ async fn control_waits_for_nats_and_catches_up_when_it_returns() {
         out.stdout
     );
     wait_for_rate(&a, "gpu-a", 0.2).await;
+
+    // NATS comes back without its store: the operators' settings are gone with it, and the
+    // hubs say so to their workers (config.toml's default, 1.0) rather than keep a state no
+    // other hub has. Versions start again from 1; changes and acknowledgements still work.
+    nats.restart_empty();
+    wait_for_rate(&a, "gpu-a", 1.0).await;
+    ready(&b).await;
+    let out = run_cli(&b.url, &["sample", "gpu-a", "0.3"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.starts_with("gpu-a: sampling 0.3 applied in"),
+        "{}",
+        out.stdout
+    );
+    wait_for_rate(&a, "gpu-a", 0.3).await;
 }

@@ -10,8 +10,9 @@
 //! will be written at, so the settings a write changes carry version 0 in the bucket, read as
 //! "the revision of this entry".
 //!
-//! Every hub follows the bucket: it loads every level when it connects, then applies each
-//! change to its own workers as it arrives. It keeps a copy on disk, so that a hub restarted
+//! Every hub follows the bucket: it loads every level when it connects (replacing what it
+//! held, so that it also learns of levels removed while it was away), then applies each change
+//! to its own workers as it arrives. It keeps a copy on disk, so that a hub restarted
 //! while NATS is away still gives its workers the operators' settings rather than
 //! `config.toml`'s alone.
 
@@ -295,6 +296,7 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let mut presence = tokio::time::interval(PRESENCE_EVERY);
     let mut loaded = false;
+    let mut initial = Vec::new();
     loop {
         let entry = tokio::select! {
             () = hub.shutdown_token().cancelled() => {
@@ -323,7 +325,8 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
             if !loaded && entry.revision >= epoch {
                 // Everything written before this hub's start has arrived.
                 loaded = true;
-                hub.load_cluster_state(epoch).await;
+                hub.load_cluster_state(std::mem::take(&mut initial), epoch)
+                    .await;
                 info!(
                     control.version = epoch,
                     "cluster: control state loaded; following it"
@@ -345,9 +348,7 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
                 hub.apply_cluster_layer(&selector, layer).await;
                 link.applied_revision.send_replace(entry.revision);
             }
-            Ok(layer) => {
-                hub.control().set_layer(&selector, layer);
-            }
+            Ok(layer) => initial.push((selector, layer)),
             Err(error) => {
                 warn!(key = %entry.key, %error, "cluster: ignoring a control level that is not valid");
             }

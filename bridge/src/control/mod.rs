@@ -193,7 +193,11 @@ impl ControlPlane {
         };
         let store = Store::open(state_dir, file_name)?;
         let mut runtime = store.load()?;
-        if !clustered {
+        if clustered {
+            // Version 0 cannot be acknowledged; the cluster's own versions replace this one
+            // once its state is loaded.
+            runtime.version = runtime.version.max(1);
+        } else {
             runtime.version += 1;
             store.save(&runtime)?;
             store.sync()?;
@@ -274,12 +278,31 @@ impl ControlPlane {
         true
     }
 
-    /// Makes `epoch` the least version of every state from now on (a clustered hub takes it
-    /// from the cluster when it loads the cluster's state).
-    pub fn set_epoch(&self, epoch: u64) {
+    /// Replaces the operators' settings with the cluster's, just loaded, and makes `epoch`
+    /// the least version of every state from now on. Wholesale rather than layer by layer, so
+    /// that levels the cluster no longer has (removed, or a recreated bucket) go too.
+    pub fn load_cluster(&self, layers: Vec<(Selector, Layer)>, epoch: u64) {
+        let mut runtime = Snapshot {
+            format: store::FORMAT,
+            version: epoch,
+            ..Snapshot::default()
+        };
+        for (selector, layer) in layers {
+            runtime.version = runtime.version.max(layer.version);
+            match selector {
+                Selector::All => runtime.global = layer,
+                Selector::Pool(pool) => {
+                    runtime.pools.insert(pool, layer);
+                }
+                Selector::Worker(id) => {
+                    runtime.workers.insert(id, layer);
+                }
+            }
+        }
+        let _ = self.syncer.send(Some(runtime.clone()));
         let mut book = self.book();
+        book.runtime = runtime;
         book.epoch = epoch;
-        book.runtime.version = book.runtime.version.max(epoch);
     }
 
     /// The changes serialiser: states computed and pushed while holding it cannot overtake

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 pub const FILE_NAME: &str = "control.json";
 /// A clustered hub's copy of the cluster's state, used until NATS answers after a restart.
 pub const CLUSTER_FILE_NAME: &str = "cluster-control.json";
-const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 1;
 
 /// What survives a hub restart: the version counter and the operators' changes.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
