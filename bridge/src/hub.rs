@@ -287,14 +287,20 @@ impl Hub {
         }
         let (version, targets) = match self.cluster() {
             Some(link) => {
+                let started = Instant::now();
                 let version =
                     cluster::control::write(&link.buckets()?.control, selector, change).await?;
-                let (mut local, remote) = tokio::join!(
+                let written_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let (mut targets, remote) = tokio::join!(
                     self.local_acknowledgements(selector, version, wait),
                     link.remote_acknowledgements(selector, version, wait)
                 );
-                local.extend(remote);
-                (version, local)
+                targets.extend(remote);
+                // Each hub counted from its push to the acknowledgement; the write came first.
+                for target in targets.iter_mut().filter(|t| t.applied) {
+                    target.ack_latency_us = target.ack_latency_us.saturating_add(written_us);
+                }
+                (version, targets)
             }
             None => {
                 let started = Instant::now();
@@ -303,7 +309,7 @@ impl Hub {
                 let reached = self.push(selector, Push::Change);
                 drop(applied);
                 let targets = self
-                    .acknowledgements(&reached, version, wait, started)
+                    .acknowledgements(&reached, version, wait, Some(started))
                     .await;
                 (version, targets)
             }
@@ -375,7 +381,8 @@ impl Hub {
     }
 
     /// Waits up to `wait` for this hub's workers that `selector` addresses to apply `version`
-    /// of the cluster's state (which this hub pushes to them once it has it).
+    /// of the cluster's state (which this hub pushes to them once it has it). Latencies count
+    /// from this hub's push, which may have come before the question.
     pub async fn local_acknowledgements(
         &self,
         selector: &Selector,
@@ -400,19 +407,20 @@ impl Hub {
             &reached,
             version,
             wait.saturating_sub(started.elapsed()),
-            started,
+            None,
         )
         .await
     }
 
     /// Waits up to `wait` for the connected workers among `reached` that acknowledge control
-    /// to apply `version`; their statuses, with latencies counted from `started`.
+    /// to apply `version`; their statuses, with latencies counted from `started`, or (`None`)
+    /// from the moment the hub sent each worker its state.
     async fn acknowledgements(
         &self,
         reached: &[Arc<Worker>],
         version: u64,
         wait: Duration,
-        started: Instant,
+        started: Option<Instant>,
     ) -> Vec<v1::TargetStatus> {
         let deadline = tokio::time::Instant::now() + wait;
         let targets = reached
@@ -431,10 +439,14 @@ impl Hub {
                     worker_id: worker.id.clone(),
                     acknowledges,
                     applied: acked,
-                    ack_latency_us: if acked {
-                        u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
-                    } else {
-                        0
+                    ack_latency_us: match (acked, started) {
+                        (false, _) => 0,
+                        (true, Some(started)) => {
+                            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+                        }
+                        (true, None) => worker.status().last_ack_latency.map_or(0, |latency| {
+                            u64::try_from(latency.as_micros()).unwrap_or(u64::MAX)
+                        }),
                     },
                 }
             });

@@ -122,6 +122,12 @@ async fn control_through_any_hub_reaches_every_hub_and_outlives_them() {
         reached,
         [("gpu-a".to_owned(), true), ("gpu-b".to_owned(), true)]
     );
+    // Latencies count from the command, not from when each hub was asked for its answer (by
+    // then the worker has usually applied the change).
+    assert!(
+        answer.targets.iter().all(|t| t.ack_latency_us > 0),
+        "{answer:?}"
+    );
     assert_eq!(applied_rate(&a, "gpu-a").await, Some(0.5));
     // The latest command wins, whichever hub took it.
     assert_eq!(applied_rate(&a, "gpu-b").await, Some(0.5));
