@@ -53,6 +53,8 @@ async fn subscribers_on_any_hub_see_workers_on_every_hub_once() {
     // On B: gpu-a's inference events (gpu-a streams to A); everything; and gpu-a's GPU events.
     let b_inference = Tail::start(&mut client_b, request(&["inference.>"], &["gpu-a"])).await;
     let b_all = Tail::start(&mut client_b, request(&[], &[])).await;
+    // The same filter twice: the two share one NATS subscription, and each gets every event.
+    let b_all_again = Tail::start(&mut client_b, request(&[], &[])).await;
     let b_gpu_b_only = Tail::start(&mut client_b, request(&[], &["gpu-b"])).await;
     // On A: everything, local and remote.
     let a_all = Tail::start(&mut client_a, request(&[], &[])).await;
@@ -71,6 +73,7 @@ async fn subscribers_on_any_hub_see_workers_on_every_hub_once() {
         (enough(&b_inference, "gpu-a")
             && enough(&b_all, "gpu-a")
             && enough(&b_all, "gpu-b")
+            && enough(&b_all_again, "gpu-a")
             && enough(&a_all, "gpu-a")
             && enough(&a_all, "gpu-b"))
         .then_some(())
@@ -100,6 +103,7 @@ async fn subscribers_on_any_hub_see_workers_on_every_hub_once() {
         (&a_all, "gpu-b"),
         (&b_all, "gpu-a"),
         (&b_all, "gpu-b"),
+        (&b_all_again, "gpu-a"),
     ] {
         let sequences = sequences_once(tail, worker);
         assert!(

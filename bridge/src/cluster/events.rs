@@ -11,12 +11,14 @@
 
 use std::{
     borrow::Cow,
-    sync::{Arc, atomic::Ordering::Relaxed},
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
 };
 
 use bridge_proto::encoded::EncodedSubscribeResponse;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::ClusterLink;
@@ -67,54 +69,107 @@ impl ClusterLink {
     }
 
     /// Feeds `subscriber` the events other hubs publish that match its filter, until it goes.
+    /// Local subscribers whose filters map to the same subject share one NATS subscription,
+    /// and each message on it is checked once however many of them receive it.
     pub fn mirror(self: &Arc<Self>, subscriber: Arc<Subscriber>) {
+        let subjects = subjects(&self.prefix, subscriber.filter());
+        {
+            let mut mirrors = self.mirrors();
+            for subject in &subjects {
+                match mirrors.get(subject) {
+                    Some(mirror) => mirror.lock().push(subscriber.clone()),
+                    None => {
+                        let mirror = Arc::new(Mirror::default());
+                        mirror.lock().push(subscriber.clone());
+                        mirrors.insert(subject.clone(), mirror.clone());
+                        tokio::spawn(self.clone().run_mirror(subject.clone(), mirror));
+                    }
+                }
+            }
+        }
         let link = self.clone();
         tokio::spawn(async move {
-            let subjects = subjects(&link.prefix, subscriber.filter());
-            let mut streams = Vec::with_capacity(subjects.len());
-            for subject in subjects {
-                match link.client.subscribe(subject.clone()).await {
-                    Ok(stream) => streams.push(stream),
-                    Err(error) => {
-                        warn!(%subject, %error, "cluster: cannot subscribe; this subscriber sees local events only");
-                        return;
-                    }
+            subscriber.closed().await;
+            let mut mirrors = link.mirrors();
+            for subject in &subjects {
+                let Some(mirror) = mirrors.get(subject) else {
+                    continue;
+                };
+                let mut sharing = mirror.lock();
+                sharing.retain(|s| !Arc::ptr_eq(s, &subscriber));
+                if sharing.is_empty() {
+                    // Under the map's lock: a mirror still in the map is never done.
+                    mirror.done.cancel();
+                    drop(sharing);
+                    mirrors.remove(subject);
                 }
             }
-            let mut messages = futures_util::stream::select_all(streams);
-            loop {
-                tokio::select! {
-                    () = subscriber.closed() => break,
-                    message = messages.next() => {
-                        let Some(message) = message else { break };
-                        link.deliver(&subscriber, message);
-                    }
-                }
-            }
-            // Dropping the subscriptions unsubscribes.
         });
     }
 
-    fn deliver(&self, subscriber: &Subscriber, message: async_nats::Message) {
+    fn mirrors(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Mirror>>> {
+        self.mirrors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One NATS subscription, until no local subscriber needs it.
+    async fn run_mirror(self: Arc<Self>, subject: String, mirror: Arc<Mirror>) {
+        let mut messages = match self.client.subscribe(subject.clone()).await {
+            Ok(messages) => messages,
+            Err(error) => {
+                warn!(%subject, %error, "cluster: cannot subscribe; these subscribers see local events only");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = mirror.done.cancelled() => break,
+                message = messages.next() => {
+                    let Some(message) = message else { break };
+                    self.deliver(&mirror, message);
+                }
+            }
+        }
+        // Dropping the subscription unsubscribes.
+    }
+
+    fn deliver(&self, mirror: &Mirror, message: async_nats::Message) {
         let Some((pool, worker, name)) = parse_subject(&self.prefix, &message.subject) else {
             return;
         };
-        // NATS matched the subject; the filter is checked again because a subscriber with
-        // several patterns subscribes more widely (see `subjects`).
-        if !subscriber
-            .filter()
-            .matches_parts(&worker, &pool, name.split('.'))
-        {
-            return;
+        let mut checked = None;
+        for subscriber in mirror.lock().iter() {
+            // NATS matched the subject; the filter is checked again because a subscriber with
+            // several patterns subscribes more widely (see `subjects`).
+            if !subscriber
+                .filter()
+                .matches_parts(&worker, &pool, name.split('.'))
+            {
+                continue;
+            }
+            let checked = checked.get_or_insert_with(|| {
+                EncodedSubscribeResponse::checked_delivery(message.payload.clone())
+            });
+            let Some((delivery, received_ns)) = checked else {
+                debug!(subject = %message.subject, "cluster: skipping a message that is not an event delivery");
+                return;
+            };
+            self.received.fetch_add(1, Relaxed);
+            subscriber.offer(delivery, *received_ns);
         }
-        let Some((delivery, received_ns)) =
-            EncodedSubscribeResponse::checked_delivery(message.payload)
-        else {
-            debug!(subject = %message.subject, "cluster: skipping a message that is not an event delivery");
-            return;
-        };
-        self.received.fetch_add(1, Relaxed);
-        subscriber.offer(&delivery, received_ns);
+    }
+}
+
+/// The local subscribers that share one NATS subscription.
+#[derive(Debug, Default)]
+pub(super) struct Mirror {
+    subscribers: Mutex<Vec<Arc<Subscriber>>>,
+    /// Cancelled when the last of them has gone.
+    done: CancellationToken,
+}
+
+impl Mirror {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Subscriber>>> {
+        self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -37,6 +37,8 @@ pub struct ClusterLink {
     buckets: watch::Sender<Option<control::Buckets>>,
     /// The newest revision of the control bucket this hub has applied (0: not loaded yet).
     applied_revision: watch::Sender<u64>,
+    /// Local subscribers by the NATS subject they receive other hubs' events on.
+    mirrors: Mutex<HashMap<String, Arc<events::Mirror>>>,
     /// Hubs that are up, and when this hub last heard that they were.
     members: Mutex<HashMap<String, Instant>>,
     /// Events that found the backlog full (NATS slow or away).
@@ -85,6 +87,7 @@ impl ClusterLink {
             buckets: watch::Sender::new(None),
             applied_revision: watch::Sender::new(0),
             members: Mutex::default(),
+            mirrors: Mutex::default(),
             dropped: AtomicU64::new(0),
             received: AtomicU64::new(0),
         });
