@@ -209,6 +209,24 @@ impl Collector for HubCollector {
                     i64::from(cluster.connected()),
                 )],
             )?;
+            gauge(
+                &mut encoder,
+                "bridge_cluster_following",
+                "Whether this hub has loaded the cluster's control state and follows it; \
+                 control changes are refused while it does not.",
+                &[(vec![], i64::from(cluster.following()))],
+            )?;
+            gauge(
+                &mut encoder,
+                "bridge_cluster_hubs",
+                "Hubs this hub knows to be up, itself included (0 while it cannot tell).",
+                &[(
+                    vec![],
+                    cluster.peers().map_or(0, |peers| {
+                        i64::try_from(peers.len() + 1).unwrap_or(i64::MAX)
+                    }),
+                )],
+            )?;
             counter(
                 &mut encoder,
                 "bridge_cluster_received_events",

@@ -711,6 +711,22 @@ impl NatsServer {
         self.url.rsplit(':').next().unwrap_or_default().to_owned()
     }
 
+    /// A hub in cluster mode on this server, named `node`.
+    pub fn hub(&self, node: &str) -> HubProcess {
+        self.hub_with(node, HubOptions::default())
+    }
+
+    /// [`NatsServer::hub`] with `options` (their `config` is replaced).
+    pub fn hub_with(&self, node: &str, options: HubOptions) -> HubProcess {
+        HubProcess::start_with(HubOptions {
+            config: Some(format!(
+                "[cluster]\nnats_url = \"{}\"\nnode = \"{node}\"\n",
+                self.url
+            )),
+            ..options
+        })
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

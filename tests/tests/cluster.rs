@@ -5,20 +5,10 @@ use std::{collections::HashSet, time::Duration};
 
 use bridge_proto::v1;
 use bridge_tests::{
-    HubOptions, HubProcess, NatsServer, Tail, WorkerProcess, eventually, http_get, name, sequence,
+    HubProcess, NatsServer, Tail, WorkerProcess, eventually, http_get, name, sequence,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn clustered(nats: &NatsServer, node: &str) -> HubProcess {
-    HubProcess::start_with(HubOptions {
-        config: Some(format!(
-            "[cluster]\nnats_url = \"{}\"\nnode = \"{node}\"\n",
-            nats.url
-        )),
-        ..Default::default()
-    })
-}
 
 /// Sequence numbers of `worker`'s events in `tail`, checking each arrived once.
 fn sequences_once(tail: &Tail, worker: &str) -> Vec<u64> {
@@ -42,8 +32,8 @@ async fn subscribers_on_any_hub_see_workers_on_every_hub_once() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let a = clustered(&nats, "hub-a");
-    let b = clustered(&nats, "hub-b");
+    let a = nats.hub("hub-a");
+    let b = nats.hub("hub-b");
     let (mut client_a, mut client_b) = (a.client().await, b.client().await);
     let request = |patterns: &[&str], workers: &[&str]| v1::SubscribeRequest {
         patterns: patterns.iter().map(|p| (*p).to_owned()).collect(),
@@ -126,8 +116,8 @@ async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
     let Some(mut nats) = NatsServer::start() else {
         return;
     };
-    let a = clustered(&nats, "hub-a");
-    let b = clustered(&nats, "hub-b");
+    let a = nats.hub("hub-a");
+    let b = nats.hub("hub-b");
     let (mut client_a, mut client_b) = (a.client().await, b.client().await);
     let local = Tail::start(&mut client_a, v1::SubscribeRequest::default()).await;
     let remote = Tail::start(&mut client_b, v1::SubscribeRequest::default()).await;

@@ -13,20 +13,6 @@ use bridge_tests::{
 const WAIT: Duration = Duration::from_secs(30);
 const ACK_WAIT: Duration = Duration::from_secs(10);
 
-fn clustered(nats: &NatsServer, node: &str) -> HubProcess {
-    clustered_with(nats, node, HubOptions::default())
-}
-
-fn clustered_with(nats: &NatsServer, node: &str, options: HubOptions) -> HubProcess {
-    HubProcess::start_with(HubOptions {
-        config: Some(format!(
-            "[cluster]\nnats_url = \"{}\"\nnode = \"{node}\"\n",
-            nats.url
-        )),
-        ..options
-    })
-}
-
 /// Waits until `hub` answers /readyz with "ready" and no degradation: connected to NATS and
 /// following the cluster's control state.
 async fn ready(hub: &HubProcess) {
@@ -68,10 +54,17 @@ async fn control_through_any_hub_reaches_every_hub_and_outlives_them() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let a = clustered(&nats, "hub-a");
-    let b = clustered(&nats, "hub-b");
+    let a = nats.hub("hub-a");
+    let b = nats.hub("hub-b");
     ready(&a).await;
     ready(&b).await;
+    eventually("A to count both hubs", WAIT, || async {
+        let metrics = tokio::task::block_in_place(|| http_get(a.http, "/metrics", &[])).body;
+        (metrics.contains("bridge_cluster_hubs 2")
+            && metrics.contains("bridge_cluster_following 1"))
+        .then_some(())
+    })
+    .await;
     let gpu_a = WorkerProcess::start(&a.url, "gpu-a", "llama", &["--simulate", "20"]);
     let gpu_b = WorkerProcess::start(&b.url, "gpu-b", "llama", &["--simulate", "20"]);
     let client_a = a.client().await;
@@ -144,8 +137,8 @@ async fn control_through_any_hub_reaches_every_hub_and_outlives_them() {
     // Every hub restarts, with fresh state directories: the state comes back from JetStream.
     drop((gpu_a, gpu_b, client_a, client_b));
     drop((a, b));
-    let a = clustered(&nats, "hub-a");
-    let b = clustered(&nats, "hub-b");
+    let a = nats.hub("hub-a");
+    let b = nats.hub("hub-b");
     ready(&a).await;
     ready(&b).await;
     // gpu-b moves to A, gpu-a to B: each keeps its state.
@@ -173,8 +166,8 @@ async fn control_waits_for_nats_and_catches_up_when_it_returns() {
         state_dir: Some(state.path().to_owned()),
         ..Default::default()
     };
-    let a = clustered_with(&nats, "hub-a", a_options());
-    let b = clustered(&nats, "hub-b");
+    let a = nats.hub_with("hub-a", a_options());
+    let b = nats.hub("hub-b");
     ready(&a).await;
     ready(&b).await;
     let _gpu_a = WorkerProcess::start(&a.url, "gpu-a", "llama", &["--simulate", "20"]);
@@ -200,8 +193,7 @@ async fn control_waits_for_nats_and_catches_up_when_it_returns() {
     // disk), not config.toml's alone.
     let listen = a.addr;
     drop(a);
-    let a = clustered_with(
-        &nats,
+    let a = nats.hub_with(
         "hub-a",
         HubOptions {
             listen: Some(listen),
