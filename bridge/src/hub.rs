@@ -291,6 +291,8 @@ impl Hub {
                 let version =
                     cluster::control::write(&link.buckets()?.control, selector, change).await?;
                 let written_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                // The workers it reaches are each hub's to tell.
+                log_change(selector, change, version, None, requester);
                 let (mut targets, remote) = tokio::join!(
                     self.local_acknowledgements(selector, version, wait),
                     link.remote_acknowledgements(selector, version, wait)
@@ -308,22 +310,13 @@ impl Hub {
                 let version = applied.version;
                 let reached = self.push(selector, Push::Change);
                 drop(applied);
+                log_change(selector, change, version, Some(reached.len()), requester);
                 let targets = self
                     .acknowledgements(&reached, version, wait, Some(started))
                     .await;
                 (version, targets)
             }
         };
-        info!(
-            selector = %selector,
-            change = %change,
-            control.version = version,
-            workers = targets.len(),
-            token = requester.token,
-            via = requester.via,
-            peer = requester.peer.map(tracing::field::display),
-            "control changed"
-        );
         Ok(v1::UpdateControlResponse { version, targets })
     }
 
@@ -521,6 +514,26 @@ impl Hub {
             }
         }
     }
+}
+
+/// The log line every change writes, as soon as it is made (before any acknowledgement).
+fn log_change(
+    selector: &Selector,
+    change: &Change,
+    version: u64,
+    workers: Option<usize>,
+    requester: Requester<'_>,
+) {
+    info!(
+        selector = %selector,
+        change = %change,
+        control.version = version,
+        workers,
+        token = requester.token,
+        via = requester.via,
+        peer = requester.peer.map(tracing::field::display),
+        "control changed"
+    );
 }
 
 fn selects(selector: &Selector, worker: &Worker) -> bool {

@@ -98,6 +98,13 @@ async fn control_through_any_hub_reaches_every_hub_and_outlives_them() {
         out.stdout
     );
     assert_eq!(applied_rate(&b, "gpu-b").await, Some(0.25));
+    // The hub that took the command logs it; the hub that only applied it does not.
+    let logged = |hub: &HubProcess| {
+        hub.log()
+            .lines()
+            .any(|l| l.contains("control changed") && l.contains("worker gpu-b"))
+    };
+    assert!(logged(&a) && !logged(&b), "{}", a.log());
 
     // A pool-wide command on B reaches both hubs' workers; the answer lists both, applied.
     let mut client_b = b.client().await;
