@@ -88,13 +88,21 @@ impl HubClient {
         &mut self,
         selector: Option<&Selector>,
     ) -> Result<Vec<v1::WorkerInfo>, ClientError> {
+        Ok(self.list_workers_response(selector).await?.workers)
+    }
+
+    /// [`HubClient::list_workers`] with the hubs that did not answer (cluster mode).
+    pub async fn list_workers_response(
+        &mut self,
+        selector: Option<&Selector>,
+    ) -> Result<v1::ListWorkersResponse, ClientError> {
         let response = self
             .inner
             .list_workers(v1::ListWorkersRequest {
                 selector: selector.map(to_wire_selector),
             })
             .await?;
-        Ok(response.into_inner().workers)
+        Ok(response.into_inner())
     }
 
     pub async fn update_control(

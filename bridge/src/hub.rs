@@ -285,7 +285,7 @@ impl Hub {
         {
             return Err(Error::UnknownWorker(id.clone()));
         }
-        let (version, targets) = match self.cluster() {
+        let response = match self.cluster() {
             Some(link) => {
                 let started = Instant::now();
                 let version =
@@ -293,16 +293,16 @@ impl Hub {
                 let written_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 // The workers it reaches are each hub's to tell.
                 log_change(selector, change, version, None, requester);
-                let (mut targets, remote) = tokio::join!(
+                let (local, mut response) = tokio::join!(
                     self.local_acknowledgements(selector, version, wait),
                     link.remote_acknowledgements(selector, version, wait)
                 );
-                targets.extend(remote);
+                response.targets.splice(0..0, local);
                 // Each hub counted from its push to the acknowledgement; the write came first.
-                for target in targets.iter_mut().filter(|t| t.applied) {
+                for target in response.targets.iter_mut().filter(|t| t.applied) {
                     target.ack_latency_us = target.ack_latency_us.saturating_add(written_us);
                 }
-                (version, targets)
+                response
             }
             None => {
                 let started = Instant::now();
@@ -314,10 +314,14 @@ impl Hub {
                 let targets = self
                     .acknowledgements(&reached, version, wait, Some(started))
                     .await;
-                (version, targets)
+                v1::UpdateControlResponse {
+                    version,
+                    targets,
+                    unanswered_hubs: Vec::new(),
+                }
             }
         };
-        Ok(v1::UpdateControlResponse { version, targets })
+        Ok(response)
     }
 
     /// Whether a worker with this id is connected to (or remembered by) any hub, or has
@@ -330,6 +334,7 @@ impl Hub {
             Some(link) => !link
                 .remote_workers(Some(&Selector::Worker(id.to_owned())))
                 .await
+                .workers
                 .is_empty(),
             None => false,
         }
@@ -448,12 +453,17 @@ impl Hub {
 
     /// The workers the selector addresses (all when `None`) on every hub, as the admin API
     /// shows them. A worker that moved between hubs is shown where it is connected.
-    pub async fn list_workers(&self, selector: Option<&Selector>) -> Vec<v1::WorkerInfo> {
+    /// Hubs that did not answer are named in the response.
+    pub async fn list_workers(&self, selector: Option<&Selector>) -> v1::ListWorkersResponse {
         let mut workers = self.local_workers(selector);
         let Some(link) = self.cluster() else {
-            return workers;
+            return v1::ListWorkersResponse {
+                workers,
+                unanswered_hubs: Vec::new(),
+            };
         };
-        workers.extend(link.remote_workers(selector).await);
+        let remote = link.remote_workers(selector).await;
+        workers.extend(remote.workers);
         // Connected first, then the most recently connected: the first of each id stays.
         workers.sort_by(|a, b| {
             (
@@ -468,7 +478,10 @@ impl Hub {
                 ))
         });
         workers.dedup_by(|later, first| later.id == first.id);
-        workers
+        v1::ListWorkersResponse {
+            workers,
+            unanswered_hubs: remote.unanswered_hubs,
+        }
     }
 
     /// The workers the selector addresses (all when `None`) that this hub knows.
@@ -492,7 +505,7 @@ impl Hub {
             Selector::Worker(id) => {
                 let pool = match self.shared.registry.get(id) {
                     Some(worker) => worker.status().pool.clone(),
-                    None => match self.list_workers(Some(selector)).await.first() {
+                    None => match self.list_workers(Some(selector)).await.workers.first() {
                         Some(worker) => worker.pool.clone(),
                         None if control.has_worker_settings(id) => String::new(),
                         None => return Err(Error::UnknownWorker(id.clone())),

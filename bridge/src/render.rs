@@ -212,6 +212,22 @@ pub fn describe_control_json(response: &v1::GetControlResponse) -> Json {
     })
 }
 
+/// The line saying that an answer from a cluster is partial, if it is: `unanswered` as
+/// `ListWorkersResponse` and `UpdateControlResponse` name them.
+pub fn unanswered_warning(unanswered: &[String], consequence: &str) -> Option<String> {
+    match unanswered {
+        [] => None,
+        [all] if all == "*" => Some(format!(
+            "warning: the hub cannot reach the other hubs of its cluster (NATS); {consequence}"
+        )),
+        hubs => Some(format!(
+            "warning: no answer in time from hub{} {}; {consequence}",
+            if hubs.len() == 1 { "" } else { "s" },
+            hubs.join(", ")
+        )),
+    }
+}
+
 /// The outcome of a control change (`UpdateControl`).
 pub fn update_json(response: &v1::UpdateControlResponse) -> Json {
     let targets: Vec<Json> = response
@@ -226,7 +242,11 @@ pub fn update_json(response: &v1::UpdateControlResponse) -> Json {
             })
         })
         .collect();
-    json!({ "version": response.version, "targets": targets })
+    json!({
+        "version": response.version,
+        "targets": targets,
+        "unanswered_hubs": response.unanswered_hubs,
+    })
 }
 
 pub fn describe_control(response: &v1::GetControlResponse, format: Format) -> String {

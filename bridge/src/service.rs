@@ -103,9 +103,9 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
             None => None,
             some => Some(Selector::try_from(some)?),
         };
-        Ok(Response::new(v1::ListWorkersResponse {
-            workers: self.hub.list_workers(selector.as_ref()).await,
-        }))
+        Ok(Response::new(
+            self.hub.list_workers(selector.as_ref()).await,
+        ))
     }
 
     async fn update_control(

@@ -55,7 +55,7 @@ async fn control_through_any_hub_reaches_every_hub_and_outlives_them() {
         return;
     };
     let a = nats.hub("hub-a");
-    let b = nats.hub("hub-b");
+    let mut b = nats.hub("hub-b");
     ready(&a).await;
     ready(&b).await;
     eventually("A to count both hubs", WAIT, || async {
@@ -140,6 +140,23 @@ async fn control_through_any_hub_reaches_every_hub_and_outlives_them() {
         assert_ne!(out.code, Some(0));
         assert!(out.stderr.contains("no worker `nobody`"), "{}", out.stderr);
     }
+
+    // A hub that dies without a word is waited for, then named: the answer is partial.
+    b.kill();
+    let out = run_cli(&a.url, &["workers"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("no answer in time from hub hub-b")
+            && out.stdout.contains("gpu-a")
+            && !out.stdout.contains("gpu-b"),
+        "{out:?}"
+    );
+    let out = run_cli(&a.url, &["sample", "--pool", "mistral", "0.5", "--no-wait"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("hub hub-b") && out.stderr.contains("stored in the cluster"),
+        "{out:?}"
+    );
 
     // Every hub restarts, with fresh state directories: the state comes back from JetStream.
     drop((gpu_a, gpu_b, client_a, client_b));

@@ -191,6 +191,12 @@ async fn apply(hub: &HubTarget, selector: Selector, change: Change, wait: &Wait)
         wait.timeout
     };
     let response = client.update_control(&selector, &change, wait_for).await?;
+    if let Some(warning) = render::unanswered_warning(
+        &response.unanswered_hubs,
+        "the change is stored in the cluster and their workers get it, but their acknowledgements are missing below",
+    ) {
+        eprintln!("{warning}");
+    }
     report(&selector, &change, &response, wait)
 }
 

@@ -1,5 +1,7 @@
 //! `bridge workers`: who is connected, their rates, drops and control state.
 
+use bridge_proto::v1;
+
 use super::{
     HubTarget, Outcome, connect,
     render::{self, Format},
@@ -14,7 +16,15 @@ pub struct Args {
 
 pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
     let mut client = connect(hub).await?;
-    let workers = client.list_workers(None).await?;
+    let v1::ListWorkersResponse {
+        workers,
+        unanswered_hubs,
+    } = client.list_workers_response(None).await?;
+    if let Some(warning) =
+        render::unanswered_warning(&unanswered_hubs, "their workers are not listed")
+    {
+        eprintln!("{warning}");
+    }
     match args.format {
         Format::Json => {
             let array: Vec<_> = workers.iter().map(render::worker_json).collect();

@@ -70,7 +70,11 @@ async fn answer_acks(hub: Hub, link: Arc<ClusterLink>, message: async_nats::Mess
     };
     let wait = Duration::from_millis(request.wait_ms.into());
     let targets = hub.local_acknowledgements(&selector, version, wait).await;
-    let answer = v1::UpdateControlResponse { version, targets };
+    let answer = v1::UpdateControlResponse {
+        version,
+        targets,
+        unanswered_hubs: Vec::new(),
+    };
     respond(&link, reply, answer.encode_to_vec()).await;
 }
 
@@ -89,7 +93,11 @@ async fn answer_workers(hub: &Hub, link: &ClusterLink, message: async_nats::Mess
     respond(
         link,
         reply,
-        v1::ListWorkersResponse { workers }.encode_to_vec(),
+        v1::ListWorkersResponse {
+            workers,
+            unanswered_hubs: Vec::new(),
+        }
+        .encode_to_vec(),
     )
     .await;
 }
@@ -106,6 +114,13 @@ async fn respond(link: &ClusterLink, reply: async_nats::Subject, payload: Vec<u8
     }
 }
 
+/// The answers of the other hubs, and the hubs that did not answer ("*": cannot tell).
+#[derive(Debug)]
+struct Answers<T> {
+    answers: Vec<T>,
+    unanswered: Vec<String>,
+}
+
 /// Asks every other hub that is up; returns the answers that came by `deadline`.
 async fn ask(
     link: &ClusterLink,
@@ -113,19 +128,26 @@ async fn ask(
     headers: HeaderMap,
     payload: Vec<u8>,
     deadline: Instant,
-) -> Vec<bytes::Bytes> {
+) -> Answers<bytes::Bytes> {
+    let unknown = || Answers {
+        answers: Vec::new(),
+        unanswered: vec!["*".to_owned()],
+    };
     let Some(peers) = link.peers() else {
-        warn!(
-            "cluster: cannot tell which hubs are up (NATS unreachable); answering for this hub alone"
-        );
-        return Vec::new();
+        // `/readyz` and the connection's own log lines say that NATS is away; the answer says
+        // that it is partial.
+        debug!("cluster: cannot tell which hubs are up; answering for this hub alone");
+        return unknown();
     };
     if peers.is_empty() {
-        return Vec::new();
+        return Answers {
+            answers: Vec::new(),
+            unanswered: Vec::new(),
+        };
     }
     let inbox = link.client.new_inbox();
     let Ok(mut replies) = link.client.subscribe(inbox.clone()).await else {
-        return Vec::new();
+        return unknown();
     };
     if link
         .client
@@ -133,7 +155,7 @@ async fn ask(
         .await
         .is_err()
     {
-        return Vec::new();
+        return unknown();
     }
     let mut waiting: HashSet<String> = peers.into_iter().collect();
     let mut answers = Vec::with_capacity(waiting.len());
@@ -153,16 +175,35 @@ async fn ask(
     if !waiting.is_empty() {
         warn!(hubs = ?waiting, question, "cluster: no answer from these hubs in time");
     }
-    answers
+    let mut unanswered: Vec<String> = waiting.into_iter().collect();
+    unanswered.sort();
+    Answers {
+        answers,
+        unanswered,
+    }
+}
+
+impl Answers<bytes::Bytes> {
+    /// Decodes each answer, dropping those that do not decode.
+    fn decode<M: prost::Message + Default>(self) -> Answers<M> {
+        Answers {
+            answers: self
+                .answers
+                .into_iter()
+                .filter_map(|answer| M::decode(answer).ok())
+                .collect(),
+            unanswered: self.unanswered,
+        }
+    }
 }
 
 impl ClusterLink {
     /// The workers other hubs serve (those `selector` addresses; all when `None`).
-    pub async fn remote_workers(&self, selector: Option<&Selector>) -> Vec<v1::WorkerInfo> {
+    pub async fn remote_workers(&self, selector: Option<&Selector>) -> v1::ListWorkersResponse {
         let request = v1::ListWorkersRequest {
             selector: selector.map(to_wire_selector),
         };
-        ask(
+        let answers = ask(
             self,
             WORKERS,
             HeaderMap::new(),
@@ -170,20 +211,25 @@ impl ClusterLink {
             Instant::now() + LIST_TIMEOUT,
         )
         .await
-        .into_iter()
-        .filter_map(|answer| v1::ListWorkersResponse::decode(answer).ok())
-        .flat_map(|answer| answer.workers)
-        .collect()
+        .decode::<v1::ListWorkersResponse>();
+        v1::ListWorkersResponse {
+            workers: answers
+                .answers
+                .into_iter()
+                .flat_map(|answer| answer.workers)
+                .collect(),
+            unanswered_hubs: answers.unanswered,
+        }
     }
 
     /// Waits for the other hubs' workers that `selector` addresses to apply `version`, as long
-    /// as `wait`; returns their statuses.
+    /// as `wait`; returns their statuses, and the hubs that did not answer.
     pub async fn remote_acknowledgements(
         &self,
         selector: &Selector,
         version: u64,
         wait: Duration,
-    ) -> Vec<v1::TargetStatus> {
+    ) -> v1::UpdateControlResponse {
         let request = v1::UpdateControlRequest {
             selector: Some(to_wire_selector(selector)),
             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
@@ -191,7 +237,7 @@ impl ClusterLink {
         };
         let mut headers = HeaderMap::new();
         headers.insert(VERSION_HEADER, version.to_string().as_str());
-        ask(
+        let answers = ask(
             self,
             ACKS,
             headers,
@@ -199,9 +245,15 @@ impl ClusterLink {
             Instant::now() + wait + ANSWER_MARGIN,
         )
         .await
-        .into_iter()
-        .filter_map(|answer| v1::UpdateControlResponse::decode(answer).ok())
-        .flat_map(|answer| answer.targets)
-        .collect()
+        .decode::<v1::UpdateControlResponse>();
+        v1::UpdateControlResponse {
+            version,
+            targets: answers
+                .answers
+                .into_iter()
+                .flat_map(|answer| answer.targets)
+                .collect(),
+            unanswered_hubs: answers.unanswered,
+        }
     }
 }

@@ -78,13 +78,11 @@ pub async fn list_workers(
             selector = Some(Selector::Pool(value));
         }
     }
-    let workers: Vec<Value> = hub
-        .list_workers(selector.as_ref())
-        .await
-        .iter()
-        .map(render::worker_json)
-        .collect();
-    Ok(Json(json!({ "workers": workers })))
+    let listed = hub.list_workers(selector.as_ref()).await;
+    let workers: Vec<Value> = listed.workers.iter().map(render::worker_json).collect();
+    Ok(Json(
+        json!({ "workers": workers, "unanswered_hubs": listed.unanswered_hubs }),
+    ))
 }
 
 /// `GET /api/workers/{id}`
@@ -95,7 +93,7 @@ pub async fn get_worker(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&hub, &headers, None, Access::Read)?;
     let workers = hub.list_workers(Some(&Selector::Worker(id.clone()))).await;
-    let worker = workers.first().ok_or(Error::UnknownWorker(id))?;
+    let worker = workers.workers.first().ok_or(Error::UnknownWorker(id))?;
     Ok(Json(render::worker_json(worker)))
 }
 
