@@ -39,6 +39,8 @@ pub struct ClusterConfig {
     pub node: String,
     /// First token of every subject the hubs use.
     pub subject_prefix: String,
+    /// Copies JetStream keeps of the cluster's control state (1, or 3 or 5 on a NATS cluster).
+    pub replicas: usize,
 }
 
 impl Default for ClusterConfig {
@@ -47,6 +49,7 @@ impl Default for ClusterConfig {
             nats_url: String::new(),
             node: String::new(),
             subject_prefix: "bridge".into(),
+            replicas: 1,
         }
     }
 }
@@ -326,6 +329,15 @@ impl Config {
                 }
             }
         }
+        if !(1..=5).contains(&cluster.replicas) {
+            return Err((
+                "cluster.replicas".into(),
+                format!(
+                    "{} is not a number of JetStream replicas: 1 to 5 (3 on a three-server NATS cluster)",
+                    cluster.replicas
+                ),
+            ));
+        }
         let prefix = &self.cluster.subject_prefix;
         if prefix.is_empty()
             || prefix
@@ -572,6 +584,7 @@ mod tests {
                 "[cluster]\nsubject_prefix = \"a.*\"",
                 "`cluster.subject_prefix`",
             ),
+            ("[cluster]\nreplicas = 0", "`cluster.replicas`"),
             (
                 "[hub]\nhttp_allowed_origins = [\"example.com/x\"]",
                 "http_allowed_origins[0]",

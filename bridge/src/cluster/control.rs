@@ -207,6 +207,7 @@ async fn open_bucket(
     bucket: String,
     description: &str,
     max_age: Duration,
+    replicas: usize,
 ) -> Result<kv::Store, String> {
     if let Ok(store) = js.get_key_value(&bucket).await {
         return Ok(store);
@@ -221,7 +222,7 @@ async fn open_bucket(
         deny_delete: true,
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     };
     let created = js.get_or_create_stream(stream).await;
@@ -263,6 +264,7 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
         bucket_name(&link.prefix, "control"),
         "telemetry-bridge: desired control state",
         Duration::ZERO,
+        link.replicas,
     )
     .await?;
     let hubs = open_bucket(
@@ -270,6 +272,7 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
         bucket_name(&link.prefix, "hubs"),
         "telemetry-bridge: hubs that are up",
         PRESENCE_TTL,
+        link.replicas,
     )
     .await?;
     let node = key_token(link.node());

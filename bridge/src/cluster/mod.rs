@@ -32,6 +32,8 @@ pub struct ClusterLink {
     client: async_nats::Client,
     node: Arc<str>,
     prefix: String,
+    /// JetStream replicas of the buckets.
+    replicas: usize,
     outbound: mpsc::Sender<Outbound>,
     /// The key-value buckets, once JetStream answered.
     buckets: watch::Sender<Option<control::Buckets>>,
@@ -83,6 +85,7 @@ impl ClusterLink {
             client,
             node: node.into(),
             prefix: config.subject_prefix.clone(),
+            replicas: config.replicas,
             outbound,
             buckets: watch::Sender::new(None),
             applied_revision: watch::Sender::new(0),
