@@ -24,6 +24,10 @@ use crate::{
 /// Event names the hub publishes about workers.
 pub const WORKER_CONNECTED: [&str; 3] = ["bridge", "worker", "connected"];
 pub const WORKER_DISCONNECTED: [&str; 3] = ["bridge", "worker", "disconnected"];
+/// Event names a clustered hub publishes about its NATS connection (the event's worker id is
+/// the hub's node name): while it is cut off, events from other hubs may be missing.
+pub const CLUSTER_CONNECTED: [&str; 3] = ["bridge", "cluster", "connected"];
+pub const CLUSTER_DISCONNECTED: [&str; 3] = ["bridge", "cluster", "disconnected"];
 
 #[derive(Debug)]
 struct Shared {
@@ -228,6 +232,28 @@ impl Hub {
                 },
             )]
             .into(),
+        );
+    }
+
+    /// Tells subscribers that this hub's NATS connection came up or went down.
+    pub fn announce_cluster(&self, node: &str, connected: bool) {
+        let (name, note) = if connected {
+            (
+                &CLUSTER_CONNECTED,
+                "events from other hubs flow to this hub's subscribers",
+            )
+        } else {
+            (
+                &CLUSTER_DISCONNECTED,
+                "events from other hubs may be missing until this hub reconnects",
+            )
+        };
+        self.publish_lifecycle(
+            node,
+            "",
+            name,
+            [("note".to_owned(), note.to_owned())].into(),
+            Default::default(),
         );
     }
 

@@ -148,6 +148,16 @@ async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
         metrics.contains("bridge_cluster_connected{node=\"hub-a\"} 0"),
         "{metrics}"
     );
+    // Its subscribers are told that events from other hubs may be missing from now on.
+    let announced = |tail: &Tail, event: &str| {
+        tail.deliveries()
+            .iter()
+            .rposition(|d| name(d) == event && d.worker_id == "hub-a")
+    };
+    eventually("A's subscriber to hear that A lost NATS", WAIT, || async {
+        announced(&local, "bridge.cluster.disconnected").map(|_| ())
+    })
+    .await;
     let before = from_a(&local);
     eventually("A's local subscriber to keep receiving", WAIT, || async {
         (from_a(&local) > before + 100).then_some(())
@@ -162,6 +172,12 @@ async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
     })
     .await;
     assert_eq!(ready(&a).body.trim(), "ready");
+    // ... and when it is back.
+    eventually("A's subscriber to hear that A is back", WAIT, || async {
+        let lost = announced(&local, "bridge.cluster.disconnected")?;
+        (announced(&local, "bridge.cluster.connected")? > lost).then_some(())
+    })
+    .await;
     sequences_once(&remote, "gpu-a");
     sequences_once(&local, "gpu-a");
 }

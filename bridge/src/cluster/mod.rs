@@ -35,6 +35,8 @@ pub struct ClusterLink {
     /// JetStream replicas of the buckets.
     replicas: usize,
     outbound: mpsc::Sender<Outbound>,
+    /// Whether the NATS connection is up, as its events said last.
+    connection: watch::Receiver<bool>,
     /// The key-value buckets, once JetStream answered.
     buckets: watch::Sender<Option<control::Buckets>>,
     /// The newest revision of the control bucket this hub has applied (0: not loaded yet).
@@ -52,7 +54,31 @@ pub struct ClusterLink {
 /// Starts following the cluster's control state and answering the other hubs.
 pub(crate) fn start(hub: crate::Hub, link: Arc<ClusterLink>) {
     tokio::spawn(control::follow(hub.clone(), link.clone()));
-    tokio::spawn(rpc::serve(hub, link));
+    tokio::spawn(rpc::serve(hub.clone(), link.clone()));
+    tokio::spawn(announce(hub, link));
+}
+
+/// Publishes `bridge.cluster.connected` / `disconnected` as the NATS connection comes and goes,
+/// so that a subscriber knows when events from other hubs may be missing. (NATS delivers at
+/// most once; what other hubs published while this one was cut off is not replayed.)
+async fn announce(hub: crate::Hub, link: Arc<ClusterLink>) {
+    let mut connection = link.connection.clone();
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            () = hub.shutdown_token().cancelled() => return,
+            changed = connection.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let connected = *connection.borrow_and_update();
+                if connected != announced {
+                    hub.announce_cluster(link.node(), connected);
+                    announced = connected;
+                }
+            }
+        }
+    }
 }
 
 impl ClusterLink {
@@ -60,21 +86,29 @@ impl ClusterLink {
     /// and starts publishing.
     pub async fn connect(config: &ClusterConfig, node: String) -> Result<Arc<Self>, String> {
         let url = config.nats_url.trim();
+        let (connection_tx, connection) = watch::channel(false);
         let client = async_nats::ConnectOptions::new()
             .name(format!("telemetry-bridge {node}"))
             .retry_on_initial_connect()
             // A hub's own events reach its subscribers directly; back from NATS they would be
             // duplicates, and every one of them would cross the network twice.
             .no_echo()
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => info!("cluster: connected to NATS"),
-                    async_nats::Event::Disconnected => {
-                        warn!(
-                            "cluster: NATS connection lost; serving local workers and subscribers only"
-                        );
+            .event_callback(move |event| {
+                let connection_tx = connection_tx.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            info!("cluster: connected to NATS");
+                            connection_tx.send_replace(true);
+                        }
+                        async_nats::Event::Disconnected => {
+                            connection_tx.send_replace(false);
+                            warn!(
+                                "cluster: NATS connection lost; serving local workers and subscribers only"
+                            );
+                        }
+                        other => debug!(%other, "cluster: NATS event"),
                     }
-                    other => debug!(%other, "cluster: NATS event"),
                 }
             })
             .connect(url)
@@ -84,6 +118,7 @@ impl ClusterLink {
         let link = Arc::new(Self {
             client,
             node: node.into(),
+            connection,
             prefix: config.subject_prefix.clone(),
             replicas: config.replicas,
             outbound,
