@@ -221,8 +221,10 @@ fn draw(frame: &mut Frame, view: &mut View) {
     }
     frame.render_widget(Line::from(title).bold(), header);
 
-    let rows: Vec<Row> = view
-        .visible()
+    let visible = view.visible();
+    // Which hub each worker streams to matters only in cluster mode.
+    let clustered = visible.iter().any(|w| !w.hub.is_empty());
+    let rows: Vec<Row> = visible
         .into_iter()
         .map(|w| {
             let enabled = w.control.as_ref().is_none_or(|c| c.enabled);
@@ -231,7 +233,7 @@ fn draw(frame: &mut Frame, view: &mut View) {
                 None if w.gpu.is_empty() || w.gpu == "none" => "-".into(),
                 None => w.gpu.clone(),
             };
-            let row = Row::new(vec![
+            let mut cells = vec![
                 w.id.clone(),
                 if w.pool.is_empty() {
                     "-".into()
@@ -245,7 +247,11 @@ fn draw(frame: &mut Frame, view: &mut View) {
                 sampling_cell(w),
                 if enabled { "on" } else { "off" }.to_owned(),
                 gpu,
-            ]);
+            ];
+            if clustered {
+                cells.insert(2, w.hub.clone());
+            }
+            let row = Row::new(cells);
             if w.connected {
                 row
             } else {
@@ -253,28 +259,31 @@ fn draw(frame: &mut Frame, view: &mut View) {
             }
         })
         .collect();
-    let table = Table::new(
-        rows,
-        [
-            Constraint::Min(12),
-            Constraint::Min(8),
-            Constraint::Length(6),
-            Constraint::Length(9),
-            Constraint::Length(u16::try_from(HISTORY).unwrap_or(24)),
-            Constraint::Length(8),
-            Constraint::Min(24),
-            Constraint::Length(7),
-            Constraint::Min(6),
-        ],
-    )
-    .header(
-        Row::new([
-            "WORKER", "POOL", "STATUS", "EV/S", "HISTORY", "DROPS", "SAMPLING", "ENABLED", "GPU",
-        ])
-        .style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED)),
-    )
-    .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
-    .column_spacing(2);
+    let mut widths = vec![
+        Constraint::Min(12),
+        Constraint::Min(8),
+        Constraint::Length(6),
+        Constraint::Length(9),
+        Constraint::Length(u16::try_from(HISTORY).unwrap_or(24)),
+        Constraint::Length(8),
+        Constraint::Min(24),
+        Constraint::Length(7),
+        Constraint::Min(6),
+    ];
+    let mut header = vec![
+        "WORKER", "POOL", "STATUS", "EV/S", "HISTORY", "DROPS", "SAMPLING", "ENABLED", "GPU",
+    ];
+    if clustered {
+        widths.insert(2, Constraint::Min(8));
+        header.insert(2, "HUB");
+    }
+    let table = Table::new(rows, widths)
+        .header(
+            Row::new(header)
+                .style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED)),
+        )
+        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
+        .column_spacing(2);
     frame.render_stateful_widget(table, body, &mut view.table);
 
     let bottom = match &view.prompt {
@@ -559,6 +568,32 @@ mod tests {
             }
             _ => panic!("no change asked for"),
         }
+    }
+
+    /// The screen `draw` makes of `view`, as text lines.
+    fn screen(view: &mut View) -> String {
+        let mut terminal =
+            ratatui::Terminal::new(ratatui::backend::TestBackend::new(140, 8)).expect("terminal");
+        terminal.draw(|frame| draw(frame, view)).expect("draw");
+        let buffer = terminal.backend().buffer();
+        buffer
+            .content()
+            .chunks(usize::from(buffer.area.width))
+            .map(|line| line.iter().map(|cell| cell.symbol()).collect::<String>())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn a_hub_column_shows_in_cluster_mode_only() {
+        let mut view = View::new("hub".into());
+        view.refreshed(vec![worker("a", "llama", 5.0)]);
+        assert!(!screen(&mut view).contains("HUB"));
+        let mut remote = worker("b", "llama", 1.0);
+        remote.hub = "hub-b".into();
+        view.refreshed(vec![worker("a", "llama", 5.0), remote]);
+        let text = screen(&mut view);
+        assert!(text.contains("HUB") && text.contains("hub-b"), "{text}");
     }
 
     #[test]
