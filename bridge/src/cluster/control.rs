@@ -22,7 +22,7 @@ use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use tracing::{info, warn};
 
-use super::ClusterLink;
+use super::{ClusterLink, token};
 use crate::{
     control::{Change, Selector, apply_change, layer::Layer},
     error::{Error, Result},
@@ -68,38 +68,14 @@ fn parse_layer_key(key: &str) -> Option<Selector> {
 /// Text as one key token: key-value keys allow letters, digits, '-', '_', '=' and '/' ('.'
 /// separates tokens), so every other byte, and '=', is written `=HH`; the empty string is `=`.
 pub fn key_token(text: &str) -> String {
-    if text.is_empty() {
-        return "=".into();
-    }
-    let mut token = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_') {
-            token.push(char::from(byte));
-        } else {
-            token.push_str(&format!("={byte:02X}"));
-        }
-    }
-    token
+    token::escape(text, b'=', |byte| {
+        byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_')
+    })
 }
 
 /// The inverse of [`key_token`]; `None` for a token it cannot have written.
 pub fn parse_key_token(token: &str) -> Option<String> {
-    if token == "=" {
-        return Some(String::new());
-    }
-    let bytes = token.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'=' {
-            out.push(u8::from_str_radix(token.get(i + 1..i + 3)?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    token::unescape(token, b'=').map(std::borrow::Cow::into_owned)
 }
 
 /// A level as stored at `revision`, its pending versions resolved (see the module notes).

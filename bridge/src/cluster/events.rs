@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::ClusterLink;
+use super::{ClusterLink, token};
 use crate::fanout::{Filter, Subscriber};
 
 /// Events waiting for the NATS connection; beyond this they are dropped and counted.
@@ -188,43 +188,14 @@ pub(super) async fn publish(link: Arc<ClusterLink>, mut backlog: mpsc::Receiver<
 /// A pool or worker id as one subject token: characters NATS gives a meaning to ('.', '*',
 /// '>', whitespace), '~' and non-ASCII are written `~HH`; the empty string is `~`.
 pub fn subject_token(text: &str) -> String {
-    if text.is_empty() {
-        return "~".into();
-    }
-    let mut token = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_graphic() && !matches!(byte, b'.' | b'*' | b'>' | b'~') {
-            token.push(char::from(byte));
-        } else {
-            token.push_str(&format!("~{byte:02X}"));
-        }
-    }
-    token
+    token::escape(text, b'~', |byte| {
+        byte.is_ascii_graphic() && !matches!(byte, b'.' | b'*' | b'>')
+    })
 }
 
-/// The inverse of [`subject_token`]; `None` for a token it cannot have written. Borrows the
-/// token when it needed no escapes (nearly always).
+/// The inverse of [`subject_token`]; `None` for a token it cannot have written.
 pub fn parse_token(token: &str) -> Option<Cow<'_, str>> {
-    if token == "~" {
-        return Some(Cow::Borrowed(""));
-    }
-    if !token.contains('~') {
-        return Some(Cow::Borrowed(token));
-    }
-    let bytes = token.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'~' {
-            let hex = token.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok().map(Cow::Owned)
+    token::unescape(token, b'~')
 }
 
 /// Pool, worker and event name (dotted) of an event subject.

@@ -13,6 +13,7 @@
 pub mod control;
 pub mod events;
 pub mod rpc;
+mod token;
 
 use std::{
     collections::HashMap,
