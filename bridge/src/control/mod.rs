@@ -253,27 +253,14 @@ impl ControlPlane {
     pub fn set_layer(&self, selector: &Selector, layer: Layer) -> bool {
         let mut book = self.book();
         let runtime = &mut book.runtime;
-        let slot = match selector {
-            Selector::All => Some(&mut runtime.global),
-            Selector::Pool(pool) => runtime.pools.get_mut(pool),
-            Selector::Worker(id) => runtime.workers.get_mut(id),
-        };
-        if slot
-            .as_ref()
+        if runtime
+            .layer(selector)
             .is_some_and(|held| held.version >= layer.version)
         {
             return false;
         }
         runtime.version = runtime.version.max(layer.version);
-        match selector {
-            Selector::All => runtime.global = layer,
-            Selector::Pool(pool) => {
-                runtime.pools.insert(pool.clone(), layer);
-            }
-            Selector::Worker(id) => {
-                runtime.workers.insert(id.clone(), layer);
-            }
-        }
+        *runtime.layer_mut(selector) = layer;
         let _ = self.syncer.send(Some(runtime.clone()));
         true
     }
@@ -289,15 +276,7 @@ impl ControlPlane {
         };
         for (selector, layer) in layers {
             runtime.version = runtime.version.max(layer.version);
-            match selector {
-                Selector::All => runtime.global = layer,
-                Selector::Pool(pool) => {
-                    runtime.pools.insert(pool, layer);
-                }
-                Selector::Worker(id) => {
-                    runtime.workers.insert(id, layer);
-                }
-            }
+            *runtime.layer_mut(&selector) = layer;
         }
         let _ = self.syncer.send(Some(runtime.clone()));
         let mut book = self.book();
@@ -388,12 +367,7 @@ impl ControlPlane {
             let previous = book.runtime.clone();
             book.runtime.version += 1;
             let version = book.runtime.version;
-            let layer = match selector {
-                Selector::All => &mut book.runtime.global,
-                Selector::Pool(pool) => book.runtime.pools.entry(pool.clone()).or_default(),
-                Selector::Worker(id) => book.runtime.workers.entry(id.clone()).or_default(),
-            };
-            apply_change(layer, change, version);
+            apply_change(book.runtime.layer_mut(selector), change, version);
             (previous, book.runtime.clone())
         };
         let store = self.store.clone();
@@ -420,6 +394,26 @@ impl ControlPlane {
             version: book.runtime.version,
             _serialised: serialised,
         })
+    }
+}
+
+impl Snapshot {
+    /// A level's runtime settings, if it has any.
+    fn layer(&self, selector: &Selector) -> Option<&Layer> {
+        match selector {
+            Selector::All => Some(&self.global),
+            Selector::Pool(pool) => self.pools.get(pool),
+            Selector::Worker(id) => self.workers.get(id),
+        }
+    }
+
+    /// A level's runtime settings, empty ones made for it when it has none.
+    fn layer_mut(&mut self, selector: &Selector) -> &mut Layer {
+        match selector {
+            Selector::All => &mut self.global,
+            Selector::Pool(pool) => self.pools.entry(pool.clone()).or_default(),
+            Selector::Worker(id) => self.workers.entry(id.clone()).or_default(),
+        }
     }
 }
 
