@@ -369,16 +369,7 @@ impl Hub {
     /// Pushes the current desired state to this hub's workers that `selector` addresses;
     /// returns them.
     fn push(&self, selector: &Selector, how: Push) -> Vec<Arc<Worker>> {
-        let reached: Vec<Arc<Worker>> = match selector {
-            Selector::Worker(id) => self.shared.registry.get(id).into_iter().collect(),
-            _ => self
-                .shared
-                .registry
-                .unordered()
-                .into_iter()
-                .filter(|worker| selects(selector, worker))
-                .collect(),
-        };
+        let reached = self.addressed(selector);
         // Most workers have no settings of their own: their state depends on their pool only,
         // so it is computed once per pool rather than once per worker.
         let mut by_pool: std::collections::HashMap<String, bridge_proto::control::ControlState> =
@@ -404,6 +395,20 @@ impl Hub {
         reached
     }
 
+    /// This hub's workers that `selector` addresses.
+    fn addressed(&self, selector: &Selector) -> Vec<Arc<Worker>> {
+        match selector {
+            Selector::Worker(id) => self.shared.registry.get(id).into_iter().collect(),
+            _ => self
+                .shared
+                .registry
+                .unordered()
+                .into_iter()
+                .filter(|worker| selects(selector, worker))
+                .collect(),
+        }
+    }
+
     /// Waits up to `wait` for this hub's workers that `selector` addresses to apply `version`
     /// of the cluster's state (which this hub pushes to them once it has it). Latencies count
     /// from this hub's push, which may have come before the question.
@@ -420,13 +425,7 @@ impl Hub {
             let deadline = tokio::time::Instant::now() + wait.max(rpc::ANSWER_MARGIN);
             link.applied(version, deadline).await;
         }
-        let reached: Vec<Arc<Worker>> = self
-            .shared
-            .registry
-            .unordered()
-            .into_iter()
-            .filter(|worker| selects(selector, worker))
-            .collect();
+        let reached = self.addressed(selector);
         self.acknowledgements(
             &reached,
             version,
