@@ -341,6 +341,8 @@ pub struct Session {
     pub worker: Arc<Worker>,
     /// The pool the worker named when it opened this stream.
     pub pool: Arc<str>,
+    /// Whether the client declared that it applies and acknowledges `ControlState`.
+    pub acknowledges: bool,
     pub generation: u64,
     pub cancel: CancellationToken,
     /// Receipts owed to the worker for the numbered events of this stream.
@@ -483,6 +485,7 @@ impl Registry {
         let session = Session {
             worker: worker.clone(),
             pool: identity.pool.as_str().into(),
+            acknowledges: identity.acknowledges,
             generation,
             cancel: parent.child_token(),
             receipts: Arc::default(),
@@ -523,6 +526,7 @@ impl Registry {
             let old = Session {
                 worker: worker.clone(),
                 pool: handle.pool,
+                acknowledges: false,
                 generation: handle.generation,
                 cancel: handle.cancel,
                 receipts: Arc::default(),

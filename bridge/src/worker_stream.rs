@@ -15,7 +15,7 @@ use async_stream::stream;
 use bridge_proto::{
     control::{ControlState, Verdict},
     pattern::validate_event_tokens,
-    sampling::{Rate, combined},
+    sampling::{Draw, Presampled},
     v1::{self, telemetry_control::Control, telemetry_value::Value},
     view::EventView,
 };
@@ -39,7 +39,7 @@ pub const WORKER_STATS: [&str; 3] = ["bridge", "worker", "stats"];
 
 /// Reads the worker's events until the stream ends or the hub ends it.
 pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView>) {
-    let mut enforcer = Enforcer::new(session.worker.watch_desired());
+    let mut enforcer = Enforcer::new(session.worker.watch_desired(), session.acknowledges);
     let mut admission = Admission::new(&hub.config().limits);
     let mut warned = false;
     // Made once: a fresh future per message costs a measurable share of a trickling stream.
@@ -278,29 +278,53 @@ impl Admission {
 struct Enforcer {
     desired: watch::Receiver<Arc<ControlState>>,
     state: Arc<ControlState>,
+    /// Whether the worker applies `ControlState` itself (and so samples by its hash).
+    acknowledges: bool,
+    /// The rate a plain client was told to sample every event at: `state`'s ceiling.
+    plain_rate: f64,
 }
 
 impl Enforcer {
-    fn new(mut desired: watch::Receiver<Arc<ControlState>>) -> Self {
+    fn new(mut desired: watch::Receiver<Arc<ControlState>>, acknowledges: bool) -> Self {
         let state = desired.borrow_and_update().clone();
-        Self { desired, state }
+        let plain_rate = state.ceiling().get();
+        Self {
+            desired,
+            state,
+            acknowledges,
+            plain_rate,
+        }
+    }
+
+    /// How the worker sampled `event` before sending it. A plain client that does not say
+    /// (the original design's has no field for it) is taken to have applied the rate it was
+    /// last sent; during the round trip after a change it may still apply the one before.
+    fn presampled(&self, event: &EventView) -> Presampled {
+        if self.acknowledges {
+            Presampled::new(event.sampling_rate, Draw::Consistent)
+        } else if event.sampling_rate > 0.0 {
+            Presampled::new(event.sampling_rate, Draw::Independent)
+        } else {
+            Presampled::new(self.plain_rate, Draw::Independent)
+        }
     }
 
     /// The sampling rate to deliver the event with, or why it is dropped.
     fn verdict(&mut self, event: &EventView) -> Result<f64, HubDrop> {
         if self.desired.has_changed().unwrap_or(false) {
             self.state = self.desired.borrow_and_update().clone();
+            self.plain_rate = self.state.ceiling().get();
         }
+        let before = self.presampled(event);
         if event.control_version != 0 && event.control_version == self.state.version {
             // The worker decided it under the current state; it was kept at the rate it says.
-            return Ok(combined(
-                event.sampling_rate,
-                Rate::ALL,
-                event.correlation_id(),
-            ));
+            return Ok(before.rate());
         }
-        match self.state.decide(|| event.parts(), event.correlation_id()) {
-            Verdict::Keep(rate) => Ok(combined(event.sampling_rate, rate, event.correlation_id())),
+        match self
+            .state
+            .decide_presampled(|| event.parts(), event.correlation_id(), before)
+        {
+            Verdict::Keep(rate) => Ok(rate.get()),
             Verdict::Disabled => Err(HubDrop::Disabled),
             Verdict::Filtered => Err(HubDrop::Filtered),
             Verdict::SampledOut(_) => Err(HubDrop::SampledOut),

@@ -5,7 +5,7 @@
 
 use crate::{
     pattern::{NameError, Pattern},
-    sampling::{Rate, RateError},
+    sampling::{Presampled, Rate, RateError},
     v1,
 };
 
@@ -117,6 +117,22 @@ impl ControlState {
         F: Fn() -> I,
         I: Iterator<Item = &'a str>,
     {
+        self.decide_presampled(tokens, correlation_id, Presampled::NOT)
+    }
+
+    /// The verdict for an event its sender may have sampled already (see
+    /// [`Presampled::resample`]): `Keep` carries the rate it was kept at overall.
+    #[inline]
+    pub fn decide_presampled<'a, I, F>(
+        &self,
+        tokens: F,
+        correlation_id: &str,
+        before: Presampled,
+    ) -> Verdict
+    where
+        F: Fn() -> I,
+        I: Iterator<Item = &'a str>,
+    {
         if !self.enabled {
             return Verdict::Disabled;
         }
@@ -124,11 +140,20 @@ impl ControlState {
             return Verdict::Filtered;
         }
         let rate = self.rate_for(&tokens);
-        if rate.keep(correlation_id) {
-            Verdict::Keep(rate)
-        } else {
-            Verdict::SampledOut(rate)
+        match before.resample(rate, correlation_id) {
+            Some(kept_at) => Verdict::Keep(kept_at),
+            None => Verdict::SampledOut(rate),
         }
+    }
+
+    /// The highest rate any event is kept at: the default and every rule's. A client that
+    /// samples every event at this rate, whatever its name, never drops one that this state
+    /// would keep.
+    pub fn ceiling(&self) -> Rate {
+        self.rules
+            .iter()
+            .map(|rule| rule.rate)
+            .fold(self.default_rate, |max, rate| if rate > max { rate } else { max })
     }
 
     /// Whether the allow and block lists let the event through.
@@ -163,9 +188,10 @@ impl ControlState {
 
 impl ControlState {
     /// The control messages that convey this state to a client. Clients that acknowledge get
-    /// it whole, in one message. Plain clients get the toggle and the filter, so they can skip
-    /// work early, but not sampling: the receiving side samples their events itself, and a
-    /// client sampling them as well would square the rate.
+    /// it whole, in one message. Plain clients get it in the original design's three messages;
+    /// since they apply one sampling rate to every event and ignore `event_patterns`, they are
+    /// sent the [`ControlState::ceiling`], and the receiving side thins what arrives down to
+    /// each event's own rate (taking the client's draw into account).
     pub fn messages(&self, acknowledges: bool) -> Vec<v1::TelemetryControl> {
         use v1::telemetry_control::Control;
         let message = |control| v1::TelemetryControl {
@@ -181,6 +207,10 @@ impl ControlState {
             message(Control::Filter(v1::TelemetryEventFilter {
                 allowed_events: self.allow.iter().map(ToString::to_string).collect(),
                 blocked_events: self.block.iter().map(ToString::to_string).collect(),
+            })),
+            message(Control::Sampling(v1::TelemetrySamplingUpdate {
+                sampling_rate: self.ceiling().get(),
+                event_patterns: Vec::new(),
             })),
         ]
     }
@@ -320,6 +350,37 @@ mod tests {
             Verdict::SampledOut(Rate::NONE)
         );
         assert_eq!(state.rate_for_parts(&["gpu", "util"]).get(), 0.5);
+    }
+
+    #[test]
+    fn plain_clients_are_sent_the_highest_rate_without_patterns() {
+        use v1::telemetry_control::Control;
+        let sampling = |state: &ControlState| {
+            state
+                .messages(false)
+                .into_iter()
+                .find_map(|m| match m.control {
+                    Some(Control::Sampling(s)) => Some(s),
+                    _ => None,
+                })
+                .expect("a sampling message")
+        };
+        let rules = vec![rule("inference.start", 0.1), rule("gpu.>", 0.5)];
+        let state = ControlState::new(3, true, Rate::ALL, rules, vec![], vec![]);
+        let sent = sampling(&state);
+        assert_eq!((sent.sampling_rate, sent.event_patterns.len()), (1.0, 0));
+        let state = ControlState::new(
+            4,
+            true,
+            Rate::new(0.01).unwrap(),
+            vec![rule("inference.start", 0.1), rule("gpu.>", 0.5)],
+            vec![],
+            vec![],
+        );
+        assert_eq!(sampling(&state).sampling_rate, 0.5);
+        let state = ControlState::new(5, true, Rate::new(0.2).unwrap(), vec![], vec![], vec![]);
+        assert_eq!(sampling(&state).sampling_rate, 0.2);
+        assert_eq!(state.messages(true).len(), 1, "acknowledging clients get the state");
     }
 
     #[test]

@@ -69,19 +69,75 @@ impl std::str::FromStr for Rate {
     }
 }
 
-/// The rate an event was kept at after a second sampling at `rate`, when it had already been
-/// kept at `earlier` (0 meaning not sampled before). With a correlation id both draws are the
-/// same hash, so the stricter rate decides; without one they are independent.
-pub fn combined(earlier: f64, rate: Rate, correlation_id: &str) -> f64 {
-    let earlier = if earlier > 0.0 && earlier < 1.0 {
-        earlier
-    } else {
-        1.0
+/// How the sender of an event drew the sampling decision it already made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draw {
+    /// [`Rate::keep`]: the correlation id's hash when there is one, at random otherwise. Workers
+    /// that apply `ControlState` draw this way (bridge.proto states the hash).
+    Consistent,
+    /// At random for every event, ignoring correlation ids: plain clients applying
+    /// `TelemetrySamplingUpdate`, such as the original telemetry-stream design's emitter.
+    Independent,
+}
+
+/// How an event that arrives from elsewhere was sampled before: kept at `rate` by a draw of
+/// kind `draw`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Presampled {
+    rate: f64,
+    pub draw: Draw,
+}
+
+impl Presampled {
+    /// Not sampled before: every event like it was kept.
+    pub const NOT: Presampled = Presampled {
+        rate: 1.0,
+        draw: Draw::Consistent,
     };
-    if correlation_id.is_empty() {
-        earlier * rate.get()
-    } else {
-        earlier.min(rate.get())
+
+    /// Kept at `rate`; anything but a rate within (0, 1) means it was not sampled (the wire's
+    /// 0 for "unset" included).
+    pub fn new(rate: f64, draw: Draw) -> Self {
+        let rate = if rate > 0.0 && rate < 1.0 { rate } else { 1.0 };
+        Self { rate, draw }
+    }
+
+    pub fn rate(self) -> f64 {
+        self.rate
+    }
+
+    /// Samples the event again so that, counting the earlier draw, it is kept with probability
+    /// `target`; `Some(rate it was kept at overall)`, or `None` when it is dropped.
+    ///
+    /// The second draw is conditional on the first, not a draw at `target` again, which would
+    /// keep `earlier × target`. After a consistent draw with a correlation id the hash is the
+    /// same, so `hash < target` is already the right condition; after an independent one the
+    /// hub keeps `target / earlier` of what arrived (by the hash when there is a correlation id,
+    /// so that the events of one request that got through stay together). An event kept at a
+    /// lower rate than `target` is kept, at its own rate: what was dropped cannot be restored.
+    #[inline]
+    pub fn resample(self, target: Rate, correlation_id: &str) -> Option<Rate> {
+        self.resample_with(target, correlation_id, &mut rand::rng())
+    }
+
+    /// [`Presampled::resample`] drawing from `rng` for events without a correlation id.
+    #[inline]
+    pub fn resample_with<R: rand::Rng + ?Sized>(
+        self,
+        target: Rate,
+        correlation_id: &str,
+        rng: &mut R,
+    ) -> Option<Rate> {
+        if target.0 >= self.rate {
+            return Some(Rate(self.rate));
+        }
+        let keep = if self.rate >= 1.0 || (self.draw == Draw::Consistent && !correlation_id.is_empty())
+        {
+            target.keep_with(correlation_id, rng)
+        } else {
+            Rate(target.0 / self.rate).keep_with(correlation_id, rng)
+        };
+        keep.then_some(target)
     }
 }
 
@@ -205,11 +261,68 @@ mod tests {
     }
 
     #[test]
-    fn combining_rates() {
-        assert_eq!(combined(0.0, rate(0.5), "id"), 0.5);
-        assert_eq!(combined(0.2, rate(0.5), "id"), 0.2);
-        assert_eq!(combined(0.2, rate(0.5), ""), 0.1);
-        assert_eq!(combined(1.0, Rate::ALL, ""), 1.0);
+    fn an_event_not_sampled_before_is_sampled_as_usual() {
+        for draw in [Draw::Consistent, Draw::Independent] {
+            for earlier in [0.0, 1.0, f64::NAN, 7.0] {
+                let before = Presampled::new(earlier, draw);
+                for i in 0..1000 {
+                    let id = format!("req-{i}");
+                    let kept = before.resample(rate(0.3), &id);
+                    assert_eq!(kept.is_some(), rate(0.3).keep(&id), "{id}");
+                    assert!(kept.is_none_or(|r| r == rate(0.3)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_kept_below_the_target_is_kept_at_its_own_rate() {
+        for draw in [Draw::Consistent, Draw::Independent] {
+            let before = Presampled::new(0.1, draw);
+            assert_eq!(before.resample(rate(0.5), "id"), Some(rate(0.1)));
+            assert_eq!(before.resample(rate(0.1), ""), Some(rate(0.1)));
+        }
+    }
+
+    /// The sender keeps `earlier` of n events, then the second draw: overall `target` of them
+    /// must survive, not `earlier × target` (six standard deviations, as above).
+    #[test]
+    fn two_draws_compose_to_the_target_rate() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let n = 200_000;
+        for (earlier, target) in [(0.5, 0.1), (0.2, 0.15), (1.0, 0.3)] {
+            for draw in [Draw::Consistent, Draw::Independent] {
+                for with_id in [true, false] {
+                    let before = Presampled::new(earlier, draw);
+                    let kept = (0..n)
+                        .filter(|i| {
+                            let id = if with_id { format!("req-{i}") } else { String::new() };
+                            let first = match draw {
+                                Draw::Consistent => rate(earlier).keep_with(&id, &mut rng),
+                                Draw::Independent => rng.random::<f64>() < earlier,
+                            };
+                            first && before.resample_with(rate(target), &id, &mut rng).is_some()
+                        })
+                        .count() as f64;
+                    let sd = (n as f64 * target * (1.0 - target)).sqrt();
+                    assert!(
+                        (kept - n as f64 * target).abs() < 6.0 * sd,
+                        "{draw:?} {earlier} then {target} (ids: {with_id}): kept {kept} of {n}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn after_an_independent_draw_the_events_of_one_request_stay_together() {
+        let before = Presampled::new(0.5, Draw::Independent);
+        for i in 0..1000 {
+            let id = format!("req-{i}");
+            let first = before.resample(rate(0.2), &id);
+            assert!((0..5).all(|_| before.resample(rate(0.2), &id) == first));
+        }
     }
 
     #[test]

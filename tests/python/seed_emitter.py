@@ -2,10 +2,12 @@
 
 It is the seed design's `GrpcTelemetryEmitter` with only the imports changed: it sends no
 metadata (no worker id, no acknowledgements) and handles `sampling` and `toggle` controls the
-way the seed does. It emits one `inference.stop` event every couple of milliseconds and prints
-every control message it receives as one JSON line on stdout, until stdin closes.
+way the seed does. Every millisecond or so it emits an `inference.start` and an `inference.stop`
+with the correlation id `py-N`, until stdin closes. On stdout it prints every control message it
+receives as one JSON line, and every 50 rounds a line `{"stats": {"next": N, "emitted": {..},
+"sent": {..}}}`: how many events of each name it emitted and how many passed its own sampling.
 
-usage: PYTHONPATH=GENERATED_DIR seed_emitter.py HOST:PORT
+usage: PYTHONPATH=GENERATED_DIR seed_emitter.py HOST:PORT|unix:PATH
 """
 import asyncio
 import json
@@ -79,20 +81,32 @@ class GrpcTelemetryEmitter:
 
 
 async def main():
-    channel = grpc.aio.insecure_channel(sys.argv[1])
+    # Over a unix socket grpcio sends the socket path as :authority unless told otherwise.
+    options = [("grpc.default_authority", "localhost")] if sys.argv[1].startswith("unix:") else []
+    channel = grpc.aio.insecure_channel(sys.argv[1], options=options)
     emitter = GrpcTelemetryEmitter(pb2_grpc.TelemetryBridgeStub(channel))
     await emitter.start_stream()
     stdin_closed = asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    # What the app asked to emit and what the emitter queued for sending, by event name: the
+    # emitter samples in emit(), so the difference is what it dropped at the source.
+    emitted = {"inference.start": 0, "inference.stop": 0}
+    sent = dict(emitted)
     i = 0
     while not stdin_closed.done():
-        emitter.emit(
-            "inference.stop",
-            {"tokens": 100 + i % 50, "latency_ms": 12.5, "device": "cuda:0"},
-            {"model": "seed-model"},
-            correlation_id=f"py-{i}",
-        )
+        for name in emitted:
+            queued = emitter.event_queue.qsize()
+            emitter.emit(
+                name,
+                {"tokens": 100 + i % 50, "latency_ms": 12.5, "device": "cuda:0"},
+                {"model": "seed-model"},
+                correlation_id=f"py-{i}",
+            )
+            emitted[name] += 1
+            sent[name] += emitter.event_queue.qsize() - queued
         i += 1
-        await asyncio.sleep(0.002)
+        if i % 50 == 0:
+            print(json.dumps({"stats": {"next": i, "emitted": emitted, "sent": sent}}), flush=True)
+        await asyncio.sleep(0.001)
     await emitter.event_queue.put(None)
     await channel.close()
 

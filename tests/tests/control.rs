@@ -277,7 +277,9 @@ async fn pool_and_global_settings_reach_workers_including_those_that_join_later(
 }
 
 /// A client that sends no identity and ignores control (as generated from the .proto by anyone)
-/// still has every command take effect: the hub applies it to its events.
+/// still has every command take effect: the hub applies it to its events. It says it samples
+/// nothing itself (`sampling_rate` 1), so the hub does not take it to have applied the rate it
+/// was sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_enforces_control_on_a_client_that_never_acknowledges() {
     let hub = HubProcess::start();
@@ -299,6 +301,7 @@ async fn the_hub_enforces_control_on_a_client_that_never_acknowledges() {
                     if i % 2 == 0 { "start" } else { "stop" }.into(),
                 ],
                 correlation_id: format!("req-{}", i / 2),
+                sampling_rate: 1.0,
                 ..Default::default()
             };
             if events.send(event).await.is_err() {

@@ -11,7 +11,7 @@ use bridge_proto::v1::telemetry_bridge_client::TelemetryBridgeClient;
 use bridge_proto::{SERVICE_NAME, v1};
 use bridge_tests::{
     HubOptions, HubProcess, PythonGrpc, Tail, WorkerProcess, bin, eventually, first_connected,
-    matching, run_cli,
+    matching, name, run_cli,
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -209,7 +209,7 @@ async fn a_python_client_generated_from_the_proto_interoperates() {
     let delivery = eventually("its events to reach the subscriber", WAIT, || async {
         tail.deliveries()
             .into_iter()
-            .find(|d| d.worker_id == worker.id)
+            .find(|d| d.worker_id == worker.id && name(d) == "inference.stop")
     })
     .await;
     let event = delivery.event.expect("event");

@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use bridge_proto::{
     control::{ControlState, Verdict},
     pattern::{validate_event_name, validate_event_parts},
-    sampling::combined,
+    sampling::{Draw, Presampled},
     v1,
 };
 use prost::Message;
@@ -192,9 +192,11 @@ impl Emitter {
     }
 
     /// Emits an event built elsewhere (e.g. relayed from another process), applying the same
-    /// toggle, filters and sampling as [`Emitter::emit`]. Its sequence number, if it had one, is
+    /// toggle, filters and sampling as [`Emitter::emit`]. An event its source sampled already
+    /// (`sampling_rate`, by a draw of kind `draw`) is sampled again so that overall it is kept
+    /// at this emitter's rate, not the product of the two. Its sequence number, if it had one, is
     /// replaced by this worker's. A missing timestamp becomes now.
-    pub fn emit_event(&self, event: v1::TelemetryEvent) {
+    pub fn emit_event(&self, event: v1::TelemetryEvent, draw: Draw) {
         let counters = &self.shared.counters;
         if !self.shared.enabled.load(Relaxed) {
             return counters.disabled();
@@ -203,10 +205,15 @@ impl Emitter {
             return counters.dropped(DropReason::InvalidName);
         }
         let control = self.shared.control.load();
-        match control.decide_parts(&event.event_parts, &event.correlation_id) {
+        let before = Presampled::new(event.sampling_rate, draw);
+        match control.decide_presampled(
+            || event.event_parts.iter().map(String::as_str),
+            &event.correlation_id,
+            before,
+        ) {
             Verdict::Keep(rate) => {
                 let mut event = event;
-                event.sampling_rate = combined(event.sampling_rate, rate, &event.correlation_id);
+                event.sampling_rate = rate.get();
                 event.control_version = control.version;
                 self.accept_message(event);
             }

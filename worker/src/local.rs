@@ -7,9 +7,10 @@
 //! clients set the channel option `grpc.default_authority` to `localhost`, or use loopback TCP.
 //!
 //! Local clients receive the sidecar's control state the way the hub sends it: whole, to clients
-//! that declare `x-bridge-control-ack: 1`, and as toggle and filter to plain clients. Events of a
-//! client that acknowledged the current state are taken as decided; everything else gets the
-//! sidecar's toggle, filters and sampling.
+//! that declare `x-bridge-control-ack: 1`, and as toggle, filter and one sampling rate (the
+//! state's ceiling) to plain clients. Events of a client that acknowledged the current state are
+//! taken as decided; everything else gets the sidecar's toggle, filters and sampling, the second
+//! draw taking a plain client's own into account (as the hub does).
 
 use std::{
     net::SocketAddr,
@@ -24,6 +25,7 @@ use std::{
 use async_stream::stream;
 use bridge_proto::{
     encoded::EncodedSubscribeResponse,
+    sampling::Draw,
     server::telemetry_bridge_server::{TelemetryBridge, TelemetryBridgeServer},
     v1::{self, telemetry_value::Value},
     view::EventView,
@@ -188,7 +190,15 @@ fn relay(emitter: &Emitter, applied: &AtomicU64, acknowledges: bool, event: v1::
         _ if acknowledges && applied.load(Relaxed) == emitter.control().version => {
             emitter.emit_decided(event);
         }
-        _ => emitter.emit_event(event),
+        _ if acknowledges => emitter.emit_event(event, Draw::Consistent),
+        _ => {
+            let mut event = event;
+            if event.sampling_rate == 0.0 {
+                // It sampled at the rate it was sent, unless it says otherwise.
+                event.sampling_rate = emitter.control().ceiling().get();
+            }
+            emitter.emit_event(event, Draw::Independent);
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 
 use std::{ffi::OsString, process::Stdio, time::Duration};
 
+use bridge_proto::sampling::Draw;
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -178,7 +179,7 @@ async fn relay_stderr(stderr: ChildStderr, emitter: Emitter) {
         if telemetry_line::is_telemetry(&line) {
             match telemetry_line::parse(&line) {
                 Ok(event) => {
-                    emitter.emit_event(event);
+                    emitter.emit_event(event, Draw::Independent);
                     continue;
                 }
                 Err(error) => {
