@@ -10,10 +10,6 @@ use std::{
     time::Duration,
 };
 
-use bridge_proto::{
-    pattern::Pattern,
-    sampling::{Rate, RateError},
-};
 use serde::Deserialize;
 
 /// The whole configuration file. `[worker]` belongs to the `worker` sidecar and is checked there.
@@ -415,31 +411,8 @@ impl Config {
                 ));
             }
         }
-        let control = &self.control;
-        check_rate(
-            "control.default_sampling_rate",
-            control.default_sampling_rate,
-        )?;
-        check_rules("control.rules", &control.rules)?;
-        check_patterns("control.allow", &control.allow)?;
-        check_patterns("control.block", &control.block)?;
-        for (kind, layers) in [("pools", &control.pools), ("workers", &control.workers)] {
-            for (name, layer) in layers {
-                let prefix = format!("control.{kind}.{name}");
-                if let Some(rate) = layer.sampling_rate {
-                    check_rate(&format!("{prefix}.sampling_rate"), rate)?;
-                }
-                check_rules(&format!("{prefix}.rules"), &layer.rules)?;
-                check_patterns(
-                    &format!("{prefix}.allow"),
-                    layer.allow.as_deref().unwrap_or(&[]),
-                )?;
-                check_patterns(
-                    &format!("{prefix}.block"),
-                    layer.block.as_deref().unwrap_or(&[]),
-                )?;
-            }
-        }
+        crate::control::Configured::from_config(&self.control)
+            .map_err(|invalid| (invalid.field, invalid.message))?;
         Ok(())
     }
 }
@@ -495,31 +468,6 @@ fn check_origin(origin: &str) -> Result<(), String> {
             "`{origin}` is not an origin such as https://grafana.example.com (or \"*\")"
         ))
     }
-}
-
-fn check_rate(key: &str, rate: f64) -> Result<(), (String, String)> {
-    Rate::new(rate).map(drop).map_err(|RateError(_)| {
-        (
-            key.into(),
-            format!("sampling rate {rate} must be a number from 0 to 1"),
-        )
-    })
-}
-
-fn check_rules(key: &str, rules: &BTreeMap<String, f64>) -> Result<(), (String, String)> {
-    for (pattern, rate) in rules {
-        let key = format!("{key}.\"{pattern}\"");
-        Pattern::parse(pattern).map_err(|e| (key.clone(), e.to_string()))?;
-        check_rate(&key, *rate)?;
-    }
-    Ok(())
-}
-
-fn check_patterns(key: &str, patterns: &[String]) -> Result<(), (String, String)> {
-    for (i, pattern) in patterns.iter().enumerate() {
-        Pattern::parse(pattern).map_err(|e| (format!("{key}[{i}]"), e.to_string()))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

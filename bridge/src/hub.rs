@@ -123,11 +123,17 @@ impl Hub {
         cluster::start(self.clone(), link);
     }
 
-    /// Takes the cluster's control state, just loaded, and pushes it to every worker.
-    pub async fn load_cluster_state(&self, layers: Vec<(Selector, Layer)>, epoch: u64) {
+    /// Takes the cluster's control state, just loaded, and pushes it to every worker. The
+    /// `refused` levels did not validate and keep the settings this hub held for them.
+    pub async fn load_cluster_state(
+        &self,
+        layers: Vec<(Selector, Layer)>,
+        refused: &[Selector],
+        epoch: u64,
+    ) {
         let control = &self.shared.control;
         let _serialised = control.serialise().await;
-        control.load_cluster(layers, epoch);
+        control.load_cluster(layers, refused, epoch);
         self.push(&Selector::All, Push::Reload);
     }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bridge::control::{Change, Selector};
-use bridge_proto::sampling::Rate;
+use bridge_proto::{sampling::Rate, v1};
 use bridge_tests::{
     HubOptions, HubProcess, NatsServer, WorkerProcess, eventually, http_get, run_cli, worker_info,
 };
@@ -23,14 +23,19 @@ async fn ready(hub: &HubProcess) {
     .await;
 }
 
-/// The sampling rate `worker` has applied, as `hub` (any hub) reports it, once its applied
+/// The control state `worker` has applied, as `hub` (any hub) reports it, once its applied
 /// version is the desired one.
-async fn applied_rate(hub: &HubProcess, worker: &str) -> Option<f64> {
+async fn applied_control(hub: &HubProcess, worker: &str) -> Option<v1::ControlState> {
     let mut client = hub.client().await;
     let info = worker_info(&mut client, worker).await?;
     (info.connected && info.applied_version == Some(info.desired_version))
-        .then(|| info.control.map(|c| c.sampling_rate))
+        .then_some(info.control)
         .flatten()
+}
+
+/// The sampling rate `worker` has applied (see [`applied_control`]).
+async fn applied_rate(hub: &HubProcess, worker: &str) -> Option<f64> {
+    applied_control(hub, worker).await.map(|c| c.sampling_rate)
 }
 
 async fn wait_for_rate(hub: &HubProcess, worker: &str, rate: f64) {
@@ -253,4 +258,99 @@ async fn control_waits_for_nats_and_catches_up_when_it_returns() {
         out.stdout
     );
     wait_for_rate(&a, "gpu-a", 0.3).await;
+}
+
+/// A level written straight into the bucket (as `nats kv put` would) with a pattern that does
+/// not validate is refused whole: the worker keeps the allow list it had, where skipping the
+/// bad pattern would have emptied the list and let every event through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_level_that_does_not_validate_is_refused_and_the_previous_one_stays() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    // The hub's state directory outlives its process (restarted below).
+    let state = tempfile::tempdir().expect("temp dir");
+    let options = || HubOptions {
+        state_dir: Some(state.path().to_owned()),
+        ..Default::default()
+    };
+    let a = nats.hub_with("hub-a", options());
+    ready(&a).await;
+    let _gpu_a = WorkerProcess::start(&a.url, "gpu-a", "llama", &["--simulate", "20"]);
+    wait_for_rate(&a, "gpu-a", 1.0).await;
+    let out = run_cli(&a.url, &["filter", "gpu-a", "--allow", "inference.>"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let allowed = |control: Option<v1::ControlState>| control.map(|c| c.allowed_events);
+    assert_eq!(
+        allowed(applied_control(&a, "gpu-a").await),
+        Some(vec!["inference.>".to_owned()])
+    );
+
+    let nats_client = async_nats::connect(&nats.url)
+        .await
+        .expect("connect to NATS");
+    let bucket = async_nats::jetstream::new(nats_client)
+        .get_key_value("bridge_control")
+        .await
+        .expect("the control bucket");
+    let typo =
+        r#"{"filter":{"value":{"allow":["inference..>"],"block":[]},"version":0},"version":0}"#;
+    bucket
+        .put("worker.gpu-a", typo.into())
+        .await
+        .expect("put the level");
+
+    // A later change at another level arrives after the bad one and is applied; the worker's
+    // own level still holds the allow list it had.
+    let out = run_cli(&a.url, &["sample", "--pool", "llama", "0.5"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    wait_for_rate(&a, "gpu-a", 0.5).await;
+    assert_eq!(
+        allowed(applied_control(&a, "gpu-a").await),
+        Some(vec!["inference.>".to_owned()])
+    );
+    eventually("the hub to log the refusal", WAIT, || async {
+        a.log()
+            .lines()
+            .any(|l| {
+                l.contains("refusing a control level")
+                    && l.contains("worker.gpu-a")
+                    && l.contains("filter.allow[0]: `inference..>` has an empty token")
+            })
+            .then_some(())
+    })
+    .await;
+
+    // A hub that starts with the bad level in the bucket keeps what it held (its copy on disk)
+    // rather than take the level as removed.
+    let listen = a.addr;
+    drop(a);
+    let a = nats.hub_with(
+        "hub-a",
+        HubOptions {
+            listen: Some(listen),
+            ..options()
+        },
+    );
+    ready(&a).await;
+    wait_for_rate(&a, "gpu-a", 0.5).await;
+    assert_eq!(
+        allowed(applied_control(&a, "gpu-a").await),
+        Some(vec!["inference.>".to_owned()])
+    );
+
+    // A change to that level cannot build on it and says how to get out; a reset replaces it.
+    let out = run_cli(&a.url, &["sample", "gpu-a", "0.25"]).await;
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("`worker.gpu-a` is not valid") && out.stderr.contains("reset"),
+        "{}",
+        out.stderr
+    );
+    let out = run_cli(&a.url, &["reset", "gpu-a"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        allowed(applied_control(&a, "gpu-a").await),
+        Some(Vec::new())
+    );
 }

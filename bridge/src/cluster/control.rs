@@ -122,9 +122,17 @@ pub async fn write(control: &kv::Store, selector: &Selector, change: &Change) ->
             .map_err(|e| unavailable("read", e))?;
         let (mut layer, expected) = match entry {
             Some(entry) if entry.operation == kv::Operation::Put => {
-                let layer = read_layer(&entry.value, entry.revision).map_err(|e| {
-                    Error::Internal(format!("cluster control state `{key}` is corrupt: {e}"))
-                })?;
+                let layer = match read_layer(&entry.value, entry.revision) {
+                    Ok(layer) => layer,
+                    // A reset needs nothing of what the level holds: it is the way out of a
+                    // level that is not valid (every hub refuses it and keeps the one before).
+                    Err(_) if *change == Change::Reset => Layer::default(),
+                    Err(e) => {
+                        return Err(Error::Internal(format!(
+                            "cluster control state `{key}` is not valid: {e}; a reset of {selector} replaces it"
+                        )));
+                    }
+                };
                 (layer, Some(entry.revision))
             }
             Some(entry) => (Layer::default(), Some(entry.revision)),
@@ -276,6 +284,7 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
     let mut presence = tokio::time::interval(PRESENCE_EVERY);
     let mut loaded = false;
     let mut initial = Vec::new();
+    let mut refused = Vec::new();
     loop {
         let entry = tokio::select! {
             () = hub.shutdown_token().cancelled() => {
@@ -304,7 +313,7 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
             if !loaded && entry.revision >= epoch {
                 // Everything written before this hub's start has arrived.
                 loaded = true;
-                hub.load_cluster_state(std::mem::take(&mut initial), epoch)
+                hub.load_cluster_state(std::mem::take(&mut initial), &refused, epoch)
                     .await;
                 info!(
                     control.version = epoch,
@@ -328,8 +337,18 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
                 link.applied_revision.send_replace(entry.revision);
             }
             Ok(layer) => initial.push((selector, layer)),
+            // Written by hand, or by a hub that validates less: applying the rest of it could
+            // turn an allow list with one bad pattern into no filter at all, so none of it is.
             Err(error) => {
-                warn!(key = %entry.key, %error, "cluster: ignoring a control level that is not valid");
+                warn!(
+                    key = %entry.key,
+                    revision = entry.revision,
+                    %error,
+                    "cluster: refusing a control level that is not valid; its previous settings stay in force"
+                );
+                if !loaded {
+                    refused.push(selector);
+                }
             }
         }
     }
@@ -432,5 +451,8 @@ mod tests {
         assert_eq!(read.sampling_rate.map(|s| s.version), Some(9));
         assert_eq!(read.enabled.map(|s| s.version), Some(12));
         assert!(read_layer(b"{ nope", 1).is_err());
+        let typo = br#"{"filter":{"value":{"allow":["a..b"],"block":[]},"version":0},"version":0}"#;
+        let err = read_layer(typo, 3).unwrap_err().to_string();
+        assert!(err.starts_with("filter.allow[0]: `a..b`"), "{err}");
     }
 }

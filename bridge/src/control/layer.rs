@@ -6,8 +6,13 @@
 //! configured precedence worker > pool > global holds until an operator changes something, and
 //! then the latest command wins: `bridge sample --all 0.1` reaches every worker, and a later
 //! `bridge sample gpu-3 0.5` overrides it for that worker.
+//!
+//! A [`Layer`] holds validated patterns and rates. Levels enter as text (commands, the state
+//! file, the cluster's bucket, `config.toml`) and are validated there, whole: a level with one
+//! bad pattern is refused rather than kept without it, since dropping the only entry of an
+//! allow list would let every event through.
 
-use std::collections::BTreeMap;
+use std::{cmp::Ordering, collections::BTreeMap};
 
 use bridge_proto::{
     control::{ControlState, SamplingRule},
@@ -31,26 +36,54 @@ impl<T> Setting<T> {
     pub fn configured(value: T) -> Self {
         Self { value, version: 0 }
     }
+
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Setting<U> {
+        Setting {
+            value: f(self.value),
+            version: self.version,
+        }
+    }
+
+    fn try_map<U, E>(self, f: impl FnOnce(T) -> Result<U, E>) -> Result<Setting<U>, E> {
+        Ok(Setting {
+            value: f(self.value)?,
+            version: self.version,
+        })
+    }
 }
 
 /// Allow and block lists, set together.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct FilterSpec {
-    pub allow: Vec<String>,
-    pub block: Vec<String>,
+    pub allow: Vec<Pattern>,
+    pub block: Vec<Pattern>,
 }
 
-/// The settings made at one level. Patterns and rates were validated before they got here.
+/// A rule's pattern as a map key, ordered by its text ([`Pattern`] itself has no order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleKey(pub Pattern);
+
+impl Ord for RuleKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.as_str().cmp(other.0.as_str())
+    }
+}
+
+impl PartialOrd for RuleKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The settings made at one level. Its JSON (the state file, the cluster's bucket) is that of
+/// `StoredLayer`; reading it validates every pattern and rate, and fails whole, naming the
+/// field, when any is bad.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "StoredLayer", into = "StoredLayer")]
 pub struct Layer {
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<Setting<bool>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sampling_rate: Option<Setting<f64>>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub rules: BTreeMap<String, Setting<f64>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling_rate: Option<Setting<Rate>>,
+    pub rules: BTreeMap<RuleKey, Setting<Rate>>,
     pub filter: Option<Setting<FilterSpec>>,
     /// Version of the last change at this level.
     pub version: u64,
@@ -64,117 +97,246 @@ impl Layer {
             && self.filter.is_none()
     }
 
-    /// A level as `config.toml` describes it; every setting has version 0.
-    pub fn from_config(config: &LayerConfig) -> Self {
-        Self {
+    /// A level as `config.toml` describes it, every setting at version 0; `key` (such as
+    /// `control.pools.llama`) names it in errors.
+    pub fn from_config(key: &str, config: &LayerConfig) -> Result<Self, Invalid> {
+        let filter = if config.allow.is_some() || config.block.is_some() {
+            let list = |name: &str, list: &Option<Vec<String>>| {
+                patterns(
+                    &format!("{key}.{name}"),
+                    list.as_deref().unwrap_or_default(),
+                )
+            };
+            Some(Setting::configured(FilterSpec {
+                allow: list("allow", &config.allow)?,
+                block: list("block", &config.block)?,
+            }))
+        } else {
+            None
+        };
+        Ok(Self {
             enabled: config.enabled.map(Setting::configured),
-            sampling_rate: config.sampling_rate.map(Setting::configured),
-            rules: rules_from_config(&config.rules),
-            filter: (config.allow.is_some() || config.block.is_some()).then(|| {
-                Setting::configured(FilterSpec {
-                    allow: config.allow.clone().unwrap_or_default(),
-                    block: config.block.clone().unwrap_or_default(),
-                })
-            }),
+            sampling_rate: config
+                .sampling_rate
+                .map(|r| rate(&format!("{key}.sampling_rate"), r).map(Setting::configured))
+                .transpose()?,
+            rules: configured_rules(&format!("{key}.rules"), &config.rules)?,
+            filter,
             version: 0,
-        }
+        })
     }
 
     /// The global level from `[control]`.
-    pub fn global_from_config(config: &ControlConfig) -> Self {
-        Self {
+    pub fn global_from_config(config: &ControlConfig) -> Result<Self, Invalid> {
+        Ok(Self {
             enabled: Some(Setting::configured(config.enabled)),
-            sampling_rate: Some(Setting::configured(config.default_sampling_rate)),
-            rules: rules_from_config(&config.rules),
+            sampling_rate: Some(Setting::configured(rate(
+                "control.default_sampling_rate",
+                config.default_sampling_rate,
+            )?)),
+            rules: configured_rules("control.rules", &config.rules)?,
             filter: Some(Setting::configured(FilterSpec {
-                allow: config.allow.clone(),
-                block: config.block.clone(),
+                allow: patterns("control.allow", &config.allow)?,
+                block: patterns("control.block", &config.block)?,
             })),
             version: 0,
-        }
+        })
     }
 
     pub fn to_wire(&self) -> v1::ControlLayer {
+        let names = |list: &[Pattern]| list.iter().map(ToString::to_string).collect();
         v1::ControlLayer {
             enabled: self.enabled.as_ref().map(|s| s.value),
-            sampling_rate: self.sampling_rate.as_ref().map(|s| s.value),
+            sampling_rate: self.sampling_rate.as_ref().map(|s| s.value.get()),
             rules: self
                 .rules
                 .iter()
-                .map(|(pattern, s)| v1::SamplingRule {
-                    pattern: pattern.clone(),
-                    sampling_rate: s.value,
+                .map(|(key, s)| v1::SamplingRule {
+                    pattern: key.0.to_string(),
+                    sampling_rate: s.value.get(),
                 })
                 .collect(),
             filter: self.filter.as_ref().map(|s| v1::TelemetryEventFilter {
-                allowed_events: s.value.allow.clone(),
-                blocked_events: s.value.block.clone(),
+                allowed_events: names(&s.value.allow),
+                blocked_events: names(&s.value.block),
             }),
             version: self.version,
         }
     }
 }
 
-fn rules_from_config(rules: &BTreeMap<String, f64>) -> BTreeMap<String, Setting<f64>> {
-    rules
-        .iter()
-        .map(|(p, r)| (p.clone(), Setting::configured(*r)))
-        .collect()
+fn configured_rules(
+    key: &str,
+    config: &BTreeMap<String, f64>,
+) -> Result<BTreeMap<RuleKey, Setting<Rate>>, Invalid> {
+    rules(
+        key,
+        config
+            .iter()
+            .map(|(pattern, rate)| (pattern.clone(), Setting::configured(*rate))),
+    )
 }
 
 /// Combines levels, most general first, into the state a worker applies.
-///
-/// Values that fail to parse are skipped rather than trusted: they were validated on the way
-/// in, so this only guards against a hand-edited state file.
 pub fn merge<'a>(layers: impl IntoIterator<Item = &'a Layer>, version: u64) -> ControlState {
-    fn newer<T: Clone>(current: &mut Option<Setting<T>>, candidate: &Option<Setting<T>>) {
+    fn newer<'a, T>(current: &mut Option<&'a Setting<T>>, candidate: &'a Option<Setting<T>>) {
         if let Some(candidate) = candidate
-            && current
-                .as_ref()
-                .is_none_or(|c| candidate.version >= c.version)
+            && current.is_none_or(|c| candidate.version >= c.version)
         {
-            *current = Some(candidate.clone());
+            *current = Some(candidate);
         }
     }
     let mut enabled = None;
     let mut rate = None;
     let mut filter = None;
-    let mut rules: BTreeMap<&str, Setting<f64>> = BTreeMap::new();
+    let mut rules: BTreeMap<&RuleKey, &Setting<Rate>> = BTreeMap::new();
     for layer in layers {
         newer(&mut enabled, &layer.enabled);
         newer(&mut rate, &layer.sampling_rate);
         newer(&mut filter, &layer.filter);
         for (pattern, setting) in &layer.rules {
-            match rules.get(pattern.as_str()) {
+            match rules.get(pattern) {
                 Some(current) if current.version > setting.version => {}
                 _ => {
-                    rules.insert(pattern, setting.clone());
+                    rules.insert(pattern, setting);
                 }
             }
         }
     }
     let rules = rules
         .into_iter()
-        .filter_map(|(pattern, setting)| {
-            Some(SamplingRule {
-                pattern: Pattern::parse(pattern).ok()?,
-                rate: Rate::new(setting.value).ok()?,
-            })
+        .map(|(key, setting)| SamplingRule {
+            pattern: key.0.clone(),
+            rate: setting.value,
         })
         .collect();
-    let parse_all = |list: &[String]| -> Vec<Pattern> {
-        list.iter().filter_map(|p| Pattern::parse(p).ok()).collect()
-    };
-    let filter = filter.map(|s| s.value).unwrap_or_default();
+    let filter = filter.map(|s| s.value.clone()).unwrap_or_default();
     ControlState::new(
         version,
         enabled.is_none_or(|s| s.value),
-        rate.and_then(|s| Rate::new(s.value).ok())
-            .unwrap_or(Rate::ALL),
+        rate.map_or(Rate::ALL, |s| s.value),
         rules,
-        parse_all(&filter.allow),
-        parse_all(&filter.block),
+        filter.allow,
+        filter.block,
     )
+}
+
+/// A [`Layer`] as JSON has it, patterns and rates as written. The shape of the state file and
+/// of the bucket's values: changing it strands the files and buckets of running clusters.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct StoredLayer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enabled: Option<Setting<bool>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sampling_rate: Option<Setting<f64>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    rules: BTreeMap<String, Setting<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    filter: Option<Setting<StoredFilter>>,
+    version: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredFilter {
+    allow: Vec<String>,
+    block: Vec<String>,
+}
+
+impl TryFrom<StoredLayer> for Layer {
+    type Error = Invalid;
+
+    fn try_from(stored: StoredLayer) -> Result<Self, Invalid> {
+        Ok(Self {
+            enabled: stored.enabled,
+            sampling_rate: stored
+                .sampling_rate
+                .map(|s| s.try_map(|r| rate("sampling_rate", r)))
+                .transpose()?,
+            rules: rules("rules", stored.rules)?,
+            filter: stored
+                .filter
+                .map(|s| {
+                    s.try_map(|f| {
+                        Ok(FilterSpec {
+                            allow: patterns("filter.allow", &f.allow)?,
+                            block: patterns("filter.block", &f.block)?,
+                        })
+                    })
+                })
+                .transpose()?,
+            version: stored.version,
+        })
+    }
+}
+
+impl From<Layer> for StoredLayer {
+    fn from(layer: Layer) -> Self {
+        let names = |list: Vec<Pattern>| list.iter().map(ToString::to_string).collect();
+        Self {
+            enabled: layer.enabled,
+            sampling_rate: layer.sampling_rate.map(|s| s.map(Rate::get)),
+            rules: layer
+                .rules
+                .into_iter()
+                .map(|(key, s)| (key.0.to_string(), s.map(Rate::get)))
+                .collect(),
+            filter: layer.filter.map(|s| {
+                s.map(|f| StoredFilter {
+                    allow: names(f.allow),
+                    block: names(f.block),
+                })
+            }),
+            version: layer.version,
+        }
+    }
+}
+
+/// A pattern or rate that does not validate: where it is (`filter.allow[0]`,
+/// `control.pools.llama.sampling_rate`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+fn rate(field: &str, rate: f64) -> Result<Rate, Invalid> {
+    Rate::new(rate).map_err(|e| Invalid {
+        field: field.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn patterns(field: &str, patterns: &[String]) -> Result<Vec<Pattern>, Invalid> {
+    patterns
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Pattern::parse(p).map_err(|e| Invalid {
+                field: format!("{field}[{i}]"),
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Rules keyed by pattern; a bad one is named by its pattern (`rules."a..b"`).
+fn rules(
+    field: &str,
+    rules: impl IntoIterator<Item = (String, Setting<f64>)>,
+) -> Result<BTreeMap<RuleKey, Setting<Rate>>, Invalid> {
+    rules
+        .into_iter()
+        .map(|(pattern, setting)| {
+            let field = format!("{field}.\"{pattern}\"");
+            let key = Pattern::parse(&pattern).map_err(|e| Invalid {
+                field: field.clone(),
+                message: e.to_string(),
+            })?;
+            Ok((RuleKey(key), setting.try_map(|r| rate(&field, r))?))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -183,10 +345,23 @@ mod tests {
 
     fn layer(rate: Option<(f64, u64)>, version: u64) -> Layer {
         Layer {
-            sampling_rate: rate.map(|(value, version)| Setting { value, version }),
+            sampling_rate: rate.map(|(value, version)| Setting {
+                value: Rate::new(value).unwrap(),
+                version,
+            }),
             version,
             ..Default::default()
         }
+    }
+
+    fn rule(pattern: &str, rate: f64, version: u64) -> (RuleKey, Setting<Rate>) {
+        (
+            RuleKey(Pattern::parse(pattern).unwrap()),
+            Setting {
+                value: Rate::new(rate).unwrap(),
+                version,
+            },
+        )
     }
 
     #[test]
@@ -210,28 +385,11 @@ mod tests {
     #[test]
     fn rules_merge_per_pattern() {
         let mut global = Layer::default();
-        global.rules.insert(
-            "a.*".into(),
-            Setting {
-                value: 0.5,
-                version: 1,
-            },
-        );
-        global.rules.insert(
-            "b.*".into(),
-            Setting {
-                value: 0.5,
-                version: 1,
-            },
-        );
+        global
+            .rules
+            .extend([rule("a.*", 0.5, 1), rule("b.*", 0.5, 1)]);
         let mut worker = Layer::default();
-        worker.rules.insert(
-            "a.*".into(),
-            Setting {
-                value: 0.1,
-                version: 2,
-            },
-        );
+        worker.rules.extend([rule("a.*", 0.1, 2)]);
         let state = merge([&global, &worker], 2);
         let rates: Vec<_> = state
             .rules()
@@ -239,5 +397,72 @@ mod tests {
             .map(|r| (r.pattern.as_str(), r.rate.get()))
             .collect();
         assert_eq!(rates, [("a.*", 0.1), ("b.*", 0.5)]);
+    }
+
+    /// Written by the hub before levels were validated types: state files and buckets in this
+    /// shape must still load, and be written back the same.
+    const STORED: &str = r#"{
+        "enabled": {"value": false, "version": 4},
+        "sampling_rate": {"value": 0.25, "version": 7},
+        "rules": {"inference.*": {"value": 0.5, "version": 3}},
+        "filter": {"value": {"allow": ["inference.>"], "block": ["inference.debug"]}, "version": 9},
+        "version": 9
+    }"#;
+
+    #[test]
+    fn the_stored_json_shape_is_unchanged() {
+        let layer: Layer = serde_json::from_str(STORED).unwrap();
+        let state = merge([&layer], 9);
+        assert!(!state.enabled);
+        assert_eq!(state.default_rate.get(), 0.25);
+        assert_eq!(state.rules()[0].pattern.as_str(), "inference.*");
+        assert_eq!(state.allow[0].as_str(), "inference.>");
+        assert_eq!(state.block[0].as_str(), "inference.debug");
+        let written = serde_json::to_value(&layer).unwrap();
+        let stored: serde_json::Value = serde_json::from_str(STORED).unwrap();
+        assert_eq!(written, stored);
+        // Unset settings stay out of the JSON, as before.
+        assert_eq!(
+            serde_json::to_string(&Layer::default()).unwrap(),
+            r#"{"version":0}"#
+        );
+    }
+
+    #[test]
+    fn a_stored_level_with_one_bad_value_is_refused_whole_naming_it() {
+        let with = |from: &str, to: &str| {
+            let json = STORED.replacen(from, to, 1);
+            assert_ne!(json, STORED, "{from} is in the sample");
+            serde_json::from_str::<Layer>(&json)
+                .expect_err(&json)
+                .to_string()
+        };
+        let err = with(
+            r#""allow": ["inference.>"]"#,
+            r#""allow": ["inference.>", "inference..stop"]"#,
+        );
+        assert!(
+            err.starts_with("filter.allow[1]: `inference..stop` has an empty token at position 2"),
+            "{err}"
+        );
+        let err = with(r#"["inference.debug"]"#, r#"["a.>.b"]"#);
+        assert!(err.starts_with("filter.block[0]: `a.>.b`"), "{err}");
+        let err = with(r#""inference.*": {"#, r#""infer*": {"#);
+        assert!(
+            err.starts_with("rules.\"infer*\": `infer*`: token `infer*` mixes a wildcard"),
+            "{err}"
+        );
+        let err = with(r#""value": 0.5"#, r#""value": 1.5"#);
+        assert!(
+            err.starts_with("rules.\"inference.*\": sampling rate 1.5 is invalid"),
+            "{err}"
+        );
+        let err = with(r#""value": 0.25"#, r#""value": -1"#);
+        assert!(
+            err.starts_with("sampling_rate: sampling rate -1 is invalid"),
+            "{err}"
+        );
+        let err = with(r#""enabled": {"#, r#""extra": 1, "enabled": {"#);
+        assert!(err.contains("unknown field `extra`"), "{err}");
     }
 }

@@ -24,11 +24,11 @@ use bridge_proto::{
 };
 
 use self::{
-    layer::{FilterSpec, Layer, Setting, merge},
+    layer::{FilterSpec, Invalid, Layer, RuleKey, Setting, merge},
     store::{Snapshot, Store},
 };
 use crate::{
-    config::ControlConfig,
+    config::{ControlConfig, LayerConfig},
     error::{Error, Result},
 };
 
@@ -145,10 +145,31 @@ pub fn parse_update(request: v1::UpdateControlRequest) -> Result<(Selector, Chan
 
 /// Settings from `config.toml`, all at version 0.
 #[derive(Debug, Default)]
-struct Configured {
+pub(crate) struct Configured {
     global: Layer,
     pools: BTreeMap<String, Layer>,
     workers: BTreeMap<String, Layer>,
+}
+
+impl Configured {
+    /// Validates `[control]` into levels, naming the key of the first bad value. It is also
+    /// how `config.toml` is checked at load, so what loads is what the control plane takes.
+    pub(crate) fn from_config(config: &ControlConfig) -> Result<Self, Invalid> {
+        let levels = |kind: &str, levels: &BTreeMap<String, LayerConfig>| {
+            levels
+                .iter()
+                .map(|(name, level)| {
+                    let layer = Layer::from_config(&format!("control.{kind}.{name}"), level)?;
+                    Ok((name.clone(), layer))
+                })
+                .collect::<Result<_, Invalid>>()
+        };
+        Ok(Self {
+            global: Layer::global_from_config(config)?,
+            pools: levels("pools", &config.pools)?,
+            workers: levels("workers", &config.workers)?,
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -186,6 +207,9 @@ impl ControlPlane {
     /// [`crate::cluster::control`]): its versions are the cluster's, so it takes none of its own
     /// and serves the copy until the cluster's state is loaded.
     pub fn open(config: &ControlConfig, state_dir: &Path, clustered: bool) -> Result<Self> {
+        // `Config::load` checked this already; a config built in code has not been.
+        let configured = Configured::from_config(config)
+            .map_err(|invalid| Error::invalid(format!("config.toml: {invalid}")))?;
         let file_name = if clustered {
             store::CLUSTER_FILE_NAME
         } else {
@@ -202,19 +226,6 @@ impl ControlPlane {
             store.save(&runtime)?;
             store.sync()?;
         }
-        let configured = Configured {
-            global: Layer::global_from_config(config),
-            pools: config
-                .pools
-                .iter()
-                .map(|(name, layer)| (name.clone(), Layer::from_config(layer)))
-                .collect(),
-            workers: config
-                .workers
-                .iter()
-                .map(|(id, layer)| (id.clone(), Layer::from_config(layer)))
-                .collect(),
-        };
         let (syncer, requests) = std::sync::mpsc::channel::<Option<Snapshot>>();
         let syncing = store.clone();
         std::thread::Builder::new()
@@ -268,18 +279,26 @@ impl ControlPlane {
     /// Replaces the operators' settings with the cluster's, just loaded, and makes `epoch`
     /// the least version of every state from now on. Wholesale rather than layer by layer, so
     /// that levels the cluster no longer has (removed, or a recreated bucket) go too.
-    pub fn load_cluster(&self, layers: Vec<(Selector, Layer)>, epoch: u64) {
+    ///
+    /// The `refused` levels are in the cluster but not valid: they keep what this hub held for
+    /// them (unless `layers` has a valid one after all), as they would have had the invalid
+    /// value arrived while following. Dropping them would be treating them as removed.
+    pub fn load_cluster(&self, layers: Vec<(Selector, Layer)>, refused: &[Selector], epoch: u64) {
+        let mut book = self.book();
         let mut runtime = Snapshot {
             format: store::FORMAT,
             version: epoch,
             ..Snapshot::default()
         };
-        for (selector, layer) in layers {
+        let held: Vec<_> = refused
+            .iter()
+            .filter_map(|selector| Some((selector.clone(), book.runtime.layer(selector)?.clone())))
+            .collect();
+        for (selector, layer) in held.into_iter().chain(layers) {
             runtime.version = runtime.version.max(layer.version);
             *runtime.layer_mut(&selector) = layer;
         }
         let _ = self.syncer.send(Some(runtime.clone()));
-        let mut book = self.book();
         book.runtime = runtime;
         book.epoch = epoch;
     }
@@ -437,16 +456,16 @@ pub(crate) fn apply_change(layer: &mut Layer, change: &Change, version: u64) {
     match change {
         Change::Sampling { rate, patterns } if patterns.is_empty() => {
             layer.sampling_rate = Some(Setting {
-                value: rate.get(),
+                value: *rate,
                 version,
             });
         }
         Change::Sampling { rate, patterns } => {
             for pattern in patterns {
                 layer.rules.insert(
-                    pattern.to_string(),
+                    RuleKey(pattern.clone()),
                     Setting {
-                        value: rate.get(),
+                        value: *rate,
                         version,
                     },
                 );
@@ -459,11 +478,10 @@ pub(crate) fn apply_change(layer: &mut Layer, change: &Change, version: u64) {
             });
         }
         Change::Filter { allow, block } => {
-            let names = |list: &[Pattern]| list.iter().map(ToString::to_string).collect();
             layer.filter = Some(Setting {
                 value: FilterSpec {
-                    allow: names(allow),
-                    block: names(block),
+                    allow: allow.clone(),
+                    block: block.clone(),
                 },
                 version,
             });
@@ -541,7 +559,7 @@ mod tests {
         let mut config = ControlConfig::default();
         config.workers.insert(
             "gpu-1".into(),
-            crate::config::LayerConfig {
+            LayerConfig {
                 sampling_rate: Some(0.9),
                 ..Default::default()
             },
@@ -578,6 +596,55 @@ mod tests {
 
         plane.apply(&Selector::All, &Change::Reset).await.unwrap();
         assert_eq!(plane.effective(Some("x"), "llama").default_rate.get(), 0.5);
+    }
+
+    #[test]
+    fn a_cluster_level_refused_at_load_keeps_what_the_hub_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let plane = ControlPlane::open(&ControlConfig::default(), dir.path(), true).unwrap();
+        let pool = Selector::Pool("llama".into());
+        let level = |r: f64, version: u64| {
+            let mut layer = Layer::default();
+            apply_change(&mut layer, &sampling(r), version);
+            layer
+        };
+        let rate = |plane: &ControlPlane| plane.effective(None, "llama").default_rate.get();
+        plane.load_cluster(vec![(pool.clone(), level(0.5, 3))], &[], 2);
+        assert_eq!(rate(&plane), 0.5);
+        // Loaded again (NATS came back) with that level no longer valid: it stays as it was,
+        plane.load_cluster(vec![], std::slice::from_ref(&pool), 10);
+        assert_eq!(rate(&plane), 0.5);
+        assert!(plane.effective(None, "llama").version >= 10);
+        // unless the cluster has a valid one after all,
+        plane.load_cluster(
+            vec![(pool.clone(), level(0.25, 11))],
+            std::slice::from_ref(&pool),
+            12,
+        );
+        assert_eq!(rate(&plane), 0.25);
+        // while a level the cluster no longer has goes.
+        plane.load_cluster(vec![], &[], 13);
+        assert_eq!(rate(&plane), 1.0);
+    }
+
+    #[test]
+    fn config_levels_are_validated_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ControlConfig::default();
+        config.pools.insert(
+            "llama".into(),
+            LayerConfig {
+                allow: Some(vec!["inference.>".into(), "gpu..util".into()]),
+                ..Default::default()
+            },
+        );
+        let err = ControlPlane::open(&config, dir.path(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("control.pools.llama.allow[1]: `gpu..util` has an empty token"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

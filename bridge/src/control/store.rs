@@ -129,6 +129,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bridge_proto::sampling::Rate;
+
     use crate::control::layer::Setting;
 
     #[test]
@@ -146,7 +148,7 @@ mod tests {
             "gpu-3".into(),
             Layer {
                 sampling_rate: Some(Setting {
-                    value: 0.1,
+                    value: Rate::new(0.1).unwrap(),
                     version: 9,
                 }),
                 version: 9,
@@ -161,6 +163,26 @@ mod tests {
         let err = store.load().unwrap_err().to_string();
         assert!(
             err.contains("control.json") && err.contains("move the file away"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_level_that_does_not_validate_is_a_load_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), FILE_NAME).unwrap();
+        let pool = r#"{"filter": {"value": {"allow": ["gpu..util"], "block": []}, "version": 4},
+                       "version": 4}"#;
+        let text = format!(
+            r#"{{"format": 1, "version": 4, "global": {{"version": 0}},
+                 "pools": {{"llama": {pool}}}, "workers": {{}}}}"#
+        );
+        fs::write(store.path(), text).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("control.json")
+                && err.contains("filter.allow[0]: `gpu..util` has an empty token")
+                && err.contains("move the file away"),
             "{err}"
         );
     }
