@@ -90,6 +90,11 @@ fn inbound_failure(status: Status) -> Status {
 }
 
 /// Delivers or drops one event; `Err` says why an event was invalid (already counted).
+///
+/// The reserved `bridge.*` events (acknowledgements, counter reports) pass the same checks and
+/// limits as any other before they are decoded. One the hub takes in is neither received nor
+/// delivered telemetry; one it refuses is counted as received and dropped, so the counts
+/// balance either way.
 fn accept(
     hub: &Hub,
     session: &Session,
@@ -98,7 +103,13 @@ fn accept(
     event: EventView,
 ) -> Result<(), String> {
     let worker = &session.worker;
-    if event.first_part() == Some("bridge") {
+    let protocol = event.first_part() == Some("bridge");
+    if protocol {
+        if let Err(refused) = admit(&event, admission) {
+            worker.counters.received.fetch_add(1, Relaxed);
+            worker.counters.drop(refused.reason());
+            return refused.into_result(&event);
+        }
         let decoded = event.to_event().map_err(|e| e.to_string())?;
         return protocol_event(session, &decoded);
     }
@@ -107,21 +118,9 @@ fn accept(
         worker.counters.drop(HubDrop::Duplicate);
         return Ok(());
     }
-    if let Some(problem) = event.problem() {
-        worker.counters.drop(HubDrop::Invalid);
-        return Err(problem.to_owned());
-    }
-    if let Err(error) = validate_event_tokens(event.parts()) {
-        worker.counters.drop(HubDrop::Invalid);
-        return Err(error.to_string());
-    }
-    if let Err(excess) = admission.check(&event) {
-        worker.counters.drop(excess.reason());
-        return match excess {
-            Excess::Size(what) => Err(format!("`{}`: {what}", event.name())),
-            // Expected under a quota, and counted: not worth a warning.
-            Excess::Rate => Ok(()),
-        };
+    if let Err(refused) = admit(&event, admission) {
+        worker.counters.drop(refused.reason());
+        return refused.into_result(&event);
     }
     let rate = match enforcer.verdict(&event) {
         Ok(rate) => rate,
@@ -146,6 +145,45 @@ fn accept(
         hub.ingest_latency().record(session.generation, age);
     }
     Ok(())
+}
+
+/// Whether the event is well formed and within `[limits]`.
+fn admit(event: &EventView, admission: &mut Admission) -> Result<(), Refused> {
+    if let Some(problem) = event.problem() {
+        return Err(Refused::Invalid(problem.to_owned()));
+    }
+    validate_event_tokens(event.parts()).map_err(|e| Refused::Invalid(e.to_string()))?;
+    admission.check(event).map_err(|excess| match excess {
+        Excess::Size(what) => Refused::Size(what),
+        Excess::Rate => Refused::Rate,
+    })
+}
+
+/// Why [`admit`] refused an event.
+enum Refused {
+    Invalid(String),
+    Size(String),
+    Rate,
+}
+
+impl Refused {
+    fn reason(&self) -> HubDrop {
+        match self {
+            Refused::Invalid(_) => HubDrop::Invalid,
+            Refused::Size(_) => HubDrop::OverLimit,
+            Refused::Rate => HubDrop::RateLimited,
+        }
+    }
+
+    /// What the ingest loop logs (once per stream), if anything.
+    fn into_result(self, event: &EventView) -> Result<(), String> {
+        match self {
+            Refused::Invalid(problem) => Err(problem),
+            Refused::Size(what) => Err(format!("`{}`: {what}", event.name())),
+            // Expected under a quota, and counted: not worth a warning.
+            Refused::Rate => Ok(()),
+        }
+    }
 }
 
 /// Tracks the worker's sequence numbers: confirms receipt, counts gaps, and says whether this
@@ -203,15 +241,6 @@ fn protocol_event(session: &Session, event: &v1::TelemetryEvent) -> Result<(), S
 enum Excess {
     Size(String),
     Rate,
-}
-
-impl Excess {
-    fn reason(&self) -> HubDrop {
-        match self {
-            Excess::Size(_) => HubDrop::OverLimit,
-            Excess::Rate => HubDrop::RateLimited,
-        }
-    }
 }
 
 /// `[limits]` as one worker stream applies them: event size, and a token bucket for the

@@ -153,7 +153,10 @@ impl ControlState {
         self.rules
             .iter()
             .map(|rule| rule.rate)
-            .fold(self.default_rate, |max, rate| if rate > max { rate } else { max })
+            .fold(
+                self.default_rate,
+                |max, rate| if rate > max { rate } else { max },
+            )
     }
 
     /// Whether the allow and block lists let the event through.
@@ -380,7 +383,11 @@ mod tests {
         assert_eq!(sampling(&state).sampling_rate, 0.5);
         let state = ControlState::new(5, true, Rate::new(0.2).unwrap(), vec![], vec![], vec![]);
         assert_eq!(sampling(&state).sampling_rate, 0.2);
-        assert_eq!(state.messages(true).len(), 1, "acknowledging clients get the state");
+        assert_eq!(
+            state.messages(true).len(),
+            1,
+            "acknowledging clients get the state"
+        );
     }
 
     #[test]

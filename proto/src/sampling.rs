@@ -131,12 +131,12 @@ impl Presampled {
         if target.0 >= self.rate {
             return Some(Rate(self.rate));
         }
-        let keep = if self.rate >= 1.0 || (self.draw == Draw::Consistent && !correlation_id.is_empty())
-        {
-            target.keep_with(correlation_id, rng)
-        } else {
-            Rate(target.0 / self.rate).keep_with(correlation_id, rng)
-        };
+        let keep =
+            if self.rate >= 1.0 || (self.draw == Draw::Consistent && !correlation_id.is_empty()) {
+                target.keep_with(correlation_id, rng)
+            } else {
+                Rate(target.0 / self.rate).keep_with(correlation_id, rng)
+            };
         keep.then_some(target)
     }
 }
@@ -297,7 +297,11 @@ mod tests {
                     let before = Presampled::new(earlier, draw);
                     let kept = (0..n)
                         .filter(|i| {
-                            let id = if with_id { format!("req-{i}") } else { String::new() };
+                            let id = if with_id {
+                                format!("req-{i}")
+                            } else {
+                                String::new()
+                            };
                             let first = match draw {
                                 Draw::Consistent => rate(earlier).keep_with(&id, &mut rng),
                                 Draw::Independent => rng.random::<f64>() < earlier,

@@ -210,3 +210,79 @@ async fn connections_beyond_the_limit_are_closed_until_one_goes() {
     })
     .await;
 }
+
+/// A `bridge.worker.stats` report with int measurements `name=value`.
+fn stats(counters: &[(&str, i64)]) -> v1::TelemetryEvent {
+    use v1::telemetry_value::Value;
+    v1::TelemetryEvent {
+        event_parts: vec!["bridge".into(), "worker".into(), "stats".into()],
+        measurements: counters
+            .iter()
+            .map(|(name, n)| {
+                let value = v1::TelemetryValue {
+                    value: Some(Value::IntValue(*n)),
+                };
+                ((*name).to_owned(), value)
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The reserved `bridge.*` events are held to the same limits as any other, before the hub
+/// decodes them: an oversized report is dropped and counted, and a flood of them is rate limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_events_are_held_to_the_same_limits() {
+    let hub = HubProcess::start_with(HubOptions {
+        config: Some("[limits]\nmax_event_entries = 4\nworker_events_per_second = 50\n".into()),
+        ..Default::default()
+    });
+    let mut client = hub.client().await;
+    let (reports, _controls) = open_stream(&mut client, &[("x-worker-id", "reporter")])
+        .await
+        .expect("stream");
+    let oversized: Vec<(String, i64)> = (0..10).map(|i| (format!("extra{i}"), i)).collect();
+    let oversized: Vec<(&str, i64)> = oversized.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    reports.send(stats(&oversized)).await.expect("send");
+    reports
+        .send(stats(&[("produced", 2), ("sent", 2)]))
+        .await
+        .expect("send");
+    let info = eventually("the report within limits", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "reporter")
+                .await
+                .filter(|w| w.worker_counters.get("produced") == Some(&2))
+        }
+    })
+    .await;
+    assert_eq!(info.hub_drops["over_limit"], 1, "{:?}", info.hub_drops);
+    assert_eq!(info.events_received, 1, "the refused report is accounted for");
+    assert!(
+        !info.worker_counters.contains_key("extra0"),
+        "the oversized report was not taken in: {:?}",
+        info.worker_counters
+    );
+
+    for i in 0..500 {
+        reports
+            .send(stats(&[("produced", 1000 + i)]))
+            .await
+            .expect("send");
+    }
+    drop(reports);
+    let info = eventually("the flood to be read to its end", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "reporter")
+                .await
+                .filter(|w| !w.connected)
+        }
+    })
+    .await;
+    // At least the burst of 50 less the report taken earlier gets through, and not much more.
+    let limited = info.hub_drops["rate_limited"];
+    assert!((350..=451).contains(&limited), "rate_limited {limited}");
+    assert_eq!(info.events_received, 1 + limited);
+}

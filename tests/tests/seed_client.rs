@@ -195,8 +195,8 @@ async fn sampling_at_the_source(via_sidecar: bool) {
     let socket_dir = tempfile::tempdir().expect("temp dir");
     let socket = socket_dir.path().join("worker.sock");
     let socket = socket.to_str().expect("utf-8");
-    let _sidecar = via_sidecar
-        .then(|| WorkerProcess::start(&hub.url, "side-seed", "", &["--local", socket]));
+    let _sidecar =
+        via_sidecar.then(|| WorkerProcess::start(&hub.url, "side-seed", "", &["--local", socket]));
     let target = if via_sidecar {
         format!("unix:{socket}")
     } else {
@@ -207,7 +207,12 @@ async fn sampling_at_the_source(via_sidecar: bool) {
         first_connected(&client)
     })
     .await;
-    assert_eq!(worker.id.starts_with("anon-"), !via_sidecar, "{}", worker.id);
+    assert_eq!(
+        worker.id.starts_with("anon-"),
+        !via_sidecar,
+        "{}",
+        worker.id
+    );
 
     // On connect it is sent the rate of its state, 1.0, and sends everything.
     let connected = seed.sampling_message(0, 1.0).await;
@@ -256,9 +261,8 @@ async fn sampling_at_the_source(via_sidecar: bool) {
     let (start, end) = seed.window(ruled).await;
     assert!(start.sent_fraction(end) > 0.95);
     let window = delivered(&tail, start, end).await;
-    let (starts, stops): (Vec<_>, Vec<_>) = window
-        .iter()
-        .partition(|d| name(d) == "inference.start");
+    let (starts, stops): (Vec<_>, Vec<_>) =
+        window.iter().partition(|d| name(d) == "inference.start");
     let stopped: BTreeSet<u64> = stops.iter().map(|d| round(d)).collect();
     let rounds = (end.next - start.next) as usize;
     assert_eq!(
