@@ -603,6 +603,7 @@ fn worker_info(worker: &Worker, hub: &str) -> v1::WorkerInfo {
         peer: status.peer.clone(),
         labels: status.labels.clone().into_iter().collect(),
         events_received: worker.counters.received.load(Relaxed),
+        events_delivered: worker.counters.delivered.load(Relaxed),
         events_per_second,
         hub_drops: worker
             .counters

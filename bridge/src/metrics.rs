@@ -130,7 +130,7 @@ impl Collector for HubCollector {
             &mut encoder,
             "bridge_events_delivered",
             "Events from each worker that passed the hub and were fanned out.",
-            &by_worker(&|w| w.events_received - w.hub_drops.values().sum::<u64>()),
+            &by_worker(&|w| w.events_delivered),
         )?;
         counter(
             &mut encoder,

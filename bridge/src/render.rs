@@ -312,6 +312,7 @@ pub fn worker_json(worker: &v1::WorkerInfo) -> Json {
         "labels": worker.labels,
         "gpu": worker.gpu,
         "events_received": worker.events_received,
+        "events_delivered": worker.events_delivered,
         "last_sequence": worker.last_sequence,
         "missing_events": worker.missing_events,
         "events_per_second": (worker.events_per_second * 10.0).round() / 10.0,

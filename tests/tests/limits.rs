@@ -258,7 +258,10 @@ async fn reserved_events_are_held_to_the_same_limits() {
     })
     .await;
     assert_eq!(info.hub_drops["over_limit"], 1, "{:?}", info.hub_drops);
-    assert_eq!(info.events_received, 1, "the refused report is accounted for");
+    assert_eq!(
+        info.events_received, 1,
+        "the refused report is accounted for"
+    );
     assert!(
         !info.worker_counters.contains_key("extra0"),
         "the oversized report was not taken in: {:?}",

@@ -187,3 +187,44 @@ async fn metrics_need_a_reader_token_when_tokens_are_configured() {
     let health = tokio::task::block_in_place(|| http_get(hub.http, "/healthz", &[]));
     assert_eq!(health.status, 200);
 }
+
+/// `bridge_events_delivered_total` is counted where events are delivered, so it never moves
+/// backwards, even scraped while a worker's events are dropped as fast as they arrive (derived
+/// as received minus drops, read at different moments, it fell below zero: a panic in a debug
+/// build, 1.8e19 in release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_events_are_counted_where_they_are_delivered() {
+    let hub = HubProcess::start_with(HubOptions {
+        config: Some("[control]\nenabled = false\n".into()),
+        ..Default::default()
+    });
+    let mut client = hub.client().await;
+    let (events, _controls) = bridge_tests::open_stream(&mut client, &[("x-worker-id", "noisy")])
+        .await
+        .expect("stream");
+    let sender = tokio::spawn(async move {
+        let event = v1::TelemetryEvent {
+            event_parts: vec!["inference".into(), "stop".into()],
+            ..Default::default()
+        };
+        while events.send(event.clone()).await.is_ok() {}
+    });
+    let series = "bridge_events_delivered_total{worker=\"noisy\"}";
+    let mut received = 0.0;
+    let mut scrapes = 0;
+    while scrapes < 500 && received < 50_000.0 {
+        let addr = hub.http;
+        let text = tokio::task::spawn_blocking(move || http_get(addr, "/metrics", &[]))
+            .await
+            .expect("scrape");
+        assert_eq!(text.status, 200, "scrape {scrapes}: {}", text.body);
+        if let Some(delivered) = sample(&text.body, series) {
+            assert_eq!(delivered, 0.0, "scrape {scrapes}: every event is dropped");
+        }
+        received =
+            sample(&text.body, "bridge_events_received_total{worker=\"noisy\"}").unwrap_or(0.0);
+        scrapes += 1;
+    }
+    sender.abort();
+    assert!(received > 0.0, "events flowed while scraping");
+}
