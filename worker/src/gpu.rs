@@ -15,6 +15,14 @@ use nvml_wrapper::{
 
 use crate::emitter::{Emitter, Value};
 
+/// One device's sample. The names below are the documented contract (README, GPU metrics):
+/// `bridge top` and the simulator use them too, so that neither drifts from what NVML emits.
+pub const METRICS_EVENT: &str = "gpu.metrics";
+/// One compute process on a device.
+pub const PROCESS_EVENT: &str = "gpu.process";
+/// The measurement of [`METRICS_EVENT`] that `bridge top` shows, an int percent.
+pub const UTILIZATION_GPU_PERCENT: &str = "utilization_gpu_percent";
+
 /// One device at one moment. `None` means the device did not report that value.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeviceSample {
@@ -175,7 +183,7 @@ pub fn emit(emitter: &Emitter, samples: &[DeviceSample]) {
             }
         };
         put(
-            "utilization_gpu_percent",
+            UTILIZATION_GPU_PERCENT,
             device.utilization_gpu_percent.map(Value::from),
         );
         put(
@@ -200,13 +208,13 @@ pub fn emit(emitter: &Emitter, samples: &[DeviceSample]) {
             "compute_processes",
             Some(Value::from(device.processes.len())),
         );
-        emitter.emit("gpu.metrics", &measurements, &metadata, None);
+        emitter.emit(METRICS_EVENT, &measurements, &metadata, None);
         for process in &device.processes {
             let mut measurements = vec![("pid", Value::from(process.pid))];
             if let Some(bytes) = process.used_memory_bytes {
                 measurements.push(("used_memory_bytes", Value::from(bytes)));
             }
-            emitter.emit("gpu.process", &measurements, &metadata, None);
+            emitter.emit(PROCESS_EVENT, &measurements, &metadata, None);
         }
     }
 }

@@ -47,9 +47,12 @@ pub struct SidecarOptions {
 /// Runs the sidecar to completion; returns the process exit code.
 pub async fn run(mut options: SidecarOptions) -> Result<u8, String> {
     let gpus = open_gpus(options.fake_gpus);
-    options.link.gpu = gpus
-        .as_ref()
-        .map_or_else(|| "none".to_owned(), |g| g.describe());
+    options.link.gpu = match (&gpus, &options.simulate) {
+        (Some(gpus), _) => gpus.describe(),
+        // Its `gpu.metrics` events would contradict a worker listed with no GPU.
+        (None, Some(_)) => simulate::GPU_DESCRIPTION.to_owned(),
+        (None, None) => "none".to_owned(),
+    };
     let link = Link::start(options.link.clone()).map_err(|e| e.to_string())?;
     let emitter = link.emitter();
     let stop = CancellationToken::new();
