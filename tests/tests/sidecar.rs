@@ -540,6 +540,101 @@ print("done", flush=True)
     drop(stdin);
 }
 
+/// An app that writes a huge line and holds it open: the sidecar passes the bytes through as
+/// they come instead of holding the line (`worker.max_line_bytes`, 1 MiB by default), so its
+/// memory stays flat; the telemetry line lost that way is counted, and the next one relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_without_end_passes_through_without_growing_the_sidecar() {
+    // Far over the cap and over the memory bound below, so that holding it would show.
+    const LINE: u64 = 64 << 20;
+    const HEAD: &str = r#"TELEMETRY:{"event":"long.line","measurements":{"pad":""#;
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let tail = Tail::start(&mut client, matching(&["after.>"])).await;
+    // The line stays open until the test says so on stdin.
+    let (_dir, app) = script(&format!(
+        r#"printf '%s' '{HEAD}' >&2
+head -c {LINE} /dev/zero | tr '\0' x >&2
+read go
+printf '"}}}}\nTELEMETRY:{{"event":"after.long"}}\n' >&2
+"#
+    ));
+    let mut command = WorkerProcess::command(
+        &hub.url,
+        "long-line",
+        "",
+        QUICK_WORKER_CONFIG,
+        &["--", "sh", &app],
+    );
+    command
+        .command
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "off");
+    let mut worker = WorkerProcess::spawn(command, false);
+    let stderr = worker.child().stderr.take().expect("stderr");
+    let passed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // The app's stderr as the sidecar passes it on: the x's counted, anything else kept.
+    let reader = std::thread::spawn({
+        let passed = passed.clone();
+        move || {
+            let mut stderr = stderr;
+            let mut other = Vec::new();
+            let mut buffer = vec![0; 64 * 1024];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut stderr, &mut buffer) {
+                let xs = buffer[..n].iter().filter(|&&b| b == b'x').count();
+                other.extend(buffer[..n].iter().filter(|&&b| b != b'x'));
+                passed.fetch_add(xs as u64, std::sync::atomic::Ordering::SeqCst);
+            }
+            other
+        }
+    });
+    eventually("the open line to come out on stderr", WAIT, || async {
+        (passed.load(std::sync::atomic::Ordering::SeqCst) == LINE).then_some(())
+    })
+    .await;
+    let peak_mib = peak_rss_kib(worker.pid()) / 1024;
+    assert!(peak_mib < 48, "the sidecar peaked at {peak_mib} MiB");
+
+    let mut stdin = worker.child().stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, b"go\n").expect("go");
+    drop(stdin);
+    assert_eq!(worker.wait(WAIT).code(), Some(0));
+    let other = reader.join().expect("stderr reader");
+    assert_eq!(
+        String::from_utf8_lossy(&other),
+        format!("{HEAD}\"}}}}\n"),
+        "the line passed through unchanged, and only it"
+    );
+    eventually("the next telemetry line as an event", WAIT, || async {
+        tail.deliveries()
+            .iter()
+            .any(|d| d.worker_id == "long-line" && name(d) == "after.long")
+            .then_some(())
+    })
+    .await;
+    let info = eventually("the final counters", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "long-line")
+                .await
+                .filter(|w| !w.connected && w.worker_counters.contains_key("confirmed"))
+        }
+    })
+    .await;
+    let counters = &info.worker_counters;
+    assert_eq!(
+        counters.get("dropped.line_too_long"),
+        Some(&1),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.get("dropped.parse_error"),
+        Some(&0),
+        "{counters:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_metrics_come_from_nvml_or_say_clearly_there_is_no_gpu() {
     let hub = HubProcess::start();
