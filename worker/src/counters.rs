@@ -1,9 +1,10 @@
 //! What happened to every event a worker produced.
 //!
 //! The accounting rule: `produced = accepted + sampled_out + filtered + disabled + invalid`
-//! (invalid: a malformed name or TELEMETRY line, or a TELEMETRY line too long to hold), and of the accepted events each is, in the end,
-//! `confirmed` by the hub or `dropped.buffer_full`; the rest are still buffered. Only outcomes
-//! are counted, never `produced` itself, so an emit touches one counter.
+//! (invalid: a malformed name or TELEMETRY line, or a TELEMETRY line too long to hold), and of
+//! the accepted events each is, in the end, `confirmed` by the hub or `dropped.buffer_full`; the
+//! rest are still buffered. Only outcomes are counted, never `produced` itself, so an emit
+//! touches one counter.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

@@ -4,10 +4,11 @@
 //! With a command it runs the app as a child: stdout and stdin pass straight through, stderr
 //! line by line, minus `TELEMETRY:{json}` lines, which become events (a malformed one is counted
 //! and passed through). A line is held only up to `max_line_bytes`; the rest of a longer one is
-//! passed through as it arrives, so the sidecar's memory does not depend on what the app writes. SIGINT and SIGTERM are forwarded to the app, and the sidecar exits with
-//! the app's exit code (128 + signal if it was killed). Without a command it serves only GPU
-//! metrics and the local endpoint until signalled. Either way it reports GPU metrics (NVML) and
-//! the app's CPU and memory every interval, and drains its buffer to the hub before exiting.
+//! passed through as it arrives, so the sidecar's memory does not depend on what the app writes.
+//! SIGINT and SIGTERM are forwarded to the app, and the sidecar exits with the app's exit code
+//! (128 + signal if it was killed). Without a command it serves only GPU metrics and the local
+//! endpoint until signalled. Either way it reports GPU metrics (NVML) and the app's CPU and
+//! memory every interval, and drains its buffer to the hub before exiting.
 
 use std::{ffi::OsString, num::NonZeroI32, process::Stdio, time::Duration};
 
