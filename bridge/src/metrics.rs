@@ -16,13 +16,14 @@ use prometheus_client::{
 use crate::{hub::Hub, latency::Snapshot};
 
 /// Worker-side outcomes reported in `bridge.worker.stats`, as metric label values.
-const WORKER_DROPS: [(&str, &str); 6] = [
+const WORKER_DROPS: [(&str, &str); 7] = [
     ("sampled_out", "sampled_out"),
     ("filtered", "filtered"),
     ("disabled", "disabled"),
     ("dropped.buffer_full", "buffer_full"),
     ("dropped.invalid_name", "invalid_name"),
     ("dropped.parse_error", "parse_error"),
+    ("dropped.line_too_long", "line_too_long"),
 ];
 
 /// Renders the hub's metrics in the OpenMetrics text format.

@@ -25,12 +25,26 @@ pub use pki::{Issued, Pki};
 /// For a test whose external tool is missing: a failure when `./test.sh` declared the tool
 /// required (it sets `require`, after installing the tool), otherwise a note on stderr that the
 /// test (or check) is skipped.
+///
+/// libtest has no runtime skip, so such a test reports `ok`; the note is the only sign. It is
+/// written to the process's stderr directly: libtest captures what `eprintln!` prints (and shows
+/// it only for failed tests), but not writes to the stderr handle.
 pub fn skip_without(require: &str, missing: &str) {
+    use std::io::Write;
     assert!(
         std::env::var_os(require).is_none(),
         "{missing}; it is required here ({require} is set)"
     );
-    eprintln!("skipping: {missing} (./test.sh installs it)");
+    // libtest runs each test on a thread named after it.
+    let test = std::thread::current()
+        .name()
+        .filter(|name| *name != "main")
+        .map(|name| format!(" {name}"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "skipping{test}: {missing} (./test.sh installs it)"
+    );
 }
 
 /// A token of each role, and the hub configuration that grants them: `fleet` (worker),

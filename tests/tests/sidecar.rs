@@ -14,6 +14,7 @@ use bridge_tests::{
     HubOptions, HubProcess, Proxy, ProxyMode, PythonGrpc, QUICK_WORKER_CONFIG, Tail, WorkerProcess,
     eventually, int, matching, name, read_line_within, run_cli, sequence, signal, worker_info,
 };
+use worker::gpu::{GpuSource, NvmlSource};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -540,6 +541,105 @@ print("done", flush=True)
     drop(stdin);
 }
 
+/// An app that writes a huge line and holds it open: the sidecar passes the bytes through as
+/// they come instead of holding the line (`worker.max_line_bytes`, 1 MiB by default), so its
+/// memory stays flat; the telemetry line lost that way is counted, and the next one relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_without_end_passes_through_without_growing_the_sidecar() {
+    // Far over the cap and over the memory bound below, so that holding it would show.
+    const LINE: u64 = 64 << 20;
+    const HEAD: &str = r#"TELEMETRY:{"event":"long.line","measurements":{"pad":""#;
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let tail = Tail::start(&mut client, matching(&["after.>"])).await;
+    // The line stays open until the test says so on stdin.
+    let (_dir, app) = script(&format!(
+        r#"printf '%s' '{HEAD}' >&2
+head -c {LINE} /dev/zero | tr '\0' x >&2
+read go
+printf '"}}}}\nTELEMETRY:{{"event":"after.long"}}\n' >&2
+"#
+    ));
+    let mut command = WorkerProcess::command(
+        &hub.url,
+        "long-line",
+        "",
+        QUICK_WORKER_CONFIG,
+        &["--", "sh", &app],
+    );
+    command
+        .command
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "off");
+    let mut worker = WorkerProcess::spawn(command, false);
+    let stderr = worker.child().stderr.take().expect("stderr");
+    let passed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // The app's stderr as the sidecar passes it on: the x's counted, anything else kept.
+    let reader = std::thread::spawn({
+        let passed = passed.clone();
+        move || {
+            let mut stderr = stderr;
+            let mut other = Vec::new();
+            let mut buffer = vec![0; 64 * 1024];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut stderr, &mut buffer) {
+                let xs = buffer[..n].iter().filter(|&&b| b == b'x').count();
+                other.extend(buffer[..n].iter().filter(|&&b| b != b'x'));
+                passed.fetch_add(xs as u64, std::sync::atomic::Ordering::SeqCst);
+            }
+            other
+        }
+    });
+    eventually("the open line to come out on stderr", WAIT, || async {
+        (passed.load(std::sync::atomic::Ordering::SeqCst) == LINE).then_some(())
+    })
+    .await;
+    let peak_mib = peak_rss_kib(worker.pid()) / 1024;
+    assert!(peak_mib < 48, "the sidecar peaked at {peak_mib} MiB");
+
+    let mut stdin = worker.child().stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, b"go\n").expect("go");
+    drop(stdin);
+    assert_eq!(worker.wait(WAIT).code(), Some(0));
+    let other = reader.join().expect("stderr reader");
+    assert_eq!(
+        String::from_utf8_lossy(&other),
+        format!("{HEAD}\"}}}}\n"),
+        "the line passed through unchanged, and only it"
+    );
+    eventually("the next telemetry line as an event", WAIT, || async {
+        tail.deliveries()
+            .iter()
+            .any(|d| d.worker_id == "long-line" && name(d) == "after.long")
+            .then_some(())
+    })
+    .await;
+    let info = eventually("the final counters", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "long-line")
+                .await
+                .filter(|w| !w.connected && w.worker_counters.contains_key("confirmed"))
+        }
+    })
+    .await;
+    let counters = &info.worker_counters;
+    assert_eq!(
+        counters.get("dropped.line_too_long"),
+        Some(&1),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.get("dropped.parse_error"),
+        Some(&0),
+        "{counters:?}"
+    );
+}
+
+/// Fake devices report every documented metric; the real NVML path reports what NVML itself
+/// sees. The test asks NVML the way the sidecar does and expects the matching behaviour, so it
+/// passes on a GPU host (the devices, their uuids, the description) and without one, as on CI
+/// (no GPU events, `GPU none`, one log line saying why).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_metrics_come_from_nvml_or_say_clearly_there_is_no_gpu() {
     let hub = HubProcess::start();
@@ -547,29 +647,39 @@ async fn gpu_metrics_come_from_nvml_or_say_clearly_there_is_no_gpu() {
     let tail = Tail::start(&mut client, matching(&["gpu.>"])).await;
     let _fake = WorkerProcess::start(
         &hub.url,
-        "with-gpu",
+        "fake-gpu",
         "",
         &["--fake-gpus", "2", "--gpu-interval", "200ms"],
     );
-    // This machine has no NVIDIA driver: the real NVML path runs and finds none.
-    let without = WorkerProcess::start(&hub.url, "without-gpu", "", &["--gpu-interval", "200ms"]);
+    let real = WorkerProcess::start(&hub.url, "real-gpu", "", &["--gpu-interval", "200ms"]);
+    let nvml = NvmlSource::open().map(|mut source| (source.describe(), source.sample()));
 
-    let metrics = eventually("both fake devices to report", WAIT, || async {
-        let devices: BTreeSet<String> = tail
-            .deliveries()
+    let from = |worker: &str| -> Vec<v1::EventDelivery> {
+        tail.deliveries()
+            .into_iter()
+            .filter(|d| d.worker_id == worker)
+            .collect()
+    };
+    let devices = |deliveries: &[v1::EventDelivery]| -> BTreeSet<(String, String)> {
+        deliveries
             .iter()
             .filter(|d| name(d) == "gpu.metrics")
-            .filter_map(|d| d.event.as_ref().map(|e| e.metadata["device"].clone()))
-            .collect();
-        (devices.len() == 2).then(|| tail.deliveries())
+            .filter_map(|d| d.event.as_ref())
+            .map(|e| (e.metadata["device"].clone(), e.metadata["uuid"].clone()))
+            .collect()
+    };
+    // Three rounds of both fake devices: the real path has had as long to report.
+    let fake = eventually("the fake devices to report three times", WAIT, || async {
+        let fake = from("fake-gpu");
+        let rounds = fake.iter().filter(|d| name(d) == "gpu.metrics").count();
+        (devices(&fake).len() == 2 && rounds >= 6).then_some(fake)
     })
     .await;
-    let device = metrics
+    let metrics = fake
         .iter()
         .find(|d| name(d) == "gpu.metrics")
+        .and_then(|d| d.event.as_ref())
         .expect("metrics");
-    assert_eq!(device.worker_id, "with-gpu");
-    let event = device.event.as_ref().expect("event");
     for key in [
         "utilization_gpu_percent",
         "utilization_memory_percent",
@@ -581,40 +691,60 @@ async fn gpu_metrics_come_from_nvml_or_say_clearly_there_is_no_gpu() {
         "compute_processes",
     ] {
         assert!(
-            event.measurements.contains_key(key),
+            metrics.measurements.contains_key(key),
             "{key} in {:?}",
-            event.measurements.keys()
+            metrics.measurements.keys()
         );
     }
-    assert!(event.metadata["uuid"].starts_with("GPU-fake-"));
-    assert!(metrics.iter().any(|d| name(d) == "gpu.process"));
-    assert!(
-        metrics.iter().all(|d| d.worker_id == "with-gpu"),
-        "no GPU events without a GPU"
-    );
+    assert!(metrics.metadata["uuid"].starts_with("GPU-fake-"));
+    assert!(fake.iter().any(|d| name(d) == "gpu.process"));
 
-    let gpus = eventually("both workers listed", WAIT, || {
+    let (fake_gpu, real_gpu) = eventually("both workers listed", WAIT, || {
         let mut client = client.clone();
         async move {
-            let a = worker_info(&mut client, "with-gpu").await?;
-            let b = worker_info(&mut client, "without-gpu").await?;
+            let a = worker_info(&mut client, "fake-gpu").await?;
+            let b = worker_info(&mut client, "real-gpu").await?;
             Some((a.gpu, b.gpu))
         }
     })
     .await;
-    assert_eq!(gpus, ("2x Fake GPU".to_owned(), "none".to_owned()));
+    assert_eq!(fake_gpu, "2x Fake GPU");
     let table = run_cli(&hub.url, &["workers"]).await.stdout;
-    assert!(
-        table.contains("2x Fake GPU") && table.contains(" none "),
-        "{table}"
-    );
-    let log = without.log();
-    let lines: Vec<&str> = log
+    assert!(table.contains("2x Fake GPU"), "{table}");
+    let log = real.log();
+    let no_gpu: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("no GPU metrics"))
         .collect();
-    assert_eq!(lines.len(), 1, "{log}");
-    assert!(lines[0].contains("NVML is not available"), "{}", lines[0]);
+    match nvml {
+        Ok((description, samples)) => {
+            // A GPU host: the worker has NVML's devices, and says so.
+            assert_eq!(real_gpu, description);
+            assert!(table.contains(&description), "{table}");
+            assert!(no_gpu.is_empty(), "{log}");
+            let expected: BTreeSet<(String, String)> = samples
+                .iter()
+                .map(|s| (s.index.to_string(), s.uuid.clone()))
+                .collect();
+            eventually("every NVML device to report", WAIT, || async {
+                (devices(&from("real-gpu")) == expected).then_some(())
+            })
+            .await;
+            for delivery in from("real-gpu") {
+                if let Some(percent) = int(&delivery, "utilization_gpu_percent") {
+                    assert!((0..=100).contains(&percent), "{delivery:?}");
+                }
+            }
+        }
+        Err(reason) => {
+            // No NVIDIA driver or no GPU (CI): nothing to report, and one line saying why.
+            assert_eq!(real_gpu, "none");
+            assert!(table.contains(" none "), "{table}");
+            assert_eq!(from("real-gpu"), [], "no GPU events without a GPU");
+            assert_eq!(no_gpu.len(), 1, "{log}");
+            assert!(no_gpu[0].contains(&reason), "{} lacks {reason}", no_gpu[0]);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,32 @@ struct Tmux {
 }
 
 impl Tmux {
+    /// `bridge top` against `hub` in a 160x24 terminal of its own; `name` tells tests apart.
+    fn top(hub: &HubProcess, name: &str) -> Self {
+        let tmux = Tmux {
+            socket: format!("bridge-top-{name}-{}", std::process::id()),
+        };
+        // The shell's `sleep` keeps the pane, so that a test can see top exit cleanly.
+        let command = format!(
+            "{} --hub {} top --interval 200ms; sleep 30",
+            bin("bridge").display(),
+            hub.url
+        );
+        let started = tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "top",
+            "-x",
+            "160",
+            "-y",
+            "24",
+            &command,
+        ]);
+        assert!(started.status.success(), "{started:?}");
+        tmux
+    }
+
     fn run(&self, args: &[&str]) -> Output {
         Command::new("tmux")
             .args(["-L", &self.socket])
@@ -77,26 +103,7 @@ async fn top_changes_a_workers_sampling_and_shows_it_applied() {
         }
     })
     .await;
-    let tmux = Tmux {
-        socket: format!("bridge-top-{}", std::process::id()),
-    };
-    let command = format!(
-        "{} --hub {} top --interval 200ms; sleep 30",
-        bin("bridge").display(),
-        hub.url
-    );
-    let started = tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "160",
-        "-y",
-        "24",
-        &command,
-    ]);
-    assert!(started.status.success(), "{started:?}");
+    let tmux = Tmux::top(&hub, "sampling");
     tmux.wait_for_screen("top to list gpu-3", |s| {
         s.contains("gpu-3") && s.contains("llama") && s.contains("1 applied")
     })
@@ -143,4 +150,29 @@ async fn top_changes_a_workers_sampling_and_shows_it_applied() {
     tmux.keys(&["q"]);
     tmux.wait_for_screen("top to exit", |s| !s.contains("WORKER"))
         .await;
+}
+
+/// A simulated worker's GPU shows as a utilisation percent: the simulator emits the documented
+/// `gpu.metrics` / `utilization_gpu_percent` that top reads, not names of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_a_simulated_workers_gpu_utilisation() {
+    if !tmux_installed() {
+        return;
+    }
+    let hub = HubProcess::start();
+    let _worker = WorkerProcess::start(&hub.url, "gpu-5", "llama", &["--simulate", "5"]);
+    let tmux = Tmux::top(&hub, "gpu");
+    // GPU is the last column outside cluster mode.
+    let gpu_cell = |screen: &str| {
+        let row = screen.lines().find(|l| l.contains("gpu-5"))?;
+        row.split_whitespace().last().map(str::to_owned)
+    };
+    let screen = tmux
+        .wait_for_screen("gpu-5 with a GPU utilisation", |s| {
+            gpu_cell(s)
+                .and_then(|cell| cell.strip_suffix('%')?.parse::<u8>().ok())
+                .is_some_and(|percent| percent <= 100)
+        })
+        .await;
+    assert!(screen.contains("GPU"), "{screen}");
 }

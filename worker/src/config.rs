@@ -42,7 +42,14 @@ pub struct WorkerConfig {
     pub gpu_interval_ms: u64,
     /// Local endpoint for apps' own gRPC clients: `127.0.0.1:PORT`, a unix socket path, or empty.
     pub local: String,
+    /// The most of one stderr line of the app the sidecar holds; the rest of a longer line is
+    /// passed through as it comes, so an app that never ends a line cannot grow the sidecar.
+    pub max_line_bytes: usize,
 }
+
+/// Bounds of `max_line_bytes`: room for a real `TELEMETRY:` line, and well short of what would
+/// make the cap pointless.
+const MAX_LINE_BYTES: std::ops::RangeInclusive<usize> = 1024..=(1 << 30);
 
 impl Default for WorkerConfig {
     fn default() -> Self {
@@ -60,6 +67,7 @@ impl Default for WorkerConfig {
             linger_ms: 100,
             gpu_interval_ms: 10_000,
             local: String::new(),
+            max_line_bytes: 1 << 20,
         }
     }
 }
@@ -113,6 +121,17 @@ impl WorkerConfig {
         }
         if self.stats_interval_ms == 0 {
             return Err(("stats_interval_ms", "must be positive".into()));
+        }
+        if !MAX_LINE_BYTES.contains(&self.max_line_bytes) {
+            return Err((
+                "max_line_bytes",
+                format!(
+                    "{} is out of range: from {} to {} bytes",
+                    self.max_line_bytes,
+                    MAX_LINE_BYTES.start(),
+                    MAX_LINE_BYTES.end()
+                ),
+            ));
         }
         Ok(())
     }
@@ -175,6 +194,14 @@ mod tests {
         std::fs::write(&path, "[worker]\nqueue = 5\n").unwrap();
         let err = WorkerConfig::load(Some(&path)).unwrap_err();
         assert!(err.contains("unknown field `queue`"), "{err}");
+        for bad in [0, 1023, (1 << 30) + 1] {
+            std::fs::write(&path, format!("[worker]\nmax_line_bytes = {bad}\n")).unwrap();
+            let err = WorkerConfig::load(Some(&path)).unwrap_err();
+            assert!(
+                err.contains("`worker.max_line_bytes`") && err.contains("out of range"),
+                "{err}"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,9 +1,10 @@
 //! What happened to every event a worker produced.
 //!
 //! The accounting rule: `produced = accepted + sampled_out + filtered + disabled + invalid`
-//! (invalid: a malformed name or TELEMETRY line), and of the accepted events each is, in the end,
-//! `confirmed` by the hub or `dropped.buffer_full`; the rest are still buffered. Only outcomes
-//! are counted, never `produced` itself, so an emit touches one counter.
+//! (invalid: a malformed name or TELEMETRY line, or a TELEMETRY line too long to hold), and of
+//! the accepted events each is, in the end, `confirmed` by the hub or `dropped.buffer_full`; the
+//! rest are still buffered. Only outcomes are counted, never `produced` itself, so an emit
+//! touches one counter.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -16,6 +17,9 @@ pub enum DropReason {
     InvalidName,
     /// A `TELEMETRY:` line that is not valid JSON of the expected shape.
     ParseError,
+    /// A `TELEMETRY:` line longer than the sidecar holds (`worker.max_line_bytes`). Apart from
+    /// `ParseError` because its fix differs: a larger cap or smaller events, not better JSON.
+    LineTooLong,
 }
 
 #[derive(Debug, Default)]
@@ -30,6 +34,7 @@ pub(crate) struct Counters {
     buffer_full: AtomicU64,
     invalid_name: AtomicU64,
     parse_error: AtomicU64,
+    line_too_long: AtomicU64,
 }
 
 macro_rules! bump {
@@ -62,6 +67,7 @@ impl Counters {
             DropReason::BufferFull => &self.buffer_full,
             DropReason::InvalidName => &self.invalid_name,
             DropReason::ParseError => &self.parse_error,
+            DropReason::LineTooLong => &self.line_too_long,
         }
         .fetch_add(1, Relaxed);
     }
@@ -78,6 +84,7 @@ impl Counters {
             dropped_buffer_full: self.buffer_full.load(Relaxed),
             dropped_invalid_name: self.invalid_name.load(Relaxed),
             dropped_parse_error: self.parse_error.load(Relaxed),
+            dropped_line_too_long: self.line_too_long.load(Relaxed),
         }
     }
 }
@@ -99,6 +106,7 @@ pub struct Snapshot {
     pub dropped_buffer_full: u64,
     pub dropped_invalid_name: u64,
     pub dropped_parse_error: u64,
+    pub dropped_line_too_long: u64,
 }
 
 impl Snapshot {
@@ -110,6 +118,7 @@ impl Snapshot {
             + self.disabled
             + self.dropped_invalid_name
             + self.dropped_parse_error
+            + self.dropped_line_too_long
     }
 
     /// Accepted events neither confirmed nor dropped: still in the buffer.
@@ -119,7 +128,7 @@ impl Snapshot {
     }
 
     /// The counters as `bridge.worker.stats` measurements.
-    pub fn measurements(&self) -> [(&'static str, u64); 12] {
+    pub fn measurements(&self) -> [(&'static str, u64); 13] {
         [
             ("produced", self.produced()),
             ("accepted", self.accepted),
@@ -133,6 +142,7 @@ impl Snapshot {
             ("dropped.buffer_full", self.dropped_buffer_full),
             ("dropped.invalid_name", self.dropped_invalid_name),
             ("dropped.parse_error", self.dropped_parse_error),
+            ("dropped.line_too_long", self.dropped_line_too_long),
         ]
     }
 }

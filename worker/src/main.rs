@@ -180,6 +180,7 @@ async fn run(args: Args) -> Result<u8, Failure> {
             model: args.model,
             requests_per_second: rate,
         }),
+        max_line_bytes: config.max_line_bytes,
     };
     tracing::info!(hub = %options.link.hub, worker.id = %options.link.id, worker.pool = %options.link.pool, "worker starting");
     sidecar::run(options).await.map_err(|message| Failure {

@@ -2,14 +2,22 @@
 //!
 //! Each simulated request emits `inference.start` and `inference.stop` (or, for about 1 in 100,
 //! `inference.exception`) with one correlation id, the way an instrumented model server would;
-//! once a second the worker also reports `gpu.utilization`.
+//! once a second the worker also reports its one simulated GPU as `gpu.metrics`, through the
+//! same code as NVML's samples, so that `bridge top` and dashboards read it like a real one.
 
 use std::time::{Duration, Instant};
 
 use rand::{RngExt, rngs::SmallRng};
 use tokio_util::sync::CancellationToken;
 
-use crate::emitter::{Emitter, Value, new_correlation_id};
+use crate::{
+    emitter::{Emitter, Value, new_correlation_id},
+    gpu::{self, DeviceSample},
+};
+
+/// What a simulated worker tells the hub it has (`x-worker-gpu`), as `GpuSource::describe`
+/// would for a real one.
+pub const GPU_DESCRIPTION: &str = "1x Simulated GPU";
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -94,20 +102,51 @@ pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
     }
 }
 
-fn gpu(emitter: &Emitter, rng: &mut SmallRng) {
-    emitter.emit(
-        "gpu.utilization",
-        &[
-            (
-                "gpu_percent",
-                Value::Float((rng.random_range(55.0..99.0_f64) * 10.0).round() / 10.0),
-            ),
-            (
-                "memory_used_bytes",
-                Value::Int(rng.random_range(30..70) * (1 << 30)),
-            ),
-        ],
-        &[("device", "0")],
-        None,
-    );
+/// One sample of the simulated GPU, emitted as a real device's would be.
+pub fn gpu(emitter: &Emitter, rng: &mut SmallRng) {
+    gpu::emit(emitter, &[gpu_sample(rng)]);
+}
+
+fn gpu_sample(rng: &mut SmallRng) -> DeviceSample {
+    DeviceSample {
+        index: 0,
+        uuid: "GPU-simulated-0000".into(),
+        name: "Simulated GPU".into(),
+        utilization_gpu_percent: Some(rng.random_range(55..=99)),
+        utilization_memory_percent: Some(rng.random_range(20..=60)),
+        memory_used_bytes: Some(rng.random_range(30..70) << 30),
+        memory_total_bytes: Some(80 << 30),
+        temperature_celsius: Some(rng.random_range(55..=80)),
+        power_watts: Some((rng.random_range(200.0..400.0_f64) * 10.0).round() / 10.0),
+        sm_clock_mhz: Some(1410),
+        // A simulated model server has no real process on a device to name.
+        processes: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The simulated GPU carries every documented `gpu.metrics` key a real device reports, so
+    /// anything built against NVML's events (top, dashboards) works on the demo too.
+    #[test]
+    fn the_simulated_gpu_reports_like_a_real_one() {
+        let simulated = Emitter::detached(8);
+        gpu(&simulated, &mut rand::make_rng());
+        let real = Emitter::detached(8);
+        let mut fake = gpu::FakeGpus::new(1);
+        fake.devices[0].processes.clear();
+        gpu::emit(&real, &fake.devices);
+        let (simulated, real) = (&simulated.buffered()[0], &real.buffered()[0]);
+        assert_eq!(simulated.event_parts.join("."), gpu::METRICS_EVENT);
+        assert_eq!(simulated.event_parts, real.event_parts);
+        let keys = |e: &bridge_proto::v1::TelemetryEvent| {
+            let mut keys: Vec<String> = e.measurements.keys().cloned().collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(keys(simulated), keys(real));
+        assert!(keys(simulated).contains(&gpu::UTILIZATION_GPU_PERCENT.to_owned()));
+    }
 }

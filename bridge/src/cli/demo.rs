@@ -84,6 +84,7 @@ pub async fn run(args: Args) -> Outcome {
     for (id, model) in WORKERS {
         let mut options = LinkOptions::new(url.clone(), id);
         options.pool = model.to_owned();
+        options.gpu = simulate::GPU_DESCRIPTION.to_owned();
         let link = Link::start(options).map_err(|e| Failure::new(1, e))?;
         wait_connected(&link).await?;
         tokio::spawn(simulate::run(

@@ -25,6 +25,7 @@ use ratatui::{
     widgets::{Row, Table, TableState},
 };
 use tokio::sync::mpsc;
+use worker::gpu;
 
 use super::{Failure, HubTarget, Outcome, connect, control::target_line};
 
@@ -407,7 +408,7 @@ async fn send(mut client: HubClient, id: String, change: Change) -> String {
 /// Follows `gpu.metrics` events for each worker's latest GPU utilisation.
 async fn follow_gpus(mut client: HubClient, updates: mpsc::Sender<(String, i64)>) {
     let request = v1::SubscribeRequest {
-        patterns: vec!["gpu.metrics".into()],
+        patterns: vec![gpu::METRICS_EVENT.into()],
         ..Default::default()
     };
     let Ok(mut stream) = client.subscribe(request).await else {
@@ -417,19 +418,21 @@ async fn follow_gpus(mut client: HubClient, updates: mpsc::Sender<(String, i64)>
         let Some(Item::Event(delivery)) = response.item else {
             continue;
         };
-        let utilization = delivery
-            .event
-            .as_ref()
-            .and_then(|e| e.measurements.get("utilization_gpu_percent"))
-            .and_then(|v| match v.value {
-                Some(Value::IntValue(percent)) => Some(percent),
-                _ => None,
-            });
-        if let Some(percent) = utilization
+        if let Some(percent) = delivery.event.as_ref().and_then(gpu_utilization)
             && updates.send((delivery.worker_id, percent)).await.is_err()
         {
             return;
         }
+    }
+}
+
+/// The utilisation percent of a `gpu.metrics` event. NVML reports an int; an app writing its own
+/// event in that shape may send a float, which is shown rounded rather than not at all.
+fn gpu_utilization(event: &v1::TelemetryEvent) -> Option<i64> {
+    match event.measurements.get(gpu::UTILIZATION_GPU_PERCENT)?.value {
+        Some(Value::IntValue(percent)) => Some(percent),
+        Some(Value::FloatValue(percent)) if percent.is_finite() => Some(percent.round() as i64),
+        _ => None,
     }
 }
 
@@ -594,6 +597,31 @@ mod tests {
         view.refreshed(vec![worker("a", "llama", 5.0), remote]);
         let text = screen(&mut view);
         assert!(text.contains("HUB") && text.contains("hub-b"), "{text}");
+    }
+
+    /// The simulator (`worker --simulate`, `bridge demo`) once reported `gpu.utilization` with
+    /// `gpu_percent`, which top never reads: its GPU column showed `-`.
+    #[test]
+    fn top_reads_the_simulated_gpu() {
+        let emitter = worker::Emitter::detached(16);
+        let mut rng: rand::rngs::SmallRng = rand::make_rng();
+        worker::simulate::gpu(&emitter, &mut rng);
+        let subscribed =
+            bridge_proto::pattern::Pattern::parse(gpu::METRICS_EVENT).expect("pattern");
+        let percents: Vec<i64> = emitter
+            .buffered()
+            .iter()
+            .filter(|e| subscribed.matches_parts(&e.event_parts))
+            .filter_map(gpu_utilization)
+            .collect();
+        assert_eq!(percents.len(), 1, "{:?}", emitter.buffered());
+        assert!((0..=100).contains(&percents[0]), "{percents:?}");
+
+        let mut view = View::new("hub".into());
+        view.refreshed(vec![worker("gpu-3", "llama", 5.0)]);
+        view.gpu_utilization.insert("gpu-3".into(), percents[0]);
+        let text = screen(&mut view);
+        assert!(text.contains(&format!("{}%", percents[0])), "{text}");
     }
 
     #[test]

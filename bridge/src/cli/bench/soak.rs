@@ -324,6 +324,7 @@ async fn settle_books(
                 + counters.dropped_buffer_full
                 + counters.dropped_invalid_name
                 + counters.dropped_parse_error
+                + counters.dropped_line_too_long
                 + counters.buffered();
             if emitted != counters.produced() || emitted != accounted {
                 unbalanced.push(format!(
