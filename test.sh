@@ -23,6 +23,9 @@ command -v promtool >/dev/null || missing+=(prometheus)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v tmux >/dev/null || missing+=(tmux)
 command -v nats-server >/dev/null || missing+=(nats-server)
+# The README's examples pipe curl into jq.
+command -v curl >/dev/null || missing+=(curl)
+command -v jq >/dev/null || missing+=(jq)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]} (Debian)"
     sudo=""
@@ -31,6 +34,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 export BRIDGE_REQUIRE_PROMTOOL=1 BRIDGE_REQUIRE_CHROMIUM=1 BRIDGE_REQUIRE_TMUX=1 BRIDGE_REQUIRE_NATS=1
+export BRIDGE_REQUIRE_README_TOOLS=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

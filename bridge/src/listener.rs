@@ -5,6 +5,10 @@
 //! this, every socket opened and abandoned would hold its resources until the kernel gives up
 //! on it, since HTTP/2 keepalive only starts after the preface. Past `limits.max_connections`
 //! open connections, new ones are closed at once (and logged once a second at most).
+//!
+//! On the HTTP port the first request line is read before the connection is handed over, so
+//! that a target the HTTP stack would refuse with an empty 400 (curl sends the `>` of
+//! `?pattern=inference.>` as it is) gets a 400 that says what is wrong.
 
 use std::{
     io,
@@ -15,9 +19,10 @@ use std::{
 };
 
 use async_stream::stream;
+use bytes::Bytes;
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
@@ -29,17 +34,32 @@ use tracing::{debug, warn};
 /// holds the rest).
 const MAX_PENDING: usize = 4096;
 
+/// Past this, a request line is handed to the server unread (it will refuse it as too long).
+const MAX_REQUEST_LINE: usize = 8 * 1024;
+
 /// A connection that holds one of the hub's connection slots until it closes.
 #[derive(Debug)]
 pub struct Connection {
     stream: TcpStream,
+    /// Bytes read before the connection was handed over, served before the stream's.
+    read_ahead: Bytes,
     _slot: OwnedSemaphorePermit,
+}
+
+/// What a connection must send before it is handed to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// Any byte: a TLS client hello or the HTTP/2 preface.
+    AnyByte,
+    /// An HTTP/1.1 request line (see the module's documentation).
+    RequestLine,
 }
 
 /// Connections from `listener` that started talking within `timeout`, at most
 /// `max_connections` open at once, with TCP_NODELAY set.
 pub fn incoming(
     listener: TcpListener,
+    opening: Opening,
     timeout: Duration,
     max_connections: usize,
 ) -> impl Stream<Item = io::Result<Connection>> {
@@ -61,10 +81,14 @@ pub fn incoming(
                         // Small writes must not wait for delayed acknowledgements (40 ms stalls).
                         let _ = stream.set_nodelay(true);
                         pending.push(async move {
-                            let mut first = [0u8; 1];
-                            match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
-                                Ok(Ok(n)) if n > 0 => Some(Connection { stream, _slot: slot }),
-                                Ok(_) => None,
+                            let opened = tokio::time::timeout(timeout, open(stream, opening)).await;
+                            match opened {
+                                Ok(Some((stream, read_ahead))) => Some(Connection {
+                                    stream,
+                                    read_ahead: Bytes::from(read_ahead),
+                                    _slot: slot,
+                                }),
+                                Ok(None) => None,
                                 Err(_) => {
                                     debug!(%peer, ?timeout, "closing a connection that sent nothing");
                                     None
@@ -86,6 +110,66 @@ pub fn incoming(
             }
         }
     }
+}
+
+/// Waits for what `opening` asks; `None` when the peer left or was answered here.
+async fn open(mut stream: TcpStream, opening: Opening) -> Option<(TcpStream, Vec<u8>)> {
+    match opening {
+        Opening::AnyByte => {
+            let mut first = [0u8; 1];
+            match stream.peek(&mut first).await {
+                Ok(n) if n > 0 => Some((stream, Vec::new())),
+                _ => None,
+            }
+        }
+        Opening::RequestLine => {
+            let mut read = Vec::with_capacity(1024);
+            while !read.contains(&b'\n') && read.len() < MAX_REQUEST_LINE {
+                read.reserve(1024);
+                match stream.read_buf(&mut read).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+            if let Some(problem) = refused_target(&read) {
+                let body = serde_json::json!({"error": {
+                    "code": 400, "status": "INVALID_ARGUMENT", "message": problem,
+                }})
+                .to_string();
+                let response = format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+                return None;
+            }
+            Some((stream, read))
+        }
+    }
+}
+
+/// Why the HTTP stack would refuse the target of a request line starting `head`, for the
+/// characters people type: `<`, `>` and `` ` `` in the path, `"`, `<` and `>` in the query
+/// (the `http` crate follows the WHATWG URL standard there). Anything else it refuses keeps
+/// its plain 400.
+fn refused_target(head: &[u8]) -> Option<String> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    let target = line.split(|&b| b == b' ').nth(1)?;
+    let query_at = target
+        .iter()
+        .position(|&b| b == b'?')
+        .unwrap_or(target.len());
+    let (path, query) = target.split_at(query_at);
+    let bad = path
+        .iter()
+        .find(|b| b"<>`".contains(b))
+        .or_else(|| query.iter().find(|b| b"\"<>".contains(b)))?;
+    Some(format!(
+        "the request target holds `{}`, which a URL must percent-encode (as %{:02X}); curl sends it as typed unless the query is given as `curl -G URL --data-urlencode 'pattern=inference.>'`",
+        char::from(*bad),
+        bad
+    ))
 }
 
 impl Connection {
@@ -117,7 +201,12 @@ impl HttpListener {
     ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(Self {
-            connections: Box::pin(incoming(listener, timeout, max_connections)),
+            connections: Box::pin(incoming(
+                listener,
+                Opening::RequestLine,
+                timeout,
+                max_connections,
+            )),
             local,
         })
     }
@@ -161,6 +250,15 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.read_ahead.is_empty() {
+            let n = self.read_ahead.len().min(buf.remaining());
+            buf.put_slice(&self.read_ahead.split_to(n));
+            if self.read_ahead.is_empty() {
+                // Lets the read buffer go.
+                self.read_ahead = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -192,5 +290,64 @@ impl AsyncWrite for Connection {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_the_http_stack_refuses_are_explained() {
+        let refused =
+            refused_target(b"GET /api/events?pattern=inference.>&worker=gpu-3 HTTP/1.1\r\n")
+                .expect("refused");
+        assert!(
+            refused.contains("`>`") && refused.contains("%3E"),
+            "{refused}"
+        );
+        assert!(refused_target(b"GET /a<b HTTP/1.1\r\n").is_some());
+        assert!(refused_target(b"GET /?q=\"x\" HTTP/1.1\r\n").is_some());
+        for fine in [
+            &b"GET /api/events?pattern=inference.%3E HTTP/1.1\r\n"[..],
+            b"GET /api/events?pattern=inference.* HTTP/1.1\r\n",
+            b"GET /a\"b HTTP/1.1\r\n",
+            b"GET /metrics HTTP/1.1\r\nX-Odd: <>\r\n",
+            b"GET /partial",
+            b"",
+        ] {
+            assert_eq!(
+                refused_target(fine),
+                None,
+                "{}",
+                String::from_utf8_lossy(fine)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_line_read_ahead_reaches_the_server_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut connections = Box::pin(incoming(
+            listener,
+            Opening::RequestLine,
+            Duration::from_secs(5),
+            4,
+        ));
+        let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+        let client = tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            // In two pieces, the first without the end of the request line.
+            stream.write_all(&request[..7]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            stream.write_all(&request[7..]).await.unwrap();
+            stream
+        });
+        let mut connection = connections.next().await.unwrap().unwrap();
+        let _stream = client.await.unwrap();
+        let mut got = vec![0u8; request.len()];
+        connection.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, request);
     }
 }

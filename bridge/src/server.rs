@@ -65,7 +65,12 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(bridge)
         .serve_with_incoming_shutdown(
-            listener::incoming(listener, limits.handshake_timeout(), limits.max_connections),
+            listener::incoming(
+                listener,
+                listener::Opening::AnyByte,
+                limits.handshake_timeout(),
+                limits.max_connections,
+            ),
             signal,
         );
 

@@ -370,3 +370,25 @@ source.onerror = () => {{
         );
     }
 }
+
+/// curl sends the `>` of `?pattern=inference.>` as typed, which the HTTP stack refuses; the 400
+/// says why and how to send it, in the API's error shape, and the encoded form is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_sent_unencoded_gets_a_400_that_says_why() {
+    let hub = HubProcess::start();
+    let refused = http_get(
+        hub.http,
+        "/api/events?pattern=inference.>&worker=gpu-3",
+        &[],
+    );
+    assert_eq!(refused.status, 400, "{refused:?}");
+    let error: Value = serde_json::from_str(&refused.body).expect("a JSON error");
+    let message = error["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("`>`") && message.contains("%3E") && message.contains("--data-urlencode"),
+        "{message}"
+    );
+    assert_eq!(error["error"]["status"], "INVALID_ARGUMENT");
+    let served = http_get(hub.http, "/api/workers?pool=%3E", &[]);
+    assert_eq!(served.status, 200, "{served:?}");
+}
