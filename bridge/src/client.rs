@@ -9,7 +9,7 @@ use tonic::{
 };
 use worker::security::{Authorize, ClientSecurity, SecurityError};
 
-use crate::control::{Change, Selector};
+use crate::command::{Change, Selector};
 
 /// Why a call to the hub failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +99,7 @@ impl HubClient {
         let response = self
             .inner
             .list_workers(v1::ListWorkersRequest {
-                selector: selector.map(to_wire_selector),
+                selector: selector.map(v1::Selector::from),
             })
             .await?;
         Ok(response.into_inner())
@@ -112,8 +112,8 @@ impl HubClient {
         wait: Duration,
     ) -> Result<v1::UpdateControlResponse, ClientError> {
         let request = v1::UpdateControlRequest {
-            selector: Some(to_wire_selector(selector)),
-            change: Some(to_wire_change(change)),
+            selector: Some(v1::Selector::from(selector)),
+            change: Some(v1::update_control_request::Change::from(change)),
             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
         };
         Ok(self.inner.update_control(request).await?.into_inner())
@@ -124,7 +124,7 @@ impl HubClient {
         selector: &Selector,
     ) -> Result<v1::GetControlResponse, ClientError> {
         let request = v1::GetControlRequest {
-            selector: Some(to_wire_selector(selector)),
+            selector: Some(v1::Selector::from(selector)),
         };
         Ok(self.inner.get_control(request).await?.into_inner())
     }
@@ -134,35 +134,5 @@ impl HubClient {
         request: v1::SubscribeRequest,
     ) -> Result<tonic::Streaming<v1::SubscribeResponse>, ClientError> {
         Ok(self.inner.subscribe(request).await?.into_inner())
-    }
-}
-
-pub fn to_wire_selector(selector: &Selector) -> v1::Selector {
-    use v1::selector::Target;
-    v1::Selector {
-        target: Some(match selector {
-            Selector::Worker(id) => Target::WorkerId(id.clone()),
-            Selector::Pool(pool) => Target::Pool(pool.clone()),
-            Selector::All => Target::All(true),
-        }),
-    }
-}
-
-pub fn to_wire_change(change: &Change) -> v1::update_control_request::Change {
-    use v1::update_control_request::Change as Wire;
-    let names = |patterns: &[bridge_proto::pattern::Pattern]| {
-        patterns.iter().map(ToString::to_string).collect()
-    };
-    match change {
-        Change::Sampling { rate, patterns } => Wire::Sampling(v1::TelemetrySamplingUpdate {
-            sampling_rate: rate.get(),
-            event_patterns: names(patterns),
-        }),
-        Change::Toggle(enabled) => Wire::Toggle(v1::TelemetryToggle { enabled: *enabled }),
-        Change::Filter { allow, block } => Wire::Filter(v1::TelemetryEventFilter {
-            allowed_events: names(allow),
-            blocked_events: names(block),
-        }),
-        Change::Reset => Wire::Reset(v1::ResetControl {}),
     }
 }

@@ -1,8 +1,8 @@
-//! The hub: workers, subscribers and the control plane behind one cheap-clone handle.
+//! The hub: workers, outputs and the control plane behind one cheap-clone handle.
 
 use std::{
-    sync::{Arc, atomic::Ordering::Relaxed},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, OnceLock, atomic::Ordering::Relaxed},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bridge_proto::{v1, view::EventView};
@@ -13,11 +13,15 @@ use tracing::info;
 use crate::{
     auth::Authenticator,
     cluster::{self, ClusterLink, rpc},
+    command::{Change, Selector},
     config::Config,
-    control::{Change, ControlPlane, Selector, layer::Layer},
+    control::{ControlPlane, layer::Layer},
     error::{Error, Result},
-    fanout::{Fanout, Filter, Source, Subscription},
-    latency::{INGEST_BOUNDS_NS, LatencyHistogram},
+    latency::{INGEST_BOUNDS_NS, LatencyHistogram, unix_nanos},
+    outputs::{
+        Delivery, Outputs,
+        subscribers::{Filter, Subscribers, Subscription},
+    },
     registry::{Identity, Registry, Session, Worker},
 };
 
@@ -33,7 +37,12 @@ pub const CLUSTER_DISCONNECTED: [&str; 3] = ["bridge", "cluster", "disconnected"
 struct Shared {
     config: Config,
     registry: Registry,
-    fanout: Fanout,
+    /// Where every event the hub passes on goes.
+    outputs: Outputs,
+    /// One of the outputs, which the hub opens subscriptions on.
+    subscribers: Subscribers,
+    /// Set when the hub joins a cluster.
+    cluster: OnceLock<Arc<ClusterLink>>,
     control: ControlPlane,
     auth: Authenticator,
     /// From an event's timestamp to the hub receiving it, for events that passed.
@@ -75,10 +84,15 @@ impl Hub {
         let auth = Authenticator::new(&config.auth).map_err(Error::InvalidArgument)?;
         let control = ControlPlane::open(&config.control, &state_dir, config.cluster.enabled())?;
         info!(state_file = %control.state_file().display(), "control state loaded");
+        let subscribers = Subscribers::new(config.hub.subscriber_queue);
+        let outputs = Outputs::default();
+        outputs.add(Arc::new(subscribers.clone()));
         Ok(Self {
             shared: Arc::new(Shared {
                 registry: Registry::new(config.hub.max_remembered_workers),
-                fanout: Fanout::new(config.hub.subscriber_queue),
+                outputs,
+                subscribers,
+                cluster: OnceLock::new(),
                 control,
                 auth,
                 ingest_latency: LatencyHistogram::new(INGEST_BOUNDS_NS),
@@ -104,8 +118,13 @@ impl Hub {
         &self.shared.ingest_latency
     }
 
-    pub fn fanout(&self) -> &Fanout {
-        &self.shared.fanout
+    /// The hand-off point to every output.
+    pub fn outputs(&self) -> &Outputs {
+        &self.shared.outputs
+    }
+
+    pub fn subscribers(&self) -> &Subscribers {
+        &self.shared.subscribers
     }
 
     pub fn control(&self) -> &ControlPlane {
@@ -114,12 +133,17 @@ impl Hub {
 
     /// The hub's link to the other hubs, in cluster mode.
     pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
-        self.shared.fanout.cluster()
+        self.shared.cluster.get()
     }
 
-    /// Shares events, workers and control with the other hubs of a cluster from now on.
+    /// Shares events, workers and control with the other hubs of a cluster from now on: the
+    /// cluster publisher becomes one more output, and subscriptions opened from now on also
+    /// receive other hubs' events. Once only; later calls change nothing.
     pub fn join_cluster(&self, link: Arc<ClusterLink>) {
-        self.shared.fanout.join_cluster(link.clone());
+        if self.shared.cluster.set(link.clone()).is_err() {
+            return;
+        }
+        self.shared.outputs.add(link.publisher());
         cluster::start(self.clone(), link);
     }
 
@@ -132,7 +156,7 @@ impl Hub {
         epoch: u64,
     ) {
         let control = &self.shared.control;
-        let _serialised = control.serialise().await;
+        let _changes = control.lock_changes().await;
         control.load_cluster(layers, refused, epoch);
         self.push(&Selector::All, Push::Reload);
     }
@@ -141,7 +165,7 @@ impl Hub {
     /// workers it applies to.
     pub async fn apply_cluster_layer(&self, selector: &Selector, layer: Layer) {
         let control = &self.shared.control;
-        let _serialised = control.serialise().await;
+        let _changes = control.lock_changes().await;
         if control.set_layer(selector, layer) {
             self.push(selector, Push::Change);
         }
@@ -222,7 +246,7 @@ impl Hub {
     }
 
     fn announce_disconnected(&self, worker: &Worker, reason: &str) {
-        let pool = worker.status().pool.clone();
+        let pool = worker.details().pool.clone();
         let received = worker.counters.received.load(Relaxed);
         self.publish_lifecycle(
             &worker.id,
@@ -280,21 +304,28 @@ impl Hub {
             ..Default::default()
         };
         if let Ok(event) = EventView::from_event(&event) {
-            self.shared
-                .fanout
-                .publish(Source { worker_id, pool }, &event, 1.0, now);
+            let delivery = Delivery::local(worker_id, pool, &event, 1.0, now);
+            self.shared.outputs.publish(&delivery);
         }
     }
 
     /// Opens a subscription, unless the hub already serves `limits.max_subscribers`.
     pub fn subscribe(&self, filter: Filter) -> Result<Subscription> {
         let limit = self.shared.config.limits.max_subscribers;
-        if self.shared.fanout.subscriber_count() >= limit {
+        if self.shared.subscribers.subscriber_count() >= limit {
             return Err(Error::Limit(format!(
                 "this hub serves at most {limit} subscriptions (limits.max_subscribers)"
             )));
         }
-        Ok(self.shared.fanout.subscribe(filter))
+        let subscription = self.shared.subscribers.subscribe(filter);
+        if let Some(link) = self.cluster() {
+            link.mirror(
+                subscription.id(),
+                subscription.filter(),
+                subscription.closed(),
+            );
+        }
+        Ok(subscription)
     }
 
     /// Applies an operator's change, pushes the new state to the workers it reaches, and waits
@@ -381,7 +412,7 @@ impl Hub {
         let mut by_pool: std::collections::HashMap<String, bridge_proto::control::ControlState> =
             std::collections::HashMap::new();
         for worker in &reached {
-            let pool = worker.status().pool.clone();
+            let pool = worker.details().pool.clone();
             let control = &self.shared.control;
             let state = if control.has_worker_settings(&worker.id) {
                 control.effective(Some(&worker.id), &pool)
@@ -454,9 +485,9 @@ impl Hub {
         let deadline = tokio::time::Instant::now() + wait;
         let targets = reached
             .iter()
-            .filter(|w| w.status().connected)
+            .filter(|w| w.details().connected)
             .map(|worker| async move {
-                let acknowledges = worker.status().acknowledges;
+                let acknowledges = worker.details().acknowledges;
                 let mut applied = worker.watch_applied();
                 let acked = acknowledges
                     && !wait.is_zero()
@@ -473,7 +504,7 @@ impl Hub {
                         (true, Some(started)) => {
                             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
                         }
-                        (true, None) => worker.status().last_ack_latency.map_or(0, |latency| {
+                        (true, None) => worker.details().last_ack_latency.map_or(0, |latency| {
                             u64::try_from(latency.as_micros()).unwrap_or(u64::MAX)
                         }),
                     },
@@ -535,7 +566,7 @@ impl Hub {
             Selector::Pool(pool) => control.describe(None, pool),
             Selector::Worker(id) => {
                 let pool = match self.shared.registry.get(id) {
-                    Some(worker) => worker.status().pool.clone(),
+                    Some(worker) => worker.details().pool.clone(),
                     None => match self.list_workers(Some(selector)).await.workers.first() {
                         Some(worker) => worker.pool.clone(),
                         None if control.has_worker_settings(id) => String::new(),
@@ -584,7 +615,43 @@ fn selects(selector: &Selector, worker: &Worker) -> bool {
     match selector {
         Selector::All => true,
         Selector::Worker(id) => worker.id == *id,
-        Selector::Pool(pool) => worker.status().pool == *pool,
+        Selector::Pool(pool) => worker.details().pool == *pool,
+    }
+}
+
+impl cluster::LocalHub for Hub {
+    fn shutdown(&self) -> &CancellationToken {
+        &self.shared.shutdown
+    }
+
+    fn announce_cluster(&self, node: &str, connected: bool) {
+        Hub::announce_cluster(self, node, connected);
+    }
+
+    fn local_workers(&self, selector: Option<&Selector>) -> Vec<v1::WorkerInfo> {
+        Hub::local_workers(self, selector)
+    }
+
+    async fn local_acknowledgements(
+        &self,
+        selector: &Selector,
+        version: u64,
+        wait: Duration,
+    ) -> Vec<v1::TargetStatus> {
+        Hub::local_acknowledgements(self, selector, version, wait).await
+    }
+
+    async fn load_cluster_state(
+        &self,
+        layers: Vec<(Selector, Layer)>,
+        refused: &[Selector],
+        epoch: u64,
+    ) {
+        Hub::load_cluster_state(self, layers, refused, epoch).await;
+    }
+
+    async fn apply_cluster_layer(&self, selector: &Selector, layer: Layer) {
+        Hub::apply_cluster_layer(self, selector, layer).await;
     }
 }
 
@@ -592,7 +659,7 @@ fn worker_info(worker: &Worker, hub: &str) -> v1::WorkerInfo {
     let desired = worker.desired();
     let events_per_second = worker.events_per_second();
     let applied_version = worker.applied_version();
-    let status = worker.status();
+    let status = worker.details();
     v1::WorkerInfo {
         id: worker.id.clone(),
         pool: status.pool.clone(),
@@ -624,10 +691,4 @@ fn worker_info(worker: &Worker, hub: &str) -> v1::WorkerInfo {
         last_sequence: worker.counters.last_sequence.load(Relaxed),
         hub: hub.to_owned(),
     }
-}
-
-/// Nanoseconds since the Unix epoch (0 for times before it).
-pub fn unix_nanos(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }

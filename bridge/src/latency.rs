@@ -4,7 +4,10 @@
 //! not write the same cache line: a record is a short bucket search and two uncontended atomic
 //! adds. A scrape sums the shards.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::{
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 const SHARDS: usize = 16;
 /// Room for the bounds of any histogram here, plus the +Inf bucket.
@@ -129,6 +132,12 @@ impl LatencyHistogram {
 #[inline]
 pub fn elapsed_ns(earlier_ns: i64, later_ns: i64) -> u64 {
     u64::try_from(later_ns.saturating_sub(earlier_ns)).unwrap_or(0)
+}
+
+/// Nanoseconds since the Unix epoch (0 for times before it).
+pub fn unix_nanos(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

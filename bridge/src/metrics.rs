@@ -75,7 +75,7 @@ struct HubCollector {
 impl Collector for HubCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let workers = self.hub.local_workers(None);
-        let (delivered, lagged) = self.hub.fanout().totals();
+        let (delivered, lagged) = self.hub.subscribers().totals();
 
         gauge(
             &mut encoder,
@@ -100,7 +100,7 @@ impl Collector for HubCollector {
             &mut encoder,
             "bridge_subscribers",
             "Open subscriptions.",
-            &[(vec![], self.hub.fanout().subscriber_count() as i64)],
+            &[(vec![], self.hub.subscribers().subscriber_count() as i64)],
         )?;
         counter(
             &mut encoder,
@@ -200,7 +200,7 @@ impl Collector for HubCollector {
             "Version each worker acknowledged (absent while it never has).",
             &versions(true),
         )?;
-        if let Some(cluster) = self.hub.fanout().cluster() {
+        if let Some(cluster) = self.hub.cluster() {
             gauge(
                 &mut encoder,
                 "bridge_cluster_connected",
@@ -258,7 +258,7 @@ impl Collector for HubCollector {
             &mut encoder,
             "bridge_fanout_latency_seconds",
             "From the hub receiving an event to a subscriber's stream taking it from its queue.",
-            &self.hub.fanout().latency().snapshot(),
+            &self.hub.subscribers().latency().snapshot(),
         )?;
         Ok(())
     }

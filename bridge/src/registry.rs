@@ -192,6 +192,28 @@ impl Counters {
             .into_iter()
             .map(|reason| (reason, self.drops[reason as usize].load(Relaxed)))
     }
+    /// Follows the worker process's sequence numbers to `sequence`: the numbers it skipped are
+    /// counted as missing, and one seen before is a replay (after a reconnect).
+    pub fn follow_sequence(&self, sequence: u64) -> Sequenced {
+        let last = self.last_sequence.fetch_max(sequence, Relaxed);
+        if sequence <= last {
+            return Sequenced::Replay;
+        }
+        // Before the first event the hub has no idea what came earlier (another hub may have
+        // received it), so only gaps after it count as missing.
+        if last > 0 && sequence > last + 1 {
+            self.missing.fetch_add(sequence - last - 1, Relaxed);
+        }
+        Sequenced::New
+    }
+}
+
+/// Whether a numbered event is new to the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sequenced {
+    New,
+    /// Received before from the same worker process.
+    Replay,
 }
 
 /// Events per second over a short sliding window, sampled by a once-a-second tick.
@@ -221,7 +243,7 @@ impl RateWindow {
 
 /// What changes only when a worker connects, disconnects or reports.
 #[derive(Debug)]
-pub struct Status {
+pub struct WorkerDetails {
     pub pool: String,
     pub pid: u32,
     pub peer: String,
@@ -255,7 +277,7 @@ struct SessionHandle {
 pub struct Worker {
     pub id: String,
     pub counters: Counters,
-    status: Mutex<Status>,
+    details: Mutex<WorkerDetails>,
     /// The state the hub wants the worker to apply; its current session streams it.
     control: watch::Sender<Arc<ControlState>>,
     /// The version the worker acknowledged on its current session (0: none yet).
@@ -263,8 +285,8 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn status(&self) -> MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn details(&self) -> MutexGuard<'_, WorkerDetails> {
+        self.details.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn desired(&self) -> Arc<ControlState> {
@@ -319,7 +341,7 @@ impl Worker {
             }
             newer
         });
-        let mut status = self.status();
+        let mut status = self.details();
         let latency = match status.last_sent {
             Some((sent, at)) if sent == version => Some(at.elapsed()),
             _ => None,
@@ -331,7 +353,7 @@ impl Worker {
     }
 
     pub fn events_per_second(&self) -> f64 {
-        self.status().rate.rate()
+        self.details().rate.rate()
     }
 }
 
@@ -459,7 +481,7 @@ impl Registry {
                 Arc::new(Worker {
                     id: identity.id.clone(),
                     counters: Counters::default(),
-                    status: Mutex::new(Status {
+                    details: Mutex::new(WorkerDetails {
                         pool: identity.pool.clone(),
                         pid: 0,
                         peer: String::new(),
@@ -492,7 +514,7 @@ impl Registry {
             ended: Arc::new(Mutex::new(None)),
         };
         let previous = {
-            let mut status = worker.status();
+            let mut status = worker.details();
             status.pool.clone_from(&identity.pool);
             status.pid = identity.pid;
             status.peer.clone_from(&identity.peer);
@@ -545,7 +567,7 @@ impl Registry {
     /// was.
     pub fn close(&self, session: &Session) -> bool {
         let closed = {
-            let mut status = session.worker.status();
+            let mut status = session.worker.details();
             let current = status
                 .session
                 .as_ref()
@@ -570,7 +592,7 @@ impl Registry {
             .workers
             .iter()
             .filter_map(|w| {
-                let status = w.status();
+                let status = w.details();
                 status.disconnected_at.map(|at| (at, w.id.clone()))
             })
             .collect();
@@ -579,7 +601,7 @@ impl Registry {
         for (_, id) in disconnected.into_iter().take(excess) {
             if self
                 .workers
-                .remove_if(&id, |_, w| !w.status().connected)
+                .remove_if(&id, |_, w| !w.details().connected)
                 .is_some()
             {
                 self.disconnected.fetch_sub(1, Relaxed);
@@ -607,7 +629,7 @@ impl Registry {
     pub fn end_all(&self, status: &tonic::Status) {
         for worker in self.workers.iter() {
             let handle = worker
-                .status()
+                .details()
                 .session
                 .as_ref()
                 .map(|h| (h.cancel.clone(), h.ended.clone()));
@@ -625,7 +647,7 @@ impl Registry {
     pub fn tick_rates(&self) {
         for worker in self.workers.iter() {
             let total = worker.counters.received.load(Relaxed);
-            worker.status().rate.tick(total);
+            worker.details().rate.tick(total);
         }
     }
 
@@ -701,9 +723,9 @@ mod tests {
         assert_eq!(second.replaced.unwrap().generation, first.generation);
         assert_eq!(first.ended_with().unwrap().code(), tonic::Code::Aborted);
         assert!(!registry.close(&first));
-        assert!(registry.get("w").unwrap().status().connected);
+        assert!(registry.get("w").unwrap().details().connected);
         assert!(registry.close(&second.session));
-        assert!(!registry.get("w").unwrap().status().connected);
+        assert!(!registry.get("w").unwrap().details().connected);
     }
 
     #[test]

@@ -10,9 +10,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     auth::{Access, check_certificate_name},
-    control::{Selector, parse_update},
-    fanout::{Filter, Tail},
+    command::{Selector, parse_update},
     hub::{Hub, Requester},
+    outputs::subscribers::{FeedItem, Filter},
     registry::Identity,
     worker_stream,
 };
@@ -58,7 +58,7 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
             .hub
             .registry()
             .get(&identity.id)
-            .is_none_or(|w| !w.status().connected)
+            .is_none_or(|w| !w.details().connected)
             && self.hub.registry().connected() >= limit
         {
             return Err(Status::resource_exhausted(format!(
@@ -86,11 +86,11 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
         let tail = self
             .hub
             .subscribe(filter)?
-            .into_tail(self.hub.shutdown_token().clone());
+            .into_feed(self.hub.shutdown_token().clone());
         Ok(Response::new(Box::pin(tail.map(|item| match item {
-            Tail::Event(response) => Ok(response),
-            Tail::Lagged(skipped) => Ok(EncodedSubscribeResponse::lagged(skipped)),
-            Tail::ShuttingDown => Err(Status::unavailable("the hub is shutting down")),
+            FeedItem::Event(response) => Ok(response),
+            FeedItem::Lagged(skipped) => Ok(EncodedSubscribeResponse::lagged(skipped)),
+            FeedItem::ShuttingDown => Err(Status::unavailable("the hub is shutting down")),
         }))))
     }
 

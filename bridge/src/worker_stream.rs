@@ -26,10 +26,10 @@ use tracing::{debug, warn};
 
 use crate::{
     config::LimitsConfig,
-    fanout::Source,
-    hub::{Hub, unix_nanos},
-    latency::elapsed_ns,
-    registry::{HubDrop, Session},
+    hub::Hub,
+    latency::{elapsed_ns, unix_nanos},
+    outputs::Delivery,
+    registry::{HubDrop, Sequenced, Session},
 };
 
 /// Reserved event a worker sends after applying a control state (int measurement `version`).
@@ -114,9 +114,12 @@ fn accept(
         return protocol_event(session, &decoded);
     }
     worker.counters.received.fetch_add(1, Relaxed);
-    if event.sequence > 0 && !first_time(session, event.sequence) {
-        worker.counters.drop(HubDrop::Duplicate);
-        return Ok(());
+    if event.sequence > 0 {
+        session.receipts.received(event.sequence);
+        if worker.counters.follow_sequence(event.sequence) == Sequenced::Replay {
+            worker.counters.drop(HubDrop::Duplicate);
+            return Ok(());
+        }
     }
     if let Err(refused) = admit(&event, admission) {
         worker.counters.drop(refused.reason());
@@ -130,15 +133,13 @@ fn accept(
         }
     };
     let received_ns = unix_nanos(std::time::SystemTime::now());
-    hub.fanout().publish(
-        Source {
-            worker_id: &worker.id,
-            pool: &session.pool,
-        },
+    hub.outputs().publish(&Delivery::local(
+        &worker.id,
+        &session.pool,
         &event,
         rate,
         received_ns,
-    );
+    ));
     worker.counters.delivered.fetch_add(1, Relaxed);
     if event.timestamp_ns > 0 {
         let age = elapsed_ns(event.timestamp_ns, received_ns);
@@ -186,23 +187,6 @@ impl Refused {
     }
 }
 
-/// Tracks the worker's sequence numbers: confirms receipt, counts gaps, and says whether this
-/// is the first time the hub sees `sequence` from this worker process (false: a replay).
-fn first_time(session: &Session, sequence: u64) -> bool {
-    let counters = &session.worker.counters;
-    session.receipts.received(sequence);
-    let last = counters.last_sequence.fetch_max(sequence, Relaxed);
-    if sequence <= last {
-        return false;
-    }
-    // Before the first event the hub has no idea what came earlier (another hub may have
-    // received it), so only gaps after it count as missing.
-    if last > 0 && sequence > last + 1 {
-        counters.missing.fetch_add(sequence - last - 1, Relaxed);
-    }
-    true
-}
-
 /// Handles the reserved `bridge.*` names a worker may send.
 fn protocol_event(session: &Session, event: &v1::TelemetryEvent) -> Result<(), String> {
     let worker = &session.worker;
@@ -225,7 +209,7 @@ fn protocol_event(session: &Session, event: &v1::TelemetryEvent) -> Result<(), S
                 _ => None,
             })
             .collect();
-        worker.status().reported = counters;
+        worker.details().reported = counters;
         Ok(())
     } else {
         worker.counters.received.fetch_add(1, Relaxed);
@@ -384,7 +368,7 @@ pub fn controls(
         loop {
             if send_state {
                 let state = desired.borrow_and_update().clone();
-                session.worker.status().last_sent = Some((state.version, Instant::now()));
+                session.worker.details().last_sent = Some((state.version, Instant::now()));
                 for message in state.messages(acknowledges) {
                     yield Ok(message);
                 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use bridge::control::{Change, Selector};
+use bridge::command::{Change, Selector};
 use bridge_proto::{sampling::Rate, v1};
 use bridge_tests::{
     HubOptions, HubProcess, NatsServer, WorkerProcess, eventually, http_get, run_cli, worker_info,

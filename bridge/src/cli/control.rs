@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use bridge::control::{Change, Selector};
+use bridge::command::{Change, Selector};
 use bridge_proto::{pattern::Pattern, sampling::Rate, v1};
 
 use super::{

@@ -15,7 +15,7 @@ use std::{
 use bridge::{
     Config, Hub,
     client::HubClient,
-    control::{Change, Selector},
+    command::{Change, Selector},
 };
 use bridge_proto::{sampling::Rate, v1};
 use tokio::net::TcpListener;

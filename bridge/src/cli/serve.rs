@@ -82,7 +82,7 @@ pub async fn run(args: Args) -> Outcome {
         } else {
             cluster.node.trim().to_owned()
         };
-        let link = ClusterLink::connect(cluster, node)
+        let link = ClusterLink::connect(cluster, node, hub.outputs().clone())
             .await
             .map_err(Failure::invalid)?;
         tracing::info!(node = link.node(), nats = %cluster.nats_url, "cluster mode: sharing events through NATS");

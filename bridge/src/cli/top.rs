@@ -9,7 +9,7 @@ use std::{
 
 use bridge::{
     client::HubClient,
-    control::{Change, Selector},
+    command::{Change, Selector},
 };
 use bridge_proto::{
     sampling::Rate,

@@ -22,11 +22,11 @@ use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use tracing::{info, warn};
 
-use super::{ClusterLink, token};
+use super::{ClusterLink, LocalHub, token};
 use crate::{
-    control::{Change, Selector, apply_change, layer::Layer},
+    command::{Change, Selector},
+    control::{apply_change, layer::Layer},
     error::{Error, Result},
-    hub::Hub,
 };
 
 /// The key whose writes give each hub start a fresh version (its epoch).
@@ -220,7 +220,7 @@ async fn open_bucket(
 }
 
 /// Follows the cluster's control state for as long as the hub runs, reconnecting as needed.
-pub(super) async fn follow(hub: Hub, link: std::sync::Arc<ClusterLink>) {
+pub(super) async fn follow(hub: impl LocalHub, link: std::sync::Arc<ClusterLink>) {
     let mut last_error = String::new();
     loop {
         let followed = follow_once(&hub, &link).await;
@@ -235,13 +235,13 @@ pub(super) async fn follow(hub: Hub, link: std::sync::Arc<ClusterLink>) {
             Err(_) => {}
         }
         tokio::select! {
-            () = hub.shutdown_token().cancelled() => return,
+            () = hub.shutdown().cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
 }
 
-async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
+async fn follow_once(hub: &impl LocalHub, link: &ClusterLink) -> Result<(), String> {
     let js = jetstream::new(link.client.clone());
     let control = open_bucket(
         &js,
@@ -287,7 +287,7 @@ async fn follow_once(hub: &Hub, link: &ClusterLink) -> Result<(), String> {
     let mut refused = Vec::new();
     loop {
         let entry = tokio::select! {
-            () = hub.shutdown_token().cancelled() => {
+            () = hub.shutdown().cancelled() => {
                 let _ = hubs.purge(&node).await;
                 return Ok(());
             }

@@ -2,9 +2,11 @@
 //!
 //! Each hub publishes every event it passes on to `<prefix>.events.<pool>.<worker>.<event
 //! name>` (pool and worker as [`subject_token`]s), with the encoded delivery its own subscribers
-//! get as the payload (it carries the time the hub received the event). For each local subscription it subscribes to the subjects its filter maps
-//! to, so NATS does the matching, and queues what other hubs published exactly as local events
-//! (same queue, same lag notices). The connection is made with `no_echo`, so NATS never sends a
+//! get as the payload (it carries the time the hub received the event): the [`Publisher`] is one
+//! of the hub's outputs. For each local subscription the hub subscribes to the subjects its
+//! filter maps to, so NATS does the matching, and hands what other hubs published to its
+//! outputs through the same door as local events, addressed to the subscriptions it was
+//! received for (same queues, same lag notices). The connection is made with `no_echo`, so NATS never sends a
 //! hub its own messages: its own subscribers got them directly. Publishing never waits: when
 //! NATS is slow or away the backlog is bounded and what does not fit is counted, while local
 //! delivery goes on.
@@ -12,6 +14,7 @@
 use std::{
     borrow::Cow,
     collections::HashMap,
+    future::Future,
     sync::{Arc, Mutex, atomic::Ordering::Relaxed},
 };
 
@@ -22,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{ClusterLink, token};
-use crate::fanout::{Filter, Subscriber};
+use crate::outputs::{
+    Delivery, Origin, Output,
+    subscribers::{Filter, SubscriberId},
+};
 
 /// Events waiting for the NATS connection; beyond this they are dropped and counted.
 pub(super) const BACKLOG: usize = 65_536;
@@ -57,30 +63,30 @@ impl ClusterLink {
         subject
     }
 
-    /// Hands an event to the publisher; never waits. `event` is only built when the backlog
-    /// has room for it, so an overloaded or cut-off hub does not encode what it would drop.
-    pub fn offer(&self, event: impl FnOnce() -> Outbound) {
-        match self.outbound.try_reserve() {
-            Ok(slot) => slot.send(event()),
-            Err(_) => {
-                self.dropped.fetch_add(1, Relaxed);
-            }
-        }
+    /// The output that publishes this hub's events to the cluster.
+    pub fn publisher(self: &Arc<Self>) -> Arc<dyn Output> {
+        Arc::new(Publisher { link: self.clone() })
     }
 
-    /// Feeds `subscriber` the events other hubs publish that match its filter, until it goes.
-    /// Local subscribers whose filters map to the same subject share one NATS subscription,
-    /// and each message on it is checked once however many of them receive it.
-    pub fn mirror(self: &Arc<Self>, subscriber: Arc<Subscriber>) {
-        let subjects = subjects(&self.prefix, subscriber.filter());
+    /// Hands the events other hubs publish that match `filter` to the outputs, for subscription
+    /// `id`, until `closed` completes. Local subscriptions whose filters map to the same subject
+    /// share one NATS subscription, and each message on it is decoded once however many of them
+    /// receive it.
+    pub fn mirror(
+        self: &Arc<Self>,
+        id: SubscriberId,
+        filter: &Filter,
+        closed: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let subjects = subjects(&self.prefix, filter);
         {
             let mut mirrors = self.mirrors();
             for subject in &subjects {
                 match mirrors.get(subject) {
-                    Some(mirror) => mirror.lock().push(subscriber.clone()),
+                    Some(mirror) => mirror.lock().push(id),
                     None => {
                         let mirror = Arc::new(Mirror::default());
-                        mirror.lock().push(subscriber.clone());
+                        mirror.lock().push(id);
                         mirrors.insert(subject.clone(), mirror.clone());
                         tokio::spawn(self.clone().run_mirror(subject.clone(), mirror));
                     }
@@ -89,14 +95,14 @@ impl ClusterLink {
         }
         let link = self.clone();
         tokio::spawn(async move {
-            subscriber.closed().await;
+            closed.await;
             let mut mirrors = link.mirrors();
             for subject in &subjects {
                 let Some(mirror) = mirrors.get(subject) else {
                     continue;
                 };
                 let mut sharing = mirror.lock();
-                sharing.retain(|s| !Arc::ptr_eq(s, &subscriber));
+                sharing.retain(|s| *s != id);
                 if sharing.is_empty() {
                     // Under the map's lock: a mirror still in the map is never done.
                     mirror.done.cancel();
@@ -136,25 +142,49 @@ impl ClusterLink {
         let Some((pool, worker, name)) = parse_subject(&self.prefix, &message.subject) else {
             return;
         };
-        let mut checked = None;
-        for subscriber in mirror.lock().iter() {
-            // NATS matched the subject; the filter is checked again because a subscriber with
-            // several patterns subscribes more widely (see `subjects`).
-            if !subscriber
-                .filter()
-                .matches_parts(&worker, &pool, name.split('.'))
-            {
-                continue;
+        let Some((encoded, received_ns)) =
+            EncodedSubscribeResponse::checked_delivery(message.payload)
+        else {
+            debug!(subject = %message.subject, "cluster: skipping a message that is not an event delivery");
+            return;
+        };
+        self.received.fetch_add(1, Relaxed);
+        // Copied out, so that the lock is not held while the outputs take the event.
+        let subscribers: Vec<SubscriberId> = mirror.lock().clone();
+        self.outputs.publish(&Delivery::from_other_hub(
+            &worker,
+            &pool,
+            name,
+            encoded,
+            received_ns,
+            &subscribers,
+        ));
+    }
+}
+
+/// This hub's events on their way to NATS: an output.
+#[derive(Debug)]
+struct Publisher {
+    link: Arc<ClusterLink>,
+}
+
+impl Output for Publisher {
+    /// Queues the hub's own events for the publisher task; never waits. The subject and bytes
+    /// are only made when the backlog has room, so an overloaded or cut-off hub does not encode
+    /// what it would drop.
+    fn offer(&self, delivery: &Delivery<'_>) {
+        if !matches!(delivery.origin, Origin::Local) {
+            return;
+        }
+        let link = &self.link;
+        match link.outbound.try_reserve() {
+            Ok(slot) => slot.send(Outbound {
+                subject: link.subject(delivery.pool, delivery.worker_id, delivery.parts()),
+                response: delivery.encoded().clone(),
+            }),
+            Err(_) => {
+                link.dropped.fetch_add(1, Relaxed);
             }
-            let checked = checked.get_or_insert_with(|| {
-                EncodedSubscribeResponse::checked_delivery(message.payload.clone())
-            });
-            let Some((delivery, received_ns)) = checked else {
-                debug!(subject = %message.subject, "cluster: skipping a message that is not an event delivery");
-                return;
-            };
-            self.received.fetch_add(1, Relaxed);
-            subscriber.offer(delivery, *received_ns);
         }
     }
 }
@@ -162,13 +192,13 @@ impl ClusterLink {
 /// The local subscribers that share one NATS subscription.
 #[derive(Debug, Default)]
 pub(super) struct Mirror {
-    subscribers: Mutex<Vec<Arc<Subscriber>>>,
+    subscribers: Mutex<Vec<SubscriberId>>,
     /// Cancelled when the last of them has gone.
     done: CancellationToken,
 }
 
 impl Mirror {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Subscriber>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SubscriberId>> {
         self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

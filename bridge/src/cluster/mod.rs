@@ -9,6 +9,9 @@
 //!
 //! A hub whose NATS connection is down keeps serving its own workers and subscribers with the
 //! last state it saw, and says so on `/readyz`.
+//!
+//! The cluster sees its hub through [`LocalHub`] (its own workers and control state) and
+//! [`Outputs`] (where other hubs' events go), never the rest of it.
 
 pub mod control;
 pub mod events;
@@ -17,15 +20,50 @@ mod token;
 
 use std::{
     collections::HashMap,
+    future::Future,
     sync::{Arc, Mutex, atomic::AtomicU64},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
+use bridge_proto::v1;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use self::events::{Outbound, parse_token, subject_token};
-use crate::config::ClusterConfig;
+use crate::{command::Selector, config::ClusterConfig, control::layer::Layer, outputs::Outputs};
+
+/// What the cluster needs of the hub it links: its own workers and its copy of the control
+/// state. The hub implements it.
+pub trait LocalHub: Clone + Send + Sync + 'static {
+    /// Cancelled when the hub shuts down.
+    fn shutdown(&self) -> &CancellationToken;
+    /// Tells the hub's subscribers that its NATS connection came up or went down.
+    fn announce_cluster(&self, node: &str, connected: bool);
+    /// The hub's own workers that `selector` addresses (all when `None`).
+    fn local_workers(&self, selector: Option<&Selector>) -> Vec<v1::WorkerInfo>;
+    /// Waits up to `wait` for the hub's own workers that `selector` addresses to apply
+    /// `version` of the cluster's state.
+    fn local_acknowledgements(
+        &self,
+        selector: &Selector,
+        version: u64,
+        wait: Duration,
+    ) -> impl Future<Output = Vec<v1::TargetStatus>> + Send;
+    /// Takes the cluster's control state, just loaded; `refused` levels did not validate.
+    fn load_cluster_state(
+        &self,
+        layers: Vec<(Selector, Layer)>,
+        refused: &[Selector],
+        epoch: u64,
+    ) -> impl Future<Output = ()> + Send;
+    /// Takes one level of the cluster's control state that changed.
+    fn apply_cluster_layer(
+        &self,
+        selector: &Selector,
+        layer: Layer,
+    ) -> impl Future<Output = ()> + Send;
+}
 
 /// This hub's link to the cluster.
 #[derive(Debug)]
@@ -50,10 +88,12 @@ pub struct ClusterLink {
     pub dropped: AtomicU64,
     /// Events received from other hubs.
     pub received: AtomicU64,
+    /// Where events from other hubs go.
+    outputs: Outputs,
 }
 
 /// Starts following the cluster's control state and answering the other hubs.
-pub(crate) fn start(hub: crate::Hub, link: Arc<ClusterLink>) {
+pub(crate) fn start(hub: impl LocalHub, link: Arc<ClusterLink>) {
     tokio::spawn(control::follow(hub.clone(), link.clone()));
     tokio::spawn(rpc::serve(hub.clone(), link.clone()));
     tokio::spawn(announce(hub, link));
@@ -62,12 +102,12 @@ pub(crate) fn start(hub: crate::Hub, link: Arc<ClusterLink>) {
 /// Publishes `bridge.cluster.connected` / `disconnected` as the NATS connection comes and goes,
 /// so that a subscriber knows when events from other hubs may be missing. (NATS delivers at
 /// most once; what other hubs published while this one was cut off is not replayed.)
-async fn announce(hub: crate::Hub, link: Arc<ClusterLink>) {
+async fn announce(hub: impl LocalHub, link: Arc<ClusterLink>) {
     let mut connection = link.connection.clone();
     let mut announced = false;
     loop {
         tokio::select! {
-            () = hub.shutdown_token().cancelled() => return,
+            () = hub.shutdown().cancelled() => return,
             changed = connection.changed() => {
                 if changed.is_err() {
                     return;
@@ -84,8 +124,12 @@ async fn announce(hub: crate::Hub, link: Arc<ClusterLink>) {
 
 impl ClusterLink {
     /// Connects (in the background: a hub whose NATS is down still starts and serves locally)
-    /// and starts publishing.
-    pub async fn connect(config: &ClusterConfig, node: String) -> Result<Arc<Self>, String> {
+    /// and starts publishing; events from other hubs go to `outputs`.
+    pub async fn connect(
+        config: &ClusterConfig,
+        node: String,
+        outputs: Outputs,
+    ) -> Result<Arc<Self>, String> {
         let url = config.nats_url.trim();
         let (connection_tx, connection) = watch::channel(false);
         let client = async_nats::ConnectOptions::new()
@@ -129,6 +173,7 @@ impl ClusterLink {
             mirrors: Mutex::default(),
             dropped: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            outputs,
         });
         tokio::spawn(events::publish(link.clone(), backlog));
         Ok(link)

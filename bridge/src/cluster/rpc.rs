@@ -16,7 +16,8 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::ClusterLink;
-use crate::{client::to_wire_selector, control::Selector, hub::Hub};
+use super::LocalHub;
+use crate::command::Selector;
 
 const NODE_HEADER: &str = "Bridge-Node";
 const VERSION_HEADER: &str = "Bridge-Version";
@@ -28,7 +29,7 @@ pub const LIST_TIMEOUT: Duration = Duration::from_secs(2);
 pub const ANSWER_MARGIN: Duration = Duration::from_millis(500);
 
 /// Answers other hubs' questions until the hub shuts down.
-pub(super) async fn serve(hub: Hub, link: Arc<ClusterLink>) {
+pub(super) async fn serve(hub: impl LocalHub, link: Arc<ClusterLink>) {
     let subscribed = async {
         let acks = link.client.subscribe(link.scoped(ACKS)).await?;
         let workers = link.client.subscribe(link.scoped(WORKERS)).await?;
@@ -43,7 +44,7 @@ pub(super) async fn serve(hub: Hub, link: Arc<ClusterLink>) {
     };
     loop {
         tokio::select! {
-            () = hub.shutdown_token().cancelled() => return,
+            () = hub.shutdown().cancelled() => return,
             Some(message) = acks.next() => {
                 tokio::spawn(answer_acks(hub.clone(), link.clone(), message));
             }
@@ -53,7 +54,7 @@ pub(super) async fn serve(hub: Hub, link: Arc<ClusterLink>) {
     }
 }
 
-async fn answer_acks(hub: Hub, link: Arc<ClusterLink>, message: async_nats::Message) {
+async fn answer_acks(hub: impl LocalHub, link: Arc<ClusterLink>, message: async_nats::Message) {
     let Some(reply) = message.reply else { return };
     let version = message
         .headers
@@ -78,7 +79,7 @@ async fn answer_acks(hub: Hub, link: Arc<ClusterLink>, message: async_nats::Mess
     respond(&link, reply, answer.encode_to_vec()).await;
 }
 
-async fn answer_workers(hub: &Hub, link: &ClusterLink, message: async_nats::Message) {
+async fn answer_workers(hub: &impl LocalHub, link: &ClusterLink, message: async_nats::Message) {
     let Some(reply) = message.reply else { return };
     let Ok(request) = v1::ListWorkersRequest::decode(message.payload) else {
         debug!("cluster: ignoring a malformed worker list request");
@@ -201,7 +202,7 @@ impl ClusterLink {
     /// The workers other hubs serve (those `selector` addresses; all when `None`).
     pub async fn remote_workers(&self, selector: Option<&Selector>) -> v1::ListWorkersResponse {
         let request = v1::ListWorkersRequest {
-            selector: selector.map(to_wire_selector),
+            selector: selector.map(v1::Selector::from),
         };
         let answers = ask(
             self,
@@ -231,7 +232,7 @@ impl ClusterLink {
         wait: Duration,
     ) -> v1::UpdateControlResponse {
         let request = v1::UpdateControlRequest {
-            selector: Some(to_wire_selector(selector)),
+            selector: Some(v1::Selector::from(selector)),
             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
             change: None,
         };

@@ -22,7 +22,7 @@ use bridge_proto::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ControlConfig, LayerConfig};
+use super::config::{ControlConfig, LayerConfig};
 
 /// A value and the version of the change that set it (0: from `config.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 //! worker, so an acknowledged change survives a hub restart. Every start takes a new version,
 //! so versions only ever grow, even when `config.toml` changed in between.
 
+pub mod config;
 pub mod layer;
 pub mod store;
 
@@ -13,135 +14,19 @@ use std::{
     collections::BTreeMap,
     path::Path,
     sync::{Mutex, MutexGuard},
-    time::Duration,
 };
 
-use bridge_proto::{
-    control::{ControlState, parse_patterns, parse_rate},
-    pattern::Pattern,
-    sampling::Rate,
-    v1,
-};
+use bridge_proto::{control::ControlState, v1};
 
 use self::{
+    config::{ControlConfig, LayerConfig},
     layer::{FilterSpec, Invalid, Layer, RuleKey, Setting, merge},
     store::{Snapshot, Store},
 };
 use crate::{
-    config::{ControlConfig, LayerConfig},
+    command::{Change, Selector},
     error::{Error, Result},
 };
-
-/// Which workers a change addresses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selector {
-    Worker(String),
-    Pool(String),
-    All,
-}
-
-/// One operator command.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Change {
-    /// Rate for all events (`patterns` empty) or for each of `patterns`.
-    Sampling {
-        rate: Rate,
-        patterns: Vec<Pattern>,
-    },
-    Toggle(bool),
-    /// Replace the filter; both lists empty means "no filter" at this level.
-    Filter {
-        allow: Vec<Pattern>,
-        block: Vec<Pattern>,
-    },
-    /// Forget this level's own settings so that it inherits again.
-    Reset,
-}
-
-/// `worker gpu-3`, `pool llama`, `all workers`: how logs and messages name a selector.
-impl std::fmt::Display for Selector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Worker(id) => write!(f, "worker {id}"),
-            Self::Pool(pool) => write!(f, "pool {pool}"),
-            Self::All => f.write_str("all workers"),
-        }
-    }
-}
-
-/// `sampling 0.1 for inference.>`, `telemetry off`, `filter allow=[..] block=[..]`: how the
-/// CLI and the hub's log describe a change.
-impl std::fmt::Display for Change {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let list = |patterns: &[Pattern]| {
-            patterns
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        match self {
-            Self::Sampling { rate, patterns } if patterns.is_empty() => {
-                write!(f, "sampling {rate}")
-            }
-            Self::Sampling { rate, patterns } => {
-                write!(f, "sampling {rate} for {}", list(patterns))
-            }
-            Self::Toggle(true) => f.write_str("telemetry on"),
-            Self::Toggle(false) => f.write_str("telemetry off"),
-            Self::Filter { allow, block } if allow.is_empty() && block.is_empty() => {
-                f.write_str("no filter")
-            }
-            Self::Filter { allow, block } => {
-                write!(f, "filter allow=[{}] block=[{}]", list(allow), list(block))
-            }
-            Self::Reset => f.write_str("reset to inherited settings"),
-        }
-    }
-}
-
-impl TryFrom<Option<v1::Selector>> for Selector {
-    type Error = Error;
-    fn try_from(selector: Option<v1::Selector>) -> Result<Self> {
-        use v1::selector::Target;
-        match selector.and_then(|s| s.target) {
-            Some(Target::WorkerId(id)) if !id.is_empty() => Ok(Self::Worker(id)),
-            Some(Target::Pool(pool)) if !pool.is_empty() => Ok(Self::Pool(pool)),
-            Some(Target::All(true)) => Ok(Self::All),
-            _ => Err(Error::invalid(
-                "selector: name a worker id, a pool, or all workers",
-            )),
-        }
-    }
-}
-
-/// Converts an `UpdateControlRequest` into its selector, change and wait, validating all three.
-pub fn parse_update(request: v1::UpdateControlRequest) -> Result<(Selector, Change, Duration)> {
-    use v1::update_control_request::Change as Wire;
-    let selector = Selector::try_from(request.selector)?;
-    let change = match request.change {
-        Some(Wire::Sampling(update)) => Change::Sampling {
-            rate: parse_rate("sampling_rate", update.sampling_rate)?,
-            patterns: parse_patterns("event_patterns", &update.event_patterns)?,
-        },
-        Some(Wire::Toggle(toggle)) => Change::Toggle(toggle.enabled),
-        Some(Wire::Filter(filter)) => Change::Filter {
-            allow: parse_patterns("allowed_events", &filter.allowed_events)?,
-            block: parse_patterns("blocked_events", &filter.blocked_events)?,
-        },
-        Some(Wire::Reset(_)) => Change::Reset,
-        None => {
-            return Err(Error::invalid(
-                "change: set one of sampling, toggle, filter or reset",
-            ));
-        }
-    };
-    Ok((
-        selector,
-        change,
-        Duration::from_millis(request.wait_ms.into()),
-    ))
-}
 
 /// Settings from `config.toml`, all at version 0.
 #[derive(Debug, Default)]
@@ -204,7 +89,7 @@ impl ControlPlane {
     /// Loads the state directory, takes a new version for this start, and saves it.
     ///
     /// A clustered hub keeps its own copy of the cluster's state instead (see
-    /// [`crate::cluster::control`]): its versions are the cluster's, so it takes none of its own
+    /// `cluster::control`): its versions are the cluster's, so it takes none of its own
     /// and serves the copy until the cluster's state is loaded.
     pub fn open(config: &ControlConfig, state_dir: &Path, clustered: bool) -> Result<Self> {
         // `Config::load` checked this already; a config built in code has not been.
@@ -303,9 +188,9 @@ impl ControlPlane {
         book.epoch = epoch;
     }
 
-    /// The changes serialiser: states computed and pushed while holding it cannot overtake
-    /// one another.
-    pub async fn serialise(&self) -> tokio::sync::MutexGuard<'_, ()> {
+    /// Makes changes one at a time: states computed and pushed while holding the guard cannot
+    /// overtake one another.
+    pub async fn lock_changes(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.changes.lock().await
     }
 
@@ -513,6 +398,8 @@ fn merge_layer(layers: &[Layer]) -> Layer {
 
 #[cfg(test)]
 mod tests {
+    use bridge_proto::sampling::Rate;
+
     use super::*;
 
     fn rate(r: f64) -> Rate {

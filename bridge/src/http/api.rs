@@ -17,8 +17,7 @@ use serde_json::{Value, json};
 use super::{ApiError, PeerAddr, authorize, query_params};
 use crate::{
     auth::Access,
-    client::to_wire_selector,
-    control::{Selector, parse_update},
+    command::{Selector, parse_update},
     error::Error,
     hub::{Hub, Requester},
     render,
@@ -208,7 +207,7 @@ async fn update(
     wait_ms: u32,
 ) -> Result<Json<Value>, ApiError> {
     let request = v1::UpdateControlRequest {
-        selector: Some(to_wire_selector(&selector)),
+        selector: Some(v1::Selector::from(&selector)),
         change: Some(change),
         wait_ms,
     };

@@ -18,14 +18,14 @@ use tokio_stream::{Stream, StreamExt};
 use super::{ApiError, authorize, query_params};
 use crate::{
     auth::Access,
-    fanout::{Filter, Tail},
     hub::Hub,
+    outputs::subscribers::{FeedItem, Filter},
     render,
 };
 
 /// `?pattern=P&worker=ID&pool=NAME` (patterns and workers repeatable), and `token` for clients
 /// that cannot set an `authorization` header (`EventSource` cannot).
-pub async fn tail(
+pub async fn live_events(
     State(hub): State<Hub>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
@@ -45,10 +45,10 @@ pub async fn tail(
     let filter = Filter::try_from(request)?;
     let tail = hub
         .subscribe(filter)?
-        .into_tail(hub.shutdown_token().clone());
+        .into_feed(hub.shutdown_token().clone());
     let events = tail.filter_map(|item| {
         let data = match item {
-            Tail::Event(response) => {
+            FeedItem::Event(response) => {
                 match v1::SubscribeResponse::decode(response.as_bytes().clone()) {
                     Ok(v1::SubscribeResponse {
                         item: Some(Item::Event(delivery)),
@@ -58,8 +58,8 @@ pub async fn tail(
                     _ => return None,
                 }
             }
-            Tail::Lagged(skipped) => render::lag_json(skipped),
-            Tail::ShuttingDown => {
+            FeedItem::Lagged(skipped) => render::lag_json(skipped),
+            FeedItem::ShuttingDown => {
                 return Some(Ok(Event::default().event("end").data(
                     json!({ "type": "end", "reason": "the hub is shutting down" }).to_string(),
                 )));

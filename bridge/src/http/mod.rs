@@ -63,7 +63,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<Hub>)> {
                 .put(api::change_control)
                 .delete(api::reset_control),
         ),
-        ("/api/events", get(events::tail)),
+        ("/api/events", get(events::live_events)),
     ]
 }
 

@@ -15,7 +15,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use async_stream::stream;
-use bridge::{Config, hub::unix_nanos};
+use bridge::{Config, latency::unix_nanos};
 use bridge_proto::{
     encoded::EncodedSubscribeResponse,
     server::telemetry_bridge_server::{TelemetryBridge, TelemetryBridgeServer},

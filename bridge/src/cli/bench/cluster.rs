@@ -13,7 +13,7 @@ use std::{
 
 use bridge::{
     client::HubClient,
-    control::{Change, Selector},
+    command::{Change, Selector},
 };
 use bridge_proto::sampling::Rate;
 

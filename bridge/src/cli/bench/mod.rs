@@ -26,7 +26,7 @@ use std::{
 
 use bridge::{
     client::HubClient,
-    control::{Change, Selector},
+    command::{Change, Selector},
 };
 use bridge_proto::{sampling::Rate, v1};
 use serde::Serialize;

@@ -58,7 +58,7 @@ pub(super) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
         let delivered = delivered_per_second(plan, &mut counter).await?;
         let rss_during = hub.stat()?.rss_bytes;
         let flood_info = client
-            .list_workers(Some(&bridge::control::Selector::Worker("flood-0".into())))
+            .list_workers(Some(&bridge::command::Selector::Worker("flood-0".into())))
             .await
             .map_err(|e| e.to_string())?;
         let flood_limited = flood_info.first().map_or(0.0, |w| {

@@ -17,7 +17,7 @@ use std::{
 
 use bridge::{
     client::HubClient,
-    control::{Change, Selector},
+    command::{Change, Selector},
     fault_proxy::{Mode, Proxy},
 };
 use bridge_proto::{pattern::Pattern, sampling::Rate, v1};

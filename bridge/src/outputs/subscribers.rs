@@ -1,4 +1,4 @@
-//! Fan-out of events to subscribers.
+//! The live subscriptions, an output: events fanned out to subscribers by their filters.
 //!
 //! Each subscriber has a bounded queue. Publishing never waits: an event that does not fit is
 //! counted as skipped, and the subscriber's next item carries the count so that its stream shows
@@ -8,8 +8,9 @@
 
 use std::{
     collections::HashSet,
+    future::Future,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::SystemTime,
@@ -17,16 +18,15 @@ use std::{
 
 use arc_swap::ArcSwap;
 use async_stream::stream;
-use bridge_proto::{encoded::EncodedSubscribeResponse, pattern::Pattern, v1, view::EventView};
+use bridge_proto::{encoded::EncodedSubscribeResponse, pattern::Pattern, v1};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
+use super::{Delivery, Origin, Output};
 use crate::{
-    cluster::{ClusterLink, Outbound},
     error::{Error, Result},
-    hub::unix_nanos,
-    latency::{FANOUT_BOUNDS_NS, LatencyHistogram, elapsed_ns},
+    latency::{FANOUT_BOUNDS_NS, LatencyHistogram, elapsed_ns, unix_nanos},
 };
 
 /// Which events a subscriber wants; all given parts must match.
@@ -59,8 +59,8 @@ impl Filter {
     }
 
     #[inline]
-    pub fn matches(&self, worker_id: &str, pool: &str, event: &EventView) -> bool {
-        self.matches_parts(worker_id, pool, event.parts())
+    pub fn matches(&self, delivery: &Delivery<'_>) -> bool {
+        self.matches_parts(delivery.worker_id, delivery.pool, delivery.parts())
     }
 }
 
@@ -96,10 +96,14 @@ pub struct Item {
     pub response: EncodedSubscribeResponse,
 }
 
+/// Names a subscription among this hub's, for as long as the hub runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SubscriberId(u64);
+
 /// One subscription's end of the fan-out: its filter and its queue.
 #[derive(Debug)]
-pub struct Subscriber {
-    id: u64,
+struct Subscriber {
+    id: SubscriberId,
     filter: Filter,
     queue: mpsc::Sender<Item>,
     /// Skipped since the last item that made it into the queue.
@@ -109,18 +113,9 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    pub fn filter(&self) -> &Filter {
-        &self.filter
-    }
-
-    /// Completes when the subscription has gone.
-    pub async fn closed(&self) {
-        self.queue.closed().await;
-    }
-
     /// Queues a delivery, or counts it as skipped when the queue is full.
     #[inline]
-    pub fn offer(&self, response: &EncodedSubscribeResponse, received_ns: i64) {
+    fn offer(&self, response: &EncodedSubscribeResponse, received_ns: i64) {
         let skipped_before = match self.skipped.load(Relaxed) {
             0 => 0,
             _ => self.skipped.swap(0, Relaxed),
@@ -154,13 +149,11 @@ struct Shared {
     retired_skipped: AtomicU64,
     /// From the hub receiving an event to a subscriber's stream taking it from its queue.
     latency: LatencyHistogram,
-    /// Set when the hub joins a cluster.
-    cluster: OnceLock<Arc<ClusterLink>>,
 }
 
 /// The set of subscribers; a cheap-clone handle.
 #[derive(Debug, Clone)]
-pub struct Fanout {
+pub struct Subscribers {
     shared: Arc<Shared>,
 }
 
@@ -169,10 +162,24 @@ pub struct Fanout {
 pub struct Subscription {
     pub queue: mpsc::Receiver<Item>,
     subscriber: Arc<Subscriber>,
-    fanout: Fanout,
+    subscribers: Subscribers,
 }
 
 impl Subscription {
+    pub fn id(&self) -> SubscriberId {
+        self.subscriber.id
+    }
+
+    pub fn filter(&self) -> &Filter {
+        &self.subscriber.filter
+    }
+
+    /// Completes when the subscription has gone (its stream dropped).
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let queue = self.subscriber.queue.clone();
+        async move { queue.closed().await }
+    }
+
     /// Takes the count of events skipped since the last queued item (for a lag notice when
     /// the queue has drained).
     pub fn take_skipped(&self) -> u64 {
@@ -183,9 +190,9 @@ impl Subscription {
     }
 }
 
-/// What a subscription yields, in order.
+/// What a subscription's feed yields, in order.
 #[derive(Debug)]
-pub enum Tail {
+pub enum FeedItem {
     Event(EncodedSubscribeResponse),
     /// This many matching events were skipped here because the subscriber fell behind.
     Lagged(u64),
@@ -195,9 +202,9 @@ pub enum Tail {
 
 impl Subscription {
     /// The subscription as a stream of deliveries, with a lag notice wherever events were
-    /// skipped; it ends (after [`Tail::ShuttingDown`]) when `shutdown` is cancelled. Every
+    /// skipped; it ends (after [`FeedItem::ShuttingDown`]) when `shutdown` is cancelled. Every
     /// transport (gRPC, server-sent events) serves this one stream, so lag is reported alike.
-    pub fn into_tail(mut self, shutdown: CancellationToken) -> impl Stream<Item = Tail> + Send {
+    pub fn into_feed(mut self, shutdown: CancellationToken) -> impl Stream<Item = FeedItem> + Send {
         stream! {
             loop {
                 let item = match self.queue.try_recv() {
@@ -207,7 +214,7 @@ impl Subscription {
                         // waiting, so a lag is never hidden behind a quiet period.
                         let skipped = self.take_skipped();
                         if skipped > 0 {
-                            yield Tail::Lagged(skipped);
+                            yield FeedItem::Lagged(skipped);
                         }
                         tokio::select! {
                             item = self.queue.recv() => match item {
@@ -215,18 +222,18 @@ impl Subscription {
                                 None => break,
                             },
                             () = shutdown.cancelled() => {
-                                yield Tail::ShuttingDown;
+                                yield FeedItem::ShuttingDown;
                                 break;
                             }
                         }
                     }
                 };
                 if item.skipped_before > 0 {
-                    yield Tail::Lagged(item.skipped_before);
+                    yield FeedItem::Lagged(item.skipped_before);
                 }
                 let waited = elapsed_ns(item.received_ns, unix_nanos(SystemTime::now()));
-                self.fanout.latency().record(self.subscriber.id, waited);
-                yield Tail::Event(item.response);
+                self.subscribers.latency().record(self.subscriber.id.0, waited);
+                yield FeedItem::Event(item.response);
             }
         }
     }
@@ -234,18 +241,11 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.fanout.remove(self.subscriber.id);
+        self.subscribers.remove(self.subscriber.id);
     }
 }
 
-/// What a publisher knows about where an event comes from.
-#[derive(Debug, Clone, Copy)]
-pub struct Source<'a> {
-    pub worker_id: &'a str,
-    pub pool: &'a str,
-}
-
-impl Fanout {
+impl Subscribers {
     pub fn new(queue_capacity: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -256,7 +256,6 @@ impl Fanout {
                 retired_delivered: AtomicU64::new(0),
                 retired_skipped: AtomicU64::new(0),
                 latency: LatencyHistogram::new(FANOUT_BOUNDS_NS),
-                cluster: OnceLock::new(),
             }),
         }
     }
@@ -264,7 +263,7 @@ impl Fanout {
     pub fn subscribe(&self, filter: Filter) -> Subscription {
         let (tx, rx) = mpsc::channel(self.shared.queue_capacity);
         let subscriber = Arc::new(Subscriber {
-            id: self.shared.next_id.fetch_add(1, Relaxed),
+            id: SubscriberId(self.shared.next_id.fetch_add(1, Relaxed)),
             filter,
             queue: tx,
             skipped: AtomicU64::new(0),
@@ -275,17 +274,14 @@ impl Fanout {
         let mut list = Vec::clone(&self.shared.subscribers.load());
         list.push(subscriber.clone());
         self.shared.subscribers.store(Arc::new(list));
-        if let Some(cluster) = self.shared.cluster.get() {
-            cluster.mirror(subscriber.clone());
-        }
         Subscription {
             queue: rx,
             subscriber,
-            fanout: self.clone(),
+            subscribers: self.clone(),
         }
     }
 
-    fn remove(&self, id: u64) {
+    fn remove(&self, id: SubscriberId) {
         let _edit = self.shared.edit.lock().unwrap_or_else(|p| p.into_inner());
         let mut list = Vec::clone(&self.shared.subscribers.load());
         if let Some(gone) = list.iter().find(|s| s.id == id) {
@@ -315,16 +311,6 @@ impl Fanout {
         )
     }
 
-    /// From now on, publishes every event to the cluster too, and feeds each new subscription
-    /// the events other hubs publish. Once only; later calls change nothing.
-    pub fn join_cluster(&self, link: Arc<ClusterLink>) {
-        let _ = self.shared.cluster.set(link);
-    }
-
-    pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
-        self.shared.cluster.get()
-    }
-
     /// Time from receipt to a subscriber's stream, over every delivery.
     pub fn latency(&self) -> &LatencyHistogram {
         &self.shared.latency
@@ -333,53 +319,33 @@ impl Fanout {
     pub fn subscriber_count(&self) -> usize {
         self.shared.subscribers.load().len()
     }
+}
 
-    /// Offers an event to every matching subscriber; returns how many it was queued for or
-    /// skipped by (matching subscribers).
-    /// An event without a timestamp is stamped with `received_ns`.
-    pub fn publish(
-        &self,
-        source: Source<'_>,
-        event: &EventView,
-        sampling_rate: f64,
-        received_ns: i64,
-    ) -> usize {
+impl Output for Subscribers {
+    /// Queues the event for every subscriber whose filter it matches (of those it was received
+    /// for, when it comes from another hub).
+    #[inline]
+    fn offer(&self, delivery: &Delivery<'_>) {
         let subscribers = self.shared.subscribers.load();
-        let mut encoded: Option<EncodedSubscribeResponse> = None;
-        let encode = || {
-            EncodedSubscribeResponse::delivery_of_bytes(
-                source.worker_id,
-                source.pool,
-                event.as_bytes(),
-                (event.timestamp_ns == 0).then_some(received_ns),
-                sampling_rate,
-                received_ns,
-            )
+        let audience = match delivery.origin {
+            Origin::Local => None,
+            Origin::OtherHub { subscribers } => Some(subscribers),
         };
-        let mut matched = 0;
         for subscriber in subscribers.iter() {
-            if !subscriber
-                .filter
-                .matches(source.worker_id, source.pool, event)
+            if audience.is_some_and(|ids| !ids.contains(&subscriber.id))
+                || !subscriber.filter.matches(delivery)
             {
                 continue;
             }
-            matched += 1;
-            let response = encoded.get_or_insert_with(encode);
-            subscriber.offer(response, received_ns);
+            subscriber.offer(delivery.encoded(), delivery.received_ns);
         }
-        if let Some(cluster) = self.shared.cluster.get() {
-            cluster.offer(|| Outbound {
-                subject: cluster.subject(source.pool, source.worker_id, event.parts()),
-                response: encoded.unwrap_or_else(encode),
-            });
-        }
-        matched
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use bridge_proto::view::EventView;
+
     use super::*;
     use prost::Message;
 
@@ -398,24 +364,35 @@ mod tests {
             .unwrap()
     }
 
-    const SRC: Source<'static> = Source {
-        worker_id: "gpu-3",
-        pool: "llama",
-    };
+    /// Offers `name` from gpu-3 in pool llama; how many subscribers it was queued for or
+    /// skipped by.
+    fn publish(subscribers: &Subscribers, name: &str, rate: f64, received_ns: i64) -> usize {
+        let view = event(name);
+        let delivery = Delivery::local("gpu-3", "llama", &view, rate, received_ns);
+        let matching = subscribers
+            .shared
+            .subscribers
+            .load()
+            .iter()
+            .filter(|s| s.filter.matches(&delivery))
+            .count();
+        subscribers.offer(&delivery);
+        matching
+    }
 
     #[test]
     fn delivers_to_matching_subscribers_only() {
-        let fanout = Fanout::new(16);
-        let mut inference = fanout.subscribe(Filter {
+        let subscribers = Subscribers::new(16);
+        let mut inference = subscribers.subscribe(Filter {
             patterns: vec![Pattern::parse("inference.>").unwrap()],
             ..Default::default()
         });
-        let mut other_pool = fanout.subscribe(Filter {
+        let mut other_pool = subscribers.subscribe(Filter {
             pool: Some("mistral".into()),
             ..Default::default()
         });
-        assert_eq!(fanout.publish(SRC, &event("inference.stop"), 0.5, 1), 1);
-        assert_eq!(fanout.publish(SRC, &event("gpu.util"), 1.0, 2), 0);
+        assert_eq!(publish(&subscribers, "inference.stop", 0.5, 1), 1);
+        assert_eq!(publish(&subscribers, "gpu.util", 1.0, 2), 0);
         let item = inference.queue.try_recv().unwrap();
         match decode(&item) {
             v1::subscribe_response::Item::Event(d) => {
@@ -431,24 +408,52 @@ mod tests {
 
     #[test]
     fn a_full_queue_counts_skips_and_reports_them_on_the_next_item() {
-        let fanout = Fanout::new(2);
-        let mut slow = fanout.subscribe(Filter::default());
+        let subscribers = Subscribers::new(2);
+        let mut slow = subscribers.subscribe(Filter::default());
         for _ in 0..5 {
-            fanout.publish(SRC, &event("a"), 1.0, 0);
+            publish(&subscribers, "a", 1.0, 0);
         }
         assert_eq!(slow.queue.try_recv().unwrap().skipped_before, 0);
         assert_eq!(slow.queue.try_recv().unwrap().skipped_before, 0);
-        fanout.publish(SRC, &event("a"), 1.0, 0);
+        publish(&subscribers, "a", 1.0, 0);
         assert_eq!(slow.queue.try_recv().unwrap().skipped_before, 3);
         assert_eq!(slow.take_skipped(), 0);
     }
 
+    /// An event from another hub reaches only the subscriptions it was received for, even
+    /// when another one's filter matches it (that one has a cluster subscription of its own).
+    #[test]
+    fn an_event_from_another_hub_reaches_the_subscriptions_it_was_received_for() {
+        let subscribers = Subscribers::new(16);
+        let mut first = subscribers.subscribe(Filter::default());
+        let mut second = subscribers.subscribe(Filter::default());
+        let view = event("inference.stop");
+        let encoded = Delivery::local("gpu-9", "llama", &view, 1.0, 7)
+            .encoded()
+            .clone();
+        let audience = [second.id()];
+        subscribers.offer(&Delivery::from_other_hub(
+            "gpu-9",
+            "llama",
+            "inference.stop",
+            encoded,
+            7,
+            &audience,
+        ));
+        assert!(first.queue.try_recv().is_err());
+        let item = second.queue.try_recv().unwrap();
+        assert_eq!(item.received_ns, 7);
+        assert!(
+            matches!(decode(&item), v1::subscribe_response::Item::Event(d) if d.worker_id == "gpu-9")
+        );
+    }
+
     #[test]
     fn dropping_a_subscription_unsubscribes() {
-        let fanout = Fanout::new(2);
-        let sub = fanout.subscribe(Filter::default());
-        assert_eq!(fanout.subscriber_count(), 1);
+        let subscribers = Subscribers::new(2);
+        let sub = subscribers.subscribe(Filter::default());
+        assert_eq!(subscribers.subscriber_count(), 1);
         drop(sub);
-        assert_eq!(fanout.subscriber_count(), 0);
+        assert_eq!(subscribers.subscriber_count(), 0);
     }
 }

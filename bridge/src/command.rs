@@ -1,0 +1,156 @@
+//! An operator's control command: which workers it addresses ([`Selector`]) and what it
+//! changes ([`Change`]), validated from the wire and written back to it. The hub's RPCs and HTTP
+//! API, the cluster's messages and the CLI's client all speak it through this one module.
+
+use std::time::Duration;
+
+use bridge_proto::{
+    control::{parse_patterns, parse_rate},
+    pattern::Pattern,
+    sampling::Rate,
+    v1,
+};
+
+use crate::error::{Error, Result};
+
+/// Which workers a change addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Worker(String),
+    Pool(String),
+    All,
+}
+
+/// One operator command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Rate for all events (`patterns` empty) or for each of `patterns`.
+    Sampling {
+        rate: Rate,
+        patterns: Vec<Pattern>,
+    },
+    Toggle(bool),
+    /// Replace the filter; both lists empty means "no filter" at this level.
+    Filter {
+        allow: Vec<Pattern>,
+        block: Vec<Pattern>,
+    },
+    /// Forget this level's own settings so that it inherits again.
+    Reset,
+}
+
+/// `worker gpu-3`, `pool llama`, `all workers`: how logs and messages name a selector.
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Worker(id) => write!(f, "worker {id}"),
+            Self::Pool(pool) => write!(f, "pool {pool}"),
+            Self::All => f.write_str("all workers"),
+        }
+    }
+}
+
+/// `sampling 0.1 for inference.>`, `telemetry off`, `filter allow=[..] block=[..]`: how the
+/// CLI and the hub's log describe a change.
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |patterns: &[Pattern]| {
+            patterns
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self {
+            Self::Sampling { rate, patterns } if patterns.is_empty() => {
+                write!(f, "sampling {rate}")
+            }
+            Self::Sampling { rate, patterns } => {
+                write!(f, "sampling {rate} for {}", list(patterns))
+            }
+            Self::Toggle(true) => f.write_str("telemetry on"),
+            Self::Toggle(false) => f.write_str("telemetry off"),
+            Self::Filter { allow, block } if allow.is_empty() && block.is_empty() => {
+                f.write_str("no filter")
+            }
+            Self::Filter { allow, block } => {
+                write!(f, "filter allow=[{}] block=[{}]", list(allow), list(block))
+            }
+            Self::Reset => f.write_str("reset to inherited settings"),
+        }
+    }
+}
+
+impl TryFrom<Option<v1::Selector>> for Selector {
+    type Error = Error;
+    fn try_from(selector: Option<v1::Selector>) -> Result<Self> {
+        use v1::selector::Target;
+        match selector.and_then(|s| s.target) {
+            Some(Target::WorkerId(id)) if !id.is_empty() => Ok(Self::Worker(id)),
+            Some(Target::Pool(pool)) if !pool.is_empty() => Ok(Self::Pool(pool)),
+            Some(Target::All(true)) => Ok(Self::All),
+            _ => Err(Error::invalid(
+                "selector: name a worker id, a pool, or all workers",
+            )),
+        }
+    }
+}
+
+/// Converts an `UpdateControlRequest` into its selector, change and wait, validating all three.
+pub fn parse_update(request: v1::UpdateControlRequest) -> Result<(Selector, Change, Duration)> {
+    use v1::update_control_request::Change as Wire;
+    let selector = Selector::try_from(request.selector)?;
+    let change = match request.change {
+        Some(Wire::Sampling(update)) => Change::Sampling {
+            rate: parse_rate("sampling_rate", update.sampling_rate)?,
+            patterns: parse_patterns("event_patterns", &update.event_patterns)?,
+        },
+        Some(Wire::Toggle(toggle)) => Change::Toggle(toggle.enabled),
+        Some(Wire::Filter(filter)) => Change::Filter {
+            allow: parse_patterns("allowed_events", &filter.allowed_events)?,
+            block: parse_patterns("blocked_events", &filter.blocked_events)?,
+        },
+        Some(Wire::Reset(_)) => Change::Reset,
+        None => {
+            return Err(Error::invalid(
+                "change: set one of sampling, toggle, filter or reset",
+            ));
+        }
+    };
+    Ok((
+        selector,
+        change,
+        Duration::from_millis(request.wait_ms.into()),
+    ))
+}
+
+impl From<&Selector> for v1::Selector {
+    fn from(selector: &Selector) -> Self {
+        use v1::selector::Target;
+        Self {
+            target: Some(match selector {
+                Selector::Worker(id) => Target::WorkerId(id.clone()),
+                Selector::Pool(pool) => Target::Pool(pool.clone()),
+                Selector::All => Target::All(true),
+            }),
+        }
+    }
+}
+
+impl From<&Change> for v1::update_control_request::Change {
+    fn from(change: &Change) -> Self {
+        let names = |patterns: &[Pattern]| patterns.iter().map(ToString::to_string).collect();
+        match change {
+            Change::Sampling { rate, patterns } => Self::Sampling(v1::TelemetrySamplingUpdate {
+                sampling_rate: rate.get(),
+                event_patterns: names(patterns),
+            }),
+            Change::Toggle(enabled) => Self::Toggle(v1::TelemetryToggle { enabled: *enabled }),
+            Change::Filter { allow, block } => Self::Filter(v1::TelemetryEventFilter {
+                allowed_events: names(allow),
+                blocked_events: names(block),
+            }),
+            Change::Reset => Self::Reset(v1::ResetControl {}),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Where events go once the hub has let them through: one hand-off point, [`Outputs`], and the
+//! outputs behind it, which are peers.
+//!
+//! Every event a worker stream admits, every event the hub announces itself, and every event
+//! another hub publishes enters through [`Outputs::publish`] as a [`Delivery`]. Each output owns
+//! its queue, its drops and its metrics, and takes an event without waiting, so none can slow
+//! ingest or another output. A delivery is encoded once, by the first output that needs the
+//! bytes, and the others share them.
+//!
+//! - [`subscribers`]: live subscriptions (gRPC `Subscribe`, server-sent events): filters,
+//!   bounded queues, lag notices.
+//! - The cluster publisher (`cluster::events`), added when the hub joins a cluster.
+
+pub mod subscribers;
+
+use std::{cell::OnceCell, sync::Arc};
+
+use arc_swap::ArcSwap;
+use bridge_proto::{encoded::EncodedSubscribeResponse, view::EventView};
+
+use self::subscribers::SubscriberId;
+
+/// An output: takes each event or counts it as dropped, and never waits.
+pub trait Output: Send + Sync + std::fmt::Debug {
+    fn offer(&self, delivery: &Delivery<'_>);
+}
+
+/// Where a delivery comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A worker of this hub, or the hub itself.
+    Local,
+    /// Another hub, received on the cluster subscription made for these local subscribers:
+    /// only they may receive it (another of this hub's cluster subscriptions can carry the same
+    /// event for others). Each hub passes on its own workers' events to every other output.
+    OtherHub { subscribers: &'a [SubscriberId] },
+}
+
+/// One event on its way to the outputs.
+#[derive(Debug)]
+pub struct Delivery<'a> {
+    pub worker_id: &'a str,
+    pub pool: &'a str,
+    pub origin: Origin<'a>,
+    /// When the (first) hub received the event, Unix nanoseconds.
+    pub received_ns: i64,
+    event: Event<'a>,
+    encoded: OnceCell<EncodedSubscribeResponse>,
+}
+
+#[derive(Debug)]
+enum Event<'a> {
+    /// As a worker sent it, kept at `sampling_rate`.
+    Received {
+        view: &'a EventView,
+        sampling_rate: f64,
+    },
+    /// Encoded already, by the hub that received it.
+    Encoded {
+        name: &'a str,
+        response: EncodedSubscribeResponse,
+    },
+}
+
+impl<'a> Delivery<'a> {
+    /// An event this hub received (or made), kept at `sampling_rate`.
+    pub fn local(
+        worker_id: &'a str,
+        pool: &'a str,
+        view: &'a EventView,
+        sampling_rate: f64,
+        received_ns: i64,
+    ) -> Self {
+        Self {
+            worker_id,
+            pool,
+            origin: Origin::Local,
+            received_ns,
+            event: Event::Received {
+                view,
+                sampling_rate,
+            },
+            encoded: OnceCell::new(),
+        }
+    }
+
+    /// An event another hub published, `encoded` as its subscribers receive it.
+    pub fn from_other_hub(
+        worker_id: &'a str,
+        pool: &'a str,
+        name: &'a str,
+        encoded: EncodedSubscribeResponse,
+        received_ns: i64,
+        subscribers: &'a [SubscriberId],
+    ) -> Self {
+        Self {
+            worker_id,
+            pool,
+            origin: Origin::OtherHub { subscribers },
+            received_ns,
+            event: Event::Encoded {
+                name,
+                response: encoded,
+            },
+            encoded: OnceCell::new(),
+        }
+    }
+
+    /// The event name's tokens.
+    #[inline]
+    pub fn parts(&self) -> impl Iterator<Item = &'a str> + Clone + use<'a> {
+        match &self.event {
+            Event::Received { view, .. } => Tokens::View(view.parts()),
+            Event::Encoded { name, .. } => Tokens::Dotted(name.split('.')),
+        }
+    }
+
+    /// The delivery as subscribers receive it, encoded on first use. An event without a
+    /// timestamp is stamped with the time the hub received it.
+    #[inline]
+    pub fn encoded(&self) -> &EncodedSubscribeResponse {
+        match &self.event {
+            Event::Encoded { response, .. } => response,
+            Event::Received {
+                view,
+                sampling_rate,
+            } => self.encoded.get_or_init(|| {
+                EncodedSubscribeResponse::delivery_of_bytes(
+                    self.worker_id,
+                    self.pool,
+                    view.as_bytes(),
+                    (view.timestamp_ns == 0).then_some(self.received_ns),
+                    *sampling_rate,
+                    self.received_ns,
+                )
+            }),
+        }
+    }
+}
+
+/// The tokens of a name held either way, as one iterator type.
+#[derive(Clone)]
+enum Tokens<V, D> {
+    View(V),
+    Dotted(D),
+}
+
+impl<'a, V, D> Iterator for Tokens<V, D>
+where
+    V: Iterator<Item = &'a str>,
+    D: Iterator<Item = &'a str>,
+{
+    type Item = &'a str;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a str> {
+        match self {
+            Tokens::View(tokens) => tokens.next(),
+            Tokens::Dotted(tokens) => tokens.next(),
+        }
+    }
+}
+
+/// The hand-off point; a cheap-clone handle. Outputs join at start (subscribers) or later (the
+/// cluster publisher, once connected), and are never removed.
+#[derive(Debug, Clone, Default)]
+pub struct Outputs {
+    outputs: Arc<ArcSwap<Vec<Arc<dyn Output>>>>,
+}
+
+impl Outputs {
+    pub fn add(&self, output: Arc<dyn Output>) {
+        self.outputs.rcu(|outputs| {
+            let mut outputs = Vec::clone(outputs);
+            outputs.push(output.clone());
+            outputs
+        });
+    }
+
+    /// Offers `delivery` to every output.
+    #[inline]
+    pub fn publish(&self, delivery: &Delivery<'_>) {
+        for output in self.outputs.load().iter() {
+            output.offer(delivery);
+        }
+    }
+}
