@@ -1,20 +1,32 @@
 //! The telemetry-bridge hub.
 //!
-//! Workers stream events in over `StreamTelemetry`; the hub fans them out to subscribers and
+//! Workers stream events in over `StreamTelemetry`; the hub passes them on to its outputs and
 //! streams each worker its desired control state, which operators change at runtime.
+//!
+//! # How an event travels
+//! ```text
+//! worker stream ──▶ admission, enforcement ──▶ Outputs::publish ──┬─▶ subscribers (gRPC, SSE)
+//!  (worker_stream)   (limits, control state)   (one hand-off)     └─▶ cluster publisher ─▶ NATS
+//! other hubs ─▶ cluster subscriptions ─────────────────▲ (to the subscribers they were made for)
+//! ```
+//! Every output owns its queue, its drops and its metrics, and never makes the door wait.
 //!
 //! # Layout
 //! - [`config`]: `config.toml` and its validation.
-//! - [`hub`]: the [`Hub`] handle tying the pieces below together.
+//! - [`hub`]: the [`Hub`] handle that assembles the pieces below.
 //! - [`registry`]: workers, their identity, sessions and counters.
 //! - [`worker_stream`]: both halves of a worker's stream (events in, control out).
-//! - [`fanout`]: subscribers, their filters, bounded queues and lag notices.
-//! - [`control`]: desired control state per worker, versioned and persisted.
+//! - [`outputs`]: the hand-off point and the outputs behind it; [`outputs::subscribers`]: live
+//!   subscriptions, their filters, bounded queues and lag notices.
+//! - [`cluster`]: several hubs as one through NATS (an output, a source of events, and control
+//!   state shared in JetStream); it sees the hub only through [`cluster::LocalHub`].
+//! - [`command`]: an operator's command (which workers, what change) and its wire forms;
+//!   [`control`]: desired control state per worker, versioned and persisted.
 //! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection, over TLS
 //!   when configured; [`listener`]: accepting connections.
 //! - [`auth`]: bearer tokens with roles, and client certificate names.
 //! - [`http`]: the HTTP port; [`metrics`]: the hub's state as Prometheus metrics;
-//!   [`latency`]: the histograms the hot paths record for them.
+//!   [`latency`]: the clock and the histograms the hot paths record for them.
 //! - [`client`]: a typed client for the CLI and tests; [`render`]: deliveries, workers and
 //!   control state as text and JSON, one shape for the CLI and the HTTP API.
 //! - [`fault_proxy`]: a TCP proxy that injects network faults, for tests and `bridge bench --soak`.

@@ -231,7 +231,7 @@ impl Collector for HubCollector {
             counter(
                 &mut encoder,
                 "bridge_cluster_received_events",
-                "Events from other hubs queued for this hub's subscribers.",
+                "Events received from other hubs, once for each of this hub's cluster subscriptions that carried them.",
                 &[(
                     vec![],
                     cluster.received.load(std::sync::atomic::Ordering::Relaxed),

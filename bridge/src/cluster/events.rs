@@ -2,7 +2,7 @@
 //!
 //! Each hub publishes every event it passes on to `<prefix>.events.<pool>.<worker>.<event
 //! name>` (pool and worker as [`subject_token`]s), with the encoded delivery its own subscribers
-//! get as the payload (it carries the time the hub received the event): the [`Publisher`] is one
+//! get as the payload (it carries the time the hub received the event): the `Publisher` is one
 //! of the hub's outputs. For each local subscription the hub subscribes to the subjects its
 //! filter maps to, so NATS does the matching, and hands what other hubs published to its
 //! outputs through the same door as local events, addressed to the subscriptions it was

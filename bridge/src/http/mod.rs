@@ -1,6 +1,6 @@
 //! The hub's HTTP port: `/metrics` (Prometheus / OpenMetrics text), `/healthz` (the process
 //! serves), `/readyz` (it accepts workers and subscribers: 503 once shutting down), and the JSON
-//! API under `/api` ([`api`], [`events`]), described by `/api/openapi.json`.
+//! API under `/api` (`api`, `events`), described by `/api/openapi.json`.
 //!
 //! The API is the admin RPCs over HTTP: same validation, same messages, same tokens and roles,
 //! with gRPC status codes mapped to HTTP ones ([`ApiError`]).
