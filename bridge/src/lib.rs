@@ -29,7 +29,6 @@
 //!   [`latency`]: the clock and the histograms the hot paths record for them.
 //! - [`client`]: a typed client for the CLI and tests; [`render`]: deliveries, workers and
 //!   control state as text and JSON, one shape for the CLI and the HTTP API.
-//! - [`fault_proxy`]: a TCP proxy that injects network faults, for tests and `bridge bench --soak`.
 //! - [`error`]: the hub's errors and their gRPC statuses.
 
 pub mod auth;
@@ -39,7 +38,6 @@ pub mod command;
 pub mod config;
 pub mod control;
 pub mod error;
-pub mod fault_proxy;
 pub mod http;
 pub mod hub;
 pub mod latency;

@@ -19,7 +19,7 @@ use bridge_proto::v1;
 
 pub mod openapi;
 mod pki;
-pub use bridge::fault_proxy::{Mode as ProxyMode, Proxy};
+pub use bridge_bench::fault_proxy::{Mode as ProxyMode, Proxy};
 pub use pki::{Issued, Pki};
 
 /// For a test whose external tool is missing: a failure when `./test.sh` declared the tool
@@ -91,6 +91,8 @@ pub fn bin(name: &str) -> PathBuf {
             "telemetry-bridge",
             "-p",
             "telemetry-worker",
+            "-p",
+            "bridge-bench",
             "--bins",
         ]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {

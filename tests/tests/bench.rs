@@ -1,19 +1,50 @@
-//! `bridge bench --quick` runs end to end and reports every figure the performance targets
-//! name. Only the shape is checked: figures measured in a debug build on a shared CI machine
-//! say nothing about speed (BENCHMARKS.md records real runs).
+//! `bridge-bench --quick` runs end to end against the `bridge` binary next to it and reports
+//! every figure the performance targets name. Only the shape is checked: figures measured in a
+//! debug build on a shared CI machine say nothing about speed (BENCHMARKS.md records real runs).
 
 use std::process::Command;
 
 use bridge_tests::bin;
 
 #[test]
-fn the_quick_benchmark_reports_every_figure_next_to_its_baseline() {
-    let output = Command::new(bin("bridge"))
-        .args(["bench", "--quick", "--json"])
+fn without_a_bridge_binary_next_to_it_the_benchmark_says_so_in_one_line() {
+    // In the target directory, so that a link is enough: the binary is large in a debug build.
+    let target_dir = bin("bridge-bench").parent().expect("bin dir").to_owned();
+    let dir = tempfile::tempdir_in(target_dir).expect("temp dir");
+    let alone = dir.path().join("bridge-bench");
+    if std::fs::hard_link(bin("bridge-bench"), &alone).is_err() {
+        std::fs::copy(bin("bridge-bench"), &alone).expect("copy bridge-bench");
+    }
+    // Outside cargo: under it, the benchmark would build the hub instead.
+    let output = Command::new(&alone)
+        .args(["--quick", "--json"])
+        .env_remove("CARGO")
         .output()
-        .expect("run bridge bench");
+        .expect("run bridge-bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(output.stdout.is_empty());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: no `bridge` binary next to ") && stderr.contains("cargo run"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_quick_benchmark_reports_every_figure_next_to_its_baseline() {
+    let output = Command::new(bin("bridge-bench"))
+        .args(["--quick", "--json"])
+        .output()
+        .expect("run bridge-bench");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
+    // The hub measured is the product's own binary, not a copy inside the benchmark.
+    let hub = bin("bridge");
+    assert!(
+        stderr.contains(&format!("measuring the hub {}\n", hub.display())),
+        "{stderr}"
+    );
     let report: serde_json::Value =
         serde_json::from_slice(&output.stdout).expect("one JSON object");
     assert!(report["machine"]["cores"].as_u64().is_some_and(|c| c > 0));

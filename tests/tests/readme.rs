@@ -30,7 +30,7 @@ const NOT_RUN: &[(&str, &str)] = &[
         "wraps an app that is not here; tests/tests/sidecar.rs runs the sidecar",
     ),
     (
-        "cargo run --release --bin bridge -- bench",
+        "cargo run --release -p bridge-bench",
         "the benchmark takes minutes; tests/tests/bench.rs runs it with --quick",
     ),
     (

@@ -1,5 +1,5 @@
 //! What `Emitter::emit` costs the caller: disabled, sampled out, and accepted into the buffer.
-//! `bridge bench` reports the same figures next to the naive encoding; this is for profiling.
+//! `bridge-bench` reports the same figures next to the naive encoding; this is for profiling.
 
 use bridge_proto::{control::ControlState, sampling::Rate};
 use criterion::{Criterion, criterion_group, criterion_main};

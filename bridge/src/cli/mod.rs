@@ -5,7 +5,6 @@
 //! 4 unknown worker, 5 not acknowledged in time, 6 not authenticated (missing or wrong token),
 //! 7 not permitted (the token's role does not allow it), 8 a hub limit was reached.
 
-mod bench;
 mod control;
 mod demo;
 use bridge::render;
@@ -69,15 +68,6 @@ enum Command {
     Control(control::ShowArgs),
     /// Run a hub, three simulated workers and a tail, and change a sampling rate live.
     Demo(demo::Args),
-    /// Measure throughput, latency, control round trips, memory and emit cost against a
-    /// baseline server, in separate processes on loopback.
-    Bench(bench::Args),
-    /// A process of `bridge bench` (internal).
-    #[command(hide = true)]
-    BenchRole {
-        #[command(subcommand)]
-        role: bench::role::Role,
-    },
 }
 
 /// A failure, with the exit code it maps to.
@@ -135,14 +125,10 @@ pub type Outcome = Result<(), Failure>;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.command);
-    // A benchmark's load processes share the machine with the server they measure: one
-    // thread each leaves the cores to it and keeps the scheduling noise out of the figures.
-    let mut builder = if matches!(cli.command, Command::BenchRole { .. }) {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    let runtime = match builder.enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -169,8 +155,6 @@ async fn run(cli: Cli) -> Outcome {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Demo(args) => demo::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
-        Command::BenchRole { role } => bench::role::run(role).await,
         Command::Subscribe(args) => subscribe::run(&hub, args).await,
         Command::Workers(args) => workers::run(&hub, args).await,
         Command::Top(args) => top::run(&hub, args).await,
@@ -202,11 +186,9 @@ pub async fn connect(hub: &HubTarget) -> Result<HubClient, Failure> {
 
 fn init_logging(format: LogFormat, command: &Command) {
     use tracing_subscriber::{EnvFilter, fmt};
-    // Client commands keep stderr for their own errors unless asked (RUST_LOG) for more; the
-    // benchmark's workers meet injected faults on purpose and would warn about each.
+    // Client commands keep stderr for their own errors unless asked (RUST_LOG) for more.
     let default = match command {
         Command::Serve(_) => "info",
-        Command::Bench(_) => "error",
         _ => "warn",
     };
     // A log line would tear the full-screen view; its status line reports failures instead.

@@ -1,4 +1,4 @@
-//! `bench --only cluster`: two hubs sharing a nats-server on this machine, next to one hub
+//! `--only cluster`: two hubs sharing a nats-server on this machine, next to one hub
 //! measured the same way in the same invocation (the baseline column).
 //!
 //! Load goes to hub A and subscribers and operators use hub B, so every figure crosses NATS:
@@ -19,9 +19,13 @@ use bridge_proto::sampling::Rate;
 
 use worker::process::ProcessStat;
 
-use super::{
-    Figure, Plan, Section, Server, ServerProcess, idle_named, load, median, number, percentile,
-    probe_fanout, probe_latency, progress, repeat, subscribers,
+use crate::{
+    Plan, Section,
+    fanout::{Fanout, probe_fanout},
+    latency::{Latency, probe_latency},
+    process::{Server, ServerProcess, idle_named, load, number, subscribers},
+    progress, repeat,
+    report::{Figure, median, percentile},
 };
 
 /// Event rate of the latency figure: well under what either set-up sustains.
@@ -91,7 +95,7 @@ struct Pair {
 }
 
 impl Pair {
-    fn start(nats: Nats) -> Result<Self, String> {
+    fn start(plan: &Plan, nats: Nats) -> Result<Self, String> {
         let config = |node: &str| {
             format!(
                 "[cluster]\nnats_url = \"{}\"\nnode = \"{node}\"\n",
@@ -99,15 +103,19 @@ impl Pair {
             )
         };
         Ok(Self {
-            a: ServerProcess::start_with(Server::Hub, Some(&config("bench-a")))?,
-            b: ServerProcess::start_with(Server::Hub, Some(&config("bench-b")))?,
+            a: ServerProcess::start_with(plan, Server::Hub, Some(&config("bench-a")))?,
+            b: ServerProcess::start_with(plan, Server::Hub, Some(&config("bench-b")))?,
             nats,
         })
     }
 }
 
-pub(super) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, String> {
-    let start = || -> Result<Option<Pair>, String> { Nats::start()?.map(Pair::start).transpose() };
+pub(crate) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, String> {
+    let start = || -> Result<Option<Pair>, String> {
+        Nats::start()?
+            .map(|nats| Pair::start(plan, nats))
+            .transpose()
+    };
     if start()?.is_none() {
         if asked {
             return Err(
@@ -126,11 +134,10 @@ pub(super) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, Str
         probe_fanout(plan, &pair.a.url, &pair.b.url, 1, false)
     })?;
     let one = repeat(plan, &format!("{label}, one hub"), || {
-        let hub = ServerProcess::start(Server::Hub)?;
+        let hub = ServerProcess::start(plan, Server::Hub)?;
         probe_fanout(plan, &hub.url, &hub.url, 1, false)
     })?;
-    let rate =
-        |runs: &[super::Fanout]| median(runs.iter().map(|r| r.deliveries_per_second).collect());
+    let rate = |runs: &[Fanout]| median(runs.iter().map(|r| r.deliveries_per_second).collect());
     figures.push(
         Figure::new(Section::Cluster, label, "deliveries/s", rate(&two)).baseline(rate(&one)),
     );
@@ -147,7 +154,7 @@ pub(super) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, Str
         cost(plan, &pair.a.url, &pair.b.url, &pids)
     })?;
     let one = repeat(plan, &format!("{label}, one hub"), || {
-        let hub = ServerProcess::start(Server::Hub)?;
+        let hub = ServerProcess::start(plan, Server::Hub)?;
         cost(plan, &hub.url, &hub.url, &[hub.process.pid()])
     })?;
     figures.push(Figure::new(Section::Cluster, label, "CPU-s", median(two)).baseline(median(one)));
@@ -158,15 +165,12 @@ pub(super) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, Str
         probe_latency(plan, &pair.a.url, &pair.b.url, LATENCY_RATE)
     })?;
     let one = repeat(plan, &format!("{label}, one hub"), || {
-        let hub = ServerProcess::start(Server::Hub)?;
+        let hub = ServerProcess::start(plan, Server::Hub)?;
         probe_latency(plan, &hub.url, &hub.url, LATENCY_RATE)
     })?;
     for (name, pick) in [
-        (
-            "p50",
-            (|l: &super::Latency| l.p50_us) as fn(&super::Latency) -> f64,
-        ),
-        ("p99", |l: &super::Latency| l.p99_us),
+        ("p50", (|l: &Latency| l.p50_us) as fn(&Latency) -> f64),
+        ("p99", |l: &Latency| l.p99_us),
     ] {
         figures.push(
             Figure::new(
@@ -185,7 +189,7 @@ pub(super) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, Str
     let pair = start()?.ok_or("nats-server went away")?;
     let two = control_round_trips(plan, &pair.a.url, &pair.b.url).await?;
     drop(pair);
-    let hub = ServerProcess::start(Server::Hub)?;
+    let hub = ServerProcess::start(plan, Server::Hub)?;
     let one = control_round_trips(plan, &hub.url, &hub.url).await?;
     for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
         figures.push(

@@ -1,4 +1,4 @@
-//! The benchmark's other processes, started by `bridge bench` as `bridge bench-role ...`.
+//! The benchmark's other processes, started by the orchestrator as `bridge-bench role ...`.
 //!
 //! Each role prints `ready` once it is set up, then answers every `mark` line on stdin with one
 //! JSON line of its counters (so the orchestrator reads them at exactly the moments it reads the
@@ -23,12 +23,11 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use worker::{Link, LinkOptions, Value, emitter::now_ns};
 
-use super::{
-    baseline,
+use crate::{
+    Error, baseline,
     payload::{self, Payload},
     wire::{self, RawItem},
 };
-use crate::cli::{Failure, Outcome};
 
 /// Connections opened at once while setting up many workers or subscribers.
 const CONNECTING: usize = 128;
@@ -101,7 +100,7 @@ pub enum Role {
     },
 }
 
-pub async fn run(role: Role) -> Outcome {
+pub async fn run(role: Role) -> Result<(), Error> {
     let result = match role {
         Role::Baseline { listen } => baseline_server(listen).await,
         Role::Load {
@@ -133,7 +132,7 @@ pub async fn run(role: Role) -> Outcome {
             every_ms,
         } => idle(&target, workers, &prefix, every_ms).await,
     };
-    result.map_err(|e| Failure::new(1, e))
+    result.map_err(Error::Role)
 }
 
 async fn baseline_server(listen: SocketAddr) -> Result<(), String> {

@@ -8,9 +8,13 @@ use std::time::{Duration, Instant};
 
 use bridge::client::HubClient;
 
-use super::{
-    Figure, Plan, Section, Server, ServerProcess, idle_named, load_named, number, progress,
-    stalled, subscribers_of,
+use crate::{
+    Plan, Section,
+    process::{
+        RoleProcess, Server, ServerProcess, idle_named, load_named, number, stalled, subscribers_of,
+    },
+    progress,
+    report::{Figure, median},
 };
 
 /// Events per second each worker may send.
@@ -30,9 +34,9 @@ struct Wave {
     flood_limited: f64,
 }
 
-pub(super) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
+pub(crate) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
     let config = format!("[limits]\nworker_events_per_second = {QUOTA}\n");
-    let hub = ServerProcess::start_with(Server::Hub, Some(&config))?;
+    let hub = ServerProcess::start_with(plan, Server::Hub, Some(&config))?;
     let ids: Vec<String> = (0..REFERENCE_WORKERS).map(|k| format!("ref-{k}")).collect();
     let mut counter = subscribers_of(&hub.url, 1, false, false, &ids)?;
     let _reference = load_named(&hub.url, "ref", REFERENCE_WORKERS, Some(REFERENCE_RATE))?;
@@ -109,7 +113,7 @@ pub(super) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
         waves.last().map_or(0, |w| w.rss_during),
     );
     let growth = mib(last_peak) - mib(first_peak);
-    let after = super::median(waves.iter().map(|w| mib(w.rss_after)).collect());
+    let after = median(waves.iter().map(|w| mib(w.rss_after)).collect());
     let flood_limited = waves.iter().map(|w| w.flood_limited).sum::<f64>() / waves.len() as f64;
     Ok(vec![
         Figure::new(
@@ -144,10 +148,7 @@ pub(super) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
     ])
 }
 
-async fn delivered_per_second(
-    plan: &Plan,
-    counter: &mut super::RoleProcess,
-) -> Result<f64, String> {
+async fn delivered_per_second(plan: &Plan, counter: &mut RoleProcess) -> Result<f64, String> {
     let (d0, t0) = (number(&counter.mark()?, "deliveries")?, Instant::now());
     tokio::time::sleep(plan.window).await;
     let (d1, t1) = (number(&counter.mark()?, "deliveries")?, Instant::now());

@@ -1,5 +1,5 @@
-//! The cost of `Emitter::emit` in the caller's thread, next to the naive way of doing the same:
-//! building the generated message and encoding it.
+//! Emit: the cost of `Emitter::emit` in the caller's thread, next to the naive way of doing the
+//! same: building the generated message and encoding it.
 
 use std::time::Instant;
 
@@ -10,6 +10,11 @@ use bridge_proto::{
 };
 use prost::Message;
 use worker::{Emitter, Value};
+
+use crate::{
+    Plan, Section, progress,
+    report::{Figure, median},
+};
 
 /// Nanoseconds per call of `emit` with realistic arguments, for emitters in three states.
 #[derive(Debug, Clone, Copy)]
@@ -86,4 +91,30 @@ pub fn measure(scale: u64) -> EmitCost {
         queued_ns: per_call(slow, |i| emit_one(&queued, i)),
         naive_ns: per_call(slow, |i| naive_one(&mut naive, i)),
     }
+}
+
+/// The figures: the median of at least three measurements.
+pub(crate) fn emit_cost(plan: &Plan) -> Vec<Figure> {
+    let runs: Vec<EmitCost> = (0..plan.runs.max(3))
+        .map(|i| {
+            progress(&format!("emit cost (run {})", i + 1));
+            measure(plan.emit_scale)
+        })
+        .collect();
+    let pick = |f: fn(&EmitCost) -> f64| median(runs.iter().map(f).collect());
+    let naive = pick(|c| c.naive_ns);
+    let disabled = pick(|c| c.disabled_ns);
+    let sampled_out = pick(|c| c.sampled_out_ns);
+    let queued = pick(|c| c.queued_ns);
+    vec![
+        Figure::new(Section::Emit, "emit, telemetry disabled", "ns", disabled)
+            .baseline(naive)
+            .target("<= 20 ns", disabled <= 20.0),
+        Figure::new(Section::Emit, "emit, sampled out", "ns", sampled_out)
+            .baseline(naive)
+            .target("<= 20 ns", sampled_out <= 20.0),
+        Figure::new(Section::Emit, "emit, queued", "ns", queued)
+            .baseline(naive)
+            .target("<= 150 ns", queued <= 150.0),
+    ]
 }

@@ -1,4 +1,4 @@
-//! `bridge bench --soak MINUTES`: everything at once, for a long time. Worker-library workers
+//! `--soak MINUTES`: everything at once, for a long time. Worker-library workers
 //! stream through a fault-injecting proxy (delays, partitions, resets, cuts) while operators
 //! change their sampling, filters and toggles and a subscriber reads everything. The hub runs
 //! as its own process; its memory is sampled throughout. At the end every worker's books must
@@ -18,12 +18,17 @@ use std::{
 use bridge::{
     client::HubClient,
     command::{Change, Selector},
-    fault_proxy::{Mode, Proxy},
 };
 use bridge_proto::{pattern::Pattern, sampling::Rate, v1};
 use worker::{Link, LinkOptions, Value, counters::Snapshot};
 
-use super::{Figure, Section, Server, ServerProcess, progress};
+use crate::{
+    Plan, Section,
+    fault_proxy::{Mode, Proxy},
+    process::{Server, ServerProcess},
+    progress,
+    report::Figure,
+};
 
 const WORKERS: usize = 50;
 /// Events per second per worker.
@@ -38,9 +43,9 @@ struct Books {
     lagged: AtomicU64,
 }
 
-pub(super) async fn soak(minutes: f64) -> Result<Vec<Figure>, String> {
+pub(crate) async fn soak(plan: &Plan, minutes: f64) -> Result<Vec<Figure>, String> {
     let duration = Duration::from_secs_f64(minutes * 60.0);
-    let hub = ServerProcess::start(Server::Hub)?;
+    let hub = ServerProcess::start(plan, Server::Hub)?;
     let hub_addr: SocketAddr = hub
         .url
         .trim_start_matches("http://")

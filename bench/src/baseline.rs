@@ -15,7 +15,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use async_stream::stream;
-use bridge::{Config, latency::unix_nanos};
+use bridge::Config;
 use bridge_proto::{
     encoded::EncodedSubscribeResponse,
     server::telemetry_bridge_server::{TelemetryBridge, TelemetryBridgeServer},
@@ -25,6 +25,7 @@ use bridge_proto::{
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming, transport::Server};
+use worker::emitter::now_ns;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -71,7 +72,7 @@ impl Baseline {
                     event.as_bytes(),
                     None,
                     1.0,
-                    unix_nanos(std::time::SystemTime::now()),
+                    now_ns(),
                 )
             });
             if subscriber.queue.try_send(response.clone()).is_err() {
