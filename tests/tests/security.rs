@@ -14,7 +14,7 @@ use bridge_tests::{
     eventually, open_stream, run_cli, tokens_config, worker_info,
 };
 use tonic::Code;
-use worker::security::ClientSecurity;
+use bridge_proto::connect::ClientSecurity;
 
 const WAIT: Duration = Duration::from_secs(20);
 async fn client_with(url: &str, security: ClientSecurity) -> Result<HubClient, ClientError> {

@@ -23,7 +23,6 @@
 //! - [`config`]: the `[worker]` section of `config.toml`.
 //! - [`sidecar`]: the `worker` binary: runs an app, relays its [`telemetry_line`]s, serves the
 //!   [`local`] endpoint, reports [`gpu`] (NVML) and [`process`] metrics.
-//! - [`security`]: bearer token and TLS settings every client of the hub takes.
 //! - [`simulate`]: synthetic inference traffic for demos and tests.
 
 pub mod backoff;
@@ -37,7 +36,6 @@ pub mod gpu;
 pub mod link;
 pub mod local;
 pub mod process;
-pub mod security;
 pub mod sidecar;
 pub mod simulate;
 pub mod telemetry_line;

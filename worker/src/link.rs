@@ -11,6 +11,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_stream::stream;
 use bridge_proto::{
+    connect::{ClientSecurity, SecurityError, error_chain},
     control::{ControlState, parse_patterns},
     encoded::EncodedEvent,
     sampling::Rate,
@@ -31,7 +32,6 @@ use crate::{
     backoff::Backoff,
     counters::Snapshot,
     emitter::{Emitter, Shared, now_ns},
-    security::{ClientSecurity, SecurityError},
 };
 
 /// Events handed to the transport per wake-up, so that acknowledgements interleave.
@@ -366,22 +366,6 @@ async fn stream_once(
         }
     }
     Ok(())
-}
-
-/// An error and its causes on one line (`transport error: connection refused`), skipping
-/// causes that the text already includes.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Acknowledgements, buffered events and counter reports, in that priority. When closing, it
