@@ -8,7 +8,7 @@
 use bridge_proto::v1;
 use prost::encoding::{WireType, encoded_len_varint, key_len};
 
-use crate::emitter::Value;
+use crate::value::Value;
 
 /// Writes a field key; every tag here is below 16, so a key is one byte.
 #[inline]

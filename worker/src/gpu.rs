@@ -13,7 +13,7 @@ use nvml_wrapper::{
     enums::device::UsedGpuMemory,
 };
 
-use crate::emitter::{Emitter, Value};
+use crate::{emitter::Emitter, value::Value};
 
 /// One device's sample. The names below are the documented contract (README, GPU metrics):
 /// `bridge top` and the simulator use them too, so that neither drifts from what NVML emits.

@@ -18,6 +18,7 @@
 //!   bytes into the outage buffer (`buffer`: numbered, bounded, replayed until confirmed).
 //! - [`link`]: [`Link`]: the stream to the hub, reconnecting with backoff, replaying what the hub
 //!   did not confirm, applying and acknowledging control, reporting counters.
+//! - [`value`]: [`Value`], a measurement as `emit` takes it (`encode` writes it to the wire).
 //! - [`counters`]: what became of every event.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`config`]: the `[worker]` section of `config.toml`.
@@ -39,8 +40,10 @@ pub mod process;
 pub mod sidecar;
 pub mod simulate;
 pub mod telemetry_line;
+pub mod value;
 
 pub use crate::{
-    emitter::{Emitter, Span, Value},
+    emitter::{Emitter, Span},
     link::{Link, LinkError, LinkOptions, LinkState},
+    value::Value,
 };

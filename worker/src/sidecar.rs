@@ -24,12 +24,13 @@ use tracing::{info, warn};
 
 use crate::{
     counters::DropReason,
-    emitter::{Emitter, Value},
+    emitter::Emitter,
     gpu::{self, FakeGpus, GpuSource, NvmlSource},
     link::{Link, LinkOptions},
     local::{self, LocalAddress},
     process::{self, ProcessSampler},
     simulate, telemetry_line,
+    value::Value,
 };
 
 /// Everything the sidecar needs to run.

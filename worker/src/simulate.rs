@@ -11,8 +11,9 @@ use rand::{RngExt, rngs::SmallRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    emitter::{Emitter, Value, new_correlation_id},
+    emitter::{Emitter, new_correlation_id},
     gpu::{self, DeviceSample},
+    value::Value,
 };
 
 /// What a simulated worker tells the hub it has (`x-worker-gpu`), as `GpuSource::describe`
