@@ -10,6 +10,8 @@
 //! - [`encoded`]: messages encoded once: subscription items shared by every subscriber, and
 //!   events a worker buffers until the hub confirms them.
 //! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
+//! - [`protocol`]: the names and defaults beside the messages: request metadata, reserved
+//!   event names, worker counters and hub drop reasons, GPU events.
 //! - [`sampling`]: the sampling rate and the deterministic per-correlation-id decision.
 //! - [`control`]: a worker's effective control state and the verdict it gives each event.
 //! - [`view`]: `TelemetryEvent` as the hub receives it, without building its maps.
@@ -28,6 +30,7 @@ pub mod control;
 pub mod encoded;
 pub mod fields;
 pub mod pattern;
+pub mod protocol;
 pub mod sampling;
 pub mod view;
 

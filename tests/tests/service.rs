@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use bridge_proto::protocol::events;
 use bridge_proto::v1::telemetry_bridge_client::TelemetryBridgeClient;
 use bridge_proto::{SERVICE_NAME, v1};
 use bridge_tests::{
@@ -160,7 +161,10 @@ fn the_demo_shows_the_whole_loop_and_exits_zero() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("bridge.worker.connected"), "{stdout}");
+    assert!(
+        stdout.contains(&events::WORKER_CONNECTED.join(".")),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("$ bridge sample gpu-1 0.1\ngpu-1: sampling 0.1 applied in"),
         "{stdout}"

@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 use bridge_proto::{
     control::{ControlState, Verdict},
     pattern::{validate_event_name, validate_event_parts},
+    protocol::events,
     sampling::{Draw, Presampled},
     v1,
 };
@@ -364,8 +365,7 @@ fn valid_name(name: &str) -> bool {
         if *last.borrow() == name {
             return true;
         }
-        let valid =
-            validate_event_name(name).is_ok() && name != "bridge" && !name.starts_with("bridge.");
+        let valid = validate_event_name(name).is_ok() && !events::is_reserved(name);
         if valid {
             let mut last = last.borrow_mut();
             last.clear();
@@ -377,7 +377,8 @@ fn valid_name(name: &str) -> bool {
 
 /// The same for an event given as parts.
 fn acceptable(parts: &[String]) -> bool {
-    validate_event_parts(parts).is_ok() && parts.first().is_none_or(|p| p != "bridge")
+    validate_event_parts(parts).is_ok()
+        && parts.first().is_none_or(|p| p != events::RESERVED_PREFIX)
 }
 
 /// Nanoseconds since the Unix epoch.

@@ -14,6 +14,7 @@ use bridge_proto::{
     connect::{ClientSecurity, SecurityError, error_chain},
     control::{ControlState, parse_patterns},
     encoded::EncodedEvent,
+    protocol::{events, headers},
     sampling::Rate,
     v1::{self, telemetry_control::Control},
     worker_client::telemetry_bridge_client::TelemetryBridgeClient,
@@ -217,24 +218,28 @@ fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
         headers.push((parsed_key, parsed_value));
         Ok(())
     };
-    add("x-worker-id".into(), &options.id)?;
-    add("x-worker-pool".into(), &options.pool)?;
+    add(headers::WORKER_ID.into(), &options.id)?;
+    add(headers::WORKER_POOL.into(), &options.pool)?;
     if options.pid != 0 {
-        add("x-worker-pid".into(), &options.pid.to_string())?;
+        add(headers::WORKER_PID.into(), &options.pid.to_string())?;
     }
     for (key, value) in &options.labels {
         add(
-            format!("x-worker-label-{}", key.to_ascii_lowercase()),
+            format!(
+                "{}{}",
+                headers::WORKER_LABEL_PREFIX,
+                key.to_ascii_lowercase()
+            ),
             value,
         )?;
     }
-    add("x-worker-gpu".into(), &options.gpu)?;
+    add(headers::WORKER_GPU.into(), &options.gpu)?;
     // One run of this process: sequence numbers restart with it.
     add(
-        "x-worker-instance".into(),
+        headers::WORKER_INSTANCE.into(),
         &format!("{:016x}", rand::random::<u64>()),
     )?;
-    add("x-bridge-control-ack".into(), "1")?;
+    add(headers::CONTROL_ACK.into(), headers::CONTROL_ACK_YES)?;
     if let Some(authorization) = options.security.authorization()? {
         headers.push((
             AsciiMetadataKey::from_static("authorization"),
@@ -424,7 +429,7 @@ fn outbound(
                         break;
                     }
                     let version = *acks.borrow_and_update();
-                    yield protocol_event(&["bridge", "control", "applied"], &[("version", version)]);
+                    yield protocol_event(&events::CONTROL_APPLIED, &[(events::CONTROL_APPLIED_VERSION, version)]);
                 }
                 () = closing.cancelled() => {
                     loop {
@@ -473,7 +478,7 @@ fn outbound(
 }
 
 fn stats_event(snapshot: &Snapshot) -> EncodedEvent {
-    protocol_event(&["bridge", "worker", "stats"], &snapshot.measurements())
+    protocol_event(&events::WORKER_STATS, &snapshot.measurements())
 }
 
 /// A protocol event; these carry no sequence number, since they are never replayed.
