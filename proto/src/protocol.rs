@@ -1,6 +1,6 @@
 //! The names and defaults every participant must agree on besides the message types: request
 //! metadata, reserved event names, the counters workers report and the hub's drop reasons, the
-//! GPU events the sidecar emits and `bridge top` reads.
+//! GPU events the sidecar emits and `bridge top` reads, and the default outage buffer.
 //!
 //! Each is defined here once; the hub, the worker library, the sidecar and the tests use these
 //! constants. `bridge.proto` documents them, and the tests below check that what it documents
@@ -168,6 +168,10 @@ pub mod gpu {
     pub const PID: &str = "pid";
     pub const USED_MEMORY_BYTES: &str = "used_memory_bytes";
 }
+
+/// Events a worker holds until the hub confirms them, unless configured otherwise
+/// (`worker.buffer_events`, `--buffer-events`, `LinkOptions::buffer_events`).
+pub const DEFAULT_BUFFER_EVENTS: usize = 100_000;
 
 #[cfg(test)]
 mod tests {

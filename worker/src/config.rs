@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
-use bridge_proto::connect::host_name;
+use bridge_proto::{connect::host_name, protocol::DEFAULT_BUFFER_EVENTS};
 use serde::Deserialize;
 
 use crate::link::LinkOptions;
@@ -59,7 +59,7 @@ impl Default for WorkerConfig {
             id: String::new(),
             pool: String::new(),
             labels: BTreeMap::new(),
-            buffer_events: 100_000,
+            buffer_events: DEFAULT_BUFFER_EVENTS,
             backoff_initial_ms: 100,
             backoff_max_ms: 5000,
             stats_interval_ms: 1000,
