@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use bridge_proto::protocol::{counters, hub_drops};
+use bridge_proto::protocol::{counters, gpu, hub_drops};
 use bridge_proto::{sampling::Rate, v1};
 use bridge_tests::{
     HubOptions, HubProcess, Proxy, ProxyMode, PythonGrpc, QUICK_WORKER_CONFIG, Tail, WorkerProcess,
@@ -750,6 +750,41 @@ async fn gpu_metrics_come_from_nvml_or_say_clearly_there_is_no_gpu() {
             assert!(no_gpu[0].contains(&reason), "{} lacks {reason}", no_gpu[0]);
         }
     }
+}
+
+/// `--simulate` is a simulated model server with its one simulated GPU: it leaves NVML alone,
+/// so on a GPU host no real device's events contradict the simulated one, and without a GPU
+/// there is no warning about the missing driver (`bridge demo` runs three of these).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_worker_reports_only_its_simulated_gpu() {
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let tail = Tail::start(&mut client, matching(&["gpu.>"])).await;
+    let worker = WorkerProcess::start(
+        &hub.url,
+        "sim",
+        "",
+        &["--simulate", "5", "--gpu-interval", "200ms"],
+    );
+    // Three simulated reports (one a second): a real device would have reported many times.
+    let reports = eventually("three simulated GPU reports", WAIT, || async {
+        let reports = tail.deliveries();
+        (reports.len() >= 3).then_some(reports)
+    })
+    .await;
+    for report in &reports {
+        let event = report.event.as_ref().expect("event");
+        assert_eq!(name(report), gpu::METRICS_EVENT, "{report:?}");
+        assert_eq!(
+            event.metadata[gpu::UUID],
+            "GPU-simulated-0000",
+            "{report:?}"
+        );
+    }
+    let info = worker_info(&mut client, "sim").await.expect("listed");
+    assert_eq!(info.gpu, worker::simulate::GPU_DESCRIPTION);
+    let log = worker.log();
+    assert!(!log.contains("NVML") && !log.contains("no GPU"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
