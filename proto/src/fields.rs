@@ -1,6 +1,6 @@
 //! Field numbers of the messages that are encoded or read by hand rather than by the generated
-//! code: the worker's event encoder, the hub's [`crate::view::EventView`] and its
-//! once-encoded deliveries ([`crate::encoded`]), and the outage buffer's sequence numbers.
+//! code: the worker's event encoder, the hub's `EventView` and its once-encoded deliveries
+//! (the `view` and `encoded` modules), and the outage buffer's sequence numbers.
 //!
 //! They must equal the numbers in `bridge.proto`; the test below reads them back from the
 //! compiled descriptors, so that a change to the contract cannot leave a hand-written codec
