@@ -628,16 +628,16 @@ printf '"}}}}\nTELEMETRY:{{"event":"after.long"}}\n' >&2
         }
     })
     .await;
-    let counters = &info.worker_counters;
+    let reported = &info.worker_counters;
     assert_eq!(
-        counters.get("dropped.line_too_long"),
+        reported.get(counters::DROPPED_LINE_TOO_LONG),
         Some(&1),
-        "{counters:?}"
+        "{reported:?}"
     );
     assert_eq!(
-        counters.get("dropped.parse_error"),
+        reported.get(counters::DROPPED_PARSE_ERROR),
         Some(&0),
-        "{counters:?}"
+        "{reported:?}"
     );
 }
 

@@ -14,7 +14,7 @@ use bridge_proto::{
     connect::{ClientSecurity, SecurityError, error_chain},
     control::{ControlState, parse_patterns},
     encoded::EncodedEvent,
-    protocol::{DEFAULT_BUFFER_EVENTS, events, headers},
+    protocol::{DEFAULT_BUFFER_EVENTS, events, headers as header},
     sampling::Rate,
     v1::{self, telemetry_control::Control},
     worker_client::telemetry_bridge_client::TelemetryBridgeClient,
@@ -218,28 +218,28 @@ fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
         headers.push((parsed_key, parsed_value));
         Ok(())
     };
-    add(headers::WORKER_ID.into(), &options.id)?;
-    add(headers::WORKER_POOL.into(), &options.pool)?;
+    add(header::WORKER_ID.into(), &options.id)?;
+    add(header::WORKER_POOL.into(), &options.pool)?;
     if options.pid != 0 {
-        add(headers::WORKER_PID.into(), &options.pid.to_string())?;
+        add(header::WORKER_PID.into(), &options.pid.to_string())?;
     }
     for (key, value) in &options.labels {
         add(
             format!(
                 "{}{}",
-                headers::WORKER_LABEL_PREFIX,
+                header::WORKER_LABEL_PREFIX,
                 key.to_ascii_lowercase()
             ),
             value,
         )?;
     }
-    add(headers::WORKER_GPU.into(), &options.gpu)?;
+    add(header::WORKER_GPU.into(), &options.gpu)?;
     // One run of this process: sequence numbers restart with it.
     add(
-        headers::WORKER_INSTANCE.into(),
+        header::WORKER_INSTANCE.into(),
         &format!("{:016x}", rand::random::<u64>()),
     )?;
-    add(headers::CONTROL_ACK.into(), headers::CONTROL_ACK_YES)?;
+    add(header::CONTROL_ACK.into(), header::CONTROL_ACK_YES)?;
     if let Some(authorization) = options.security.authorization()? {
         headers.push((
             AsciiMetadataKey::from_static("authorization"),
