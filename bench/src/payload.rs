@@ -3,6 +3,7 @@
 
 use bridge_proto::{
     encoded::EncodedEvent,
+    fields,
     v1::{TelemetryEvent, TelemetryValue, telemetry_value::Value},
 };
 use prost::Message;
@@ -51,7 +52,11 @@ impl Payload {
         let template = &self.templates[(sequence % BUCKETS) as usize];
         let mut bytes = Vec::with_capacity(template.len() + 22);
         bytes.extend_from_slice(template);
-        prost::encoding::int64::encode(4, &timestamp_ns, &mut bytes);
+        prost::encoding::int64::encode(
+            fields::telemetry_event::TIMESTAMP_NS,
+            &timestamp_ns,
+            &mut bytes,
+        );
         EncodedEvent::append_sequence(&mut bytes, sequence);
         EncodedEvent::from_bytes(bytes.into())
     }

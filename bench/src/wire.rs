@@ -5,6 +5,7 @@ use std::{pin::Pin, time::Duration};
 
 use bridge_proto::{
     encoded::EncodedEvent,
+    protocol::{events, headers},
     v1::{self, telemetry_control::Control},
     worker_client::telemetry_bridge_client::TelemetryBridgeClient,
 };
@@ -35,11 +36,11 @@ pub async fn connect(target: &str) -> Result<Channel, String> {
 /// A protocol event acknowledging a control version.
 pub fn ack(version: u64) -> EncodedEvent {
     let mut event = v1::TelemetryEvent {
-        event_parts: vec!["bridge".into(), "control".into(), "applied".into()],
+        event_parts: events::CONTROL_APPLIED.map(str::to_owned).to_vec(),
         ..Default::default()
     };
     event.measurements.insert(
-        "version".into(),
+        events::CONTROL_APPLIED_VERSION.into(),
         v1::TelemetryValue {
             value: Some(v1::telemetry_value::Value::IntValue(
                 i64::try_from(version).unwrap_or(i64::MAX),
@@ -66,12 +67,15 @@ pub async fn worker_stream(
     let mut request = Request::new(outbound);
     let metadata = request.metadata_mut();
     metadata.insert(
-        "x-worker-id",
+        headers::WORKER_ID,
         id.parse().map_err(|_| Status::internal("worker id"))?,
     );
-    metadata.insert("x-bridge-control-ack", "1".parse().expect("ascii"));
     metadata.insert(
-        "x-worker-instance",
+        headers::CONTROL_ACK,
+        headers::CONTROL_ACK_YES.parse().expect("ascii"),
+    );
+    metadata.insert(
+        headers::WORKER_INSTANCE,
         format!("{:016x}", rand::random::<u64>())
             .parse()
             .expect("ascii"),

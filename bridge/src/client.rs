@@ -2,12 +2,14 @@
 
 use std::time::Duration;
 
-use bridge_proto::v1::{self, telemetry_bridge_client::TelemetryBridgeClient};
+use bridge_proto::{
+    connect::{Authorize, ClientSecurity, SecurityError, error_chain},
+    v1::{self, telemetry_bridge_client::TelemetryBridgeClient},
+};
 use tonic::{
     service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
-use worker::security::{Authorize, ClientSecurity, SecurityError};
 
 use crate::command::{Change, Selector};
 
@@ -66,7 +68,7 @@ impl HubClient {
             .await
             .map_err(|e| ClientError::Unreachable {
                 address: address.to_owned(),
-                message: worker::link::error_chain(&e),
+                message: error_chain(&e),
             })?;
         Ok(Self {
             inner: TelemetryBridgeClient::with_interceptor(channel, authorize)

@@ -5,7 +5,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use bridge_proto::{v1, view::EventView};
+use bridge_proto::{
+    protocol::events::{
+        CLUSTER_CONNECTED, CLUSTER_DISCONNECTED, WORKER_CONNECTED, WORKER_DISCONNECTED,
+    },
+    v1,
+    view::EventView,
+};
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -24,14 +30,6 @@ use crate::{
     },
     registry::{Identity, Registry, Session, Worker},
 };
-
-/// Event names the hub publishes about workers.
-pub const WORKER_CONNECTED: [&str; 3] = ["bridge", "worker", "connected"];
-pub const WORKER_DISCONNECTED: [&str; 3] = ["bridge", "worker", "disconnected"];
-/// Event names a clustered hub publishes about its NATS connection (the event's worker id is
-/// the hub's node name): while it is cut off, events from other hubs may be missing.
-pub const CLUSTER_CONNECTED: [&str; 3] = ["bridge", "cluster", "connected"];
-pub const CLUSTER_DISCONNECTED: [&str; 3] = ["bridge", "cluster", "disconnected"];
 
 #[derive(Debug)]
 struct Shared {

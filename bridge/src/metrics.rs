@@ -6,6 +6,7 @@
 //! is bounded by the workers the hub remembers (`hub.max_remembered_workers`) and the fixed
 //! sets of drop reasons.
 
+use bridge_proto::protocol::counters;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet},
@@ -17,13 +18,13 @@ use crate::{hub::Hub, latency::Snapshot};
 
 /// Worker-side outcomes reported in `bridge.worker.stats`, as metric label values.
 const WORKER_DROPS: [(&str, &str); 7] = [
-    ("sampled_out", "sampled_out"),
-    ("filtered", "filtered"),
-    ("disabled", "disabled"),
-    ("dropped.buffer_full", "buffer_full"),
-    ("dropped.invalid_name", "invalid_name"),
-    ("dropped.parse_error", "parse_error"),
-    ("dropped.line_too_long", "line_too_long"),
+    (counters::SAMPLED_OUT, "sampled_out"),
+    (counters::FILTERED, "filtered"),
+    (counters::DISABLED, "disabled"),
+    (counters::DROPPED_BUFFER_FULL, "buffer_full"),
+    (counters::DROPPED_INVALID_NAME, "invalid_name"),
+    (counters::DROPPED_PARSE_ERROR, "parse_error"),
+    (counters::DROPPED_LINE_TOO_LONG, "line_too_long"),
 ];
 
 /// Renders the hub's metrics in the OpenMetrics text format.

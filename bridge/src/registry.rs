@@ -14,7 +14,10 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use bridge_proto::control::ControlState;
+use bridge_proto::{
+    control::ControlState,
+    protocol::{headers, hub_drops},
+};
 use dashmap::DashMap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -62,25 +65,29 @@ impl Identity {
                 }
             }
         };
-        let (id, generated) = match text("x-worker-id")? {
+        let (id, generated) = match text(headers::WORKER_ID)? {
             Some(id) => (id, false),
             None if require_id => {
-                return Err(Error::invalid(
-                    "x-worker-id: this hub requires workers to name themselves",
-                ));
+                return Err(Error::invalid(format!(
+                    "{}: this hub requires workers to name themselves",
+                    headers::WORKER_ID
+                )));
             }
             None => (format!("anon-{:08x}", rand::random::<u32>()), true),
         };
-        let pid = match text("x-worker-pid")? {
+        let pid = match text(headers::WORKER_PID)? {
             None => 0,
             Some(pid) => pid.parse().map_err(|_| {
-                Error::invalid(format!("x-worker-pid: `{pid}` is not a process id"))
+                Error::invalid(format!(
+                    "{}: `{pid}` is not a process id",
+                    headers::WORKER_PID
+                ))
             })?,
         };
         let mut labels = BTreeMap::new();
         for key in metadata.keys() {
             if let tonic::metadata::KeyRef::Ascii(key) = key
-                && let Some(label) = key.as_str().strip_prefix("x-worker-label-")
+                && let Some(label) = key.as_str().strip_prefix(headers::WORKER_LABEL_PREFIX)
                 && let Some(value) = text(key.as_str())?
             {
                 labels.insert(label.to_owned(), value);
@@ -89,12 +96,12 @@ impl Identity {
         Ok(Self {
             id,
             generated,
-            pool: text("x-worker-pool")?.unwrap_or_default(),
+            pool: text(headers::WORKER_POOL)?.unwrap_or_default(),
             pid,
             labels,
-            acknowledges: text("x-bridge-control-ack")?.as_deref() == Some("1"),
+            acknowledges: text(headers::CONTROL_ACK)?.as_deref() == Some(headers::CONTROL_ACK_YES),
             peer: peer.map(|p| p.to_string()).unwrap_or_default(),
-            instance: text("x-worker-instance")?.unwrap_or_default(),
+            instance: text(headers::WORKER_INSTANCE)?.unwrap_or_default(),
             gpu: gpu_text(metadata)?,
         })
     }
@@ -102,15 +109,16 @@ impl Identity {
 
 /// `x-worker-gpu` is free text (device names have spaces); only its length is limited.
 fn gpu_text(metadata: &MetadataMap) -> Result<String> {
-    let Some(value) = metadata.get("x-worker-gpu") else {
+    let key = headers::WORKER_GPU;
+    let Some(value) = metadata.get(key) else {
         return Ok(String::new());
     };
     let value = value
         .to_str()
-        .map_err(|_| Error::invalid("x-worker-gpu: must be printable ASCII"))?;
+        .map_err(|_| Error::invalid(format!("{key}: must be printable ASCII")))?;
     if value.len() > MAX_NAME_LEN {
         return Err(Error::invalid(format!(
-            "x-worker-gpu: longer than {MAX_NAME_LEN} bytes"
+            "{key}: longer than {MAX_NAME_LEN} bytes"
         )));
     }
     Ok(value.trim().to_owned())
@@ -159,13 +167,13 @@ impl HubDrop {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            HubDrop::Disabled => "disabled",
-            HubDrop::Filtered => "filtered",
-            HubDrop::SampledOut => "sampled_out",
-            HubDrop::Invalid => "invalid",
-            HubDrop::Duplicate => "duplicate",
-            HubDrop::OverLimit => "over_limit",
-            HubDrop::RateLimited => "rate_limited",
+            HubDrop::Disabled => hub_drops::DISABLED,
+            HubDrop::Filtered => hub_drops::FILTERED,
+            HubDrop::SampledOut => hub_drops::SAMPLED_OUT,
+            HubDrop::Invalid => hub_drops::INVALID,
+            HubDrop::Duplicate => hub_drops::DUPLICATE,
+            HubDrop::OverLimit => hub_drops::OVER_LIMIT,
+            HubDrop::RateLimited => hub_drops::RATE_LIMITED,
         }
     }
 }

@@ -7,7 +7,10 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use bridge_proto::v1::{self, telemetry_value::Value};
+use bridge_proto::{
+    protocol::counters,
+    v1::{self, telemetry_value::Value},
+};
 use serde_json::{Map, Value as Json, json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -278,10 +281,14 @@ fn drops(worker: &v1::WorkerInfo) -> (Map<String, Json>, Map<String, Json>) {
         .worker_counters
         .iter()
         .filter_map(|(k, v)| {
-            let reason = k.strip_prefix("dropped.").or(match k.as_str() {
-                "sampled_out" | "filtered" | "disabled" => Some(k.as_str()),
-                _ => None,
-            })?;
+            let reason = k
+                .strip_prefix(counters::DROPPED_PREFIX)
+                .or(match k.as_str() {
+                    counters::SAMPLED_OUT | counters::FILTERED | counters::DISABLED => {
+                        Some(k.as_str())
+                    }
+                    _ => None,
+                })?;
             Some((reason.to_owned(), json!(v)))
         })
         .collect();

@@ -15,6 +15,7 @@ use async_stream::stream;
 use bridge_proto::{
     control::{ControlState, Verdict},
     pattern::validate_event_tokens,
+    protocol::events::{CONTROL_APPLIED, CONTROL_APPLIED_VERSION, RESERVED_PREFIX, WORKER_STATS},
     sampling::{Draw, Presampled},
     v1::{self, telemetry_control::Control, telemetry_value::Value},
     view::EventView,
@@ -31,11 +32,6 @@ use crate::{
     outputs::Delivery,
     registry::{HubDrop, Sequenced, Session},
 };
-
-/// Reserved event a worker sends after applying a control state (int measurement `version`).
-pub const CONTROL_APPLIED: [&str; 3] = ["bridge", "control", "applied"];
-/// Reserved event carrying a worker's cumulative counters (int measurements).
-pub const WORKER_STATS: [&str; 3] = ["bridge", "worker", "stats"];
 
 /// Reads the worker's events until the stream ends or the hub ends it.
 pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView>) {
@@ -103,7 +99,7 @@ fn accept(
     event: EventView,
 ) -> Result<(), String> {
     let worker = &session.worker;
-    let protocol = event.first_part() == Some("bridge");
+    let protocol = event.first_part() == Some(RESERVED_PREFIX);
     if protocol {
         if let Err(refused) = admit(&event, admission) {
             worker.counters.received.fetch_add(1, Relaxed);
@@ -195,8 +191,12 @@ fn protocol_event(session: &Session, event: &v1::TelemetryEvent) -> Result<(), S
         _ => None,
     };
     if event.event_parts == CONTROL_APPLIED {
-        let version =
-            int("version").ok_or("bridge.control.applied needs an int measurement `version`")?;
+        let version = int(CONTROL_APPLIED_VERSION).ok_or_else(|| {
+            format!(
+                "{} needs an int measurement `{CONTROL_APPLIED_VERSION}`",
+                CONTROL_APPLIED.join(".")
+            )
+        })?;
         let latency = worker.acknowledge(version);
         debug!(worker.id = %worker.id, control.version = version, ?latency, "control acknowledged");
         Ok(())
@@ -215,7 +215,7 @@ fn protocol_event(session: &Session, event: &v1::TelemetryEvent) -> Result<(), S
         worker.counters.received.fetch_add(1, Relaxed);
         worker.counters.drop(HubDrop::Invalid);
         Err(format!(
-            "`{}`: event names starting with `bridge.` are reserved",
+            "`{}`: event names starting with `{RESERVED_PREFIX}.` are reserved",
             event.event_parts.join(".")
         ))
     }

@@ -110,39 +110,48 @@ impl EncodedSubscribeResponse {
                 buf.put_slice(s.as_bytes());
             }
         };
-        let event_len = event.len() + timestamp_ns.map_or(0, |ns| int64::encoded_len(4, &ns));
-        let body_len = string_len(1, worker_id)
-            + string_len(2, pool)
-            + key_len(3)
+        use crate::fields::{event_delivery as delivery, subscribe_response, telemetry_event};
+        let event_len = event.len()
+            + timestamp_ns.map_or(0, |ns| {
+                int64::encoded_len(telemetry_event::TIMESTAMP_NS, &ns)
+            });
+        let body_len = string_len(delivery::WORKER_ID, worker_id)
+            + string_len(delivery::POOL, pool)
+            + key_len(delivery::EVENT)
             + encoded_len_varint(event_len as u64)
             + event_len
             + if sampling_rate != 0.0 {
-                double::encoded_len(4, &sampling_rate)
+                double::encoded_len(delivery::SAMPLING_RATE, &sampling_rate)
             } else {
                 0
             }
             + if received_ns != 0 {
-                int64::encoded_len(5, &received_ns)
+                int64::encoded_len(delivery::RECEIVED_NS, &received_ns)
             } else {
                 0
             };
-        let mut buf =
-            Vec::with_capacity(key_len(1) + encoded_len_varint(body_len as u64) + body_len);
-        encode_key(1, WireType::LengthDelimited, &mut buf);
+        let mut buf = Vec::with_capacity(
+            key_len(subscribe_response::EVENT) + encoded_len_varint(body_len as u64) + body_len,
+        );
+        encode_key(
+            subscribe_response::EVENT,
+            WireType::LengthDelimited,
+            &mut buf,
+        );
         encode_varint(body_len as u64, &mut buf);
-        put_string(&mut buf, 1, worker_id);
-        put_string(&mut buf, 2, pool);
-        encode_key(3, WireType::LengthDelimited, &mut buf);
+        put_string(&mut buf, delivery::WORKER_ID, worker_id);
+        put_string(&mut buf, delivery::POOL, pool);
+        encode_key(delivery::EVENT, WireType::LengthDelimited, &mut buf);
         encode_varint(event_len as u64, &mut buf);
         buf.put_slice(event);
         if let Some(ns) = timestamp_ns {
-            int64::encode(4, &ns, &mut buf);
+            int64::encode(telemetry_event::TIMESTAMP_NS, &ns, &mut buf);
         }
         if sampling_rate != 0.0 {
-            double::encode(4, &sampling_rate, &mut buf);
+            double::encode(delivery::SAMPLING_RATE, &sampling_rate, &mut buf);
         }
         if received_ns != 0 {
-            int64::encode(5, &received_ns, &mut buf);
+            int64::encode(delivery::RECEIVED_NS, &received_ns, &mut buf);
         }
         Self {
             bytes: Bytes::from(buf),
@@ -201,7 +210,11 @@ impl EncodedEvent {
     /// Appends the `sequence` field to an encoded event that has none. Protobuf fields may come
     /// in any order, so this is the same message as one encoded with the sequence set.
     pub fn append_sequence(encoded: &mut Vec<u8>, sequence: u64) {
-        prost::encoding::uint64::encode(6, &sequence, encoded);
+        prost::encoding::uint64::encode(
+            crate::fields::telemetry_event::SEQUENCE,
+            &sequence,
+            encoded,
+        );
     }
 }
 

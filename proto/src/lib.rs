@@ -10,18 +10,27 @@
 //! - [`encoded`]: messages encoded once: subscription items shared by every subscriber, and
 //!   events a worker buffers until the hub confirms them.
 //! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
+//! - [`protocol`]: the names and defaults beside the messages: request metadata, reserved
+//!   event names, worker counters and hub drop reasons, GPU events, the outage buffer size.
 //! - [`sampling`]: the sampling rate and the deterministic per-correlation-id decision.
 //! - [`control`]: a worker's effective control state and the verdict it gives each event.
 //! - [`view`]: `TelemetryEvent` as the hub receives it, without building its maps.
+//! - [`fields`]: field numbers for the codecs written by hand ([`encoded`], [`view`], the
+//!   worker's encoder), checked against the contract.
+//! - [`connect`]: what every client of the hub needs to connect: token and TLS options, a
+//!   failure as one line, the default name of a participant.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for server reflection.
 //!
 //! The semantics every participant must share (names, patterns, sampling, control) live here,
 //! beside the wire types, so that the hub and the workers cannot drift apart.
-//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for server reflection.
 
 pub mod codec;
+pub mod connect;
 pub mod control;
 pub mod encoded;
+pub mod fields;
 pub mod pattern;
+pub mod protocol;
 pub mod sampling;
 pub mod view;
 

@@ -21,7 +21,17 @@ use prost::{
 };
 use smallvec::SmallVec;
 
-use crate::v1::TelemetryEvent;
+use crate::{
+    fields::{
+        map_entry,
+        telemetry_event::{
+            CONTROL_VERSION, CORRELATION_ID, EVENT_PARTS, MEASUREMENTS, METADATA, SAMPLING_RATE,
+            SEQUENCE, TIMESTAMP_NS,
+        },
+        telemetry_value::{FLOAT_VALUE, INT_VALUE, STRING_VALUE},
+    },
+    v1::TelemetryEvent,
+};
 
 /// A received `TelemetryEvent`; see the module documentation.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -147,39 +157,39 @@ impl Message for EventView {
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
         match tag {
-            1 | 5 => {
+            EVENT_PARTS | CORRELATION_ID => {
                 check_wire_type(WireType::LengthDelimited, wire_type)?;
                 let range = self.copy_delimited(tag, buf)?;
                 self.longest_string = self.longest_string.max(range.end - range.start);
                 self.utf8(&range, "a name token or the correlation id is not UTF-8");
-                if tag == 1 {
+                if tag == EVENT_PARTS {
                     self.parts.push(range);
                 } else {
                     self.correlation_id = range;
                 }
             }
-            2 | 3 => {
+            MEASUREMENTS | METADATA => {
                 check_wire_type(WireType::LengthDelimited, wire_type)?;
                 let range = self.copy_delimited(tag, buf)?;
                 let entry = &self.bytes[range.start as usize..range.end as usize];
                 self.entries = self.entries.saturating_add(1);
-                match check_entry(entry, tag == 2) {
+                match check_entry(entry, tag == MEASUREMENTS) {
                     Ok(longest) => self.longest_string = self.longest_string.max(longest),
                     Err(problem) => self.note(problem),
                 }
             }
-            4 | 6 | 8 => {
+            TIMESTAMP_NS | SEQUENCE | CONTROL_VERSION => {
                 check_wire_type(WireType::Varint, wire_type)?;
                 let value = decode_varint(buf)?;
                 encode_key(tag, WireType::Varint, &mut self.bytes);
                 encode_varint(value, &mut self.bytes);
                 match tag {
-                    4 => self.timestamp_ns = value as i64,
-                    6 => self.sequence = value,
+                    TIMESTAMP_NS => self.timestamp_ns = value as i64,
+                    SEQUENCE => self.sequence = value,
                     _ => self.control_version = value,
                 }
             }
-            7 => {
+            SAMPLING_RATE => {
                 check_wire_type(WireType::SixtyFourBit, wire_type)?;
                 if buf.remaining() < 8 {
                     return Err(malformed("buffer underflow"));
@@ -242,20 +252,20 @@ fn check_entry(mut entry: &[u8], measurement: bool) -> Result<u32, &'static str>
     while entry.has_remaining() {
         let (tag, wire_type) = decode_key(&mut entry).map_err(|_| BAD)?;
         match (tag, wire_type) {
-            (1, WireType::LengthDelimited) => {
+            (map_entry::KEY, WireType::LengthDelimited) => {
                 let key = delimited(&mut entry)?;
                 longest = longest.max(key.len());
                 std::str::from_utf8(key).map_err(|_| "a map key is not UTF-8")?;
             }
-            (2, WireType::LengthDelimited) if measurement => {
+            (map_entry::VALUE, WireType::LengthDelimited) if measurement => {
                 longest = longest.max(check_value(delimited(&mut entry)?)?);
             }
-            (2, WireType::LengthDelimited) => {
+            (map_entry::VALUE, WireType::LengthDelimited) => {
                 let value = delimited(&mut entry)?;
                 longest = longest.max(value.len());
                 std::str::from_utf8(value).map_err(|_| "a metadata value is not UTF-8")?;
             }
-            (1 | 2, _) => return Err(BAD),
+            (map_entry::KEY | map_entry::VALUE, _) => return Err(BAD),
             (_, wire_type) => skip(wire_type, &mut entry)?,
         }
     }
@@ -270,18 +280,18 @@ fn check_value(mut value: &[u8]) -> Result<usize, &'static str> {
     while value.has_remaining() {
         let (tag, wire_type) = decode_key(&mut value).map_err(|_| BAD)?;
         match (tag, wire_type) {
-            (1, WireType::Varint) => {
+            (INT_VALUE, WireType::Varint) => {
                 decode_varint(&mut value).map_err(|_| BAD)?;
             }
-            (2, WireType::SixtyFourBit) => {
+            (FLOAT_VALUE, WireType::SixtyFourBit) => {
                 value = value.get(8..).ok_or(BAD)?;
             }
-            (3, WireType::LengthDelimited) => {
+            (STRING_VALUE, WireType::LengthDelimited) => {
                 let text = delimited(&mut value)?;
                 longest = longest.max(text.len());
                 std::str::from_utf8(text).map_err(|_| "a measurement string is not UTF-8")?;
             }
-            (1..=3, _) => return Err(BAD),
+            (INT_VALUE | FLOAT_VALUE | STRING_VALUE, _) => return Err(BAD),
             (_, wire_type) => skip(wire_type, &mut value)?,
         }
     }

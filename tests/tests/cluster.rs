@@ -3,6 +3,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
+use bridge_proto::protocol::events;
 use bridge_proto::v1;
 use bridge_tests::{
     HubProcess, NatsServer, Tail, WorkerProcess, eventually, http_get, name, sequence,
@@ -106,7 +107,7 @@ async fn subscribers_on_any_hub_see_workers_on_every_hub_once() {
         b_all
             .deliveries()
             .iter()
-            .any(|d| name(d) == "bridge.worker.connected" && d.worker_id == "gpu-a"),
+            .any(|d| name(d) == events::WORKER_CONNECTED.join(".") && d.worker_id == "gpu-a"),
         "B never heard of gpu-a connecting"
     );
 }
@@ -155,7 +156,7 @@ async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
             .rposition(|d| name(d) == event && d.worker_id == "hub-a")
     };
     eventually("A's subscriber to hear that A lost NATS", WAIT, || async {
-        announced(&local, "bridge.cluster.disconnected").map(|_| ())
+        announced(&local, &events::CLUSTER_DISCONNECTED.join(".")).map(|_| ())
     })
     .await;
     let before = from_a(&local);
@@ -174,8 +175,8 @@ async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
     assert_eq!(ready(&a).body.trim(), "ready");
     // ... and when it is back.
     eventually("A's subscriber to hear that A is back", WAIT, || async {
-        let lost = announced(&local, "bridge.cluster.disconnected")?;
-        (announced(&local, "bridge.cluster.connected")? > lost).then_some(())
+        let lost = announced(&local, &events::CLUSTER_DISCONNECTED.join("."))?;
+        (announced(&local, &events::CLUSTER_CONNECTED.join("."))? > lost).then_some(())
     })
     .await;
     sequences_once(&remote, "gpu-a");

@@ -3,6 +3,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
+use bridge_proto::protocol::{counters, hub_drops};
 use bridge_proto::{
     sampling::Rate,
     v1::{self, telemetry_control::Control},
@@ -258,9 +259,11 @@ async fn pool_and_global_settings_reach_workers_including_those_that_join_later(
         eventually("the worker to count what it no longer emits", WAIT, || {
             let mut client = client.clone();
             async move {
-                worker_info(&mut client, id)
-                    .await
-                    .filter(|w| w.worker_counters.get("disabled").is_some_and(|n| *n > 0))
+                worker_info(&mut client, id).await.filter(|w| {
+                    w.worker_counters
+                        .get(counters::DISABLED)
+                        .is_some_and(|n| *n > 0)
+                })
             }
         })
         .await;
@@ -362,9 +365,11 @@ async fn the_hub_enforces_control_on_a_client_that_never_acknowledges() {
             let mut client = client.clone();
             let id = id.clone();
             async move {
-                worker_info(&mut client, &id)
-                    .await
-                    .filter(|w| w.hub_drops.get("disabled").is_some_and(|d| *d >= n))
+                worker_info(&mut client, &id).await.filter(|w| {
+                    w.hub_drops
+                        .get(hub_drops::DISABLED)
+                        .is_some_and(|d| *d >= n)
+                })
             }
         }
     };

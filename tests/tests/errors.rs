@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use bridge_proto::protocol::{events, headers, hub_drops};
 use bridge_proto::v1::{self, selector::Target, update_control_request::Change};
 use bridge_tests::{
     HubOptions, HubProcess, Tail, WorkerProcess, cli, eventually, name, open_stream, worker_info,
@@ -132,7 +133,7 @@ async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
     let tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
 
     // Identity that cannot be parsed.
-    let result = open_stream(&mut client, &[("x-worker-pid", "not-a-pid")])
+    let result = open_stream(&mut client, &[(headers::WORKER_PID, "not-a-pid")])
         .await
         .map(drop);
     assert_status(
@@ -142,7 +143,7 @@ async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
     );
 
     // Invalid events are dropped and counted; the stream and the valid events go on.
-    let (tx, mut controls) = open_stream(&mut client, &[("x-worker-id", "sloppy")])
+    let (tx, mut controls) = open_stream(&mut client, &[(headers::WORKER_ID, "sloppy")])
         .await
         .expect("opens");
     let event = |parts: &[&str]| v1::TelemetryEvent {
@@ -154,7 +155,7 @@ async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
         &["a", ""],
         &["a.b"],
         &["gpu", "*"],
-        &["bridge", "worker", "connected"],
+        &events::WORKER_CONNECTED,
     ] {
         tx.send(event(bad)).await.expect("send");
     }
@@ -168,7 +169,7 @@ async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
     .await;
     let sloppy = worker_info(&mut client, "sloppy").await.expect("listed");
     assert_eq!(
-        sloppy.hub_drops.get("invalid"),
+        sloppy.hub_drops.get(hub_drops::INVALID),
         Some(&5),
         "{:?}",
         sloppy.hub_drops
@@ -180,7 +181,10 @@ async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
         .map(name)
         .collect();
     // The hub's own announcement, then the valid event; the forged announcement was dropped.
-    assert_eq!(from_sloppy, ["bridge.worker.connected", "fine.event"]);
+    assert_eq!(
+        from_sloppy,
+        [events::WORKER_CONNECTED.join("."), "fine.event".to_owned()]
+    );
 
     // A message over the limit ends that stream with RESOURCE_EXHAUSTED, and only that one.
     let mut huge = event(&["huge"]);

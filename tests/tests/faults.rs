@@ -4,6 +4,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
+use bridge_proto::protocol::{counters, hub_drops};
 use bridge_proto::{sampling::Rate, v1};
 use bridge_tests::{
     HubProcess, Proxy, ProxyMode, Tail, WorkerProcess, eventually, int, name, run_cli, sequence,
@@ -134,25 +135,25 @@ async fn delays_partitions_and_resets_lose_and_duplicate_nothing() {
     let hub_dropped: u64 = info
         .hub_drops
         .iter()
-        .filter(|(reason, _)| *reason != "duplicate")
+        .filter(|(reason, _)| *reason != hub_drops::DUPLICATE)
         .map(|(_, n)| n)
         .sum();
     assert_eq!(
-        worker_count("confirmed"),
-        info.events_received - hub_drop("duplicate"),
+        worker_count(counters::CONFIRMED),
+        info.events_received - hub_drop(hub_drops::DUPLICATE),
         "the hub confirmed exactly what it received once: {info:?}"
     );
-    assert_eq!(worker_count("buffered"), 0, "{info:?}");
+    assert_eq!(worker_count(counters::BUFFERED), 0, "{info:?}");
     assert_eq!(
-        worker_count("accepted"),
-        delivered + hub_dropped + worker_count("dropped.buffer_full"),
+        worker_count(counters::ACCEPTED),
+        delivered + hub_dropped + worker_count(counters::DROPPED_BUFFER_FULL),
         "accepted = delivered + dropped at the hub + dropped from the buffer: {info:?}"
     );
     assert_eq!(
-        worker_count("filtered") + hub_drop("filtered"),
+        worker_count(counters::FILTERED) + hub_drop(hub_drops::FILTERED),
         (TICKS as u64).div_ceil(10),
         "every debug.trace was filtered once: {info:?}"
     );
-    assert!(worker_count("replayed") > 0, "{info:?}");
+    assert!(worker_count(counters::REPLAYED) > 0, "{info:?}");
     assert_eq!(info.missing_events, 0, "{info:?}");
 }

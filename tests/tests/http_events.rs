@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use bridge_proto::protocol::headers;
 use bridge_proto::v1;
 use bridge_tests::{
     HubOptions, HubProcess, WorkerProcess, bin, eventually, http_get, open_stream, skip_without,
@@ -128,7 +129,7 @@ async fn server_sent_events_carry_the_filtered_tail_and_account_for_lag() {
     .await;
 
     let mut client = hub.client().await;
-    let (sender, _controls) = open_stream(&mut client, &[("x-worker-id", "flood")])
+    let (sender, _controls) = open_stream(&mut client, &[(headers::WORKER_ID, "flood")])
         .await
         .expect("worker stream");
     sender

@@ -4,6 +4,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use bridge::client::HubClient;
+use bridge_proto::protocol::{counters, events, headers};
 use bridge_proto::v1;
 use bridge_tests::{HubOptions, HubProcess, Tail, eventually, matching, open_stream, worker_info};
 use tonic::Code;
@@ -33,7 +34,7 @@ async fn events_over_the_limits_are_counted_and_the_rest_flows() {
     let mut client = hub.client().await;
     let tail = Tail::start(&mut client, matching(&["ok.>"])).await;
 
-    let (sizes, _controls) = open_stream(&mut client, &[("x-worker-id", "sizes")])
+    let (sizes, _controls) = open_stream(&mut client, &[(headers::WORKER_ID, "sizes")])
         .await
         .expect("stream");
     for event in [
@@ -63,7 +64,7 @@ async fn events_over_the_limits_are_counted_and_the_rest_flows() {
 
     // A worker at ten times its quota: about a second's worth gets through (the burst plus
     // what the quota refills while it sends), the rest is counted, nothing is unaccounted.
-    let (flood, _controls) = open_stream(&mut client, &[("x-worker-id", "flood")])
+    let (flood, _controls) = open_stream(&mut client, &[(headers::WORKER_ID, "flood")])
         .await
         .expect("stream");
     for _ in 0..500 {
@@ -125,10 +126,10 @@ async fn worker_streams_beyond_the_limit_are_refused_but_a_reconnect_is_not() {
         ..Default::default()
     });
     let mut client = hub.client().await;
-    let _first = open_stream(&mut client, &[("x-worker-id", "w1")])
+    let _first = open_stream(&mut client, &[(headers::WORKER_ID, "w1")])
         .await
         .expect("first");
-    let _second = open_stream(&mut client, &[("x-worker-id", "w2")])
+    let _second = open_stream(&mut client, &[(headers::WORKER_ID, "w2")])
         .await
         .expect("second");
     eventually("both to be connected", WAIT, || {
@@ -139,7 +140,7 @@ async fn worker_streams_beyond_the_limit_are_refused_but_a_reconnect_is_not() {
         }
     })
     .await;
-    let status = open_stream(&mut client, &[("x-worker-id", "w3")])
+    let status = open_stream(&mut client, &[(headers::WORKER_ID, "w3")])
         .await
         .map(drop)
         .expect_err("a third worker");
@@ -149,7 +150,7 @@ async fn worker_streams_beyond_the_limit_are_refused_but_a_reconnect_is_not() {
         "{status:?}"
     );
     // A worker that reconnects replaces its own stream: it takes no extra room.
-    let _again = open_stream(&mut client, &[("x-worker-id", "w1")])
+    let _again = open_stream(&mut client, &[(headers::WORKER_ID, "w1")])
         .await
         .expect("w1 reconnecting");
 }
@@ -215,7 +216,7 @@ async fn connections_beyond_the_limit_are_closed_until_one_goes() {
 fn stats(counters: &[(&str, i64)]) -> v1::TelemetryEvent {
     use v1::telemetry_value::Value;
     v1::TelemetryEvent {
-        event_parts: vec!["bridge".into(), "worker".into(), "stats".into()],
+        event_parts: events::WORKER_STATS.map(str::to_owned).to_vec(),
         measurements: counters
             .iter()
             .map(|(name, n)| {
@@ -238,14 +239,14 @@ async fn reserved_events_are_held_to_the_same_limits() {
         ..Default::default()
     });
     let mut client = hub.client().await;
-    let (reports, _controls) = open_stream(&mut client, &[("x-worker-id", "reporter")])
+    let (reports, _controls) = open_stream(&mut client, &[(headers::WORKER_ID, "reporter")])
         .await
         .expect("stream");
     let oversized: Vec<(String, i64)> = (0..10).map(|i| (format!("extra{i}"), i)).collect();
     let oversized: Vec<(&str, i64)> = oversized.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     reports.send(stats(&oversized)).await.expect("send");
     reports
-        .send(stats(&[("produced", 2), ("sent", 2)]))
+        .send(stats(&[(counters::PRODUCED, 2), (counters::SENT, 2)]))
         .await
         .expect("send");
     let info = eventually("the report within limits", WAIT, || {
@@ -253,7 +254,7 @@ async fn reserved_events_are_held_to_the_same_limits() {
         async move {
             worker_info(&mut client, "reporter")
                 .await
-                .filter(|w| w.worker_counters.get("produced") == Some(&2))
+                .filter(|w| w.worker_counters.get(counters::PRODUCED) == Some(&2))
         }
     })
     .await;
@@ -270,7 +271,7 @@ async fn reserved_events_are_held_to_the_same_limits() {
 
     for i in 0..500 {
         reports
-            .send(stats(&[("produced", 1000 + i)]))
+            .send(stats(&[(counters::PRODUCED, 1000 + i)]))
             .await
             .expect("send");
     }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use bridge_proto::protocol::headers;
 use bridge_proto::v1;
 use bridge_tests::{
     HubOptions, HubProcess, READER_TOKEN, Tail, WORKER_TOKEN, WorkerProcess, eventually, http_get,
@@ -199,9 +200,10 @@ async fn delivered_events_are_counted_where_they_are_delivered() {
         ..Default::default()
     });
     let mut client = hub.client().await;
-    let (events, _controls) = bridge_tests::open_stream(&mut client, &[("x-worker-id", "noisy")])
-        .await
-        .expect("stream");
+    let (events, _controls) =
+        bridge_tests::open_stream(&mut client, &[(headers::WORKER_ID, "noisy")])
+            .await
+            .expect("stream");
     let sender = tokio::spawn(async move {
         let event = v1::TelemetryEvent {
             event_parts: vec!["inference".into(), "stop".into()],

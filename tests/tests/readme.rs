@@ -8,6 +8,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
+use bridge_proto::protocol::headers;
 use bridge_proto::v1;
 use bridge_tests::{
     HubProcess, WorkerProcess, bin, eventually, open_stream, repo_root, skip_without, worker_info,
@@ -147,7 +148,7 @@ impl Stage {
             }
         })
         .await;
-        let (events, _controls) = open_stream(&mut client, &[("x-worker-id", "gpu-feed")])
+        let (events, _controls) = open_stream(&mut client, &[(headers::WORKER_ID, "gpu-feed")])
             .await
             .expect("stream");
         let gpu_feed = tokio::spawn(async move {

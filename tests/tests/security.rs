@@ -8,13 +8,14 @@ use std::{
 };
 
 use bridge::client::{ClientError, HubClient};
+use bridge_proto::connect::ClientSecurity;
+use bridge_proto::protocol::headers;
 use bridge_proto::v1::{self, selector::Target, update_control_request::Change};
 use bridge_tests::{
     ADMIN_TOKEN, HubOptions, HubProcess, Pki, READER_TOKEN, WORKER_TOKEN, WorkerProcess,
     eventually, open_stream, run_cli, tokens_config, worker_info,
 };
 use tonic::Code;
-use worker::security::ClientSecurity;
 
 const WAIT: Duration = Duration::from_secs(20);
 async fn client_with(url: &str, security: ClientSecurity) -> Result<HubClient, ClientError> {
@@ -63,7 +64,7 @@ async fn codes_of(mut client: HubClient) -> [Code; 5] {
         .subscribe(v1::SubscribeRequest::default())
         .await
         .map(drop);
-    let stream = open_stream(&mut client, &[("x-worker-id", "probe")])
+    let stream = open_stream(&mut client, &[(headers::WORKER_ID, "probe")])
         .await
         .map(drop);
     [
@@ -240,7 +241,7 @@ async fn tls_and_mutual_tls_admit_only_the_right_certificates() {
         .await
         .expect("mutual TLS");
     assert!(client.list_workers(None).await.is_ok());
-    let status = open_stream(&mut client, &[("x-worker-id", "gpu-2")])
+    let status = open_stream(&mut client, &[(headers::WORKER_ID, "gpu-2")])
         .await
         .map(drop)
         .expect_err("a name not in the certificate");

@@ -7,11 +7,12 @@ use std::{
     time::Duration,
 };
 
+use bridge_proto::protocol::events;
 use bridge_proto::v1::telemetry_bridge_client::TelemetryBridgeClient;
 use bridge_proto::{SERVICE_NAME, v1};
 use bridge_tests::{
     HubOptions, HubProcess, PythonGrpc, Tail, WorkerProcess, bin, eventually, first_connected,
-    matching, name, run_cli,
+    matching, name, run_cli, signal, wait_exit,
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -160,13 +161,103 @@ fn the_demo_shows_the_whole_loop_and_exits_zero() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("bridge.worker.connected"), "{stdout}");
+    assert!(
+        stdout.contains(&events::WORKER_CONNECTED.join(".")),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("$ bridge sample gpu-1 0.1\ngpu-1: sampling 0.1 applied in"),
         "{stdout}"
     );
     assert!(stdout.contains("$ bridge workers\nWORKER"), "{stdout}");
     assert!(stdout.contains("gpu-1 went from"), "{stdout}");
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM ends the demo with its simulated workers: none is left running.
+#[test]
+fn an_interrupted_demo_leaves_no_worker_running() {
+    for sig in ["INT", "TERM"] {
+        let mut demo = Command::new(bin("bridge"))
+            .args(["demo", "--duration", "60"])
+            // Outside cargo, so it runs the worker beside it instead of building one.
+            .env_remove("CARGO")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run demo");
+        let started = std::time::Instant::now();
+        let workers = loop {
+            let workers = children(demo.id(), "worker");
+            if workers.len() == 3 {
+                break workers;
+            }
+            assert!(started.elapsed() < WAIT, "the demo started {workers:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        signal(demo.id(), sig);
+        let status = wait_exit(&mut demo, WAIT).expect("the demo exits");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut demo.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert_eq!(status.code(), Some(130), "SIG{sig}: {stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        let left: Vec<u32> = workers.into_iter().filter(|pid| running(*pid)).collect();
+        assert!(left.is_empty(), "SIG{sig} left workers {left:?} running");
+    }
+}
+
+/// The processes whose parent is `parent` and whose command name is `comm`.
+fn children(parent: u32, comm: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // `pid (comm) state ppid ...`; the name may hold spaces and parentheses.
+            let (head, rest) = stat.rsplit_once(')')?;
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent && head.split_once('(')?.1 == comm).then_some(pid)
+        })
+        .collect()
+}
+
+/// Whether `pid` is a live process (a zombie has exited and is only waiting to be reaped).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
+}
+
+/// Outside cargo the demo runs the `worker` installed beside `bridge`; without one it says so
+/// in one line, before starting anything.
+#[test]
+fn the_demo_without_a_worker_binary_says_so_in_one_line() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let lonely = dir.path().join("bridge");
+    if std::fs::hard_link(bin("bridge"), &lonely).is_err() {
+        std::fs::copy(bin("bridge"), &lonely).expect("copy bridge");
+    }
+    let output = Command::new(&lonely)
+        .args(["demo", "--duration", "4"])
+        .env_remove("CARGO")
+        .output()
+        .expect("run demo");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "there is no {}",
+            dir.path().join("worker").display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "");
 }
 
 /// The seed design's Python emitter, generated from our .proto by grpcio-tools, sends no

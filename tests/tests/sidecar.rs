@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use bridge_proto::protocol::{counters, gpu, hub_drops};
 use bridge_proto::{sampling::Rate, v1};
 use bridge_tests::{
     HubOptions, HubProcess, Proxy, ProxyMode, PythonGrpc, QUICK_WORKER_CONFIG, Tail, WorkerProcess,
@@ -132,17 +133,19 @@ exit 7
         async move {
             worker_info(&mut client, "app-1")
                 .await
-                .filter(|w| !w.connected && w.worker_counters.contains_key("confirmed"))
+                .filter(|w| !w.connected && w.worker_counters.contains_key(counters::CONFIRMED))
         }
     })
     .await;
     assert_eq!(
-        info.worker_counters["dropped.parse_error"], 1,
+        info.worker_counters[counters::DROPPED_PARSE_ERROR],
+        1,
         "{:?}",
         info.worker_counters
     );
     assert_eq!(
-        info.worker_counters["confirmed"], info.worker_counters["accepted"],
+        info.worker_counters[counters::CONFIRMED],
+        info.worker_counters[counters::ACCEPTED],
         "everything accepted was confirmed before exit"
     );
 }
@@ -291,7 +294,7 @@ async fn no_event_is_lost_or_delivered_twice_across_a_hub_restart() {
         .await
         .expect("steady")
         .hub_drops
-        .get("filtered")
+        .get(hub_drops::FILTERED)
         .copied()
         .unwrap_or(0);
 
@@ -360,9 +363,9 @@ async fn no_event_is_lost_or_delivered_twice_across_a_hub_restart() {
     );
     let control = after.control.expect("control");
     assert_eq!(control.blocked_events, ["debug.>"]);
-    assert_eq!(after.worker_counters["dropped.buffer_full"], 0);
+    assert_eq!(after.worker_counters[counters::DROPPED_BUFFER_FULL], 0);
     assert!(
-        after.worker_counters["replayed"] > 0,
+        after.worker_counters[counters::REPLAYED] > 0,
         "{:?}",
         after.worker_counters
     );
@@ -419,12 +422,13 @@ exec sleep 60
         async move {
             worker_info(&mut client, "overflow").await.filter(|w| {
                 let c = &w.worker_counters;
-                c.get("buffered") == Some(&0) && c.get("accepted").is_some_and(|a| *a >= 501)
+                c.get(counters::BUFFERED) == Some(&0)
+                    && c.get(counters::ACCEPTED).is_some_and(|a| *a >= 501)
             })
         }
     })
     .await;
-    let dropped = info.worker_counters["dropped.buffer_full"];
+    let dropped = info.worker_counters[counters::DROPPED_BUFFER_FULL];
     let delivered: Vec<v1::EventDelivery> = tail
         .deliveries()
         .into_iter()
@@ -526,18 +530,19 @@ print("done", flush=True)
         async move {
             worker_info(&mut client, "flood").await.filter(|w| {
                 let c = &w.worker_counters;
-                c.get("buffered") == Some(&0) && c.get("produced").is_some_and(|p| *p >= LINES)
+                c.get(counters::BUFFERED) == Some(&0)
+                    && c.get(counters::PRODUCED).is_some_and(|p| *p >= LINES)
             })
         }
     })
     .await;
     let c = &info.worker_counters;
     assert_eq!(
-        c["produced"],
-        c["confirmed"] + c["dropped.buffer_full"],
+        c[counters::PRODUCED],
+        c[counters::CONFIRMED] + c[counters::DROPPED_BUFFER_FULL],
         "every line was confirmed or counted as dropped: {c:?}"
     );
-    assert!(c["dropped.buffer_full"] > LINES / 2, "{c:?}");
+    assert!(c[counters::DROPPED_BUFFER_FULL] > LINES / 2, "{c:?}");
     drop(stdin);
 }
 
@@ -619,20 +624,20 @@ printf '"}}}}\nTELEMETRY:{{"event":"after.long"}}\n' >&2
         async move {
             worker_info(&mut client, "long-line")
                 .await
-                .filter(|w| !w.connected && w.worker_counters.contains_key("confirmed"))
+                .filter(|w| !w.connected && w.worker_counters.contains_key(counters::CONFIRMED))
         }
     })
     .await;
-    let counters = &info.worker_counters;
+    let reported = &info.worker_counters;
     assert_eq!(
-        counters.get("dropped.line_too_long"),
+        reported.get(counters::DROPPED_LINE_TOO_LONG),
         Some(&1),
-        "{counters:?}"
+        "{reported:?}"
     );
     assert_eq!(
-        counters.get("dropped.parse_error"),
+        reported.get(counters::DROPPED_PARSE_ERROR),
         Some(&0),
-        "{counters:?}"
+        "{reported:?}"
     );
 }
 
@@ -745,6 +750,41 @@ async fn gpu_metrics_come_from_nvml_or_say_clearly_there_is_no_gpu() {
             assert!(no_gpu[0].contains(&reason), "{} lacks {reason}", no_gpu[0]);
         }
     }
+}
+
+/// `--simulate` is a simulated model server with its one simulated GPU: it leaves NVML alone,
+/// so on a GPU host no real device's events contradict the simulated one, and without a GPU
+/// there is no warning about the missing driver (`bridge demo` runs three of these).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_worker_reports_only_its_simulated_gpu() {
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let tail = Tail::start(&mut client, matching(&["gpu.>"])).await;
+    let worker = WorkerProcess::start(
+        &hub.url,
+        "sim",
+        "",
+        &["--simulate", "5", "--gpu-interval", "200ms"],
+    );
+    // Three simulated reports (one a second): a real device would have reported many times.
+    let reports = eventually("three simulated GPU reports", WAIT, || async {
+        let reports = tail.deliveries();
+        (reports.len() >= 3).then_some(reports)
+    })
+    .await;
+    for report in &reports {
+        let event = report.event.as_ref().expect("event");
+        assert_eq!(name(report), gpu::METRICS_EVENT, "{report:?}");
+        assert_eq!(
+            event.metadata[gpu::UUID],
+            "GPU-simulated-0000",
+            "{report:?}"
+        );
+    }
+    let info = worker_info(&mut client, "sim").await.expect("listed");
+    assert_eq!(info.gpu, worker::simulate::GPU_DESCRIPTION);
+    let log = worker.log();
+    assert!(!log.contains("NVML") && !log.contains("no GPU"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

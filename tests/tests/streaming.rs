@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use bridge_proto::protocol::{events, headers};
 use bridge_proto::v1::{self, subscribe_response::Item};
 use bridge_tests::{
     HubOptions, HubProcess, Tail, WorkerProcess, eventually, matching, name, open_stream, run_cli,
@@ -76,14 +77,14 @@ async fn fan_out_to_subscribers_with_different_filters() {
         lifecycle
             .deliveries()
             .iter()
-            .any(|d| d.worker_id == "gpu-a" && name(d) == "bridge.worker.disconnected")
+            .any(|d| d.worker_id == "gpu-a" && name(d) == events::WORKER_DISCONNECTED.join("."))
             .then_some(())
     })
     .await;
     let events = lifecycle.deliveries();
     let connected: Vec<_> = events
         .iter()
-        .filter(|d| name(d) == "bridge.worker.connected")
+        .filter(|d| name(d) == events::WORKER_CONNECTED.join("."))
         .collect();
     assert_eq!(connected.len(), 2, "{events:?}");
     let a_connected = connected
@@ -254,7 +255,7 @@ async fn a_second_stream_with_the_same_id_replaces_the_first() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
     // The first stream is a bare client, so that nothing reconnects it once it is replaced.
-    let (_events, mut first) = open_stream(&mut client, &[("x-worker-id", "twin")])
+    let (_events, mut first) = open_stream(&mut client, &[(headers::WORKER_ID, "twin")])
         .await
         .expect("first stream opens");
     eventually("the first twin to connect", WAIT, || {
@@ -289,14 +290,14 @@ async fn a_second_stream_with_the_same_id_replaces_the_first() {
     eventually("the replacement to be announced", WAIT, || async {
         let events = lifecycle.deliveries();
         let replaced = events.iter().any(|d| {
-            name(d) == "bridge.worker.disconnected"
+            name(d) == events::WORKER_DISCONNECTED.join(".")
                 && d.event
                     .as_ref()
                     .is_some_and(|e| e.metadata["reason"].contains("replaced"))
         });
         let reconnected = events
             .iter()
-            .any(|d| name(d) == "bridge.worker.connected" && d.pool == "other-pool");
+            .any(|d| name(d) == events::WORKER_CONNECTED.join(".") && d.pool == "other-pool");
         (replaced && reconnected).then_some(())
     })
     .await;

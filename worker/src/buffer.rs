@@ -11,7 +11,7 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use bridge_proto::encoded::EncodedEvent;
+use bridge_proto::{encoded::EncodedEvent, fields::telemetry_event::SEQUENCE};
 use bytes::BytesMut;
 
 /// Size of the chunks events are copied into.
@@ -77,7 +77,7 @@ impl Buffer {
             // Room for the sequence field: a one-byte key and up to ten bytes of varint.
             inner.arena.reserve(encoded.len() + 11);
             inner.arena.extend_from_slice(encoded);
-            prost::encoding::uint64::encode(6, &sequence, &mut inner.arena);
+            prost::encoding::uint64::encode(SEQUENCE, &sequence, &mut inner.arena);
             let bytes = inner.arena.split().freeze();
             inner
                 .events

@@ -2,6 +2,7 @@
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
+use bridge_proto::{connect::host_name, protocol::DEFAULT_BUFFER_EVENTS};
 use serde::Deserialize;
 
 use crate::link::LinkOptions;
@@ -58,7 +59,7 @@ impl Default for WorkerConfig {
             id: String::new(),
             pool: String::new(),
             labels: BTreeMap::new(),
-            buffer_events: 100_000,
+            buffer_events: DEFAULT_BUFFER_EVENTS,
             backoff_initial_ms: 100,
             backoff_max_ms: 5000,
             stats_interval_ms: 1000,
@@ -155,16 +156,6 @@ impl WorkerConfig {
         options.linger = Duration::from_millis(self.linger_ms);
         options
     }
-}
-
-/// The machine's host name, or `worker-<pid>` when it cannot be read.
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|name| name.trim().to_owned())
-        .ok()
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| format!("worker-{}", std::process::id()))
 }
 
 #[cfg(test)]

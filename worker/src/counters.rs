@@ -129,20 +129,33 @@ impl Snapshot {
 
     /// The counters as `bridge.worker.stats` measurements.
     pub fn measurements(&self) -> [(&'static str, u64); 13] {
+        use bridge_proto::protocol::counters as key;
         [
-            ("produced", self.produced()),
-            ("accepted", self.accepted),
-            ("sent", self.sent),
-            ("replayed", self.replayed),
-            ("confirmed", self.confirmed),
-            ("buffered", self.buffered()),
-            ("sampled_out", self.sampled_out),
-            ("filtered", self.filtered),
-            ("disabled", self.disabled),
-            ("dropped.buffer_full", self.dropped_buffer_full),
-            ("dropped.invalid_name", self.dropped_invalid_name),
-            ("dropped.parse_error", self.dropped_parse_error),
-            ("dropped.line_too_long", self.dropped_line_too_long),
+            (key::PRODUCED, self.produced()),
+            (key::ACCEPTED, self.accepted),
+            (key::SENT, self.sent),
+            (key::REPLAYED, self.replayed),
+            (key::CONFIRMED, self.confirmed),
+            (key::BUFFERED, self.buffered()),
+            (key::SAMPLED_OUT, self.sampled_out),
+            (key::FILTERED, self.filtered),
+            (key::DISABLED, self.disabled),
+            (key::DROPPED_BUFFER_FULL, self.dropped_buffer_full),
+            (key::DROPPED_INVALID_NAME, self.dropped_invalid_name),
+            (key::DROPPED_PARSE_ERROR, self.dropped_parse_error),
+            (key::DROPPED_LINE_TOO_LONG, self.dropped_line_too_long),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every counter the contract documents is reported, and nothing else.
+    #[test]
+    fn reports_exactly_the_documented_counters() {
+        let keys = Snapshot::default().measurements().map(|(key, _)| key);
+        assert_eq!(keys, bridge_proto::protocol::counters::ALL);
     }
 }

@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 use bridge_proto::{
     control::{ControlState, Verdict},
     pattern::{validate_event_name, validate_event_parts},
+    protocol::events,
     sampling::{Draw, Presampled},
     v1,
 };
@@ -30,64 +31,8 @@ use crate::{
     counters::{Counters, DropReason},
     encode,
     fast_control::FastControl,
+    value::Value,
 };
-
-/// A measured value. Integers stay integers on the wire; strings are for labels that are
-/// measured rather than contextual (e.g. a device state).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Value<'a> {
-    Int(i64),
-    Float(f64),
-    Str(&'a str),
-}
-
-macro_rules! int_value {
-    ($($t:ty),*) => {$(
-        impl From<$t> for Value<'_> {
-            fn from(v: $t) -> Self {
-                Value::Int(i64::from(v))
-            }
-        }
-    )*};
-}
-int_value!(i8, i16, i32, i64, u8, u16, u32);
-
-impl From<u64> for Value<'_> {
-    /// Values above `i64::MAX` saturate.
-    fn from(v: u64) -> Self {
-        Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
-    }
-}
-
-impl From<usize> for Value<'_> {
-    fn from(v: usize) -> Self {
-        Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
-    }
-}
-
-impl From<f64> for Value<'_> {
-    fn from(v: f64) -> Self {
-        Value::Float(v)
-    }
-}
-
-impl From<f32> for Value<'_> {
-    fn from(v: f32) -> Self {
-        Value::Float(f64::from(v))
-    }
-}
-
-impl<'a> From<&'a str> for Value<'a> {
-    fn from(v: &'a str) -> Self {
-        Value::Str(v)
-    }
-}
-
-impl<'a> From<&'a String> for Value<'a> {
-    fn from(v: &'a String) -> Self {
-        Value::Str(v)
-    }
-}
 
 /// State shared by an emitter's clones and its link to the hub.
 #[derive(Debug)]
@@ -420,8 +365,7 @@ fn valid_name(name: &str) -> bool {
         if *last.borrow() == name {
             return true;
         }
-        let valid =
-            validate_event_name(name).is_ok() && name != "bridge" && !name.starts_with("bridge.");
+        let valid = validate_event_name(name).is_ok() && !events::is_reserved(name);
         if valid {
             let mut last = last.borrow_mut();
             last.clear();
@@ -433,7 +377,8 @@ fn valid_name(name: &str) -> bool {
 
 /// The same for an event given as parts.
 fn acceptable(parts: &[String]) -> bool {
-    validate_event_parts(parts).is_ok() && parts.first().is_none_or(|p| p != "bridge")
+    validate_event_parts(parts).is_ok()
+        && parts.first().is_none_or(|p| p != events::RESERVED_PREFIX)
 }
 
 /// Nanoseconds since the Unix epoch.

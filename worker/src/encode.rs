@@ -5,10 +5,20 @@
 //! arguments into a reused buffer. The sequence number is appended later, when the event is
 //! accepted.
 
-use bridge_proto::v1;
+use bridge_proto::{
+    fields::{
+        map_entry::{KEY, VALUE},
+        telemetry_event::{
+            CONTROL_VERSION, CORRELATION_ID, EVENT_PARTS, MEASUREMENTS, METADATA, SAMPLING_RATE,
+            TIMESTAMP_NS,
+        },
+        telemetry_value::{FLOAT_VALUE, INT_VALUE, STRING_VALUE},
+    },
+    v1,
+};
 use prost::encoding::{WireType, encoded_len_varint, key_len};
 
-use crate::emitter::Value;
+use crate::value::Value;
 
 /// Writes a field key; every tag here is below 16, so a key is one byte.
 #[inline]
@@ -59,32 +69,32 @@ fn put_entry_string(buf: &mut Vec<u8>, tag: u32, text: &str) {
 /// Length of a `TelemetryValue` message body (the oneof field is always present).
 fn value_len(value: &Value<'_>) -> usize {
     match value {
-        Value::Int(v) => key_len(1) + encoded_len_varint(*v as u64),
-        Value::Float(_) => key_len(2) + 8,
-        Value::Str(s) => string_len(3, s),
+        Value::Int(v) => key_len(INT_VALUE) + encoded_len_varint(*v as u64),
+        Value::Float(_) => key_len(FLOAT_VALUE) + 8,
+        Value::Str(s) => string_len(STRING_VALUE, s),
     }
 }
 
 fn put_value(buf: &mut Vec<u8>, value: &Value<'_>) {
     match value {
         Value::Int(v) => {
-            encode_key(1, WireType::Varint, buf);
+            encode_key(INT_VALUE, WireType::Varint, buf);
             encode_varint(*v as u64, buf);
         }
         Value::Float(v) => {
-            encode_key(2, WireType::SixtyFourBit, buf);
+            encode_key(FLOAT_VALUE, WireType::SixtyFourBit, buf);
             buf.extend_from_slice(&v.to_le_bytes());
         }
-        Value::Str(s) => put_string(buf, 3, s),
+        Value::Str(s) => put_string(buf, STRING_VALUE, s),
     }
 }
 
 fn measurement_entry_len(key: &str, value: &Value<'_>) -> usize {
-    entry_string_len(1, key) + len_delimited(2, value_len(value))
+    entry_string_len(KEY, key) + len_delimited(VALUE, value_len(value))
 }
 
 fn metadata_entry_len(key: &str, value: &str) -> usize {
-    entry_string_len(1, key) + entry_string_len(2, value)
+    entry_string_len(KEY, key) + entry_string_len(VALUE, value)
 }
 
 /// The encoding of the `TelemetryEvent` these arguments describe, without a sequence number.
@@ -105,35 +115,35 @@ pub(crate) fn event(
     // `buf` is a reused scratch buffer: it is already as large as the events it has held, so
     // the total is not computed up front (only nested messages need their lengths).
     for token in name.split('.') {
-        put_string(buf, 1, token);
+        put_string(buf, EVENT_PARTS, token);
     }
     for (key, value) in measurements {
-        encode_key(2, WireType::LengthDelimited, buf);
+        encode_key(MEASUREMENTS, WireType::LengthDelimited, buf);
         encode_varint(measurement_entry_len(key, value) as u64, buf);
-        put_entry_string(buf, 1, key);
-        encode_key(2, WireType::LengthDelimited, buf);
+        put_entry_string(buf, KEY, key);
+        encode_key(VALUE, WireType::LengthDelimited, buf);
         encode_varint(value_len(value) as u64, buf);
         put_value(buf, value);
     }
     for (key, value) in metadata {
-        encode_key(3, WireType::LengthDelimited, buf);
+        encode_key(METADATA, WireType::LengthDelimited, buf);
         encode_varint(metadata_entry_len(key, value) as u64, buf);
-        put_entry_string(buf, 1, key);
-        put_entry_string(buf, 2, value);
+        put_entry_string(buf, KEY, key);
+        put_entry_string(buf, VALUE, value);
     }
     if timestamp_ns != 0 {
-        encode_key(4, WireType::Varint, buf);
+        encode_key(TIMESTAMP_NS, WireType::Varint, buf);
         encode_varint(timestamp_ns as u64, buf);
     }
     if !correlation_id.is_empty() {
-        put_string(buf, 5, correlation_id);
+        put_string(buf, CORRELATION_ID, correlation_id);
     }
     if sampled {
-        encode_key(7, WireType::SixtyFourBit, buf);
+        encode_key(SAMPLING_RATE, WireType::SixtyFourBit, buf);
         buf.extend_from_slice(&sampling_rate.to_le_bytes());
     }
     if control_version != 0 {
-        encode_key(8, WireType::Varint, buf);
+        encode_key(CONTROL_VERSION, WireType::Varint, buf);
         encode_varint(control_version, buf);
     }
 }

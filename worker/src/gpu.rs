@@ -13,15 +13,15 @@ use nvml_wrapper::{
     enums::device::UsedGpuMemory,
 };
 
-use crate::emitter::{Emitter, Value};
+// The event and key names are the documented contract (README, GPU metrics), shared with
+// `bridge top` and the simulator so that neither drifts from what NVML emits.
+use bridge_proto::protocol::gpu::{
+    COMPUTE_PROCESSES, DEVICE, MEMORY_TOTAL_BYTES, MEMORY_USED_BYTES, METRICS_EVENT, NAME, PID,
+    POWER_WATTS, PROCESS_EVENT, SM_CLOCK_MHZ, TEMPERATURE_CELSIUS, USED_MEMORY_BYTES,
+    UTILIZATION_GPU_PERCENT, UTILIZATION_MEMORY_PERCENT, UUID,
+};
 
-/// One device's sample. The names below are the documented contract (README, GPU metrics):
-/// `bridge top` and the simulator use them too, so that neither drifts from what NVML emits.
-pub const METRICS_EVENT: &str = "gpu.metrics";
-/// One compute process on a device.
-pub const PROCESS_EVENT: &str = "gpu.process";
-/// The measurement of [`METRICS_EVENT`] that `bridge top` shows, an int percent.
-pub const UTILIZATION_GPU_PERCENT: &str = "utilization_gpu_percent";
+use crate::{emitter::Emitter, value::Value};
 
 /// One device at one moment. `None` means the device did not report that value.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -172,9 +172,9 @@ pub fn emit(emitter: &Emitter, samples: &[DeviceSample]) {
     for device in samples {
         let index = device.index.to_string();
         let metadata = [
-            ("device", index.as_str()),
-            ("uuid", device.uuid.as_str()),
-            ("name", device.name.as_str()),
+            (DEVICE, index.as_str()),
+            (UUID, device.uuid.as_str()),
+            (NAME, device.name.as_str()),
         ];
         let mut measurements: Vec<(&str, Value<'_>)> = Vec::with_capacity(8);
         let mut put = |key, value: Option<Value<'static>>| {
@@ -187,32 +187,26 @@ pub fn emit(emitter: &Emitter, samples: &[DeviceSample]) {
             device.utilization_gpu_percent.map(Value::from),
         );
         put(
-            "utilization_memory_percent",
+            UTILIZATION_MEMORY_PERCENT,
             device.utilization_memory_percent.map(Value::from),
         );
+        put(MEMORY_USED_BYTES, device.memory_used_bytes.map(Value::from));
         put(
-            "memory_used_bytes",
-            device.memory_used_bytes.map(Value::from),
-        );
-        put(
-            "memory_total_bytes",
+            MEMORY_TOTAL_BYTES,
             device.memory_total_bytes.map(Value::from),
         );
         put(
-            "temperature_celsius",
+            TEMPERATURE_CELSIUS,
             device.temperature_celsius.map(Value::from),
         );
-        put("power_watts", device.power_watts.map(Value::from));
-        put("sm_clock_mhz", device.sm_clock_mhz.map(Value::from));
-        put(
-            "compute_processes",
-            Some(Value::from(device.processes.len())),
-        );
+        put(POWER_WATTS, device.power_watts.map(Value::from));
+        put(SM_CLOCK_MHZ, device.sm_clock_mhz.map(Value::from));
+        put(COMPUTE_PROCESSES, Some(Value::from(device.processes.len())));
         emitter.emit(METRICS_EVENT, &measurements, &metadata, None);
         for process in &device.processes {
-            let mut measurements = vec![("pid", Value::from(process.pid))];
+            let mut measurements = vec![(PID, Value::from(process.pid))];
             if let Some(bytes) = process.used_memory_bytes {
-                measurements.push(("used_memory_bytes", Value::from(bytes)));
+                measurements.push((USED_MEMORY_BYTES, Value::from(bytes)));
             }
             emitter.emit(PROCESS_EVENT, &measurements, &metadata, None);
         }

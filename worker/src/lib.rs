@@ -18,12 +18,12 @@
 //!   bytes into the outage buffer (`buffer`: numbered, bounded, replayed until confirmed).
 //! - [`link`]: [`Link`]: the stream to the hub, reconnecting with backoff, replaying what the hub
 //!   did not confirm, applying and acknowledging control, reporting counters.
+//! - [`value`]: [`Value`], a measurement as `emit` takes it (`encode` writes it to the wire).
 //! - [`counters`]: what became of every event.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`config`]: the `[worker]` section of `config.toml`.
 //! - [`sidecar`]: the `worker` binary: runs an app, relays its [`telemetry_line`]s, serves the
 //!   [`local`] endpoint, reports [`gpu`] (NVML) and [`process`] metrics.
-//! - [`security`]: bearer token and TLS settings every client of the hub takes.
 //! - [`simulate`]: synthetic inference traffic for demos and tests.
 
 pub mod backoff;
@@ -37,12 +37,13 @@ pub mod gpu;
 pub mod link;
 pub mod local;
 pub mod process;
-pub mod security;
 pub mod sidecar;
 pub mod simulate;
 pub mod telemetry_line;
+pub mod value;
 
 pub use crate::{
-    emitter::{Emitter, Span, Value},
+    emitter::{Emitter, Span},
     link::{Link, LinkError, LinkOptions, LinkState},
+    value::Value,
 };

@@ -11,8 +11,10 @@ use std::{sync::Arc, time::Duration};
 
 use async_stream::stream;
 use bridge_proto::{
+    connect::{ClientSecurity, SecurityError, error_chain},
     control::{ControlState, parse_patterns},
     encoded::EncodedEvent,
+    protocol::{DEFAULT_BUFFER_EVENTS, events, headers as header},
     sampling::Rate,
     v1::{self, telemetry_control::Control},
     worker_client::telemetry_bridge_client::TelemetryBridgeClient,
@@ -31,7 +33,6 @@ use crate::{
     backoff::Backoff,
     counters::Snapshot,
     emitter::{Emitter, Shared, now_ns},
-    security::{ClientSecurity, SecurityError},
 };
 
 /// Events handed to the transport per wake-up, so that acknowledgements interleave.
@@ -76,7 +77,7 @@ impl LinkOptions {
             pid: std::process::id(),
             labels: Vec::new(),
             gpu: String::new(),
-            buffer_events: 65_536,
+            buffer_events: DEFAULT_BUFFER_EVENTS,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
@@ -217,24 +218,28 @@ fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
         headers.push((parsed_key, parsed_value));
         Ok(())
     };
-    add("x-worker-id".into(), &options.id)?;
-    add("x-worker-pool".into(), &options.pool)?;
+    add(header::WORKER_ID.into(), &options.id)?;
+    add(header::WORKER_POOL.into(), &options.pool)?;
     if options.pid != 0 {
-        add("x-worker-pid".into(), &options.pid.to_string())?;
+        add(header::WORKER_PID.into(), &options.pid.to_string())?;
     }
     for (key, value) in &options.labels {
         add(
-            format!("x-worker-label-{}", key.to_ascii_lowercase()),
+            format!(
+                "{}{}",
+                header::WORKER_LABEL_PREFIX,
+                key.to_ascii_lowercase()
+            ),
             value,
         )?;
     }
-    add("x-worker-gpu".into(), &options.gpu)?;
+    add(header::WORKER_GPU.into(), &options.gpu)?;
     // One run of this process: sequence numbers restart with it.
     add(
-        "x-worker-instance".into(),
+        header::WORKER_INSTANCE.into(),
         &format!("{:016x}", rand::random::<u64>()),
     )?;
-    add("x-bridge-control-ack".into(), "1")?;
+    add(header::CONTROL_ACK.into(), header::CONTROL_ACK_YES)?;
     if let Some(authorization) = options.security.authorization()? {
         headers.push((
             AsciiMetadataKey::from_static("authorization"),
@@ -368,22 +373,6 @@ async fn stream_once(
     Ok(())
 }
 
-/// An error and its causes on one line (`transport error: connection refused`), skipping
-/// causes that the text already includes.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// Acknowledgements, buffered events and counter reports, in that priority. When closing, it
 /// sends everything still unsent and a last report, then ends the stream.
 ///
@@ -440,7 +429,7 @@ fn outbound(
                         break;
                     }
                     let version = *acks.borrow_and_update();
-                    yield protocol_event(&["bridge", "control", "applied"], &[("version", version)]);
+                    yield protocol_event(&events::CONTROL_APPLIED, &[(events::CONTROL_APPLIED_VERSION, version)]);
                 }
                 () = closing.cancelled() => {
                     loop {
@@ -489,7 +478,7 @@ fn outbound(
 }
 
 fn stats_event(snapshot: &Snapshot) -> EncodedEvent {
-    protocol_event(&["bridge", "worker", "stats"], &snapshot.measurements())
+    protocol_event(&events::WORKER_STATS, &snapshot.measurements())
 }
 
 /// A protocol event; these carry no sequence number, since they are never replayed.

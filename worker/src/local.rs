@@ -25,6 +25,7 @@ use std::{
 use async_stream::stream;
 use bridge_proto::{
     encoded::EncodedSubscribeResponse,
+    protocol::{events, headers},
     sampling::Draw,
     server::telemetry_bridge_server::{TelemetryBridge, TelemetryBridgeServer},
     v1::{self, telemetry_value::Value},
@@ -99,8 +100,8 @@ impl TelemetryBridge for LocalIngest {
     ) -> Result<Response<Self::StreamTelemetryStream>, Status> {
         let acknowledges = request
             .metadata()
-            .get("x-bridge-control-ack")
-            .is_some_and(|v| v == "1");
+            .get(headers::CONTROL_ACK)
+            .is_some_and(|v| v == headers::CONTROL_ACK_YES);
         let mut inbound = request.into_inner();
         let applied = Arc::new(AtomicU64::new(0));
         let done = self.shutdown.child_token();
@@ -173,32 +174,27 @@ impl TelemetryBridge for LocalIngest {
 /// One event from a local client: an acknowledgement, a counter report (ignored: the sidecar
 /// reports its own), or telemetry to relay.
 fn relay(emitter: &Emitter, applied: &AtomicU64, acknowledges: bool, event: v1::TelemetryEvent) {
-    match event
-        .event_parts
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()[..]
-    {
-        ["bridge", "control", "applied"] => {
-            if let Some(Some(Value::IntValue(version))) =
-                event.measurements.get("version").map(|v| v.value.clone())
-            {
-                applied.store(u64::try_from(version).unwrap_or(0), Relaxed);
-            }
+    if event.event_parts == events::CONTROL_APPLIED {
+        if let Some(Some(Value::IntValue(version))) = event
+            .measurements
+            .get(events::CONTROL_APPLIED_VERSION)
+            .map(|v| v.value.clone())
+        {
+            applied.store(u64::try_from(version).unwrap_or(0), Relaxed);
         }
-        ["bridge", "worker", "stats"] => {}
-        _ if acknowledges && applied.load(Relaxed) == emitter.control().version => {
-            emitter.emit_decided(event);
+    } else if event.event_parts == events::WORKER_STATS {
+        // The sidecar reports its own counters.
+    } else if acknowledges && applied.load(Relaxed) == emitter.control().version {
+        emitter.emit_decided(event);
+    } else if acknowledges {
+        emitter.emit_event(event, Draw::Consistent);
+    } else {
+        let mut event = event;
+        if event.sampling_rate == 0.0 {
+            // It sampled at the rate it was sent, unless it says otherwise.
+            event.sampling_rate = emitter.control().ceiling().get();
         }
-        _ if acknowledges => emitter.emit_event(event, Draw::Consistent),
-        _ => {
-            let mut event = event;
-            if event.sampling_rate == 0.0 {
-                // It sampled at the rate it was sent, unless it says otherwise.
-                event.sampling_rate = emitter.control().ceiling().get();
-            }
-            emitter.emit_event(event, Draw::Independent);
-        }
+        emitter.emit_event(event, Draw::Independent);
     }
 }
 

@@ -2,11 +2,11 @@
 
 use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
+use bridge_proto::connect::ClientSecurity;
 use clap::Parser;
 use worker::{
     config::WorkerConfig,
     local::LocalAddress,
-    security::ClientSecurity,
     sidecar::{self, SidecarOptions},
     simulate,
 };

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use crate::emitter::{Emitter, Value};
+use crate::{emitter::Emitter, value::Value};
 
 /// One reading of a process.
 #[derive(Debug, Clone, Copy, PartialEq)]

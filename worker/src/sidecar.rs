@@ -24,12 +24,13 @@ use tracing::{info, warn};
 
 use crate::{
     counters::DropReason,
-    emitter::{Emitter, Value},
+    emitter::Emitter,
     gpu::{self, FakeGpus, GpuSource, NvmlSource},
     link::{Link, LinkOptions},
     local::{self, LocalAddress},
     process::{self, ProcessSampler},
     simulate, telemetry_line,
+    value::Value,
 };
 
 /// Everything the sidecar needs to run.
@@ -52,7 +53,7 @@ pub struct SidecarOptions {
 
 /// Runs the sidecar to completion; returns the process exit code.
 pub async fn run(mut options: SidecarOptions) -> Result<u8, String> {
-    let gpus = open_gpus(options.fake_gpus);
+    let gpus = open_gpus(options.fake_gpus, options.simulate.is_some());
     options.link.gpu = match (&gpus, &options.simulate) {
         (Some(gpus), _) => gpus.describe(),
         // Its `gpu.metrics` events would contradict a worker listed with no GPU.
@@ -158,9 +159,14 @@ pub async fn run(mut options: SidecarOptions) -> Result<u8, String> {
     Ok(exit_code)
 }
 
-fn open_gpus(fake: Option<u32>) -> Option<Box<dyn GpuSource>> {
+/// Fake devices when asked for; none for a simulated model server, which reports its one
+/// simulated GPU itself (a real device's events beside it would contradict it); else NVML's.
+fn open_gpus(fake: Option<u32>, simulated: bool) -> Option<Box<dyn GpuSource>> {
     if let Some(count) = fake {
         return Some(Box::new(FakeGpus::new(count)));
+    }
+    if simulated {
+        return None;
     }
     match NvmlSource::open() {
         Ok(source) => {

@@ -11,8 +11,9 @@ use rand::{RngExt, rngs::SmallRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    emitter::{Emitter, Value, new_correlation_id},
+    emitter::{Emitter, new_correlation_id},
     gpu::{self, DeviceSample},
+    value::Value,
 };
 
 /// What a simulated worker tells the hub it has (`x-worker-gpu`), as `GpuSource::describe`
@@ -132,6 +133,7 @@ mod tests {
     /// anything built against NVML's events (top, dashboards) works on the demo too.
     #[test]
     fn the_simulated_gpu_reports_like_a_real_one() {
+        use bridge_proto::protocol::gpu::{METRICS_EVENT, UTILIZATION_GPU_PERCENT};
         let simulated = Emitter::detached(8);
         gpu(&simulated, &mut rand::make_rng());
         let real = Emitter::detached(8);
@@ -139,7 +141,7 @@ mod tests {
         fake.devices[0].processes.clear();
         gpu::emit(&real, &fake.devices);
         let (simulated, real) = (&simulated.buffered()[0], &real.buffered()[0]);
-        assert_eq!(simulated.event_parts.join("."), gpu::METRICS_EVENT);
+        assert_eq!(simulated.event_parts.join("."), METRICS_EVENT);
         assert_eq!(simulated.event_parts, real.event_parts);
         let keys = |e: &bridge_proto::v1::TelemetryEvent| {
             let mut keys: Vec<String> = e.measurements.keys().cloned().collect();
@@ -147,6 +149,6 @@ mod tests {
             keys
         };
         assert_eq!(keys(simulated), keys(real));
-        assert!(keys(simulated).contains(&gpu::UTILIZATION_GPU_PERCENT.to_owned()));
+        assert!(keys(simulated).contains(&UTILIZATION_GPU_PERCENT.to_owned()));
     }
 }

@@ -1,15 +1,18 @@
 //! `bridge demo`: the whole loop on one machine, on real sockets, in a few seconds.
 //!
-//! A hub on a free loopback port, three simulated model servers streaming inference events
-//! through the worker library, a live tail through `Subscribe`, and halfway through a sampling
-//! change for one worker made through the same admin call as `bridge sample`; the per-second
-//! rates show it take effect.
+//! A hub on a free loopback port, three simulated model servers ([`simulated`]: `worker
+//! --simulate` processes) streaming inference events, a live tail through `Subscribe`, and
+//! halfway through a sampling change for one worker made through the same admin call as
+//! `bridge sample`; the per-second rates show it take effect.
+
+mod simulated;
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bridge::{
@@ -17,12 +20,12 @@ use bridge::{
     client::HubClient,
     command::{Change, Selector},
 };
-use bridge_proto::{sampling::Rate, v1};
+use bridge_proto::{protocol::events, sampling::Rate, v1};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use worker::{Link, LinkOptions, LinkState, simulate};
 
-use super::{Failure, Outcome, render};
+use self::simulated::Workers;
+use super::{Failure, Outcome, render, serve::shutdown_signal};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -30,8 +33,15 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 8, value_parser = clap::value_parser!(u64).range(4..=3600))]
     duration: u64,
     /// Requests per second each simulated worker serves (two events each).
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, value_parser = positive)]
     requests_per_second: f64,
+}
+
+fn positive(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("`{text}` is not a positive number")),
+    }
 }
 
 const WORKERS: [(&str, &str); 3] = [
@@ -43,6 +53,17 @@ const TARGET: &str = "gpu-1";
 const NEW_RATE: f64 = 0.1;
 
 pub async fn run(args: Args) -> Outcome {
+    let binary = simulated::worker_binary().await?;
+    let mut workers = Workers::default();
+    let outcome = tokio::select! {
+        outcome = demo(args, &binary, &mut workers) => outcome,
+        () = shutdown_signal() => Err(Failure::new(130, "interrupted")),
+    };
+    workers.stop().await;
+    outcome
+}
+
+async fn demo(args: Args, binary: &Path, workers: &mut Workers) -> Outcome {
     let state_dir = tempfile::tempdir()
         .map_err(|e| Failure::new(1, format!("cannot create a state directory: {e}")))?;
     let mut config = Config::default();
@@ -62,7 +83,7 @@ pub async fn run(args: Args) -> Outcome {
         stop_hub.clone().cancelled_owned(),
     ));
     println!(
-        "hub listening on {url}; 3 simulated workers, {} requests/s each\n",
+        "hub listening on {url}; 3 simulated workers (`worker --simulate`), {} requests/s each\n",
         args.requests_per_second
     );
 
@@ -79,24 +100,10 @@ pub async fn run(args: Args) -> Outcome {
         }
     };
 
-    let stop_traffic = CancellationToken::new();
-    let mut links = Vec::new();
     for (id, model) in WORKERS {
-        let mut options = LinkOptions::new(url.clone(), id);
-        options.pool = model.to_owned();
-        options.gpu = simulate::GPU_DESCRIPTION.to_owned();
-        let link = Link::start(options).map_err(|e| Failure::new(1, e))?;
-        wait_connected(&link).await?;
-        tokio::spawn(simulate::run(
-            link.emitter(),
-            simulate::Simulation {
-                model: model.to_owned(),
-                requests_per_second: args.requests_per_second,
-            },
-            stop_traffic.clone(),
-        ));
-        links.push(link);
+        workers.start(binary, &url, id, model, args.requests_per_second)?;
     }
+    wait_connected(&mut client, workers).await?;
 
     let switch_at = args.duration / 2;
     let mut before = Vec::new();
@@ -131,10 +138,8 @@ pub async fn run(args: Args) -> Outcome {
         render::workers_table(&client.list_workers(None).await?)
     );
 
-    stop_traffic.cancel();
-    for link in links {
-        link.close(Duration::from_secs(2)).await;
-    }
+    // The workers drain to the hub before it stops, as a worker's link closes in production.
+    workers.stop().await;
     stop_hub.cancel();
     let _ = server.await;
     reader.abort();
@@ -155,23 +160,37 @@ pub async fn run(args: Args) -> Outcome {
     Ok(())
 }
 
-async fn wait_connected(link: &Link) -> Result<(), Failure> {
-    let mut state = link.state();
-    let connected = tokio::time::timeout(
-        Duration::from_secs(5),
-        state.wait_for(|s| matches!(s, LinkState::Connected { applied: Some(_) })),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
-    match connected {
-        true => Ok(()),
-        false => Err(Failure::new(
-            3,
-            format!(
-                "a simulated worker could not connect: {:?}",
-                *state.borrow()
-            ),
-        )),
+/// Waits until every simulated worker is connected and has applied its control state.
+async fn wait_connected(client: &mut HubClient, workers: &mut Workers) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = client.list_workers(None).await?;
+        let ready = |id: &str| {
+            listed
+                .iter()
+                .any(|w| w.id == id && w.connected && w.applied_version.is_some())
+        };
+        let missing: Vec<&str> = WORKERS
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !ready(id))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if let Some(exited) = workers.exited() {
+            return Err(Failure::new(1, exited));
+        }
+        if Instant::now() > deadline {
+            return Err(Failure::new(
+                3,
+                format!(
+                    "simulated workers did not connect within 10 s: {}",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -230,11 +249,12 @@ async fn read_tail(
                         .or_default() += 1;
                 }
                 let sampled = delivery.sampling_rate < 1.0;
-                let show = name.starts_with("bridge.")
+                let reserved = events::is_reserved(&name);
+                let show = reserved
                     || (shown < 4 && name.starts_with("inference."))
                     || (sampled && shown_sampled < 2);
                 if show {
-                    shown += usize::from(!name.starts_with("bridge."));
+                    shown += usize::from(!reserved);
                     shown_sampled += usize::from(sampled);
                     print(render::delivery_text(&delivery));
                 }

@@ -16,8 +16,8 @@ mod workers;
 use std::{process::ExitCode, time::Duration};
 
 use bridge::client::{ClientError, HubClient};
+use bridge_proto::connect::ClientSecurity;
 use clap::{Parser, Subcommand};
-use worker::security::ClientSecurity;
 
 /// Live telemetry from ML workers, and control back to them.
 #[derive(Debug, Parser)]

@@ -78,7 +78,7 @@ pub async fn run(args: Args) -> Outcome {
     let cluster = &hub.config().cluster;
     if cluster.enabled() {
         let node = if cluster.node.trim().is_empty() {
-            format!("{}:{}", worker::config::host_name(), bound.port())
+            format!("{}:{}", bridge_proto::connect::host_name(), bound.port())
         } else {
             cluster.node.trim().to_owned()
         };

@@ -12,6 +12,7 @@ use bridge::{
     command::{Change, Selector},
 };
 use bridge_proto::{
+    protocol::{counters, gpu},
     sampling::Rate,
     v1::{self, subscribe_response::Item, telemetry_value::Value},
 };
@@ -25,7 +26,6 @@ use ratatui::{
     widgets::{Row, Table, TableState},
 };
 use tokio::sync::mpsc;
-use worker::gpu;
 
 use super::{Failure, HubTarget, Outcome, connect, control::target_line};
 
@@ -155,7 +155,7 @@ fn drops(worker: &v1::WorkerInfo) -> u64 {
     let worker_side: u64 = worker
         .worker_counters
         .iter()
-        .filter(|(k, _)| k.starts_with("dropped."))
+        .filter(|(k, _)| k.starts_with(counters::DROPPED_PREFIX))
         .map(|(_, v)| v)
         .sum();
     worker_side + worker.hub_drops.values().sum::<u64>() + worker.missing_events
@@ -600,28 +600,34 @@ mod tests {
     }
 
     /// The simulator (`worker --simulate`, `bridge demo`) once reported `gpu.utilization` with
-    /// `gpu_percent`, which top never reads: its GPU column showed `-`.
+    /// `gpu_percent`, which top never reads: its GPU column showed `-`. Every GPU source (NVML,
+    /// fake, simulated) now emits the names in `bridge_proto::protocol::gpu`, the worker's tests
+    /// check that, and top reads an event built from those names here.
     #[test]
-    fn top_reads_the_simulated_gpu() {
-        let emitter = worker::Emitter::detached(16);
-        let mut rng: rand::rngs::SmallRng = rand::make_rng();
-        worker::simulate::gpu(&emitter, &mut rng);
+    fn top_reads_the_gpu_metrics_every_source_emits() {
+        let event = v1::TelemetryEvent {
+            event_parts: gpu::METRICS_EVENT.split('.').map(str::to_owned).collect(),
+            measurements: [(
+                gpu::UTILIZATION_GPU_PERCENT.to_owned(),
+                v1::TelemetryValue {
+                    value: Some(Value::IntValue(73)),
+                },
+            )]
+            .into(),
+            metadata: [(gpu::DEVICE.to_owned(), "0".to_owned())].into(),
+            ..Default::default()
+        };
         let subscribed =
             bridge_proto::pattern::Pattern::parse(gpu::METRICS_EVENT).expect("pattern");
-        let percents: Vec<i64> = emitter
-            .buffered()
-            .iter()
-            .filter(|e| subscribed.matches_parts(&e.event_parts))
-            .filter_map(gpu_utilization)
-            .collect();
-        assert_eq!(percents.len(), 1, "{:?}", emitter.buffered());
-        assert!((0..=100).contains(&percents[0]), "{percents:?}");
+        assert!(subscribed.matches_parts(&event.event_parts));
+        let percent = gpu_utilization(&event).expect("a utilisation percent");
+        assert_eq!(percent, 73);
 
         let mut view = View::new("hub".into());
         view.refreshed(vec![worker("gpu-3", "llama", 5.0)]);
-        view.gpu_utilization.insert("gpu-3".into(), percents[0]);
+        view.gpu_utilization.insert("gpu-3".into(), percent);
         let text = screen(&mut view);
-        assert!(text.contains(&format!("{}%", percents[0])), "{text}");
+        assert!(text.contains("73%"), "{text}");
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! How a client proves who it is to the hub: a bearer token, TLS, and a client certificate.
+//! What every client of the hub needs to connect: how it proves who it is (a bearer token, TLS,
+//! a client certificate), a failure as one readable line, and the name a participant goes by
+//! when it is not given one.
 //!
-//! Shared by the worker link, the sidecar and the `bridge` command line, so that every client
-//! takes the same `--token` / `BRIDGE_TOKEN`, `--ca`, `--cert` and `--key`.
+//! Shared by the worker link, the sidecar, the hub (a cluster node's name) and the `bridge`
+//! command line, so that every client takes the same `--token` / `BRIDGE_TOKEN`, `--ca`,
+//! `--cert` and `--key`, and reports a connection failure the same way.
 
 use std::{
     fmt,
@@ -154,6 +157,33 @@ impl Interceptor for Authorize {
         }
         Ok(request)
     }
+}
+
+/// An error and its causes on one line (`transport error: connection refused`), skipping
+/// causes that the text already includes.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The machine's host name, or `worker-<pid>` when it cannot be read: the default worker id,
+/// and a clustered hub's default node name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()))
 }
 
 #[cfg(test)]
