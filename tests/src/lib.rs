@@ -459,14 +459,14 @@ pub async fn worker_info(client: &mut HubClient, id: &str) -> Option<v1::WorkerI
         .find(|w| w.id == id)
 }
 
-/// A subscription read in the background; everything it receives is kept in order.
+/// A subscription read in the background: it records everything it receives, in order.
 #[derive(Debug, Clone)]
-pub struct Tail {
+pub struct Recorder {
     items: Arc<Mutex<Vec<v1::subscribe_response::Item>>>,
     ended: Arc<AtomicBool>,
 }
 
-impl Tail {
+impl Recorder {
     pub async fn start(client: &mut HubClient, request: v1::SubscribeRequest) -> Self {
         let mut stream = client.subscribe(request).await.expect("subscribe");
         let tail = Self {

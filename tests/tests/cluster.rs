@@ -6,13 +6,13 @@ use std::{collections::HashSet, time::Duration};
 use bridge_proto::protocol::events;
 use bridge_proto::v1;
 use bridge_tests::{
-    HubProcess, NatsServer, Tail, WorkerProcess, eventually, http_get, name, sequence,
+    HubProcess, NatsServer, Recorder, WorkerProcess, eventually, http_get, name, sequence,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
 
 /// Sequence numbers of `worker`'s events in `tail`, checking each arrived once.
-fn sequences_once(tail: &Tail, worker: &str) -> Vec<u64> {
+fn sequences_once(tail: &Recorder, worker: &str) -> Vec<u64> {
     let sequences: Vec<u64> = tail
         .deliveries()
         .iter()
@@ -42,19 +42,19 @@ async fn subscribers_on_any_hub_see_workers_on_every_hub_once() {
         ..Default::default()
     };
     // On B: gpu-a's inference events (gpu-a streams to A); everything; and gpu-a's GPU events.
-    let b_inference = Tail::start(&mut client_b, request(&["inference.>"], &["gpu-a"])).await;
-    let b_all = Tail::start(&mut client_b, request(&[], &[])).await;
+    let b_inference = Recorder::start(&mut client_b, request(&["inference.>"], &["gpu-a"])).await;
+    let b_all = Recorder::start(&mut client_b, request(&[], &[])).await;
     // The same filter twice: the two share one NATS subscription, and each gets every event.
-    let b_all_again = Tail::start(&mut client_b, request(&[], &[])).await;
-    let b_gpu_b_only = Tail::start(&mut client_b, request(&[], &["gpu-b"])).await;
+    let b_all_again = Recorder::start(&mut client_b, request(&[], &[])).await;
+    let b_gpu_b_only = Recorder::start(&mut client_b, request(&[], &["gpu-b"])).await;
     // On A: everything, local and remote.
-    let a_all = Tail::start(&mut client_a, request(&[], &[])).await;
+    let a_all = Recorder::start(&mut client_a, request(&[], &[])).await;
 
     let _gpu_a = WorkerProcess::start(&a.url, "gpu-a", "llama", &["--simulate", "100"]);
     let _gpu_b = WorkerProcess::start(&b.url, "gpu-b", "mistral", &["--simulate", "100"]);
 
     eventually("events of both workers on both hubs", WAIT, || async {
-        let enough = |tail: &Tail, worker: &str| {
+        let enough = |tail: &Recorder, worker: &str| {
             tail.deliveries()
                 .iter()
                 .filter(|d| d.worker_id == worker)
@@ -120,10 +120,10 @@ async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
     let a = nats.hub("hub-a");
     let b = nats.hub("hub-b");
     let (mut client_a, mut client_b) = (a.client().await, b.client().await);
-    let local = Tail::start(&mut client_a, v1::SubscribeRequest::default()).await;
-    let remote = Tail::start(&mut client_b, v1::SubscribeRequest::default()).await;
+    let local = Recorder::start(&mut client_a, v1::SubscribeRequest::default()).await;
+    let remote = Recorder::start(&mut client_b, v1::SubscribeRequest::default()).await;
     let _gpu_a = WorkerProcess::start(&a.url, "gpu-a", "llama", &["--simulate", "100"]);
-    let from_a = |tail: &Tail| {
+    let from_a = |tail: &Recorder| {
         tail.deliveries()
             .iter()
             .filter(|d| d.worker_id == "gpu-a")
@@ -150,7 +150,7 @@ async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
         "{metrics}"
     );
     // Its subscribers are told that events from other hubs may be missing from now on.
-    let announced = |tail: &Tail, event: &str| {
+    let announced = |tail: &Recorder, event: &str| {
         tail.deliveries()
             .iter()
             .rposition(|d| name(d) == event && d.worker_id == "hub-a")

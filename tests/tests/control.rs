@@ -9,7 +9,7 @@ use bridge_proto::{
     v1::{self, telemetry_control::Control},
 };
 use bridge_tests::{
-    HubOptions, HubProcess, Tail, WorkerProcess, eventually, first_connected, matching, name,
+    HubOptions, HubProcess, Recorder, WorkerProcess, eventually, first_connected, matching, name,
     open_stream, run_cli, worker_info,
 };
 use tokio::sync::mpsc;
@@ -32,7 +32,7 @@ fn rate_per_second(deliveries: &[&v1::EventDelivery]) -> f64 {
 async fn a_sampling_change_reaches_a_running_worker_and_shows_in_the_delivered_rate() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(
+    let tail = Recorder::start(
         &mut client,
         v1::SubscribeRequest {
             patterns: vec!["inference.>".into()],
@@ -179,7 +179,7 @@ async fn control_is_reapplied_after_the_worker_reconnects_and_after_the_hub_rest
         ..Default::default()
     });
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, matching(&["inference.*"])).await;
+    let tail = Recorder::start(&mut client, matching(&["inference.*"])).await;
     let after_restart = eventually(
         "the worker to reconnect and apply the stored state",
         WAIT,
@@ -287,7 +287,7 @@ async fn pool_and_global_settings_reach_workers_including_those_that_join_later(
 async fn the_hub_enforces_control_on_a_client_that_never_acknowledges() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, matching(&["inference.>"])).await;
+    let tail = Recorder::start(&mut client, matching(&["inference.>"])).await;
 
     let (events, mut controls) = open_stream(&mut client, &[]).await.expect("stream opens");
     let (control_tx, mut control_rx) = mpsc::unbounded_channel();

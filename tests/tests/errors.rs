@@ -5,7 +5,8 @@ use std::time::Duration;
 use bridge_proto::protocol::{events, headers, hub_drops};
 use bridge_proto::v1::{self, selector::Target, update_control_request::Change};
 use bridge_tests::{
-    HubOptions, HubProcess, Tail, WorkerProcess, cli, eventually, name, open_stream, worker_info,
+    HubOptions, HubProcess, Recorder, WorkerProcess, cli, eventually, name, open_stream,
+    worker_info,
 };
 use tonic::Code;
 
@@ -130,7 +131,7 @@ async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
         ..Default::default()
     });
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let tail = Recorder::start(&mut client, v1::SubscribeRequest::default()).await;
 
     // Identity that cannot be parsed.
     let result = open_stream(&mut client, &[(headers::WORKER_PID, "not-a-pid")])

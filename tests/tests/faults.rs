@@ -7,8 +7,8 @@ use std::{collections::BTreeSet, time::Duration};
 use bridge_proto::protocol::{counters, hub_drops};
 use bridge_proto::{sampling::Rate, v1};
 use bridge_tests::{
-    HubProcess, Proxy, ProxyMode, Tail, WorkerProcess, eventually, int, name, run_cli, sequence,
-    worker_info,
+    HubProcess, Proxy, ProxyMode, Recorder, WorkerProcess, eventually, int, name, run_cli,
+    sequence, worker_info,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -28,7 +28,7 @@ for i in range(3000):
 async fn delays_partitions_and_resets_lose_and_duplicate_nothing() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let tail = Recorder::start(&mut client, v1::SubscribeRequest::default()).await;
     // Sampling and a filter, so the accounting covers every outcome.
     for args in [
         &["sample", "--pool", "faulty", "0.5", "--pattern", "load.*"][..],

@@ -6,7 +6,9 @@ use std::{collections::HashMap, time::Duration};
 use bridge::client::HubClient;
 use bridge_proto::protocol::{counters, events, headers};
 use bridge_proto::v1;
-use bridge_tests::{HubOptions, HubProcess, Tail, eventually, matching, open_stream, worker_info};
+use bridge_tests::{
+    HubOptions, HubProcess, Recorder, eventually, matching, open_stream, worker_info,
+};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -32,7 +34,7 @@ async fn events_over_the_limits_are_counted_and_the_rest_flows() {
         ..Default::default()
     });
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, matching(&["ok.>"])).await;
+    let tail = Recorder::start(&mut client, matching(&["ok.>"])).await;
 
     let (sizes, _controls) = open_stream(&mut client, &[(headers::WORKER_ID, "sizes")])
         .await

@@ -6,8 +6,8 @@ use std::time::Duration;
 use bridge_proto::protocol::headers;
 use bridge_proto::v1;
 use bridge_tests::{
-    HubOptions, HubProcess, READER_TOKEN, Tail, WORKER_TOKEN, WorkerProcess, eventually, http_get,
-    run_cli, skip_without, tokens_config,
+    HubOptions, HubProcess, READER_TOKEN, Recorder, WORKER_TOKEN, WorkerProcess, eventually,
+    http_get, run_cli, skip_without, tokens_config,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -101,7 +101,7 @@ async fn metrics_move_as_events_flow_and_health_is_served() {
     }
 
     let mut client = hub.client().await;
-    let _tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let _tail = Recorder::start(&mut client, v1::SubscribeRequest::default()).await;
     let _worker = WorkerProcess::start(&hub.url, "m1", "metrics-pool", &["--simulate", "50"]);
     let received = "bridge_events_received_total{worker=\"m1\"}";
     let before = eventually("m1's events to be counted", WAIT, || async {

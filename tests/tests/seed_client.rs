@@ -13,7 +13,7 @@ use std::{
 };
 
 use bridge_tests::{
-    HubProcess, PythonGrpc, Tail, WorkerProcess, eventually, first_connected, matching, name,
+    HubProcess, PythonGrpc, Recorder, WorkerProcess, eventually, first_connected, matching, name,
     run_cli,
 };
 use serde_json::Value;
@@ -161,7 +161,11 @@ fn assert_rate(what: &str, kept: usize, n: usize, rate: f64) {
 }
 
 /// The deliveries from rounds `[start, end)`, once the tail got past `end`.
-async fn delivered(tail: &Tail, start: Stats, end: Stats) -> Vec<bridge_proto::v1::EventDelivery> {
+async fn delivered(
+    tail: &Recorder,
+    start: Stats,
+    end: Stats,
+) -> Vec<bridge_proto::v1::EventDelivery> {
     eventually("the window's events to reach the subscriber", WAIT, || {
         let past = tail.deliveries().iter().any(|d| round(d) >= end.next);
         async move { past.then_some(()) }
@@ -191,7 +195,7 @@ async fn sampling_at_the_source(via_sidecar: bool) {
     };
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, matching(&["inference.>"])).await;
+    let tail = Recorder::start(&mut client, matching(&["inference.>"])).await;
     let socket_dir = tempfile::tempdir().expect("temp dir");
     let socket = socket_dir.path().join("worker.sock");
     let socket = socket.to_str().expect("utf-8");

@@ -11,7 +11,7 @@ use bridge_proto::protocol::events;
 use bridge_proto::v1::telemetry_bridge_client::TelemetryBridgeClient;
 use bridge_proto::{SERVICE_NAME, v1};
 use bridge_tests::{
-    HubOptions, HubProcess, PythonGrpc, Tail, WorkerProcess, bin, eventually, first_connected,
+    HubOptions, HubProcess, PythonGrpc, Recorder, WorkerProcess, bin, eventually, first_connected,
     matching, name, run_cli, signal, wait_exit,
 };
 use tonic_health::pb::{
@@ -131,7 +131,7 @@ async fn sigterm_exits_within_the_grace_period_even_with_stalled_subscribers() {
     )
     .expect("send the request");
     let mut client = hub.client().await;
-    let reader = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let reader = Recorder::start(&mut client, v1::SubscribeRequest::default()).await;
     let _worker = WorkerProcess::start(&hub.url, "busy", "", &["--simulate", "2000"]);
     // Well past what the stalled subscriber's window holds.
     eventually("events to flow", WAIT, || async {
@@ -271,7 +271,7 @@ async fn a_python_client_generated_from_the_proto_interoperates() {
 
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, matching(&["inference.>"])).await;
+    let tail = Recorder::start(&mut client, matching(&["inference.>"])).await;
     let mut child = python
         .script("seed_emitter.py")
         .arg(hub.addr.to_string())

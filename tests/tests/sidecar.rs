@@ -12,8 +12,9 @@ use std::{
 use bridge_proto::protocol::{counters, gpu, hub_drops};
 use bridge_proto::{sampling::Rate, v1};
 use bridge_tests::{
-    HubOptions, HubProcess, Proxy, ProxyMode, PythonGrpc, QUICK_WORKER_CONFIG, Tail, WorkerProcess,
-    eventually, int, matching, name, read_line_within, run_cli, sequence, signal, worker_info,
+    HubOptions, HubProcess, Proxy, ProxyMode, PythonGrpc, QUICK_WORKER_CONFIG, Recorder,
+    WorkerProcess, eventually, int, matching, name, read_line_within, run_cli, sequence, signal,
+    worker_info,
 };
 use worker::gpu::{GpuSource, NvmlSource};
 
@@ -32,7 +33,7 @@ fn script(body: &str) -> (tempfile::TempDir, String) {
 async fn an_app_runs_with_its_output_untouched_and_its_telemetry_relayed() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let tail = Recorder::start(&mut client, v1::SubscribeRequest::default()).await;
     let (_dir, app) = script(
         r#"printf 'line one\n\001\377 binary\n'
 printf 'plain stderr \377\n' >&2
@@ -248,7 +249,7 @@ async fn no_event_is_lost_or_delivered_twice_across_a_hub_restart() {
     });
     let proxy = Proxy::start(hub.addr, true).await.expect("proxy");
     let mut client = hub.client().await;
-    let first = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let first = Recorder::start(&mut client, v1::SubscribeRequest::default()).await;
     // Set before the worker exists (a pool's settings reach workers that join it later), so
     // that it holds for every event.
     let out = run_cli(
@@ -307,13 +308,13 @@ async fn no_event_is_lost_or_delivered_twice_across_a_hub_restart() {
         ..Default::default()
     });
     let mut client = hub.client().await;
-    let second = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let second = Recorder::start(&mut client, v1::SubscribeRequest::default()).await;
     proxy.open();
 
     let status = tokio::task::block_in_place(|| worker.wait(WAIT));
     assert_eq!(status.code(), Some(0));
 
-    let numbered = |tail: &Tail| -> Vec<v1::EventDelivery> {
+    let numbered = |tail: &Recorder| -> Vec<v1::EventDelivery> {
         tail.deliveries()
             .into_iter()
             .filter(|d| d.worker_id == "steady" && sequence(d) > 0)
@@ -377,7 +378,7 @@ async fn an_overflowing_buffer_drops_the_oldest_and_reports_exactly_what_is_miss
     let hub = HubProcess::start();
     let proxy = Proxy::start(hub.addr, false).await.expect("proxy");
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, v1::SubscribeRequest::default()).await;
+    let tail = Recorder::start(&mut client, v1::SubscribeRequest::default()).await;
     let (_dir, app) = script(
         r#"i=0
 while [ $i -lt 500 ]; do
@@ -556,7 +557,7 @@ async fn a_line_without_end_passes_through_without_growing_the_sidecar() {
     const HEAD: &str = r#"TELEMETRY:{"event":"long.line","measurements":{"pad":""#;
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, matching(&["after.>"])).await;
+    let tail = Recorder::start(&mut client, matching(&["after.>"])).await;
     // The line stays open until the test says so on stdin.
     let (_dir, app) = script(&format!(
         r#"printf '%s' '{HEAD}' >&2
@@ -649,7 +650,7 @@ printf '"}}}}\nTELEMETRY:{{"event":"after.long"}}\n' >&2
 async fn gpu_metrics_come_from_nvml_or_say_clearly_there_is_no_gpu() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, matching(&["gpu.>"])).await;
+    let tail = Recorder::start(&mut client, matching(&["gpu.>"])).await;
     let _fake = WorkerProcess::start(
         &hub.url,
         "fake-gpu",
@@ -759,7 +760,7 @@ async fn gpu_metrics_come_from_nvml_or_say_clearly_there_is_no_gpu() {
 async fn a_simulated_worker_reports_only_its_simulated_gpu() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let tail = Tail::start(&mut client, matching(&["gpu.>"])).await;
+    let tail = Recorder::start(&mut client, matching(&["gpu.>"])).await;
     let worker = WorkerProcess::start(
         &hub.url,
         "sim",
@@ -807,7 +808,7 @@ async fn a_python_client_on_the_local_endpoint_relays_through_the_sidecar() {
         }
     })
     .await;
-    let tail = Tail::start(&mut client, matching(&["app.>"])).await;
+    let tail = Recorder::start(&mut client, matching(&["app.>"])).await;
 
     let mut app = python
         .script("local_client.py")

@@ -5,7 +5,8 @@ use std::time::Duration;
 use bridge_proto::protocol::{events, headers};
 use bridge_proto::v1::{self, subscribe_response::Item};
 use bridge_tests::{
-    HubOptions, HubProcess, Tail, WorkerProcess, eventually, matching, name, open_stream, run_cli,
+    HubOptions, HubProcess, Recorder, WorkerProcess, eventually, matching, name, open_stream,
+    run_cli,
 };
 use worker::{Link, LinkOptions, LinkState, Value};
 
@@ -15,9 +16,9 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn fan_out_to_subscribers_with_different_filters() {
     let hub = HubProcess::start();
     let mut client = hub.client().await;
-    let lifecycle = Tail::start(&mut client, matching(&["bridge.worker.>"])).await;
-    let stops = Tail::start(&mut client, matching(&["inference.stop"])).await;
-    let only_a = Tail::start(
+    let lifecycle = Recorder::start(&mut client, matching(&["bridge.worker.>"])).await;
+    let stops = Recorder::start(&mut client, matching(&["inference.stop"])).await;
+    let only_a = Recorder::start(
         &mut client,
         v1::SubscribeRequest {
             worker_ids: vec!["gpu-a".into()],
@@ -25,7 +26,7 @@ async fn fan_out_to_subscribers_with_different_filters() {
         },
     )
     .await;
-    let pool_b = Tail::start(
+    let pool_b = Recorder::start(
         &mut client,
         v1::SubscribeRequest {
             patterns: vec!["inference.*".into()],
@@ -159,7 +160,7 @@ async fn a_stalled_subscriber_gets_a_lag_notice_while_a_fast_one_keeps_up() {
     });
     let mut client = hub.client().await;
     let request = matching(&["load.>"]);
-    let fast = Tail::start(&mut client, request.clone()).await;
+    let fast = Recorder::start(&mut client, request.clone()).await;
 
     // The slow subscriber's connection has the smallest HTTP/2 window, so that it is the
     // hub's queue, not the transport, that fills up while it does not read.
@@ -267,7 +268,7 @@ async fn a_second_stream_with_the_same_id_replaces_the_first() {
         }
     })
     .await;
-    let lifecycle = Tail::start(&mut client, matching(&["bridge.worker.>"])).await;
+    let lifecycle = Recorder::start(&mut client, matching(&["bridge.worker.>"])).await;
 
     let _second = WorkerProcess::start(&hub.url, "twin", "other-pool", &[]);
     let status = loop {
