@@ -45,36 +45,10 @@ pub(crate) fn locate() -> Result<PathBuf, Error> {
 fn build(cargo: &OsStr, profile_dir: &Path) -> Result<(), Error> {
     let mut build = Command::new(cargo);
     build.args(["build", "-p", PACKAGE, "--bin", BINARY]);
-    // Cargo names the directory after the profile, except that `dev` builds into `debug`.
-    match profile_dir.file_name().and_then(OsStr::to_str) {
-        None | Some("debug") => {}
-        Some("release") => {
-            build.arg("--release");
-        }
-        Some(profile) => {
-            build.args(["--profile", profile]);
-        }
-    }
-    // Explicit, because this cargo may not see how the outer one was told (`--target-dir`).
-    if let Some(target_dir) = profile_dir.parent() {
-        build.arg("--target-dir").arg(target_dir);
-    }
-    // Cargo describes the package it runs in CARGO_PKG_* and friends; passed on, they differ
-    // from what the outer build saw, and build scripts that watch them (ring's) would rebuild
-    // half the tree back and forth between that build and this one.
-    for (key, _) in env::vars_os() {
-        let key = key.to_string_lossy();
-        let per_package = [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-            "CARGO_PRIMARY_PACKAGE",
-            "CARGO_TARGET_TMPDIR",
-        ];
-        if per_package.iter().any(|prefix| key.starts_with(prefix)) {
-            build.env_remove(key.as_ref());
-        }
+    let sibling = bridge::workspace::sibling_build(profile_dir);
+    build.args(&sibling.args);
+    for key in &sibling.remove_env {
+        build.env_remove(key);
     }
     progress(&format!(
         "building the hub under test: cargo {}",

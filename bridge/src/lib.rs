@@ -30,6 +30,7 @@
 //! - [`client`]: a typed client for the CLI and tests; [`render`]: deliveries, workers and
 //!   control state as text and JSON, one shape for the CLI and the HTTP API.
 //! - [`error`]: the hub's errors and their gRPC statuses.
+//! - [`workspace`]: building the workspace's other binaries (the demo's `worker`) under cargo.
 
 pub mod auth;
 pub mod client;
@@ -49,5 +50,6 @@ pub mod render;
 pub mod server;
 pub mod service;
 pub mod worker_stream;
+pub mod workspace;
 
 pub use crate::{config::Config, error::Error, hub::Hub, server::serve};

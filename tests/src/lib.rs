@@ -95,25 +95,10 @@ pub fn bin(name: &str) -> PathBuf {
             "bridge-bench",
             "--bins",
         ]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        // Cargo describes the test's own package in CARGO_PKG_* and friends; passed on, they
-        // differ from what the outer build saw, and build scripts that watch them (ring's)
-        // would rebuild half the tree back and forth between `cargo test` and this build.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            let per_package = [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-            ];
-            if per_package.iter().any(|prefix| key.starts_with(prefix)) {
-                build.env_remove(key.as_ref());
-            }
+        let sibling = bridge::workspace::sibling_build(&profile_dir);
+        build.args(&sibling.args);
+        for key in &sibling.remove_env {
+            build.env_remove(key);
         }
         let status = build
             .current_dir(env!("CARGO_MANIFEST_DIR"))

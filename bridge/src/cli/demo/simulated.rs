@@ -70,33 +70,11 @@ async fn build(cargo: &OsString, bridge: &Path) -> Result<PathBuf, Failure> {
             "worker",
             "--message-format=json-render-diagnostics",
         ]);
-    match bridge
-        .parent()
-        .and_then(Path::file_name)
-        .and_then(|name| name.to_str())
-    {
-        Some("debug") | None => {}
-        Some("release") => {
-            command.arg("--release");
-        }
-        Some(profile) => {
-            command.args(["--profile", profile]);
-        }
-    }
-    // `cargo run` describes the bridge package in these; passed on, they differ from what the
-    // outer build saw, and build scripts that watch them (ring's) would rebuild back and forth.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        let per_package = [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-            "CARGO_PRIMARY_PACKAGE",
-            "CARGO_TARGET_TMPDIR",
-        ];
-        if per_package.iter().any(|prefix| key.starts_with(prefix)) {
-            command.env_remove(key.as_ref());
+    if let Some(profile_dir) = bridge.parent() {
+        let sibling = bridge::workspace::sibling_build(profile_dir);
+        command.args(&sibling.args);
+        for key in &sibling.remove_env {
+            command.env_remove(key);
         }
     }
     let failed = |detail: String| {
