@@ -83,10 +83,10 @@ impl ClusterLink {
             let mut mirrors = self.mirrors();
             for subject in &subjects {
                 match mirrors.get(subject) {
-                    Some(mirror) => mirror.lock().push(id),
+                    Some(mirror) => mirror.add(id),
                     None => {
                         let mirror = Arc::new(Mirror::default());
-                        mirror.lock().push(id);
+                        mirror.add(id);
                         mirrors.insert(subject.clone(), mirror.clone());
                         tokio::spawn(self.clone().run_mirror(subject.clone(), mirror));
                     }
@@ -149,8 +149,9 @@ impl ClusterLink {
             return;
         };
         self.received.fetch_add(1, Relaxed);
-        // Copied out, so that the lock is not held while the outputs take the event.
-        let subscribers: Vec<SubscriberId> = mirror.lock().clone();
+        // Held while the outputs take the event: none of them waits, and a copy per event
+        // would cost an allocation each.
+        let subscribers = mirror.lock();
         self.outputs.publish(&Delivery::from_other_hub(
             &worker,
             &pool,
@@ -198,6 +199,13 @@ pub(super) struct Mirror {
 }
 
 impl Mirror {
+    /// Adds a subscription, keeping the list in id order (as `Origin::OtherHub` wants it).
+    fn add(&self, id: SubscriberId) {
+        let mut ids = self.lock();
+        let at = ids.partition_point(|known| *known < id);
+        ids.insert(at, id);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SubscriberId>> {
         self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -30,8 +30,8 @@ pub trait Output: Send + Sync + std::fmt::Debug {
 pub enum Origin<'a> {
     /// A worker of this hub, or the hub itself.
     Local,
-    /// Another hub, received on the cluster subscription made for these local subscribers:
-    /// only they may receive it (another of this hub's cluster subscriptions can carry the same
+    /// Another hub, received on the cluster subscription made for these local subscribers (in
+    /// id order): only they may receive it (another of this hub's cluster subscriptions can carry the same
     /// event for others). Each hub passes on its own workers' events to every other output.
     OtherHub { subscribers: &'a [SubscriberId] },
 }

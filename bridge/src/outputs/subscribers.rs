@@ -97,7 +97,7 @@ pub struct Item {
 }
 
 /// Names a subscription among this hub's, for as long as the hub runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SubscriberId(u64);
 
 /// One subscription's end of the fan-out: its filter and its queue.
@@ -272,7 +272,9 @@ impl Subscribers {
         });
         let _edit = self.shared.edit.lock().unwrap_or_else(|p| p.into_inner());
         let mut list = Vec::clone(&self.shared.subscribers.load());
-        list.push(subscriber.clone());
+        // In id order (ids are taken before the lock), for `offer`'s walk over an audience.
+        let at = list.partition_point(|s| s.id < subscriber.id);
+        list.insert(at, subscriber.clone());
         self.shared.subscribers.store(Arc::new(list));
         Subscription {
             queue: rx,
@@ -327,17 +329,25 @@ impl Output for Subscribers {
     #[inline]
     fn offer(&self, delivery: &Delivery<'_>) {
         let subscribers = self.shared.subscribers.load();
-        let audience = match delivery.origin {
-            Origin::Local => None,
-            Origin::OtherHub { subscribers } => Some(subscribers),
-        };
-        for subscriber in subscribers.iter() {
-            if audience.is_some_and(|ids| !ids.contains(&subscriber.id))
-                || !subscriber.filter.matches(delivery)
-            {
-                continue;
+        let offer = |subscriber: &Subscriber| {
+            if subscriber.filter.matches(delivery) {
+                subscriber.offer(delivery.encoded(), delivery.received_ns);
             }
-            subscriber.offer(delivery.encoded(), delivery.received_ns);
+        };
+        match delivery.origin {
+            Origin::Local => subscribers.iter().for_each(|s| offer(s)),
+            Origin::OtherHub {
+                subscribers: audience,
+            } => {
+                // Both lists are in id order: one walk, however many subscribers share it.
+                let mut wanted = audience.iter().peekable();
+                for subscriber in subscribers.iter() {
+                    while wanted.next_if(|id| **id < subscriber.id).is_some() {}
+                    if wanted.next_if(|id| **id == subscriber.id).is_some() {
+                        offer(subscriber);
+                    }
+                }
+            }
         }
     }
 }
@@ -425,13 +435,16 @@ mod tests {
     #[test]
     fn an_event_from_another_hub_reaches_the_subscriptions_it_was_received_for() {
         let subscribers = Subscribers::new(16);
-        let mut first = subscribers.subscribe(Filter::default());
-        let mut second = subscribers.subscribe(Filter::default());
+        let mut queues: Vec<_> = (0..4)
+            .map(|_| subscribers.subscribe(Filter::default()))
+            .collect();
         let view = event("inference.stop");
         let encoded = Delivery::local("gpu-9", "llama", &view, 1.0, 7)
             .encoded()
             .clone();
-        let audience = [second.id()];
+        // The first and third, and one that has gone already.
+        let gone = SubscriberId(queues[3].id().0 + 1);
+        let audience = [queues[0].id(), queues[2].id(), gone];
         subscribers.offer(&Delivery::from_other_hub(
             "gpu-9",
             "llama",
@@ -440,12 +453,11 @@ mod tests {
             7,
             &audience,
         ));
-        assert!(first.queue.try_recv().is_err());
-        let item = second.queue.try_recv().unwrap();
-        assert_eq!(item.received_ns, 7);
-        assert!(
-            matches!(decode(&item), v1::subscribe_response::Item::Event(d) if d.worker_id == "gpu-9")
-        );
+        let received: Vec<bool> = queues
+            .iter_mut()
+            .map(|q| q.queue.try_recv().is_ok())
+            .collect();
+        assert_eq!(received, [true, false, true, false]);
     }
 
     #[test]
