@@ -1,4 +1,5 @@
-//! What `Emitter::emit` costs the caller: disabled, sampled out, and accepted into the buffer.
+//! What `Emitter::emit` and a span cost the caller: disabled, sampled out, and accepted into the
+//! buffer.
 //! `bridge-bench` reports the same figures next to the naive encoding; this is for profiling.
 
 use bridge_proto::{control::ControlState, sampling::Rate};
@@ -38,6 +39,20 @@ fn bench(c: &mut Criterion) {
     // it does in a worker whose hub is away.
     let queued = emitter(true, Rate::ALL, 1 << 20);
     c.bench_function("emit/queued", |b| b.iter(|| emit(&queued, 1)));
+
+    // A span is two events, `.start` and `.stop`, plus the span's own bookkeeping.
+    c.bench_function("span/disabled", |b| b.iter(|| span(&disabled)));
+    c.bench_function("span/queued", |b| b.iter(|| span(&queued)));
+}
+
+fn span(emitter: &Emitter) {
+    emitter
+        .span(
+            "inference",
+            &[("model", "llama-3-8b")],
+            Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
+        )
+        .stop();
 }
 
 criterion_group!(benches, bench);
