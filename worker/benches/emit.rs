@@ -43,6 +43,22 @@ fn bench(c: &mut Criterion) {
     // A span is two events, `.start` and `.stop`, plus the span's own bookkeeping.
     c.bench_function("span/disabled", |b| b.iter(|| span(&disabled)));
     c.bench_function("span/queued", |b| b.iter(|| span(&queued)));
+    c.bench_function("span/queued_recording_3", |b| {
+        b.iter(|| span_recording(&queued, 212))
+    });
+}
+
+/// A span as an inference server would end it, with three measurements taken during the call.
+fn span_recording(emitter: &Emitter, output_tokens: i64) {
+    let mut span = emitter.span(
+        "inference",
+        &[("model", "llama-3-8b")],
+        Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
+    );
+    span.record("input_tokens", 1337);
+    span.record("output_tokens", black_box(output_tokens));
+    span.record("time_to_first_token_ns", 48_250_000);
+    span.stop();
 }
 
 fn span(emitter: &Emitter) {
