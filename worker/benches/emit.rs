@@ -2,7 +2,13 @@
 //! buffer.
 //! `bridge-bench` reports the same figures next to the naive encoding; this is for profiling.
 
-use bridge_proto::{control::ControlState, sampling::Rate};
+use bridge_proto::{
+    control::ControlState,
+    protocol::inference::{
+        DURATION_NS, INPUT_TOKENS, MODEL, OPERATION, OUTPUT_TOKENS, STOP, TIME_TO_FIRST_TOKEN_NS,
+    },
+    sampling::Rate,
+};
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use worker::{Emitter, Value};
@@ -15,13 +21,13 @@ fn emitter(enabled: bool, rate: Rate, capacity: usize) -> Emitter {
 
 fn emit(emitter: &Emitter, i: i64) {
     emitter.emit(
-        "inference.stop",
+        STOP,
         &[
-            ("tokens_in", Value::Int(1337)),
-            ("tokens_out", Value::Int(black_box(i))),
-            ("duration_ms", Value::Float(48.25)),
+            (INPUT_TOKENS, Value::Int(1337)),
+            (OUTPUT_TOKENS, Value::Int(black_box(i))),
+            (DURATION_NS, Value::Int(48_250_000)),
         ],
-        &[("model", "llama-3-8b")],
+        &[(MODEL, "llama-3-8b")],
         Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
     );
 }
@@ -51,21 +57,21 @@ fn bench(c: &mut Criterion) {
 /// A span as an inference server would end it, with three measurements taken during the call.
 fn span_recording(emitter: &Emitter, output_tokens: i64) {
     let mut span = emitter.span(
-        "inference",
-        &[("model", "llama-3-8b")],
+        OPERATION,
+        &[(MODEL, "llama-3-8b")],
         Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
     );
-    span.record("input_tokens", 1337);
-    span.record("output_tokens", black_box(output_tokens));
-    span.record("time_to_first_token_ns", 48_250_000);
+    span.record(INPUT_TOKENS, 1337);
+    span.record(OUTPUT_TOKENS, black_box(output_tokens));
+    span.record(TIME_TO_FIRST_TOKEN_NS, 12_500_000);
     span.stop();
 }
 
 fn span(emitter: &Emitter) {
     emitter
         .span(
-            "inference",
-            &[("model", "llama-3-8b")],
+            OPERATION,
+            &[(MODEL, "llama-3-8b")],
             Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
         )
         .stop();
