@@ -11,7 +11,8 @@
 //!   events a worker buffers until the hub confirms them.
 //! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
 //! - [`protocol`]: the names and defaults beside the messages: request metadata, reserved
-//!   event names, worker counters and hub drop reasons, GPU events, the outage buffer size.
+//!   event names, worker counters and hub drop reasons, GPU events, the span and inference
+//!   conventions (catalogued in `docs/conventions.md`), the outage buffer size.
 //! - [`sampling`]: the sampling rate and the deterministic per-correlation-id decision.
 //! - [`control`]: a worker's effective control state and the verdict it gives each event.
 //! - [`view`]: `TelemetryEvent` as the hub receives it, without building its maps.

@@ -1,6 +1,7 @@
 //! The names and defaults every participant must agree on besides the message types: request
 //! metadata, reserved event names, the counters workers report and the hub's drop reasons, the
-//! GPU events the sidecar emits and `bridge top` reads, and the default outage buffer.
+//! GPU events the sidecar emits and `bridge top` reads, the span and inference conventions, and
+//! the default outage buffer.
 //!
 //! Each is defined here once; the hub, the worker library, the sidecar and the tests use these
 //! constants. `bridge.proto` documents them, and the tests below check that what it documents
@@ -169,6 +170,111 @@ pub mod gpu {
     pub const USED_MEMORY_BYTES: &str = "used_memory_bytes";
 }
 
+/// What every span's events carry (`{operation}.start`, `.stop`, `.exception`), whatever the
+/// operation; `docs/conventions.md` is the catalogue.
+pub mod span {
+    /// The suffixes of a span's three event names.
+    pub const START: &str = "start";
+    pub const STOP: &str = "stop";
+    pub const EXCEPTION: &str = "exception";
+
+    /// Int measurement of all three: wall-clock nanoseconds since the Unix epoch, where the
+    /// event's `timestamp_ns` may be the hub's or a relay's clock.
+    pub const SYSTEM_TIME_NS: &str = "system_time_ns";
+    /// Int measurement of `.stop` and `.exception`: nanoseconds since `.start`, monotonic.
+    pub const DURATION_NS: &str = "duration_ns";
+
+    /// Metadata of `.stop` ([`RESULT_SUCCESS`]) and `.exception` ([`RESULT_ERROR`]).
+    pub const RESULT: &str = "result";
+    pub const RESULT_SUCCESS: &str = "success";
+    pub const RESULT_ERROR: &str = "error";
+    /// Metadata of `.exception`: a short, low-cardinality class (`CudaOutOfMemory`, `Timeout`),
+    /// and a human-readable message.
+    pub const ERROR_TYPE: &str = "error_type";
+    pub const ERROR_MESSAGE: &str = "error_message";
+    /// The `error_type` of a span that ended by a panic, or was dropped without being ended.
+    pub const ERROR_TYPE_PANIC: &str = "panic";
+    pub const ERROR_TYPE_DROPPED: &str = "dropped";
+
+    /// The keys a span sets itself, which a caller's values do not replace.
+    pub const OWN_MEASUREMENTS: [&str; 2] = [SYSTEM_TIME_NS, DURATION_NS];
+    pub const OWN_METADATA: [&str; 3] = [RESULT, ERROR_TYPE, ERROR_MESSAGE];
+}
+
+/// Inference calls, as a span of operation [`OPERATION`] (see [`span`]): the event names and the
+/// fields every emitter (worker library, sidecar lines, `worker --simulate`, the demo) writes and
+/// every reader (metrics, exporters, `bridge top`) expects. Units are in the names.
+///
+/// `docs/conventions.md` catalogues them with types, the event that carries each, and the
+/// OpenTelemetry GenAI semantic convention each maps to, where there is one.
+pub mod inference {
+    /// The span's operation: its events are the three below.
+    pub const OPERATION: &str = "inference";
+    pub const START: &str = "inference.start";
+    pub const STOP: &str = "inference.stop";
+    pub const EXCEPTION: &str = "inference.exception";
+
+    // Metadata, on all three events.
+    /// The model served (`gen_ai.request.model`).
+    pub const MODEL: &str = "model";
+    /// The model's version or revision, when the deployment has one.
+    pub const MODEL_VERSION: &str = "model_version";
+    /// `pytorch`, `tensorflow`, `onnx`, `vllm`...
+    pub const FRAMEWORK: &str = "framework";
+    /// `preprocessing`, `inference` or `postprocessing`, for a call that is one stage of a
+    /// pipeline.
+    pub const PIPELINE_STAGE: &str = "pipeline_stage";
+    pub use super::span::{ERROR_MESSAGE, ERROR_TYPE, RESULT, RESULT_ERROR, RESULT_SUCCESS};
+
+    // Measurements on `.stop` (and on `.exception`, those known when it failed).
+    pub use super::span::{DURATION_NS, SYSTEM_TIME_NS};
+    /// Int: prompt tokens, cached ones included (`gen_ai.usage.input_tokens`).
+    pub const INPUT_TOKENS: &str = "input_tokens";
+    /// Int: generated tokens (`gen_ai.usage.output_tokens`).
+    pub const OUTPUT_TOKENS: &str = "output_tokens";
+    /// Int: prompt tokens served from a cache; over [`INPUT_TOKENS`], the cache hit rate
+    /// (`gen_ai.usage.cache_read.input_tokens`).
+    pub const CACHED_INPUT_TOKENS: &str = "cached_input_tokens";
+    /// Int: the length of the sequence the model ran, in tokens (padded, for a batch).
+    pub const SEQUENCE_LENGTH_TOKENS: &str = "sequence_length_tokens";
+    /// Int: from the request's start to its first generated token
+    /// (the `gen_ai.server.time_to_first_token` metric, in seconds there).
+    pub const TIME_TO_FIRST_TOKEN_NS: &str = "time_to_first_token_ns";
+    /// Int: time the request waited in the server's queue before it ran.
+    pub const QUEUE_WAIT_NS: &str = "queue_wait_ns";
+    /// Int: requests waiting in the queue when this one was taken.
+    pub const QUEUE_DEPTH: &str = "queue_depth";
+    /// Int: requests in the batch this one ran in.
+    pub const BATCH_SIZE: &str = "batch_size";
+    /// Float in `[0, 1]`: the batch's size over the most it could hold.
+    pub const BATCH_FILL_RATIO: &str = "batch_fill_ratio";
+
+    /// Every metadata key above.
+    pub const METADATA: [&str; 7] = [
+        MODEL,
+        MODEL_VERSION,
+        FRAMEWORK,
+        PIPELINE_STAGE,
+        RESULT,
+        ERROR_TYPE,
+        ERROR_MESSAGE,
+    ];
+    /// Every measurement key above.
+    pub const MEASUREMENTS: [&str; 11] = [
+        SYSTEM_TIME_NS,
+        DURATION_NS,
+        INPUT_TOKENS,
+        OUTPUT_TOKENS,
+        CACHED_INPUT_TOKENS,
+        SEQUENCE_LENGTH_TOKENS,
+        TIME_TO_FIRST_TOKEN_NS,
+        QUEUE_WAIT_NS,
+        QUEUE_DEPTH,
+        BATCH_SIZE,
+        BATCH_FILL_RATIO,
+    ];
+}
+
 /// Events a worker holds until the hub confirms them, unless configured otherwise
 /// (`worker.buffer_events`, `--buffer-events`, `LinkOptions::buffer_events`).
 pub const DEFAULT_BUFFER_EVENTS: usize = 100_000;
@@ -178,6 +284,7 @@ mod tests {
     use super::*;
 
     const PROTO: &str = include_str!("../telemetry/bridge/v1/bridge.proto");
+    const CONVENTIONS: &str = include_str!("../../docs/conventions.md");
 
     /// The comment block just above `message NAME` (or `rpc NAME`), without the `//`s.
     fn comment_before(declaration: &str) -> String {
@@ -245,5 +352,28 @@ mod tests {
         expected.sort_unstable();
         found.sort_unstable();
         assert_eq!(found, expected, "{documented}");
+    }
+
+    /// `docs/conventions.md` catalogues every inference field as a backquoted name, and the
+    /// span's event names are the operation's with the span's suffixes.
+    #[test]
+    fn the_conventions_document_every_inference_name() {
+        for name in [inference::START, inference::STOP, inference::EXCEPTION]
+            .into_iter()
+            .chain(inference::METADATA)
+            .chain(inference::MEASUREMENTS)
+        {
+            assert!(
+                CONVENTIONS.contains(&format!("`{name}`")),
+                "{name} is not in docs/conventions.md"
+            );
+        }
+        for (event, suffix) in [
+            (inference::START, span::START),
+            (inference::STOP, span::STOP),
+            (inference::EXCEPTION, span::EXCEPTION),
+        ] {
+            assert_eq!(event, format!("{}.{suffix}", inference::OPERATION));
+        }
     }
 }

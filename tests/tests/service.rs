@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use bridge_proto::protocol::events;
+use bridge_proto::protocol::{events, inference};
 use bridge_proto::v1::telemetry_bridge_client::TelemetryBridgeClient;
 use bridge_proto::{SERVICE_NAME, v1};
 use bridge_tests::{
@@ -300,12 +300,12 @@ async fn a_python_client_generated_from_the_proto_interoperates() {
     let delivery = eventually("its events to reach the subscriber", WAIT, || async {
         tail.deliveries()
             .into_iter()
-            .find(|d| d.worker_id == worker.id && name(d) == "inference.stop")
+            .find(|d| d.worker_id == worker.id && name(d) == inference::STOP)
     })
     .await;
     let event = delivery.event.expect("event");
     assert_eq!(event.event_parts, ["inference", "stop"]);
-    assert_eq!(event.metadata["model"], "seed-model");
+    assert_eq!(event.metadata[inference::MODEL], "seed-model");
     use v1::telemetry_value::Value;
     assert!(matches!(
         event.measurements["tokens"].value,

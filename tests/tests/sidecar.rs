@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use bridge_proto::protocol::{counters, gpu, hub_drops};
+use bridge_proto::protocol::{counters, gpu, hub_drops, inference};
 use bridge_proto::{sampling::Rate, v1};
 use bridge_tests::{
     HubOptions, HubProcess, Proxy, ProxyMode, PythonGrpc, QUICK_WORKER_CONFIG, Recorder,
@@ -37,7 +37,7 @@ async fn an_app_runs_with_its_output_untouched_and_its_telemetry_relayed() {
     let (_dir, app) = script(
         r#"printf 'line one\n\001\377 binary\n'
 printf 'plain stderr \377\n' >&2
-echo 'TELEMETRY:{"event":"inference.stop","measurements":{"tokens":512,"latency_ms":12.5,"device":"cuda:0"},"metadata":{"model":"llama"},"correlation_id":"req-1"}' >&2
+echo 'TELEMETRY:{"event":"inference.stop","measurements":{"output_tokens":512,"batch_fill_ratio":0.5,"device":"cuda:0"},"metadata":{"model":"llama"},"correlation_id":"req-1"}' >&2
 echo 'TELEMETRY:{"event": oops' >&2
 echo 'TELEMETRY:{"event":["tool","stop"],"timestamp_ns":1700000000000000000}' >&2
 printf 'last line without newline' >&2
@@ -89,21 +89,21 @@ exit 7
             .position(|x| x == n)
             .unwrap_or_else(|| panic!("{n} in {names:?}"))
     };
-    assert!(position("worker.ready") < position("inference.stop"));
+    assert!(position("worker.ready") < position(inference::STOP));
     assert!(position("tool.stop") < position("worker.exit"));
 
-    let stop = from_app[position("inference.stop")]
+    let stop = from_app[position(inference::STOP)]
         .event
         .clone()
         .expect("event");
     use v1::telemetry_value::Value;
     assert_eq!(
-        stop.measurements["tokens"].value,
+        stop.measurements[inference::OUTPUT_TOKENS].value,
         Some(Value::IntValue(512))
     );
     assert_eq!(
-        stop.measurements["latency_ms"].value,
-        Some(Value::FloatValue(12.5))
+        stop.measurements[inference::BATCH_FILL_RATIO].value,
+        Some(Value::FloatValue(0.5))
     );
     assert_eq!(
         stop.measurements["device"].value,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use bridge_proto::protocol::{events, headers};
+use bridge_proto::protocol::{events, headers, inference};
 use bridge_proto::v1::{self, subscribe_response::Item};
 use bridge_tests::{
     HubOptions, HubProcess, Recorder, WorkerProcess, eventually, matching, name, open_stream,
@@ -128,24 +128,22 @@ async fn cli_tail_prints_json_lines_and_stops_after_the_limit() {
         assert_eq!(line["worker_id"], "gpu-7");
         assert_eq!(line["pool"], "llama");
         assert!(
-            line["event"]
-                .as_str()
-                .expect("event")
-                .starts_with("inference.")
+            [inference::START, inference::STOP, inference::EXCEPTION]
+                .contains(&line["event"].as_str().expect("event"))
         );
         assert!(line["timestamp_ns"].as_i64().expect("timestamp") > 0);
         assert!(!line["correlation_id"].as_str().expect("cid").is_empty());
-        assert_eq!(line["metadata"]["model"], "llama-3-8b");
+        assert_eq!(line["metadata"][inference::MODEL], "llama-3-8b");
         assert!(
-            line["measurements"]["tokens_in"].is_i64(),
+            line["measurements"][inference::SYSTEM_TIME_NS].is_i64(),
             "ints stay ints: {line}"
         );
     }
-    let stop = lines.iter().find(|l| l["event"] == "inference.stop");
-    if let Some(stop) = stop {
+    let end = lines.iter().find(|l| l["event"] != inference::START);
+    if let Some(end) = end {
         assert!(
-            stop["measurements"]["duration_ms"].is_f64(),
-            "floats stay numbers: {stop}"
+            end["measurements"][inference::BATCH_FILL_RATIO].is_f64(),
+            "floats stay numbers: {end}"
         );
     }
 }

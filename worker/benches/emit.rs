@@ -1,7 +1,14 @@
-//! What `Emitter::emit` costs the caller: disabled, sampled out, and accepted into the buffer.
+//! What `Emitter::emit` and a span cost the caller: disabled, sampled out, and accepted into the
+//! buffer.
 //! `bridge-bench` reports the same figures next to the naive encoding; this is for profiling.
 
-use bridge_proto::{control::ControlState, sampling::Rate};
+use bridge_proto::{
+    control::ControlState,
+    protocol::inference::{
+        DURATION_NS, INPUT_TOKENS, MODEL, OPERATION, OUTPUT_TOKENS, STOP, TIME_TO_FIRST_TOKEN_NS,
+    },
+    sampling::Rate,
+};
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use worker::{Emitter, Value};
@@ -14,13 +21,13 @@ fn emitter(enabled: bool, rate: Rate, capacity: usize) -> Emitter {
 
 fn emit(emitter: &Emitter, i: i64) {
     emitter.emit(
-        "inference.stop",
+        STOP,
         &[
-            ("tokens_in", Value::Int(1337)),
-            ("tokens_out", Value::Int(black_box(i))),
-            ("duration_ms", Value::Float(48.25)),
+            (INPUT_TOKENS, Value::Int(1337)),
+            (OUTPUT_TOKENS, Value::Int(black_box(i))),
+            (DURATION_NS, Value::Int(48_250_000)),
         ],
-        &[("model", "llama-3-8b")],
+        &[(MODEL, "llama-3-8b")],
         Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
     );
 }
@@ -38,6 +45,36 @@ fn bench(c: &mut Criterion) {
     // it does in a worker whose hub is away.
     let queued = emitter(true, Rate::ALL, 1 << 20);
     c.bench_function("emit/queued", |b| b.iter(|| emit(&queued, 1)));
+
+    // A span is two events, `.start` and `.stop`, plus the span's own bookkeeping.
+    c.bench_function("span/disabled", |b| b.iter(|| span(&disabled)));
+    c.bench_function("span/queued", |b| b.iter(|| span(&queued)));
+    c.bench_function("span/queued_recording_3", |b| {
+        b.iter(|| span_recording(&queued, 212))
+    });
+}
+
+/// A span as an inference server would end it, with three measurements taken during the call.
+fn span_recording(emitter: &Emitter, output_tokens: i64) {
+    let mut span = emitter.span(
+        OPERATION,
+        &[(MODEL, "llama-3-8b")],
+        Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
+    );
+    span.record(INPUT_TOKENS, 1337);
+    span.record(OUTPUT_TOKENS, black_box(output_tokens));
+    span.record(TIME_TO_FIRST_TOKEN_NS, 12_500_000);
+    span.stop();
+}
+
+fn span(emitter: &Emitter) {
+    emitter
+        .span(
+            OPERATION,
+            &[(MODEL, "llama-3-8b")],
+            Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
+        )
+        .stop();
 }
 
 criterion_group!(benches, bench);

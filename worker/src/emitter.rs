@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use bridge_proto::{
     control::{ControlState, Verdict},
     pattern::{validate_event_name, validate_event_parts},
-    protocol::events,
+    protocol::{events, span},
     sampling::{Draw, Presampled},
     v1,
 };
@@ -216,8 +216,9 @@ impl Emitter {
     }
 
     /// Starts a span: emits `{operation}.start` now, and `.stop` or `.exception` (with the
-    /// duration) when the span ends. All three share one correlation id (generated when
-    /// `correlation_id` is `None`), so sampling keeps or drops them together.
+    /// duration and what was recorded on the span meanwhile) when the span ends. All three share
+    /// one correlation id (generated when `correlation_id` is `None`), so sampling keeps or drops
+    /// them together. `docs/conventions.md` names the fields of an inference span.
     pub fn span(
         &self,
         operation: &str,
@@ -233,10 +234,15 @@ impl Emitter {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             correlation_id,
+            recorded: Vec::new(),
             started: Instant::now(),
             finished: false,
         };
-        span.emit("start", &[("system_time_ns", Value::Int(now_ns()))], &[]);
+        span.emit(
+            span::START,
+            &[(span::SYSTEM_TIME_NS, Value::Int(now_ns()))],
+            &[],
+        );
         span
     }
 
@@ -272,14 +278,58 @@ impl Emitter {
 }
 
 /// A timed operation; see [`Emitter::span`].
+///
+/// What is measured during the call ([`Span::record`], [`Span::set_metadata`]) goes on the
+/// event that ends it:
+///
+/// ```
+/// use bridge_proto::protocol::inference::{MODEL, MODEL_VERSION, OPERATION, OUTPUT_TOKENS};
+/// let telemetry = worker::Emitter::detached(8);
+/// let mut span = telemetry.span(OPERATION, &[(MODEL, "llama-70b")], None);
+/// // ... run the model ...
+/// span.record(OUTPUT_TOKENS, 212);
+/// span.set_metadata(MODEL_VERSION, "3");
+/// span.stop(); // inference.stop with duration_ns, output_tokens=212, model_version=3
+/// ```
 #[derive(Debug)]
 pub struct Span {
     emitter: Emitter,
     operation: String,
     metadata: HashMap<String, String>,
     correlation_id: String,
+    /// Measurements for the end event. It allocates only when something is recorded, so a span
+    /// that records nothing costs what spans did before they could record.
+    recorded: Vec<(String, Recorded)>,
     started: Instant,
     finished: bool,
+}
+
+/// A recorded measurement, owned until the span ends.
+#[derive(Debug, Clone, PartialEq)]
+enum Recorded {
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl Recorded {
+    fn as_value(&self) -> Value<'_> {
+        match self {
+            Recorded::Int(v) => Value::Int(*v),
+            Recorded::Float(v) => Value::Float(*v),
+            Recorded::Str(v) => Value::Str(v),
+        }
+    }
+}
+
+impl From<Value<'_>> for Recorded {
+    fn from(value: Value<'_>) -> Self {
+        match value {
+            Value::Int(v) => Recorded::Int(v),
+            Value::Float(v) => Recorded::Float(v),
+            Value::Str(v) => Recorded::Str(v.to_owned()),
+        }
+    }
 }
 
 impl Span {
@@ -287,20 +337,49 @@ impl Span {
         &self.correlation_id
     }
 
-    /// Ends the span successfully: `{operation}.stop` with `duration_ns`, `result=success`.
-    pub fn stop(mut self) {
-        self.finish("stop", &[("result", "success")]);
+    /// Records a measurement for the event that ends the span (`.stop` or `.exception`), e.g.
+    /// `span.record(OUTPUT_TOKENS, 212)`. Recording a key again replaces its value. The span's
+    /// own `duration_ns` and `system_time_ns` cannot be replaced: recording them is ignored.
+    pub fn record<'v>(&mut self, key: &str, value: impl Into<Value<'v>>) {
+        if span::OWN_MEASUREMENTS.contains(&key) {
+            return;
+        }
+        let value = Recorded::from(value.into());
+        match self.recorded.iter_mut().find(|(k, _)| k == key) {
+            Some((_, old)) => *old = value,
+            None => self.recorded.push((key.to_owned(), value)),
+        }
     }
 
-    /// Ends the span with an error: `{operation}.exception` with `duration_ns`,
-    /// `result=error`, `error_type` and `error_message`.
+    /// Sets metadata for the event that ends the span, besides what it started with (which a
+    /// key set again replaces). The span's own `result`, `error_type` and `error_message`
+    /// cannot be replaced: setting them is ignored.
+    pub fn set_metadata(&mut self, key: &str, value: &str) {
+        if span::OWN_METADATA.contains(&key) {
+            return;
+        }
+        self.metadata.insert(key.to_owned(), value.to_owned());
+    }
+
+    /// Ends the span successfully: `{operation}.stop` with `duration_ns`, what was recorded,
+    /// and `result=success`.
+    pub fn stop(mut self) {
+        self.finish(span::STOP, &[(span::RESULT, span::RESULT_SUCCESS)]);
+    }
+
+    /// Ends the span with an error: `{operation}.exception` with `duration_ns`, what was
+    /// recorded, and `result=error`, `error_type` and `error_message`.
     pub fn exception(mut self, error_type: &str, error_message: &str) {
+        self.fail(error_type, error_message);
+    }
+
+    fn fail(&mut self, error_type: &str, error_message: &str) {
         self.finish(
-            "exception",
+            span::EXCEPTION,
             &[
-                ("result", "error"),
-                ("error_type", error_type),
-                ("error_message", error_message),
+                (span::RESULT, span::RESULT_ERROR),
+                (span::ERROR_TYPE, error_type),
+                (span::ERROR_MESSAGE, error_message),
             ],
         );
     }
@@ -308,14 +387,22 @@ impl Span {
     fn finish(&mut self, suffix: &str, extra: &[(&str, &str)]) {
         self.finished = true;
         let duration = i64::try_from(self.started.elapsed().as_nanos()).unwrap_or(i64::MAX);
-        self.emit(
-            suffix,
-            &[
-                ("duration_ns", Value::Int(duration)),
-                ("system_time_ns", Value::Int(now_ns())),
-            ],
-            extra,
-        );
+        let own = [
+            (span::DURATION_NS, Value::Int(duration)),
+            (span::SYSTEM_TIME_NS, Value::Int(now_ns())),
+        ];
+        if self.recorded.is_empty() {
+            return self.emit(suffix, &own, extra);
+        }
+        let measurements: Vec<(&str, Value<'_>)> = own
+            .into_iter()
+            .chain(
+                self.recorded
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_value())),
+            )
+            .collect();
+        self.emit(suffix, &measurements, extra);
     }
 
     fn emit(&self, suffix: &str, measurements: &[(&str, Value<'_>)], extra: &[(&str, &str)]) {
@@ -337,18 +424,14 @@ impl Drop for Span {
     fn drop(&mut self) {
         if !self.finished {
             let (error_type, message) = if std::thread::panicking() {
-                ("panic", "the span's thread panicked")
+                (span::ERROR_TYPE_PANIC, "the span's thread panicked")
             } else {
-                ("dropped", "the span ended without stop() or exception()")
+                (
+                    span::ERROR_TYPE_DROPPED,
+                    "the span ended without stop() or exception()",
+                )
             };
-            self.finish(
-                "exception",
-                &[
-                    ("result", "error"),
-                    ("error_type", error_type),
-                    ("error_message", message),
-                ],
-            );
+            self.fail(error_type, message);
         }
     }
 }
@@ -524,5 +607,76 @@ mod tests {
         assert_eq!(events[3].metadata["error_type"], "Timeout");
         assert_eq!(events[3].correlation_id, "req-9");
         assert_eq!(events[5].metadata["error_type"], "dropped");
+    }
+
+    #[test]
+    fn what_a_span_records_lands_on_stop_only() {
+        use bridge_proto::protocol::inference::*;
+        use bridge_proto::v1::telemetry_value::Value as V;
+        let emitter = Emitter::detached(16);
+        let mut span = emitter.span(OPERATION, &[(MODEL, "llama")], None);
+        span.record(INPUT_TOKENS, 1024);
+        span.record(OUTPUT_TOKENS, 1);
+        span.record(OUTPUT_TOKENS, 212);
+        span.record(BATCH_FILL_RATIO, 0.5);
+        span.record(DURATION_NS, 7);
+        span.set_metadata(MODEL_VERSION, "3");
+        span.set_metadata(RESULT, "maybe");
+        span.stop();
+
+        let events = emitter.buffered();
+        let (start, stop) = (&events[0], &events[1]);
+        assert_eq!(start.event_parts.join("."), START);
+        let keys: Vec<&str> = start.measurements.keys().map(String::as_str).collect();
+        assert_eq!(keys, [SYSTEM_TIME_NS], "recorded values are for the end");
+        assert_eq!(stop.event_parts.join("."), STOP);
+        let int = |key: &str| match stop.measurements[key].value {
+            Some(V::IntValue(v)) => v,
+            ref other => panic!("{key}: {other:?}"),
+        };
+        assert_eq!((int(INPUT_TOKENS), int(OUTPUT_TOKENS)), (1024, 212));
+        assert_ne!(int(DURATION_NS), 7, "the span measures its own duration");
+        assert!(int(SYSTEM_TIME_NS) > 0);
+        assert_eq!(
+            stop.measurements[BATCH_FILL_RATIO].value,
+            Some(V::FloatValue(0.5))
+        );
+        assert_eq!(stop.measurements.len(), 5);
+        assert_eq!(stop.metadata[MODEL], "llama");
+        assert_eq!(stop.metadata[MODEL_VERSION], "3");
+        assert_eq!(stop.metadata[RESULT], RESULT_SUCCESS);
+    }
+
+    #[test]
+    fn what_a_span_records_lands_on_exception_too() {
+        use bridge_proto::protocol::inference::*;
+        let emitter = Emitter::detached(16);
+        let mut span = emitter.span(OPERATION, &[(MODEL, "llama")], Some("req-2"));
+        span.record(QUEUE_WAIT_NS, 1500);
+        span.set_metadata(PIPELINE_STAGE, "inference");
+        span.exception("CudaOutOfMemory", "out of memory");
+        let mut dropped = emitter.span(OPERATION, &[], None);
+        dropped.record(INPUT_TOKENS, 9);
+        drop(dropped);
+
+        let events = emitter.buffered();
+        let exception = &events[1];
+        assert_eq!(exception.event_parts.join("."), EXCEPTION);
+        assert!(exception.measurements.contains_key(QUEUE_WAIT_NS));
+        assert!(exception.measurements.contains_key(DURATION_NS));
+        assert_eq!(exception.metadata[PIPELINE_STAGE], "inference");
+        assert_eq!(exception.metadata[RESULT], RESULT_ERROR);
+        assert_eq!(exception.metadata[ERROR_TYPE], "CudaOutOfMemory");
+        let dropped = &events[3];
+        assert_eq!(dropped.metadata[ERROR_TYPE], "dropped");
+        assert!(dropped.measurements.contains_key(INPUT_TOKENS));
+    }
+
+    /// The end event of a span that records nothing is built without a heap allocation for its
+    /// measurements: `recorded` never allocated.
+    #[test]
+    fn a_span_that_records_nothing_holds_no_recorded_buffer() {
+        let span = Emitter::detached(4).span("op", &[], None);
+        assert_eq!(span.recorded.capacity(), 0);
     }
 }

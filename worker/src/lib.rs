@@ -5,8 +5,9 @@
 //! use worker::{Link, LinkOptions};
 //! let link = Link::start(LinkOptions::new("http://127.0.0.1:50051", "gpu-3"))?;
 //! let telemetry = link.emitter();
-//! let span = telemetry.span("inference", &[("model", "llama-3-8b")], None);
+//! let mut span = telemetry.span("inference", &[("model", "llama-3-8b")], None);
 //! // ... run the model ...
+//! span.record("output_tokens", 212);
 //! span.stop();
 //! telemetry.emit("cache.hit", &[("bytes", 4096.into())], &[], None);
 //! link.close(std::time::Duration::from_secs(5)).await;

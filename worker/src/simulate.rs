@@ -1,17 +1,23 @@
 //! Synthetic inference traffic, for demos, smoke tests and benchmarks.
 //!
 //! Each simulated request emits `inference.start` and `inference.stop` (or, for about 1 in 100,
-//! `inference.exception`) with one correlation id, the way an instrumented model server would;
+//! `inference.exception`) with one correlation id and the fields of `docs/conventions.md`, the
+//! way an instrumented model server would;
 //! once a second the worker also reports its one simulated GPU as `gpu.metrics`, through the
 //! same code as NVML's samples, so that `bridge top` and dashboards read it like a real one.
 
 use std::time::{Duration, Instant};
 
+use bridge_proto::protocol::inference::{
+    BATCH_FILL_RATIO, BATCH_SIZE, CACHED_INPUT_TOKENS, DURATION_NS, ERROR_MESSAGE, ERROR_TYPE,
+    EXCEPTION, INPUT_TOKENS, MODEL, OUTPUT_TOKENS, QUEUE_WAIT_NS, RESULT, RESULT_ERROR,
+    RESULT_SUCCESS, START, STOP, SYSTEM_TIME_NS, TIME_TO_FIRST_TOKEN_NS,
+};
 use rand::{RngExt, rngs::SmallRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    emitter::{Emitter, new_correlation_id},
+    emitter::{Emitter, new_correlation_id, now_ns},
     gpu::{self, DeviceSample},
     value::Value,
 };
@@ -55,49 +61,61 @@ pub async fn run(emitter: Emitter, simulation: Simulation, until: CancellationTo
     }
 }
 
-/// One request's events.
+/// The most requests the simulated server batches together.
+const MAX_BATCH_SIZE: i64 = 16;
+
+/// One request's events, with the fields `docs/conventions.md` names.
 pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
     let id = new_correlation_id();
-    let batch_size: i64 = [1, 2, 4, 8, 16][rng.random_range(0..5)];
-    let tokens_in: i64 = rng.random_range(16..2048);
-    let tokens_out: i64 = rng.random_range(1..512);
-    let metadata = [("model", model), ("route", "/v1/completions")];
+    let batch_size: i64 = [1, 2, 4, 8, MAX_BATCH_SIZE][rng.random_range(0..5)];
+    let input_tokens: i64 = rng.random_range(16..2048);
+    let output_tokens: i64 = rng.random_range(1..512);
+    let now = now_ns();
     emitter.emit(
-        "inference.start",
-        &[
-            ("batch_size", Value::Int(batch_size)),
-            ("tokens_in", Value::Int(tokens_in)),
-        ],
-        &metadata,
+        START,
+        &[(SYSTEM_TIME_NS, Value::Int(now))],
+        &[(MODEL, model)],
         Some(&id),
     );
-    let round = |ms: f64| (ms * 100.0).round() / 100.0;
-    let latency_ms = round(5.0 + tokens_out as f64 * rng.random_range(0.02..0.08));
+    let ms = 1_000_000.0;
+    let duration_ns = ((5.0 + output_tokens as f64 * rng.random_range(0.02..0.08)) * ms) as i64;
+    let queue_wait_ns = (rng.random_range(0.0..3.0) * ms) as i64;
+    let end = [
+        (SYSTEM_TIME_NS, Value::Int(now + duration_ns)),
+        (DURATION_NS, Value::Int(duration_ns)),
+        (INPUT_TOKENS, Value::Int(input_tokens)),
+        (QUEUE_WAIT_NS, Value::Int(queue_wait_ns)),
+        (BATCH_SIZE, Value::Int(batch_size)),
+        (
+            BATCH_FILL_RATIO,
+            Value::Float(batch_size as f64 / MAX_BATCH_SIZE as f64),
+        ),
+    ];
     if rng.random_range(0..100) == 0 {
         emitter.emit(
-            "inference.exception",
-            &[("duration_ms", Value::Float(latency_ms))],
+            EXCEPTION,
+            &end,
             &[
-                ("model", model),
-                ("result", "error"),
-                ("error_type", "CudaOutOfMemory"),
+                (MODEL, model),
+                (RESULT, RESULT_ERROR),
+                (ERROR_TYPE, "CudaOutOfMemory"),
+                (ERROR_MESSAGE, "simulated: CUDA out of memory"),
             ],
             Some(&id),
         );
     } else {
+        let time_to_first_token_ns = (duration_ns as f64 * rng.random_range(0.05..0.3)) as i64;
+        let cached_input_tokens = input_tokens * rng.random_range(0..=50) / 100;
+        let generated = [
+            (OUTPUT_TOKENS, Value::Int(output_tokens)),
+            (CACHED_INPUT_TOKENS, Value::Int(cached_input_tokens)),
+            (TIME_TO_FIRST_TOKEN_NS, Value::Int(time_to_first_token_ns)),
+        ];
+        let measurements: Vec<_> = end.into_iter().chain(generated).collect();
         emitter.emit(
-            "inference.stop",
-            &[
-                ("batch_size", Value::Int(batch_size)),
-                ("tokens_in", Value::Int(tokens_in)),
-                ("tokens_out", Value::Int(tokens_out)),
-                ("duration_ms", Value::Float(latency_ms)),
-                (
-                    "ttft_ms",
-                    Value::Float(round(latency_ms * rng.random_range(0.05..0.3))),
-                ),
-            ],
-            &[("model", model), ("result", "success")],
+            STOP,
+            &measurements,
+            &[(MODEL, model), (RESULT, RESULT_SUCCESS)],
             Some(&id),
         );
     }
@@ -150,5 +168,45 @@ mod tests {
         };
         assert_eq!(keys(simulated), keys(real));
         assert!(keys(simulated).contains(&UTILIZATION_GPU_PERCENT.to_owned()));
+    }
+
+    /// Simulated requests carry the conventional names, so the demo exercises what real
+    /// instrumented servers send.
+    #[test]
+    fn simulated_requests_follow_the_inference_conventions() {
+        use bridge_proto::protocol::inference;
+        let emitter = Emitter::detached(1024);
+        let mut rng = rand::make_rng();
+        for _ in 0..300 {
+            request(&emitter, "llama", &mut rng);
+        }
+        let events = emitter.buffered();
+        for event in &events {
+            let name = event.event_parts.join(".");
+            assert!([START, STOP, EXCEPTION].contains(&name.as_str()), "{name}");
+            assert_eq!(event.metadata[MODEL], "llama");
+            for key in event.measurements.keys().chain(event.metadata.keys()) {
+                assert!(
+                    inference::MEASUREMENTS.contains(&key.as_str())
+                        || inference::METADATA.contains(&key.as_str()),
+                    "{key} is not a conventional name"
+                );
+            }
+        }
+        let stop = events
+            .iter()
+            .find(|e| e.event_parts.join(".") == STOP)
+            .expect("a stop");
+        for key in [
+            DURATION_NS,
+            INPUT_TOKENS,
+            OUTPUT_TOKENS,
+            TIME_TO_FIRST_TOKEN_NS,
+            QUEUE_WAIT_NS,
+            BATCH_SIZE,
+        ] {
+            assert!(stop.measurements.contains_key(key), "{key}");
+        }
+        assert_eq!(stop.metadata[RESULT], RESULT_SUCCESS);
     }
 }

@@ -1,7 +1,7 @@
 //! The simple mode of the telemetry-stream design: an app writes one line per event on stderr,
 //!
 //! ```text
-//! TELEMETRY:{"event": "inference.stop", "measurements": {"tokens": 512, "latency_ms": 12.5},
+//! TELEMETRY:{"event": "inference.stop", "measurements": {"output_tokens": 512, "duration_ns": 12500},
 //!            "metadata": {"model": "llama"}, "correlation_id": "req-1", "timestamp_ns": 123}
 //! ```
 //!

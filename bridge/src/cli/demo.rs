@@ -20,7 +20,11 @@ use bridge::{
     client::HubClient,
     command::{Change, Selector},
 };
-use bridge_proto::{protocol::events, sampling::Rate, v1};
+use bridge_proto::{
+    protocol::{events, inference},
+    sampling::Rate,
+    v1,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +46,11 @@ fn positive(text: &str) -> Result<f64, String> {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
         _ => Err(format!("`{text}` is not a positive number")),
     }
+}
+
+/// One of a simulated request's events (`docs/conventions.md`).
+fn is_inference(name: &str) -> bool {
+    [inference::START, inference::STOP, inference::EXCEPTION].contains(&name)
 }
 
 const WORKERS: [(&str, &str); 3] = [
@@ -241,7 +250,7 @@ async fn read_tail(
                     .as_ref()
                     .map(|e| e.event_parts.join("."))
                     .unwrap_or_default();
-                if name.starts_with("inference.") {
+                if is_inference(&name) {
                     *counts
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -251,7 +260,7 @@ async fn read_tail(
                 let sampled = delivery.sampling_rate < 1.0;
                 let reserved = events::is_reserved(&name);
                 let show = reserved
-                    || (shown < 4 && name.starts_with("inference."))
+                    || (shown < 4 && is_inference(&name))
                     || (sampled && shown_sampled < 2);
                 if show {
                     shown += usize::from(!reserved);
