@@ -150,13 +150,10 @@ fn admit(event: &EventView, admission: &mut Admission) -> Result<(), Refused> {
         return Err(Refused::Invalid(problem.to_owned()));
     }
     validate_event_tokens(event.parts()).map_err(|e| Refused::Invalid(e.to_string()))?;
-    admission.check(event).map_err(|excess| match excess {
-        Excess::Size(what) => Refused::Size(what),
-        Excess::Rate => Refused::Rate,
-    })
+    admission.check(event)
 }
 
-/// Why [`admit`] refused an event.
+/// Why [`admit`] (or the [`Admission`] limits) refused an event.
 enum Refused {
     Invalid(String),
     Size(String),
@@ -221,12 +218,6 @@ fn protocol_event(session: &Session, event: &v1::TelemetryEvent) -> Result<(), S
     }
 }
 
-/// Why [`Admission`] refused an event.
-enum Excess {
-    Size(String),
-    Rate,
-}
-
 /// `[limits]` as one worker stream applies them: event size, and a token bucket for the
 /// worker's event rate (bursts of up to one second's worth).
 struct Admission {
@@ -243,7 +234,7 @@ impl Admission {
         }
     }
 
-    fn check(&mut self, event: &EventView) -> Result<(), Excess> {
+    fn check(&mut self, event: &EventView) -> Result<(), Refused> {
         let shape = event.shape();
         let limits = &self.limits;
         for (value, limit, what, key) in [
@@ -267,7 +258,7 @@ impl Admission {
             ),
         ] {
             if value > limit {
-                return Err(Excess::Size(format!(
+                return Err(Refused::Size(format!(
                     "{value} {what}, over the limit of {limit} (limits.{key})"
                 )));
             }
@@ -279,7 +270,7 @@ impl Admission {
                 .min(per_second);
             *refilled = now;
             if *tokens < 1.0 {
-                return Err(Excess::Rate);
+                return Err(Refused::Rate);
             }
             *tokens -= 1.0;
         }

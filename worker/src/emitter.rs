@@ -275,6 +275,15 @@ impl Emitter {
             .filter_map(|e| v1::TelemetryEvent::decode(e.as_bytes().clone()).ok())
             .collect()
     }
+
+    /// The dotted names of what [`Emitter::buffered`] holds, for tests.
+    #[cfg(test)]
+    pub(crate) fn buffered_names(&self) -> Vec<String> {
+        self.buffered()
+            .iter()
+            .map(|e| e.event_parts.join("."))
+            .collect()
+    }
 }
 
 /// A timed operation; see [`Emitter::span`].
@@ -481,14 +490,6 @@ mod tests {
     use super::*;
     use bridge_proto::{pattern::Pattern, sampling::Rate};
 
-    fn names(emitter: &Emitter) -> Vec<String> {
-        emitter
-            .buffered()
-            .iter()
-            .map(|e| e.event_parts.join("."))
-            .collect()
-    }
-
     #[test]
     fn emit_builds_the_event_with_typed_values() {
         let emitter = Emitter::detached(8);
@@ -552,7 +553,7 @@ mod tests {
         emitter.emit("debug.trace", &[], &[], None);
         emitter.emit("inference.stop", &[], &[], None);
         emitter.emit("bad..name", &[], &[], None);
-        assert_eq!(names(&emitter), ["inference.stop"]);
+        assert_eq!(emitter.buffered_names(), ["inference.stop"]);
         let c = emitter.counters();
         assert_eq!(
             (c.sampled_out, c.filtered, c.dropped_invalid_name),
@@ -569,7 +570,7 @@ mod tests {
         ));
         emitter.emit("inference.stop", &[], &[], None);
         assert_eq!(
-            names(&emitter),
+            emitter.buffered_names(),
             ["inference.stop"],
             "nothing more was accepted"
         );

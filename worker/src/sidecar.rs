@@ -421,14 +421,6 @@ mod tests {
         (out, emitter)
     }
 
-    fn names(emitter: &Emitter) -> Vec<String> {
-        emitter
-            .buffered()
-            .iter()
-            .map(|e| e.event_parts.join("."))
-            .collect()
-    }
-
     /// `TELEMETRY:{"event":NAME}` padded with spaces (which the parser ignores) to `len` bytes.
     fn telemetry(name: &str, len: usize) -> Vec<u8> {
         let mut line = format!(r#"TELEMETRY:{{"event":"{name}"}}"#).into_bytes();
@@ -465,7 +457,11 @@ mod tests {
             }
             expected.extend_from_slice(b"last, without a newline");
             assert!(out == expected, "chunk {chunk}: the output differs");
-            assert_eq!(names(&emitter), ["at.cap", "after.long"], "chunk {chunk}");
+            assert_eq!(
+                emitter.buffered_names(),
+                ["at.cap", "after.long"],
+                "chunk {chunk}"
+            );
             let counters = emitter.counters();
             // The plain long line was never an event: passed through, nothing lost.
             assert_eq!(counters.dropped_line_too_long, 2, "chunk {chunk}");
@@ -512,7 +508,7 @@ mod tests {
         let mut rest = Vec::new();
         ours.read_to_end(&mut rest).await.expect("read");
         assert_eq!(rest, b"xyz\n");
-        assert_eq!(names(&emitter), ["next"]);
+        assert_eq!(emitter.buffered_names(), ["next"]);
     }
 
     #[test]
