@@ -142,9 +142,24 @@ async fn open(mut stream: TcpStream, opening: Opening) -> Option<(TcpStream, Vec
                 );
                 let _ = stream.write_all(response.as_bytes()).await;
                 let _ = stream.shutdown().await;
+                linger(stream).await;
                 return None;
             }
             Some((stream, read))
+        }
+    }
+}
+
+/// Reads and discards what the peer still sends after the answer, until it closes or
+/// `MAX_REQUEST_LINE` more bytes came (the caller's timeout bounds the wait): closing a socket
+/// with unread bytes sends a reset, which can destroy the answer before the peer reads it.
+async fn linger(mut stream: TcpStream) {
+    let mut discard = [0u8; 1024];
+    let mut drained = 0;
+    while drained < MAX_REQUEST_LINE {
+        match stream.read(&mut discard).await {
+            Ok(n) if n > 0 => drained += n,
+            _ => return,
         }
     }
 }
@@ -349,5 +364,34 @@ mod tests {
         let mut got = vec![0u8; request.len()];
         connection.read_exact(&mut got).await.unwrap();
         assert_eq!(got, request);
+    }
+
+    /// A client that sends its headers after the refused request line (or in several writes)
+    /// still reads the whole 400: the hub does not close with its bytes unread.
+    #[tokio::test]
+    async fn a_refused_request_is_answered_whole_however_it_is_sent() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = incoming(listener, Opening::RequestLine, Duration::from_secs(5), 4);
+        tokio::spawn(async move {
+            let mut connections = Box::pin(connections);
+            while connections.next().await.is_some() {}
+        });
+        for _ in 0..20 {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET /api/events?pattern=a.> HTTP/1.1\r\n")
+                .await
+                .unwrap();
+            let mut status = [0u8; 12];
+            stream.read_exact(&mut status).await.unwrap();
+            assert_eq!(&status, b"HTTP/1.1 400");
+            for header in ["Host: x\r\n", "Accept: */*\r\n", "\r\n"] {
+                stream.write_all(header.as_bytes()).await.unwrap();
+            }
+            let mut rest = String::new();
+            stream.read_to_string(&mut rest).await.unwrap();
+            assert!(rest.ends_with("}}"), "{rest}");
+        }
     }
 }
