@@ -17,7 +17,7 @@ use prometheus_client::{
 use crate::{hub::Hub, latency::Snapshot};
 
 /// Worker-side outcomes reported in `bridge.worker.stats`, as metric label values.
-const WORKER_DROPS: [(&str, &str); 7] = [
+const WORKER_DROPS: [(&str, &str); 8] = [
     (counters::SAMPLED_OUT, "sampled_out"),
     (counters::FILTERED, "filtered"),
     (counters::DISABLED, "disabled"),
@@ -25,6 +25,10 @@ const WORKER_DROPS: [(&str, &str); 7] = [
     (counters::DROPPED_INVALID_NAME, "invalid_name"),
     (counters::DROPPED_PARSE_ERROR, "parse_error"),
     (counters::DROPPED_LINE_TOO_LONG, "line_too_long"),
+    (
+        counters::DROPPED_INVALID_TRACE_CONTEXT,
+        "invalid_trace_context",
+    ),
 ];
 
 /// Renders the hub's metrics in the OpenMetrics text format.

@@ -15,6 +15,7 @@ use prost::{
     encoding::{DecodeContext, WireType, skip_field},
 };
 
+use crate::trace::TraceId;
 use crate::v1::{
     EventDelivery, LagNotice, SubscribeResponse, TelemetryEvent, subscribe_response::Item,
 };
@@ -176,17 +177,32 @@ impl EncodedSubscribeResponse {
         &self.bytes
     }
 
-    /// Bytes received from elsewhere (another hub) that must hold an event delivery, and the
-    /// time the delivering hub received the event; `None` when they do not, so that nothing
-    /// malformed reaches a subscriber.
-    pub fn checked_delivery(bytes: Bytes) -> Option<(Self, i64)> {
+    /// Bytes received from elsewhere (another hub) that must hold an event delivery, with what
+    /// the receiving hub's filters read; `None` when they do not, so that nothing malformed
+    /// reaches a subscriber.
+    pub fn checked_delivery(bytes: Bytes) -> Option<CheckedDelivery> {
         match SubscribeResponse::decode(bytes.clone()) {
             Ok(SubscribeResponse {
                 item: Some(Item::Event(delivery)),
-            }) => Some((Self { bytes }, delivery.received_ns)),
+            }) => Some(CheckedDelivery {
+                response: Self { bytes },
+                received_ns: delivery.received_ns,
+                trace_id: delivery
+                    .event
+                    .and_then(|event| TraceId::from_bytes(&event.trace_id).ok()),
+            }),
             _ => None,
         }
     }
+}
+
+/// An event delivery received from elsewhere, checked.
+#[derive(Debug, Clone)]
+pub struct CheckedDelivery {
+    pub response: EncodedSubscribeResponse,
+    /// When the delivering hub received the event.
+    pub received_ns: i64,
+    pub trace_id: Option<TraceId>,
 }
 
 bytes_message!(EncodedSubscribeResponse);

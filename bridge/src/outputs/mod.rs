@@ -16,7 +16,7 @@ pub mod subscribers;
 use std::{cell::OnceCell, sync::Arc};
 
 use arc_swap::ArcSwap;
-use bridge_proto::{encoded::EncodedSubscribeResponse, view::EventView};
+use bridge_proto::{encoded::EncodedSubscribeResponse, trace::TraceId, view::EventView};
 
 use self::subscribers::SubscriberId;
 
@@ -58,6 +58,7 @@ enum Event<'a> {
     /// Encoded already, by the hub that received it.
     Encoded {
         name: &'a str,
+        trace_id: Option<TraceId>,
         response: EncodedSubscribeResponse,
     },
 }
@@ -89,6 +90,7 @@ impl<'a> Delivery<'a> {
         worker_id: &'a str,
         pool: &'a str,
         name: &'a str,
+        trace_id: Option<TraceId>,
         encoded: EncodedSubscribeResponse,
         received_ns: i64,
         subscribers: &'a [SubscriberId],
@@ -100,6 +102,7 @@ impl<'a> Delivery<'a> {
             received_ns,
             event: Event::Encoded {
                 name,
+                trace_id,
                 response: encoded,
             },
             encoded: OnceCell::new(),
@@ -112,6 +115,15 @@ impl<'a> Delivery<'a> {
         match &self.event {
             Event::Received { view, .. } => Tokens::View(view.parts()),
             Event::Encoded { name, .. } => Tokens::Dotted(name.split('.')),
+        }
+    }
+
+    /// The event's trace id (empty: none).
+    #[inline]
+    pub fn trace_id(&self) -> &[u8] {
+        match &self.event {
+            Event::Received { view, .. } => view.trace_id(),
+            Event::Encoded { trace_id, .. } => trace_id.as_ref().map_or(&[], |id| id.as_bytes()),
         }
     }
 
