@@ -2,6 +2,7 @@
 //! `--format json` and the HTTP API, which promise the same shapes).
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fmt::Write as _,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -37,6 +38,39 @@ fn value_text(value: Option<&Value>) -> String {
         Some(Value::StringValue(v)) => quoted(v),
         None => "null".into(),
     }
+}
+
+/// `text` as it is safe to put on a terminal: a control character (escape sequences start with
+/// one) or an invisible character that reorders or hides text (bidirectional overrides,
+/// zero-width spaces) is written as an escape (`\u{1b}`), so a string from the network can
+/// neither drive the terminal nor pass for another. Borrowed when nothing needs escaping.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(hidden) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if hidden(c) {
+            let _ = write!(shown, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            shown.push(c);
+        }
+    }
+    Cow::Owned(shown)
+}
+
+/// Characters a terminal acts on or does not show.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{ad}'
+                | '\u{61c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{feff}'
+        )
 }
 
 fn quoted(text: &str) -> String {
@@ -431,4 +465,19 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
         line(row);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_act_on_or_hide() {
+        assert!(matches!(printable("llama-3-8b ünï 模型"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("a\u{1b}[31mb\nc\u{7}\u{9b}d"),
+            "a\\u{1b}[31mb\\u{a}c\\u{7}\\u{9b}d"
+        );
+        assert_eq!(printable("\u{202e}gpt\u{200b}"), "\\u{202e}gpt\\u{200b}");
+    }
 }

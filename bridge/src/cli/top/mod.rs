@@ -1,6 +1,17 @@
 //! `bridge top`: a live terminal view of the workers, refreshed from `ListWorkers`, with keys
 //! to sort, filter, and change the selected worker's sampling rate or toggle it through the
-//! same admin RPC as `bridge sample` / `bridge toggle`.
+//! same admin RPC as `bridge sample` / `bridge toggle`; and of the models they serve, from their
+//! inference events.
+//!
+//! # Layout
+//! - this module: the arguments, the view's state, drawing, keys and the event loop.
+//! - [`follow`]: the one subscription (GPU metrics, inference events), read in a task of its
+//!   own.
+//! - [`models`]: the models view's window: rates, error share and percentiles per pool and
+//!   model.
+
+mod follow;
+mod models;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -11,22 +22,22 @@ use bridge::{
     client::HubClient,
     command::{Change, Selector},
 };
-use bridge_proto::{
-    protocol::{counters, gpu},
-    sampling::Rate,
-    v1::{self, subscribe_response::Item, telemetry_value::Value},
-};
+use bridge_proto::{protocol::counters, sampling::Rate, v1};
 use futures_util::StreamExt;
 use ratatui::{
     DefaultTerminal, Frame,
     crossterm::event::{Event, EventStream, KeyCode, KeyEvent, KeyEventKind, KeyModifiers},
-    layout::{Constraint, Layout},
+    layout::{Constraint, Layout, Rect},
     style::{Modifier, Style, Stylize},
-    text::Line,
+    text::{Line, Span},
     widgets::{Row, Table, TableState},
 };
 use tokio::sync::mpsc;
 
+use self::{
+    follow::{Feed, Reading},
+    models::WINDOW_SECONDS,
+};
 use super::{Failure, HubTarget, Outcome, connect, control::target_line};
 
 /// How long a change from the view waits for the worker's acknowledgement.
@@ -42,6 +53,30 @@ pub struct Args {
     /// Only workers in this pool.
     #[arg(long)]
     pool: Option<String>,
+    /// The view to start in; Tab switches.
+    #[arg(long, value_enum, default_value_t = Page::Workers)]
+    view: Page,
+}
+
+/// What the view shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Page {
+    /// A worker a row.
+    Workers,
+    /// A pool and model a row, from the inference events of the last seconds.
+    Models,
+}
+
+impl Page {
+    /// The keys this page takes, for the bottom line.
+    fn help(self) -> &'static str {
+        match self {
+            Self::Workers => {
+                "q quit  Tab/m models  ↑↓ select  s sort  / filter  r sampling rate  t toggle"
+            }
+            Self::Models => "q quit  Tab/w workers  ↑↓ select  s sort  / filter",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +107,34 @@ impl SortKey {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ModelSort {
+    Name,
+    Requests,
+    P99,
+    Errors,
+}
+
+impl ModelSort {
+    fn next(self) -> Self {
+        match self {
+            Self::Name => Self::Requests,
+            Self::Requests => Self::P99,
+            Self::P99 => Self::Errors,
+            Self::Errors => Self::Name,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Name => "pool/model",
+            Self::Requests => "requests/s",
+            Self::P99 => "p99",
+            Self::Errors => "errors",
+        }
+    }
+}
+
 /// What the bottom line is collecting keystrokes for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Prompt {
@@ -83,29 +146,37 @@ enum Prompt {
 #[derive(Debug)]
 struct View {
     hub: String,
+    page: Page,
     workers: Vec<v1::WorkerInfo>,
     history: HashMap<String, VecDeque<f64>>,
-    gpu_utilization: HashMap<String, i64>,
     sort: SortKey,
     filter: String,
     prompt: Option<(Prompt, String)>,
     table: TableState,
-    /// The outcome of the last command, or why the last refresh failed.
-    status: String,
+    /// What the feed read by the last refresh: GPU utilisation, the models' window, lag.
+    feed: Reading,
+    model_sort: ModelSort,
+    models_table: TableState,
+    /// The outcome of the last command, or why the last refresh failed; the page's keys until
+    /// there is one.
+    status: Option<String>,
 }
 
 impl View {
-    fn new(hub: String) -> Self {
+    fn new(hub: String, page: Page) -> Self {
         Self {
             hub,
+            page,
             workers: Vec::new(),
             history: HashMap::new(),
-            gpu_utilization: HashMap::new(),
             sort: SortKey::Id,
             filter: String::new(),
             prompt: None,
             table: TableState::default().with_selected(Some(0)),
-            status: "q quit  ↑↓ select  s sort  / filter  r sampling rate  t toggle".into(),
+            feed: Reading::default(),
+            model_sort: ModelSort::Name,
+            models_table: TableState::default().with_selected(Some(0)),
+            status: None,
         }
     }
 
@@ -148,6 +219,61 @@ impl View {
     fn selected(&self) -> Option<v1::WorkerInfo> {
         let index = self.table.selected()?;
         self.visible().get(index).map(|w| (*w).clone())
+    }
+
+    /// The models shown, filtered and sorted; `other` last when by name.
+    fn visible_models(&self) -> Vec<&models::Row> {
+        let mut shown: Vec<&models::Row> = self
+            .feed
+            .models
+            .rows
+            .iter()
+            .filter(|r| {
+                self.filter.is_empty()
+                    || r.pool.contains(&self.filter)
+                    || r.model.contains(&self.filter)
+            })
+            .collect();
+        let by_name = |a: &&models::Row, b: &&models::Row| {
+            (a.other, &a.pool, &a.model).cmp(&(b.other, &b.pool, &b.model))
+        };
+        match self.model_sort {
+            ModelSort::Name => shown.sort_by(by_name),
+            ModelSort::Requests => shown.sort_by(|a, b| {
+                b.requests_per_second
+                    .total_cmp(&a.requests_per_second)
+                    .then(by_name(a, b))
+            }),
+            ModelSort::P99 => shown.sort_by(|a, b| {
+                b.duration_p99_ns
+                    .cmp(&a.duration_p99_ns)
+                    .then(by_name(a, b))
+            }),
+            ModelSort::Errors => {
+                shown.sort_by(|a, b| b.error_share.total_cmp(&a.error_share).then(by_name(a, b)))
+            }
+        }
+        shown
+    }
+
+    /// Switches to `page`, whose keys the bottom line then shows.
+    fn show(&mut self, page: Page) {
+        self.page = page;
+        self.status = None;
+    }
+
+    /// The table the page shows, and its length.
+    fn page_table(&mut self) -> (&mut TableState, usize) {
+        match self.page {
+            Page::Workers => {
+                let shown = self.visible().len();
+                (&mut self.table, shown)
+            }
+            Page::Models => {
+                let shown = self.visible_models().len();
+                (&mut self.models_table, shown)
+            }
+        }
     }
 }
 
@@ -209,6 +335,28 @@ fn draw(frame: &mut Frame, view: &mut View) {
         Constraint::Length(1),
     ])
     .areas(frame.area());
+    match view.page {
+        Page::Workers => draw_workers(frame, view, header, body),
+        Page::Models => draw_models(frame, view, header, body),
+    }
+    let bottom = match &view.prompt {
+        Some((Prompt::Filter, text)) => {
+            let by = match view.page {
+                Page::Workers => "id or pool",
+                Page::Models => "pool or model",
+            };
+            format!("filter ({by}): {text}▏")
+        }
+        Some((Prompt::Rate(id), text)) => format!("sampling rate for {id} (0 to 1): {text}▏"),
+        None => view
+            .status
+            .clone()
+            .unwrap_or_else(|| view.page.help().to_owned()),
+    };
+    frame.render_widget(Line::from(bottom), footer);
+}
+
+fn draw_workers(frame: &mut Frame, view: &mut View, header: Rect, body: Rect) {
     let connected = view.workers.iter().filter(|w| w.connected).count();
     let total_rate: f64 = view.workers.iter().map(|w| w.events_per_second).sum();
     let mut title = format!(
@@ -229,7 +377,7 @@ fn draw(frame: &mut Frame, view: &mut View) {
         .into_iter()
         .map(|w| {
             let enabled = w.control.as_ref().is_none_or(|c| c.enabled);
-            let gpu = match view.gpu_utilization.get(&w.id) {
+            let gpu = match view.feed.gpu_utilization.get(&w.id) {
                 Some(percent) => format!("{percent}%"),
                 None if w.gpu.is_empty() || w.gpu == "none" => "-".into(),
                 None => w.gpu.clone(),
@@ -286,13 +434,137 @@ fn draw(frame: &mut Frame, view: &mut View) {
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
         .column_spacing(2);
     frame.render_stateful_widget(table, body, &mut view.table);
+}
 
-    let bottom = match &view.prompt {
-        Some((Prompt::Filter, text)) => format!("filter (id or pool): {text}▏"),
-        Some((Prompt::Rate(id), text)) => format!("sampling rate for {id} (0 to 1): {text}▏"),
-        None => view.status.clone(),
+fn draw_models(frame: &mut Frame, view: &mut View, header: Rect, body: Rect) {
+    let snapshot = &view.feed.models;
+    let total: f64 = snapshot.rows.iter().map(|r| r.requests_per_second).sum();
+    let mut title = format!(
+        "bridge top  {}  models {}  {total:.1} requests/s  last {WINDOW_SECONDS}s  sort: {}",
+        view.hub,
+        snapshot.rows.len(),
+        view.model_sort.name()
+    );
+    if !view.filter.is_empty() {
+        title.push_str(&format!("  filter: {}", view.filter));
+    }
+    let mut spans = vec![Span::from(title).bold()];
+    // Skipped events are missing from the numbers: say so, rather than show low rates as true.
+    if snapshot.skipped > 0 {
+        spans.push(
+            Span::from(format!(
+                "  behind: the hub skipped {} events in the last {WINDOW_SECONDS}s, rates are low",
+                snapshot.skipped
+            ))
+            .bold()
+            .red(),
+        );
+    }
+    if let Some(problem) = &view.feed.problem {
+        spans.push(Span::from(format!("  {problem}")).yellow());
+    }
+    frame.render_widget(Line::from(spans), header);
+
+    let visible = view.visible_models();
+    if visible.is_empty() {
+        let what = if snapshot.rows.is_empty() {
+            format!("no inference.stop or inference.exception events in the last {WINDOW_SECONDS}s")
+        } else {
+            format!("no model matches the filter `{}`", view.filter)
+        };
+        frame.render_widget(Line::from(what).dim(), body);
+        return;
+    }
+    let rows: Vec<Row> = visible
+        .into_iter()
+        .map(|r| {
+            let row = Row::new(vec![
+                r.pool.clone(),
+                r.model.clone(),
+                per_second(r.requests_per_second),
+                format!("{:.1}%", r.error_share * 100.0),
+                nanos(r.duration_p50_ns),
+                nanos(r.duration_p99_ns),
+                nanos(r.time_to_first_token_p50_ns),
+                nanos(r.time_to_first_token_p99_ns),
+                per_second(r.output_tokens_per_second),
+                r.events.to_string(),
+            ]);
+            if r.other {
+                row.style(Style::new().add_modifier(Modifier::ITALIC))
+            } else {
+                row
+            }
+        })
+        .collect();
+    let widths = [
+        Constraint::Min(8),
+        Constraint::Min(16),
+        Constraint::Length(9),
+        Constraint::Length(7),
+        Constraint::Length(8),
+        Constraint::Length(8),
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Length(10),
+        Constraint::Length(7),
+    ];
+    let header = [
+        "POOL",
+        "MODEL",
+        "REQ/S",
+        "ERRORS",
+        "P50",
+        "P99",
+        "TTFT P50",
+        "TTFT P99",
+        "OUT TOK/S",
+        "EVENTS",
+    ];
+    let table = Table::new(rows, widths)
+        .header(
+            Row::new(header)
+                .style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED)),
+        )
+        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
+        .column_spacing(2);
+    frame.render_stateful_widget(table, body, &mut view.models_table);
+}
+
+/// `0.25`, `12.5`, `1840`: a rate with the digits that matter.
+fn per_second(rate: f64) -> String {
+    if rate < 10.0 {
+        format!("{rate:.2}")
+    } else if rate < 1_000.0 {
+        format!("{rate:.1}")
+    } else {
+        format!("{rate:.0}")
+    }
+}
+
+/// `850ns`, `12.3ms`, `1.52s`, `-` for none: three significant digits, about what the
+/// histograms keep.
+fn nanos(ns: Option<u64>) -> String {
+    let Some(ns) = ns else {
+        return "-".into();
     };
-    frame.render_widget(Line::from(bottom), footer);
+    let ns = ns as f64;
+    let (value, unit) = if ns < 1e3 {
+        return format!("{ns}ns");
+    } else if ns < 1e6 {
+        (ns / 1e3, "µs")
+    } else if ns < 1e9 {
+        (ns / 1e6, "ms")
+    } else {
+        (ns / 1e9, "s")
+    };
+    if value < 10.0 {
+        format!("{value:.2}{unit}")
+    } else if value < 100.0 {
+        format!("{value:.1}{unit}")
+    } else {
+        format!("{value:.0}{unit}")
+    }
 }
 
 /// What a key press asks for.
@@ -321,7 +593,7 @@ fn on_key(view: &mut View, key: KeyEvent) -> Action {
                     .and_then(|r| Rate::new(r).map_err(|_| ()))
                 {
                     Ok(rate) => {
-                        view.status = format!("{id}: asking for sampling {rate}…");
+                        view.status = Some(format!("{id}: asking for sampling {rate}…"));
                         return Action::Send {
                             id,
                             change: Change::Sampling {
@@ -331,10 +603,10 @@ fn on_key(view: &mut View, key: KeyEvent) -> Action {
                         };
                     }
                     Err(()) => {
-                        view.status = format!(
+                        view.status = Some(format!(
                             "`{}` is not a sampling rate: give a number from 0 to 1",
                             text.trim()
-                        );
+                        ));
                     }
                 },
             },
@@ -350,37 +622,53 @@ fn on_key(view: &mut View, key: KeyEvent) -> Action {
         }
         return Action::Nothing;
     }
-    let shown = view.visible().len();
     match key.code {
         KeyCode::Char('q') | KeyCode::Esc => return Action::Quit,
+        KeyCode::Tab => {
+            let other = match view.page {
+                Page::Workers => Page::Models,
+                Page::Models => Page::Workers,
+            };
+            view.show(other);
+        }
+        KeyCode::Char('m') => view.show(Page::Models),
+        KeyCode::Char('w') => view.show(Page::Workers),
         KeyCode::Down | KeyCode::Char('j') => {
-            let next = view.table.selected().map_or(0, |i| i + 1);
-            view.table.select(Some(next.min(shown.saturating_sub(1))));
+            let (table, shown) = view.page_table();
+            let next = table.selected().map_or(0, |i| i + 1);
+            table.select(Some(next.min(shown.saturating_sub(1))));
         }
         KeyCode::Up | KeyCode::Char('k') => {
-            let previous = view.table.selected().map_or(0, |i| i.saturating_sub(1));
-            view.table.select(Some(previous));
+            let (table, _) = view.page_table();
+            let previous = table.selected().map_or(0, |i| i.saturating_sub(1));
+            table.select(Some(previous));
         }
-        KeyCode::Char('s') => view.sort = view.sort.next(),
+        KeyCode::Char('s') => match view.page {
+            Page::Workers => view.sort = view.sort.next(),
+            Page::Models => view.model_sort = view.model_sort.next(),
+        },
         KeyCode::Char('/') => view.prompt = Some((Prompt::Filter, view.filter.clone())),
+        KeyCode::Char('r' | 't') if view.page == Page::Models => {
+            view.status = Some("r and t change a worker: Tab for the workers view".into());
+        }
         KeyCode::Char('r') => match view.selected() {
             Some(worker) => view.prompt = Some((Prompt::Rate(worker.id), String::new())),
-            None => view.status = "no worker selected".into(),
+            None => view.status = Some("no worker selected".into()),
         },
         KeyCode::Char('t') => match view.selected() {
             Some(worker) => {
                 let enabled = worker.control.as_ref().is_none_or(|c| c.enabled);
-                view.status = format!(
+                view.status = Some(format!(
                     "{}: asking for telemetry {}…",
                     worker.id,
                     if enabled { "off" } else { "on" }
-                );
+                ));
                 return Action::Send {
                     id: worker.id,
                     change: Change::Toggle(!enabled),
                 };
             }
-            None => view.status = "no worker selected".into(),
+            None => view.status = Some("no worker selected".into()),
         },
         _ => {}
     }
@@ -405,37 +693,6 @@ async fn send(mut client: HubClient, id: String, change: Change) -> String {
     }
 }
 
-/// Follows `gpu.metrics` events for each worker's latest GPU utilisation.
-async fn follow_gpus(mut client: HubClient, updates: mpsc::Sender<(String, i64)>) {
-    let request = v1::SubscribeRequest {
-        patterns: vec![gpu::METRICS_EVENT.into()],
-        ..Default::default()
-    };
-    let Ok(mut stream) = client.subscribe(request).await else {
-        return;
-    };
-    while let Ok(Some(response)) = stream.message().await {
-        let Some(Item::Event(delivery)) = response.item else {
-            continue;
-        };
-        if let Some(percent) = delivery.event.as_ref().and_then(gpu_utilization)
-            && updates.send((delivery.worker_id, percent)).await.is_err()
-        {
-            return;
-        }
-    }
-}
-
-/// The utilisation percent of a `gpu.metrics` event. NVML reports an int; an app writing its own
-/// event in that shape may send a float, which is shown rounded rather than not at all.
-fn gpu_utilization(event: &v1::TelemetryEvent) -> Option<i64> {
-    match event.measurements.get(gpu::UTILIZATION_GPU_PERCENT)?.value {
-        Some(Value::IntValue(percent)) => Some(percent),
-        Some(Value::FloatValue(percent)) if percent.is_finite() => Some(percent.round() as i64),
-        _ => None,
-    }
-}
-
 pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
     if args.interval < Duration::from_millis(50) {
         return Err(Failure::invalid("--interval: at least 50ms"));
@@ -449,10 +706,19 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
     let selector = args.pool.clone().map(Selector::Pool);
     // Fail before taking over the screen when the hub refuses us.
     let first = client.list_workers(selector.as_ref()).await?;
-    let mut view = View::new(hub.to_string());
+    let mut view = View::new(hub.to_string(), args.view);
     view.refreshed(first);
+    let feed = Feed::start(client.clone(), args.pool);
     let mut terminal = ratatui::init();
-    let outcome = event_loop(&mut terminal, &mut view, client, selector, args.interval).await;
+    let outcome = event_loop(
+        &mut terminal,
+        &mut view,
+        client,
+        &feed,
+        selector,
+        args.interval,
+    )
+    .await;
     ratatui::restore();
     outcome
 }
@@ -461,30 +727,31 @@ async fn event_loop(
     terminal: &mut DefaultTerminal,
     view: &mut View,
     client: HubClient,
+    feed: &Feed,
     selector: Option<Selector>,
     interval: Duration,
 ) -> Outcome {
     let (results, mut outcomes) = mpsc::channel::<String>(16);
-    let (gpu_updates, mut gpus) = mpsc::channel(256);
-    let gpu_task = tokio::spawn(follow_gpus(client.clone(), gpu_updates));
     let mut keys = EventStream::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lister = client.clone();
-    let outcome = loop {
+    loop {
         let drawn = terminal.draw(|frame| draw(frame, view));
         if let Err(error) = drawn {
             break Err(Failure::new(1, format!("cannot draw: {error}")));
         }
         tokio::select! {
-            _ = tick.tick() => match lister.list_workers(selector.as_ref()).await {
-                Ok(workers) => view.refreshed(workers),
-                Err(error) => view.status = format!("refresh failed: {}", Failure::from(error).message),
-            },
-            Some(message) = outcomes.recv() => view.status = message,
-            Some((id, percent)) = gpus.recv() => {
-                view.gpu_utilization.insert(id, percent);
+            _ = tick.tick() => {
+                view.feed = feed.read();
+                match lister.list_workers(selector.as_ref()).await {
+                    Ok(workers) => view.refreshed(workers),
+                    Err(error) => {
+                        view.status = Some(format!("refresh failed: {}", Failure::from(error).message));
+                    }
+                }
             }
+            Some(message) = outcomes.recv() => view.status = Some(message),
             key = keys.next() => match key {
                 Some(Ok(Event::Key(key))) => match on_key(view, key) {
                     Action::Quit => break Ok(()),
@@ -502,13 +769,13 @@ async fn event_loop(
                 None => break Ok(()),
             },
         }
-    };
-    gpu_task.abort();
-    outcome
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use bridge_proto::{protocol::gpu, v1::telemetry_value::Value};
+
     use super::*;
 
     fn worker(id: &str, pool: &str, rate: f64) -> v1::WorkerInfo {
@@ -527,7 +794,7 @@ mod tests {
 
     #[test]
     fn keys_sort_filter_and_ask_for_a_valid_rate_only() {
-        let mut view = View::new("hub".into());
+        let mut view = View::new("hub".into(), Page::Workers);
         view.refreshed(vec![
             worker("b", "llama", 5.0),
             worker("a", "mistral", 50.0),
@@ -555,11 +822,8 @@ mod tests {
             press(&mut view, KeyCode::Char(c));
         }
         assert!(matches!(press(&mut view, KeyCode::Enter), Action::Nothing));
-        assert!(
-            view.status.contains("not a sampling rate"),
-            "{}",
-            view.status
-        );
+        let status = view.status.clone().unwrap_or_default();
+        assert!(status.contains("not a sampling rate"), "{status}");
         press(&mut view, KeyCode::Char('r'));
         press(&mut view, KeyCode::Char('0'));
         press(&mut view, KeyCode::Char('.'));
@@ -589,7 +853,7 @@ mod tests {
 
     #[test]
     fn a_hub_column_shows_in_cluster_mode_only() {
-        let mut view = View::new("hub".into());
+        let mut view = View::new("hub".into(), Page::Workers);
         view.refreshed(vec![worker("a", "llama", 5.0)]);
         assert!(!screen(&mut view).contains("HUB"));
         let mut remote = worker("b", "llama", 1.0);
@@ -618,16 +882,181 @@ mod tests {
             ..Default::default()
         };
         let subscribed =
-            bridge_proto::pattern::Pattern::parse(gpu::METRICS_EVENT).expect("pattern");
-        assert!(subscribed.matches_parts(&event.event_parts));
-        let percent = gpu_utilization(&event).expect("a utilisation percent");
+            follow::PATTERNS.map(|p| bridge_proto::pattern::Pattern::parse(p).expect("pattern"));
+        assert!(
+            subscribed
+                .iter()
+                .any(|p| p.matches_parts(&event.event_parts))
+        );
+        let percent = follow::gpu_utilization(&event).expect("a utilisation percent");
         assert_eq!(percent, 73);
 
-        let mut view = View::new("hub".into());
+        let mut view = View::new("hub".into(), Page::Workers);
         view.refreshed(vec![worker("gpu-3", "llama", 5.0)]);
-        view.gpu_utilization.insert("gpu-3".into(), percent);
+        view.feed.gpu_utilization.insert("gpu-3".into(), percent);
         let text = screen(&mut view);
         assert!(text.contains("73%"), "{text}");
+    }
+
+    fn model(pool: &str, model: &str, requests_per_second: f64) -> models::Row {
+        models::Row {
+            pool: pool.into(),
+            model: model.into(),
+            requests_per_second,
+            error_share: 0.01,
+            output_tokens_per_second: 2_560.0,
+            duration_p50_ns: Some(12_345_678),
+            duration_p99_ns: Some(1_520_000_000),
+            time_to_first_token_p50_ns: Some(850),
+            time_to_first_token_p99_ns: None,
+            events: 40,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_models_view_shows_a_row_per_model_and_the_key_that_leads_there() {
+        let mut view = View::new("hub".into(), Page::Workers);
+        view.refreshed(vec![worker("gpu-1", "llama", 5.0)]);
+        view.feed.models.rows = vec![
+            model("llama", "llama-70b", 20.0),
+            models::Row {
+                pool: "*".into(),
+                model: "other".into(),
+                other: true,
+                ..model("", "", 0.5)
+            },
+            model("mistral", "mistral-7b", 4.0),
+        ];
+        let text = screen(&mut view);
+        assert!(text.contains("Tab/m models"), "{text}");
+
+        press(&mut view, KeyCode::Tab);
+        let text = screen(&mut view);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].contains("models 3  24.5 requests/s  last 10s  sort: pool/model"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("REQ/S") && lines[1].contains("TTFT P50"),
+            "{text}"
+        );
+        let cells = |line: &str| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[2]),
+            [
+                "llama",
+                "llama-70b",
+                "20.0",
+                "1.0%",
+                "12.3ms",
+                "1.52s",
+                "850ns",
+                "-",
+                "2560",
+                "40"
+            ],
+            "{text}"
+        );
+        assert!(lines[3].contains("mistral-7b"), "{text}");
+        assert!(lines[4].contains("other"), "other comes last: {text}");
+        assert!(lines[7].contains("Tab/w workers"), "{text}");
+        assert!(!text.contains("behind"), "{text}");
+
+        // A lag notice is shown, not hidden: the rates are missing what the hub skipped.
+        view.feed.models.skipped = 1234;
+        let text = screen(&mut view);
+        assert!(
+            text.lines()
+                .next()
+                .is_some_and(|l| l.contains("skipped 1234 events")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn keys_sort_and_filter_the_models_and_leave_workers_alone() {
+        let mut view = View::new("hub".into(), Page::Models);
+        view.refreshed(vec![worker("gpu-1", "llama", 5.0)]);
+        view.feed.models.rows = vec![
+            model("llama", "llama-70b", 20.0),
+            models::Row {
+                duration_p99_ns: Some(9_000_000_000),
+                ..model("mistral", "mistral-7b", 4.0)
+            },
+        ];
+        let names = |view: &View| {
+            view.visible_models()
+                .iter()
+                .map(|r| r.model.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&view), ["llama-70b", "mistral-7b"]);
+        press(&mut view, KeyCode::Char('s'));
+        assert_eq!(view.model_sort, ModelSort::Requests);
+        assert_eq!(view.sort, SortKey::Id, "the workers' sort is their own");
+        press(&mut view, KeyCode::Char('s'));
+        assert_eq!(
+            names(&view),
+            ["mistral-7b", "llama-70b"],
+            "slowest p99 first"
+        );
+        press(&mut view, KeyCode::Char('/'));
+        for c in "70b".chars() {
+            press(&mut view, KeyCode::Char(c));
+        }
+        press(&mut view, KeyCode::Enter);
+        assert_eq!(names(&view), ["llama-70b"]);
+        assert!(matches!(
+            press(&mut view, KeyCode::Char('t')),
+            Action::Nothing
+        ));
+        assert!(
+            view.status
+                .as_deref()
+                .is_some_and(|s| s.contains("workers view"))
+        );
+        press(&mut view, KeyCode::Char('w'));
+        assert_eq!(view.page, Page::Workers);
+        assert_eq!(view.status, None, "the workers' keys show again");
+
+        view.filter = "nothing".into();
+        press(&mut view, KeyCode::Char('m'));
+        assert!(screen(&mut view).contains("no model matches the filter `nothing`"));
+        view.filter.clear();
+        view.feed.models.rows.clear();
+        assert!(screen(&mut view).contains("no inference.stop or inference.exception events"));
+    }
+
+    #[test]
+    fn view_models_starts_in_the_models_view() {
+        #[derive(clap::Parser)]
+        struct Top {
+            #[command(flatten)]
+            args: Args,
+        }
+        let top = <Top as clap::Parser>::try_parse_from(["top", "--view", "models"]).expect("args");
+        assert_eq!(top.args.view, Page::Models);
+        let top = <Top as clap::Parser>::try_parse_from(["top"]).expect("args");
+        assert_eq!(top.args.view, Page::Workers);
+    }
+
+    #[test]
+    fn durations_and_rates_keep_three_digits() {
+        assert_eq!(nanos(None), "-");
+        assert_eq!(nanos(Some(999)), "999ns");
+        assert_eq!(nanos(Some(1_500)), "1.50µs");
+        assert_eq!(nanos(Some(45_600_000)), "45.6ms");
+        assert_eq!(nanos(Some(456_000_000)), "456ms");
+        assert_eq!(nanos(Some(2_000_000_000)), "2.00s");
+        assert_eq!(per_second(0.25), "0.25");
+        assert_eq!(per_second(12.34), "12.3");
+        assert_eq!(per_second(1_840.4), "1840");
     }
 
     #[test]
