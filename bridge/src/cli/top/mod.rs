@@ -475,21 +475,27 @@ fn draw_models(frame: &mut Frame, view: &mut View, header: Rect, body: Rect) {
         frame.render_widget(Line::from(what).dim(), body);
         return;
     }
+    // As wide as the names shown: a model's numbers stay next to its name on a wide terminal.
+    let width = |name: fn(&models::Row) -> &str, title: &str| {
+        let widest = visible.iter().map(|r| name(r).chars().count()).max();
+        u16::try_from(widest.unwrap_or(0).max(title.len())).unwrap_or(u16::MAX)
+    };
+    let names = [width(|r| &r.pool, "POOL"), width(|r| &r.model, "MODEL")];
+    let needed = names
+        .iter()
+        .chain(MODEL_COLUMNS.iter().map(|c| &c.1))
+        .fold(0u16, |sum, w| {
+            sum.saturating_add(*w).saturating_add(COLUMN_SPACING)
+        });
+    let fits = needed <= body.width.saturating_add(COLUMN_SPACING);
+    let columns: Vec<&ModelColumn> = MODEL_COLUMNS.iter().filter(|c| fits || !c.2).collect();
     let rows: Vec<Row> = visible
         .into_iter()
         .map(|r| {
-            let row = Row::new(vec![
-                r.pool.clone(),
-                r.model.clone(),
-                per_second(r.requests_per_second),
-                format!("{:.1}%", r.error_share * 100.0),
-                nanos(r.duration_p50_ns),
-                nanos(r.duration_p99_ns),
-                nanos(r.time_to_first_token_p50_ns),
-                nanos(r.time_to_first_token_p99_ns),
-                per_second(r.output_tokens_per_second),
-                r.events.to_string(),
-            ]);
+            let cells = [r.pool.clone(), r.model.clone()]
+                .into_iter()
+                .chain(columns.iter().map(|c| (c.3)(r)));
+            let row = Row::new(cells);
             if r.other {
                 row.style(Style::new().add_modifier(Modifier::ITALIC))
             } else {
@@ -497,39 +503,45 @@ fn draw_models(frame: &mut Frame, view: &mut View, header: Rect, body: Rect) {
             }
         })
         .collect();
-    let widths = [
-        Constraint::Min(8),
-        Constraint::Min(16),
-        Constraint::Length(9),
-        Constraint::Length(7),
-        Constraint::Length(8),
-        Constraint::Length(8),
-        Constraint::Length(9),
-        Constraint::Length(9),
-        Constraint::Length(10),
-        Constraint::Length(7),
-    ];
-    let header = [
-        "POOL",
-        "MODEL",
-        "REQ/S",
-        "ERRORS",
-        "P50",
-        "P99",
-        "TTFT P50",
-        "TTFT P99",
-        "OUT TOK/S",
-        "EVENTS",
-    ];
+    let widths = names
+        .into_iter()
+        .chain(columns.iter().map(|c| c.1))
+        .map(Constraint::Length);
+    let header = ["POOL", "MODEL"]
+        .into_iter()
+        .chain(columns.iter().map(|c| c.0));
     let table = Table::new(rows, widths)
         .header(
             Row::new(header)
                 .style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED)),
         )
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
-        .column_spacing(2);
+        .column_spacing(COLUMN_SPACING);
     frame.render_stateful_widget(table, body, &mut view.models_table);
 }
+
+const COLUMN_SPACING: u16 = 2;
+
+/// A column of the models table after the pool and model: title, width, whether it gives way
+/// on a narrow terminal, and the cell.
+type ModelColumn = (&'static str, u16, bool, fn(&models::Row) -> String);
+
+const MODEL_COLUMNS: [ModelColumn; 8] = [
+    ("REQ/S", 7, false, |r| per_second(r.requests_per_second)),
+    ("ERRORS", 6, false, |r| {
+        format!("{:.1}%", r.error_share * 100.0)
+    }),
+    ("P50", 7, false, |r| nanos(r.duration_p50_ns)),
+    ("P99", 7, false, |r| nanos(r.duration_p99_ns)),
+    ("TTFT P50", 8, false, |r| {
+        nanos(r.time_to_first_token_p50_ns)
+    }),
+    ("TTFT P99", 8, true, |r| nanos(r.time_to_first_token_p99_ns)),
+    ("OUT TOK/S", 9, false, |r| {
+        per_second(r.output_tokens_per_second)
+    }),
+    ("EVENTS", 6, true, |r| r.events.to_string()),
+];
 
 /// `0.25`, `12.5`, `1840`: a rate with the digits that matter.
 fn per_second(rate: f64) -> String {
@@ -976,6 +988,32 @@ mod tests {
                 .next()
                 .is_some_and(|l| l.contains("skipped 1234 events")),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_narrow_terminal_drops_the_least_needed_model_columns() {
+        let mut view = View::new("hub".into(), Page::Models);
+        view.feed.models.rows = vec![model("llama-70b", "llama-70b", 20.0)];
+        let mut terminal =
+            ratatui::Terminal::new(ratatui::backend::TestBackend::new(80, 5)).expect("terminal");
+        terminal.draw(|frame| draw(frame, &mut view)).expect("draw");
+        let buffer = terminal.backend().buffer();
+        let line = |y: u16| {
+            (0..buffer.area.width)
+                .map(|x| buffer[(x, y)].symbol())
+                .collect::<String>()
+        };
+        let (header, row) = (line(1), line(2));
+        assert!(header.contains("OUT TOK/S"), "{header}");
+        assert!(
+            !header.contains("TTFT P99") && !header.contains("EVENTS"),
+            "{header}"
+        );
+        assert!(row.contains("llama-70b  llama-70b"), "{row}");
+        assert!(
+            screen(&mut view).contains("TTFT P99"),
+            "140 columns have room"
         );
     }
 

@@ -81,9 +81,9 @@ pub struct Snapshot {
 /// One pool and model over the window.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Row {
-    /// Printable, `-` for none.
+    /// Printable and at most [`MAX_LABEL`] characters, `-` for none (`*` for `other`).
     pub pool: String,
-    /// Printable and at most [`MAX_LABEL`] characters, `-` for none.
+    /// As `pool`.
     pub model: String,
     /// The row of every pair past [`MAX_MODELS`].
     pub other: bool,
@@ -243,7 +243,7 @@ impl Series {
             pool: if other {
                 "*".into()
             } else {
-                label(&self.pool, usize::MAX)
+                label(&self.pool, MAX_LABEL)
             },
             model: if other {
                 "other".into()
