@@ -2,6 +2,7 @@
 //! `--format json` and the HTTP API, which promise the same shapes).
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fmt::Write as _,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -40,11 +41,44 @@ fn value_text(value: Option<&Value>) -> String {
     }
 }
 
+/// `text` as it is safe to put on a terminal: a control character (escape sequences start with
+/// one) or an invisible character that reorders or hides text (bidirectional overrides,
+/// zero-width spaces) is written as an escape (`\u{1b}`), so a string from the network can
+/// neither drive the terminal nor pass for another. Borrowed when nothing needs escaping.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(hidden) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if hidden(c) {
+            let _ = write!(shown, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            shown.push(c);
+        }
+    }
+    Cow::Owned(shown)
+}
+
+/// Characters a terminal acts on or does not show.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{ad}'
+                | '\u{61c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{feff}'
+        )
+}
+
 /// `text` as one token of a text line: quoted and escaped when it is empty or holds what would
-/// split the line, or a control character (which a terminal would obey: an escape sequence).
+/// split the line, or a character [`printable`] would escape.
 fn quoted(text: &str) -> String {
     if text.is_empty()
-        || text.contains(|c: char| c.is_whitespace() || c.is_control() || c == '"' || c == '=')
+        || text.contains(|c: char| c.is_whitespace() || hidden(c) || c == '"' || c == '=')
     {
         format!("{text:?}")
     } else {
@@ -520,11 +554,21 @@ mod tests {
                 },
             )]
             .into(),
-            correlation_id: "c\u{1b}".into(),
+            correlation_id: "c\u{202e}".into(),
             ..Default::default()
         });
         let text = delivery_text(&hostile);
-        assert!(!text.contains(|c: char| c.is_control()), "{text:?}");
+        assert!(!text.contains(hidden), "{text:?}");
         assert!(text.contains(r"\u{1b}"), "{text}");
+    }
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_act_on_or_hide() {
+        assert!(matches!(printable("llama-3-8b ünï 模型"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("a\u{1b}[31mb\nc\u{7}\u{9b}d"),
+            "a\\u{1b}[31mb\\u{a}c\\u{7}\\u{9b}d"
+        );
+        assert_eq!(printable("\u{202e}gpt\u{200b}"), "\\u{202e}gpt\\u{200b}");
     }
 }
