@@ -330,6 +330,13 @@ impl Emitter {
         span
     }
 
+    /// Whether the hub's toggle lets events through: one atomic read, for callers (the Python
+    /// SDK) that skip preparing an event nobody wants.
+    #[inline]
+    pub fn enabled(&self) -> bool {
+        self.shared.enabled.load(Relaxed)
+    }
+
     /// The control state this emitter applies now.
     pub fn control(&self) -> Arc<ControlState> {
         self.shared.control.load_full()

@@ -1,0 +1,74 @@
+//! `telemetry_bridge._native`: the worker library ([`worker::Link`], [`worker::Emitter`]) as a
+//! Python extension module. The package's Python layer (`telemetry_bridge/__init__.py`) adds
+//! what is Python's own: spans as context managers nested through `contextvars`, decorators,
+//! defaults from the environment, and the fork and exit hooks.
+//!
+//! There is one implementation of the worker protocol: control, acknowledgements, sampling,
+//! sequence numbers, the outage buffer, receipts and reconnects are the worker library's, run by
+//! a Tokio runtime of the client's own (one I/O thread). Python threads only encode and buffer.
+//!
+//! # Layout
+//! - [`client`]: [`client::Client`], a link and its emitter; relinks in a forked child.
+//! - [`span`]: [`span::NativeSpan`], a worker span shared with Python.
+//! - [`convert`]: Python values to measurements and metadata, and the errors the API promises.
+//! - `fork` (below): the fork generation every handle checks before use.
+
+use pyo3::{prelude::*, sync::PyOnceLock, types::PyDict};
+
+mod client;
+mod convert;
+mod span;
+
+/// Counts forks: the Python layer calls [`after_fork_in_child`] from `os.register_at_fork`. A
+/// handle made in an older generation belongs to the parent: its I/O thread did not survive the
+/// fork and its locks may have been held when it happened, so the child never touches it.
+pub(crate) mod fork {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+    #[inline]
+    pub(crate) fn generation() -> u64 {
+        GENERATION.load(Relaxed)
+    }
+
+    pub(crate) fn forked() {
+        GENERATION.fetch_add(1, Relaxed);
+    }
+}
+
+/// Marks every handle made before now as the parent's. Called in a forked child, before any
+/// Python code runs there.
+#[pyfunction]
+fn after_fork_in_child() {
+    fork::forked();
+}
+
+/// The `contextvars.ContextVar` holding the current span, so that `emit` inside a span joins
+/// its trace.
+static CURRENT_SPAN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+pub(crate) fn current_span<'py>(py: Python<'py>) -> PyResult<Option<Bound<'py, span::NativeSpan>>> {
+    let Some(var) = CURRENT_SPAN.get(py) else {
+        return Ok(None);
+    };
+    let current = var.bind(py).call_method0(pyo3::intern!(py, "get"))?;
+    Ok(current.cast_into::<span::NativeSpan>().ok())
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<client::Client>()?;
+    m.add_class::<span::NativeSpan>()?;
+    m.add_function(wrap_pyfunction!(after_fork_in_child, m)?)?;
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("default", py.None())?;
+    let var = py
+        .import("contextvars")?
+        .getattr("ContextVar")?
+        .call(("telemetry_bridge.current_span",), Some(&kwargs))?;
+    m.add("current_span", &var)?;
+    let _ = CURRENT_SPAN.set(py, var.unbind());
+    Ok(())
+}
