@@ -5,15 +5,25 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# The interop test drives a Python client generated from the .proto (grpcio, grpcio-tools).
+# The interop test drives a Python client generated from the .proto (grpcio, grpcio-tools);
+# the Python SDK's suite (tests/tests/python_sdk.rs) runs pytest against the package built here.
 venv=target/pyenv
-if ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
-    echo "test.sh: installing grpcio and grpcio-tools into $venv"
+if ! "$venv/bin/python" -c 'import grpc, grpc_tools, pytest' 2>/dev/null; then
+    echo "test.sh: installing grpcio, grpcio-tools and pytest into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check grpcio grpcio-tools
+    "$venv/bin/pip" install --quiet --disable-pip-version-check grpcio grpcio-tools pytest
 fi
 export BRIDGE_TEST_PYTHON="$PWD/$venv/bin/python"
-export BRIDGE_REQUIRE_PYTHON=1
+export BRIDGE_REQUIRE_PYTHON=1 BRIDGE_REQUIRE_PYTHON_SDK=1
+
+# The Python SDK, installed as a user would (`pip install ./python`), but built with the dev
+# profile so that it shares target/debug with `cargo test` below instead of building every
+# dependency again for release.
+echo "test.sh: building and installing the Python SDK (python/) into $venv"
+sdk_start=$SECONDS
+MATURIN_PEP517_ARGS="--profile dev" \
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps ./python
+echo "test.sh: Python SDK built and installed in $((SECONDS - sdk_start)) s"
 
 # Debian packages the tests drive: promtool lints /metrics (package prometheus), headless
 # Chromium opens an EventSource against the hub, tmux runs `bridge top` as a terminal would,

@@ -111,9 +111,10 @@ impl NativeSpan {
         let pairs = convert::metadata(&described)?;
         let conn = client.get().conn()?;
         let span = match (traceparent, parent) {
-            (Some(header), _) => conn
-                .emitter
-                .span_from(Some(header), operation, &pairs, correlation_id),
+            (Some(header), _) => {
+                conn.emitter
+                    .span_from(Some(header), operation, &pairs, correlation_id)
+            }
             (None, Some(parent)) => {
                 let parent = parent.get();
                 conn.emitter.span_from(
@@ -231,6 +232,9 @@ impl NativeSpan {
 
     #[getter]
     fn ended(&self) -> bool {
-        self.inner.lock().map(|inner| inner.is_none()).unwrap_or(true)
+        self.inner
+            .lock()
+            .map(|inner| inner.is_none())
+            .unwrap_or(true)
     }
 }
