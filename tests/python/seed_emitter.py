@@ -111,4 +111,5 @@ async def main():
     await channel.close()
 
 
-asyncio.run(main())
+if __name__ == "__main__":  # importable: python/bench/emit_bench.py times its emit
+    asyncio.run(main())
