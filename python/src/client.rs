@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 use bridge_proto::{connect::ClientSecurity, control::ControlState};
 use pyo3::{exceptions::PyValueError, prelude::*, types::PyDict};
 use tokio::runtime::Runtime;
@@ -128,13 +128,14 @@ pub struct Client {
 impl Client {
     /// This process's link: made anew on first use in a forked child.
     #[inline]
-    pub(crate) fn conn(&self) -> PyResult<Arc<Conn>> {
-        let conn = self.conn.load_full();
+    pub(crate) fn conn(&self) -> PyResult<Guard<Arc<Conn>>> {
+        let conn = self.conn.load();
         if conn.generation == fork::generation() {
             return Ok(conn);
         }
         drop(conn);
-        self.relink()
+        self.relink()?;
+        Ok(self.conn.load())
     }
 
     #[cold]
@@ -231,15 +232,20 @@ impl Client {
         correlation_id: Option<&str>,
     ) -> PyResult<()> {
         convert::check_name(name)?;
-        let measured = convert::items(measurements);
-        let values = convert::measurements(&measured)?;
-        let mut described = convert::items(metadata);
+        let mut measured = convert::Items::new();
+        convert::fill(&mut measured, measurements);
+        let mut values = convert::Measurements::new();
+        convert::measurements(&measured, &mut values)?;
+        let mut described = convert::Items::new();
+        convert::fill(&mut described, metadata);
         convert::stringify(&mut described)?;
-        let pairs = convert::metadata(&described)?;
+        let mut pairs = convert::Metadata::new();
+        convert::metadata(&described, &mut pairs)?;
         let conn = self.conn()?;
         // Inside a span (of this link), an event joins the span's trace: sampled with it and
         // shown with it. Looking that up is skipped when nothing is let through anyway.
         if correlation_id.is_none()
+            && crate::span::any_open()
             && conn.emitter.enabled()
             && let Some(span) = crate::current_span(py)?
         {
@@ -287,6 +293,8 @@ impl Client {
     fn close<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyDict>> {
         let timeout = seconds("timeout", timeout)?;
         self.closed.store(true, Relaxed);
+        // In a forked child that never used this handle (say, at exit), there is nothing of
+        // the child's to drain: it gets a closed stand-in rather than a link made to be closed.
         let conn = self.conn()?;
         let io = conn.io.lock().ok().and_then(|mut io| io.take());
         if let Some(Io { runtime, link }) = io {

@@ -14,18 +14,21 @@ use pyo3::{
 use smallvec::SmallVec;
 use worker::Value;
 
+// Events carry a few measurements and metadata each: four fit inline, more spill to the heap.
+// The vectors are filled in place by the caller's frame (never returned by value): moving
+// them costs more than filling them, at these sizes.
+
 /// A dict's items, held so that what is borrowed from them (strings) lives long enough.
-pub(crate) type Items<'py> = SmallVec<[(Bound<'py, PyAny>, Bound<'py, PyAny>); 8]>;
+pub(crate) type Items<'py> = SmallVec<[(Bound<'py, PyAny>, Bound<'py, PyAny>); 4]>;
 
-pub(crate) type Measurements<'a> = SmallVec<[(&'a str, Value<'a>); 8]>;
-pub(crate) type Metadata<'a> = SmallVec<[(&'a str, &'a str); 8]>;
+pub(crate) type Measurements<'a> = SmallVec<[(&'a str, Value<'a>); 4]>;
+pub(crate) type Metadata<'a> = SmallVec<[(&'a str, &'a str); 4]>;
 
-pub(crate) fn items<'py>(dict: Option<&Bound<'py, PyDict>>) -> Items<'py> {
-    let mut items = Items::new();
+#[inline]
+pub(crate) fn fill<'py>(items: &mut Items<'py>, dict: Option<&Bound<'py, PyDict>>) {
     if let Some(dict) = dict {
         items.extend(dict.iter());
     }
-    items
 }
 
 /// Checks an event name as the hub would, and refuses the protocol's own `bridge.` names.
@@ -72,6 +75,7 @@ fn type_name(value: &Bound<'_, PyAny>) -> String {
         .map_or_else(|_| "?".to_owned(), |n| n.to_string())
 }
 
+#[inline]
 fn key<'a>(key: &'a Bound<'_, PyAny>, what: &str) -> PyResult<&'a str> {
     match key.cast::<PyString>() {
         Ok(key) => key.to_str(),
@@ -82,6 +86,7 @@ fn key<'a>(key: &'a Bound<'_, PyAny>, what: &str) -> PyResult<&'a str> {
     }
 }
 
+#[inline]
 /// One measurement: int (anything with `__index__`, like numpy's integers), float or str.
 pub(crate) fn measurement<'a>(name: &str, value: &'a Bound<'_, PyAny>) -> PyResult<Value<'a>> {
     let int = |value: &Bound<'_, PyAny>| {
@@ -109,18 +114,18 @@ pub(crate) fn measurement<'a>(name: &str, value: &'a Bound<'_, PyAny>) -> PyResu
     )))
 }
 
-pub(crate) fn measurements<'a>(items: &'a Items<'_>) -> PyResult<Measurements<'a>> {
-    items
-        .iter()
-        .map(|(k, v)| {
-            let k = key(k, "measurement")?;
-            Ok((k, measurement(k, v)?))
-        })
-        .collect()
+#[inline]
+pub(crate) fn measurements<'a>(items: &'a Items<'_>, out: &mut Measurements<'a>) -> PyResult<()> {
+    for (k, v) in items {
+        let k = key(k, "measurement")?;
+        out.push((k, measurement(k, v)?));
+    }
+    Ok(())
 }
 
 /// Metadata values are strings; anything else is converted with `str()`, as the seed emitter
 /// does. Keys must be strings.
+#[inline]
 pub(crate) fn stringify(items: &mut Items<'_>) -> PyResult<()> {
     for (_, value) in items.iter_mut() {
         if !value.is_instance_of::<PyString>() {
@@ -130,14 +135,13 @@ pub(crate) fn stringify(items: &mut Items<'_>) -> PyResult<()> {
     Ok(())
 }
 
-pub(crate) fn metadata<'a>(items: &'a Items<'_>) -> PyResult<Metadata<'a>> {
-    items
-        .iter()
-        .map(|(k, v)| {
-            let v = v.cast::<PyString>().map_err(|_| {
-                PyTypeError::new_err("metadata values must be str (call stringify first)")
-            })?;
-            Ok((key(k, "metadata")?, v.to_str()?))
-        })
-        .collect()
+#[inline]
+pub(crate) fn metadata<'a>(items: &'a Items<'_>, out: &mut Metadata<'a>) -> PyResult<()> {
+    for (k, v) in items {
+        let v = v.cast::<PyString>().map_err(|_| {
+            PyTypeError::new_err("metadata values must be str (call stringify first)")
+        })?;
+        out.push((key(k, "metadata")?, v.to_str()?));
+    }
+    Ok(())
 }

@@ -44,15 +44,15 @@ fn after_fork_in_child() {
     fork::forked();
 }
 
-/// The `contextvars.ContextVar` holding the current span, so that `emit` inside a span joins
-/// its trace.
-static CURRENT_SPAN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+/// `get` of the `contextvars.ContextVar` holding the current span (bound once), so that
+/// `emit` inside a span joins its trace.
+static CURRENT_SPAN_GET: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 pub(crate) fn current_span<'py>(py: Python<'py>) -> PyResult<Option<Bound<'py, span::NativeSpan>>> {
-    let Some(var) = CURRENT_SPAN.get(py) else {
+    let Some(get) = CURRENT_SPAN_GET.get(py) else {
         return Ok(None);
     };
-    let current = var.bind(py).call_method0(pyo3::intern!(py, "get"))?;
+    let current = get.bind(py).call0()?;
     Ok(current.cast_into::<span::NativeSpan>().ok())
 }
 
@@ -68,7 +68,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         .import("contextvars")?
         .getattr("ContextVar")?
         .call(("telemetry_bridge.current_span",), Some(&kwargs))?;
-    m.add("current_span", &var)?;
-    let _ = CURRENT_SPAN.set(py, var.unbind());
+    let _ = CURRENT_SPAN_GET.set(py, var.getattr("get")?.unbind());
+    m.add("current_span", var)?;
     Ok(())
 }

@@ -6,7 +6,10 @@
 //! `Span::child` does), never locks. The worker span itself sits in a `Mutex<Option<_>>`: taken
 //! when it ends, so ending twice is harmless.
 
-use std::sync::Mutex;
+use std::sync::{
+    Mutex,
+    atomic::{AtomicUsize, Ordering::Relaxed},
+};
 
 use pyo3::{exceptions::PyRuntimeError, prelude::*, types::PyDict};
 use worker::{Span, Value};
@@ -15,6 +18,15 @@ use crate::{
     client::{Client, Conn},
     convert, fork,
 };
+
+/// Spans started and not yet ended, in this process: while there are none, `emit` does not
+/// look up the current span (a `ContextVar.get`, a good part of its cost).
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+#[inline]
+pub(crate) fn any_open() -> bool {
+    OPEN.load(Relaxed) > 0
+}
 
 #[pyclass(subclass, frozen, module = "telemetry_bridge._native", name = "Span")]
 #[derive(Debug)]
@@ -55,6 +67,7 @@ impl NativeSpan {
     /// forked process (then it is leaked: its emitter is the parent's).
     fn take(&self) -> Option<Span> {
         let span = self.inner.lock().ok()?.take()?;
+        OPEN.fetch_sub(1, Relaxed);
         if self.generation != fork::generation() {
             std::mem::forget(span);
             return None;
@@ -81,11 +94,13 @@ impl Drop for NativeSpan {
     fn drop(&mut self) {
         // A span never ended is reported by the worker span's own drop (`.exception`,
         // error_type `dropped`), except the parent's spans in a forked child.
-        if self.generation != fork::generation()
-            && let Ok(inner) = self.inner.get_mut()
+        if let Ok(inner) = self.inner.get_mut()
             && let Some(span) = inner.take()
         {
-            std::mem::forget(span);
+            OPEN.fetch_sub(1, Relaxed);
+            if self.generation != fork::generation() {
+                std::mem::forget(span);
+            }
         }
     }
 }
@@ -106,9 +121,11 @@ impl NativeSpan {
         parent: Option<&Bound<'_, NativeSpan>>,
     ) -> PyResult<Self> {
         convert::check_operation(operation)?;
-        let mut described = convert::items(metadata);
+        let mut described = convert::Items::new();
+        convert::fill(&mut described, metadata);
         convert::stringify(&mut described)?;
-        let pairs = convert::metadata(&described)?;
+        let mut pairs = convert::Metadata::new();
+        convert::metadata(&described, &mut pairs)?;
         let conn = client.get().conn()?;
         let span = match (traceparent, parent) {
             (Some(header), _) => {
@@ -127,6 +144,7 @@ impl NativeSpan {
             (None, None) => conn.emitter.span(operation, &pairs, correlation_id),
         };
         let context = span.context();
+        OPEN.fetch_add(1, Relaxed);
         Ok(Self {
             generation: fork::generation(),
             conn: conn.id(),
@@ -143,8 +161,10 @@ impl NativeSpan {
     /// Records measurements for the event that ends the span (`.stop` or `.exception`).
     #[pyo3(signature = (**measurements))]
     fn set(&self, measurements: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
-        let items = convert::items(measurements);
-        let values = convert::measurements(&items)?;
+        let mut items = convert::Items::new();
+        convert::fill(&mut items, measurements);
+        let mut values = convert::Measurements::new();
+        convert::measurements(&items, &mut values)?;
         self.with_span(|span| {
             for (key, value) in values {
                 span.record(key, value);
@@ -155,9 +175,11 @@ impl NativeSpan {
     /// Sets metadata for the event that ends the span.
     #[pyo3(signature = (**metadata))]
     fn set_metadata(&self, metadata: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
-        let mut items = convert::items(metadata);
+        let mut items = convert::Items::new();
+        convert::fill(&mut items, metadata);
         convert::stringify(&mut items)?;
-        let pairs = convert::metadata(&items)?;
+        let mut pairs = convert::Metadata::new();
+        convert::metadata(&items, &mut pairs)?;
         self.with_span(|span| {
             for (key, value) in pairs {
                 span.set_metadata(key, value);
@@ -174,11 +196,15 @@ impl NativeSpan {
         metadata: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<()> {
         convert::check_name(name)?;
-        let measured = convert::items(measurements);
-        let values = convert::measurements(&measured)?;
-        let mut described = convert::items(metadata);
+        let mut measured = convert::Items::new();
+        convert::fill(&mut measured, measurements);
+        let mut values = convert::Measurements::new();
+        convert::measurements(&measured, &mut values)?;
+        let mut described = convert::Items::new();
+        convert::fill(&mut described, metadata);
         convert::stringify(&mut described)?;
-        let pairs = convert::metadata(&described)?;
+        let mut pairs = convert::Metadata::new();
+        convert::metadata(&described, &mut pairs)?;
         if self.generation == fork::generation() {
             self.event_in(name, &values, &pairs);
         }

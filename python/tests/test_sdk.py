@@ -253,6 +253,19 @@ def test_fork_child_gets_its_own_link(hub, connect):
     assert t.stats()["confirmed"] >= 1
     workers = hub.cli("workers")
     assert f"py-fork.{pid}" in workers and "py-fork " in workers
+    # A child that never uses the handle links nothing, even when it is closed at its exit.
+    idle = os.fork()
+    if idle == 0:
+        code = 1
+        try:
+            stats = t.close(timeout=5)
+            code = 0 if stats["produced"] == 0 and t.link_state == "closed" else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(idle, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert f"py-fork.{idle}" not in hub.cli("workers")
+    assert not t.closed, "the child's close is the child's"
 
 
 def test_bad_input_raises_what_is_wrong(hub, connect):

@@ -36,6 +36,10 @@ const NOT_RUN: &[(&str, &str)] = &[
         "wraps an app that is not here; tests/tests/sidecar.rs runs the sidecar",
     ),
     (
+        "pip install ./python",
+        "builds the Python SDK; ./test.sh installs it and tests/tests/python_sdk.rs runs its suite",
+    ),
+    (
         "cargo run --release -p bridge-bench",
         "the benchmark takes minutes; tests/tests/bench.rs runs it with --quick",
     ),

@@ -41,7 +41,8 @@ const SEND_BATCH: usize = 256;
 /// How to reach the hub and who this worker is.
 #[derive(Debug, Clone)]
 pub struct LinkOptions {
-    /// Hub URL, e.g. `http://127.0.0.1:50051`.
+    /// Hub URL, e.g. `http://127.0.0.1:50051`, or `unix:///run/bridge/worker.sock` for a
+    /// sidecar's local endpoint.
     pub hub: String,
     /// Worker id; empty lets the hub generate one.
     pub id: String,
@@ -187,8 +188,22 @@ pub fn validate(options: &LinkOptions) -> Result<(), LinkError> {
 fn endpoint(options: &LinkOptions) -> Result<Endpoint, LinkError> {
     let invalid =
         |e: &dyn std::fmt::Display| LinkError::InvalidHub(options.hub.clone(), e.to_string());
-    if !(options.hub.starts_with("http://") || options.hub.starts_with("https://")) {
-        return Err(invalid(&"it must start with http:// or https://"));
+    // `unix:///PATH` reaches a sidecar's local endpoint (`worker --local PATH`); tonic dials
+    // the socket itself and sends a well-formed `:authority`, not the path.
+    let unix = options.hub.starts_with("unix:");
+    if unix
+        && options
+            .hub
+            .trim_start_matches("unix:")
+            .trim_start_matches("//")
+            .is_empty()
+    {
+        return Err(invalid(&"a unix:// address needs a socket path"));
+    }
+    if !(unix || options.hub.starts_with("http://") || options.hub.starts_with("https://")) {
+        return Err(invalid(
+            &"it must start with http:// or https:// (or unix:// for a sidecar's socket)",
+        ));
     }
     let endpoint = Endpoint::from_shared(options.hub.clone())
         .map_err(|e| invalid(&e))?

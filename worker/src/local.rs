@@ -252,6 +252,58 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    /// A link (as the Python SDK makes one for `unix:///PATH`) reaches the local endpoint over
+    /// its socket, and its events are confirmed there and taken into the sidecar's buffer.
+    #[tokio::test]
+    async fn a_link_reaches_the_local_endpoint_over_a_unix_socket() {
+        use std::time::Duration;
+
+        use crate::link::{Link, LinkOptions, LinkState};
+
+        let dir = std::env::temp_dir().join(format!("worker-local-uds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("worker.sock");
+        let sidecar = Emitter::detached(64);
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            sidecar.clone(),
+            LocalAddress::Unix(path.clone()),
+            shutdown.clone(),
+        ));
+        let mut options = LinkOptions::new(format!("unix://{}", path.display()), "app-1");
+        options.linger = Duration::ZERO;
+        options.backoff_initial = Duration::from_millis(10);
+        let link = Link::start(options).unwrap();
+        let mut state = link.state();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            state.wait_for(|s| matches!(s, LinkState::Connected { .. })),
+        )
+        .await
+        .expect("connected over the socket")
+        .unwrap();
+        link.emitter()
+            .emit("cache.hit", &[("bytes", 4096.into())], &[], None);
+        let counters = link.close(Duration::from_secs(10)).await;
+        assert_eq!((counters.accepted, counters.confirmed), (1, 1));
+        assert_eq!(sidecar.buffered_names(), ["cache.hit"]);
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_unix_address_needs_a_path() {
+        for bad in ["unix://", "unix:"] {
+            let err = crate::link::validate(&crate::link::LinkOptions::new(bad, "w")).unwrap_err();
+            assert!(err.to_string().contains("needs a socket path"), "{err}");
+        }
+        assert!(
+            crate::link::validate(&crate::link::LinkOptions::new("unix:///run/w.sock", "w"))
+                .is_ok()
+        );
+    }
+
     #[test]
     fn parses_loopback_addresses_and_socket_paths_only() {
         assert_eq!(
