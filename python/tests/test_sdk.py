@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -332,3 +333,29 @@ def test_connect_defaults_from_the_environment(hub, monkeypatch):
         tail.wait_named("env.ok")
     finally:
         t.close(timeout=5)
+
+
+def test_unix_socket_reaches_a_sidecars_local_endpoint(hub, tmp_path):
+    from conftest import BIN_DIR
+
+    sock = tmp_path / "worker.sock"
+    sidecar = subprocess.Popen(
+        [str(BIN_DIR / "worker"), "--hub", hub.url, "--id", "sidecar-1", "--local", str(sock)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        tail = hub.tail("--worker", "sidecar-1", "via.>")
+        eventually("the sidecar's socket", sock.exists)
+        t = tb.connect(f"unix://{sock}", worker_id="app-1", linger=0.0)
+        with t.span("via.span") as span:
+            t.emit("via.socket", measurements={"n": 1})
+        stats = t.close(timeout=WAIT)
+        assert stats["confirmed"] == stats["accepted"] == 3, stats
+        arrived = tail.wait_named("via.socket")[0]
+        assert arrived["measurements"] == {"n": 1}
+        assert arrived["trace_id"] == span.trace_id
+        assert tail.wait_named("via.span.stop")[0]["worker_id"] == "sidecar-1"
+    finally:
+        sidecar.terminate()
+        sidecar.wait(timeout=WAIT)

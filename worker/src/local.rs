@@ -105,6 +105,10 @@ impl TelemetryBridge for LocalIngest {
         let mut inbound = request.into_inner();
         let applied = Arc::new(AtomicU64::new(0));
         let done = self.shutdown.child_token();
+        // The highest sequence number taken from this client: confirmed to it, as the hub
+        // confirms, so that a client with an outage buffer (the worker library, the Python
+        // SDK) can forget what the sidecar now holds in its own.
+        let (receipts, mut received) = tokio::sync::watch::channel(0u64);
         {
             let (emitter, applied, done) = (self.emitter.clone(), applied.clone(), done.clone());
             tokio::spawn(async move {
@@ -116,7 +120,13 @@ impl TelemetryBridge for LocalIngest {
                     };
                     match message {
                         Ok(Some(event)) => match event.to_event() {
-                            Ok(event) => relay(&emitter, &applied, acknowledges, event),
+                            Ok(event) => {
+                                let sequence = event.sequence;
+                                relay(&emitter, &applied, acknowledges, event);
+                                if sequence > *receipts.borrow() {
+                                    receipts.send_replace(sequence);
+                                }
+                            }
                             Err(_) => emitter.count_parse_error(),
                         },
                         Ok(None) | Err(_) => break,
@@ -133,9 +143,22 @@ impl TelemetryBridge for LocalIngest {
                 for message in state.messages(acknowledges) {
                     yield Ok(message);
                 }
-                tokio::select! {
-                    () = done.cancelled() => break,
-                    changed = control.changed() => if changed.is_err() { break },
+                loop {
+                    tokio::select! {
+                        () = done.cancelled() => return,
+                        changed = control.changed() => if changed.is_err() { return } else { break },
+                        changed = received.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            let through_sequence = *received.borrow_and_update();
+                            yield Ok(v1::TelemetryControl {
+                                control: Some(v1::telemetry_control::Control::Received(
+                                    v1::ReceiptAck { through_sequence },
+                                )),
+                            });
+                        }
+                    }
                 }
             }
         };
