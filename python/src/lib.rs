@@ -37,11 +37,15 @@ pub(crate) mod fork {
     }
 }
 
-/// Marks every handle made before now as the parent's. Called in a forked child, before any
-/// Python code runs there.
+/// Marks every handle made before now as the parent's, and reseeds this thread's random
+/// generator: `rand`'s thread generator is copied by `fork` and not reseeded, so without this
+/// the child would draw the parent's next trace ids, span ids and sampling draws (and every
+/// child of one parent the same ones). Called in a forked child, before any Python code runs
+/// there, on the one thread the child has.
 #[pyfunction]
 fn after_fork_in_child() {
     fork::forked();
+    let _ = rand::rng().reseed();
 }
 
 /// `get` of the `contextvars.ContextVar` holding the current span (bound once), so that
