@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import tempfile
 import threading
@@ -141,6 +142,68 @@ class Tail:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+class Forwarder:
+    """A TCP forwarder between a worker and a hub that the test opens and closes, so that the
+    worker reconnects when the test is ready for it (e.g. once a tail follows a restarted
+    hub), not whenever its backoff happens to fire. While closed it accepts and drops."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self._listener.getsockname()[1]
+        self._target: Optional[str] = None
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def open(self, addr: str) -> None:
+        with self._lock:
+            self._target = addr
+
+    def close(self) -> None:
+        with self._lock:
+            self._target = None
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                target = self._target
+            if target is None:
+                client.close()
+                continue
+            host, port = target.rsplit(":", 1)
+            try:
+                upstream = socket.create_connection((host, int(port)), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._listener.close()
 
 
 def subscribers(hub: Hub) -> int:
