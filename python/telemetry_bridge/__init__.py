@@ -117,6 +117,9 @@ class Telemetry(_native.Client):
             _open.add(self)
 
     def close(self, timeout: float = 5.0) -> dict:
+        """Sends what is buffered, waits up to `timeout` seconds for the hub to confirm it (the
+        GIL released), stops the link and returns the final stats(). Later emits are counted
+        as disabled."""
         stats = super().close(timeout)
         with _open_lock:
             _open.discard(self)
@@ -131,11 +134,17 @@ class Telemetry(_native.Client):
         traceparent: Optional[str] = None,
         **attributes: Any,
     ) -> Span:
+        """Starts a span (emits OPERATION.start); use it with `with`. Metadata from `metadata`
+        and keyword arguments. Inside another span it is that span's child; with `traceparent`
+        it continues the caller's trace; with `correlation_id` and no parent its trace id is
+        derived from the id."""
         meta = dict(metadata) if metadata else {}
         meta.update(attributes)
         return Span(self, operation, meta, correlation_id, traceparent, _current.get())
 
     def trace(self, operation: Any = None, **attributes: Any) -> Any:
+        """Decorates a function, sync or async, to run in a span named `operation` (default:
+        the function's name), with `attributes` as metadata. `@t.trace` works bare too."""
         if callable(operation):  # bare @t.trace
             return self.trace(None)(operation)
 
@@ -161,9 +170,11 @@ class Telemetry(_native.Client):
 
     # InferTrace's names.
     def start_span(self, model_name: str, **attributes: Any) -> Span:
+        """InferTrace's Tracer.start_span: an `inference` span with `model`."""
         return self.span("inference", model=model_name, **attributes)
 
     def trace_inference(self, model: str, **attributes: Any) -> Callable[[_F], _F]:
+        """InferTrace's @trace_inference: runs the function in an `inference` span."""
         return self.trace("inference", model=model, **attributes)
 
     def __repr__(self) -> str:
@@ -195,6 +206,14 @@ def connect(
     buffer_events: Optional[int] = None,
     linger: Optional[float] = None,
 ) -> Telemetry:
+    """Starts linking this process to a hub and returns its handle (see __init__.pyi).
+
+    `hub` defaults to $BRIDGE_HUB, else http://127.0.0.1:50051 (unix:///PATH reaches a
+    sidecar's local endpoint); `worker_id` to $BRIDGE_WORKER_ID, else HOSTNAME.PID; `pool`,
+    `token`, `ca`, `cert`, `key` to $BRIDGE_POOL, $BRIDGE_TOKEN, $BRIDGE_CA, $BRIDGE_CERT,
+    $BRIDGE_KEY. Raises ValueError for options that can never work; a hub that is down does
+    not raise (the link retries, events wait in the buffer).
+    """
     env = os.environ
     hub = hub or env.get("BRIDGE_HUB") or "http://127.0.0.1:50051"
     if worker_id is None:
