@@ -11,6 +11,7 @@
 //!   bounded queues, lag notices.
 //! - The cluster publisher (`cluster::events`), added when the hub joins a cluster.
 
+pub mod otlp;
 pub mod subscribers;
 
 use std::{cell::OnceCell, sync::Arc};
