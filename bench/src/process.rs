@@ -35,7 +35,7 @@ impl RoleProcess {
         Self::spawn(Command::new(exe).arg("role").args(args), env)
     }
 
-    fn spawn(command: &mut Command, env: &[(&str, &str)]) -> Result<Self, String> {
+    pub(crate) fn spawn(command: &mut Command, env: &[(&str, &str)]) -> Result<Self, String> {
         let mut child = command
             .envs(env.iter().copied())
             .stdin(Stdio::piped())

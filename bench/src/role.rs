@@ -86,6 +86,11 @@ pub enum Role {
         #[arg(long, default_value_t = 1)]
         subscribers: usize,
     },
+    /// An OTLP/gRPC logs receiver counting the log records it accepts.
+    OtlpReceiver {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
     /// Connected workers that acknowledge every control state and send nothing else, or one
     /// numbered event every `--every-ms` each (as a model server between requests does).
     Idle {
@@ -103,6 +108,7 @@ pub enum Role {
 pub async fn run(role: Role) -> Result<(), Error> {
     let result = match role {
         Role::Baseline { listen } => baseline_server(listen).await,
+        Role::OtlpReceiver { listen } => otlp_receiver(listen).await,
         Role::Load {
             target,
             streams,
@@ -142,6 +148,58 @@ async fn baseline_server(listen: SocketAddr) -> Result<(), String> {
     let address = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening on {address}");
     baseline::serve(listener).await
+}
+
+/// Counts the log records of every export request and accepts them all.
+#[derive(Debug, Default, Clone)]
+struct CountingReceiver {
+    records: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService
+    for CountingReceiver
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse>,
+        tonic::Status,
+    > {
+        let records: usize = request
+            .get_ref()
+            .resource_logs
+            .iter()
+            .flat_map(|r| &r.scope_logs)
+            .map(|s| s.log_records.len())
+            .sum();
+        self.records.fetch_add(records as u64, Relaxed);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+async fn otlp_receiver(listen: SocketAddr) -> Result<(), String> {
+    use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("bind {listen}: {e}"))?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    let receiver = CountingReceiver::default();
+    let records = receiver.records.clone();
+    let service = LogsServiceServer::new(receiver)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .max_decoding_message_size(64 << 20);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    println!("listening on {address}");
+    serve_marks(move || json!({ "records": records.load(Relaxed) }), |_| {}).await;
+    Ok(())
 }
 
 /// Answers `mark` lines with `report()` and passes `rate N` to `set_rate`, until stdin closes.

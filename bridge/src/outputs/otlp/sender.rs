@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
@@ -17,7 +17,11 @@ use opentelemetry_proto::tonic::collector::{
     logs::v1::ExportLogsServiceResponse, trace::v1::ExportTraceServiceResponse,
 };
 use prost::Message;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, codec::CompressionEncoding, metadata::MetadataMap, transport::Channel};
 use tonic_types::StatusExt;
@@ -144,13 +148,13 @@ pub fn start(
 ) -> Queue {
     let (sender, receiver) = mpsc::channel(capacity);
     let stats = Arc::new(SignalStats::default());
-    let exporter = Exporter {
+    let exporter = Arc::new(Exporter {
         signal,
         destination,
         directory,
         stats: stats.clone(),
-        unreachable_since: None,
-    };
+        unreachable_since: Mutex::new(None),
+    });
     tokio::spawn(exporter.run(receiver, shutdown));
     Queue { sender, stats }
 }
@@ -161,8 +165,12 @@ struct Exporter {
     directory: Arc<dyn WorkerDirectory>,
     stats: Arc<SignalStats>,
     /// Set while the collector is away, to log its going and coming back once each.
-    unreachable_since: Option<Instant>,
+    unreachable_since: Mutex<Option<Instant>>,
 }
+
+/// Export requests in flight at once per signal: while one waits for the collector the next is
+/// built and sent, so a signal's throughput is not one round trip per batch.
+const IN_FLIGHT: usize = 4;
 
 /// Retries start here and double up to [`MAX_RETRY_DELAY`], unless the collector says when.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -170,12 +178,14 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 impl Exporter {
     async fn run(
-        mut self,
+        self: Arc<Self>,
         mut receiver: mpsc::Receiver<EncodedSubscribeResponse>,
         shutdown: CancellationToken,
     ) {
         let size = self.destination.batch_size;
         let mut batch = Vec::with_capacity(size);
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        let mut in_flight = JoinSet::new();
         loop {
             tokio::select! {
                 item = receiver.recv() => match item {
@@ -194,13 +204,23 @@ impl Exporter {
                     () = tokio::time::sleep_until(deadline) => break,
                 }
             }
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
             let count = batch.len() as u64;
-            if !self.export(&batch, &shutdown).await {
-                self.stats.drop_n(Dropped::Shutdown, count);
-            }
-            self.stats.pending.fetch_sub(count, Relaxed);
+            let request = self.request(&batch);
             batch.clear();
+            let (exporter, shutdown) = (self.clone(), shutdown.clone());
+            in_flight.spawn(async move {
+                if !exporter.export(request, &shutdown).await {
+                    exporter.stats.drop_n(Dropped::Shutdown, count);
+                }
+                exporter.stats.pending.fetch_sub(count, Relaxed);
+                drop(slot);
+            });
+            while in_flight.try_join_next().is_some() {}
         }
+        while in_flight.join_next().await.is_some() {}
         // Stopping: one last try, without retries, for what is queued.
         receiver.close();
         while let Some(item) = receiver.recv().await {
@@ -210,21 +230,21 @@ impl Exporter {
         no_retries.cancel();
         for chunk in batch.chunks(size) {
             let count = chunk.len() as u64;
-            if !self.export(chunk, &no_retries).await {
+            if !self.export(self.request(chunk), &no_retries).await {
                 self.stats.drop_n(Dropped::Shutdown, count);
             }
             self.stats.pending.fetch_sub(count, Relaxed);
         }
     }
 
-    /// Exports `batch`, retrying while the collector is unavailable; `false` when `shutdown`
-    /// came first (the batch is then not counted as exported or dropped here).
+    /// Exports a request of `records`, retrying while the collector is unavailable; `false`
+    /// when `shutdown` came first (the records are then not counted as exported or dropped
+    /// here).
     async fn export(
-        &mut self,
-        batch: &[EncodedSubscribeResponse],
+        &self,
+        (request, records): (PreEncoded, u64),
         shutdown: &CancellationToken,
     ) -> bool {
-        let (request, records) = self.request(batch);
         if records == 0 {
             return true;
         }
@@ -244,15 +264,21 @@ impl Exporter {
                     self.stats.exported.fetch_add(records - rejected, Relaxed);
                     self.stats.drop_n(Dropped::Rejected, rejected);
                     self.stats.unreachable.store(false, Relaxed);
-                    if let Some(since) = self.unreachable_since.take() {
+                    let back = self.unreachable().take();
+                    if let Some(since) = back {
                         info!(signal = self.signal.name(), endpoint = %self.destination.endpoint, down_for = ?since.elapsed(), "otlp: the collector is back");
                     }
                     return true;
                 }
                 Err(status) if retryable(status.code()) => {
                     self.stats.unreachable.store(true, Relaxed);
-                    if self.unreachable_since.is_none() {
-                        self.unreachable_since = Some(Instant::now());
+                    let went_away = {
+                        let mut since = self.unreachable();
+                        let went_away = since.is_none();
+                        since.get_or_insert_with(Instant::now);
+                        went_away
+                    };
+                    if went_away {
                         warn!(signal = self.signal.name(), endpoint = %self.destination.endpoint, code = ?status.code(), message = status.message(), "otlp: the collector is unavailable; retrying while records queue");
                     }
                     let wait = status
@@ -272,6 +298,12 @@ impl Exporter {
                 }
             }
         }
+    }
+
+    fn unreachable(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.unreachable_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The export request for `batch`, encoded, and how many records it holds (the rest were
