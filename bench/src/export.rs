@@ -85,9 +85,9 @@ pub(crate) fn export(plan: &Plan) -> Result<Vec<Figure>, String> {
             .map(|r| r.cpu_seconds_per_million_events)
             .collect(),
     );
-    // The hub's CPU the export adds, per million records (the load exports every event).
-    let extra = (cpu_with - cpu_without).max(f64::EPSILON);
-    let per_core = 1e6 / extra;
+    // The cores the export adds at this load, and the records it exported with them.
+    let extra_cores = ((cpu_with - cpu_without) * events / 1e6).max(f64::EPSILON);
+    let per_core = records / extra_cores;
     Ok(vec![
         Figure::new(
             Section::Export,
