@@ -1,7 +1,6 @@
 //! The hub: workers, outputs and the control plane behind one cheap-clone handle.
 
 use std::{
-    collections::BTreeMap,
     sync::{Arc, OnceLock, atomic::Ordering::Relaxed},
     time::{Duration, Instant, SystemTime},
 };
@@ -27,7 +26,7 @@ use crate::{
     latency::{INGEST_BOUNDS_NS, LatencyHistogram, unix_nanos},
     outputs::{
         Delivery, Outputs,
-        otlp::{OtlpExport, WorkerDirectory},
+        otlp::{OtlpExport, WorkerDescription, WorkerDirectory},
         subscribers::{Filter, Subscribers, Subscription},
     },
     registry::{Identity, Registry, Session, Worker},
@@ -721,10 +720,16 @@ fn worker_info(worker: &Worker, hub: &str) -> v1::WorkerInfo {
 }
 
 impl WorkerDirectory for Hub {
-    fn labels(&self, worker_id: &str) -> BTreeMap<String, String> {
+    fn describe(&self, worker_id: &str) -> WorkerDescription {
         self.registry()
             .get(worker_id)
-            .map(|worker| worker.details().labels.clone())
+            .map(|worker| {
+                let details = worker.details();
+                WorkerDescription {
+                    labels: details.labels.clone(),
+                    host: details.host.clone(),
+                }
+            })
             .unwrap_or_default()
     }
 }

@@ -149,6 +149,7 @@ async fn events_arrive_as_log_records_and_spans() {
             (headers::WORKER_ID, "gpu-3"),
             (headers::WORKER_POOL, "llama"),
             ("x-worker-label-zone", "b"),
+            (headers::WORKER_HOST, "node-7"),
         ],
     )
     .await
@@ -184,6 +185,7 @@ async fn events_arrive_as_log_records_and_spans() {
     let resource = json!({
         "service.name": ["string_value", "llama"],
         "service.instance.id": ["string_value", "gpu-3"],
+        "host.name": ["string_value", "node-7"],
         "zone": ["string_value", "b"],
     });
     let names: Vec<&str> = logs

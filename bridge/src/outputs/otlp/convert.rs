@@ -15,9 +15,17 @@ use opentelemetry_proto::tonic::{
     trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
 };
 
-/// What the exporter knows of a worker beyond its events: its labels.
+/// What the exporter knows of a worker beyond its events.
 pub trait WorkerDirectory: Send + Sync + std::fmt::Debug {
-    fn labels(&self, worker_id: &str) -> BTreeMap<String, String>;
+    fn describe(&self, worker_id: &str) -> WorkerDescription;
+}
+
+/// A worker's labels and host, for its OTLP resource.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerDescription {
+    pub labels: BTreeMap<String, String>,
+    /// Empty when the worker did not say.
+    pub host: String,
 }
 
 /// Why a delivery was not turned into a span.
@@ -28,17 +36,27 @@ pub enum NotASpan {
 }
 
 /// The resource of a worker, per OpenTelemetry's semantic conventions: `service.name` is the
-/// pool (the service the fleet runs), else the worker id; `service.instance.id` the worker.
-pub fn resource(worker_id: &str, pool: &str, labels: &BTreeMap<String, String>) -> Resource {
+/// pool (the service the fleet runs), else the worker id; `service.instance.id` the worker;
+/// `host.name` its machine, when it said.
+pub fn resource(worker_id: &str, pool: &str, worker: &WorkerDescription) -> Resource {
     let service = if pool.is_empty() { worker_id } else { pool };
     let mut attributes = vec![
         string("service.name", service),
         string("service.instance.id", worker_id),
     ];
+    if !worker.host.is_empty() {
+        attributes.push(string("host.name", &worker.host));
+    }
     attributes.extend(
-        labels
+        worker
+            .labels
             .iter()
-            .filter(|(key, _)| !matches!(key.as_str(), "service.name" | "service.instance.id"))
+            .filter(|(key, _)| {
+                !matches!(
+                    key.as_str(),
+                    "service.name" | "service.instance.id" | "host.name"
+                )
+            })
             .map(|(key, value)| string(key, value)),
     );
     Resource {
@@ -199,7 +217,10 @@ impl<T> ByWorker<T> {
         directory: &dyn WorkerDirectory,
     ) -> impl Iterator<Item = (Resource, Vec<T>)> + use<'_, T> {
         self.groups.into_iter().map(move |((worker, pool), items)| {
-            (resource(&worker, &pool, &directory.labels(&worker)), items)
+            (
+                resource(&worker, &pool, &directory.describe(&worker)),
+                items,
+            )
         })
     }
 }
@@ -348,7 +369,10 @@ mod tests {
 
     #[test]
     fn the_resource_names_the_service_and_the_instance() {
-        let labels = BTreeMap::from([("zone".to_owned(), "b".to_owned())]);
+        let worker = WorkerDescription {
+            labels: BTreeMap::from([("zone".to_owned(), "b".to_owned())]),
+            host: "node-7".into(),
+        };
         let keys = |r: Resource| -> Vec<(String, String)> {
             r.attributes
                 .into_iter()
@@ -359,13 +383,14 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            keys(resource("gpu-3", "llama", &labels)),
+            keys(resource("gpu-3", "llama", &worker)),
             [
                 ("service.name".to_owned(), "llama".to_owned()),
                 ("service.instance.id".into(), "gpu-3".into()),
+                ("host.name".into(), "node-7".into()),
                 ("zone".into(), "b".into())
             ]
         );
-        assert_eq!(keys(resource("gpu-3", "", &labels))[0].1, "gpu-3");
+        assert_eq!(keys(resource("gpu-3", "", &worker))[0].1, "gpu-3");
     }
 }

@@ -21,7 +21,7 @@ use tonic::{
 
 pub use self::{
     config::{ExportConfig, OtlpConfig},
-    convert::WorkerDirectory,
+    convert::{WorkerDescription, WorkerDirectory},
     sender::{Dropped, Signal, SignalStats},
 };
 use super::{Delivery, Origin, Output};
