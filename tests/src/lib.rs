@@ -195,6 +195,17 @@ impl HubProcess {
         self.child.id()
     }
 
+    /// Open subscriptions, as the hub's `/metrics` counts them.
+    pub fn subscribers(&self) -> Option<f64> {
+        let metrics = http_get(self.http, "/metrics", &[]).body;
+        metrics.lines().find_map(|line| {
+            line.strip_prefix("bridge_subscribers ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     pub async fn client(&self) -> HubClient {
         HubClient::connect(&self.url, Duration::from_secs(5))
             .await
@@ -578,18 +589,7 @@ impl PythonGrpc {
     /// `None` (test skipped, said on stderr) when no Python with grpcio is found, unless
     /// `BRIDGE_REQUIRE_PYTHON` is set (as `./test.sh` does), which makes that a failure.
     pub fn set_up() -> Option<Self> {
-        let python = std::env::var("BRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-        let ok = Command::new(&python)
-            .args(["-c", "import grpc, grpc_tools"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            skip_without(
-                "BRIDGE_REQUIRE_PYTHON",
-                &format!("{python} lacks grpcio/grpcio-tools"),
-            );
-            return None;
-        }
+        let python = python_with(&["grpc", "grpc_tools"])?;
         let generated = tempfile::tempdir().expect("temp dir");
         let root = repo_root();
         let status = Command::new(&python)
@@ -615,6 +615,25 @@ impl PythonGrpc {
             .env("PYTHONPATH", self.generated.path());
         command
     }
+}
+
+/// The test Python (`BRIDGE_TEST_PYTHON`, else python3) when it can import `modules`; else
+/// `None`, the test skipped and said so on stderr, unless `BRIDGE_REQUIRE_PYTHON` is set (as
+/// `./test.sh` does), which makes that a failure.
+pub fn python_with(modules: &[&str]) -> Option<String> {
+    let python = std::env::var("BRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        skip_without(
+            "BRIDGE_REQUIRE_PYTHON",
+            &format!("{python} cannot import {}", modules.join(", ")),
+        );
+        return None;
+    }
+    Some(python)
 }
 
 /// The repository's top directory.

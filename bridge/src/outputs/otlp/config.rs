@@ -37,7 +37,8 @@ pub struct OtlpConfig {
     pub batch_size: usize,
     /// How long a record may wait for its batch to fill.
     pub batch_age_ms: u64,
-    /// Records waiting per signal; past it new ones are dropped and counted.
+    /// Records waiting per signal; past it new ones are dropped and counted (up to five
+    /// batches more are held in export requests).
     pub queue_size: usize,
     /// How long one export request may take before it is retried.
     pub timeout_ms: u64,
