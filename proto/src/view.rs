@@ -323,6 +323,147 @@ fn skip(wire_type: WireType, bytes: &mut &[u8]) -> Result<(), &'static str> {
     }
 }
 
+/// A measurement's value, read where it lies in the event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    Int(i64),
+    Float(f64),
+    String(&'a str),
+}
+
+/// A measurement or metadata entry, read where it lies in the event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Entry<'a> {
+    /// A measurement's key and value (`None`: a `TelemetryValue` with nothing set).
+    Measurement(&'a str, Option<ValueRef<'a>>),
+    Metadata(&'a str, &'a str),
+}
+
+impl EventView {
+    /// The measurement and metadata entries in the order received, read in place.
+    ///
+    /// For the hub's readers of a few fields (per-model metrics), which must not pay for
+    /// [`EventView::to_event`]'s maps on every event. A key that repeats is read each time; a
+    /// decoder keeps the last, as [`EventView::measurement`] and [`EventView::metadata`] do.
+    /// The walk ends at anything malformed, which a view without a [`EventView::problem`] has
+    /// none of.
+    pub fn entries(&self) -> Entries<'_> {
+        Entries { rest: &self.bytes }
+    }
+
+    /// The value of measurement `key`, as a decoder would read it.
+    pub fn measurement(&self, key: &str) -> Option<ValueRef<'_>> {
+        self.entries()
+            .filter_map(|entry| match entry {
+                Entry::Measurement(k, value) if k == key => Some(value),
+                _ => None,
+            })
+            .last()
+            .flatten()
+    }
+
+    /// The value of metadata `key`, as a decoder would read it.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.entries()
+            .filter_map(|entry| match entry {
+                Entry::Metadata(k, value) if k == key => Some(value),
+                _ => None,
+            })
+            .last()
+    }
+}
+
+/// The iterator of [`EventView::entries`].
+#[derive(Debug, Clone)]
+pub struct Entries<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = Entry<'a>;
+
+    fn next(&mut self) -> Option<Entry<'a>> {
+        while !self.rest.is_empty() {
+            match self.field() {
+                Ok(Some(entry)) => return Some(entry),
+                Ok(None) => {}
+                Err(_) => self.rest = &[],
+            }
+        }
+        None
+    }
+}
+
+impl<'a> Entries<'a> {
+    /// Reads the next field of the event: an entry, or `None` for any other field.
+    fn field(&mut self) -> Result<Option<Entry<'a>>, &'static str> {
+        let (tag, wire_type) = decode_key(&mut self.rest).map_err(|_| "a key is malformed")?;
+        match (tag, wire_type) {
+            (MEASUREMENTS | METADATA, WireType::LengthDelimited) => {
+                read_entry(delimited(&mut self.rest)?, tag == MEASUREMENTS).map(Some)
+            }
+            (_, wire_type) => skip(wire_type, &mut self.rest).map(|()| None),
+        }
+    }
+}
+
+/// A map entry that [`check_entry`] accepts, read in place. Unset fields read as a decoder's
+/// defaults; a field set twice, as its last value (for a `TelemetryValue`, a later one with
+/// nothing set keeps the earlier value, as merging does).
+fn read_entry(mut entry: &[u8], measurement: bool) -> Result<Entry<'_>, &'static str> {
+    const BAD: &str = "a measurement or metadata entry is malformed";
+    let (mut key, mut text, mut value) = ("", "", None);
+    while entry.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut entry).map_err(|_| BAD)?;
+        match (tag, wire_type) {
+            (map_entry::KEY, WireType::LengthDelimited) => key = utf8(delimited(&mut entry)?)?,
+            (map_entry::VALUE, WireType::LengthDelimited) if measurement => {
+                value = read_value(delimited(&mut entry)?)?.or(value);
+            }
+            (map_entry::VALUE, WireType::LengthDelimited) => text = utf8(delimited(&mut entry)?)?,
+            (map_entry::KEY | map_entry::VALUE, _) => return Err(BAD),
+            (_, wire_type) => skip(wire_type, &mut entry)?,
+        }
+    }
+    Ok(if measurement {
+        Entry::Measurement(key, value)
+    } else {
+        Entry::Metadata(key, text)
+    })
+}
+
+/// A `TelemetryValue`: the member of its oneof set last, if any.
+fn read_value(mut bytes: &[u8]) -> Result<Option<ValueRef<'_>>, &'static str> {
+    const BAD: &str = "a measurement value is malformed";
+    let mut value = None;
+    while bytes.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut bytes).map_err(|_| BAD)?;
+        match (tag, wire_type) {
+            // int64 travels as its two's complement, as a varint.
+            (INT_VALUE, WireType::Varint) => {
+                value = Some(ValueRef::Int(
+                    decode_varint(&mut bytes).map_err(|_| BAD)? as i64
+                ));
+            }
+            (FLOAT_VALUE, WireType::SixtyFourBit) => {
+                let (le, rest) = bytes.split_first_chunk::<8>().ok_or(BAD)?;
+                value = Some(ValueRef::Float(f64::from_le_bytes(*le)));
+                bytes = rest;
+            }
+            (STRING_VALUE, WireType::LengthDelimited) => {
+                value = Some(ValueRef::String(utf8(delimited(&mut bytes)?)?));
+            }
+            (INT_VALUE | FLOAT_VALUE | STRING_VALUE, _) => return Err(BAD),
+            (_, wire_type) => skip(wire_type, &mut bytes)?,
+        }
+    }
+    Ok(value)
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, &'static str> {
+    std::str::from_utf8(bytes).map_err(|_| "a string is not UTF-8")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,5 +639,172 @@ mod tests {
         let view = EventView::decode(bytes.as_slice()).unwrap();
         assert_eq!(view.as_bytes(), bytes.as_slice());
         assert_eq!(view.to_event().unwrap(), event());
+    }
+
+    /// Reading entries in place, as the per-model metrics do.
+    mod entries {
+        use std::collections::HashMap;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn value(v: Value) -> TelemetryValue {
+            TelemetryValue { value: Some(v) }
+        }
+
+        fn view(event: &TelemetryEvent) -> EventView {
+            EventView::from_event(event).unwrap()
+        }
+
+        #[test]
+        fn reads_each_type_and_tells_measurements_from_metadata() {
+            let view = view(&TelemetryEvent {
+                event_parts: vec!["inference".into(), "stop".into()],
+                measurements: [
+                    ("duration_ns".to_owned(), value(Value::IntValue(48_250_000))),
+                    ("behind_ns".to_owned(), value(Value::IntValue(-7))),
+                    ("ratio".to_owned(), value(Value::FloatValue(0.5))),
+                    ("state".to_owned(), value(Value::StringValue("warm".into()))),
+                    ("unset".to_owned(), TelemetryValue { value: None }),
+                ]
+                .into(),
+                metadata: [("model".to_owned(), "llama".to_owned())].into(),
+                correlation_id: "req-1".into(),
+                ..Default::default()
+            });
+            assert_eq!(
+                view.measurement("duration_ns"),
+                Some(ValueRef::Int(48_250_000))
+            );
+            assert_eq!(view.measurement("behind_ns"), Some(ValueRef::Int(-7)));
+            assert_eq!(view.measurement("ratio"), Some(ValueRef::Float(0.5)));
+            assert_eq!(view.measurement("state"), Some(ValueRef::String("warm")));
+            assert_eq!(view.measurement("unset"), None);
+            assert_eq!(view.measurement("absent"), None);
+            assert_eq!(view.measurement("model"), None);
+            assert_eq!(view.metadata("model"), Some("llama"));
+            assert_eq!(view.metadata("duration_ns"), None);
+            assert_eq!(view.entries().count(), 6);
+        }
+
+        #[test]
+        fn a_repeated_key_reads_as_its_last_value() {
+            // Two encodings back to back are one message, merged: the later entry wins.
+            let first = TelemetryEvent {
+                measurements: [("n".to_owned(), value(Value::IntValue(1)))].into(),
+                metadata: [("model".to_owned(), "a".to_owned())].into(),
+                ..Default::default()
+            };
+            let second = TelemetryEvent {
+                measurements: [("n".to_owned(), value(Value::FloatValue(2.0)))].into(),
+                metadata: [("model".to_owned(), "b".to_owned())].into(),
+                ..Default::default()
+            };
+            let mut bytes = first.encode_to_vec();
+            bytes.extend(second.encode_to_vec());
+            let view = EventView::decode(bytes.as_slice()).unwrap();
+            assert_eq!(view.measurement("n"), Some(ValueRef::Float(2.0)));
+            assert_eq!(view.metadata("model"), Some("b"));
+            assert_eq!(view.entries().count(), 4);
+        }
+
+        #[test]
+        fn entries_without_key_or_value_read_as_defaults() {
+            // Field 2 entry {2: {}} (no key, an empty value); field 3 entry {1: "k"} (no value).
+            let bytes = [0x12, 0x02, 0x12, 0x00, 0x1a, 0x03, 0x0a, 0x01, b'k'];
+            let view = EventView::decode(&bytes[..]).unwrap();
+            assert_eq!(view.problem(), None);
+            assert_eq!(
+                view.entries().collect::<Vec<_>>(),
+                [Entry::Measurement("", None), Entry::Metadata("k", "")]
+            );
+        }
+
+        #[test]
+        fn the_walk_stops_at_a_malformed_entry() {
+            // A good metadata entry, then a measurement whose int value is cut short.
+            let bytes = [
+                0x1a, 0x03, 0x0a, 0x01, b'k', 0x12, 0x07, 0x0a, 0x01, b'n', 0x12, 0x02, 0x08, 0xff,
+            ];
+            let view = EventView::decode(&bytes[..]).unwrap();
+            assert!(view.problem().is_some());
+            assert_eq!(
+                view.entries().collect::<Vec<_>>(),
+                [Entry::Metadata("k", "")]
+            );
+            assert_eq!(view.measurement("n"), None);
+        }
+
+        fn any_maps() -> impl Strategy<Value = TelemetryEvent> {
+            let value = prop_oneof![
+                any::<i64>().prop_map(Value::IntValue),
+                any::<f64>()
+                    .prop_filter("NaN is not equal to itself", |f| !f.is_nan())
+                    .prop_map(Value::FloatValue),
+                ".{0,12}".prop_map(Value::StringValue),
+            ];
+            (
+                prop::collection::hash_map("[a-c]{0,2}", prop::option::of(value), 0..5),
+                prop::collection::hash_map("[a-c]{0,2}", ".{0,8}", 0..5),
+            )
+                .prop_map(|(measurements, metadata)| TelemetryEvent {
+                    event_parts: vec!["inference".into(), "stop".into()],
+                    measurements: measurements
+                        .into_iter()
+                        .map(|(k, value)| (k, TelemetryValue { value }))
+                        .collect(),
+                    metadata,
+                    ..Default::default()
+                })
+        }
+
+        fn as_ref(value: &Value) -> ValueRef<'_> {
+            match value {
+                Value::IntValue(v) => ValueRef::Int(*v),
+                Value::FloatValue(v) => ValueRef::Float(*v),
+                Value::StringValue(v) => ValueRef::String(v),
+            }
+        }
+
+        proptest! {
+            /// Whatever the entries and however they repeat (two messages back to back merge),
+            /// reading in place agrees with the generated decoder.
+            #[test]
+            fn reads_what_the_decoder_reads(a in any_maps(), b in any_maps()) {
+                let mut bytes = a.encode_to_vec();
+                bytes.extend(b.encode_to_vec());
+                let decoded = TelemetryEvent::decode(bytes.as_slice()).unwrap();
+                let view = EventView::decode(bytes.as_slice()).unwrap();
+                for (key, value) in &decoded.measurements {
+                    prop_assert_eq!(view.measurement(key), value.value.as_ref().map(as_ref), "{}", key);
+                }
+                for (key, value) in &decoded.metadata {
+                    prop_assert_eq!(view.metadata(key), Some(value.as_str()), "{}", key);
+                }
+                let mut measurements = HashMap::new();
+                let mut metadata = HashMap::new();
+                for entry in view.entries() {
+                    match entry {
+                        Entry::Measurement(k, v) => {
+                            measurements.insert(k, v);
+                        }
+                        Entry::Metadata(k, v) => {
+                            metadata.insert(k, v);
+                        }
+                    }
+                }
+                prop_assert_eq!(measurements.len(), decoded.measurements.len());
+                prop_assert_eq!(metadata.len(), decoded.metadata.len());
+            }
+
+            /// Reading the entries of anything that decodes never panics.
+            #[test]
+            fn entries_of_any_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                if let Ok(view) = EventView::decode(bytes.as_slice()) {
+                    let _ = (view.entries().count(), view.measurement("a"), view.metadata("a"));
+                }
+            }
+        }
     }
 }
