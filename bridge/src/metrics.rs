@@ -9,7 +9,10 @@
 use bridge_proto::protocol::counters;
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet},
+    encoding::{
+        DescriptorEncoder, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder,
+        NoLabelSet,
+    },
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
@@ -322,7 +325,47 @@ fn family<V>(
         return encode(value, metric);
     }
     for (labels, value) in samples {
-        encode(value, metric.encode_family(labels)?)?;
+        let labels: Vec<_> = labels.iter().map(|(k, v)| (*k, Escaped(v))).collect();
+        encode(value, metric.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+/// A label value as the exposition formats spell it: prometheus_client writes values as they
+/// are, and worker ids and pools (printable ASCII from request metadata) may hold `"` or `\`.
+#[derive(Debug)]
+struct Escaped<'a>(&'a str);
+
+impl EncodeLabelValue for Escaped<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        write_label_value(encoder, self.0)
+    }
+}
+
+/// Writes `value` escaped for a label value between double quotes (both text formats escape
+/// the same three characters).
+fn write_label_value(out: &mut impl std::fmt::Write, value: &str) -> std::fmt::Result {
+    let mut rest = value;
+    while let Some(at) = rest.find(['\\', '"', '\n']) {
+        out.write_str(&rest[..at])?;
+        out.write_str(match rest.as_bytes()[at] {
+            b'\\' => "\\\\",
+            b'"' => "\\\"",
+            _ => "\\n",
+        })?;
+        rest = &rest[at + 1..];
+    }
+    out.write_str(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = String::new();
+        write_label_value(&mut out, "a\"b\\c\nd é").unwrap();
+        assert_eq!(out, r#"a\"b\\c\nd é"#);
+    }
 }
