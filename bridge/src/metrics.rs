@@ -1,10 +1,13 @@
 //! The hub's state as Prometheus metrics, read at scrape time.
 //!
 //! Nothing is counted twice: the collector reads the counters the hub keeps anyway (per worker,
-//! per subscriber set); the only thing the hot paths record for metrics alone is the two
-//! latency histograms ([`crate::latency`]). Label cardinality
-//! is bounded by the workers the hub remembers (`hub.max_remembered_workers`) and the fixed
-//! sets of drop reasons.
+//! per subscriber set); the only things the hot paths record for metrics alone are the two
+//! latency histograms ([`crate::latency`]) and the per-model inference metrics, an output of
+//! their own ([`crate::outputs::inference_metrics`], written by [`inference`]). Label cardinality
+//! is bounded by the workers the hub remembers (`hub.max_remembered_workers`), the fixed
+//! sets of drop reasons, and the models per pool (`metrics.max_models_per_pool`).
+
+mod inference;
 
 use bridge_proto::protocol::counters;
 use prometheus_client::{
@@ -35,7 +38,9 @@ pub fn render(hub: &Hub) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(HubCollector { hub: hub.clone() }));
     let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    prometheus_client::encoding::text::encode_registry(&mut text, &registry)?;
+    inference::encode(&mut text, &hub.inference_metrics().snapshot())?;
+    prometheus_client::encoding::text::encode_eof(&mut text)?;
     Ok(text)
 }
 
