@@ -8,7 +8,7 @@
 //! count (Prometheus sums the hubs), and the hub's own `bridge.*` events are not calls.
 //!
 //! Ingest pays, per event: the name's tokens (every other event stops there), one walk over the
-//! event's entries where they lie ([`EventView::entries`]), two map lookups that take no lock
+//! event's entries where they lie ([`EventView::lookup`]), two map lookups that take no lock
 //! ([`ArcSwap`]), and an atomic add per figure. A lock is taken only to add a pool or a model,
 //! which happens at most `max_models_per_pool` + 2 times per pool: an event whose model has no
 //! room goes to `other` without one.
@@ -30,7 +30,7 @@ use std::{
 use arc_swap::ArcSwap;
 use bridge_proto::{
     protocol::{inference, span},
-    view::{Entry, EventView, ValueRef},
+    view::{EventView, ValueRef},
 };
 
 use super::{Delivery, Origin, Output};
@@ -101,16 +101,24 @@ pub const QUEUE_WAIT_BOUNDS_NS: [u64; 16] = [
     10_000_000_000,
 ];
 
+const STOP: [&str; 2] = [inference::OPERATION, span::STOP];
+const EXCEPTION: [&str; 2] = [inference::OPERATION, span::EXCEPTION];
+
 /// The output; a cheap-clone handle that the hub adds to its outputs and `/metrics` reads.
 #[derive(Debug, Clone)]
 pub struct InferenceMetrics {
     shared: Arc<Shared>,
 }
 
+/// Keyed by pool or model name. Hashed with foldhash, not SipHash: the two lookups per event
+/// cost a third as much, and the maps hold few keys, at most `max_models` of them chosen by
+/// workers.
+type Names<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
+
 #[derive(Debug)]
 struct Shared {
     max_models: usize,
-    pools: ArcSwap<HashMap<Box<str>, Arc<Pool>>>,
+    pools: ArcSwap<Names<Arc<Pool>>>,
     /// Held while a pool is added, so that two streams adding the same one make one.
     adding: Mutex<()>,
 }
@@ -118,7 +126,7 @@ struct Shared {
 #[derive(Debug, Default)]
 struct Pool {
     /// Models with series of their own, at most `max_models`.
-    models: ArcSwap<HashMap<Box<str>, Arc<Stats>>>,
+    models: ArcSwap<Names<Arc<Stats>>>,
     adding: Mutex<()>,
     other: OnceLock<Stats>,
     unknown: OnceLock<Stats>,
@@ -206,51 +214,43 @@ impl Output for InferenceMetrics {
 impl<'a> Call<'a> {
     /// The call an `inference.stop` or `.exception` reports; `None` for any other event.
     fn read(view: &'a EventView) -> Option<Self> {
-        let mut parts = view.parts();
-        let (Some(inference::OPERATION), Some(end), None) =
-            (parts.next(), parts.next(), parts.next())
-        else {
+        let failed = if view.is_named(&STOP) {
+            false
+        } else if view.is_named(&EXCEPTION) {
+            true
+        } else {
             return None;
         };
-        let mut call = Call {
-            failed: match end {
-                span::STOP => false,
-                span::EXCEPTION => true,
-                _ => return None,
-            },
-            ..Call::default()
+        let ([duration, first_token, queue_wait, input, output], [model, result]) = view.lookup(
+            [
+                inference::DURATION_NS,
+                inference::TIME_TO_FIRST_TOKEN_NS,
+                inference::QUEUE_WAIT_NS,
+                inference::INPUT_TOKENS,
+                inference::OUTPUT_TOKENS,
+            ],
+            [inference::MODEL, inference::RESULT],
+        );
+        // The conventions make these ints; a float, a string or a negative value is a broken
+        // emitter's, and only that field is left out.
+        let count = |value| match value {
+            Some(ValueRef::Int(n)) => u64::try_from(n).ok(),
+            _ => None,
         };
-        // As a decoder would, the last of a repeated key wins.
-        for entry in view.entries() {
-            match entry {
-                Entry::Measurement(key, value) => {
-                    let field = match key {
-                        inference::DURATION_NS => &mut call.duration_ns,
-                        inference::TIME_TO_FIRST_TOKEN_NS => &mut call.time_to_first_token_ns,
-                        inference::QUEUE_WAIT_NS => &mut call.queue_wait_ns,
-                        inference::INPUT_TOKENS => &mut call.input_tokens,
-                        inference::OUTPUT_TOKENS => &mut call.output_tokens,
-                        _ => continue,
-                    };
-                    // The conventions make these ints; a float, a string or a negative value
-                    // is a broken emitter's, and only that field is left out.
-                    *field = match value {
-                        Some(ValueRef::Int(n)) => u64::try_from(n).ok(),
-                        _ => None,
-                    };
-                }
-                Entry::Metadata(inference::MODEL, model) => call.model = model,
-                Entry::Metadata(inference::RESULT, result) => {
-                    call.failed = match result {
-                        inference::RESULT_SUCCESS => false,
-                        inference::RESULT_ERROR => true,
-                        // Any other value would be a label without bound: the name says.
-                        _ => end == span::EXCEPTION,
-                    };
-                }
-                Entry::Metadata(..) => {}
-            }
-        }
+        let call = Call {
+            model: model.unwrap_or_default(),
+            failed: match result {
+                Some(inference::RESULT_SUCCESS) => false,
+                Some(inference::RESULT_ERROR) => true,
+                // Any other value would be a label without bound: the name says.
+                _ => failed,
+            },
+            duration_ns: count(duration),
+            time_to_first_token_ns: count(first_token),
+            queue_wait_ns: count(queue_wait),
+            input_tokens: count(input),
+            output_tokens: count(output),
+        };
         Some(call)
     }
 }
@@ -271,7 +271,7 @@ impl Shared {
             return pool.clone();
         }
         let pool = Arc::new(Pool::default());
-        let mut grown = HashMap::clone(&pools);
+        let mut grown = Names::clone(&pools);
         grown.insert(name.into(), pool.clone());
         self.pools.store(Arc::new(grown));
         pool
@@ -321,7 +321,7 @@ impl Pool {
             return None;
         }
         let stats = Arc::new(Stats::default());
-        let mut grown = HashMap::clone(&models);
+        let mut grown = Names::clone(&models);
         grown.insert(name.into(), stats.clone());
         self.models.store(Arc::new(grown));
         Some(stats)
