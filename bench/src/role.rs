@@ -51,6 +51,10 @@ pub enum Role {
         /// Worker ids are PREFIX-0, PREFIX-1, ...
         #[arg(long, default_value = "bench")]
         prefix: String,
+        /// Events named `bench.b0` to `bench.b99`, for subscribers that each match 1 %, in place
+        /// of `inference.stop`.
+        #[arg(long)]
+        buckets: bool,
     },
     /// Workers made with the worker library (`Link` and `Emitter::emit`), each emitting
     /// `--rate` events per second.
@@ -108,7 +112,8 @@ pub async fn run(role: Role) -> Result<(), Error> {
             streams,
             rate,
             prefix,
-        } => load(&target, streams, rate, &prefix).await,
+            buckets,
+        } => load(&target, streams, rate, &prefix, buckets).await,
         Role::Workers {
             target,
             workers,
@@ -178,11 +183,21 @@ where
         .collect()
 }
 
-async fn load(target: &str, streams: usize, rate: Option<f64>, prefix: &str) -> Result<(), String> {
+async fn load(
+    target: &str,
+    streams: usize,
+    rate: Option<f64>,
+    prefix: &str,
+    buckets: bool,
+) -> Result<(), String> {
     let sent = Arc::new(AtomicU64::new(0));
     // Events per second over all streams, as f64 bits; 0 means as fast as possible.
     let total_rate = Arc::new(AtomicU64::new(rate.unwrap_or(0.0).to_bits()));
-    let payload = Arc::new(Payload::default());
+    let payload = Arc::new(if buckets {
+        Payload::buckets()
+    } else {
+        Payload::default()
+    });
     let open_loop = rate.is_some();
     let mut senders = Vec::with_capacity(streams);
     let firsts = {
