@@ -16,6 +16,7 @@ use std::{
 
 use async_stream::stream;
 use bridge_proto::encoded::EncodedEvent;
+use bridge_proto::protocol::inference;
 use bridge_proto::v1;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
@@ -331,13 +332,13 @@ async fn library_workers(target: &str, workers: usize, rate: f64) -> Result<(), 
                 tick.tick().await;
                 i += 1;
                 emitter.emit(
-                    "inference.stop",
+                    inference::STOP,
                     &[
-                        ("tokens_in", Value::Int(1337)),
-                        ("tokens_out", Value::Int(i)),
-                        ("duration_ms", Value::Float(48.25)),
+                        (inference::INPUT_TOKENS, Value::Int(1337)),
+                        (inference::OUTPUT_TOKENS, Value::Int(i)),
+                        (inference::DURATION_NS, Value::Int(48_250_000)),
                     ],
-                    &[("model", "llama-3-8b")],
+                    &[(inference::MODEL, "llama-3-8b")],
                     Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
                 );
                 emitted.fetch_add(1, Relaxed);
