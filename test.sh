@@ -7,10 +7,11 @@ cd "$(dirname "$0")"
 
 # The interop test drives a Python client generated from the .proto (grpcio, grpcio-tools).
 venv=target/pyenv
-if ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
-    echo "test.sh: installing grpcio and grpcio-tools into $venv"
+# The OTLP export tests receive with the official OpenTelemetry protobufs (opentelemetry-proto).
+if ! "$venv/bin/python" -c 'import grpc, grpc_tools, opentelemetry.proto' 2>/dev/null; then
+    echo "test.sh: installing grpcio, grpcio-tools and opentelemetry-proto into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check grpcio grpcio-tools
+    "$venv/bin/pip" install --quiet --disable-pip-version-check grpcio grpcio-tools opentelemetry-proto
 fi
 export BRIDGE_TEST_PYTHON="$PWD/$venv/bin/python"
 export BRIDGE_REQUIRE_PYTHON=1

@@ -60,6 +60,7 @@ fn naive_one(out: &mut Vec<Vec<u8>>, i: u64) {
         sequence: i,
         sampling_rate: 0.0,
         control_version: 1,
+        ..Default::default()
     };
     out.push(event.encode_to_vec());
 }

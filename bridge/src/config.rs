@@ -11,7 +11,10 @@ use std::{
 
 use serde::Deserialize;
 
-pub use crate::control::config::{ControlConfig, LayerConfig};
+pub use crate::{
+    control::config::{ControlConfig, LayerConfig},
+    outputs::otlp::{ExportConfig, OtlpConfig},
+};
 
 /// The whole configuration file. `[worker]` belongs to the `worker` sidecar and is checked there.
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -23,6 +26,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
     pub cluster: ClusterConfig,
+    pub export: ExportConfig,
     pub metrics: MetricsConfig,
     pub worker: toml::Table,
 }
@@ -402,6 +406,7 @@ impl Config {
         }
         crate::control::Configured::from_config(&self.control)
             .map_err(|invalid| (invalid.field, invalid.message))?;
+        self.export.otlp.validate()?;
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The hub: workers, outputs and the control plane behind one cheap-clone handle.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, OnceLock, atomic::Ordering::Relaxed},
     time::{Duration, Instant, SystemTime},
 };
@@ -27,6 +28,7 @@ use crate::{
     outputs::{
         Delivery, Outputs,
         inference_metrics::InferenceMetrics,
+        otlp::{OtlpExport, WorkerDirectory},
         subscribers::{Filter, Subscribers, Subscription},
     },
     registry::{Identity, Registry, Session, Worker},
@@ -44,6 +46,8 @@ struct Shared {
     inference_metrics: InferenceMetrics,
     /// Set when the hub joins a cluster.
     cluster: OnceLock<Arc<ClusterLink>>,
+    /// Set when the hub exports over OTLP.
+    otlp: OnceLock<Arc<OtlpExport>>,
     control: ControlPlane,
     auth: Authenticator,
     /// From an event's timestamp to the hub receiving it, for events that passed.
@@ -97,6 +101,7 @@ impl Hub {
                 subscribers,
                 inference_metrics,
                 cluster: OnceLock::new(),
+                otlp: OnceLock::new(),
                 control,
                 auth,
                 ingest_latency: LatencyHistogram::new(INGEST_BOUNDS_NS),
@@ -142,6 +147,30 @@ impl Hub {
     /// The hub's link to the other hubs, in cluster mode.
     pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
         self.shared.cluster.get()
+    }
+
+    /// The OTLP export, when it runs.
+    pub fn otlp(&self) -> Option<&Arc<OtlpExport>> {
+        self.shared.otlp.get()
+    }
+
+    /// Starts exporting to `[export.otlp]`'s collector, when one is configured: one more
+    /// output. Once only.
+    pub fn start_export(&self) -> std::result::Result<(), String> {
+        let config = &self.shared.config.export.otlp;
+        if !config.enabled() || self.shared.otlp.get().is_some() {
+            return Ok(());
+        }
+        let export = Arc::new(OtlpExport::start(
+            config,
+            Arc::new(self.clone()),
+            self.shared.shutdown.clone(),
+        )?);
+        info!(endpoint = %config.endpoint.trim(), logs = ?config.logs, traces = config.traces, "exporting over OTLP");
+        if self.shared.otlp.set(export.clone()).is_ok() {
+            self.shared.outputs.add(export);
+        }
+        Ok(())
     }
 
     /// Shares events, workers and control with the other hubs of a cluster from now on: the
@@ -698,5 +727,14 @@ fn worker_info(worker: &Worker, hub: &str) -> v1::WorkerInfo {
         missing_events: worker.counters.missing.load(Relaxed),
         last_sequence: worker.counters.last_sequence.load(Relaxed),
         hub: hub.to_owned(),
+    }
+}
+
+impl WorkerDirectory for Hub {
+    fn labels(&self, worker_id: &str) -> BTreeMap<String, String> {
+        self.registry()
+            .get(worker_id)
+            .map(|worker| worker.details().labels.clone())
+            .unwrap_or_default()
     }
 }

@@ -20,10 +20,14 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{hub::Hub, latency::Snapshot};
+use crate::{
+    hub::Hub,
+    latency::Snapshot,
+    outputs::otlp::{Dropped, OtlpExport, SignalStats},
+};
 
 /// Worker-side outcomes reported in `bridge.worker.stats`, as metric label values.
-const WORKER_DROPS: [(&str, &str); 7] = [
+const WORKER_DROPS: [(&str, &str); 8] = [
     (counters::SAMPLED_OUT, "sampled_out"),
     (counters::FILTERED, "filtered"),
     (counters::DISABLED, "disabled"),
@@ -31,6 +35,10 @@ const WORKER_DROPS: [(&str, &str); 7] = [
     (counters::DROPPED_INVALID_NAME, "invalid_name"),
     (counters::DROPPED_PARSE_ERROR, "parse_error"),
     (counters::DROPPED_LINE_TOO_LONG, "line_too_long"),
+    (
+        counters::DROPPED_INVALID_TRACE_CONTEXT,
+        "invalid_trace_context",
+    ),
 ];
 
 /// Renders the hub's metrics in the OpenMetrics text format.
@@ -256,6 +264,9 @@ impl Collector for HubCollector {
                 )],
             )?;
         }
+        if let Some(otlp) = self.hub.otlp() {
+            otlp_metrics(&mut encoder, otlp)?;
+        }
         histogram(
             &mut encoder,
             "bridge_ingest_latency_seconds",
@@ -271,6 +282,57 @@ impl Collector for HubCollector {
         )?;
         Ok(())
     }
+}
+
+/// The OTLP export's accounting: for each signal, offered = exported + dropped + queue items.
+fn otlp_metrics(encoder: &mut DescriptorEncoder, otlp: &OtlpExport) -> Result<(), std::fmt::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let signals: Vec<_> = otlp.stats().collect();
+    let per_signal = |value: &dyn Fn(&SignalStats) -> u64| -> Vec<(Labels<'_>, u64)> {
+        signals
+            .iter()
+            .map(|(signal, stats)| (vec![("signal", signal.name())], value(stats)))
+            .collect()
+    };
+    counter(
+        encoder,
+        "bridge_otlp_offered",
+        "Records handed to the OTLP export (events matching `export.otlp.logs`; spans' end events).",
+        &per_signal(&|s| s.offered.load(Relaxed)),
+    )?;
+    counter(
+        encoder,
+        "bridge_otlp_exported",
+        "Records the OTLP collector accepted.",
+        &per_signal(&|s| s.exported.load(Relaxed)),
+    )?;
+    let dropped: Vec<(Labels<'_>, u64)> = signals
+        .iter()
+        .flat_map(|(signal, stats)| {
+            Dropped::ALL.map(|reason| {
+                (
+                    vec![("signal", signal.name()), ("reason", reason.name())],
+                    stats.dropped(reason),
+                )
+            })
+        })
+        .collect();
+    counter(
+        encoder,
+        "bridge_otlp_dropped",
+        "Records not exported: queue_full (the collector slow or away), rejected (by the collector), not_a_span (an end event without span ids or duration_ns), shutdown.",
+        &dropped,
+    )?;
+    let queued: Vec<(Labels<'_>, i64)> = per_signal(&|s| s.pending.load(Relaxed))
+        .into_iter()
+        .map(|(labels, n)| (labels, i64::try_from(n).unwrap_or(i64::MAX)))
+        .collect();
+    gauge(
+        encoder,
+        "bridge_otlp_queue_items",
+        "Records queued for the OTLP collector or in an export request.",
+        &queued,
+    )
 }
 
 /// A sample's labels; empty for a metric without any.

@@ -2,6 +2,7 @@
 //! `--format json` and the HTTP API, which promise the same shapes).
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fmt::Write as _,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -9,6 +10,7 @@ use std::{
 
 use bridge_proto::{
     protocol::counters,
+    trace,
     v1::{self, telemetry_value::Value},
 };
 use serde_json::{Map, Value as Json, json};
@@ -39,8 +41,45 @@ fn value_text(value: Option<&Value>) -> String {
     }
 }
 
+/// `text` as it is safe to put on a terminal: a control character (escape sequences start with
+/// one) or an invisible character that reorders or hides text (bidirectional overrides,
+/// zero-width spaces) is written as an escape (`\u{1b}`), so a string from the network can
+/// neither drive the terminal nor pass for another. Borrowed when nothing needs escaping.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(hidden) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if hidden(c) {
+            let _ = write!(shown, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            shown.push(c);
+        }
+    }
+    Cow::Owned(shown)
+}
+
+/// Characters a terminal acts on or does not show.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{ad}'
+                | '\u{61c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{feff}'
+        )
+}
+
+/// `text` as one token of a text line: quoted and escaped when it is empty or holds what would
+/// split the line, or a character [`printable`] would escape.
 fn quoted(text: &str) -> String {
-    if text.is_empty() || text.contains(|c: char| c.is_whitespace() || c == '"' || c == '=') {
+    if text.is_empty()
+        || text.contains(|c: char| c.is_whitespace() || hidden(c) || c == '"' || c == '=')
+    {
         format!("{text:?}")
     } else {
         text.to_owned()
@@ -60,7 +99,7 @@ pub fn delivery_json(delivery: &v1::EventDelivery) -> Json {
         .iter()
         .map(|(k, v)| (k.clone(), json!(v)))
         .collect();
-    json!({
+    let mut object = json!({
         "type": "event",
         "worker_id": delivery.worker_id,
         "pool": delivery.pool,
@@ -72,7 +111,25 @@ pub fn delivery_json(delivery: &v1::EventDelivery) -> Json {
         "sequence": (event.sequence != 0).then_some(event.sequence),
         "sampling_rate": delivery.sampling_rate,
         "received_ns": delivery.received_ns,
-    })
+    });
+    if let Json::Object(fields) = &mut object {
+        for (key, id) in trace_ids(&event) {
+            fields.insert(key.to_owned(), json!(id));
+        }
+    }
+    object
+}
+
+/// The event's trace context as lower-case hex, each id only when present.
+fn trace_ids(event: &v1::TelemetryEvent) -> impl Iterator<Item = (&'static str, String)> + '_ {
+    [
+        ("trace_id", &event.trace_id),
+        ("span_id", &event.span_id),
+        ("parent_span_id", &event.parent_span_id),
+    ]
+    .into_iter()
+    .filter(|(_, id)| !id.is_empty())
+    .map(|(key, id)| (key, trace::hex(id)))
 }
 
 pub fn lag_json(skipped: u64) -> Json {
@@ -93,7 +150,12 @@ pub fn delivery_text(delivery: &v1::EventDelivery) -> String {
     );
     let _ = write!(line, " {}", event.event_parts.join("."));
     for (key, value) in event.measurements.iter().collect::<BTreeMap<_, _>>() {
-        let _ = write!(line, " {key}={}", value_text(value.value.as_ref()));
+        let _ = write!(
+            line,
+            " {}={}",
+            quoted(key),
+            value_text(value.value.as_ref())
+        );
     }
     if !event.metadata.is_empty() {
         let metadata: Vec<String> = event
@@ -101,12 +163,15 @@ pub fn delivery_text(delivery: &v1::EventDelivery) -> String {
             .iter()
             .collect::<BTreeMap<_, _>>()
             .into_iter()
-            .map(|(k, v)| format!("{k}={}", quoted(v)))
+            .map(|(k, v)| format!("{}={}", quoted(k), quoted(v)))
             .collect();
         let _ = write!(line, " {{{}}}", metadata.join(" "));
     }
     if !event.correlation_id.is_empty() {
         let _ = write!(line, " cid={}", quoted(&event.correlation_id));
+    }
+    for (key, id) in trace_ids(&event) {
+        let _ = write!(line, " {key}={id}");
     }
     if event.sequence != 0 {
         let _ = write!(line, " seq={}", event.sequence);
@@ -431,4 +496,79 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
         line(row);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(event: v1::TelemetryEvent) -> v1::EventDelivery {
+        v1::EventDelivery {
+            worker_id: "gpu-3".into(),
+            pool: "llama".into(),
+            event: Some(event),
+            sampling_rate: 1.0,
+            received_ns: 1,
+        }
+    }
+
+    #[test]
+    fn trace_context_shows_as_hex_and_only_when_present() {
+        let traced = delivery(v1::TelemetryEvent {
+            event_parts: vec!["inference".into(), "stop".into()],
+            trace_id: vec![0x4b; 16],
+            span_id: vec![0x0a; 8],
+            ..Default::default()
+        });
+        let json = delivery_json(&traced);
+        assert_eq!(json["trace_id"], "4b".repeat(16));
+        assert_eq!(json["span_id"], "0a".repeat(8));
+        assert!(json.get("parent_span_id").is_none());
+        let text = delivery_text(&traced);
+        assert!(
+            text.contains(&format!(
+                " trace_id={} span_id={}",
+                "4b".repeat(16),
+                "0a".repeat(8)
+            )),
+            "{text}"
+        );
+        let untraced = delivery(v1::TelemetryEvent {
+            event_parts: vec!["a".into()],
+            ..Default::default()
+        });
+        assert!(delivery_json(&untraced).get("trace_id").is_none());
+        assert!(!delivery_text(&untraced).contains("trace_id"));
+    }
+
+    /// A peer's strings cannot steer the terminal `bridge subscribe` prints to.
+    #[test]
+    fn control_characters_in_keys_and_values_are_escaped() {
+        let hostile = delivery(v1::TelemetryEvent {
+            event_parts: vec!["a".into()],
+            metadata: [("k\u{1b}[2J".to_owned(), "v\u{1b}]0;owned\u{7}".to_owned())].into(),
+            measurements: [(
+                "m\u{1b}".to_owned(),
+                v1::TelemetryValue {
+                    value: Some(Value::StringValue("\u{9b}31m".into())),
+                },
+            )]
+            .into(),
+            correlation_id: "c\u{202e}".into(),
+            ..Default::default()
+        });
+        let text = delivery_text(&hostile);
+        assert!(!text.contains(hidden), "{text:?}");
+        assert!(text.contains(r"\u{1b}"), "{text}");
+    }
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_act_on_or_hide() {
+        assert!(matches!(printable("llama-3-8b ünï 模型"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("a\u{1b}[31mb\nc\u{7}\u{9b}d"),
+            "a\\u{1b}[31mb\\u{a}c\\u{7}\\u{9b}d"
+        );
+        assert_eq!(printable("\u{202e}gpt\u{200b}"), "\\u{202e}gpt\\u{200b}");
+    }
 }

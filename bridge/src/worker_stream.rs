@@ -326,7 +326,7 @@ impl Enforcer {
         }
         match self
             .state
-            .decide_presampled(|| event.parts(), event.correlation_id(), before)
+            .decide_presampled(|| event.parts(), event.sampling_key(), before)
         {
             Verdict::Keep(rate) => Ok(rate.get()),
             Verdict::Disabled => Err(HubDrop::Disabled),

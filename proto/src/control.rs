@@ -5,7 +5,7 @@
 
 use crate::{
     pattern::{NameError, Pattern},
-    sampling::{Presampled, Rate, RateError},
+    sampling::{Presampled, Rate, RateError, SamplingKey},
     v1,
 };
 
@@ -100,24 +100,24 @@ impl ControlState {
 
     /// The verdict for a dotted event name.
     #[inline]
-    pub fn decide_name(&self, name: &str, correlation_id: &str) -> Verdict {
-        self.decide(|| name.split('.'), correlation_id)
+    pub fn decide_name(&self, name: &str, key: SamplingKey<'_>) -> Verdict {
+        self.decide(|| name.split('.'), key)
     }
 
     /// The verdict for an event given as parts.
     #[inline]
-    pub fn decide_parts<S: AsRef<str>>(&self, parts: &[S], correlation_id: &str) -> Verdict {
-        self.decide(|| parts.iter().map(AsRef::as_ref), correlation_id)
+    pub fn decide_parts<S: AsRef<str>>(&self, parts: &[S], key: SamplingKey<'_>) -> Verdict {
+        self.decide(|| parts.iter().map(AsRef::as_ref), key)
     }
 
     /// `tokens` yields the event name's tokens afresh on each call, so that no matcher allocates.
     #[inline]
-    pub fn decide<'a, I, F>(&self, tokens: F, correlation_id: &str) -> Verdict
+    pub fn decide<'a, I, F>(&self, tokens: F, key: SamplingKey<'_>) -> Verdict
     where
         F: Fn() -> I,
         I: Iterator<Item = &'a str>,
     {
-        self.decide_presampled(tokens, correlation_id, Presampled::NOT)
+        self.decide_presampled(tokens, key, Presampled::NOT)
     }
 
     /// The verdict for an event its sender may have sampled already (see
@@ -126,7 +126,7 @@ impl ControlState {
     pub fn decide_presampled<'a, I, F>(
         &self,
         tokens: F,
-        correlation_id: &str,
+        key: SamplingKey<'_>,
         before: Presampled,
     ) -> Verdict
     where
@@ -140,7 +140,7 @@ impl ControlState {
             return Verdict::Filtered;
         }
         let rate = self.rate_for(&tokens);
-        match before.resample(rate, correlation_id) {
+        match before.resample(rate, key) {
             Some(kept_at) => Verdict::Keep(kept_at),
             None => Verdict::SampledOut(rate),
         }
@@ -313,7 +313,10 @@ mod tests {
     #[test]
     fn disabled_wins_over_everything() {
         let state = ControlState::new(1, false, Rate::ALL, vec![], vec![], vec![]);
-        assert_eq!(state.decide_name("a.b", "x"), Verdict::Disabled);
+        assert_eq!(
+            state.decide_name("a.b", SamplingKey::correlation("x")),
+            Verdict::Disabled
+        );
     }
 
     #[test]
@@ -327,11 +330,17 @@ mod tests {
             pats(&["inference.debug"]),
         );
         assert_eq!(
-            state.decide_name("inference.stop", ""),
+            state.decide_name("inference.stop", SamplingKey::NONE),
             Verdict::Keep(Rate::ALL)
         );
-        assert_eq!(state.decide_name("inference.debug", ""), Verdict::Filtered);
-        assert_eq!(state.decide_name("gpu.util", ""), Verdict::Filtered);
+        assert_eq!(
+            state.decide_name("inference.debug", SamplingKey::NONE),
+            Verdict::Filtered
+        );
+        assert_eq!(
+            state.decide_name("gpu.util", SamplingKey::NONE),
+            Verdict::Filtered
+        );
     }
 
     #[test]
@@ -345,11 +354,11 @@ mod tests {
             vec![],
         );
         assert_eq!(
-            state.decide_name("inference.stop", "id"),
+            state.decide_name("inference.stop", SamplingKey::correlation("id")),
             Verdict::Keep(Rate::ALL)
         );
         assert_eq!(
-            state.decide_name("inference.start", "id"),
+            state.decide_name("inference.start", SamplingKey::correlation("id")),
             Verdict::SampledOut(Rate::NONE)
         );
         assert_eq!(state.rate_for_parts(&["gpu", "util"]).get(), 0.5);

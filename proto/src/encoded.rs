@@ -15,6 +15,7 @@ use prost::{
     encoding::{DecodeContext, WireType, skip_field},
 };
 
+use crate::trace::TraceId;
 use crate::v1::{
     EventDelivery, LagNotice, SubscribeResponse, TelemetryEvent, subscribe_response::Item,
 };
@@ -176,20 +177,59 @@ impl EncodedSubscribeResponse {
         &self.bytes
     }
 
-    /// Bytes received from elsewhere (another hub) that must hold an event delivery, and the
-    /// time the delivering hub received the event; `None` when they do not, so that nothing
-    /// malformed reaches a subscriber.
-    pub fn checked_delivery(bytes: Bytes) -> Option<(Self, i64)> {
+    /// Bytes received from elsewhere (another hub) that must hold an event delivery, with what
+    /// the receiving hub's filters read; `None` when they do not, so that nothing malformed
+    /// reaches a subscriber.
+    pub fn checked_delivery(bytes: Bytes) -> Option<CheckedDelivery> {
         match SubscribeResponse::decode(bytes.clone()) {
             Ok(SubscribeResponse {
                 item: Some(Item::Event(delivery)),
-            }) => Some((Self { bytes }, delivery.received_ns)),
+            }) => Some(CheckedDelivery {
+                response: Self { bytes },
+                received_ns: delivery.received_ns,
+                trace_id: delivery
+                    .event
+                    .and_then(|event| TraceId::from_bytes(&event.trace_id).ok()),
+            }),
             _ => None,
         }
     }
 }
 
+/// An event delivery received from elsewhere, checked.
+#[derive(Debug, Clone)]
+pub struct CheckedDelivery {
+    pub response: EncodedSubscribeResponse,
+    /// When the delivering hub received the event.
+    pub received_ns: i64,
+    pub trace_id: Option<TraceId>,
+}
+
 bytes_message!(EncodedSubscribeResponse);
+
+/// Any message, already encoded: sent as it is, so that a request retried is not built again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PreEncoded {
+    bytes: Bytes,
+}
+
+impl PreEncoded {
+    pub fn new(message: &impl Message) -> Self {
+        Self {
+            bytes: Bytes::from(message.encode_to_vec()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+bytes_message!(PreEncoded);
 
 /// An encoded `TelemetryEvent`; cloning it is a reference-count increment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -16,6 +16,9 @@ pub mod telemetry_event {
     pub const SEQUENCE: u32 = 6;
     pub const SAMPLING_RATE: u32 = 7;
     pub const CONTROL_VERSION: u32 = 8;
+    pub const TRACE_ID: u32 = 9;
+    pub const SPAN_ID: u32 = 10;
+    pub const PARENT_SPAN_ID: u32 = 11;
 }
 
 /// `TelemetryValue` (the members of its `value` oneof).
@@ -96,6 +99,9 @@ mod tests {
                 ("sequence", e::SEQUENCE),
                 ("sampling_rate", e::SAMPLING_RATE),
                 ("control_version", e::CONTROL_VERSION),
+                ("trace_id", e::TRACE_ID),
+                ("span_id", e::SPAN_ID),
+                ("parent_span_id", e::PARENT_SPAN_ID),
             ])
         );
         for entry in &event.nested_type {

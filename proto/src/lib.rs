@@ -13,7 +13,9 @@
 //! - [`protocol`]: the names and defaults beside the messages: request metadata, reserved
 //!   event names, worker counters and hub drop reasons, GPU events, the span and inference
 //!   conventions (catalogued in `docs/conventions.md`), the outage buffer size.
-//! - [`sampling`]: the sampling rate and the deterministic per-correlation-id decision.
+//! - [`sampling`]: the sampling rate and the deterministic decision per trace or correlation
+//!   id.
+//! - [`trace`]: W3C trace context: trace and span ids, `traceparent`.
 //! - [`control`]: a worker's effective control state and the verdict it gives each event.
 //! - [`view`]: `TelemetryEvent` as the hub receives it, without building its maps.
 //! - [`fields`]: field numbers for the codecs written by hand ([`encoded`], [`view`], the
@@ -33,6 +35,7 @@ pub mod fields;
 pub mod pattern;
 pub mod protocol;
 pub mod sampling;
+pub mod trace;
 pub mod view;
 
 /// Messages and the client of `telemetry.bridge.v1`.

@@ -97,9 +97,11 @@ pub mod counters {
     pub const DROPPED_PARSE_ERROR: &str = "dropped.parse_error";
     /// A sidecar's `TELEMETRY:` line longer than it holds (`worker.max_line_bytes`).
     pub const DROPPED_LINE_TOO_LONG: &str = "dropped.line_too_long";
+    /// A relayed event whose trace or span id is not of its length or is all zero.
+    pub const DROPPED_INVALID_TRACE_CONTEXT: &str = "dropped.invalid_trace_context";
 
     /// Every key a worker reports, in the order it reports them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         PRODUCED,
         ACCEPTED,
         SENT,
@@ -113,6 +115,7 @@ pub mod counters {
         DROPPED_INVALID_NAME,
         DROPPED_PARSE_ERROR,
         DROPPED_LINE_TOO_LONG,
+        DROPPED_INVALID_TRACE_CONTEXT,
     ];
 }
 

@@ -1,10 +1,11 @@
 //! The sampling decision shared by workers and the hub.
 //!
-//! With a correlation id the decision is a pure function of the id and the rate, so the
+//! With a sampling key the decision is a pure function of the key and the rate, so the
 //! `.start` and `.stop` of one request, and every worker on its path, keep or drop it together:
-//! `h = fmix64(fnv1a64(id))`, keep iff `(h >> 11) / 2^53 < rate`. The function is written out in
-//! `bridge.proto` so that clients in other languages can implement it bit for bit. Events without
-//! a correlation id are sampled at random.
+//! `h = fmix64(fnv1a64(key))`, keep iff `(h >> 11) / 2^53 < rate`. The key is the event's trace
+//! id when it has one (so a whole trace, across services, is kept or dropped together), else its
+//! correlation id. The function is written out in `bridge.proto` so that clients in other
+//! languages can implement it bit for bit. Events without a key are sampled at random.
 
 use std::fmt;
 
@@ -33,23 +34,23 @@ impl Rate {
         self.0
     }
 
-    /// Whether to keep an event with this correlation id (empty: none, decided at random).
+    /// Whether to keep an event with this sampling key (none: decided at random).
     #[inline]
-    pub fn keep(self, correlation_id: &str) -> bool {
-        self.keep_with(correlation_id, &mut rand::rng())
+    pub fn keep(self, key: SamplingKey<'_>) -> bool {
+        self.keep_with(key, &mut rand::rng())
     }
 
-    /// [`Rate::keep`] drawing from `rng` for events without a correlation id.
+    /// [`Rate::keep`] drawing from `rng` for events without a sampling key.
     #[inline]
-    pub fn keep_with<R: rand::Rng + ?Sized>(self, correlation_id: &str, rng: &mut R) -> bool {
+    pub fn keep_with<R: rand::Rng + ?Sized>(self, key: SamplingKey<'_>, rng: &mut R) -> bool {
         if self.0 >= 1.0 {
             true
         } else if self.0 <= 0.0 {
             false
-        } else if correlation_id.is_empty() {
+        } else if key.is_none() {
             rand::RngExt::random::<f64>(rng) < self.0
         } else {
-            correlation_fraction(correlation_id) < self.0
+            key.fraction() < self.0
         }
     }
 }
@@ -69,13 +70,50 @@ impl std::str::FromStr for Rate {
     }
 }
 
+/// What an event's sampling decision is a function of: its trace id when it has one, else its
+/// correlation id; with neither, the decision is random.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SamplingKey<'a>(&'a [u8]);
+
+impl<'a> SamplingKey<'a> {
+    /// No key: decided at random.
+    pub const NONE: SamplingKey<'static> = SamplingKey(&[]);
+
+    /// The key of an event with this trace id and correlation id (either may be empty).
+    #[inline]
+    pub fn new(trace_id: &'a [u8], correlation_id: &'a str) -> Self {
+        if trace_id.is_empty() {
+            Self(correlation_id.as_bytes())
+        } else {
+            Self(trace_id)
+        }
+    }
+
+    /// The key of an event with a correlation id and no trace id.
+    #[inline]
+    pub fn correlation(correlation_id: &'a str) -> Self {
+        Self(correlation_id.as_bytes())
+    }
+
+    #[inline]
+    pub fn is_none(self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The key mapped to a fraction in `[0, 1)`, uniformly for distinct keys.
+    #[inline]
+    pub fn fraction(self) -> f64 {
+        (hash(self.0) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// How the sender of an event drew the sampling decision it already made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Draw {
-    /// [`Rate::keep`]: the correlation id's hash when there is one, at random otherwise. Workers
+    /// [`Rate::keep`]: the sampling key's hash when there is one, at random otherwise. Workers
     /// that apply `ControlState` draw this way (bridge.proto states the hash).
     Consistent,
-    /// At random for every event, ignoring correlation ids: plain clients applying
+    /// At random for every event, ignoring sampling keys: plain clients applying
     /// `TelemetrySamplingUpdate`, such as the original telemetry-stream design's emitter.
     Independent,
 }
@@ -110,42 +148,39 @@ impl Presampled {
     /// `target`; `Some(rate it was kept at overall)`, or `None` when it is dropped.
     ///
     /// The second draw is conditional on the first, not a draw at `target` again, which would
-    /// keep `earlier × target`. After a consistent draw with a correlation id the hash is the
+    /// keep `earlier × target`. After a consistent draw with a sampling key the hash is the
     /// same, so `hash < target` is already the right condition; after an independent one the
-    /// hub keeps `target / earlier` of what arrived (by the hash when there is a correlation id,
-    /// so that the events of one request that got through stay together). An event kept at a
+    /// hub keeps `target / earlier` of what arrived (by the hash when there is a key, so that
+    /// the events of one request that got through stay together). An event kept at a
     /// lower rate than `target` is kept, at its own rate: what was dropped cannot be restored.
     #[inline]
-    pub fn resample(self, target: Rate, correlation_id: &str) -> Option<Rate> {
-        self.resample_with(target, correlation_id, &mut rand::rng())
+    pub fn resample(self, target: Rate, key: SamplingKey<'_>) -> Option<Rate> {
+        self.resample_with(target, key, &mut rand::rng())
     }
 
-    /// [`Presampled::resample`] drawing from `rng` for events without a correlation id.
+    /// [`Presampled::resample`] drawing from `rng` for events without a sampling key.
     #[inline]
     pub fn resample_with<R: rand::Rng + ?Sized>(
         self,
         target: Rate,
-        correlation_id: &str,
+        key: SamplingKey<'_>,
         rng: &mut R,
     ) -> Option<Rate> {
         if target.0 >= self.rate {
             return Some(Rate(self.rate));
         }
-        let keep =
-            if self.rate >= 1.0 || (self.draw == Draw::Consistent && !correlation_id.is_empty()) {
-                target.keep_with(correlation_id, rng)
-            } else {
-                Rate(target.0 / self.rate).keep_with(correlation_id, rng)
-            };
+        let keep = if self.rate >= 1.0 || (self.draw == Draw::Consistent && !key.is_none()) {
+            target.keep_with(key, rng)
+        } else {
+            Rate(target.0 / self.rate).keep_with(key, rng)
+        };
         keep.then_some(target)
     }
 }
 
-/// Maps a correlation id to a fraction in `[0, 1)`, uniformly for distinct ids.
-#[inline]
-pub fn correlation_fraction(correlation_id: &str) -> f64 {
-    let hash = fmix64(fnv1a64(correlation_id.as_bytes()));
-    (hash >> 11) as f64 / (1u64 << 53) as f64
+/// `fmix64(fnv1a64(bytes))`, the hash sampling decisions are made on.
+pub(crate) fn hash(bytes: &[u8]) -> u64 {
+    fmix64(fnv1a64(bytes))
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -159,7 +194,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 /// MurmurHash3's finaliser: FNV-1a alone leaves the high bits of ids that differ only in their
 /// last characters (`req-1`, `req-2`) nearly equal, which would sample them together.
-fn fmix64(mut k: u64) -> u64 {
+pub(crate) fn fmix64(mut k: u64) -> u64 {
     k ^= k >> 33;
     k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
     k ^= k >> 33;
@@ -174,6 +209,10 @@ mod tests {
 
     fn rate(r: f64) -> Rate {
         Rate::new(r).unwrap()
+    }
+
+    fn id(id: &str) -> SamplingKey<'_> {
+        SamplingKey::correlation(id)
     }
 
     #[test]
@@ -203,8 +242,11 @@ mod tests {
             "0b2c6f9e-1f1e-4b0e-9d55-5c7d86d0c0de",
         ] {
             for r in [0.01, 0.3, 0.5, 0.99] {
-                let first = rate(r).keep(id);
-                assert!((0..20).all(|_| rate(r).keep(id) == first), "{id} at {r}");
+                let first = rate(r).keep(self::id(id));
+                assert!(
+                    (0..20).all(|_| rate(r).keep(self::id(id)) == first),
+                    "{id} at {r}"
+                );
             }
         }
     }
@@ -213,8 +255,8 @@ mod tests {
     fn a_kept_id_stays_kept_at_higher_rates() {
         for i in 0..1000 {
             let id = format!("req-{i}");
-            if rate(0.2).keep(&id) {
-                assert!(rate(0.5).keep(&id));
+            if rate(0.2).keep(self::id(&id)) {
+                assert!(rate(0.5).keep(self::id(&id)));
             }
         }
     }
@@ -223,11 +265,11 @@ mod tests {
     fn zero_keeps_nothing_and_one_keeps_everything() {
         for i in 0..10_000 {
             let id = format!("req-{i}");
-            assert!(!Rate::NONE.keep(&id));
-            assert!(Rate::ALL.keep(&id));
+            assert!(!Rate::NONE.keep(self::id(&id)));
+            assert!(Rate::ALL.keep(self::id(&id)));
         }
-        assert!((0..1000).all(|_| !Rate::NONE.keep("")));
-        assert!((0..1000).all(|_| Rate::ALL.keep("")));
+        assert!((0..1000).all(|_| !Rate::NONE.keep(SamplingKey::NONE)));
+        assert!((0..1000).all(|_| Rate::ALL.keep(SamplingKey::NONE)));
     }
 
     /// With n = 100,000 ids the kept count is Binomial(n, r); six standard deviations make a
@@ -236,7 +278,9 @@ mod tests {
     fn kept_fraction_of_sequential_ids_is_within_statistical_bounds() {
         let n = 100_000;
         for r in [0.01, 0.1, 0.25, 0.5, 0.9] {
-            let kept = (0..n).filter(|i| rate(r).keep(&format!("req-{i}"))).count() as f64;
+            let kept = (0..n)
+                .filter(|i| rate(r).keep(id(&format!("req-{i}"))))
+                .count() as f64;
             let sd = (n as f64 * r * (1.0 - r)).sqrt();
             assert!(
                 (kept - n as f64 * r).abs() < 6.0 * sd,
@@ -251,7 +295,9 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
         let n = 100_000;
         for r in [0.05, 0.5, 0.8] {
-            let kept = (0..n).filter(|_| rate(r).keep_with("", &mut rng)).count() as f64;
+            let kept = (0..n)
+                .filter(|_| rate(r).keep_with(SamplingKey::NONE, &mut rng))
+                .count() as f64;
             let sd = (n as f64 * r * (1.0 - r)).sqrt();
             assert!(
                 (kept - n as f64 * r).abs() < 6.0 * sd,
@@ -267,8 +313,8 @@ mod tests {
                 let before = Presampled::new(earlier, draw);
                 for i in 0..1000 {
                     let id = format!("req-{i}");
-                    let kept = before.resample(rate(0.3), &id);
-                    assert_eq!(kept.is_some(), rate(0.3).keep(&id), "{id}");
+                    let kept = before.resample(rate(0.3), self::id(&id));
+                    assert_eq!(kept.is_some(), rate(0.3).keep(self::id(&id)), "{id}");
                     assert!(kept.is_none_or(|r| r == rate(0.3)));
                 }
             }
@@ -279,8 +325,11 @@ mod tests {
     fn an_event_kept_below_the_target_is_kept_at_its_own_rate() {
         for draw in [Draw::Consistent, Draw::Independent] {
             let before = Presampled::new(0.1, draw);
-            assert_eq!(before.resample(rate(0.5), "id"), Some(rate(0.1)));
-            assert_eq!(before.resample(rate(0.1), ""), Some(rate(0.1)));
+            assert_eq!(before.resample(rate(0.5), id("id")), Some(rate(0.1)));
+            assert_eq!(
+                before.resample(rate(0.1), SamplingKey::NONE),
+                Some(rate(0.1))
+            );
         }
     }
 
@@ -303,10 +352,15 @@ mod tests {
                                 String::new()
                             };
                             let first = match draw {
-                                Draw::Consistent => rate(earlier).keep_with(&id, &mut rng),
+                                Draw::Consistent => {
+                                    rate(earlier).keep_with(self::id(&id), &mut rng)
+                                }
                                 Draw::Independent => rng.random::<f64>() < earlier,
                             };
-                            first && before.resample_with(rate(target), &id, &mut rng).is_some()
+                            first
+                                && before
+                                    .resample_with(rate(target), self::id(&id), &mut rng)
+                                    .is_some()
                         })
                         .count() as f64;
                     let sd = (n as f64 * target * (1.0 - target)).sqrt();
@@ -324,8 +378,8 @@ mod tests {
         let before = Presampled::new(0.5, Draw::Independent);
         for i in 0..1000 {
             let id = format!("req-{i}");
-            let first = before.resample(rate(0.2), &id);
-            assert!((0..5).all(|_| before.resample(rate(0.2), &id) == first));
+            let first = before.resample(rate(0.2), self::id(&id));
+            assert!((0..5).all(|_| before.resample(rate(0.2), self::id(&id)) == first));
         }
     }
 
@@ -336,7 +390,27 @@ mod tests {
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fmix64(0), 0);
-        let f = correlation_fraction("req-1");
+        let f = id("req-1").fraction();
         assert!((0.0..1.0).contains(&f));
+    }
+
+    /// A trace id, when there is one, is the key: events of one trace with different
+    /// correlation ids (a gateway's and a model server's) are decided alike.
+    #[test]
+    fn the_trace_id_wins_over_the_correlation_id() {
+        let trace = [
+            0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+            0x47, 0x36,
+        ];
+        assert_eq!(
+            SamplingKey::new(&trace, "req-1"),
+            SamplingKey::new(&trace, "other")
+        );
+        assert_eq!(SamplingKey::new(&[], "req-1"), id("req-1"));
+        assert!(SamplingKey::new(&[], "").is_none());
+        for r in [0.1, 0.5, 0.9] {
+            let first = rate(r).keep(SamplingKey::new(&trace, "a"));
+            assert_eq!(rate(r).keep(SamplingKey::new(&trace, "b")), first);
+        }
     }
 }

@@ -4,8 +4,8 @@
 //! Decoding every event into the generated struct builds two hash maps and a string per key and
 //! value, only for the hub to encode them again for its subscribers; that was the largest part
 //! of the hub's work per event. An [`EventView`] keeps the received encoding in one buffer,
-//! records the name tokens, correlation id, timestamp, sequence, sampling rate and control
-//! version, and checks (without building anything) that the measurements and metadata are
+//! records the name tokens, correlation id, trace context, timestamp, sequence, sampling rate
+//! and control version, and checks (without building anything) that the measurements and metadata are
 //! well-formed, so that every subscriber can decode what it is sent. A delivery then copies
 //! the bytes as they are.
 
@@ -25,11 +25,13 @@ use crate::{
     fields::{
         map_entry,
         telemetry_event::{
-            CONTROL_VERSION, CORRELATION_ID, EVENT_PARTS, MEASUREMENTS, METADATA, SAMPLING_RATE,
-            SEQUENCE, TIMESTAMP_NS,
+            CONTROL_VERSION, CORRELATION_ID, EVENT_PARTS, MEASUREMENTS, METADATA, PARENT_SPAN_ID,
+            SAMPLING_RATE, SEQUENCE, SPAN_ID, TIMESTAMP_NS, TRACE_ID,
         },
         telemetry_value::{FLOAT_VALUE, INT_VALUE, STRING_VALUE},
     },
+    sampling::SamplingKey,
+    trace::{SpanId, TraceId},
     v1::TelemetryEvent,
 };
 
@@ -40,6 +42,9 @@ pub struct EventView {
     bytes: Vec<u8>,
     parts: SmallVec<[Range<u32>; 4]>,
     correlation_id: Range<u32>,
+    trace_id: Range<u32>,
+    span_id: Range<u32>,
+    parent_span_id: Range<u32>,
     pub timestamp_ns: i64,
     pub sequence: u64,
     pub sampling_rate: f64,
@@ -71,6 +76,27 @@ impl EventView {
         self.text(&self.correlation_id)
     }
 
+    /// The trace id's bytes: 16, or none (a view with another length has a problem).
+    pub fn trace_id(&self) -> &[u8] {
+        self.slice(&self.trace_id)
+    }
+
+    /// The span id's bytes: 8, or none.
+    pub fn span_id(&self) -> &[u8] {
+        self.slice(&self.span_id)
+    }
+
+    /// The parent span id's bytes: 8, or none.
+    pub fn parent_span_id(&self) -> &[u8] {
+        self.slice(&self.parent_span_id)
+    }
+
+    /// What the event's sampling decision is a function of.
+    #[inline]
+    pub fn sampling_key(&self) -> SamplingKey<'_> {
+        SamplingKey::new(self.trace_id(), self.correlation_id())
+    }
+
     /// Why the event cannot be delivered (bad UTF-8 or a malformed map entry), if so.
     pub fn problem(&self) -> Option<&'static str> {
         self.problem
@@ -98,6 +124,10 @@ impl EventView {
     /// A view of an event built locally.
     pub fn from_event(event: &TelemetryEvent) -> Result<Self, DecodeError> {
         <Self as Message>::decode(event.encode_to_vec().as_slice())
+    }
+
+    fn slice(&self, range: &Range<u32>) -> &[u8] {
+        &self.bytes[range.start as usize..range.end as usize]
     }
 
     fn text(&self, range: &Range<u32>) -> &str {
@@ -176,6 +206,30 @@ impl Message for EventView {
                 match check_entry(entry, tag == MEASUREMENTS) {
                     Ok(longest) => self.longest_string = self.longest_string.max(longest),
                     Err(problem) => self.note(problem),
+                }
+            }
+            TRACE_ID | SPAN_ID | PARENT_SPAN_ID => {
+                check_wire_type(WireType::LengthDelimited, wire_type)?;
+                let range = self.copy_delimited(tag, buf)?;
+                let id = self.slice(&range);
+                let valid = if tag == TRACE_ID {
+                    TraceId::from_bytes(id).is_ok()
+                } else {
+                    SpanId::from_bytes(id).is_ok()
+                };
+                // Empty is proto3's "absent"; anything else must be an id an OTLP receiver (or
+                // any tracing backend) would accept.
+                if !id.is_empty() && !valid {
+                    self.note(match tag {
+                        TRACE_ID => "the trace id is not 16 bytes, or is all zero",
+                        SPAN_ID => "the span id is not 8 bytes, or is all zero",
+                        _ => "the parent span id is not 8 bytes, or is all zero",
+                    });
+                }
+                match tag {
+                    TRACE_ID => self.trace_id = range,
+                    SPAN_ID => self.span_id = range,
+                    _ => self.parent_span_id = range,
                 }
             }
             TIMESTAMP_NS | SEQUENCE | CONTROL_VERSION => {
@@ -644,6 +698,9 @@ mod tests {
             sequence: 42,
             sampling_rate: 0.25,
             control_version: 7,
+            trace_id: vec![0x4b; 16],
+            span_id: vec![0x0a; 8],
+            parent_span_id: vec![0x0b; 8],
         }
     }
 
@@ -654,6 +711,11 @@ mod tests {
         assert_eq!(view.parts().collect::<Vec<_>>(), ["inference", "stop"]);
         assert_eq!(view.name(), "inference.stop");
         assert_eq!(view.correlation_id(), "req-1");
+        assert_eq!(
+            (view.trace_id(), view.span_id(), view.parent_span_id()),
+            (&[0x4b; 16][..], &[0x0a; 8][..], &[0x0b; 8][..])
+        );
+        assert_eq!(view.sampling_key(), SamplingKey::new(&[0x4b; 16], "other"));
         assert_eq!(
             (
                 view.timestamp_ns,
@@ -692,6 +754,43 @@ mod tests {
         assert!(EventView::decode(&bytes[..]).unwrap().problem().is_some());
     }
 
+    /// Ids that no tracing backend would accept are the event's problem (dropped and counted
+    /// where it enters); absent ones are fine.
+    #[test]
+    fn trace_context_of_the_wrong_length_or_zero_is_a_problem() {
+        let with = |trace_id: Vec<u8>, span_id: Vec<u8>, parent_span_id: Vec<u8>| {
+            let event = TelemetryEvent {
+                trace_id,
+                span_id,
+                parent_span_id,
+                ..event()
+            };
+            EventView::from_event(&event).unwrap().problem()
+        };
+        assert_eq!(with(vec![], vec![], vec![]), None);
+        assert_eq!(with(vec![1; 16], vec![], vec![]), None);
+        assert!(
+            with(vec![1; 15], vec![1; 8], vec![])
+                .unwrap()
+                .contains("trace id")
+        );
+        assert!(
+            with(vec![0; 16], vec![1; 8], vec![])
+                .unwrap()
+                .contains("trace id")
+        );
+        assert!(
+            with(vec![1; 16], vec![1; 9], vec![])
+                .unwrap()
+                .contains("span id")
+        );
+        assert!(
+            with(vec![1; 16], vec![1; 8], vec![0; 8])
+                .unwrap()
+                .contains("parent span")
+        );
+    }
+
     #[test]
     fn shape_counts_what_the_limits_bound() {
         let view = EventView::from_event(&event()).unwrap();
@@ -727,19 +826,27 @@ mod tests {
                     0.0..=1.0f64,
                     any::<u64>(),
                 ),
+                prop::option::of((any::<[u8; 16]>(), any::<[u8; 8]>(), any::<[u8; 8]>())),
             )
-                .prop_map(|(parts, measurements, metadata, rest)| TelemetryEvent {
-                    event_parts: parts,
-                    measurements: measurements
-                        .into_iter()
-                        .map(|(k, v)| (k, TelemetryValue { value: Some(v) }))
-                        .collect(),
-                    metadata,
-                    timestamp_ns: rest.0,
-                    correlation_id: rest.1,
-                    sequence: rest.2,
-                    sampling_rate: rest.3,
-                    control_version: rest.4,
+                .prop_map(|(parts, measurements, metadata, rest, trace)| {
+                    TelemetryEvent {
+                        event_parts: parts,
+                        measurements: measurements
+                            .into_iter()
+                            .map(|(k, v)| (k, TelemetryValue { value: Some(v) }))
+                            .collect(),
+                        metadata,
+                        timestamp_ns: rest.0,
+                        correlation_id: rest.1,
+                        sequence: rest.2,
+                        sampling_rate: rest.3,
+                        control_version: rest.4,
+                        // A zero id is a problem; `| 1` keeps these valid.
+                        trace_id: trace.map_or(vec![], |t| [&t.0[..15], &[t.0[15] | 1]].concat()),
+                        span_id: trace.map_or(vec![], |t| [&t.1[..7], &[t.1[7] | 1]].concat()),
+                        parent_span_id: trace
+                            .map_or(vec![], |t| [&t.2[..7], &[t.2[7] | 1]].concat()),
+                    }
                 })
         }
 
@@ -765,6 +872,8 @@ mod tests {
                 prop_assert_eq!(view.as_bytes(), bytes.as_slice());
                 prop_assert_eq!(view.parts().collect::<Vec<_>>(), original.event_parts.clone());
                 prop_assert_eq!(view.correlation_id(), original.correlation_id.as_str());
+                prop_assert_eq!(view.trace_id(), original.trace_id.as_slice());
+                prop_assert_eq!(view.span_id(), original.span_id.as_slice());
                 let entries = original.measurements.len() + original.metadata.len();
                 prop_assert_eq!(view.shape().entries, entries);
                 prop_assert_eq!(view.to_event().unwrap(), original);

@@ -191,6 +191,10 @@ impl HubProcess {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub async fn client(&self) -> HubClient {
         HubClient::connect(&self.url, Duration::from_secs(5))
             .await

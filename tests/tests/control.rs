@@ -5,7 +5,7 @@ use std::{collections::HashSet, time::Duration};
 
 use bridge_proto::protocol::{counters, hub_drops};
 use bridge_proto::{
-    sampling::Rate,
+    sampling::{Rate, SamplingKey},
     v1::{self, telemetry_control::Control},
 };
 use bridge_tests::{
@@ -77,8 +77,10 @@ async fn a_sampling_change_reaches_a_running_worker_and_shows_in_the_delivered_r
     // Sampling is a function of the correlation id: exactly the ids the shared function keeps.
     let rate = Rate::new(0.1).expect("rate");
     for delivery in &sampled {
-        let cid = &delivery.event.as_ref().expect("event").correlation_id;
-        assert!(rate.keep(cid), "{cid} should have been sampled out");
+        let event = delivery.event.as_ref().expect("event");
+        let cid = &event.correlation_id;
+        let key = SamplingKey::new(&event.trace_id, cid);
+        assert!(rate.keep(key), "{cid} should have been sampled out");
     }
     // ... so a request's start and stop are kept together.
     let starts: HashSet<_> = sampled
@@ -338,9 +340,10 @@ async fn the_hub_enforces_control_on_a_client_that_never_acknowledges() {
     .await;
     let rate = Rate::new(0.2).expect("rate");
     for delivery in tail.deliveries().iter().filter(|d| d.sampling_rate == 0.2) {
-        let cid = &delivery.event.as_ref().expect("event").correlation_id;
+        let event = delivery.event.as_ref().expect("event");
+        let cid = &event.correlation_id;
         assert!(
-            rate.keep(cid),
+            rate.keep(SamplingKey::new(&event.trace_id, cid)),
             "the hub kept {cid}, which the shared sampler drops"
         );
     }

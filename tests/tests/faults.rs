@@ -5,7 +5,10 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use bridge_proto::protocol::{counters, hub_drops};
-use bridge_proto::{sampling::Rate, v1};
+use bridge_proto::{
+    sampling::{Rate, SamplingKey},
+    v1,
+};
 use bridge_tests::{
     HubProcess, Proxy, ProxyMode, Recorder, WorkerProcess, eventually, int, name, run_cli,
     sequence, worker_info,
@@ -105,7 +108,7 @@ async fn delays_partitions_and_resets_lose_and_duplicate_nothing() {
     // Exactly the ticks the sampler keeps arrived, each once.
     let rate = Rate::new(0.5).expect("rate");
     let expected: BTreeSet<i64> = (0..TICKS)
-        .filter(|i| rate.keep(&format!("req-{i}")))
+        .filter(|i| rate.keep(SamplingKey::correlation(&format!("req-{i}"))))
         .collect();
     let deliveries: Vec<v1::EventDelivery> = tail
         .deliveries()

@@ -393,3 +393,39 @@ async fn a_pattern_sent_unencoded_gets_a_400_that_says_why() {
     let served = http_get(hub.http, "/api/workers?pool=%3E", &[]);
     assert_eq!(served.status, 200, "{served:?}");
 }
+
+/// `?trace=` follows one request: only its events arrive, with their ids in hex.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_follows_one_trace() {
+    let hub = HubProcess::start();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut events =
+        EventStream::open(&format!("http://{}/api/events?trace={trace}", hub.http)).await;
+    eventually("the subscription to be open", WAIT, || async {
+        let count = tokio::task::block_in_place(|| subscribers(&hub));
+        (count == Some(1.0)).then_some(())
+    })
+    .await;
+    let mut client = hub.client().await;
+    let (sender, _controls) = open_stream(&mut client, &[(headers::WORKER_ID, "gpu-3")])
+        .await
+        .expect("worker stream");
+    let traces = [vec![0x11; 16], hex_bytes(trace), vec![0x22; 16]];
+    for (i, trace_id) in traces.into_iter().enumerate() {
+        let mut traced = event("inference.stop", i as i64, "");
+        traced.trace_id = trace_id;
+        traced.span_id = vec![0x0a; 8];
+        sender.send(traced).await.expect("send");
+    }
+    let (_, only) = events.next().await;
+    assert_eq!(only["trace_id"], trace, "{only}");
+    assert_eq!(only["span_id"], "0a".repeat(8));
+    assert_eq!(only["measurements"]["i"], 1);
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect()
+}

@@ -16,6 +16,11 @@ use bridge_tests::{
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// The trace id the README's `bridge subscribe --trace` example follows.
+const README_TRACE: [u8; 16] = [
+    0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47, 0x36,
+];
+
 /// Blocks not run, by their first command, and why.
 const NOT_RUN: &[(&str, &str)] = &[
     (
@@ -126,8 +131,9 @@ fn as_run(command: &str, http: &str) -> Option<(String, Ending)> {
     Some((command, Ending::Done))
 }
 
-/// A hub with the worker the examples address, and `gpu.metrics` flowing fast enough for
-/// `bridge subscribe 'gpu.*' --limit 100` (the simulated worker reports once a second).
+/// A hub with the worker the examples address, `gpu.metrics` flowing fast enough for
+/// `bridge subscribe 'gpu.*' --limit 100` (the simulated worker reports once a second), and
+/// requests of the trace the `--trace` example follows.
 struct Stage {
     hub: HubProcess,
     _worker: WorkerProcess,
@@ -158,7 +164,15 @@ impl Stage {
                 metadata: [("device".to_owned(), "0".to_owned())].into(),
                 ..Default::default()
             };
-            while events.send(event.clone()).await.is_ok() {
+            let traced = v1::TelemetryEvent {
+                event_parts: vec!["inference".into(), "stop".into()],
+                trace_id: README_TRACE.to_vec(),
+                span_id: vec![0x0a; 8],
+                ..Default::default()
+            };
+            while events.send(event.clone()).await.is_ok()
+                && events.send(traced.clone()).await.is_ok()
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });

@@ -10,7 +10,10 @@ use std::{
 };
 
 use bridge_proto::protocol::{counters, gpu, hub_drops, inference};
-use bridge_proto::{sampling::Rate, v1};
+use bridge_proto::{
+    sampling::{Rate, SamplingKey},
+    v1,
+};
 use bridge_tests::{
     HubOptions, HubProcess, Proxy, ProxyMode, PythonGrpc, QUICK_WORKER_CONFIG, Recorder,
     WorkerProcess, eventually, int, matching, name, read_line_within, run_cli, sequence, signal,
@@ -879,7 +882,7 @@ async fn a_python_client_on_the_local_endpoint_relays_through_the_sidecar() {
     for delivery in late {
         let cid = &delivery.event.as_ref().expect("event").correlation_id;
         assert!(
-            rate.keep(cid),
+            rate.keep(SamplingKey::correlation(cid)),
             "{cid}: the Python client's sampler disagrees with the hub's"
         );
     }

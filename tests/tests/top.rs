@@ -1,12 +1,15 @@
 //! `bridge top` in a real terminal (tmux): it lists a live worker, changes its sampling rate
-//! and toggles it from the keyboard, shows the worker's acknowledgement, and quits cleanly.
+//! and toggles it from the keyboard, shows the worker's acknowledgement, and quits cleanly; its
+//! models view shows a simulated worker's model at the rate it serves.
 
 use std::{
     process::{Command, Output},
     time::Duration,
 };
 
-use bridge_tests::{HubProcess, WorkerProcess, bin, eventually, skip_without, worker_info};
+use bridge_tests::{
+    HubProcess, WorkerProcess, bin, eventually, run_cli, skip_without, worker_info,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -18,12 +21,17 @@ struct Tmux {
 impl Tmux {
     /// `bridge top` against `hub` in a 160x24 terminal of its own; `name` tells tests apart.
     fn top(hub: &HubProcess, name: &str) -> Self {
+        Self::top_with(hub, name, "")
+    }
+
+    /// [`Tmux::top`], with more arguments to `bridge top`.
+    fn top_with(hub: &HubProcess, name: &str, args: &str) -> Self {
         let tmux = Tmux {
             socket: format!("bridge-top-{name}-{}", std::process::id()),
         };
         // The shell's `sleep` keeps the pane, so that a test can see top exit cleanly.
         let command = format!(
-            "{} --hub {} top --interval 200ms; sleep 30",
+            "{} --hub {} top --interval 200ms {args}; sleep 30",
             bin("bridge").display(),
             hub.url
         );
@@ -175,4 +183,68 @@ async fn top_shows_a_simulated_workers_gpu_utilisation() {
         })
         .await;
     assert!(screen.contains("GPU"), "{screen}");
+}
+
+/// The models view estimates the traffic served, not the part of it sampled: a simulated worker
+/// serves 100 requests/s of its model, sampled at 0.2, and top shows about 100 requests/s (20
+/// would be the sampled events unweighted) with a p50 duration, from the `inference.stop` events
+/// `worker --simulate` (and so `bridge demo`) emits without any flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_a_sampled_workers_model_at_the_rate_it_serves() {
+    if !tmux_installed() {
+        return;
+    }
+    const MODEL: &str = "llama-3-8b";
+    let hub = HubProcess::start();
+    let _worker = WorkerProcess::start(
+        &hub.url,
+        "gpu-7",
+        "llama",
+        &["--simulate", "100", "--model", MODEL],
+    );
+    let client = hub.client().await;
+    eventually("gpu-7 to connect", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            worker_info(&mut client, "gpu-7")
+                .await
+                .filter(|w| w.connected)
+        }
+    })
+    .await;
+    // Waits for the worker's acknowledgement: every event top sees is sampled at 0.2.
+    let sampled = run_cli(&hub.url, &["sample", "gpu-7", "0.2"]).await;
+    assert_eq!(sampled.code, Some(0), "{sampled:?}");
+
+    let tmux = Tmux::top(&hub, "models");
+    tmux.wait_for_screen("the key to the models view", |s| s.contains("Tab/m models"))
+        .await;
+    tmux.keys(&["m"]);
+    // POOL MODEL REQ/S ERRORS P50 P99 TTFT-P50 ...
+    let cells = |screen: &str| -> Option<Vec<String>> {
+        let row = screen
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(MODEL))?;
+        Some(row.split_whitespace().map(str::to_owned).collect())
+    };
+    let screen = tmux
+        .wait_for_screen("llama-3-8b at about 100 requests/s, with a p50", |s| {
+            cells(s).is_some_and(|cells| {
+                let rate = cells[2].parse::<f64>().unwrap_or(0.0);
+                (50.0..=200.0).contains(&rate) && cells[4].ends_with("ms")
+            })
+        })
+        .await;
+    assert!(
+        screen.contains("REQ/S") && screen.contains("Tab/w workers"),
+        "{screen}"
+    );
+    let row = cells(&screen).expect("the model's row");
+    assert_eq!(row[0], "llama", "{screen}");
+
+    tmux.keys(&["Tab"]);
+    tmux.wait_for_screen("the workers view again", |s| {
+        s.contains("WORKER") && s.contains("gpu-7")
+    })
+    .await;
 }

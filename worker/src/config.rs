@@ -18,6 +18,7 @@ struct File {
     tls: toml::Table,
     limits: toml::Table,
     cluster: toml::Table,
+    export: toml::Table,
     metrics: toml::Table,
 }
 

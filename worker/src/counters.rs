@@ -20,6 +20,8 @@ pub enum DropReason {
     /// A `TELEMETRY:` line longer than the sidecar holds (`worker.max_line_bytes`). Apart from
     /// `ParseError` because its fix differs: a larger cap or smaller events, not better JSON.
     LineTooLong,
+    /// A relayed event with a trace or span id the hub would refuse (wrong length, all zero).
+    InvalidTraceContext,
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +37,7 @@ pub(crate) struct Counters {
     invalid_name: AtomicU64,
     parse_error: AtomicU64,
     line_too_long: AtomicU64,
+    invalid_trace_context: AtomicU64,
 }
 
 macro_rules! bump {
@@ -68,6 +71,7 @@ impl Counters {
             DropReason::InvalidName => &self.invalid_name,
             DropReason::ParseError => &self.parse_error,
             DropReason::LineTooLong => &self.line_too_long,
+            DropReason::InvalidTraceContext => &self.invalid_trace_context,
         }
         .fetch_add(1, Relaxed);
     }
@@ -85,6 +89,7 @@ impl Counters {
             dropped_invalid_name: self.invalid_name.load(Relaxed),
             dropped_parse_error: self.parse_error.load(Relaxed),
             dropped_line_too_long: self.line_too_long.load(Relaxed),
+            dropped_invalid_trace_context: self.invalid_trace_context.load(Relaxed),
         }
     }
 }
@@ -107,6 +112,7 @@ pub struct Snapshot {
     pub dropped_invalid_name: u64,
     pub dropped_parse_error: u64,
     pub dropped_line_too_long: u64,
+    pub dropped_invalid_trace_context: u64,
 }
 
 impl Snapshot {
@@ -119,6 +125,7 @@ impl Snapshot {
             + self.dropped_invalid_name
             + self.dropped_parse_error
             + self.dropped_line_too_long
+            + self.dropped_invalid_trace_context
     }
 
     /// Accepted events neither confirmed nor dropped: still in the buffer.
@@ -128,7 +135,7 @@ impl Snapshot {
     }
 
     /// The counters as `bridge.worker.stats` measurements.
-    pub fn measurements(&self) -> [(&'static str, u64); 13] {
+    pub fn measurements(&self) -> [(&'static str, u64); 14] {
         use bridge_proto::protocol::counters as key;
         [
             (key::PRODUCED, self.produced()),
@@ -144,6 +151,10 @@ impl Snapshot {
             (key::DROPPED_INVALID_NAME, self.dropped_invalid_name),
             (key::DROPPED_PARSE_ERROR, self.dropped_parse_error),
             (key::DROPPED_LINE_TOO_LONG, self.dropped_line_too_long),
+            (
+                key::DROPPED_INVALID_TRACE_CONTEXT,
+                self.dropped_invalid_trace_context,
+            ),
         ]
     }
 }

@@ -20,7 +20,8 @@ use bridge_proto::{
     control::{ControlState, Verdict},
     pattern::{validate_event_name, validate_event_parts},
     protocol::{events, span},
-    sampling::{Draw, Presampled},
+    sampling::{Draw, Presampled, SamplingKey},
+    trace::{SpanContext, SpanId, TraceId, TraceParent, trace_id_for},
     v1,
 };
 use prost::Message;
@@ -96,18 +97,40 @@ impl Emitter {
         metadata: &[(&str, &str)],
         correlation_id: Option<&str>,
     ) {
+        self.emit_in(
+            name,
+            measurements,
+            metadata,
+            correlation_id.unwrap_or(""),
+            None,
+        );
+    }
+
+    /// [`Emitter::emit`] for an event of a trace: sampled by its trace id.
+    #[inline]
+    pub(crate) fn emit_in(
+        &self,
+        name: &str,
+        measurements: &[(&str, Value<'_>)],
+        metadata: &[(&str, &str)],
+        correlation_id: &str,
+        trace: Option<&SpanContext>,
+    ) {
         let counters = &self.shared.counters;
         if !self.shared.enabled.load(Relaxed) {
             counters.disabled();
             return;
         }
-        let correlation_id = correlation_id.unwrap_or("");
+        let key = match trace {
+            Some(trace) => SamplingKey::new(trace.trace_id.as_bytes(), correlation_id),
+            None => SamplingKey::correlation(correlation_id),
+        };
         let (rate, control_version) = match self.shared.fast.load() {
-            Some((rate, version)) if rate.keep(correlation_id) => (rate, version),
+            Some((rate, version)) if rate.keep(key) => (rate, version),
             Some(_) => return counters.sampled_out(),
             None => {
                 let control = self.shared.control.load();
-                match control.decide_name(name, correlation_id) {
+                match control.decide_name(name, key) {
                     Verdict::Keep(rate) => (rate, control.version),
                     Verdict::Disabled => return counters.disabled(),
                     Verdict::Filtered => return counters.filtered(),
@@ -129,7 +152,10 @@ impl Emitter {
                 measurements,
                 metadata,
                 timestamp,
-                correlation_id,
+                encode::RequestContext {
+                    correlation_id,
+                    trace,
+                },
                 decision,
                 buf,
             )
@@ -149,11 +175,14 @@ impl Emitter {
         if !acceptable(&event.event_parts) {
             return counters.dropped(DropReason::InvalidName);
         }
+        if !valid_trace_context(&event) {
+            return counters.dropped(DropReason::InvalidTraceContext);
+        }
         let control = self.shared.control.load();
         let before = Presampled::new(event.sampling_rate, draw);
         match control.decide_presampled(
             || event.event_parts.iter().map(String::as_str),
-            &event.correlation_id,
+            SamplingKey::new(&event.trace_id, &event.correlation_id),
             before,
         ) {
             Verdict::Keep(rate) => {
@@ -186,6 +215,12 @@ impl Emitter {
         if !acceptable(&event.event_parts) {
             return self.shared.counters.dropped(DropReason::InvalidName);
         }
+        if !valid_trace_context(&event) {
+            return self
+                .shared
+                .counters
+                .dropped(DropReason::InvalidTraceContext);
+        }
         if event.timestamp_ns == 0 {
             event.timestamp_ns = now_ns();
         }
@@ -215,17 +250,64 @@ impl Emitter {
         }
     }
 
-    /// Starts a span: emits `{operation}.start` now, and `.stop` or `.exception` (with the
-    /// duration and what was recorded on the span meanwhile) when the span ends. All three share
-    /// one correlation id (generated when `correlation_id` is `None`), so sampling keeps or drops
-    /// them together. `docs/conventions.md` names the fields of an inference span.
+    /// Starts a span that begins a trace: emits `{operation}.start` now, and `.stop` or
+    /// `.exception` (with the duration and what was recorded on the span meanwhile) when the
+    /// span ends. All three carry the span's trace and span ids and one correlation id, so
+    /// sampling keeps or drops them together. `docs/conventions.md` names the fields of an
+    /// inference span.
+    ///
+    /// Without a `correlation_id` the trace id is random and the correlation id is its hex.
+    /// With one, the trace id is derived from it ([`trace_id_for`]), so that every process
+    /// that reports the request under that id lands in one trace. A call that arrived with a
+    /// `traceparent` header continues its trace instead: [`Emitter::span_from`].
     pub fn span(
         &self,
         operation: &str,
         metadata: &[(&str, &str)],
         correlation_id: Option<&str>,
     ) -> Span {
-        let correlation_id = correlation_id.map_or_else(new_correlation_id, str::to_owned);
+        let trace_id = correlation_id.map_or_else(TraceId::random, trace_id_for);
+        self.start_span(
+            operation,
+            metadata,
+            correlation_id,
+            SpanContext::root(trace_id),
+            TraceParent::SAMPLED,
+        )
+    }
+
+    /// Starts a span for a call that arrived with this `traceparent` header value: a child of
+    /// the caller's span, in the caller's trace (and sampled with it, on the trace id). A
+    /// missing or invalid header starts a new trace, as W3C asks, like [`Emitter::span`].
+    pub fn span_from(
+        &self,
+        traceparent: Option<&str>,
+        operation: &str,
+        metadata: &[(&str, &str)],
+        correlation_id: Option<&str>,
+    ) -> Span {
+        match traceparent.and_then(|header| header.parse::<TraceParent>().ok()) {
+            Some(parent) => self.start_span(
+                operation,
+                metadata,
+                correlation_id,
+                SpanContext::child_of(parent.trace_id, parent.span_id),
+                parent.flags,
+            ),
+            None => self.span(operation, metadata, correlation_id),
+        }
+    }
+
+    fn start_span(
+        &self,
+        operation: &str,
+        metadata: &[(&str, &str)],
+        correlation_id: Option<&str>,
+        context: SpanContext,
+        trace_flags: u8,
+    ) -> Span {
+        let correlation_id =
+            correlation_id.map_or_else(|| context.trace_id.to_string(), str::to_owned);
         let span = Span {
             emitter: self.clone(),
             operation: operation.to_owned(),
@@ -234,6 +316,8 @@ impl Emitter {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             correlation_id,
+            context,
+            trace_flags,
             recorded: Vec::new(),
             started: Instant::now(),
             finished: false,
@@ -306,6 +390,9 @@ pub struct Span {
     operation: String,
     metadata: HashMap<String, String>,
     correlation_id: String,
+    context: SpanContext,
+    /// The `traceparent` flags passed on to calls this span makes: the caller's, or sampled.
+    trace_flags: u8,
     /// Measurements for the end event. It allocates only when something is recorded, so a span
     /// that records nothing costs what spans did before they could record.
     recorded: Vec<(String, Recorded)>,
@@ -344,6 +431,53 @@ impl From<Value<'_>> for Recorded {
 impl Span {
     pub fn correlation_id(&self) -> &str {
         &self.correlation_id
+    }
+
+    /// Its trace id, span id and parent's span id, as its events carry them.
+    pub fn context(&self) -> SpanContext {
+        self.context
+    }
+
+    pub fn trace_id(&self) -> TraceId {
+        self.context.trace_id
+    }
+
+    pub fn span_id(&self) -> SpanId {
+        self.context.span_id
+    }
+
+    /// The `traceparent` header value for a call this span makes, so that the callee's spans
+    /// are children of this one.
+    pub fn traceparent(&self) -> String {
+        TraceParent {
+            trace_id: self.context.trace_id,
+            span_id: self.context.span_id,
+            flags: self.trace_flags,
+        }
+        .to_string()
+    }
+
+    /// Starts a span within this one: its child, in its trace, with its correlation id.
+    pub fn child(&self, operation: &str, metadata: &[(&str, &str)]) -> Span {
+        self.emitter.start_span(
+            operation,
+            metadata,
+            Some(&self.correlation_id),
+            SpanContext::child_of(self.context.trace_id, self.context.span_id),
+            self.trace_flags,
+        )
+    }
+
+    /// Emits an event that happened during this span (say `inference.first_token`), with the
+    /// span's trace context and correlation id.
+    pub fn event(&self, name: &str, measurements: &[(&str, Value<'_>)], metadata: &[(&str, &str)]) {
+        self.emitter.emit_in(
+            name,
+            measurements,
+            metadata,
+            &self.correlation_id,
+            Some(&self.context),
+        );
     }
 
     /// Records a measurement for the event that ends the span (`.stop` or `.exception`), e.g.
@@ -422,8 +556,13 @@ impl Span {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         metadata.extend_from_slice(extra);
-        self.emitter
-            .emit(&name, measurements, &metadata, Some(&self.correlation_id));
+        self.emitter.emit_in(
+            &name,
+            measurements,
+            &metadata,
+            &self.correlation_id,
+            Some(&self.context),
+        );
     }
 }
 
@@ -480,9 +619,12 @@ pub fn now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// A random 128-bit id in hex, for spans started without a correlation id.
-pub fn new_correlation_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+/// Whether a relayed event's trace context is one the hub accepts: each id absent, or of its
+/// length and not all zero.
+fn valid_trace_context(event: &v1::TelemetryEvent) -> bool {
+    (event.trace_id.is_empty() || TraceId::from_bytes(&event.trace_id).is_ok())
+        && (event.span_id.is_empty() || SpanId::from_bytes(&event.span_id).is_ok())
+        && (event.parent_span_id.is_empty() || SpanId::from_bytes(&event.parent_span_id).is_ok())
 }
 
 #[cfg(test)]
@@ -679,5 +821,136 @@ mod tests {
     fn a_span_that_records_nothing_holds_no_recorded_buffer() {
         let span = Emitter::detached(4).span("op", &[], None);
         assert_eq!(span.recorded.capacity(), 0);
+    }
+
+    /// A span's events carry its trace context; a child is in its parent's trace with the
+    /// parent's span id; a call it makes gets a `traceparent` naming it.
+    #[test]
+    fn spans_carry_w3c_trace_context_and_nest() {
+        let emitter = Emitter::detached(16);
+        let parent = emitter.span("request", &[], None);
+        let child = parent.child("inference", &[("model", "llama")]);
+        let outgoing: TraceParent = child.traceparent().parse().unwrap();
+        child.stop();
+        parent.stop();
+        let events = emitter.buffered();
+        let (trace, parent_id) = (events[0].trace_id.clone(), events[0].span_id.clone());
+        assert_eq!(events[0].parent_span_id, b"", "a root span has no parent");
+        assert_eq!(
+            events[0].correlation_id,
+            TraceId::from_bytes(&trace).unwrap().to_string()
+        );
+        for event in &events[1..3] {
+            assert_eq!(event.event_parts[0], "inference");
+            assert_eq!(event.trace_id, trace);
+            assert_eq!(event.parent_span_id, parent_id);
+            assert_eq!(event.correlation_id, events[0].correlation_id);
+        }
+        assert_eq!(
+            events[1].span_id, events[2].span_id,
+            "start and stop share the span"
+        );
+        assert_ne!(events[1].span_id, parent_id);
+        assert_eq!(outgoing.trace_id.as_bytes()[..], trace[..]);
+        assert_eq!(outgoing.span_id.as_bytes()[..], events[1].span_id[..]);
+        assert_eq!(events[3].span_id, parent_id);
+    }
+
+    #[test]
+    fn a_span_continues_the_trace_of_an_incoming_traceparent() {
+        let emitter = Emitter::detached(16);
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let span = emitter.span_from(Some(header), "inference", &[], Some("req-1"));
+        assert!(
+            span.traceparent()
+                .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+        );
+        assert!(
+            span.traceparent().ends_with("-00"),
+            "the caller's flags pass on"
+        );
+        span.event("inference.first_token", &[], &[]);
+        span.stop();
+        for event in emitter.buffered() {
+            assert_eq!(
+                TraceId::from_bytes(&event.trace_id).unwrap().to_string(),
+                "4bf92f3577b34da6a3ce929d0e0e4736"
+            );
+            assert_eq!(
+                SpanId::from_bytes(&event.parent_span_id)
+                    .unwrap()
+                    .to_string(),
+                "00f067aa0ba902b7"
+            );
+            assert_eq!(event.correlation_id, "req-1");
+        }
+        // A bad header starts a new trace (W3C: ignore it), and so does none.
+        for bad in [Some("00-zz"), None] {
+            let span = emitter.span_from(bad, "inference", &[], None);
+            assert_ne!(
+                span.trace_id().to_string(),
+                "4bf92f3577b34da6a3ce929d0e0e4736"
+            );
+            assert!(span.context().parent_span_id.is_none());
+        }
+    }
+
+    /// Two processes reporting one request under one correlation id, neither with a
+    /// `traceparent`, put it in one trace.
+    #[test]
+    fn a_caller_chosen_correlation_id_names_one_trace() {
+        let (a, b) = (Emitter::detached(4), Emitter::detached(4));
+        let (x, y) = (
+            a.span("x", &[], Some("req-7")),
+            b.span("y", &[], Some("req-7")),
+        );
+        assert_eq!(x.trace_id(), y.trace_id());
+        assert_ne!(x.span_id(), y.span_id());
+    }
+
+    /// Workers sampling the same traces at the same rate keep the same ones, whatever their
+    /// correlation ids: the trace id is the key.
+    #[test]
+    fn sampling_follows_the_trace_id() {
+        let at_30 = ControlState::new(2, true, Rate::new(0.3).unwrap(), vec![], vec![], vec![]);
+        let (a, b) = (Emitter::detached(4096), Emitter::detached(4096));
+        a.apply_control(at_30.clone());
+        b.apply_control(at_30);
+        let traces: Vec<TraceId> = (0..2000).map(|_| TraceId::random()).collect();
+        for (i, trace) in traces.iter().enumerate() {
+            let header = format!("00-{trace}-00f067aa0ba902b7-01");
+            drop(a.span_from(Some(&header), "a", &[], Some(&format!("a-{i}"))));
+            drop(b.span_from(Some(&header), "b", &[], Some(&format!("b-{i}"))));
+        }
+        let kept = |emitter: &Emitter| -> Vec<Vec<u8>> {
+            let mut ids: Vec<_> = emitter.buffered().into_iter().map(|e| e.trace_id).collect();
+            ids.dedup();
+            ids
+        };
+        let (kept_a, kept_b) = (kept(&a), kept(&b));
+        assert_eq!(kept_a, kept_b);
+        let share = kept_a.len() as f64 / traces.len() as f64;
+        assert!((0.25..0.35).contains(&share), "{share}");
+        assert_eq!(
+            a.buffered().len(),
+            kept_a.len() * 2,
+            "start and end together"
+        );
+    }
+
+    #[test]
+    fn a_relayed_event_with_a_bad_trace_id_is_dropped_and_counted() {
+        let emitter = Emitter::detached(4);
+        for trace_id in [vec![1; 15], vec![0; 16]] {
+            let event = v1::TelemetryEvent {
+                event_parts: vec!["a".into()],
+                trace_id,
+                ..Default::default()
+            };
+            emitter.emit_event(event, Draw::Consistent);
+        }
+        assert!(emitter.buffered().is_empty());
+        assert_eq!(emitter.counters().dropped_invalid_trace_context, 2);
+        assert_eq!(emitter.counters().produced(), 2);
     }
 }

@@ -9,11 +9,12 @@ use bridge_proto::{
     fields::{
         map_entry::{KEY, VALUE},
         telemetry_event::{
-            CONTROL_VERSION, CORRELATION_ID, EVENT_PARTS, MEASUREMENTS, METADATA, SAMPLING_RATE,
-            TIMESTAMP_NS,
+            CONTROL_VERSION, CORRELATION_ID, EVENT_PARTS, MEASUREMENTS, METADATA, PARENT_SPAN_ID,
+            SAMPLING_RATE, SPAN_ID, TIMESTAMP_NS, TRACE_ID,
         },
         telemetry_value::{FLOAT_VALUE, INT_VALUE, STRING_VALUE},
     },
+    trace::SpanContext,
     v1,
 };
 use prost::encoding::{WireType, encoded_len_varint, key_len};
@@ -46,9 +47,13 @@ fn string_len(tag: u32, text: &str) -> usize {
 }
 
 fn put_string(buf: &mut Vec<u8>, tag: u32, text: &str) {
+    put_bytes(buf, tag, text.as_bytes());
+}
+
+fn put_bytes(buf: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
     encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(text.len() as u64, buf);
-    buf.extend_from_slice(text.as_bytes());
+    encode_varint(bytes.len() as u64, buf);
+    buf.extend_from_slice(bytes);
 }
 
 /// Map keys and values equal to the default are left out, as the generated code does.
@@ -103,10 +108,14 @@ pub(crate) fn event(
     measurements: &[(&str, Value<'_>)],
     metadata: &[(&str, &str)],
     timestamp_ns: i64,
-    correlation_id: &str,
+    request: RequestContext<'_>,
     decision: Decision,
     buf: &mut Vec<u8>,
 ) {
+    let RequestContext {
+        correlation_id,
+        trace,
+    } = request;
     let Decision {
         sampling_rate,
         control_version,
@@ -146,6 +155,20 @@ pub(crate) fn event(
         encode_key(CONTROL_VERSION, WireType::Varint, buf);
         encode_varint(control_version, buf);
     }
+    if let Some(trace) = trace {
+        put_bytes(buf, TRACE_ID, trace.trace_id.as_bytes());
+        put_bytes(buf, SPAN_ID, trace.span_id.as_bytes());
+        if let Some(parent) = trace.parent_span_id {
+            put_bytes(buf, PARENT_SPAN_ID, parent.as_bytes());
+        }
+    }
+}
+
+/// The request an event belongs to: its correlation id (empty: none) and trace context.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestContext<'a> {
+    pub correlation_id: &'a str,
+    pub trace: Option<&'a SpanContext>,
 }
 
 /// How an event was decided: the rate it was kept at and the control version that said so.
@@ -171,6 +194,11 @@ mod tests {
 
     #[test]
     fn matches_the_generated_encoding() {
+        let trace: bridge_proto::trace::TraceParent =
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap();
+        let trace = SpanContext::child_of(trace.trace_id, trace.span_id);
         let mut bytes = Vec::new();
         event(
             "inference.stop",
@@ -184,7 +212,10 @@ mod tests {
             ],
             &[("model", "llama"), ("", "")],
             1_700_000_000_000_000_000,
-            "req-1",
+            RequestContext {
+                correlation_id: "req-1",
+                trace: Some(&trace),
+            },
             Decision {
                 sampling_rate: 0.25,
                 control_version: 9,
@@ -215,6 +246,9 @@ mod tests {
             sequence: 0,
             sampling_rate: 0.25,
             control_version: 9,
+            trace_id: trace.trace_id.as_bytes().to_vec(),
+            span_id: trace.span_id.as_bytes().to_vec(),
+            parent_span_id: trace.parent_span_id.unwrap().as_bytes().to_vec(),
         };
         assert_eq!(decoded, expected);
         assert_eq!(bytes.len(), expected.encoded_len());

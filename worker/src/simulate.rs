@@ -1,23 +1,27 @@
 //! Synthetic inference traffic, for demos, smoke tests and benchmarks.
 //!
 //! Each simulated request emits `inference.start` and `inference.stop` (or, for about 1 in 100,
-//! `inference.exception`) with one correlation id and the fields of `docs/conventions.md`, the
-//! way an instrumented model server would;
+//! `inference.exception`) with the fields of `docs/conventions.md`, the way an instrumented
+//! model server would: one span, the child of an API gateway's span in a trace of its own
+//! (the gateway's `traceparent`), its correlation id the trace id's hex;
 //! once a second the worker also reports its one simulated GPU as `gpu.metrics`, through the
 //! same code as NVML's samples, so that `bridge top` and dashboards read it like a real one.
 
 use std::time::{Duration, Instant};
 
-use bridge_proto::protocol::inference::{
-    BATCH_FILL_RATIO, BATCH_SIZE, CACHED_INPUT_TOKENS, DURATION_NS, ERROR_MESSAGE, ERROR_TYPE,
-    EXCEPTION, INPUT_TOKENS, MODEL, OUTPUT_TOKENS, QUEUE_WAIT_NS, RESULT, RESULT_ERROR,
-    RESULT_SUCCESS, START, STOP, SYSTEM_TIME_NS, TIME_TO_FIRST_TOKEN_NS,
+use bridge_proto::{
+    protocol::inference::{
+        BATCH_FILL_RATIO, BATCH_SIZE, CACHED_INPUT_TOKENS, DURATION_NS, ERROR_MESSAGE, ERROR_TYPE,
+        EXCEPTION, INPUT_TOKENS, MODEL, OUTPUT_TOKENS, QUEUE_WAIT_NS, RESULT, RESULT_ERROR,
+        RESULT_SUCCESS, START, STOP, SYSTEM_TIME_NS, TIME_TO_FIRST_TOKEN_NS,
+    },
+    trace::{SpanContext, SpanId, TraceId},
 };
 use rand::{RngExt, rngs::SmallRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    emitter::{Emitter, new_correlation_id, now_ns},
+    emitter::{Emitter, now_ns},
     gpu::{self, DeviceSample},
     value::Value,
 };
@@ -66,16 +70,19 @@ const MAX_BATCH_SIZE: i64 = 16;
 
 /// One request's events, with the fields `docs/conventions.md` names.
 pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
-    let id = new_correlation_id();
+    let trace = SpanContext::child_of(TraceId::random(), SpanId::random());
+    let id = trace.trace_id.to_string();
+    let emit = |name: &str, measurements: &[(&str, Value<'_>)], metadata: &[(&str, &str)]| {
+        emitter.emit_in(name, measurements, metadata, &id, Some(&trace));
+    };
     let batch_size: i64 = [1, 2, 4, 8, MAX_BATCH_SIZE][rng.random_range(0..5)];
     let input_tokens: i64 = rng.random_range(16..2048);
     let output_tokens: i64 = rng.random_range(1..512);
     let now = now_ns();
-    emitter.emit(
+    emit(
         START,
         &[(SYSTEM_TIME_NS, Value::Int(now))],
         &[(MODEL, model)],
-        Some(&id),
     );
     let ms = 1_000_000.0;
     let duration_ns = ((5.0 + output_tokens as f64 * rng.random_range(0.02..0.08)) * ms) as i64;
@@ -92,7 +99,7 @@ pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
         ),
     ];
     if rng.random_range(0..100) == 0 {
-        emitter.emit(
+        emit(
             EXCEPTION,
             &end,
             &[
@@ -101,7 +108,6 @@ pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
                 (ERROR_TYPE, "CudaOutOfMemory"),
                 (ERROR_MESSAGE, "simulated: CUDA out of memory"),
             ],
-            Some(&id),
         );
     } else {
         let time_to_first_token_ns = (duration_ns as f64 * rng.random_range(0.05..0.3)) as i64;
@@ -112,11 +118,10 @@ pub fn request(emitter: &Emitter, model: &str, rng: &mut SmallRng) {
             (TIME_TO_FIRST_TOKEN_NS, Value::Int(time_to_first_token_ns)),
         ];
         let measurements: Vec<_> = end.into_iter().chain(generated).collect();
-        emitter.emit(
+        emit(
             STOP,
             &measurements,
             &[(MODEL, model), (RESULT, RESULT_SUCCESS)],
-            Some(&id),
         );
     }
 }
@@ -208,5 +213,20 @@ mod tests {
             assert!(stop.measurements.contains_key(key), "{key}");
         }
         assert_eq!(stop.metadata[RESULT], RESULT_SUCCESS);
+        // One span per request, in a trace of its own under a gateway's span.
+        let start = &events[0];
+        assert_eq!(
+            (
+                start.trace_id.len(),
+                start.span_id.len(),
+                start.parent_span_id.len()
+            ),
+            (16, 8, 8)
+        );
+        assert_eq!(
+            (&events[1].trace_id, &events[1].span_id),
+            (&start.trace_id, &start.span_id)
+        );
+        assert_ne!(events[2].trace_id, start.trace_id);
     }
 }

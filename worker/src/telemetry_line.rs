@@ -5,7 +5,9 @@
 //!            "metadata": {"model": "llama"}, "correlation_id": "req-1", "timestamp_ns": 123}
 //! ```
 //!
-//! (on one line). Only `event` is required, as a dotted name or a list of parts. JSON integers
+//! (on one line). Only `event` is required, as a dotted name or a list of parts. A line of a
+//! trace adds `"traceparent": "00-<trace id>-<span id>-<flags>"` (W3C: the event's trace id and
+//! its own span id) and, for a child span, `"parent_span_id": "<16 hex>"`. JSON integers
 //! become `int_value`, other numbers `float_value`, strings `string_value`. Metadata values are
 //! strings; numbers and booleans are taken as their JSON text. Anything else is an error that
 //! says what is wrong, so that the sidecar can count the line and pass it through untouched.
@@ -14,6 +16,7 @@ use std::collections::HashMap;
 
 use bridge_proto::{
     pattern::validate_event_parts,
+    trace::{SpanId, TraceParent},
     v1::{TelemetryEvent, TelemetryValue, telemetry_value},
 };
 use serde_json::{Map, Value as Json};
@@ -56,9 +59,22 @@ pub fn parse(line: &[u8]) -> Result<TelemetryEvent, String> {
                 Some(ns) => event.timestamp_ns = ns,
                 None => return Err("`timestamp_ns` must be an integer (nanoseconds)".into()),
             },
+            "traceparent" => {
+                let parent: TraceParent = string(value, "traceparent")?
+                    .parse()
+                    .map_err(|e| format!("`traceparent`: {e}"))?;
+                event.trace_id = parent.trace_id.as_bytes().to_vec();
+                event.span_id = parent.span_id.as_bytes().to_vec();
+            }
+            "parent_span_id" => {
+                let id: SpanId = string(value, "parent_span_id")?
+                    .parse()
+                    .map_err(|e| format!("`parent_span_id`: {e}"))?;
+                event.parent_span_id = id.as_bytes().to_vec();
+            }
             other => {
                 return Err(format!(
-                    "unknown key `{other}` (expected event, measurements, metadata, correlation_id, timestamp_ns)"
+                    "unknown key `{other}` (expected event, measurements, metadata, correlation_id, timestamp_ns, traceparent, parent_span_id)"
                 ));
             }
         }
@@ -66,8 +82,18 @@ pub fn parse(line: &[u8]) -> Result<TelemetryEvent, String> {
     if !has_event {
         return Err("`event` is required".into());
     }
+    if !event.parent_span_id.is_empty() && event.trace_id.is_empty() {
+        return Err("`parent_span_id` needs a `traceparent` (the trace it is in)".into());
+    }
     validate_event_parts(&event.event_parts).map_err(|e| format!("`event`: {e}"))?;
     Ok(event)
+}
+
+fn string(value: Json, key: &str) -> Result<String, String> {
+    match value {
+        Json::String(text) => Ok(text),
+        other => Err(format!("`{key}` must be a string, not {}", kind(&other))),
+    }
 }
 
 fn event_parts(value: Json) -> Result<Vec<String>, String> {
@@ -167,6 +193,50 @@ mod tests {
     }
 
     #[test]
+    fn a_line_can_carry_its_trace_context() {
+        let event = parse(
+            br#"TELEMETRY:{"event":"inference.stop","traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","parent_span_id":"b7ad6b7169203331"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            bridge_proto::trace::hex(&event.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(bridge_proto::trace::hex(&event.span_id), "00f067aa0ba902b7");
+        assert_eq!(
+            bridge_proto::trace::hex(&event.parent_span_id),
+            "b7ad6b7169203331"
+        );
+    }
+
+    #[test]
+    fn bad_trace_context_is_a_parse_error_that_says_why() {
+        let err = |fields: &str| {
+            parse(format!(r#"TELEMETRY:{{"event":"a",{fields}}}"#).as_bytes()).unwrap_err()
+        };
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(
+            err(r#""traceparent":"00-abc""#).starts_with("`traceparent`: a traceparent is `00-")
+        );
+        assert!(err(r#""traceparent":7"#).contains("must be a string"));
+        assert!(
+            err(r#""traceparent":"00-00000000000000000000000000000000-00f067aa0ba902b7-01""#)
+                .contains("all zeros")
+        );
+        assert!(
+            err(&format!(r#""traceparent":"{good}","parent_span_id":"xyz""#))
+                .contains("16 hex digits")
+        );
+        assert!(
+            err(&format!(
+                r#""traceparent":"{good}","parent_span_id":"0000000000000000""#
+            ))
+            .contains("all zeros")
+        );
+        assert!(err(r#""parent_span_id":"b7ad6b7169203331""#).contains("needs a `traceparent`"));
+    }
+
+    #[test]
     fn only_the_event_is_required_and_parts_may_be_a_list() {
         let event = parse(b"TELEMETRY:{\"event\": [\"worker\", \"ready\"]}\n").unwrap();
         assert_eq!(event.event_parts, ["worker", "ready"]);
@@ -233,6 +303,8 @@ mod tests {
                 Just("metadata"),
                 Just("correlation_id"),
                 Just("timestamp_ns"),
+                Just("traceparent"),
+                Just("parent_span_id"),
                 Just("other"),
             ];
             prop::collection::vec((key, value), 0..5).prop_map(|fields| {

@@ -54,7 +54,8 @@ enum Command {
     Subscribe(subscribe::Args),
     /// List workers with their rates, drops and control state.
     Workers(workers::Args),
-    /// A live view of the workers; change a worker's sampling or toggle it from the keyboard.
+    /// A live view of the workers and the models they serve; change a worker's sampling or
+    /// toggle it from the keyboard.
     Top(top::Args),
     /// Set the sampling rate of a worker, a pool, or all workers.
     Sample(control::SampleArgs),

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use bridge_proto::{pattern::Pattern, v1};
+use bridge_proto::{pattern::Pattern, trace::TraceId, v1};
 
 use super::{
     Failure, HubTarget, Outcome, connect,
@@ -20,6 +20,10 @@ pub struct Args {
     /// Only events from workers in this pool.
     #[arg(long)]
     pool: Option<String>,
+    /// Only events of this trace (32 hex digits, as in a `traceparent` or the `trace_id` this
+    /// command prints): one request, across every worker.
+    #[arg(long, value_name = "ID")]
+    trace: Option<String>,
     /// Output format; json prints one object per line.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -32,6 +36,13 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
     for pattern in &args.patterns {
         Pattern::parse(pattern).map_err(Failure::invalid)?;
     }
+    let trace_id = match &args.trace {
+        Some(id) => TraceId::parse_any_case(id.trim())
+            .map_err(|e| Failure::invalid(format!("--trace {id}: {e}")))?
+            .as_bytes()
+            .to_vec(),
+        None => Vec::new(),
+    };
     if args.limit == Some(0) {
         return Ok(());
     }
@@ -41,6 +52,7 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
             patterns: args.patterns,
             worker_ids: args.workers,
             pool: args.pool.unwrap_or_default(),
+            trace_id,
         })
         .await?;
     let mut events = 0u64;

@@ -142,9 +142,7 @@ impl ClusterLink {
         let Some((pool, worker, name)) = parse_subject(&self.prefix, &message.subject) else {
             return;
         };
-        let Some((encoded, received_ns)) =
-            EncodedSubscribeResponse::checked_delivery(message.payload)
-        else {
+        let Some(checked) = EncodedSubscribeResponse::checked_delivery(message.payload) else {
             debug!(subject = %message.subject, "cluster: skipping a message that is not an event delivery");
             return;
         };
@@ -156,8 +154,9 @@ impl ClusterLink {
             &worker,
             &pool,
             name,
-            encoded,
-            received_ns,
+            checked.trace_id,
+            checked.response,
+            checked.received_ns,
             &subscribers,
         ));
     }
@@ -307,6 +306,7 @@ mod tests {
             patterns: vec![Pattern::parse("inference.>").unwrap()],
             worker_ids: ["gpu-3".to_owned(), "a.b".to_owned()].into(),
             pool: Some("llama".into()),
+            trace_id: None,
         };
         assert_eq!(
             subjects("bridge", &filter),

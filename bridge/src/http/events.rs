@@ -10,7 +10,10 @@ use axum::{
     http::HeaderMap,
     response::sse::{Event, KeepAlive, Sse},
 };
-use bridge_proto::v1::{self, subscribe_response::Item};
+use bridge_proto::{
+    trace::TraceId,
+    v1::{self, subscribe_response::Item},
+};
 use prost::Message;
 use serde_json::json;
 use tokio_stream::{Stream, StreamExt};
@@ -23,8 +26,9 @@ use crate::{
     render,
 };
 
-/// `?pattern=P&worker=ID&pool=NAME` (patterns and workers repeatable), and `token` for clients
-/// that cannot set an `authorization` header (`EventSource` cannot).
+/// `?pattern=P&worker=ID&pool=NAME&trace=ID` (patterns and workers repeatable; `trace` a trace
+/// id in hex), and `token` for clients that cannot set an `authorization` header
+/// (`EventSource` cannot).
 pub async fn live_events(
     State(hub): State<Hub>,
     headers: HeaderMap,
@@ -32,11 +36,17 @@ pub async fn live_events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let mut request = v1::SubscribeRequest::default();
     let mut token = None;
-    for (key, value) in query_params(query.as_deref(), &["pattern", "worker", "pool", "token"])? {
+    let known = ["pattern", "worker", "pool", "trace", "token"];
+    for (key, value) in query_params(query.as_deref(), &known)? {
         match key.as_str() {
             "pattern" => request.patterns.push(value),
             "worker" => request.worker_ids.push(value),
             "pool" => request.pool = value,
+            "trace" => {
+                let id = TraceId::parse_any_case(value.trim())
+                    .map_err(|e| ApiError::invalid(format!("trace: {e}")))?;
+                request.trace_id = id.as_bytes().to_vec();
+            }
             "token" => token = Some(value),
             _ => {}
         }

@@ -628,6 +628,7 @@ mod tests {
             "w",
             "p",
             inference::STOP,
+            None,
             encoded,
             1,
             &subscribers,

@@ -14,12 +14,13 @@
 //! - The cluster publisher (`cluster::events`), added when the hub joins a cluster.
 
 pub mod inference_metrics;
+pub mod otlp;
 pub mod subscribers;
 
 use std::{cell::OnceCell, sync::Arc};
 
 use arc_swap::ArcSwap;
-use bridge_proto::{encoded::EncodedSubscribeResponse, view::EventView};
+use bridge_proto::{encoded::EncodedSubscribeResponse, trace::TraceId, view::EventView};
 
 use self::subscribers::SubscriberId;
 
@@ -61,6 +62,7 @@ enum Event<'a> {
     /// Encoded already, by the hub that received it.
     Encoded {
         name: &'a str,
+        trace_id: Option<TraceId>,
         response: EncodedSubscribeResponse,
     },
 }
@@ -92,6 +94,7 @@ impl<'a> Delivery<'a> {
         worker_id: &'a str,
         pool: &'a str,
         name: &'a str,
+        trace_id: Option<TraceId>,
         encoded: EncodedSubscribeResponse,
         received_ns: i64,
         subscribers: &'a [SubscriberId],
@@ -103,6 +106,7 @@ impl<'a> Delivery<'a> {
             received_ns,
             event: Event::Encoded {
                 name,
+                trace_id,
                 response: encoded,
             },
             encoded: OnceCell::new(),
@@ -128,6 +132,15 @@ impl<'a> Delivery<'a> {
                 sampling_rate,
             } => Some((view, sampling_rate)),
             Event::Encoded { .. } => None,
+        }
+    }
+
+    /// The event's trace id (empty: none).
+    #[inline]
+    pub fn trace_id(&self) -> &[u8] {
+        match &self.event {
+            Event::Received { view, .. } => view.trace_id(),
+            Event::Encoded { trace_id, .. } => trace_id.as_ref().map_or(&[], |id| id.as_bytes()),
         }
     }
 

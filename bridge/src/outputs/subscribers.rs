@@ -18,7 +18,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use async_stream::stream;
-use bridge_proto::{encoded::EncodedSubscribeResponse, pattern::Pattern, v1};
+use bridge_proto::{encoded::EncodedSubscribeResponse, pattern::Pattern, trace::TraceId, v1};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,8 @@ pub struct Filter {
     pub worker_ids: HashSet<String>,
     /// Only this pool.
     pub pool: Option<String>,
+    /// Only events of this trace.
+    pub trace_id: Option<TraceId>,
 }
 
 impl Filter {
@@ -60,7 +62,9 @@ impl Filter {
 
     #[inline]
     pub fn matches(&self, delivery: &Delivery<'_>) -> bool {
-        self.matches_parts(delivery.worker_id, delivery.pool, delivery.parts())
+        self.trace_id
+            .is_none_or(|id| id.as_bytes()[..] == *delivery.trace_id())
+            && self.matches_parts(delivery.worker_id, delivery.pool, delivery.parts())
     }
 }
 
@@ -75,7 +79,14 @@ impl TryFrom<v1::SubscribeRequest> for Filter {
                 Pattern::parse(p).map_err(|e| Error::invalid(format!("patterns[{i}]: {e}")))
             })
             .collect::<Result<_>>()?;
+        let trace_id = match request.trace_id.as_slice() {
+            [] => None,
+            id => Some(
+                TraceId::from_bytes(id).map_err(|e| Error::invalid(format!("trace_id: {e}")))?,
+            ),
+        };
         Ok(Self {
+            trace_id,
             patterns,
             worker_ids: request
                 .worker_ids
@@ -449,6 +460,7 @@ mod tests {
             "gpu-9",
             "llama",
             "inference.stop",
+            None,
             encoded,
             7,
             &audience,
