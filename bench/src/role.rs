@@ -16,6 +16,7 @@ use std::{
 
 use async_stream::stream;
 use bridge_proto::encoded::EncodedEvent;
+use bridge_proto::protocol::inference;
 use bridge_proto::v1;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
@@ -51,6 +52,10 @@ pub enum Role {
         /// Worker ids are PREFIX-0, PREFIX-1, ...
         #[arg(long, default_value = "bench")]
         prefix: String,
+        /// Events named `bench.b0` to `bench.b99`, for subscribers that each match 1 %, in place
+        /// of `inference.stop`.
+        #[arg(long)]
+        buckets: bool,
     },
     /// Workers made with the worker library (`Link` and `Emitter::emit`), each emitting
     /// `--rate` events per second.
@@ -114,7 +119,8 @@ pub async fn run(role: Role) -> Result<(), Error> {
             streams,
             rate,
             prefix,
-        } => load(&target, streams, rate, &prefix).await,
+            buckets,
+        } => load(&target, streams, rate, &prefix, buckets).await,
         Role::Workers {
             target,
             workers,
@@ -236,11 +242,21 @@ where
         .collect()
 }
 
-async fn load(target: &str, streams: usize, rate: Option<f64>, prefix: &str) -> Result<(), String> {
+async fn load(
+    target: &str,
+    streams: usize,
+    rate: Option<f64>,
+    prefix: &str,
+    buckets: bool,
+) -> Result<(), String> {
     let sent = Arc::new(AtomicU64::new(0));
     // Events per second over all streams, as f64 bits; 0 means as fast as possible.
     let total_rate = Arc::new(AtomicU64::new(rate.unwrap_or(0.0).to_bits()));
-    let payload = Arc::new(Payload::default());
+    let payload = Arc::new(if buckets {
+        Payload::buckets()
+    } else {
+        Payload::default()
+    });
     let open_loop = rate.is_some();
     let mut senders = Vec::with_capacity(streams);
     let firsts = {
@@ -374,13 +390,13 @@ async fn library_workers(target: &str, workers: usize, rate: f64) -> Result<(), 
                 tick.tick().await;
                 i += 1;
                 emitter.emit(
-                    "inference.stop",
+                    inference::STOP,
                     &[
-                        ("tokens_in", Value::Int(1337)),
-                        ("tokens_out", Value::Int(i)),
-                        ("duration_ms", Value::Float(48.25)),
+                        (inference::INPUT_TOKENS, Value::Int(1337)),
+                        (inference::OUTPUT_TOKENS, Value::Int(i)),
+                        (inference::DURATION_NS, Value::Int(48_250_000)),
                     ],
-                    &[("model", "llama-3-8b")],
+                    &[(inference::MODEL, "llama-3-8b")],
                     Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
                 );
                 emitted.fetch_add(1, Relaxed);

@@ -26,6 +26,7 @@ use crate::{
     latency::{INGEST_BOUNDS_NS, LatencyHistogram, unix_nanos},
     outputs::{
         Delivery, Outputs,
+        inference_metrics::InferenceMetrics,
         otlp::{OtlpExport, WorkerDescription, WorkerDirectory},
         subscribers::{Filter, Subscribers, Subscription},
     },
@@ -40,6 +41,8 @@ struct Shared {
     outputs: Outputs,
     /// One of the outputs, which the hub opens subscriptions on.
     subscribers: Subscribers,
+    /// One of the outputs, which `/metrics` reads.
+    inference_metrics: InferenceMetrics,
     /// Set when the hub joins a cluster.
     cluster: OnceLock<Arc<ClusterLink>>,
     /// Set when the hub exports over OTLP.
@@ -88,11 +91,14 @@ impl Hub {
         let subscribers = Subscribers::new(config.hub.subscriber_queue);
         let outputs = Outputs::default();
         outputs.add(Arc::new(subscribers.clone()));
+        let inference_metrics = InferenceMetrics::new(config.metrics.max_models_per_pool);
+        outputs.add(Arc::new(inference_metrics.clone()));
         Ok(Self {
             shared: Arc::new(Shared {
                 registry: Registry::new(config.hub.max_remembered_workers),
                 outputs,
                 subscribers,
+                inference_metrics,
                 cluster: OnceLock::new(),
                 otlp: OnceLock::new(),
                 control,
@@ -127,6 +133,10 @@ impl Hub {
 
     pub fn subscribers(&self) -> &Subscribers {
         &self.shared.subscribers
+    }
+
+    pub fn inference_metrics(&self) -> &InferenceMetrics {
+        &self.shared.inference_metrics
     }
 
     pub fn control(&self) -> &ControlPlane {

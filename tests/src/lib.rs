@@ -449,6 +449,52 @@ where
     }
 }
 
+/// The value of the sample `series` (name and labels exactly as exposed), if present.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// `promtool check metrics` (Prometheus's own linter) on `text`. ./test.sh installs promtool
+/// and sets BRIDGE_REQUIRE_PROMTOOL; a plain `cargo test` without it skips this check.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let spawned = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            skip_without(
+                "BRIDGE_REQUIRE_PROMTOOL",
+                &format!("no promtool (Debian package prometheus) for its check: {error}"),
+            );
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// One worker as `ListWorkers` reports it, by id.
 pub async fn worker_info(client: &mut HubClient, id: &str) -> Option<v1::WorkerInfo> {
     client
