@@ -43,7 +43,7 @@ fn measure(plan: &Plan, export: bool) -> Result<Export, String> {
     let (mut receiver, address) = receiver()?;
     let config = export.then(|| {
         format!(
-            "[export.otlp]\nendpoint = \"http://{address}\"\nlogs = [\"bench.>\"]\ntraces = false\n"
+            "[export.otlp]\nendpoint = \"http://{address}\"\nlogs = [\"inference.>\"]\ntraces = false\n"
         )
     });
     let server = ServerProcess::start_with(plan, Server::Hub, config.as_deref())?;
