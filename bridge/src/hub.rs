@@ -163,6 +163,7 @@ impl Hub {
         let export = Arc::new(OtlpExport::start(
             config,
             Arc::new(self.clone()),
+            self.shared.inference_metrics.clone(),
             self.shared.shutdown.clone(),
         )?);
         info!(endpoint = %config.endpoint.trim(), logs = ?config.logs, traces = config.traces, "exporting over OTLP");

@@ -16,6 +16,7 @@ from concurrent import futures
 
 import grpc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "ok"
@@ -103,10 +104,38 @@ class Traces(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def Export(self, request, context):
+        for resource_metrics in request.resource_metrics:
+            resource = attributes(resource_metrics.resource.attributes)
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    kind = metric.WhichOneof("data")
+                    for point in getattr(metric, kind).data_points:
+                        line = {
+                            "signal": "metrics",
+                            "resource": resource,
+                            "name": metric.name,
+                            "unit": metric.unit,
+                            "kind": kind,
+                            "attributes": attributes(point.attributes),
+                        }
+                        if kind == "sum":
+                            line["value"] = point.as_double
+                            line["monotonic"] = metric.sum.is_monotonic
+                        else:
+                            line["count"] = point.count
+                            line["sum"] = point.sum
+                            line["bucket_counts"] = list(point.bucket_counts)
+                        emit(line)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 def main():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(), server)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     emit_line = f"listening on {port}"

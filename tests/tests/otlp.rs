@@ -346,3 +346,72 @@ async fn a_collector_that_never_answers_costs_a_bounded_queue_and_exact_counts()
     let readyz = http_get(hub.http, "/readyz", &[]);
     assert!(readyz.body.contains("degraded"), "{readyz:?}");
 }
+
+/// The per-model metrics are pushed as cumulative OTLP sums and histograms, per pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_model_metrics_are_pushed() {
+    let Some(receiver) = Receiver::start("ok") else {
+        return;
+    };
+    let hub = receiver.hub("metrics_interval_ms = 200\n");
+    let mut client = hub.client().await;
+    let (sender, _controls) = open_stream(
+        &mut client,
+        &[
+            (headers::WORKER_ID, "gpu-3"),
+            (headers::WORKER_POOL, "llama"),
+        ],
+    )
+    .await
+    .expect("worker stream");
+    for (name, tokens) in [
+        ("inference.stop", 100),
+        ("inference.stop", 50),
+        ("inference.exception", 0),
+    ] {
+        let mut call = event(name, 0x4b, 0x0a, 1);
+        call.measurements = [
+            ("duration_ns".to_owned(), int(250_000_000)),
+            ("output_tokens".to_owned(), int(tokens)),
+        ]
+        .into();
+        sender.send(call).await.expect("send");
+    }
+    let point = |name: &'static str, key: &'static str, value: &'static str| {
+        let receiver = &receiver;
+        move || {
+            receiver
+                .received("metrics")
+                .into_iter()
+                .rev()
+                .find(|m| m["name"] == name && m["attributes"][key][1] == value)
+        }
+    };
+    let success = eventually("3 calls counted", WAIT, || {
+        let found = point("bridge.inference.requests", "result", "success")();
+        async move { found.filter(|m| m["value"] == 2.0) }
+    })
+    .await;
+    assert_eq!(
+        success["resource"]["service.name"],
+        json!(["string_value", "llama"])
+    );
+    assert_eq!(
+        success["attributes"]["model"],
+        json!(["string_value", "llama-70b"])
+    );
+    assert_eq!(success["monotonic"], true);
+    let error = point("bridge.inference.requests", "result", "error")().expect("errors");
+    assert_eq!(error["value"], 1.0);
+    let output = point("bridge.inference.tokens", "direction", "output")().expect("tokens");
+    assert_eq!(output["value"], 150.0);
+    let duration = point("bridge.inference.duration", "model", "llama-70b")().expect("duration");
+    assert_eq!(
+        (duration["count"].as_u64(), duration["unit"].as_str()),
+        (Some(3), Some("s"))
+    );
+    assert!(
+        (duration["sum"].as_f64().unwrap_or(0.0) - 0.75).abs() < 1e-9,
+        "{duration}"
+    );
+}

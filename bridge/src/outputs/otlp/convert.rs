@@ -65,7 +65,7 @@ pub fn resource(worker_id: &str, pool: &str, worker: &WorkerDescription) -> Reso
     }
 }
 
-fn scope() -> InstrumentationScope {
+pub(super) fn scope() -> InstrumentationScope {
     InstrumentationScope {
         name: "telemetry-bridge".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -73,7 +73,7 @@ fn scope() -> InstrumentationScope {
     }
 }
 
-fn string(key: &str, value: &str) -> KeyValue {
+pub(super) fn string(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.to_owned(),
         value: Some(AnyValue {

@@ -1,13 +1,15 @@
 //! The OTLP export: the hub as an OpenTelemetry source, an output beside the subscribers.
 //!
 //! Events matching `[export.otlp] logs` become log records; every `X.stop` / `X.exception` with
-//! a trace context becomes the span `X` (no pairing state: the end event carries the duration).
+//! a trace context becomes the span `X` (no pairing state: the end event carries the duration);
+//! the per-model inference metrics are pushed as OTLP metrics (`metrics`).
 //! Each signal has its own bounded queue of the deliveries the subscribers share (encoded once,
 //! a reference count per record here) and one task that batches, converts and exports them, so a
 //! slow or absent collector costs ingest one failed `try_send` per record, counted.
 
 pub mod config;
 mod convert;
+mod metrics;
 mod sender;
 
 use std::sync::Arc;
@@ -24,7 +26,7 @@ pub use self::{
     convert::{WorkerDescription, WorkerDirectory},
     sender::{Dropped, Signal, SignalStats},
 };
-use super::{Delivery, Origin, Output};
+use super::{Delivery, Origin, Output, inference_metrics::InferenceMetrics};
 
 /// The export output; see the module documentation.
 #[derive(Debug)]
@@ -32,6 +34,7 @@ pub struct OtlpExport {
     log_patterns: Vec<Pattern>,
     logs: Option<sender::Queue>,
     traces: Option<sender::Queue>,
+    metrics: Option<Arc<SignalStats>>,
 }
 
 impl OtlpExport {
@@ -40,6 +43,7 @@ impl OtlpExport {
     pub fn start(
         config: &OtlpConfig,
         directory: Arc<dyn WorkerDirectory>,
+        inference_metrics: InferenceMetrics,
         shutdown: CancellationToken,
     ) -> Result<Self, String> {
         let log_patterns = config
@@ -91,6 +95,15 @@ impl OtlpExport {
         Ok(Self {
             logs: (!log_patterns.is_empty()).then(|| queue(Signal::Logs)),
             traces: config.traces.then(|| queue(Signal::Traces)),
+            metrics: config.metrics.then(|| {
+                sender::start_metrics(
+                    config.metrics_interval(),
+                    destination.clone(),
+                    directory.clone(),
+                    inference_metrics,
+                    shutdown.clone(),
+                )
+            }),
             log_patterns,
         })
     }
@@ -103,9 +116,14 @@ impl OtlpExport {
 
     /// Each exporting signal's counts.
     pub fn stats(&self) -> impl Iterator<Item = (Signal, &SignalStats)> {
-        [(Signal::Logs, &self.logs), (Signal::Traces, &self.traces)]
+        let queues = [(Signal::Logs, &self.logs), (Signal::Traces, &self.traces)]
             .into_iter()
-            .filter_map(|(signal, queue)| Some((signal, queue.as_ref()?.stats.as_ref())))
+            .filter_map(|(signal, queue)| Some((signal, queue.as_ref()?.stats.as_ref())));
+        queues.chain(
+            self.metrics
+                .as_deref()
+                .map(|stats| (Signal::Metrics, stats)),
+        )
     }
 }
 

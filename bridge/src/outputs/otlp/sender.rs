@@ -14,7 +14,8 @@ use bridge_proto::{
     v1::{self, subscribe_response::Item},
 };
 use opentelemetry_proto::tonic::collector::{
-    logs::v1::ExportLogsServiceResponse, trace::v1::ExportTraceServiceResponse,
+    logs::v1::ExportLogsServiceResponse, metrics::v1::ExportMetricsServiceResponse,
+    trace::v1::ExportTraceServiceResponse,
 };
 use prost::Message;
 use tokio::{
@@ -28,12 +29,14 @@ use tonic_types::StatusExt;
 use tracing::{info, warn};
 
 use super::convert::{self, ByWorker, WorkerDirectory};
+use crate::outputs::inference_metrics::InferenceMetrics;
 
 /// What is exported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
     Logs,
     Traces,
+    Metrics,
 }
 
 impl Signal {
@@ -41,6 +44,7 @@ impl Signal {
         match self {
             Signal::Logs => "logs",
             Signal::Traces => "traces",
+            Signal::Metrics => "metrics",
         }
     }
 
@@ -48,6 +52,7 @@ impl Signal {
         match self {
             Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
             Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            Signal::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
         }
     }
 }
@@ -63,14 +68,17 @@ pub enum Dropped {
     NotASpan,
     /// Still queued when the hub stopped.
     Shutdown,
+    /// Metrics not exported before the next push (which carries their cumulative values).
+    Superseded,
 }
 
 impl Dropped {
-    pub const ALL: [Dropped; 4] = [
+    pub const ALL: [Dropped; 5] = [
         Dropped::QueueFull,
         Dropped::Rejected,
         Dropped::NotASpan,
         Dropped::Shutdown,
+        Dropped::Superseded,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +87,7 @@ impl Dropped {
             Dropped::Rejected => "rejected",
             Dropped::NotASpan => "not_a_span",
             Dropped::Shutdown => "shutdown",
+            Dropped::Superseded => "superseded",
         }
     }
 }
@@ -89,7 +98,7 @@ impl Dropped {
 pub struct SignalStats {
     pub offered: AtomicU64,
     pub exported: AtomicU64,
-    dropped: [AtomicU64; 4],
+    dropped: [AtomicU64; 5],
     /// Queued or in an export request.
     pub pending: AtomicU64,
     /// The last export found the collector unavailable.
@@ -157,6 +166,68 @@ pub fn start(
     });
     tokio::spawn(exporter.run(receiver, shutdown));
     Queue { sender, stats }
+}
+
+/// Pushes the per-model metrics every `every` until `shutdown`; a push not done when the next
+/// is due gives way to it (cumulative values lose nothing).
+pub fn start_metrics(
+    every: Duration,
+    destination: Destination,
+    directory: Arc<dyn WorkerDirectory>,
+    metrics: InferenceMetrics,
+    shutdown: CancellationToken,
+) -> Arc<SignalStats> {
+    let stats = Arc::new(SignalStats::default());
+    let exporter = Arc::new(Exporter {
+        signal: Signal::Metrics,
+        destination,
+        directory,
+        stats: stats.clone(),
+        unreachable_since: Mutex::new(None),
+    });
+    tokio::spawn(async move {
+        let started = unix_nanos();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let (request, points) =
+                super::metrics::request(&metrics.snapshot(), started, unix_nanos());
+            if points == 0 {
+                continue;
+            }
+            let stats = &exporter.stats;
+            stats.offered.fetch_add(points, Relaxed);
+            stats.pending.fetch_add(points, Relaxed);
+            let next_due = shutdown.child_token();
+            let timer = next_due.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(every).await;
+                timer.cancel();
+            });
+            if !exporter
+                .export((PreEncoded::new(&request), points), &next_due)
+                .await
+            {
+                let reason = if shutdown.is_cancelled() {
+                    Dropped::Shutdown
+                } else {
+                    Dropped::Superseded
+                };
+                stats.drop_n(reason, points);
+            }
+            stats.pending.fetch_sub(points, Relaxed);
+        }
+    });
+    stats
+}
+
+fn unix_nanos() -> u64 {
+    u64::try_from(crate::latency::unix_nanos(std::time::SystemTime::now())).unwrap_or(0)
 }
 
 struct Exporter {
@@ -352,6 +423,8 @@ impl Exporter {
                     count,
                 )
             }
+            // Pushed by `start_metrics`, never queued.
+            Signal::Metrics => (PreEncoded::default(), 0),
         }
     }
 
@@ -383,6 +456,14 @@ impl Exporter {
                     tonic_prost::ProstCodec::<PreEncoded, ExportTraceServiceResponse>::default();
                 let response = grpc.unary(request, path, codec).await?.into_inner();
                 response.partial_success.map_or(0, |p| p.rejected_spans)
+            }
+            Signal::Metrics => {
+                let codec =
+                    tonic_prost::ProstCodec::<PreEncoded, ExportMetricsServiceResponse>::default();
+                let response = grpc.unary(request, path, codec).await?.into_inner();
+                response
+                    .partial_success
+                    .map_or(0, |p| p.rejected_data_points)
             }
         };
         Ok(u64::try_from(rejected).unwrap_or(0))
