@@ -8,10 +8,11 @@ cd "$(dirname "$0")"
 # The interop test drives a Python client generated from the .proto (grpcio, grpcio-tools);
 # the Python SDK's suite (tests/tests/python_sdk.rs) runs pytest against the package built here.
 venv=target/pyenv
-if ! "$venv/bin/python" -c 'import grpc, grpc_tools, pytest' 2>/dev/null; then
-    echo "test.sh: installing grpcio, grpcio-tools and pytest into $venv"
+# The OTLP export tests receive with the official OpenTelemetry protobufs (opentelemetry-proto).
+if ! "$venv/bin/python" -c 'import grpc, grpc_tools, opentelemetry.proto, pytest' 2>/dev/null; then
+    echo "test.sh: installing grpcio, grpcio-tools, opentelemetry-proto and pytest into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check grpcio grpcio-tools pytest
+    "$venv/bin/pip" install --quiet --disable-pip-version-check grpcio grpcio-tools opentelemetry-proto pytest
 fi
 export BRIDGE_TEST_PYTHON="$PWD/$venv/bin/python"
 export BRIDGE_REQUIRE_PYTHON=1 BRIDGE_REQUIRE_PYTHON_SDK=1

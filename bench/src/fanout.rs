@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::{
     Plan, Section,
-    process::{RoleProcess, Server, ServerProcess, load, number, subscribers},
+    process::{RoleProcess, Server, ServerProcess, load, load_buckets, number, subscribers},
     repeat,
     report::{Figure, median},
 };
@@ -43,7 +43,11 @@ pub(crate) fn probe_fanout(
     let mut subs = subscribers(subs_url, count, buckets, false)?;
     let deliveries_per_event = if buckets { 1.0 } else { count as f64 };
     let mut rate = (100_000.0 / deliveries_per_event).max(1000.0);
-    let mut load = load(load_url, 4, Some(rate))?;
+    let mut load = if buckets {
+        load_buckets(load_url, 4, Some(rate))?
+    } else {
+        load(load_url, 4, Some(rate))?
+    };
     let settle = plan.window / 5;
     let measure = |subs: &mut RoleProcess,
                    load: &mut RoleProcess,

@@ -24,6 +24,7 @@ mod baseline;
 mod cluster;
 mod control;
 mod emit;
+mod export;
 mod fanout;
 pub mod fault_proxy;
 mod hub_binary;
@@ -96,6 +97,7 @@ enum Section {
     /// Two hubs and a nats-server (needs nats-server on PATH; skipped without it unless asked
     /// for with --only).
     Cluster,
+    Export,
     #[value(skip)]
     Soak,
 }
@@ -200,6 +202,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
     if wanted(Section::Cluster) {
         let asked = args.only.contains(&Section::Cluster);
         figures.extend(cluster::cluster(&plan, asked).await.map_err(fail)?);
+    }
+    if wanted(Section::Export) {
+        figures.extend(export::export(&plan).map_err(fail)?);
     }
     let report = json!({
         "commit": report::commit(),

@@ -35,7 +35,7 @@ impl RoleProcess {
         Self::spawn(Command::new(exe).arg("role").args(args), env)
     }
 
-    fn spawn(command: &mut Command, env: &[(&str, &str)]) -> Result<Self, String> {
+    pub(crate) fn spawn(command: &mut Command, env: &[(&str, &str)]) -> Result<Self, String> {
         let mut child = command
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
@@ -165,6 +165,25 @@ pub(crate) fn load_named(
     streams: usize,
     rate: Option<f64>,
 ) -> Result<RoleProcess, String> {
+    load_with(url, prefix, streams, rate, false)
+}
+
+/// [`load`] of events named after 100 buckets, for subscribers that each match one.
+pub(crate) fn load_buckets(
+    url: &str,
+    streams: usize,
+    rate: Option<f64>,
+) -> Result<RoleProcess, String> {
+    load_with(url, "bench", streams, rate, true)
+}
+
+fn load_with(
+    url: &str,
+    prefix: &str,
+    streams: usize,
+    rate: Option<f64>,
+    buckets: bool,
+) -> Result<RoleProcess, String> {
     let mut args = vec![
         "load".into(),
         "--target".into(),
@@ -176,6 +195,9 @@ pub(crate) fn load_named(
     ];
     if let Some(rate) = rate {
         args.extend(["--rate".into(), rate.to_string()]);
+    }
+    if buckets {
+        args.push("--buckets".into());
     }
     let mut process = RoleProcess::role(&args, &[])?;
     process.ready(Duration::from_secs(120))?;

@@ -16,6 +16,7 @@ use std::{
 
 use async_stream::stream;
 use bridge_proto::encoded::EncodedEvent;
+use bridge_proto::protocol::inference;
 use bridge_proto::v1;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
@@ -51,6 +52,10 @@ pub enum Role {
         /// Worker ids are PREFIX-0, PREFIX-1, ...
         #[arg(long, default_value = "bench")]
         prefix: String,
+        /// Events named `bench.b0` to `bench.b99`, for subscribers that each match 1 %, in place
+        /// of `inference.stop`.
+        #[arg(long)]
+        buckets: bool,
     },
     /// Workers made with the worker library (`Link` and `Emitter::emit`), each emitting
     /// `--rate` events per second.
@@ -86,6 +91,11 @@ pub enum Role {
         #[arg(long, default_value_t = 1)]
         subscribers: usize,
     },
+    /// An OTLP/gRPC logs receiver counting the log records it accepts.
+    OtlpReceiver {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
     /// Connected workers that acknowledge every control state and send nothing else, or one
     /// numbered event every `--every-ms` each (as a model server between requests does).
     Idle {
@@ -103,12 +113,14 @@ pub enum Role {
 pub async fn run(role: Role) -> Result<(), Error> {
     let result = match role {
         Role::Baseline { listen } => baseline_server(listen).await,
+        Role::OtlpReceiver { listen } => otlp_receiver(listen).await,
         Role::Load {
             target,
             streams,
             rate,
             prefix,
-        } => load(&target, streams, rate, &prefix).await,
+            buckets,
+        } => load(&target, streams, rate, &prefix, buckets).await,
         Role::Workers {
             target,
             workers,
@@ -142,6 +154,58 @@ async fn baseline_server(listen: SocketAddr) -> Result<(), String> {
     let address = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening on {address}");
     baseline::serve(listener).await
+}
+
+/// Counts the log records of every export request and accepts them all.
+#[derive(Debug, Default, Clone)]
+struct CountingReceiver {
+    records: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService
+    for CountingReceiver
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse>,
+        tonic::Status,
+    > {
+        let records: usize = request
+            .get_ref()
+            .resource_logs
+            .iter()
+            .flat_map(|r| &r.scope_logs)
+            .map(|s| s.log_records.len())
+            .sum();
+        self.records.fetch_add(records as u64, Relaxed);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+async fn otlp_receiver(listen: SocketAddr) -> Result<(), String> {
+    use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("bind {listen}: {e}"))?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    let receiver = CountingReceiver::default();
+    let records = receiver.records.clone();
+    let service = LogsServiceServer::new(receiver)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .max_decoding_message_size(64 << 20);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    println!("listening on {address}");
+    serve_marks(move || json!({ "records": records.load(Relaxed) }), |_| {}).await;
+    Ok(())
 }
 
 /// Answers `mark` lines with `report()` and passes `rate N` to `set_rate`, until stdin closes.
@@ -178,11 +242,21 @@ where
         .collect()
 }
 
-async fn load(target: &str, streams: usize, rate: Option<f64>, prefix: &str) -> Result<(), String> {
+async fn load(
+    target: &str,
+    streams: usize,
+    rate: Option<f64>,
+    prefix: &str,
+    buckets: bool,
+) -> Result<(), String> {
     let sent = Arc::new(AtomicU64::new(0));
     // Events per second over all streams, as f64 bits; 0 means as fast as possible.
     let total_rate = Arc::new(AtomicU64::new(rate.unwrap_or(0.0).to_bits()));
-    let payload = Arc::new(Payload::default());
+    let payload = Arc::new(if buckets {
+        Payload::buckets()
+    } else {
+        Payload::default()
+    });
     let open_loop = rate.is_some();
     let mut senders = Vec::with_capacity(streams);
     let firsts = {
@@ -316,13 +390,13 @@ async fn library_workers(target: &str, workers: usize, rate: f64) -> Result<(), 
                 tick.tick().await;
                 i += 1;
                 emitter.emit(
-                    "inference.stop",
+                    inference::STOP,
                     &[
-                        ("tokens_in", Value::Int(1337)),
-                        ("tokens_out", Value::Int(i)),
-                        ("duration_ms", Value::Float(48.25)),
+                        (inference::INPUT_TOKENS, Value::Int(1337)),
+                        (inference::OUTPUT_TOKENS, Value::Int(i)),
+                        (inference::DURATION_NS, Value::Int(48_250_000)),
                     ],
-                    &[("model", "llama-3-8b")],
+                    &[(inference::MODEL, "llama-3-8b")],
                     Some("6f1c9a2b8d3e4f5061728394a5b6c7d8"),
                 );
                 emitted.fetch_add(1, Relaxed);

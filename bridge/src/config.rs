@@ -11,7 +11,10 @@ use std::{
 
 use serde::Deserialize;
 
-pub use crate::control::config::{ControlConfig, LayerConfig};
+pub use crate::{
+    control::config::{ControlConfig, LayerConfig},
+    outputs::otlp::{ExportConfig, OtlpConfig},
+};
 
 /// The whole configuration file. `[worker]` belongs to the `worker` sidecar and is checked there.
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -23,7 +26,31 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
     pub cluster: ClusterConfig,
+    pub export: ExportConfig,
+    pub metrics: MetricsConfig,
     pub worker: toml::Table,
+}
+
+/// `[metrics]`: what `/metrics` derives from events.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Models with series of their own in each pool's inference metrics; events of models
+    /// beyond them are counted under `model="other"`.
+    pub max_models_per_pool: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            max_models_per_pool: 50,
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// Keeps a typo (an extra zero or three) from costing Prometheus millions of series.
+    pub const MAX_MODELS_PER_POOL: usize = 10_000;
 }
 
 /// `[cluster]`: several hubs as one, through NATS. Off while `nats_url` is empty.
@@ -342,6 +369,16 @@ impl Config {
                 return Err((key.into(), "must be at least 1".into()));
             }
         }
+        let models = self.metrics.max_models_per_pool;
+        if !(1..=MetricsConfig::MAX_MODELS_PER_POOL).contains(&models) {
+            return Err((
+                "metrics.max_models_per_pool".into(),
+                format!(
+                    "{models} is not a number of models from 1 to {}",
+                    MetricsConfig::MAX_MODELS_PER_POOL
+                ),
+            ));
+        }
         let tls = &self.tls;
         if tls.cert.as_os_str().is_empty() != tls.key.as_os_str().is_empty() {
             return Err(("tls.cert".into(), "tls.cert and tls.key go together".into()));
@@ -369,6 +406,7 @@ impl Config {
         }
         crate::control::Configured::from_config(&self.control)
             .map_err(|invalid| (invalid.field, invalid.message))?;
+        self.export.otlp.validate()?;
         Ok(())
     }
 }
@@ -444,6 +482,7 @@ mod tests {
         assert_eq!(shipped.tls, TlsConfig::default());
         assert_eq!(shipped.limits, LimitsConfig::default());
         assert_eq!(shipped.cluster, ClusterConfig::default());
+        assert_eq!(shipped.metrics, MetricsConfig::default());
     }
 
     #[test]
@@ -490,6 +529,14 @@ mod tests {
             ),
             ("[cluster]\nreplicas = 0", "`cluster.replicas`"),
             (
+                "[metrics]\nmax_models_per_pool = 0",
+                "`metrics.max_models_per_pool`",
+            ),
+            (
+                "[metrics]\nmax_models_per_pool = 50000",
+                "`metrics.max_models_per_pool`",
+            ),
+            (
                 "[hub]\nhttp_allowed_origins = [\"example.com/x\"]",
                 "http_allowed_origins[0]",
             ),
@@ -516,6 +563,7 @@ mod tests {
                 Just("tls"),
                 Just("limits"),
                 Just("cluster"),
+                Just("metrics"),
                 Just("control.pools.a"),
                 Just("control.workers.\"gpu-1\""),
                 Just("nope"),
@@ -538,6 +586,7 @@ mod tests {
                 Just("subject_prefix"),
                 Just("handshake_timeout_ms"),
                 Just("worker_events_per_second"),
+                Just("max_models_per_pool"),
                 Just("typo"),
             ];
             let value = prop_oneof![

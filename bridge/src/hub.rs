@@ -26,6 +26,8 @@ use crate::{
     latency::{INGEST_BOUNDS_NS, LatencyHistogram, unix_nanos},
     outputs::{
         Delivery, Outputs,
+        inference_metrics::InferenceMetrics,
+        otlp::{OtlpExport, WorkerDescription, WorkerDirectory},
         subscribers::{Filter, Subscribers, Subscription},
     },
     registry::{Identity, Registry, Session, Worker},
@@ -39,8 +41,12 @@ struct Shared {
     outputs: Outputs,
     /// One of the outputs, which the hub opens subscriptions on.
     subscribers: Subscribers,
+    /// One of the outputs, which `/metrics` reads.
+    inference_metrics: InferenceMetrics,
     /// Set when the hub joins a cluster.
     cluster: OnceLock<Arc<ClusterLink>>,
+    /// Set when the hub exports over OTLP.
+    otlp: OnceLock<Arc<OtlpExport>>,
     control: ControlPlane,
     auth: Authenticator,
     /// From an event's timestamp to the hub receiving it, for events that passed.
@@ -85,12 +91,16 @@ impl Hub {
         let subscribers = Subscribers::new(config.hub.subscriber_queue);
         let outputs = Outputs::default();
         outputs.add(Arc::new(subscribers.clone()));
+        let inference_metrics = InferenceMetrics::new(config.metrics.max_models_per_pool);
+        outputs.add(Arc::new(inference_metrics.clone()));
         Ok(Self {
             shared: Arc::new(Shared {
                 registry: Registry::new(config.hub.max_remembered_workers),
                 outputs,
                 subscribers,
+                inference_metrics,
                 cluster: OnceLock::new(),
+                otlp: OnceLock::new(),
                 control,
                 auth,
                 ingest_latency: LatencyHistogram::new(INGEST_BOUNDS_NS),
@@ -125,6 +135,10 @@ impl Hub {
         &self.shared.subscribers
     }
 
+    pub fn inference_metrics(&self) -> &InferenceMetrics {
+        &self.shared.inference_metrics
+    }
+
     pub fn control(&self) -> &ControlPlane {
         &self.shared.control
     }
@@ -132,6 +146,31 @@ impl Hub {
     /// The hub's link to the other hubs, in cluster mode.
     pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
         self.shared.cluster.get()
+    }
+
+    /// The OTLP export, when it runs.
+    pub fn otlp(&self) -> Option<&Arc<OtlpExport>> {
+        self.shared.otlp.get()
+    }
+
+    /// Starts exporting to `[export.otlp]`'s collector, when one is configured: one more
+    /// output. Once only.
+    pub fn start_export(&self) -> std::result::Result<(), String> {
+        let config = &self.shared.config.export.otlp;
+        if !config.enabled() || self.shared.otlp.get().is_some() {
+            return Ok(());
+        }
+        let export = Arc::new(OtlpExport::start(
+            config,
+            Arc::new(self.clone()),
+            self.shared.inference_metrics.clone(),
+            self.shared.shutdown.clone(),
+        )?);
+        info!(endpoint = %config.endpoint.trim(), logs = ?config.logs, traces = config.traces, "exporting over OTLP");
+        if self.shared.otlp.set(export.clone()).is_ok() {
+            self.shared.outputs.add(export);
+        }
+        Ok(())
     }
 
     /// Shares events, workers and control with the other hubs of a cluster from now on: the
@@ -688,5 +727,20 @@ fn worker_info(worker: &Worker, hub: &str) -> v1::WorkerInfo {
         missing_events: worker.counters.missing.load(Relaxed),
         last_sequence: worker.counters.last_sequence.load(Relaxed),
         hub: hub.to_owned(),
+    }
+}
+
+impl WorkerDirectory for Hub {
+    fn describe(&self, worker_id: &str) -> WorkerDescription {
+        self.registry()
+            .get(worker_id)
+            .map(|worker| {
+                let details = worker.details();
+                WorkerDescription {
+                    labels: details.labels.clone(),
+                    host: details.host.clone(),
+                }
+            })
+            .unwrap_or_default()
     }
 }

@@ -6,7 +6,8 @@
 //! # How an event travels
 //! ```text
 //! worker stream ──▶ admission, enforcement ──▶ Outputs::publish ──┬─▶ subscribers (gRPC, SSE)
-//!  (worker_stream)   (limits, control state)   (one hand-off)     └─▶ cluster publisher ─▶ NATS
+//!  (worker_stream)   (limits, control state)   (one hand-off)     ├─▶ inference metrics (/metrics)
+//!                                                                 └─▶ cluster publisher ─▶ NATS
 //! other hubs ─▶ cluster subscriptions ─────────────────▲ (to the subscribers they were made for)
 //! ```
 //! Every output owns its queue, its drops and its metrics, and never makes the door wait.
@@ -17,7 +18,8 @@
 //! - [`registry`]: workers, their identity, sessions and counters.
 //! - [`worker_stream`]: both halves of a worker's stream (events in, control out).
 //! - [`outputs`]: the hand-off point and the outputs behind it; [`outputs::subscribers`]: live
-//!   subscriptions, their filters, bounded queues and lag notices.
+//!   subscriptions, their filters, bounded queues and lag notices;
+//!   [`outputs::inference_metrics`]: per-model metrics from this hub's workers' inference events.
 //! - [`cluster`]: several hubs as one through NATS (an output, a source of events, and control
 //!   state shared in JetStream); it sees the hub only through [`cluster::LocalHub`].
 //! - [`command`]: an operator's command (which workers, what change) and its wire forms;

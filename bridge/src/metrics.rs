@@ -1,20 +1,30 @@
 //! The hub's state as Prometheus metrics, read at scrape time.
 //!
 //! Nothing is counted twice: the collector reads the counters the hub keeps anyway (per worker,
-//! per subscriber set); the only thing the hot paths record for metrics alone is the two
-//! latency histograms ([`crate::latency`]). Label cardinality
-//! is bounded by the workers the hub remembers (`hub.max_remembered_workers`) and the fixed
-//! sets of drop reasons.
+//! per subscriber set); the only things the hot paths record for metrics alone are the two
+//! latency histograms ([`crate::latency`]) and the per-model inference metrics, an output of
+//! their own ([`crate::outputs::inference_metrics`], written by [`inference`]). Label cardinality
+//! is bounded by the workers the hub remembers (`hub.max_remembered_workers`), the fixed
+//! sets of drop reasons, and the models per pool (`metrics.max_models_per_pool`).
+
+mod inference;
 
 use bridge_proto::protocol::counters;
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet},
+    encoding::{
+        DescriptorEncoder, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder,
+        NoLabelSet,
+    },
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
 
-use crate::{hub::Hub, latency::Snapshot};
+use crate::{
+    hub::Hub,
+    latency::Snapshot,
+    outputs::otlp::{Dropped, OtlpExport, SignalStats},
+};
 
 /// Worker-side outcomes reported in `bridge.worker.stats`, as metric label values.
 const WORKER_DROPS: [(&str, &str); 8] = [
@@ -36,7 +46,9 @@ pub fn render(hub: &Hub) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(HubCollector { hub: hub.clone() }));
     let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    prometheus_client::encoding::text::encode_registry(&mut text, &registry)?;
+    inference::encode(&mut text, &hub.inference_metrics().snapshot())?;
+    prometheus_client::encoding::text::encode_eof(&mut text)?;
     Ok(text)
 }
 
@@ -252,6 +264,9 @@ impl Collector for HubCollector {
                 )],
             )?;
         }
+        if let Some(otlp) = self.hub.otlp() {
+            otlp_metrics(&mut encoder, otlp)?;
+        }
         histogram(
             &mut encoder,
             "bridge_ingest_latency_seconds",
@@ -267,6 +282,57 @@ impl Collector for HubCollector {
         )?;
         Ok(())
     }
+}
+
+/// The OTLP export's accounting: for each signal, offered = exported + dropped + queue items.
+fn otlp_metrics(encoder: &mut DescriptorEncoder, otlp: &OtlpExport) -> Result<(), std::fmt::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let signals: Vec<_> = otlp.stats().collect();
+    let per_signal = |value: &dyn Fn(&SignalStats) -> u64| -> Vec<(Labels<'_>, u64)> {
+        signals
+            .iter()
+            .map(|(signal, stats)| (vec![("signal", signal.name())], value(stats)))
+            .collect()
+    };
+    counter(
+        encoder,
+        "bridge_otlp_offered",
+        "Records handed to the OTLP export (events matching `export.otlp.logs`; spans' end events).",
+        &per_signal(&|s| s.offered.load(Relaxed)),
+    )?;
+    counter(
+        encoder,
+        "bridge_otlp_exported",
+        "Records the OTLP collector accepted.",
+        &per_signal(&|s| s.exported.load(Relaxed)),
+    )?;
+    let dropped: Vec<(Labels<'_>, u64)> = signals
+        .iter()
+        .flat_map(|(signal, stats)| {
+            Dropped::ALL.map(|reason| {
+                (
+                    vec![("signal", signal.name()), ("reason", reason.name())],
+                    stats.dropped(reason),
+                )
+            })
+        })
+        .collect();
+    counter(
+        encoder,
+        "bridge_otlp_dropped",
+        "Records not exported: queue_full (the collector slow or away), rejected (by the collector), not_a_span (an end event without span ids or duration_ns), shutdown.",
+        &dropped,
+    )?;
+    let queued: Vec<(Labels<'_>, i64)> = per_signal(&|s| s.pending.load(Relaxed))
+        .into_iter()
+        .map(|(labels, n)| (labels, i64::try_from(n).unwrap_or(i64::MAX)))
+        .collect();
+    gauge(
+        encoder,
+        "bridge_otlp_queue_items",
+        "Records queued for the OTLP collector or in an export request.",
+        &queued,
+    )
 }
 
 /// A sample's labels; empty for a metric without any.
@@ -326,7 +392,47 @@ fn family<V>(
         return encode(value, metric);
     }
     for (labels, value) in samples {
-        encode(value, metric.encode_family(labels)?)?;
+        let labels: Vec<_> = labels.iter().map(|(k, v)| (*k, Escaped(v))).collect();
+        encode(value, metric.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+/// A label value as the exposition formats spell it: prometheus_client writes values as they
+/// are, and worker ids and pools (printable ASCII from request metadata) may hold `"` or `\`.
+#[derive(Debug)]
+struct Escaped<'a>(&'a str);
+
+impl EncodeLabelValue for Escaped<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        write_label_value(encoder, self.0)
+    }
+}
+
+/// Writes `value` escaped for a label value between double quotes (both text formats escape
+/// the same three characters).
+fn write_label_value(out: &mut impl std::fmt::Write, value: &str) -> std::fmt::Result {
+    let mut rest = value;
+    while let Some(at) = rest.find(['\\', '"', '\n']) {
+        out.write_str(&rest[..at])?;
+        out.write_str(match rest.as_bytes()[at] {
+            b'\\' => "\\\\",
+            b'"' => "\\\"",
+            _ => "\\n",
+        })?;
+        rest = &rest[at + 1..];
+    }
+    out.write_str(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = String::new();
+        write_label_value(&mut out, "a\"b\\c\nd é").unwrap();
+        assert_eq!(out, r#"a\"b\\c\nd é"#);
+    }
 }

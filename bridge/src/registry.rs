@@ -44,6 +44,8 @@ pub struct Identity {
     pub instance: String,
     /// What GPUs the worker reported (`x-worker-gpu`).
     pub gpu: String,
+    /// The machine it runs on (`x-worker-host`), empty when not said.
+    pub host: String,
 }
 
 impl Identity {
@@ -103,6 +105,7 @@ impl Identity {
             peer: peer.map(|p| p.to_string()).unwrap_or_default(),
             instance: text(headers::WORKER_INSTANCE)?.unwrap_or_default(),
             gpu: gpu_text(metadata)?,
+            host: text(headers::WORKER_HOST)?.unwrap_or_default(),
         })
     }
 }
@@ -258,6 +261,7 @@ pub struct WorkerDetails {
     pub labels: BTreeMap<String, String>,
     pub acknowledges: bool,
     pub gpu: String,
+    pub host: String,
     /// The worker process whose sequence numbers `Counters::last_sequence` follows.
     instance: String,
     pub connected: bool,
@@ -496,6 +500,7 @@ impl Registry {
                         labels: BTreeMap::new(),
                         acknowledges: false,
                         gpu: String::new(),
+                        host: String::new(),
                         instance: String::new(),
                         connected: false,
                         connected_since: SystemTime::now(),
@@ -529,6 +534,7 @@ impl Registry {
             status.labels.clone_from(&identity.labels);
             status.acknowledges = identity.acknowledges;
             status.gpu.clone_from(&identity.gpu);
+            status.host.clone_from(&identity.host);
             if identity.instance.is_empty() || status.instance != identity.instance {
                 // A new process numbers its events from 1 again.
                 status.instance.clone_from(&identity.instance);

@@ -207,6 +207,30 @@ pub struct CheckedDelivery {
 
 bytes_message!(EncodedSubscribeResponse);
 
+/// Any message, already encoded: sent as it is, so that a request retried is not built again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PreEncoded {
+    bytes: Bytes,
+}
+
+impl PreEncoded {
+    pub fn new(message: &impl Message) -> Self {
+        Self {
+            bytes: Bytes::from(message.encode_to_vec()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+bytes_message!(PreEncoded);
+
 /// An encoded `TelemetryEvent`; cloning it is a reference-count increment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EncodedEvent {

@@ -19,9 +19,10 @@ pub mod headers {
     pub const CONTROL_ACK_YES: &str = "1";
     pub const WORKER_INSTANCE: &str = "x-worker-instance";
     pub const WORKER_GPU: &str = "x-worker-gpu";
+    pub const WORKER_HOST: &str = "x-worker-host";
 
     /// Every header above, for checks that cover them all.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         WORKER_ID,
         WORKER_POOL,
         WORKER_PID,
@@ -29,6 +30,7 @@ pub mod headers {
         CONTROL_ACK,
         WORKER_INSTANCE,
         WORKER_GPU,
+        WORKER_HOST,
     ];
 }
 

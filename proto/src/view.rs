@@ -377,6 +377,306 @@ fn skip(wire_type: WireType, bytes: &mut &[u8]) -> Result<(), &'static str> {
     }
 }
 
+/// A measurement's value, read where it lies in the event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    Int(i64),
+    Float(f64),
+    String(&'a str),
+}
+
+/// A measurement or metadata entry, read where it lies in the event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Entry<'a> {
+    /// A measurement's key and value (`None`: a `TelemetryValue` with nothing set).
+    Measurement(&'a str, Option<ValueRef<'a>>),
+    Metadata(&'a str, &'a str),
+}
+
+/// The values [`EventView::lookup`] found, in the order of the keys asked for.
+pub type Found<'a, const M: usize, const D: usize> =
+    ([Option<ValueRef<'a>>; M], [Option<&'a str>; D]);
+
+/// Entries are read where they lie, for the hub's readers of a few fields (per-model metrics),
+/// which must not pay for [`EventView::to_event`]'s maps on every event. Where a key repeats, a
+/// decoder keeps the last entry, and so do [`EventView::lookup`], [`EventView::measurement`]
+/// and [`EventView::metadata`]. A walk ends at anything malformed, which a view without a
+/// [`EventView::problem`] has none of.
+impl EventView {
+    /// Every measurement and metadata entry, in the order received.
+    pub fn entries(&self) -> Entries<'_> {
+        Entries {
+            raw: RawEntries { rest: &self.bytes },
+        }
+    }
+
+    /// The values of the measurements and metadata named, in one walk over the event that
+    /// checks and reads only the values asked for.
+    pub fn lookup<const M: usize, const D: usize>(
+        &self,
+        measurements: [&str; M],
+        metadata: [&str; D],
+    ) -> Found<'_, M, D> {
+        let mut found = ([None; M], [None; D]);
+        let position = |keys: &[&str], key: &[u8]| keys.iter().position(|k| k.as_bytes() == key);
+        for raw in (RawEntries { rest: &self.bytes }) {
+            let read = if raw.measurement {
+                position(&measurements, raw.key)
+                    .map(|at| raw.measurement().map(|value| found.0[at] = value))
+            } else {
+                position(&metadata, raw.key)
+                    .map(|at| utf8(raw.value).map(|value| found.1[at] = Some(value)))
+            };
+            if read == Some(None) {
+                break;
+            }
+        }
+        found
+    }
+
+    /// Whether the event's name tokens are `tokens`: [`EventView::parts`] compared as bytes,
+    /// without checking UTF-8 again (for a filter that every event meets).
+    pub fn is_named(&self, tokens: &[&str]) -> bool {
+        self.parts.len() == tokens.len()
+            && self.parts.iter().zip(tokens).all(|(range, token)| {
+                self.bytes.get(range.start as usize..range.end as usize) == Some(token.as_bytes())
+            })
+    }
+
+    /// The value of measurement `key`.
+    pub fn measurement(&self, key: &str) -> Option<ValueRef<'_>> {
+        let ([value], []) = self.lookup([key], []);
+        value
+    }
+
+    /// The value of metadata `key`.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        let ([], [value]) = self.lookup([], [key]);
+        value
+    }
+}
+
+/// The iterator of [`EventView::entries`].
+#[derive(Debug, Clone)]
+pub struct Entries<'a> {
+    raw: RawEntries<'a>,
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = Entry<'a>;
+
+    fn next(&mut self) -> Option<Entry<'a>> {
+        let raw = self.raw.next()?;
+        let key = utf8(raw.key);
+        let entry = key.and_then(|key| {
+            Some(if raw.measurement {
+                Entry::Measurement(key, raw.measurement()?)
+            } else {
+                Entry::Metadata(key, utf8(raw.value)?)
+            })
+        });
+        if entry.is_none() {
+            self.raw.rest = &[];
+        }
+        entry
+    }
+}
+
+// The walk below returns `None` for anything malformed; it only ever stops there, so it carries
+// no reason (and stays in registers: this runs for every inference event the hub receives).
+
+/// The entries of an event, their keys and values not yet checked.
+#[derive(Debug, Clone)]
+struct RawEntries<'a> {
+    rest: &'a [u8],
+}
+
+/// A map entry as it lies in the event.
+struct RawEntry<'a> {
+    measurement: bool,
+    /// Empty when unset, as a decoder reads it.
+    key: &'a [u8],
+    value: &'a [u8],
+    /// The whole entry, when its value comes in several parts (which a decoder merges).
+    parts: Option<&'a [u8]>,
+}
+
+impl<'a> Iterator for RawEntries<'a> {
+    type Item = RawEntry<'a>;
+
+    #[inline]
+    fn next(&mut self) -> Option<RawEntry<'a>> {
+        while !self.rest.is_empty() {
+            let entry = field_key(&mut self.rest).and_then(|key| match key {
+                (MEASUREMENTS | METADATA, WireType::LengthDelimited) => {
+                    let entry = take_delimited(&mut self.rest)?;
+                    RawEntry::read(entry, key.0 == MEASUREMENTS).map(Some)
+                }
+                (_, wire_type) => skip_field(wire_type, &mut self.rest).map(|()| None),
+            });
+            match entry {
+                Some(Some(entry)) => return Some(entry),
+                Some(None) => {}
+                None => self.rest = &[],
+            }
+        }
+        None
+    }
+}
+
+/// The first bytes of a map entry's key and value fields.
+const ENTRY_KEY: u8 = (map_entry::KEY as u8) << 3 | WireType::LengthDelimited as u8;
+const ENTRY_VALUE: u8 = (map_entry::VALUE as u8) << 3 | WireType::LengthDelimited as u8;
+
+impl<'a> RawEntry<'a> {
+    #[inline(always)]
+    fn read(entry: &'a [u8], measurement: bool) -> Option<Self> {
+        // What encoders write: the key, then the value, each shorter than 128 bytes.
+        if let [ENTRY_KEY, key_len @ 0..0x80, rest @ ..] = entry
+            && let Some((key, rest)) = rest.split_at_checked(usize::from(*key_len))
+            && let [ENTRY_VALUE, value_len @ 0..0x80, value @ ..] = rest
+            && value.len() == usize::from(*value_len)
+        {
+            return Some(Self {
+                measurement,
+                key,
+                value,
+                parts: None,
+            });
+        }
+        Self::read_any(entry, measurement)
+    }
+
+    /// Any other layout that a decoder accepts: fields in any order, repeated, or unknown.
+    fn read_any(mut entry: &'a [u8], measurement: bool) -> Option<Self> {
+        let whole = entry;
+        let (mut key, mut value, mut values) = (&[][..], &[][..], 0);
+        while !entry.is_empty() {
+            match field_key(&mut entry)? {
+                (map_entry::KEY, WireType::LengthDelimited) => key = take_delimited(&mut entry)?,
+                (map_entry::VALUE, WireType::LengthDelimited) => {
+                    value = take_delimited(&mut entry)?;
+                    values += 1;
+                }
+                (map_entry::KEY | map_entry::VALUE, _) => return None,
+                (_, wire_type) => skip_field(wire_type, &mut entry)?,
+            }
+        }
+        Some(Self {
+            measurement,
+            key,
+            value,
+            parts: (values > 1).then_some(whole),
+        })
+    }
+
+    /// The `TelemetryValue` of a measurement (`Some(None)`: nothing set); a part with nothing
+    /// set keeps the value before.
+    fn measurement(&self) -> Option<Option<ValueRef<'a>>> {
+        let Some(mut entry) = self.parts else {
+            return read_value(self.value);
+        };
+        let mut value = None;
+        while !entry.is_empty() {
+            match field_key(&mut entry)? {
+                (map_entry::VALUE, WireType::LengthDelimited) => {
+                    value = read_value(take_delimited(&mut entry)?)?.or(value);
+                }
+                (_, wire_type) => skip_field(wire_type, &mut entry)?,
+            }
+        }
+        Some(value)
+    }
+}
+
+/// A `TelemetryValue`: the member of its oneof set last, if any.
+#[inline]
+fn read_value(mut bytes: &[u8]) -> Option<Option<ValueRef<'_>>> {
+    let mut value = None;
+    while !bytes.is_empty() {
+        match field_key(&mut bytes)? {
+            // int64 travels as its two's complement, as a varint.
+            (INT_VALUE, WireType::Varint) => {
+                value = Some(ValueRef::Int(varint(&mut bytes)? as i64))
+            }
+            (FLOAT_VALUE, WireType::SixtyFourBit) => {
+                let (le, rest) = bytes.split_first_chunk::<8>()?;
+                value = Some(ValueRef::Float(f64::from_le_bytes(*le)));
+                bytes = rest;
+            }
+            (STRING_VALUE, WireType::LengthDelimited) => {
+                value = Some(ValueRef::String(utf8(take_delimited(&mut bytes)?)?));
+            }
+            (INT_VALUE | FLOAT_VALUE | STRING_VALUE, _) => return None,
+            (_, wire_type) => skip_field(wire_type, &mut bytes)?,
+        }
+    }
+    Some(value)
+}
+
+/// A field's key, as prost's `decode_key` reads it.
+#[inline(always)]
+fn field_key(bytes: &mut &[u8]) -> Option<(u32, WireType)> {
+    let key = varint(bytes)?;
+    let tag = u32::try_from(key >> 3).ok().filter(|tag| *tag > 0)?;
+    Some((tag, WireType::try_from(key & 0x07).ok()?))
+}
+
+/// A varint, with the one-byte case (keys, short lengths, small ints) first.
+#[inline(always)]
+fn varint(bytes: &mut &[u8]) -> Option<u64> {
+    match bytes.split_first() {
+        Some((&byte, rest)) if byte < 0x80 => {
+            *bytes = rest;
+            Some(u64::from(byte))
+        }
+        _ => long_varint(bytes),
+    }
+}
+
+/// A varint of up to ten bytes, the tenth holding the 64th bit only, as prost reads them (its
+/// own reader goes through `Buf`, which costs more than the loop).
+#[inline]
+fn long_varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut value = 0;
+    for (i, &byte) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            if i == 9 && byte > 1 {
+                return None;
+            }
+            *bytes = &bytes[i + 1..];
+            return Some(value);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn take_delimited<'a>(bytes: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = usize::try_from(varint(bytes)?).ok()?;
+    let (body, rest) = bytes.split_at_checked(len)?;
+    *bytes = rest;
+    Some(body)
+}
+
+#[inline]
+fn skip_field(wire_type: WireType, bytes: &mut &[u8]) -> Option<()> {
+    let len = match wire_type {
+        WireType::Varint => return varint(bytes).map(drop),
+        WireType::LengthDelimited => return take_delimited(bytes).map(drop),
+        WireType::SixtyFourBit => 8,
+        WireType::ThirtyTwoBit => 4,
+        WireType::StartGroup | WireType::EndGroup => return None,
+    };
+    *bytes = bytes.get(len..)?;
+    Some(())
+}
+
+fn utf8(bytes: &[u8]) -> Option<&str> {
+    std::str::from_utf8(bytes).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,5 +907,269 @@ mod tests {
         let view = EventView::decode(bytes.as_slice()).unwrap();
         assert_eq!(view.as_bytes(), bytes.as_slice());
         assert_eq!(view.to_event().unwrap(), event());
+    }
+
+    /// Reading entries in place, as the per-model metrics do.
+    mod entries {
+        use std::collections::HashMap;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn value(v: Value) -> TelemetryValue {
+            TelemetryValue { value: Some(v) }
+        }
+
+        fn view(event: &TelemetryEvent) -> EventView {
+            EventView::from_event(event).unwrap()
+        }
+
+        #[test]
+        fn reads_each_type_and_tells_measurements_from_metadata() {
+            let view = view(&TelemetryEvent {
+                event_parts: vec!["inference".into(), "stop".into()],
+                measurements: [
+                    ("duration_ns".to_owned(), value(Value::IntValue(48_250_000))),
+                    ("behind_ns".to_owned(), value(Value::IntValue(-7))),
+                    ("ratio".to_owned(), value(Value::FloatValue(0.5))),
+                    ("state".to_owned(), value(Value::StringValue("warm".into()))),
+                    ("unset".to_owned(), TelemetryValue { value: None }),
+                ]
+                .into(),
+                metadata: [("model".to_owned(), "llama".to_owned())].into(),
+                correlation_id: "req-1".into(),
+                ..Default::default()
+            });
+            assert_eq!(
+                view.measurement("duration_ns"),
+                Some(ValueRef::Int(48_250_000))
+            );
+            assert_eq!(view.measurement("behind_ns"), Some(ValueRef::Int(-7)));
+            assert_eq!(view.measurement("ratio"), Some(ValueRef::Float(0.5)));
+            assert_eq!(view.measurement("state"), Some(ValueRef::String("warm")));
+            assert_eq!(view.measurement("unset"), None);
+            assert_eq!(view.measurement("absent"), None);
+            assert_eq!(view.measurement("model"), None);
+            assert_eq!(view.metadata("model"), Some("llama"));
+            assert_eq!(view.metadata("duration_ns"), None);
+            assert_eq!(view.entries().count(), 6);
+        }
+
+        #[test]
+        fn lookup_reads_the_keys_asked_for_in_one_walk() {
+            let view = view(&TelemetryEvent {
+                measurements: [
+                    ("a".to_owned(), value(Value::IntValue(1))),
+                    ("b".to_owned(), value(Value::StringValue("two".into()))),
+                    ("model".to_owned(), value(Value::IntValue(3))),
+                ]
+                .into(),
+                metadata: [
+                    ("model".to_owned(), "llama".to_owned()),
+                    ("a".to_owned(), "meta".to_owned()),
+                ]
+                .into(),
+                ..Default::default()
+            });
+            assert_eq!(
+                view.lookup(["b", "absent", "a"], ["model", "b"]),
+                (
+                    [Some(ValueRef::String("two")), None, Some(ValueRef::Int(1))],
+                    [Some("llama"), None]
+                )
+            );
+            assert_eq!(view.lookup([], []), ([], []));
+        }
+
+        #[test]
+        fn varints_read_as_prost_reads_them() {
+            let mut cases: Vec<Vec<u8>> = [0, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX]
+                .iter()
+                .map(|n| {
+                    let mut bytes = Vec::new();
+                    encode_varint(*n, &mut bytes);
+                    bytes
+                })
+                .collect();
+            // Cut short, too long, and a tenth byte beyond the 64th bit.
+            cases.extend([
+                vec![0x80],
+                vec![0xff; 11],
+                [&[0xff; 9][..], &[0x02]].concat(),
+            ]);
+            for case in cases {
+                let mut ours = case.as_slice();
+                let mut theirs = case.as_slice();
+                let read = varint(&mut ours);
+                assert_eq!(read, decode_varint(&mut theirs).ok(), "{case:?}");
+                if read.is_some() {
+                    assert_eq!(ours, theirs, "{case:?}");
+                }
+            }
+        }
+
+        #[test]
+        fn is_named_compares_every_token() {
+            let view = view(&TelemetryEvent {
+                event_parts: vec!["inference".into(), "stop".into()],
+                ..Default::default()
+            });
+            assert!(view.is_named(&["inference", "stop"]));
+            for other in [
+                &["inference"][..],
+                &["inference", "sto"],
+                &["inference", "stop", "x"],
+                &[],
+            ] {
+                assert!(!view.is_named(other), "{other:?}");
+            }
+        }
+
+        #[test]
+        fn a_value_in_parts_is_merged_as_a_decoder_merges_it() {
+            // Measurement entry {1: "n", 2: {1: 5}, 2: {}, 2: {2: 0.5}, 2: {}}.
+            let mut entry = vec![
+                0x0a, 0x01, b'n', 0x12, 0x02, 0x08, 0x05, 0x12, 0x00, 0x12, 0x09, 0x11,
+            ];
+            entry.extend(0.5f64.to_le_bytes());
+            entry.extend([0x12, 0x00]);
+            let mut bytes = vec![0x12, entry.len() as u8];
+            bytes.extend(&entry);
+            let decoded = TelemetryEvent::decode(bytes.as_slice()).unwrap();
+            assert_eq!(decoded.measurements["n"], value(Value::FloatValue(0.5)));
+            let view = EventView::decode(bytes.as_slice()).unwrap();
+            assert_eq!(view.measurement("n"), Some(ValueRef::Float(0.5)));
+            assert_eq!(
+                view.entries().collect::<Vec<_>>(),
+                [Entry::Measurement("n", Some(ValueRef::Float(0.5)))]
+            );
+        }
+
+        #[test]
+        fn a_repeated_key_reads_as_its_last_value() {
+            // Two encodings back to back are one message, merged: the later entry wins.
+            let first = TelemetryEvent {
+                measurements: [("n".to_owned(), value(Value::IntValue(1)))].into(),
+                metadata: [("model".to_owned(), "a".to_owned())].into(),
+                ..Default::default()
+            };
+            let second = TelemetryEvent {
+                measurements: [("n".to_owned(), value(Value::FloatValue(2.0)))].into(),
+                metadata: [("model".to_owned(), "b".to_owned())].into(),
+                ..Default::default()
+            };
+            let mut bytes = first.encode_to_vec();
+            bytes.extend(second.encode_to_vec());
+            let view = EventView::decode(bytes.as_slice()).unwrap();
+            assert_eq!(view.measurement("n"), Some(ValueRef::Float(2.0)));
+            assert_eq!(view.metadata("model"), Some("b"));
+            assert_eq!(view.entries().count(), 4);
+        }
+
+        #[test]
+        fn entries_without_key_or_value_read_as_defaults() {
+            // Field 2 entry {2: {}} (no key, an empty value); field 3 entry {1: "k"} (no value).
+            let bytes = [0x12, 0x02, 0x12, 0x00, 0x1a, 0x03, 0x0a, 0x01, b'k'];
+            let view = EventView::decode(&bytes[..]).unwrap();
+            assert_eq!(view.problem(), None);
+            assert_eq!(
+                view.entries().collect::<Vec<_>>(),
+                [Entry::Measurement("", None), Entry::Metadata("k", "")]
+            );
+        }
+
+        #[test]
+        fn the_walk_stops_at_a_malformed_entry() {
+            // A good metadata entry, then a measurement whose int value is cut short.
+            let bytes = [
+                0x1a, 0x03, 0x0a, 0x01, b'k', 0x12, 0x07, 0x0a, 0x01, b'n', 0x12, 0x02, 0x08, 0xff,
+            ];
+            let view = EventView::decode(&bytes[..]).unwrap();
+            assert!(view.problem().is_some());
+            assert_eq!(
+                view.entries().collect::<Vec<_>>(),
+                [Entry::Metadata("k", "")]
+            );
+            assert_eq!(view.measurement("n"), None);
+        }
+
+        fn any_maps() -> impl Strategy<Value = TelemetryEvent> {
+            let value = prop_oneof![
+                any::<i64>().prop_map(Value::IntValue),
+                any::<f64>()
+                    .prop_filter("NaN is not equal to itself", |f| !f.is_nan())
+                    .prop_map(Value::FloatValue),
+                ".{0,12}".prop_map(Value::StringValue),
+            ];
+            (
+                prop::collection::hash_map("[a-c]{0,2}", prop::option::of(value), 0..5),
+                prop::collection::hash_map("[a-c]{0,2}", ".{0,8}", 0..5),
+            )
+                .prop_map(|(measurements, metadata)| TelemetryEvent {
+                    event_parts: vec!["inference".into(), "stop".into()],
+                    measurements: measurements
+                        .into_iter()
+                        .map(|(k, value)| (k, TelemetryValue { value }))
+                        .collect(),
+                    metadata,
+                    ..Default::default()
+                })
+        }
+
+        fn as_ref(value: &Value) -> ValueRef<'_> {
+            match value {
+                Value::IntValue(v) => ValueRef::Int(*v),
+                Value::FloatValue(v) => ValueRef::Float(*v),
+                Value::StringValue(v) => ValueRef::String(v),
+            }
+        }
+
+        proptest! {
+            /// Whatever the entries and however they repeat (two messages back to back merge),
+            /// reading in place agrees with the generated decoder.
+            #[test]
+            fn reads_what_the_decoder_reads(a in any_maps(), b in any_maps()) {
+                let mut bytes = a.encode_to_vec();
+                bytes.extend(b.encode_to_vec());
+                let decoded = TelemetryEvent::decode(bytes.as_slice()).unwrap();
+                let view = EventView::decode(bytes.as_slice()).unwrap();
+                for (key, value) in &decoded.measurements {
+                    prop_assert_eq!(view.measurement(key), value.value.as_ref().map(as_ref), "{}", key);
+                }
+                for (key, value) in &decoded.metadata {
+                    prop_assert_eq!(view.metadata(key), Some(value.as_str()), "{}", key);
+                }
+                let keys = ["", "a", "b", "c", "ab"];
+                let (measurements, metadata) = view.lookup(keys, keys);
+                for (i, key) in keys.iter().enumerate() {
+                    let measurement = decoded.measurements.get(*key).and_then(|v| v.value.as_ref());
+                    prop_assert_eq!(measurements[i], measurement.map(as_ref));
+                    prop_assert_eq!(metadata[i], decoded.metadata.get(*key).map(String::as_str));
+                }
+                let mut measurements = HashMap::new();
+                let mut metadata = HashMap::new();
+                for entry in view.entries() {
+                    match entry {
+                        Entry::Measurement(k, v) => {
+                            measurements.insert(k, v);
+                        }
+                        Entry::Metadata(k, v) => {
+                            metadata.insert(k, v);
+                        }
+                    }
+                }
+                prop_assert_eq!(measurements.len(), decoded.measurements.len());
+                prop_assert_eq!(metadata.len(), decoded.metadata.len());
+            }
+
+            /// Reading the entries of anything that decodes never panics.
+            #[test]
+            fn entries_of_any_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                if let Ok(view) = EventView::decode(bytes.as_slice()) {
+                    let _ = (view.entries().count(), view.measurement("a"), view.metadata("a"));
+                }
+            }
+        }
     }
 }

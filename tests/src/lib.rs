@@ -191,6 +191,21 @@ impl HubProcess {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open subscriptions, as the hub's `/metrics` counts them.
+    pub fn subscribers(&self) -> Option<f64> {
+        let metrics = http_get(self.http, "/metrics", &[]).body;
+        metrics.lines().find_map(|line| {
+            line.strip_prefix("bridge_subscribers ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     pub async fn client(&self) -> HubClient {
         HubClient::connect(&self.url, Duration::from_secs(5))
             .await
@@ -434,6 +449,52 @@ where
     }
 }
 
+/// The value of the sample `series` (name and labels exactly as exposed), if present.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// `promtool check metrics` (Prometheus's own linter) on `text`. ./test.sh installs promtool
+/// and sets BRIDGE_REQUIRE_PROMTOOL; a plain `cargo test` without it skips this check.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let spawned = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            skip_without(
+                "BRIDGE_REQUIRE_PROMTOOL",
+                &format!("no promtool (Debian package prometheus) for its check: {error}"),
+            );
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// One worker as `ListWorkers` reports it, by id.
 pub async fn worker_info(client: &mut HubClient, id: &str) -> Option<v1::WorkerInfo> {
     client
@@ -574,18 +635,7 @@ impl PythonGrpc {
     /// `None` (test skipped, said on stderr) when no Python with grpcio is found, unless
     /// `BRIDGE_REQUIRE_PYTHON` is set (as `./test.sh` does), which makes that a failure.
     pub fn set_up() -> Option<Self> {
-        let python = std::env::var("BRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-        let ok = Command::new(&python)
-            .args(["-c", "import grpc, grpc_tools"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            skip_without(
-                "BRIDGE_REQUIRE_PYTHON",
-                &format!("{python} lacks grpcio/grpcio-tools"),
-            );
-            return None;
-        }
+        let python = python_with(&["grpc", "grpc_tools"])?;
         let generated = tempfile::tempdir().expect("temp dir");
         let root = repo_root();
         let status = Command::new(&python)
@@ -611,6 +661,25 @@ impl PythonGrpc {
             .env("PYTHONPATH", self.generated.path());
         command
     }
+}
+
+/// The test Python (`BRIDGE_TEST_PYTHON`, else python3) when it can import `modules`; else
+/// `None`, the test skipped and said so on stderr, unless `BRIDGE_REQUIRE_PYTHON` is set (as
+/// `./test.sh` does), which makes that a failure.
+pub fn python_with(modules: &[&str]) -> Option<String> {
+    let python = std::env::var("BRIDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        skip_without(
+            "BRIDGE_REQUIRE_PYTHON",
+            &format!("{python} cannot import {}", modules.join(", ")),
+        );
+        return None;
+    }
+    Some(python)
 }
 
 /// The repository's top directory.

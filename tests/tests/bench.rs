@@ -76,6 +76,7 @@ fn the_quick_benchmark_reports_every_figure_next_to_its_baseline() {
         "emit, sampled out",
         "emit, queued",
         "4 workers at 60000 events/s, delivered under pressure",
+        "  log records per core the export costs",
     ];
     for name in with_target {
         let figure = find(name);
@@ -100,6 +101,7 @@ fn the_quick_benchmark_reports_every_figure_next_to_its_baseline() {
         "hub memory per idle worker",
         "emit, queued",
         "4 workers at 60000 events/s, delivered under pressure",
+        "  ingest with export",
     ];
     for name in with_baseline {
         let figure = find(name);

@@ -93,16 +93,6 @@ fn event(name: &str, i: i64, pad: &str) -> v1::TelemetryEvent {
     event
 }
 
-fn subscribers(hub: &HubProcess) -> Option<f64> {
-    let metrics = http_get(hub.http, "/metrics", &[]).body;
-    metrics.lines().find_map(|line| {
-        line.strip_prefix("bridge_subscribers ")?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sent_events_carry_the_filtered_tail_and_account_for_lag() {
     let hub = HubProcess::start_with(HubOptions {
@@ -123,7 +113,7 @@ async fn server_sent_events_carry_the_filtered_tail_and_account_for_lag() {
         .spawn()
         .expect("bridge subscribe");
     eventually("both subscriptions to be open", WAIT, || async {
-        let count = tokio::task::block_in_place(|| subscribers(&hub));
+        let count = tokio::task::block_in_place(|| hub.subscribers());
         (count == Some(2.0)).then_some(())
     })
     .await;
@@ -402,7 +392,7 @@ async fn the_tail_follows_one_trace() {
     let mut events =
         EventStream::open(&format!("http://{}/api/events?trace={trace}", hub.http)).await;
     eventually("the subscription to be open", WAIT, || async {
-        let count = tokio::task::block_in_place(|| subscribers(&hub));
+        let count = tokio::task::block_in_place(|| hub.subscribers());
         (count == Some(1.0)).then_some(())
     })
     .await;

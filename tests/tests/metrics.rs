@@ -7,56 +7,10 @@ use bridge_proto::protocol::headers;
 use bridge_proto::v1;
 use bridge_tests::{
     HubOptions, HubProcess, READER_TOKEN, Recorder, WORKER_TOKEN, WorkerProcess, eventually,
-    http_get, run_cli, skip_without, tokens_config,
+    http_get, metric_sample as sample, promtool_check, run_cli, tokens_config,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// The value of the sample `series` (name and labels exactly as exposed), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
-/// `promtool check metrics` (Prometheus's own linter) on `text`. ./test.sh installs promtool
-/// and sets BRIDGE_REQUIRE_PROMTOOL; a plain `cargo test` without it skips this check.
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let spawned = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(error) => {
-            skip_without(
-                "BRIDGE_REQUIRE_PROMTOOL",
-                &format!("no promtool (Debian package prometheus) for its check: {error}"),
-            );
-            return;
-        }
-    };
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_as_events_flow_and_health_is_served() {

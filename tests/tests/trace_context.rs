@@ -53,16 +53,6 @@ async fn run_sidecar(hub: &HubProcess, id: &str, app: &str) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-fn subscribers(hub: &HubProcess) -> Option<f64> {
-    let metrics = http_get(hub.http, "/metrics", &[]).body;
-    metrics.lines().find_map(|line| {
-        line.strip_prefix("bridge_subscribers ")?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 fn line(event: &str, traceparent: &str, extra: &str) -> String {
     format!(r#"TELEMETRY:{{"event":"{event}","traceparent":"{traceparent}"{extra}}}"#)
 }
@@ -83,7 +73,7 @@ async fn one_request_is_followed_by_its_trace_id_across_workers() {
         .spawn()
         .expect("bridge subscribe");
     eventually("both subscriptions to be open", WAIT, || async {
-        let count = tokio::task::block_in_place(|| subscribers(&hub));
+        let count = tokio::task::block_in_place(|| hub.subscribers());
         (count == Some(2.0)).then_some(())
     })
     .await;

@@ -18,6 +18,8 @@ struct File {
     tls: toml::Table,
     limits: toml::Table,
     cluster: toml::Table,
+    export: toml::Table,
+    metrics: toml::Table,
 }
 
 /// `[worker]`.

@@ -249,6 +249,10 @@ fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
         )?;
     }
     add(header::WORKER_GPU.into(), &options.gpu)?;
+    let host = bridge_proto::connect::host_name();
+    if AsciiMetadataValue::try_from(host.as_str()).is_ok() && !host.contains(char::is_whitespace) {
+        add(header::WORKER_HOST.into(), &host)?;
+    }
     // One run of this process: sequence numbers restart with it.
     add(
         header::WORKER_INSTANCE.into(),

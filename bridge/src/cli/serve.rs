@@ -88,6 +88,7 @@ pub async fn run(args: Args) -> Outcome {
         tracing::info!(node = link.node(), nats = %cluster.nats_url, "cluster mode: sharing events through NATS");
         hub.join_cluster(link);
     }
+    hub.start_export().map_err(Failure::invalid)?;
     if let Some(http) = http {
         let http_listener = TcpListener::bind(http).await.map_err(|e| {
             Failure::new(

@@ -308,6 +308,11 @@ async fn ready(State(hub): State<Hub>) -> impl IntoResponse {
             StatusCode::OK,
             "ready, degraded: not following the cluster's control state yet (NATS JetStream); control changes are refused\n",
         )
+    } else if hub.otlp().is_some_and(|otlp| !otlp.reachable()) {
+        (
+            StatusCode::OK,
+            "ready, degraded: the OTLP collector is unreachable; records queue, and drop when the queue is full\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }

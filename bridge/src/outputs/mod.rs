@@ -9,8 +9,12 @@
 //!
 //! - [`subscribers`]: live subscriptions (gRPC `Subscribe`, server-sent events): filters,
 //!   bounded queues, lag notices.
+//! - [`inference_metrics`]: per-model inference metrics from this hub's workers' events, read
+//!   by `/metrics`.
 //! - The cluster publisher (`cluster::events`), added when the hub joins a cluster.
 
+pub mod inference_metrics;
+pub mod otlp;
 pub mod subscribers;
 
 use std::{cell::OnceCell, sync::Arc};
@@ -115,6 +119,19 @@ impl<'a> Delivery<'a> {
         match &self.event {
             Event::Received { view, .. } => Tokens::View(view.parts()),
             Event::Encoded { name, .. } => Tokens::Dotted(name.split('.')),
+        }
+    }
+
+    /// The event as this hub received it, and the rate it was kept at; `None` for an event
+    /// another hub encoded.
+    #[inline]
+    pub fn received(&self) -> Option<(&'a EventView, f64)> {
+        match self.event {
+            Event::Received {
+                view,
+                sampling_rate,
+            } => Some((view, sampling_rate)),
+            Event::Encoded { .. } => None,
         }
     }
 

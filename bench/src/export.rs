@@ -1,0 +1,116 @@
+//! OTLP export: log records per second the hub exports to an OTLP receiver while 8 workers send
+//! as fast as flow control allows, and the hub's CPU for it, next to the same hub without export
+//! in the same run.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Plan, Section,
+    process::{RoleProcess, Server, ServerProcess, load, number},
+    repeat,
+    report::{Figure, median},
+};
+
+/// Events per second offered: well below the hub's ingest ceiling, so that the CPU the export
+/// adds is measured at the same load with and without it.
+const RATE: f64 = 200_000.0;
+
+struct Export {
+    events_per_second: f64,
+    records_per_second: f64,
+    cpu_seconds_per_million_events: f64,
+}
+
+fn receiver() -> Result<(RoleProcess, String), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut process = RoleProcess::spawn(
+        Command::new(exe).args(["role", "otlp-receiver"]),
+        &[("RUST_LOG", "error")],
+    )?;
+    let line = process.line(Duration::from_secs(30))?;
+    let address = line
+        .strip_prefix("listening on ")
+        .ok_or_else(|| format!("unexpected first line `{line}`"))?
+        .to_owned();
+    process.ready(Duration::from_secs(30))?;
+    Ok((process, address))
+}
+
+fn measure(plan: &Plan, export: bool) -> Result<Export, String> {
+    let (mut receiver, address) = receiver()?;
+    let config = export.then(|| {
+        format!(
+            "[export.otlp]\nendpoint = \"http://{address}\"\nlogs = [\"inference.>\"]\ntraces = false\n"
+        )
+    });
+    let server = ServerProcess::start_with(plan, Server::Hub, config.as_deref())?;
+    let mut load = load(&server.url, 8, Some(RATE))?;
+    std::thread::sleep(plan.warmup);
+    let mut mark = || -> Result<(f64, f64, f64, Instant), String> {
+        Ok((
+            number(&load.mark()?, "events")?,
+            number(&receiver.mark()?, "records")?,
+            server.stat()?.cpu_seconds,
+            Instant::now(),
+        ))
+    };
+    let (events0, records0, cpu0, at0) = mark()?;
+    std::thread::sleep(plan.window);
+    let (events1, records1, cpu1, at1) = mark()?;
+    let seconds = at1.duration_since(at0).as_secs_f64();
+    let events = events1 - events0;
+    Ok(Export {
+        events_per_second: events / seconds,
+        records_per_second: (records1 - records0) / seconds,
+        cpu_seconds_per_million_events: (cpu1 - cpu0) / events.max(1.0) * 1e6,
+    })
+}
+
+pub(crate) fn export(plan: &Plan) -> Result<Vec<Figure>, String> {
+    let with = repeat(plan, "ingest with OTLP log export", || measure(plan, true))?;
+    let without = repeat(plan, "ingest without export", || measure(plan, false))?;
+    let records = median(with.iter().map(|r| r.records_per_second).collect());
+    let events = median(with.iter().map(|r| r.events_per_second).collect());
+    let cpu_with = median(
+        with.iter()
+            .map(|r| r.cpu_seconds_per_million_events)
+            .collect(),
+    );
+    let cpu_without = median(
+        without
+            .iter()
+            .map(|r| r.cpu_seconds_per_million_events)
+            .collect(),
+    );
+    // The cores the export adds at this load, and the records it exported with them.
+    let extra_cores = ((cpu_with - cpu_without) * events / 1e6).max(f64::EPSILON);
+    let per_core = records / extra_cores;
+    Ok(vec![
+        Figure::new(
+            Section::Export,
+            "OTLP log records exported",
+            "records/s",
+            records,
+        ),
+        Figure::new(Section::Export, "  ingest with export", "events/s", events).baseline(median(
+            without.iter().map(|r| r.events_per_second).collect(),
+        )),
+        Figure::new(
+            Section::Export,
+            "  hub CPU per million events, with export",
+            "CPU-s",
+            cpu_with,
+        )
+        .baseline(cpu_without),
+        Figure::new(
+            Section::Export,
+            "  log records per core the export costs",
+            "records/s",
+            per_core,
+        )
+        .target(">= 500000", per_core >= 500_000.0),
+    ])
+}

@@ -1,0 +1,97 @@
+//! What an output costs ingest per event, on one thread. `bridge-bench` measures the whole hub;
+//! this is for the outputs' own paths and for profiling them.
+
+use std::hint::black_box;
+
+use bridge::outputs::{Delivery, Output, inference_metrics::InferenceMetrics};
+use bridge_proto::{
+    protocol::{gpu, inference},
+    v1::{TelemetryEvent, TelemetryValue, telemetry_value::Value},
+    view::EventView,
+};
+use criterion::{Criterion, criterion_group, criterion_main};
+
+/// An `inference.stop` as `worker --simulate` sends it: the conventions' fields.
+fn stop(model: &str) -> EventView {
+    let int = |v| TelemetryValue {
+        value: Some(Value::IntValue(v)),
+    };
+    let measurements = [
+        (inference::SYSTEM_TIME_NS, int(1_795_000_000_000_000_000)),
+        (inference::DURATION_NS, int(48_250_000)),
+        (inference::INPUT_TOKENS, int(1_337)),
+        (inference::OUTPUT_TOKENS, int(211)),
+        (inference::CACHED_INPUT_TOKENS, int(512)),
+        (inference::TIME_TO_FIRST_TOKEN_NS, int(9_100_000)),
+        (inference::QUEUE_WAIT_NS, int(1_200_000)),
+        (inference::BATCH_SIZE, int(8)),
+    ];
+    EventView::from_event(&TelemetryEvent {
+        event_parts: vec![inference::OPERATION.into(), "stop".into()],
+        measurements: measurements
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        metadata: [
+            (inference::MODEL.to_owned(), model.to_owned()),
+            (
+                inference::RESULT.to_owned(),
+                inference::RESULT_SUCCESS.to_owned(),
+            ),
+        ]
+        .into(),
+        correlation_id: "6f1c9a2b8d3e4f5061728394a5b6c7d8".into(),
+        sequence: 42,
+        timestamp_ns: 1_795_000_000_000_000_000,
+        ..Default::default()
+    })
+    .expect("view")
+}
+
+fn bench(c: &mut Criterion) {
+    let metrics = InferenceMetrics::new(1);
+    let offer = |view: &EventView, rate| {
+        metrics.offer(black_box(&Delivery::local("gpu-3", "llama", view, rate, 1)))
+    };
+    let counted = stop("llama-3-8b");
+    let folded = stop("mistral-7b");
+    offer(&counted, 1.0);
+    c.bench_function("inference_metrics/stop", |b| {
+        b.iter(|| offer(&counted, 1.0))
+    });
+    c.bench_function("inference_metrics/stop_sampled", |b| {
+        b.iter(|| offer(&counted, 0.25))
+    });
+    c.bench_function("inference_metrics/stop_folded_into_other", |b| {
+        b.iter(|| offer(&folded, 1.0))
+    });
+    let other = EventView::from_event(&TelemetryEvent {
+        event_parts: gpu::METRICS_EVENT.split('.').map(str::to_owned).collect(),
+        ..Default::default()
+    })
+    .expect("view");
+    c.bench_function("inference_metrics/other_event", |b| {
+        b.iter(|| offer(&other, 1.0))
+    });
+    // Reading the fields alone (what `stop` reads), beside a full decode.
+    c.bench_function("event_view/lookup_7_keys", |b| {
+        b.iter(|| {
+            black_box(&counted).lookup(
+                [
+                    inference::DURATION_NS,
+                    inference::TIME_TO_FIRST_TOKEN_NS,
+                    inference::QUEUE_WAIT_NS,
+                    inference::INPUT_TOKENS,
+                    inference::OUTPUT_TOKENS,
+                ],
+                [inference::MODEL, inference::RESULT],
+            )
+        })
+    });
+    c.bench_function("event_view/to_event", |b| {
+        b.iter(|| black_box(&counted).to_event())
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
