@@ -231,31 +231,23 @@ impl Client {
         metadata: Option<&Bound<'_, PyDict>>,
         correlation_id: Option<&str>,
     ) -> PyResult<()> {
-        convert::check_name(name)?;
-        let mut measured = convert::Items::new();
-        convert::fill(&mut measured, measurements);
-        let mut values = convert::Measurements::new();
-        convert::measurements(&measured, &mut values)?;
-        let mut described = convert::Items::new();
-        convert::fill(&mut described, metadata);
-        convert::stringify(&mut described)?;
-        let mut pairs = convert::Metadata::new();
-        convert::metadata(&described, &mut pairs)?;
-        let conn = self.conn()?;
-        // Inside a span (of this link), an event joins the span's trace: sampled with it and
-        // shown with it. Looking that up is skipped when nothing is let through anyway.
-        if correlation_id.is_none()
-            && crate::span::any_open()
-            && conn.emitter.enabled()
-            && let Some(span) = crate::current_span(py)?
-        {
-            let span = span.get();
-            if span.belongs_to(&conn) && span.event_in(name, &values, &pairs) {
-                return Ok(());
+        convert::with_event(name, measurements, metadata, |values, pairs| {
+            let conn = self.conn()?;
+            // Inside a span (of this link), an event joins the span's trace: sampled with it
+            // and shown with it. Looking that up is skipped when nothing is let through anyway.
+            if correlation_id.is_none()
+                && crate::span::any_open()
+                && conn.emitter.enabled()
+                && let Some(span) = crate::current_span(py)?
+            {
+                let span = span.get();
+                if span.belongs_to(&conn) && span.event_in(name, values, pairs) {
+                    return Ok(());
+                }
             }
-        }
-        conn.emitter.emit(name, &values, &pairs, correlation_id);
-        Ok(())
+            conn.emitter.emit(name, values, pairs, correlation_id);
+            Ok(())
+        })
     }
 
     /// What became of every event so far: the counters of `bridge.worker.stats`, plus

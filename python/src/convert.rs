@@ -31,6 +31,28 @@ pub(crate) fn fill<'py>(items: &mut Items<'py>, dict: Option<&Bound<'py, PyDict>
     }
 }
 
+/// Checks an event's name, converts its two dicts and hands them to `emit`: the converted
+/// values borrow from the dicts' items, which stay in this (inlined) frame.
+#[inline]
+pub(crate) fn with_event<R>(
+    name: &str,
+    measurements: Option<&Bound<'_, PyDict>>,
+    metadata: Option<&Bound<'_, PyDict>>,
+    emit: impl FnOnce(&Measurements<'_>, &Metadata<'_>) -> PyResult<R>,
+) -> PyResult<R> {
+    check_name(name)?;
+    let mut measured = Items::new();
+    fill(&mut measured, measurements);
+    let mut values = Measurements::new();
+    self::measurements(&measured, &mut values)?;
+    let mut described = Items::new();
+    fill(&mut described, metadata);
+    stringify(&mut described)?;
+    let mut pairs = Metadata::new();
+    self::metadata(&described, &mut pairs)?;
+    emit(&values, &pairs)
+}
+
 /// Checks an event name as the hub would, and refuses the protocol's own `bridge.` names.
 /// Callers emit the same few names over and over, so the last valid one is remembered per
 /// thread and a repeat costs a comparison.

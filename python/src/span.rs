@@ -195,20 +195,12 @@ impl NativeSpan {
         measurements: Option<&Bound<'_, PyDict>>,
         metadata: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<()> {
-        convert::check_name(name)?;
-        let mut measured = convert::Items::new();
-        convert::fill(&mut measured, measurements);
-        let mut values = convert::Measurements::new();
-        convert::measurements(&measured, &mut values)?;
-        let mut described = convert::Items::new();
-        convert::fill(&mut described, metadata);
-        convert::stringify(&mut described)?;
-        let mut pairs = convert::Metadata::new();
-        convert::metadata(&described, &mut pairs)?;
-        if self.generation == fork::generation() {
-            self.event_in(name, &values, &pairs);
-        }
-        Ok(())
+        convert::with_event(name, measurements, metadata, |values, pairs| {
+            if self.generation == fork::generation() {
+                self.event_in(name, values, pairs);
+            }
+            Ok(())
+        })
     }
 
     /// Ends the span: `OPERATION.stop`. Ending an ended span does nothing.
