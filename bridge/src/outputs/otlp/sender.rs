@@ -443,31 +443,31 @@ impl Exporter {
         *request.metadata_mut() = destination.headers.clone();
         let path = tonic::codegen::http::uri::PathAndQuery::from_static(self.signal.path());
         let rejected = match self.signal {
-            Signal::Logs => {
-                let codec =
-                    tonic_prost::ProstCodec::<PreEncoded, ExportLogsServiceResponse>::default();
-                let response = grpc.unary(request, path, codec).await?.into_inner();
-                response
-                    .partial_success
-                    .map_or(0, |p| p.rejected_log_records)
-            }
-            Signal::Traces => {
-                let codec =
-                    tonic_prost::ProstCodec::<PreEncoded, ExportTraceServiceResponse>::default();
-                let response = grpc.unary(request, path, codec).await?.into_inner();
-                response.partial_success.map_or(0, |p| p.rejected_spans)
-            }
-            Signal::Metrics => {
-                let codec =
-                    tonic_prost::ProstCodec::<PreEncoded, ExportMetricsServiceResponse>::default();
-                let response = grpc.unary(request, path, codec).await?.into_inner();
-                response
-                    .partial_success
-                    .map_or(0, |p| p.rejected_data_points)
-            }
+            Signal::Logs => unary::<ExportLogsServiceResponse>(grpc, request, path)
+                .await?
+                .partial_success
+                .map_or(0, |p| p.rejected_log_records),
+            Signal::Traces => unary::<ExportTraceServiceResponse>(grpc, request, path)
+                .await?
+                .partial_success
+                .map_or(0, |p| p.rejected_spans),
+            Signal::Metrics => unary::<ExportMetricsServiceResponse>(grpc, request, path)
+                .await?
+                .partial_success
+                .map_or(0, |p| p.rejected_data_points),
         };
         Ok(u64::try_from(rejected).unwrap_or(0))
     }
+}
+
+/// One export call, its response decoded as `R` (each signal's service answers its own type).
+async fn unary<R: Message + Default + Send + 'static>(
+    mut grpc: tonic::client::Grpc<Channel>,
+    request: tonic::Request<PreEncoded>,
+    path: tonic::codegen::http::uri::PathAndQuery,
+) -> Result<R, Status> {
+    let codec = tonic_prost::ProstCodec::<PreEncoded, R>::default();
+    Ok(grpc.unary(request, path, codec).await?.into_inner())
 }
 
 /// The codes OTLP says to retry (the collector is busy or away), as the OTLP specification
