@@ -10,7 +10,9 @@
 //! - [`subscribers`]: live subscriptions (gRPC `Subscribe`, server-sent events): filters,
 //!   bounded queues, lag notices.
 //! - [`inference_metrics`]: per-model inference metrics from this hub's workers' events, read
-//!   by `/metrics`.
+//!   by `/metrics`. Not behind [`Outputs`]: it keeps figures per worker stream, so each stream
+//!   records into its own share where it admits an event (`worker_stream`), and streams on
+//!   different cores never write the same memory.
 //! - The cluster publisher (`cluster::events`), added when the hub joins a cluster.
 
 pub mod inference_metrics;
