@@ -28,7 +28,7 @@ pub use self::inference::{CallEnd, InferenceCall};
 
 use crate::{
     fields::{
-        map_entry,
+        event_delivery, map_entry, subscribe_response,
         telemetry_event::{
             CONTROL_VERSION, CORRELATION_ID, EVENT_PARTS, MEASUREMENTS, METADATA, PARENT_SPAN_ID,
             SAMPLING_RATE, SEQUENCE, SPAN_ID, TIMESTAMP_NS, TRACE_ID,
@@ -470,6 +470,38 @@ impl EventView {
         let ([], [value]) = self.lookup([], [key]);
         value
     }
+}
+
+/// The value of metadata `key` in an event's encoding, read where it lies (for events the hub
+/// holds encoded in a delivery, not as a view); `None` also for bytes that are not an event.
+pub fn metadata_in<'a>(event: &'a [u8], key: &str) -> Option<&'a str> {
+    let mut found = None;
+    for raw in (RawEntries { rest: event }) {
+        if !raw.measurement && raw.key == key.as_bytes() {
+            found = Some(utf8(raw.value)?);
+        }
+    }
+    found
+}
+
+/// The event in an encoded `SubscribeResponse` that delivers one, as the hub encodes them.
+pub fn delivered_event(response: &[u8]) -> Option<&[u8]> {
+    let delivery = field_of(response, subscribe_response::EVENT)?;
+    field_of(delivery, event_delivery::EVENT)
+}
+
+/// The last occurrence of length-delimited field `tag` in a message.
+fn field_of(mut message: &[u8], tag: u32) -> Option<&[u8]> {
+    let mut found = None;
+    while !message.is_empty() {
+        match field_key(&mut message)? {
+            (field, WireType::LengthDelimited) if field == tag => {
+                found = Some(take_delimited(&mut message)?);
+            }
+            (_, wire_type) => skip_field(wire_type, &mut message)?,
+        }
+    }
+    found
 }
 
 /// The iterator of [`EventView::entries`].

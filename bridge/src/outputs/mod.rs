@@ -22,7 +22,11 @@ pub mod subscribers;
 use std::{cell::OnceCell, sync::Arc};
 
 use arc_swap::ArcSwap;
-use bridge_proto::{encoded::EncodedSubscribeResponse, trace::TraceId, view::EventView};
+use bridge_proto::{
+    encoded::EncodedSubscribeResponse,
+    trace::TraceId,
+    view::{self, EventView},
+};
 
 use self::subscribers::SubscriberId;
 
@@ -143,6 +147,16 @@ impl<'a> Delivery<'a> {
         match &self.event {
             Event::Received { view, .. } => view.trace_id(),
             Event::Encoded { trace_id, .. } => trace_id.as_ref().map_or(&[], |id| id.as_bytes()),
+        }
+    }
+
+    /// The event's metadata `key`, read where it lies.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        match &self.event {
+            Event::Received { view, .. } => view.metadata(key),
+            Event::Encoded { response, .. } => {
+                view::delivered_event(response.as_bytes()).and_then(|e| view::metadata_in(e, key))
+            }
         }
     }
 
