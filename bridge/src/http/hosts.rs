@@ -46,20 +46,24 @@ pub fn guard(router: Router, hub: &Hub) -> Router {
     }))
 }
 
-/// The host `request` names when the hub must not answer to it.
+/// A host `request` names that the hub must not answer to. Every name counts: the target's
+/// authority and each `Host` header (a request with two is answered only if both are fine).
+/// A browser always sends `Host`; a request naming no host at all is no rebinding attack.
 fn refused_host(request: &Request, allowed: &[String]) -> Option<String> {
-    // A browser always sends `Host` (and no absolute-form target); a request without one is
-    // no rebinding attack.
-    let host = request
+    let authority = request
         .uri()
         .authority()
-        .map(|authority| authority.host().to_owned())
-        .or_else(|| {
-            let value = request.headers().get(header::HOST)?;
-            Some(host_of(&String::from_utf8_lossy(value.as_bytes())).to_owned())
-        })?;
-    let host = normalise(&host);
-    (!is_loopback(&host) && !allowed.contains(&host)).then_some(host)
+        .map(|authority| authority.host().to_owned());
+    let headers = request
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .map(|value| host_of(&String::from_utf8_lossy(value.as_bytes())).to_owned());
+    authority
+        .into_iter()
+        .chain(headers)
+        .map(|host| normalise(&host))
+        .find(|host| !is_loopback(host) && !allowed.contains(host))
 }
 
 fn refusal(host: &str) -> ApiError {
@@ -147,5 +151,27 @@ mod tests {
         assert!(!refused("bridge.internal:9464", &["Bridge.Internal"]));
         assert!(!refused("10.0.0.5:9464", &["10.0.0.5"]));
         assert!(refused("other.internal", &["bridge.internal"]));
+    }
+
+    #[test]
+    fn every_host_header_must_be_answerable() {
+        let request = Request::builder()
+            .uri("/api/workers")
+            .header(header::HOST, "localhost")
+            .header(header::HOST, "evil.example")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(refused_host(&request, &[]).as_deref(), Some("evil.example"));
+        let absolute = Request::builder()
+            .uri("http://evil.example/api/workers")
+            .header(header::HOST, "localhost")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert!(refused_host(&absolute, &[]).is_some());
+        let none = Request::builder()
+            .uri("/api/workers")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert!(refused_host(&none, &[]).is_none());
     }
 }

@@ -176,9 +176,11 @@ async fn serve_connection<S>(
         tokio::select! {
             _ = connection.as_mut() => return,
             () = activity.changed.notified() => {
+                // A request started since the last look (and perhaps already answered).
+                let answered = activity.started.swap(0, Relaxed) > 0;
                 let next = if activity.in_flight.load(Relaxed) > 0 {
                     Phase::Busy
-                } else if phase == Phase::Busy {
+                } else if phase == Phase::Busy || answered {
                     // Bytes read while busy (a pipelined request) are already with the HTTP
                     // stack, which is about to call again if they make a request.
                     activity.read.store(false, Relaxed);
@@ -188,7 +190,7 @@ async fn serve_connection<S>(
                 } else {
                     phase
                 };
-                if next != phase {
+                if next != phase || answered {
                     deadline = match next {
                         Phase::Busy => None,
                         Phase::Idle => Some(Instant::now() + timeouts.idle),
@@ -217,6 +219,8 @@ async fn serve_connection<S>(
 struct Activity {
     /// Requests being answered (their responses not yet sent whole).
     in_flight: AtomicUsize,
+    /// Requests started, so that one answered between two looks still counts.
+    started: AtomicUsize,
     /// Bytes arrived since the connection went idle.
     read: AtomicBool,
     changed: Notify,
@@ -229,6 +233,7 @@ struct Busy(Arc<Activity>);
 impl Activity {
     fn start(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Relaxed);
+        self.started.fetch_add(1, Relaxed);
         self.changed.notify_one();
         Busy(self.clone())
     }
@@ -362,8 +367,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut read = Vec::with_capacity(1024);
-    while !read.contains(&b'\n') {
-        if read.len() > MAX_REQUEST_LINE {
+    loop {
+        let line = read.iter().position(|&b| b == b'\n');
+        if line.unwrap_or(read.len()) > MAX_REQUEST_LINE {
             let error = ApiError::new(
                 StatusCode::URI_TOO_LONG,
                 format!(
@@ -372,6 +378,9 @@ where
             );
             refuse(stream, &error).await;
             return None;
+        }
+        if line.is_some() {
+            break;
         }
         read.reserve(1024);
         match stream.read_buf(&mut read).await {
