@@ -7,7 +7,7 @@
 //! open connections, new ones are closed at once (and logged once a second at most).
 //!
 //! Both ports accept through [`incoming`]; what the HTTP port does next (TLS, timeouts on
-//! request heads and idle connections) is in [`crate::http`].
+//! request heads and idle connections) is the `http` module's business.
 
 use std::{
     io,

@@ -12,7 +12,7 @@ use std::{
 use bridge_proto::{protocol::headers, v1};
 use bridge_tests::{
     HubOptions, HubProcess, Pki, READER_TOKEN, bin, eventually, http_get, https_get, open_stream,
-    read_lines_within, tokens_config,
+    read_lines_within, tokens_config, wait_exit,
 };
 use serde_json::Value;
 
@@ -374,19 +374,29 @@ fn serve_refused(config: &str) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("config.toml");
     std::fs::write(&path, config).expect("config");
-    let output = Command::new(bin("bridge"))
+    let stdout = dir.path().join("stdout");
+    let stderr = dir.path().join("stderr");
+    let mut child = Command::new(bin("bridge"))
         .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
         .arg("--config")
         .arg(&path)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .stdin(Stdio::null())
-        .output()
+        .stdout(std::fs::File::create(&stdout).expect("stdout"))
+        .stderr(std::fs::File::create(&stderr).expect("stderr"))
+        .spawn()
         .expect("run bridge serve");
+    // A hub that starts instead of refusing is stopped, and reported as still running (`None`).
+    let status = wait_exit(&mut child, WAIT);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+        status.and_then(|status| status.code()),
+        std::fs::read_to_string(&stdout).unwrap_or_default(),
+        std::fs::read_to_string(&stderr).unwrap_or_default(),
     )
 }
 
