@@ -289,6 +289,39 @@ async fn tls_and_mutual_tls_admit_only_the_right_certificates() {
         "no CA: the hub cannot be verified; {}",
         out.stderr
     );
+    assert!(out.stderr.contains("--ca PEM"), "{}", out.stderr);
+
+    // A failed connection says what is wrong and what to pass, in one line, rather than
+    // `transport error` or `h2 protocol error` (exit 1).
+    let no_cert = ["--ca", ca.as_str()];
+    for (case, url, args, hint) in [
+        (
+            "no client certificate",
+            &https,
+            &no_cert[..],
+            "--cert PEM and --key PEM",
+        ),
+        ("http:// against TLS", &hub.url, &[][..], "https://"),
+    ] {
+        for command in [
+            &["workers"][..],
+            &["sample", "--all", "0.5"],
+            &["subscribe"],
+        ] {
+            let mut args = args.to_vec();
+            args.extend(command);
+            let out = run_cli(url, &args).await;
+            assert_eq!(out.code, Some(3), "{case} {command:?}: {}", out.stderr);
+            assert_eq!(out.stderr.lines().count(), 1, "{case}: {}", out.stderr);
+            assert!(
+                out.stderr
+                    .starts_with(&format!("error: hub unreachable at {url}: "))
+                    && out.stderr.contains(hint),
+                "{case} {command:?}: {}",
+                out.stderr
+            );
+        }
+    }
 }
 
 #[test]

@@ -109,8 +109,15 @@ fn selector(worker: Option<String>, target: &Target) -> Result<Selector, Failure
     }
 }
 
-/// Splits `[WORKER] VALUE` positionals according to the target flags.
-fn worker_and_value(args: Vec<String>, target: &Target) -> Result<(Selector, String), Failure> {
+/// Splits `[WORKER] VALUE` positionals according to the target flags. `value` names the value
+/// (`RATE`) and says whether a lone argument is one, so that a missing value is reported as
+/// missing rather than as a missing worker.
+fn worker_and_value(
+    args: Vec<String>,
+    target: &Target,
+    value: (&str, fn(&str) -> bool),
+) -> Result<(Selector, String), Failure> {
+    let (value_name, is_value) = value;
     let broad = target.pool.is_some() || target.all;
     let mut args = args.into_iter();
     let (worker, value) = match (args.next(), args.next(), broad) {
@@ -120,6 +127,11 @@ fn worker_and_value(args: Vec<String>, target: &Target) -> Result<(Selector, Str
             return Err(Failure::invalid(
                 "with --pool or --all, give only the value, not a WORKER",
             ));
+        }
+        (Some(worker), None, false) if !is_value(&worker) => {
+            return Err(Failure::invalid(format!(
+                "{value_name} is missing: give it after the worker ({worker} {value_name})"
+            )));
         }
         _ => {
             return Err(Failure::invalid(
@@ -137,7 +149,11 @@ fn patterns(list: &[String]) -> Result<Vec<Pattern>, Failure> {
 }
 
 pub async fn sample(hub: &HubTarget, args: SampleArgs) -> Outcome {
-    let (selector, rate) = worker_and_value(args.args, &args.target)?;
+    let (selector, rate) = worker_and_value(
+        args.args,
+        &args.target,
+        ("RATE", |arg| arg.parse::<f64>().is_ok()),
+    )?;
     let rate: Rate = rate.parse().map_err(Failure::invalid)?;
     let change = Change::Sampling {
         rate,
@@ -147,13 +163,22 @@ pub async fn sample(hub: &HubTarget, args: SampleArgs) -> Outcome {
 }
 
 pub async fn toggle(hub: &HubTarget, args: ToggleArgs) -> Outcome {
-    let (selector, state) = worker_and_value(args.args, &args.target)?;
-    let enabled = match state.as_str() {
-        "on" | "true" | "enable" => true,
-        "off" | "false" | "disable" => false,
-        other => return Err(Failure::invalid(format!("`{other}`: say on or off"))),
-    };
+    let (selector, state) = worker_and_value(
+        args.args,
+        &args.target,
+        ("on|off", |arg| on_off(arg).is_some()),
+    )?;
+    let enabled =
+        on_off(&state).ok_or_else(|| Failure::invalid(format!("`{state}`: say on or off")))?;
     apply(hub, selector, Change::Toggle(enabled), &args.wait).await
+}
+
+fn on_off(word: &str) -> Option<bool> {
+    match word {
+        "on" | "true" | "enable" => Some(true),
+        "off" | "false" | "disable" => Some(false),
+        _ => None,
+    }
 }
 
 pub async fn filter(hub: &HubTarget, args: FilterArgs) -> Outcome {

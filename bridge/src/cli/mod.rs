@@ -31,6 +31,13 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     hub: String,
+    /// How long to wait for the connection to the hub (TCP, and TLS for https://).
+    #[arg(long, global = true, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// How long to wait for the hub to answer a call, on top of a control change's
+    /// acknowledgement wait (`--timeout`).
+    #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
     /// Log format for diagnostics on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -99,7 +106,9 @@ impl From<ClientError> for Failure {
         use tonic::Code;
         let code = match &error {
             ClientError::InvalidAddress { .. } | ClientError::Security(_) => 2,
-            ClientError::Unreachable { .. } => 3,
+            ClientError::Unreachable { .. }
+            | ClientError::NoAnswer { .. }
+            | ClientError::NotGrpc { .. } => 3,
             ClientError::Status(status) => match status.code() {
                 Code::InvalidArgument => 2,
                 Code::Unavailable => 3,
@@ -152,6 +161,8 @@ async fn run(cli: Cli) -> Outcome {
     let hub = HubTarget {
         url: cli.hub,
         security: cli.security,
+        connect_timeout: cli.connect_timeout,
+        request_timeout: cli.request_timeout,
     };
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
@@ -172,6 +183,8 @@ async fn run(cli: Cli) -> Outcome {
 pub struct HubTarget {
     url: String,
     security: ClientSecurity,
+    connect_timeout: Duration,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Display for HubTarget {
@@ -180,9 +193,11 @@ impl std::fmt::Display for HubTarget {
     }
 }
 
-/// Connects to the hub, with the timeout every command uses for that.
+/// Connects to the hub, with the timeouts every command uses (`--connect-timeout`,
+/// `--request-timeout`).
 pub async fn connect(hub: &HubTarget) -> Result<HubClient, Failure> {
-    Ok(HubClient::connect_with(&hub.url, &hub.security, Duration::from_secs(5)).await?)
+    let client = HubClient::connect_with(&hub.url, &hub.security, hub.connect_timeout).await?;
+    Ok(client.with_request_timeout(hub.request_timeout))
 }
 
 fn init_logging(format: LogFormat, command: &Command) {
