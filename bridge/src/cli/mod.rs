@@ -5,6 +5,7 @@
 //! 4 unknown worker, 5 not acknowledged in time, 6 not authenticated (missing or wrong token),
 //! 7 not permitted (the token's role does not allow it), 8 a hub limit was reached.
 
+mod completions;
 mod control;
 mod demo;
 use bridge::render;
@@ -76,6 +77,8 @@ enum Command {
     Control(control::ShowArgs),
     /// Run a hub, three simulated workers and a tail, and change a sampling rate live.
     Demo(demo::Args),
+    /// Print a shell's completion script (e.g. `source <(bridge completions bash)`).
+    Completions(completions::Args),
 }
 
 /// A failure, with the exit code it maps to.
@@ -167,6 +170,7 @@ async fn run(cli: Cli) -> Outcome {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Completions(args) => completions::run(&args),
         Command::Subscribe(args) => subscribe::run(&hub, args).await,
         Command::Workers(args) => workers::run(&hub, args).await,
         Command::Top(args) => top::run(&hub, args).await,

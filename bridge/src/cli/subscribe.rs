@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use bridge::client::HubClient;
 use bridge_proto::{pattern::Pattern, trace::TraceId, v1};
 
 use super::{
@@ -47,6 +48,7 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
         return Ok(());
     }
     let mut client = connect(hub).await?;
+    warn_about_unknown_workers(&mut client, &args.workers).await;
     let mut stream = client
         .subscribe(v1::SubscribeRequest {
             patterns: args.patterns,
@@ -91,6 +93,26 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
             if args.limit.is_some_and(|limit| events >= limit) {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// A `--worker` the hub does not know is most often a typo, which would otherwise look like a
+/// quiet worker: say so on stderr, and subscribe anyway (the worker may be about to connect).
+async fn warn_about_unknown_workers(client: &mut HubClient, ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    // Only a hint: a failure here shows again, with its reason, when subscribing.
+    let Ok(known) = client.list_workers(None).await else {
+        return;
+    };
+    for id in ids {
+        if !known.iter().any(|w| &w.id == id) {
+            eprintln!(
+                "warning: no worker `{}` is known to the hub (`bridge workers` lists them); waiting for it to connect",
+                render::printable(id)
+            );
         }
     }
 }
