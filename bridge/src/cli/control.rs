@@ -349,6 +349,10 @@ async fn rules_still_deciding(
         Selector::All => add(client.get_control(selector).await.ok()?, None, None),
     }
     for worker in &workers {
+        // A worker with no rule in force has none at any level: no need to ask.
+        if worker.control.as_ref().is_none_or(|c| c.rules.is_empty()) {
+            continue;
+        }
         let response = client
             .get_control(&Selector::Worker(worker.id.clone()))
             .await

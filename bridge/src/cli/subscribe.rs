@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use bridge::client::HubClient;
+use bridge::{client::HubClient, command::Selector};
 use bridge_proto::{pattern::Pattern, trace::TraceId, v1};
 
 use super::{
@@ -103,12 +103,14 @@ async fn warn_about_unknown_workers(client: &mut HubClient, ids: &[String]) {
     if ids.is_empty() {
         return;
     }
-    // Only a hint: a failure here shows again, with its reason, when subscribing.
-    let Ok(known) = client.list_workers(None).await else {
-        return;
-    };
     for id in ids {
-        if !known.iter().any(|w| &w.id == id) {
+        // Only a hint: a failure here shows again, with its reason, when subscribing.
+        let selector = Selector::Worker(id.clone());
+        if client
+            .list_workers(Some(&selector))
+            .await
+            .is_ok_and(|known| known.is_empty())
+        {
             eprintln!(
                 "warning: no worker `{}` is known to the hub (`bridge workers` lists them); waiting for it to connect",
                 render::printable(id)
