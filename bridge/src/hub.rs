@@ -91,8 +91,8 @@ impl Hub {
         let subscribers = Subscribers::new(config.hub.subscriber_queue);
         let outputs = Outputs::default();
         outputs.add(Arc::new(subscribers.clone()));
+        // Not among the outputs: each worker stream records into it (`worker_stream`).
         let inference_metrics = InferenceMetrics::new(config.metrics.max_models_per_pool);
-        outputs.add(Arc::new(inference_metrics.clone()));
         Ok(Self {
             shared: Arc::new(Shared {
                 registry: Registry::new(config.hub.max_remembered_workers),

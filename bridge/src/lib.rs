@@ -5,10 +5,11 @@
 //!
 //! # How an event travels
 //! ```text
-//! worker stream ──▶ admission, enforcement ──▶ Outputs::publish ──┬─▶ subscribers (gRPC, SSE)
-//!  (worker_stream)   (limits, control state)   (one hand-off)     ├─▶ inference metrics (/metrics)
-//!                                                                 └─▶ cluster publisher ─▶ NATS
-//! other hubs ─▶ cluster subscriptions ─────────────────▲ (to the subscribers they were made for)
+//! worker stream ──▶ admission, enforcement ─┬─▶ Outputs::publish ──┬─▶ subscribers (gRPC, SSE)
+//!  (worker_stream)   (limits, control state) │   (one hand-off)     ├─▶ OTLP export
+//!                                            │                      └─▶ cluster publisher ─▶ NATS
+//!                                            └─▶ the stream's share of the inference metrics
+//! other hubs ─▶ cluster subscriptions ──────────────────▲ (to the subscribers they were made for)
 //! ```
 //! Every output owns its queue, its drops and its metrics, and never makes the door wait.
 //!

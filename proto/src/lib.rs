@@ -9,7 +9,8 @@
 //! - [`codec`]: the server's codec, with small per-stream buffers.
 //! - [`encoded`]: messages encoded once: subscription items shared by every subscriber, and
 //!   events a worker buffers until the hub confirms them.
-//! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
+//! - [`pattern`]: event names and NATS-style patterns (`*`, `>`); [`condition`]: conditions
+//!   on an event's metadata (`model=llama`, `result!=success`), for subscriptions.
 //! - [`protocol`]: the names and defaults beside the messages: request metadata, reserved
 //!   event names, worker counters and hub drop reasons, GPU events, the span and inference
 //!   conventions (catalogued in `docs/conventions.md`), the outage buffer size.
@@ -28,6 +29,7 @@
 //! beside the wire types, so that the hub and the workers cannot drift apart.
 
 pub mod codec;
+pub mod condition;
 pub mod connect;
 pub mod control;
 pub mod encoded;

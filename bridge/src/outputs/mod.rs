@@ -10,7 +10,9 @@
 //! - [`subscribers`]: live subscriptions (gRPC `Subscribe`, server-sent events): filters,
 //!   bounded queues, lag notices.
 //! - [`inference_metrics`]: per-model inference metrics from this hub's workers' events, read
-//!   by `/metrics`.
+//!   by `/metrics`. Not behind [`Outputs`]: it keeps figures per worker stream, so each stream
+//!   records into its own share where it admits an event (`worker_stream`), and streams on
+//!   different cores never write the same memory.
 //! - The cluster publisher (`cluster::events`), added when the hub joins a cluster.
 
 pub mod inference_metrics;
@@ -20,7 +22,11 @@ pub mod subscribers;
 use std::{cell::OnceCell, sync::Arc};
 
 use arc_swap::ArcSwap;
-use bridge_proto::{encoded::EncodedSubscribeResponse, trace::TraceId, view::EventView};
+use bridge_proto::{
+    encoded::EncodedSubscribeResponse,
+    trace::TraceId,
+    view::{self, EventView},
+};
 
 use self::subscribers::SubscriberId;
 
@@ -141,6 +147,16 @@ impl<'a> Delivery<'a> {
         match &self.event {
             Event::Received { view, .. } => view.trace_id(),
             Event::Encoded { trace_id, .. } => trace_id.as_ref().map_or(&[], |id| id.as_bytes()),
+        }
+    }
+
+    /// The event's metadata `key`, read where it lies.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        match &self.event {
+            Event::Received { view, .. } => view.metadata(key),
+            Event::Encoded { response, .. } => {
+                view::delivered_event(response.as_bytes()).and_then(|e| view::metadata_in(e, key))
+            }
         }
     }
 
