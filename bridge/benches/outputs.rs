@@ -3,8 +3,14 @@
 
 use std::hint::black_box;
 
-use bridge::outputs::inference_metrics::InferenceMetrics;
+use bridge::outputs::{
+    Delivery, Output,
+    inference_metrics::InferenceMetrics,
+    subscribers::{Filter, Subscribers},
+};
 use bridge_proto::{
+    condition::Condition,
+    pattern::Pattern,
     protocol::{gpu, inference},
     v1::{TelemetryEvent, TelemetryValue, telemetry_value::Value},
     view::EventView,
@@ -114,6 +120,41 @@ fn bench(c: &mut Criterion) {
             offer(&view, 1.0)
         })
     });
+    // Fan-out to 10 subscribers of `inference.>`, without and with `--where model=... --where
+    // result!=success` on each: the cost of a metadata filter per subscriber and event.
+    let fan_out = |conditions: &[&str]| {
+        let subscribers = Subscribers::new(1 << 20);
+        let subscriptions: Vec<_> = (0..10)
+            .map(|_| {
+                subscribers.subscribe(Filter {
+                    patterns: vec![Pattern::parse("inference.>").expect("pattern")],
+                    metadata: conditions
+                        .iter()
+                        .map(|c| Condition::parse(c).expect("condition"))
+                        .collect(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        (subscribers, subscriptions)
+    };
+    for (name, conditions) in [
+        ("subscribers/fan_out_10", &[][..]),
+        (
+            "subscribers/fan_out_10_where",
+            &["model=llama-3-8b", "result!=error"][..],
+        ),
+    ] {
+        let (subscribers, mut subscriptions) = fan_out(conditions);
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                subscribers.offer(&Delivery::local("gpu-3", "llama", &counted, 1.0, 1));
+                for subscription in &mut subscriptions {
+                    while subscription.queue.try_recv().is_ok() {}
+                }
+            })
+        });
+    }
     c.bench_function("event_view/to_event", |b| {
         b.iter(|| black_box(&counted).to_event())
     });

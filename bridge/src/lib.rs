@@ -27,9 +27,11 @@
 //!   [`control`]: desired control state per worker, versioned and persisted.
 //! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection, over TLS
 //!   when configured; [`listener`]: accepting connections.
-//! - [`auth`]: bearer tokens with roles, and client certificate names.
+//! - [`auth`]: bearer tokens with roles, and client certificate names; [`tls`]: the
+//!   certificate both ports serve.
 //! - [`http`]: the HTTP port; [`metrics`]: the hub's state as Prometheus metrics;
 //!   [`latency`]: the clock and the histograms the hot paths record for them.
+//! - [`logging`]: log lines a peer's strings cannot forge or bloat.
 //! - [`client`]: a typed client for the CLI and tests; [`render`]: deliveries, workers and
 //!   control state as text and JSON, one shape for the CLI and the HTTP API.
 //! - [`error`]: the hub's errors and their gRPC statuses.
@@ -46,12 +48,14 @@ pub mod http;
 pub mod hub;
 pub mod latency;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod outputs;
 pub mod registry;
 pub mod render;
 pub mod server;
 pub mod service;
+pub mod tls;
 pub mod worker_stream;
 pub mod workspace;
 

@@ -25,8 +25,9 @@ use arc_swap::ArcSwap;
 use bridge_proto::{
     encoded::EncodedSubscribeResponse,
     trace::TraceId,
-    view::{self, EventView},
+    view::{self, Entry, EventView},
 };
+use smallvec::SmallVec;
 
 use self::subscribers::SubscriberId;
 
@@ -56,6 +57,8 @@ pub struct Delivery<'a> {
     pub received_ns: i64,
     event: Event<'a>,
     encoded: OnceCell<EncodedSubscribeResponse>,
+    /// The metadata of a received event, listed on first use.
+    metadata: OnceCell<SmallVec<[(&'a str, &'a str); 8]>>,
 }
 
 #[derive(Debug)]
@@ -92,6 +95,7 @@ impl<'a> Delivery<'a> {
                 sampling_rate,
             },
             encoded: OnceCell::new(),
+            metadata: OnceCell::new(),
         }
     }
 
@@ -116,6 +120,7 @@ impl<'a> Delivery<'a> {
                 response: encoded,
             },
             encoded: OnceCell::new(),
+            metadata: OnceCell::new(),
         }
     }
 
@@ -150,10 +155,27 @@ impl<'a> Delivery<'a> {
         }
     }
 
-    /// The event's metadata `key`, read where it lies.
+    /// The event's metadata `key`, read where it lies. The first call on an event this hub
+    /// received lists its metadata in one walk, which every later call (the next condition, the
+    /// next subscriber) reads instead of walking the event again.
     pub fn metadata(&self, key: &str) -> Option<&str> {
         match &self.event {
-            Event::Received { view, .. } => view.metadata(key),
+            Event::Received { view, .. } => {
+                let entries = self.metadata.get_or_init(|| {
+                    view.entries()
+                        .filter_map(|entry| match entry {
+                            Entry::Metadata(key, value) => Some((key, value)),
+                            Entry::Measurement(..) => None,
+                        })
+                        .collect()
+                });
+                // A repeated key counts as its last entry, as a decoder keeps it.
+                entries
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| *v)
+            }
             Event::Encoded { response, .. } => {
                 view::delivered_event(response.as_bytes()).and_then(|e| view::metadata_in(e, key))
             }
