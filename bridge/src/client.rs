@@ -150,14 +150,14 @@ impl HubClient {
                 Some(error) => Err(error),
                 None => Ok(response.into_inner()),
             },
-            Err(status) => Err(peer.explain(status)),
+            Err(status) => Err(peer.explain(status).await),
         }
     }
 
     /// A failed call's status as a [`ClientError`] that says what is wrong when the connection
     /// rather than the hub failed, or what answered is not gRPC: for statuses from a stream.
-    pub fn explain(&self, status: tonic::Status) -> ClientError {
-        self.peer.explain(status)
+    pub async fn explain(&self, status: tonic::Status) -> ClientError {
+        self.peer.explain(status).await
     }
 
     pub fn address(&self) -> &str {
@@ -226,7 +226,7 @@ impl Peer {
     /// `status` as the hub sent it, or, when the connection rather than the hub failed (a
     /// status with a source: TLS alerts, a closed connection) or what answered was not gRPC,
     /// what is wrong and what to try.
-    fn explain(&self, status: tonic::Status) -> ClientError {
+    async fn explain(&self, status: tonic::Status) -> ClientError {
         if let Some(error) = self.not_grpc(status.metadata()) {
             return error;
         }
@@ -234,6 +234,14 @@ impl Peer {
             return ClientError::Status(status);
         };
         let chain = error_chain(source);
+        if !self.https && speaks_http1(&self.address).await {
+            return ClientError::NotGrpc {
+                address: self.address.clone(),
+                message: format!(
+                    "it answers HTTP/1.1 ({chain}); is this the hub's HTTP port (metrics, /api)? --hub takes the gRPC port (default 50051)"
+                ),
+            };
+        }
         let hint = tls_hint(&chain).unwrap_or(match (self.https, self.client_certificate) {
             (false, _) => {
                 "if the hub serves TLS, use an https:// address (with --ca PEM when its certificate is not from a public authority)"
@@ -263,6 +271,32 @@ impl Peer {
     }
 }
 
+/// Whether an HTTP/1.1 server answers at `address` (`http://HOST:PORT`), such as the hub's HTTP
+/// port, which closes a connection that opens with gRPC's HTTP/2 preface. Asked only after a
+/// call failed, with a short limit.
+async fn speaks_http1(address: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(authority) = address
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+    else {
+        return false;
+    };
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let request = format!("HEAD / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 7];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(&head == b"HTTP/1.")
+    };
+    tokio::time::timeout(Duration::from_secs(1), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
 /// What to do about a TLS failure that `chain` (an error and its causes) names.
 fn tls_hint(chain: &str) -> Option<&'static str> {
     let hints = [
@@ -281,6 +315,11 @@ fn tls_hint(chain: &str) -> Option<&'static str> {
         (
             "InvalidContentType",
             "the hub does not speak TLS at this address: use http://, or check the port",
+        ),
+        (
+            // The hub's HTTP port over TLS offers HTTP/1.1 only.
+            "NoApplicationProtocol",
+            "the server does not speak HTTP/2 there, so not gRPC: is this the hub's HTTP port (metrics, /api)? --hub takes the gRPC port (default 50051)",
         ),
         (
             "UnknownCA",

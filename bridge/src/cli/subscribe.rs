@@ -92,7 +92,7 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
                     format!("the hub at {hub} ended the subscription"),
                 ));
             }
-            Err(status) => return Err(client.explain(status).into()),
+            Err(status) => return Err(client.explain(status).await.into()),
         };
         let line = match (&item, args.format) {
             (Some(v1::subscribe_response::Item::Event(delivery)), Format::Json) => {
