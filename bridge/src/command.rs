@@ -71,7 +71,7 @@ impl std::fmt::Display for Change {
             Self::Toggle(true) => f.write_str("telemetry on"),
             Self::Toggle(false) => f.write_str("telemetry off"),
             Self::Filter { allow, block } if allow.is_empty() && block.is_empty() => {
-                f.write_str("no filter")
+                f.write_str("filters cleared")
             }
             Self::Filter { allow, block } => {
                 write!(f, "filter allow=[{}] block=[{}]", list(allow), list(block))

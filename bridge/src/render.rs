@@ -365,6 +365,45 @@ fn drops(worker: &v1::WorkerInfo) -> (Map<String, Json>, Map<String, Json>) {
     (worker_side, hub_side)
 }
 
+/// The DROPS of `bridge workers`, each reason with its count: the worker's own (sampled out,
+/// filtered, disabled, dropped by reason), the hub's (`hub:` first) and `missing` (gaps in the
+/// sequence). Reasons with nothing to count are left out.
+pub fn drop_entries(worker: &v1::WorkerInfo) -> Vec<(String, u64)> {
+    let (worker_drops, hub_drops) = drops(worker);
+    let count = |v: &Json| v.as_u64().unwrap_or(0);
+    let mut entries: Vec<(String, u64)> = worker_drops
+        .iter()
+        .map(|(k, v)| (k.clone(), count(v)))
+        .chain(
+            hub_drops
+                .iter()
+                .map(|(k, v)| (format!("hub:{k}"), count(v))),
+        )
+        .filter(|(_, v)| *v != 0)
+        .collect();
+    if worker.missing_events > 0 {
+        entries.push(("missing".into(), worker.missing_events));
+    }
+    entries
+}
+
+/// All of [`drop_entries`] in one figure: `bridge top`'s DROPS, so that it is the sum of what
+/// `bridge workers` lists for the same worker.
+pub fn drop_total(worker: &v1::WorkerInfo) -> u64 {
+    drop_entries(worker)
+        .iter()
+        .fold(0u64, |total, (_, v)| total.saturating_add(*v))
+}
+
+/// The GPUs a worker reported: `none` when it has none, `-` when it does not say.
+pub fn gpu_text(worker: &v1::WorkerInfo) -> Cow<'_, str> {
+    if worker.gpu.is_empty() {
+        Cow::Borrowed("-")
+    } else {
+        printable(&worker.gpu)
+    }
+}
+
 pub fn worker_json(worker: &v1::WorkerInfo) -> Json {
     let (worker_drops, hub_drops) = drops(worker);
     let counters: Map<String, Json> = worker
@@ -424,16 +463,10 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
             } else {
                 format!("gone {} ago", since(w.disconnected_ns))
             };
-            let (worker_drops, hub_drops) = drops(w);
-            let mut drop_text: Vec<String> = worker_drops
-                .iter()
-                .filter(|(_, v)| v.as_u64() != Some(0))
+            let drop_text: Vec<String> = drop_entries(w)
+                .into_iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
-            drop_text.extend(hub_drops.iter().map(|(k, v)| format!("hub:{k}={v}")));
-            if w.missing_events > 0 {
-                drop_text.push(format!("missing={}", w.missing_events));
-            }
             let control = if !w.acknowledges {
                 format!("v{} unacknowledged (hub enforces)", w.desired_version)
             } else {
@@ -451,11 +484,7 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
                     w.pool.clone()
                 },
                 status,
-                if w.gpu.is_empty() {
-                    "-".into()
-                } else {
-                    w.gpu.clone()
-                },
+                gpu_text(w).into_owned(),
                 w.events_received.to_string(),
                 format!("{:.1}", w.events_per_second),
                 if drop_text.is_empty() {

@@ -29,10 +29,14 @@ pub async fn serve(
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1alpha too: older grpcurl releases and Postman speak only that version.
+    let (reflection_v1, reflection_v1alpha) =
+        (reflection().build_v1()?, reflection().build_v1alpha()?);
     let bridge = TelemetryBridgeServer::new(BridgeService::new(hub.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -64,7 +68,8 @@ pub async fn serve(
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(keepalive.map(|k| k.min(Duration::from_secs(20))))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(bridge)
         .serve_with_incoming_shutdown(
             listener::incoming(listener, limits.handshake_timeout(), limits.max_connections),

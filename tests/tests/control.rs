@@ -411,3 +411,183 @@ async fn the_hub_enforces_control_on_a_client_that_never_acknowledges() {
         "blocked events were delivered"
     );
 }
+
+fn json_object(out: &bridge_tests::CliOutput) -> serde_json::Value {
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout.lines().count(), 1, "one object: {}", out.stdout);
+    serde_json::from_str(&out.stdout).expect("JSON")
+}
+
+/// What an operator expects from similar tools: `--format json` on changes, `workers --pool`,
+/// a warning for a `--worker` nobody knows; and a change that leaves a rule of another level
+/// in force says so (a pool's `inference.*` rule outlives `sample --all 1.0`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_print_json_and_name_the_rules_they_leave_in_force() {
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let _llama = WorkerProcess::start(&hub.url, "gpu-1", "llama", &["--simulate", "50"]);
+    let _mistral = WorkerProcess::start(&hub.url, "gpu-2", "mistral", &["--simulate", "50"]);
+    for id in ["gpu-1", "gpu-2"] {
+        eventually("both workers to apply their control", WAIT, || {
+            let mut client = client.clone();
+            async move {
+                worker_info(&mut client, id)
+                    .await
+                    .filter(|w| w.applied_version.is_some())
+            }
+        })
+        .await;
+    }
+
+    let out = run_cli(
+        &hub.url,
+        &[
+            "sample",
+            "--pool",
+            "llama",
+            "0.1",
+            "--pattern",
+            "inference.*",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = run_cli(&hub.url, &["sample", "--all", "1.0"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("note: pool llama keeps rule inference.* 0.1, which still decides"),
+        "{}",
+        out.stderr
+    );
+    let gpu_1 = worker_info(&mut client, "gpu-1").await.expect("listed");
+    let rules = gpu_1.control.expect("control").rules;
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.pattern == "inference.*" && r.sampling_rate == 0.1),
+        "the pool's rule is in force, as the note says: {rules:?}"
+    );
+
+    let change =
+        json_object(&run_cli(&hub.url, &["sample", "--all", "1.0", "--format", "json"]).await);
+    assert_eq!(change["selector"], serde_json::json!({"all": true}));
+    assert_eq!(change["change"], "sampling 1");
+    assert_eq!(change["not_acknowledged"], serde_json::json!([]));
+    assert_eq!(
+        change["rules_still_deciding"],
+        serde_json::json!([{"level": "pool llama", "pattern": "inference.*", "sampling_rate": 0.1}])
+    );
+    let mut reached: Vec<(String, bool)> = change["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|t| {
+            (
+                t["worker_id"].as_str().unwrap_or_default().to_owned(),
+                t["applied"] == true,
+            )
+        })
+        .collect();
+    reached.sort();
+    assert_eq!(reached, [("gpu-1".into(), true), ("gpu-2".into(), true)]);
+    assert!(change["version"].as_u64() > Some(0));
+
+    // The same rule set anew at its own pattern leaves nothing to note.
+    let change = json_object(
+        &run_cli(
+            &hub.url,
+            &[
+                "sample",
+                "--all",
+                "1",
+                "--pattern",
+                "inference.*",
+                "--format",
+                "json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(change["rules_still_deciding"], serde_json::json!([]));
+    for command in [
+        &["toggle", "gpu-1", "on", "--format", "json"][..],
+        &[
+            "filter", "--pool", "llama", "--block", "debug.>", "--format", "json",
+        ],
+        &["reset", "--pool", "llama", "--format", "json", "--no-wait"],
+    ] {
+        let change = json_object(&run_cli(&hub.url, command).await);
+        assert!(change["version"].as_u64() > Some(0), "{change}");
+        assert!(
+            change["targets"].as_array().is_some_and(|t| !t.is_empty()),
+            "{change}"
+        );
+        assert!(change["change"].is_string(), "{change}");
+    }
+
+    let listed = json_object(
+        &run_cli(
+            &hub.url,
+            &["workers", "--pool", "llama", "--format", "json"],
+        )
+        .await,
+    );
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|w| w["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["gpu-1"]);
+
+    let out = run_cli(
+        &hub.url,
+        &[
+            "subscribe",
+            "--worker",
+            "gpu-1",
+            "--worker",
+            "gpu-9",
+            "--limit",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stderr.trim_end(),
+        "warning: no worker `gpu-9` is known to the hub (`bridge workers` lists them); waiting for it to connect"
+    );
+}
+
+#[test]
+fn shell_completions_load_in_bash() {
+    let bridge = bridge_tests::bin("bridge");
+    for shell in ["zsh", "fish"] {
+        let out = std::process::Command::new(&bridge)
+            .args(["completions", shell])
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            script.contains("subscribe") && script.contains("request-timeout"),
+            "{shell}"
+        );
+    }
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source <({:?} completions bash) && complete -p bridge",
+            bridge
+        ))
+        .output()
+        .expect("run bash");
+    let registered = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && registered.contains("complete") && registered.ends_with("bridge\n"),
+        "{registered} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -258,6 +258,24 @@ fn cli_errors_are_one_line_with_a_meaningful_exit_code() {
     let out = cli(&hub.url, &["sample", "0.5"]);
     assert_eq!(out.code, Some(2));
     assert!(line(&out).contains("name a WORKER"));
+    // A worker without its value is a missing value, not a missing worker.
+    let out = cli(&hub.url, &["sample", "gpu-3"]);
+    assert_eq!(out.code, Some(2));
+    assert_eq!(
+        line(&out),
+        "error: RATE is missing: give it after the worker (gpu-3 RATE)"
+    );
+    let out = cli(&hub.url, &["toggle", "gpu-3"]);
+    assert_eq!(out.code, Some(2));
+    assert!(line(&out).contains("on|off is missing"), "{}", out.stderr);
+    // Clearing filters reads as what it did, not as "no filter applied".
+    let out = cli(&hub.url, &["filter", "--all", "--clear"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.starts_with("filters cleared: stored as version"),
+        "{}",
+        out.stdout
+    );
 
     let out = cli("http://127.0.0.1:1", &["workers"]);
     assert_eq!(out.code, Some(3));
@@ -317,4 +335,77 @@ fn serve_refuses_bad_configuration_and_a_corrupt_state_file() {
         "{ truncated",
         "nothing lost"
     );
+}
+
+/// A hub that accepts connections and never answers (a stalled process, a black-holing proxy)
+/// once held every command forever; now each gives up after its timeouts with exit 3.
+#[test]
+fn cli_commands_give_up_on_a_hub_that_accepts_and_never_answers() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // Accepts, keeps each connection open, and never writes a byte.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let timeouts = ["--connect-timeout", "1s", "--request-timeout", "1s"];
+    let plain = format!("http://{addr}");
+    let tls = format!("https://{addr}");
+    for (hub, command, said) in [
+        (&plain, &["workers"][..], "no answer within 1s"),
+        (&plain, &["subscribe"], "no answer within 1s"),
+        (&plain, &["control", "--all"], "no answer within 1s"),
+        // The request timeout plus the acknowledgement wait the change asks for.
+        (
+            &plain,
+            &["sample", "--all", "0.5", "--timeout", "1s"],
+            "no answer within 2s",
+        ),
+        // Over TLS the handshake itself never completes.
+        (&tls, &["workers"], "no connection within 1s"),
+    ] {
+        let mut args = timeouts.to_vec();
+        args.extend(command);
+        let started = std::time::Instant::now();
+        let out = cli(hub, &args);
+        assert_eq!(out.code, Some(3), "{command:?}: {out:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{command:?} took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+        assert!(
+            out.stderr
+                .starts_with(&format!("error: hub unreachable at {hub}: "))
+                && out.stderr.contains(said),
+            "{command:?}: {}",
+            out.stderr
+        );
+    }
+}
+
+/// `--hub` pointed at the hub's HTTP port once failed with a cryptic `invalid compression flag`.
+#[test]
+fn the_cli_says_when_hub_points_at_the_http_port() {
+    let hub = HubProcess::start();
+    let http = format!("http://{}", hub.http);
+    for command in [
+        &["workers"][..],
+        &["subscribe"],
+        &["sample", "--all", "0.5"],
+    ] {
+        let out = cli(&http, command);
+        assert_eq!(out.code, Some(3), "{command:?}: {out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+        assert!(
+            out.stderr.contains("does not answer gRPC")
+                && out.stderr.contains("HTTP port")
+                && out.stderr.contains("gRPC port (default 50051)"),
+            "{command:?}: {}",
+            out.stderr
+        );
+    }
 }

@@ -289,6 +289,49 @@ async fn tls_and_mutual_tls_admit_only_the_right_certificates() {
         "no CA: the hub cannot be verified; {}",
         out.stderr
     );
+    assert!(out.stderr.contains("--ca PEM"), "{}", out.stderr);
+
+    // The hub's HTTP port, which serves TLS too, is named as such.
+    let http_port = format!("https://127.0.0.1:{}", hub.http.port());
+    let out = run_cli(&http_port, &["--ca", ca.as_str(), "workers"]).await;
+    assert_eq!(out.code, Some(3), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("HTTP port") && out.stderr.contains("gRPC port (default 50051)"),
+        "{}",
+        out.stderr
+    );
+
+    // A failed connection says what is wrong and what to pass, in one line, rather than
+    // `transport error` or `h2 protocol error` (exit 1).
+    let no_cert = ["--ca", ca.as_str()];
+    for (case, url, args, hint) in [
+        (
+            "no client certificate",
+            &https,
+            &no_cert[..],
+            "--cert PEM and --key PEM",
+        ),
+        ("http:// against TLS", &hub.url, &[][..], "https://"),
+    ] {
+        for command in [
+            &["workers"][..],
+            &["sample", "--all", "0.5"],
+            &["subscribe"],
+        ] {
+            let mut args = args.to_vec();
+            args.extend(command);
+            let out = run_cli(url, &args).await;
+            assert_eq!(out.code, Some(3), "{case} {command:?}: {}", out.stderr);
+            assert_eq!(out.stderr.lines().count(), 1, "{case}: {}", out.stderr);
+            assert!(
+                out.stderr
+                    .starts_with(&format!("error: hub unreachable at {url}: "))
+                    && out.stderr.contains(hint),
+                "{case} {command:?}: {}",
+                out.stderr
+            );
+        }
+    }
 }
 
 #[test]

@@ -17,10 +17,6 @@ use bridge_tests::{
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-use tonic_reflection::pb::v1::{
-    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -48,27 +44,47 @@ async fn health_and_reflection_are_served_on_the_same_port() {
         );
     }
 
-    let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = reflection
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let response = responses
-        .message()
-        .await
-        .expect("response")
-        .expect("one response");
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("unexpected reflection response");
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    assert!(names.contains(&SERVICE_NAME), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    // Both reflection versions: older grpcurl releases and Postman speak only v1alpha. The two
+    // have the same messages in different packages, so one body serves for both.
+    macro_rules! list_services {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let mut reflection = ServerReflectionClient::new(channel.clone());
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut responses = reflection
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .expect(concat!("reflection ", stringify!($version)))
+                .into_inner();
+            let response = responses
+                .message()
+                .await
+                .expect("response")
+                .expect("one response");
+            let Some(MessageResponse::ListServicesResponse(list)) = response.message_response
+            else {
+                panic!("unexpected reflection response");
+            };
+            list.service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>()
+        }};
+    }
+    for names in [list_services!(v1), list_services!(v1alpha)] {
+        assert!(names.iter().any(|n| n == SERVICE_NAME), "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "grpc.health.v1.Health"),
+            "{names:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use bridge::command::{Change, Selector};
+use bridge::{
+    client::HubClient,
+    command::{Change, Selector},
+};
 use bridge_proto::{pattern::Pattern, sampling::Rate, v1};
 
 use super::{
@@ -21,6 +24,7 @@ pub struct Target {
     all: bool,
 }
 
+/// How a change waits for acknowledgements, and how its outcome is printed.
 #[derive(Debug, clap::Args)]
 pub struct Wait {
     /// Do not wait for workers to acknowledge.
@@ -29,6 +33,10 @@ pub struct Wait {
     /// How long to wait for acknowledgements (e.g. 500ms, 5s).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Output format; json prints one object: the change, its version, each worker reached
+    /// and whether it applied it, and the rules that still decide some of its events.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 #[derive(Debug, clap::Args)]
@@ -109,8 +117,15 @@ fn selector(worker: Option<String>, target: &Target) -> Result<Selector, Failure
     }
 }
 
-/// Splits `[WORKER] VALUE` positionals according to the target flags.
-fn worker_and_value(args: Vec<String>, target: &Target) -> Result<(Selector, String), Failure> {
+/// Splits `[WORKER] VALUE` positionals according to the target flags. `value` names the value
+/// (`RATE`) and says whether a lone argument is one, so that a missing value is reported as
+/// missing rather than as a missing worker.
+fn worker_and_value(
+    args: Vec<String>,
+    target: &Target,
+    value: (&str, fn(&str) -> bool),
+) -> Result<(Selector, String), Failure> {
+    let (value_name, is_value) = value;
     let broad = target.pool.is_some() || target.all;
     let mut args = args.into_iter();
     let (worker, value) = match (args.next(), args.next(), broad) {
@@ -120,6 +135,11 @@ fn worker_and_value(args: Vec<String>, target: &Target) -> Result<(Selector, Str
             return Err(Failure::invalid(
                 "with --pool or --all, give only the value, not a WORKER",
             ));
+        }
+        (Some(worker), None, false) if !is_value(&worker) => {
+            return Err(Failure::invalid(format!(
+                "{value_name} is missing: give it after the worker ({worker} {value_name})"
+            )));
         }
         _ => {
             return Err(Failure::invalid(
@@ -137,7 +157,11 @@ fn patterns(list: &[String]) -> Result<Vec<Pattern>, Failure> {
 }
 
 pub async fn sample(hub: &HubTarget, args: SampleArgs) -> Outcome {
-    let (selector, rate) = worker_and_value(args.args, &args.target)?;
+    let (selector, rate) = worker_and_value(
+        args.args,
+        &args.target,
+        ("RATE", |arg| arg.parse::<f64>().is_ok()),
+    )?;
     let rate: Rate = rate.parse().map_err(Failure::invalid)?;
     let change = Change::Sampling {
         rate,
@@ -147,13 +171,22 @@ pub async fn sample(hub: &HubTarget, args: SampleArgs) -> Outcome {
 }
 
 pub async fn toggle(hub: &HubTarget, args: ToggleArgs) -> Outcome {
-    let (selector, state) = worker_and_value(args.args, &args.target)?;
-    let enabled = match state.as_str() {
-        "on" | "true" | "enable" => true,
-        "off" | "false" | "disable" => false,
-        other => return Err(Failure::invalid(format!("`{other}`: say on or off"))),
-    };
+    let (selector, state) = worker_and_value(
+        args.args,
+        &args.target,
+        ("on|off", |arg| on_off(arg).is_some()),
+    )?;
+    let enabled =
+        on_off(&state).ok_or_else(|| Failure::invalid(format!("`{state}`: say on or off")))?;
     apply(hub, selector, Change::Toggle(enabled), &args.wait).await
+}
+
+fn on_off(word: &str) -> Option<bool> {
+    match word {
+        "on" | "true" | "enable" => Some(true),
+        "off" | "false" | "disable" => Some(false),
+        _ => None,
+    }
 }
 
 pub async fn filter(hub: &HubTarget, args: FilterArgs) -> Outcome {
@@ -197,15 +230,210 @@ async fn apply(hub: &HubTarget, selector: Selector, change: Change, wait: &Wait)
     ) {
         eprintln!("{warning}");
     }
-    report(&selector, &change, &response, wait)
+    let kept = match &change {
+        Change::Sampling { patterns, .. } => rules_still_deciding(&mut client, &selector, patterns)
+            .await
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let late = late_workers(&response, wait);
+    match wait.format {
+        Format::Json => println!(
+            "{}",
+            change_json(&selector, &change, &response, wait, &late, &kept)
+        ),
+        Format::Text => {
+            report(&selector, &change, &response, wait);
+            for rule in &kept {
+                eprintln!("note: {}", rule.text(&change));
+            }
+        }
+    }
+    if late.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            5,
+            format!(
+                "{} worker(s) did not acknowledge in time: {}",
+                late.len(),
+                late.join(", ")
+            ),
+        ))
+    }
 }
 
-fn report(
+/// The workers that acknowledge control but had not applied the change when the wait ended.
+fn late_workers(response: &v1::UpdateControlResponse, wait: &Wait) -> Vec<String> {
+    if wait.no_wait {
+        return Vec::new();
+    }
+    response
+        .targets
+        .iter()
+        .filter(|t| t.acknowledges && !t.applied)
+        .map(|t| t.worker_id.clone())
+        .collect()
+}
+
+/// A sampling rule, at some level, that a change left in force.
+#[derive(Debug, PartialEq)]
+struct KeptRule {
+    /// `global`, `pool NAME` or `worker ID`.
+    level: String,
+    pattern: String,
+    rate: f64,
+}
+
+impl KeptRule {
+    fn text(&self, change: &Change) -> String {
+        let why = match change {
+            Change::Sampling { patterns, .. } if patterns.is_empty() => {
+                "a matching rule wins over the default rate, whatever its level"
+            }
+            _ => "the most specific matching rule decides, whatever its level",
+        };
+        format!(
+            "{} keeps rule {} {}, which still decides the events it matches ({why})",
+            self.level, self.pattern, self.rate
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "level": self.level,
+            "pattern": self.pattern,
+            "sampling_rate": self.rate,
+        })
+    }
+}
+
+/// The sampling rules, at any level that applies to the workers `selector` addresses, that
+/// still decide some events after a sampling change for `patterns` (none: the default rate).
+///
+/// Levels combine setting by setting (the newest value of each wins), and a rule is a setting
+/// of its own pattern: the change replaces the rules for the same patterns everywhere, but a
+/// rule for another pattern that matches some of the same events keeps deciding them when it is
+/// the more specific, and always over a default rate. An operator who ran `bridge sample --all
+/// 1.0` over an older `inference.*` rule of a pool is told so here. Best effort: `None` when
+/// the hub cannot say.
+async fn rules_still_deciding(
+    client: &mut HubClient,
+    selector: &Selector,
+    patterns: &[Pattern],
+) -> Option<Vec<KeptRule>> {
+    let workers = client.list_workers(Some(selector)).await.ok()?;
+    let mut layers = Vec::new();
+    // Each level's rules that are in force: a rule another level set anew for the same
+    // pattern is not.
+    let mut add = |response: v1::GetControlResponse, pool: Option<&str>, worker: Option<&str>| {
+        let effective = response.effective.unwrap_or_default().rules;
+        let levels = [
+            (Some("global".to_owned()), response.global),
+            (pool.map(|p| format!("pool {p}")), response.pool),
+            (worker.map(|w| format!("worker {w}")), response.worker),
+        ];
+        for (level, layer) in levels {
+            if let (Some(level), Some(layer)) = (level, layer) {
+                let rules = layer
+                    .rules
+                    .into_iter()
+                    .filter(|rule| effective.contains(rule));
+                layers.extend(rules.map(|rule| (level.clone(), rule)));
+            }
+        }
+    };
+    match selector {
+        Selector::Worker(_) => {}
+        Selector::Pool(pool) => add(client.get_control(selector).await.ok()?, Some(pool), None),
+        Selector::All => add(client.get_control(selector).await.ok()?, None, None),
+    }
+    for worker in &workers {
+        // A worker with no rule in force has none at any level: no need to ask.
+        if worker.control.as_ref().is_none_or(|c| c.rules.is_empty()) {
+            continue;
+        }
+        let response = client
+            .get_control(&Selector::Worker(worker.id.clone()))
+            .await
+            .ok()?;
+        let pool = (!worker.pool.is_empty()).then_some(worker.pool.as_str());
+        add(response, pool, Some(&worker.id));
+    }
+    let mut kept: Vec<KeptRule> = Vec::new();
+    for (level, rule) in layers {
+        let Ok(pattern) = Pattern::parse(&rule.pattern) else {
+            continue;
+        };
+        let decides = patterns.is_empty()
+            || patterns.iter().any(|changed| {
+                changed.as_str() != pattern.as_str()
+                    && overlap(changed, &pattern)
+                    && pattern.specificity_cmp(changed) == std::cmp::Ordering::Less
+            });
+        let replaced = patterns.iter().any(|p| p.as_str() == pattern.as_str());
+        let rule = KeptRule {
+            level,
+            pattern: rule.pattern,
+            rate: rule.sampling_rate,
+        };
+        if decides && !replaced && !kept.contains(&rule) {
+            kept.push(rule);
+        }
+    }
+    Some(kept)
+}
+
+/// Whether some event name matches both patterns (`*` one token, `>` one or more at the end).
+fn overlap(a: &Pattern, b: &Pattern) -> bool {
+    let (mut a, mut b) = (a.as_str().split('.'), b.as_str().split('.'));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) | (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == y || x == "*" || y == "*" => {}
+            _ => return false,
+        }
+    }
+}
+
+fn selector_json(selector: &Selector) -> serde_json::Value {
+    match selector {
+        Selector::Worker(id) => serde_json::json!({ "worker": id }),
+        Selector::Pool(pool) => serde_json::json!({ "pool": pool }),
+        Selector::All => serde_json::json!({ "all": true }),
+    }
+}
+
+/// `--format json` of a change: the HTTP API's answer to the same change (`version`,
+/// `targets`, `unanswered_hubs`) with what was asked and what came of it.
+fn change_json(
     selector: &Selector,
     change: &Change,
     response: &v1::UpdateControlResponse,
     wait: &Wait,
-) -> Outcome {
+    late: &[String],
+    kept: &[KeptRule],
+) -> serde_json::Value {
+    let mut object = render::update_json(response);
+    if let serde_json::Value::Object(fields) = &mut object {
+        fields.insert("selector".into(), selector_json(selector));
+        fields.insert("change".into(), change.to_string().into());
+        fields.insert(
+            "waited_ms".into(),
+            (!wait.no_wait)
+                .then(|| u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX))
+                .into(),
+        );
+        fields.insert("not_acknowledged".into(), late.into());
+        fields.insert(
+            "rules_still_deciding".into(),
+            kept.iter().map(KeptRule::json).collect(),
+        );
+    }
+    object
+}
+
+fn report(selector: &Selector, change: &Change, response: &v1::UpdateControlResponse, wait: &Wait) {
     let what = change.to_string();
     let version = response.version;
     if response.targets.is_empty() {
@@ -219,9 +447,8 @@ fn report(
                 Selector::All => "no worker is connected; workers that connect get it".into(),
             }
         );
-        return Ok(());
+        return;
     }
-    let mut late = Vec::new();
     let many = response.targets.len() > 10;
     let (mut applied, mut plain, mut slowest) = (0, 0, 0u64);
     for target in &response.targets {
@@ -232,8 +459,6 @@ fn report(
             slowest = slowest.max(target.ack_latency_us);
         } else if !target.acknowledges {
             plain += 1;
-        } else if waited.is_some() {
-            late.push(target.worker_id.clone());
         }
         if !many || !target.applied {
             println!("{line}");
@@ -246,18 +471,6 @@ fn report(
             millis(slowest),
             response.targets.len() - applied - plain,
         );
-    }
-    if late.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure::new(
-            5,
-            format!(
-                "{} worker(s) did not acknowledge in time: {}",
-                late.len(),
-                late.join(", ")
-            ),
-        ))
     }
 }
 
@@ -291,4 +504,33 @@ pub fn target_line(
 
 fn millis(us: u64) -> String {
     format!("{:.1} ms", us as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_overlap_when_some_name_matches_both() {
+        let p = |s: &str| Pattern::parse(s).expect("pattern");
+        for (a, b) in [
+            ("inference.*", "inference.>"),
+            ("inference.*", "*.stop"),
+            ("a.>", "a.b.c"),
+            (">", "x"),
+            ("a.b", "a.b"),
+        ] {
+            assert!(overlap(&p(a), &p(b)), "{a} {b}");
+            assert!(overlap(&p(b), &p(a)), "{b} {a}");
+        }
+        for (a, b) in [
+            ("inference.*", "gpu.>"),
+            ("a.*", "a.b.c"),
+            ("a.>", "a"),
+            ("a.b", "a.c"),
+        ] {
+            assert!(!overlap(&p(a), &p(b)), "{a} {b}");
+            assert!(!overlap(&p(b), &p(a)), "{b} {a}");
+        }
+    }
 }

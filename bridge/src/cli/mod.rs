@@ -5,6 +5,7 @@
 //! 4 unknown worker, 5 not acknowledged in time, 6 not authenticated (missing or wrong token),
 //! 7 not permitted (the token's role does not allow it), 8 a hub limit was reached.
 
+mod completions;
 mod control;
 mod demo;
 use bridge::render;
@@ -31,6 +32,13 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     hub: String,
+    /// How long to wait for the connection to the hub (TCP, and TLS for https://).
+    #[arg(long, global = true, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// How long to wait for the hub to answer a call, on top of a control change's
+    /// acknowledgement wait (`--timeout`).
+    #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
     /// Log format for diagnostics on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -69,6 +77,8 @@ enum Command {
     Control(control::ShowArgs),
     /// Run a hub, three simulated workers and a tail, and change a sampling rate live.
     Demo(demo::Args),
+    /// Print a shell's completion script (e.g. `source <(bridge completions bash)`).
+    Completions(completions::Args),
 }
 
 /// A failure, with the exit code it maps to.
@@ -99,7 +109,9 @@ impl From<ClientError> for Failure {
         use tonic::Code;
         let code = match &error {
             ClientError::InvalidAddress { .. } | ClientError::Security(_) => 2,
-            ClientError::Unreachable { .. } => 3,
+            ClientError::Unreachable { .. }
+            | ClientError::NoAnswer { .. }
+            | ClientError::NotGrpc { .. } => 3,
             ClientError::Status(status) => match status.code() {
                 Code::InvalidArgument => 2,
                 Code::Unavailable => 3,
@@ -152,10 +164,13 @@ async fn run(cli: Cli) -> Outcome {
     let hub = HubTarget {
         url: cli.hub,
         security: cli.security,
+        connect_timeout: cli.connect_timeout,
+        request_timeout: cli.request_timeout,
     };
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Completions(args) => completions::run(&args),
         Command::Subscribe(args) => subscribe::run(&hub, args).await,
         Command::Workers(args) => workers::run(&hub, args).await,
         Command::Top(args) => top::run(&hub, args).await,
@@ -172,6 +187,8 @@ async fn run(cli: Cli) -> Outcome {
 pub struct HubTarget {
     url: String,
     security: ClientSecurity,
+    connect_timeout: Duration,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Display for HubTarget {
@@ -180,9 +197,11 @@ impl std::fmt::Display for HubTarget {
     }
 }
 
-/// Connects to the hub, with the timeout every command uses for that.
+/// Connects to the hub, with the timeouts every command uses (`--connect-timeout`,
+/// `--request-timeout`).
 pub async fn connect(hub: &HubTarget) -> Result<HubClient, Failure> {
-    Ok(HubClient::connect_with(&hub.url, &hub.security, Duration::from_secs(5)).await?)
+    let client = HubClient::connect_with(&hub.url, &hub.security, hub.connect_timeout).await?;
+    Ok(client.with_request_timeout(hub.request_timeout))
 }
 
 fn init_logging(format: LogFormat, command: &Command) {

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use bridge::{client::HubClient, command::Selector};
 use bridge_proto::{
     condition::{Condition, MAX_CONDITIONS},
     pattern::Pattern,
@@ -71,6 +72,7 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
         return Ok(());
     }
     let mut client = connect(hub).await?;
+    warn_about_unknown_workers(&mut client, &args.workers).await;
     let mut stream = client
         .subscribe(v1::SubscribeRequest {
             patterns: args.patterns,
@@ -90,7 +92,7 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
                     format!("the hub at {hub} ended the subscription"),
                 ));
             }
-            Err(status) => return Err(bridge::client::ClientError::from(status).into()),
+            Err(status) => return Err(client.explain(status).await.into()),
         };
         let line = match (&item, args.format) {
             (Some(v1::subscribe_response::Item::Event(delivery)), Format::Json) => {
@@ -116,6 +118,28 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
             if args.limit.is_some_and(|limit| events >= limit) {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// A `--worker` the hub does not know is most often a typo, which would otherwise look like a
+/// quiet worker: say so on stderr, and subscribe anyway (the worker may be about to connect).
+async fn warn_about_unknown_workers(client: &mut HubClient, ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    for id in ids {
+        // Only a hint: a failure here shows again, with its reason, when subscribing.
+        let selector = Selector::Worker(id.clone());
+        if client
+            .list_workers(Some(&selector))
+            .await
+            .is_ok_and(|known| known.is_empty())
+        {
+            eprintln!(
+                "warning: no worker `{}` is known to the hub (`bridge workers` lists them); waiting for it to connect",
+                render::printable(id)
+            );
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `bridge workers`: who is connected, their rates, drops and control state.
 
+use bridge::command::Selector;
 use bridge_proto::v1;
 
 use super::{
@@ -9,17 +10,21 @@ use super::{
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Only the workers of this pool.
+    #[arg(long, value_name = "NAME")]
+    pool: Option<String>,
     /// Output format; json prints one array of objects.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
 }
 
 pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
+    let selector = args.pool.clone().map(Selector::Pool);
     let mut client = connect(hub).await?;
     let v1::ListWorkersResponse {
         workers,
         unanswered_hubs,
-    } = client.list_workers_response(None).await?;
+    } = client.list_workers_response(selector.as_ref()).await?;
     if let Some(warning) =
         render::unanswered_warning(&unanswered_hubs, "their workers are not listed")
     {
@@ -30,7 +35,10 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
             let array: Vec<_> = workers.iter().map(render::worker_json).collect();
             println!("{}", serde_json::Value::Array(array));
         }
-        Format::Text if workers.is_empty() => println!("no workers known to the hub at {hub}"),
+        Format::Text if workers.is_empty() => match &args.pool {
+            Some(pool) => println!("no workers of pool `{pool}` known to the hub at {hub}"),
+            None => println!("no workers known to the hub at {hub}"),
+        },
         Format::Text => print!("{}", render::workers_table(&workers)),
     }
     Ok(())

@@ -22,7 +22,7 @@ use bridge::{
     client::HubClient,
     command::{Change, Selector},
 };
-use bridge_proto::{protocol::counters, sampling::Rate, v1};
+use bridge_proto::{sampling::Rate, v1};
 use futures_util::StreamExt;
 use ratatui::{
     DefaultTerminal, Frame,
@@ -38,7 +38,7 @@ use self::{
     follow::{Feed, Reading},
     models::WINDOW_SECONDS,
 };
-use super::{Failure, HubTarget, Outcome, connect, control::target_line};
+use super::{Failure, HubTarget, Outcome, connect, control::target_line, render};
 
 /// How long a change from the view waits for the worker's acknowledgement.
 const ACK_WAIT: Duration = Duration::from_secs(5);
@@ -211,7 +211,7 @@ impl View {
             SortKey::Rate => {
                 shown.sort_by(|a, b| b.events_per_second.total_cmp(&a.events_per_second))
             }
-            SortKey::Drops => shown.sort_by_key(|w| std::cmp::Reverse(drops(w))),
+            SortKey::Drops => shown.sort_by_key(|w| std::cmp::Reverse(render::drop_total(w))),
         }
         shown
     }
@@ -275,16 +275,6 @@ impl View {
             }
         }
     }
-}
-
-fn drops(worker: &v1::WorkerInfo) -> u64 {
-    let worker_side: u64 = worker
-        .worker_counters
-        .iter()
-        .filter(|(k, _)| k.starts_with(counters::DROPPED_PREFIX))
-        .map(|(_, v)| v)
-        .sum();
-    worker_side + worker.hub_drops.values().sum::<u64>() + worker.missing_events
 }
 
 fn sparkline(history: Option<&VecDeque<f64>>) -> String {
@@ -379,8 +369,7 @@ fn draw_workers(frame: &mut Frame, view: &mut View, header: Rect, body: Rect) {
             let enabled = w.control.as_ref().is_none_or(|c| c.enabled);
             let gpu = match view.feed.gpu_utilization.get(&w.id) {
                 Some(percent) => format!("{percent}%"),
-                None if w.gpu.is_empty() || w.gpu == "none" => "-".into(),
-                None => w.gpu.clone(),
+                None => render::gpu_text(w).into_owned(),
             };
             let mut cells = vec![
                 w.id.clone(),
@@ -392,7 +381,7 @@ fn draw_workers(frame: &mut Frame, view: &mut View, header: Rect, body: Rect) {
                 if w.connected { "up" } else { "gone" }.to_owned(),
                 format!("{:.1}", w.events_per_second),
                 sparkline(view.history.get(&w.id)),
-                drops(w).to_string(),
+                render::drop_total(w).to_string(),
                 sampling_cell(w),
                 if enabled { "on" } else { "off" }.to_owned(),
                 gpu,
@@ -873,6 +862,40 @@ mod tests {
         view.refreshed(vec![worker("a", "llama", 5.0), remote]);
         let text = screen(&mut view);
         assert!(text.contains("HUB") && text.contains("hub-b"), "{text}");
+    }
+
+    /// `bridge top` once summed only some of the reasons `bridge workers` lists (not what the
+    /// worker sampled out, filtered or disabled), and showed `-` where `bridge workers` showed
+    /// `GPU none`: the same worker read differently in the two views.
+    #[test]
+    fn drops_and_gpu_read_as_in_bridge_workers() {
+        let mut w = worker("gpu-3", "llama", 5.0);
+        w.worker_counters = [
+            ("sampled_out".to_owned(), 900),
+            ("dropped.buffer_full".to_owned(), 7),
+            ("produced".to_owned(), 1000),
+        ]
+        .into();
+        w.hub_drops = [("invalid".to_owned(), 2)].into();
+        w.missing_events = 1;
+        w.gpu = "none".into();
+        let table = render::workers_table(std::slice::from_ref(&w));
+        let row = table.lines().nth(1).expect("a row");
+        assert!(
+            row.contains("sampled_out=900")
+                && row.contains("buffer_full=7")
+                && row.contains("hub:invalid=2")
+                && row.contains("missing=1")
+                && row.contains(" none "),
+            "{table}"
+        );
+        let mut view = View::new("hub".into(), Page::Workers);
+        view.refreshed(vec![w]);
+        let text = screen(&mut view);
+        let line = text.lines().find(|l| l.contains("gpu-3")).expect("row");
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert!(cells.contains(&"910"), "900 + 7 + 2 + 1: {text}");
+        assert_eq!(cells.last(), Some(&"none"), "{text}");
     }
 
     /// The simulator (`worker --simulate`, `bridge demo`) once reported `gpu.utilization` with
