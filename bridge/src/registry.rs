@@ -16,6 +16,7 @@ use std::{
 
 use bridge_proto::{
     control::ControlState,
+    identity::{InvalidName, NameKind, check_label_key, check_label_value, check_name},
     protocol::{headers, hub_drops},
 };
 use dashmap::DashMap;
@@ -25,7 +26,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::error::{Error, Result};
 
-/// Longest worker id, pool name, label key or value accepted from metadata.
+/// Longest instance, host or GPU description accepted from metadata.
 const MAX_NAME_LEN: usize = 256;
 
 /// Who is on the other end of a `StreamTelemetry` stream, from its request metadata.
@@ -62,12 +63,24 @@ impl Identity {
                         .to_str()
                         .map_err(|_| Error::invalid(format!("{key}: must be printable ASCII")))?
                         .trim();
-                    check_name(key, value)?;
+                    check_text(key, value)?;
                     Ok((!value.is_empty()).then(|| value.to_owned()))
                 }
             }
         };
-        let (id, generated) = match text(headers::WORKER_ID)? {
+        // Ids, pools and labels are checked as sent: no trimming, so " " is refused, not
+        // taken for "absent".
+        let name = |key: &str, kind: NameKind| -> Result<Option<String>> {
+            let Some(value) = metadata.get(key) else {
+                return Ok(None);
+            };
+            let value = value.to_str().map_err(|_| {
+                Error::invalid(format!("{key}: must be printable ASCII"))
+            })?;
+            check_name(kind, value).map_err(|e| Error::invalid(format!("{key}: {e}")))?;
+            Ok(Some(value.to_owned()))
+        };
+        let (id, generated) = match name(headers::WORKER_ID, NameKind::WorkerId)? {
             Some(id) => (id, false),
             None if require_id => {
                 return Err(Error::invalid(format!(
@@ -90,15 +103,23 @@ impl Identity {
         for key in metadata.keys() {
             if let tonic::metadata::KeyRef::Ascii(key) = key
                 && let Some(label) = key.as_str().strip_prefix(headers::WORKER_LABEL_PREFIX)
-                && let Some(value) = text(key.as_str())?
+                && let Some(value) = metadata.get(key.as_str())
             {
-                labels.insert(label.to_owned(), value);
+                let invalid = |e: InvalidName| Error::invalid(format!("{}: {e}", key.as_str()));
+                check_label_key(label).map_err(invalid)?;
+                let value = value.to_str().map_err(|_| {
+                    Error::invalid(format!("{}: must be printable ASCII", key.as_str()))
+                })?;
+                check_label_value(value).map_err(invalid)?;
+                if !value.is_empty() {
+                    labels.insert(label.to_owned(), value.to_owned());
+                }
             }
         }
         Ok(Self {
             id,
             generated,
-            pool: text(headers::WORKER_POOL)?.unwrap_or_default(),
+            pool: name(headers::WORKER_POOL, NameKind::Pool)?.unwrap_or_default(),
             pid,
             labels,
             acknowledges: text(headers::CONTROL_ACK)?.as_deref() == Some(headers::CONTROL_ACK_YES),
@@ -127,7 +148,8 @@ fn gpu_text(metadata: &MetadataMap) -> Result<String> {
     Ok(value.trim().to_owned())
 }
 
-fn check_name(key: &str, value: &str) -> Result<()> {
+/// The other headers (instance, host): short, one word.
+fn check_text(key: &str, value: &str) -> Result<()> {
     if value.len() > MAX_NAME_LEN {
         return Err(Error::invalid(format!(
             "{key}: longer than {MAX_NAME_LEN} bytes"
@@ -721,6 +743,31 @@ mod tests {
         let err = Identity::from_metadata(&metadata(&[("x-worker-pid", "abc")]), None, false)
             .unwrap_err();
         assert!(err.to_string().contains("x-worker-pid"));
+    }
+
+    /// Ids, pools and labels follow `bridge_proto::identity`: a path, a lone space or a quote
+    /// is refused, naming the header, instead of ending up in logs, metrics and subjects.
+    #[test]
+    fn names_outside_the_rule_are_refused() {
+        for (key, value) in [
+            ("x-worker-id", "../../etc/passwd"),
+            ("x-worker-id", " "),
+            ("x-worker-id", "inj\",forged=\"yes"),
+            ("x-worker-pool", "a b"),
+            ("x-worker-pool", ".."),
+            ("x-worker-label-z.one", "b"),
+            ("x-worker-label-zone", &"v".repeat(300)),
+        ] {
+            let error = Identity::from_metadata(&metadata(&[(key, value)]), None, false)
+                .expect_err(value)
+                .to_string();
+            assert!(error.starts_with(key), "{error}");
+            let status = tonic::Status::from(Error::invalid(error));
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        }
+        let labelled = metadata(&[("x-worker-id", "w-1.a_b"), ("x-worker-label-zone", "us east")]);
+        let identity = Identity::from_metadata(&labelled, None, false).unwrap();
+        assert_eq!(identity.labels["zone"], "us east");
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`codec`]: the server's codec, with small per-stream buffers.
 //! - [`encoded`]: messages encoded once: subscription items shared by every subscriber, and
 //!   events a worker buffers until the hub confirms them.
+//! - [`identity`]: the rule for worker ids, pool names and labels, which every participant
+//!   checks where they enter.
 //! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
 //! - [`protocol`]: the names and defaults beside the messages: request metadata, reserved
 //!   event names, worker counters and hub drop reasons, GPU events, the span and inference
@@ -32,6 +34,7 @@ pub mod connect;
 pub mod control;
 pub mod encoded;
 pub mod fields;
+pub mod identity;
 pub mod pattern;
 pub mod protocol;
 pub mod sampling;

@@ -218,6 +218,48 @@ async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
     .await;
 }
 
+/// Worker ids, pools and label keys that break the documented rule (`bridge_proto::identity`)
+/// are refused where they enter: by the hub with INVALID_ARGUMENT naming the header, and by the
+/// sidecar at start-up with a usage error, before anything reaches a log, a metrics label or
+/// a subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_names_outside_the_rule_are_refused_at_the_edge() {
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    for (key, value, problem) in [
+        (headers::WORKER_ID, "../../etc/passwd", "'/' is not allowed"),
+        (headers::WORKER_ID, " ", "' ' is not allowed"),
+        (headers::WORKER_ID, "inj\",forged=\"yes", "'\"' is not allowed"),
+        (headers::WORKER_POOL, "..", "does not start with a letter or digit"),
+        ("x-worker-label-z.one", "b", "'.' is not allowed"),
+    ] {
+        let result = open_stream(&mut client, &[(key, value)]).await.map(drop);
+        assert_status(result, Code::InvalidArgument, problem);
+    }
+    let listed = client
+        .raw()
+        .list_workers(v1::ListWorkersRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.workers.is_empty(), "{:?}", listed.workers);
+
+    for args in [
+        &["--id", "../../etc/passwd"][..],
+        &["--id", "ok", "--pool", " "],
+        &["--id", "ok", "--label", "z/one=b"],
+    ] {
+        let out = std::process::Command::new(bridge_tests::bin("worker"))
+            .args(["--hub", &hub.url, "--simulate", "1"])
+            .args(args)
+            .output()
+            .expect("run worker");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("is not allowed"), "{stderr}");
+    }
+}
+
 #[test]
 fn cli_errors_are_one_line_with_a_meaningful_exit_code() {
     let hub = HubProcess::start();

@@ -13,6 +13,7 @@ use async_stream::stream;
 use bridge_proto::{
     connect::{ClientSecurity, SecurityError, error_chain},
     control::{ControlState, parse_patterns},
+    identity::{InvalidName, NameKind, check_label_key, check_label_value, check_name},
     encoded::EncodedEvent,
     protocol::{DEFAULT_BUFFER_EVENTS, events, headers as header},
     sampling::Rate,
@@ -233,20 +234,25 @@ fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
         headers.push((parsed_key, parsed_value));
         Ok(())
     };
+    // The hub's rule for names (`bridge_proto::identity`), checked here so that a name it would
+    // refuse stops the link from starting instead of failing every reconnect.
+    let invalid = |e: InvalidName| LinkError::InvalidIdentity(e.to_string());
+    if !options.id.is_empty() {
+        check_name(NameKind::WorkerId, &options.id).map_err(invalid)?;
+    }
+    if !options.pool.is_empty() {
+        check_name(NameKind::Pool, &options.pool).map_err(invalid)?;
+    }
     add(header::WORKER_ID.into(), &options.id)?;
     add(header::WORKER_POOL.into(), &options.pool)?;
     if options.pid != 0 {
         add(header::WORKER_PID.into(), &options.pid.to_string())?;
     }
     for (key, value) in &options.labels {
-        add(
-            format!(
-                "{}{}",
-                header::WORKER_LABEL_PREFIX,
-                key.to_ascii_lowercase()
-            ),
-            value,
-        )?;
+        let key = key.to_ascii_lowercase();
+        check_label_key(&key).map_err(invalid)?;
+        check_label_value(value).map_err(invalid)?;
+        add(format!("{}{key}", header::WORKER_LABEL_PREFIX), value)?;
     }
     add(header::WORKER_GPU.into(), &options.gpu)?;
     let host = bridge_proto::connect::host_name();
@@ -603,6 +609,44 @@ fn apply(shared: &Shared, control: v1::TelemetryControl) -> Option<u64> {
                 }
             }
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name the hub would refuse stops the link from starting, with the rule in the message,
+    /// rather than failing every reconnect.
+    #[test]
+    fn names_the_hub_refuses_stop_the_link_from_starting() {
+        let options = |change: &dyn Fn(&mut LinkOptions)| {
+            let mut options = LinkOptions::new("http://127.0.0.1:1", "gpu-3");
+            change(&mut options);
+            validate(&options)
+        };
+        assert!(options(&|_| {}).is_ok());
+        assert!(options(&|o| o.id.clear()).is_ok(), "the hub names it");
+        assert!(options(&|o| o.labels = vec![("Zone".into(), "us east".into())]).is_ok());
+        for (change, expected) in [
+            (
+                &(|o: &mut LinkOptions| o.id = "../../etc/passwd".into()) as &dyn Fn(&mut _),
+                "worker id",
+            ),
+            (&|o: &mut LinkOptions| o.id = " ".into(), "worker id"),
+            (&|o: &mut LinkOptions| o.pool = "a\"b".into(), "pool name"),
+            (
+                &|o: &mut LinkOptions| o.labels = vec![("a.b".into(), "v".into())],
+                "label key",
+            ),
+            (
+                &|o: &mut LinkOptions| o.labels = vec![("k".into(), "v".repeat(300))],
+                "label value",
+            ),
+        ] {
+            let error = options(change).expect_err(expected).to_string();
+            assert!(error.contains(expected), "{error}");
         }
     }
 }

@@ -2,7 +2,10 @@
 
 use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
-use bridge_proto::connect::ClientSecurity;
+use bridge_proto::{
+    connect::ClientSecurity,
+    identity::{check_label_key, check_label_value},
+};
 use clap::Parser;
 use worker::{
     config::WorkerConfig,
@@ -65,20 +68,16 @@ struct Args {
     command: Vec<OsString>,
 }
 
+/// `KEY=VALUE`, both held to the hub's rule for labels (`bridge_proto::identity`); the key is
+/// sent in lower case.
 fn parse_label(text: &str) -> Result<(String, String), String> {
     let (key, value) = text
         .split_once('=')
         .ok_or_else(|| format!("`{text}`: a label is key=value"))?;
-    if key.is_empty()
-        || !key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(format!(
-            "`{key}`: label keys are letters, digits, '-' and '_'"
-        ));
-    }
-    Ok((key.to_owned(), value.to_owned()))
+    let key = key.to_ascii_lowercase();
+    check_label_key(&key).map_err(|e| e.to_string())?;
+    check_label_value(value).map_err(|e| e.to_string())?;
+    Ok((key, value.to_owned()))
 }
 
 fn main() -> ExitCode {
