@@ -55,9 +55,7 @@ impl From<Error> for tonic::Status {
             | Error::Control(_)
             | Error::Name(_)
             | Error::Rate(_)
-            | Error::Identity(_) => {
-                Self::invalid_argument(message)
-            }
+            | Error::Identity(_) => Self::invalid_argument(message),
             Error::StateWrite { .. } | Error::StateRead { .. } => Self::internal(message),
             Error::ShuttingDown | Error::Unavailable(_) => Self::unavailable(message),
             Error::Internal(_) => Self::internal(message),

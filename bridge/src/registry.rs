@@ -17,7 +17,7 @@ use std::{
 use bridge_proto::{
     control::ControlState,
     identity::{InvalidName, NameKind, check_label_key, check_label_value, check_name},
-    protocol::{headers, hub_drops},
+    protocol::{MAX_SEQUENCE_JUMP, headers, hub_drops},
 };
 use dashmap::DashMap;
 use tokio::sync::watch;
@@ -74,9 +74,9 @@ impl Identity {
             let Some(value) = metadata.get(key) else {
                 return Ok(None);
             };
-            let value = value.to_str().map_err(|_| {
-                Error::invalid(format!("{key}: must be printable ASCII"))
-            })?;
+            let value = value
+                .to_str()
+                .map_err(|_| Error::invalid(format!("{key}: must be printable ASCII")))?;
             check_name(kind, value).map_err(|e| Error::invalid(format!("{key}: {e}")))?;
             Ok(Some(value.to_owned()))
         };
@@ -226,8 +226,15 @@ impl Counters {
             .map(|reason| (reason, self.drops[reason as usize].load(Relaxed)))
     }
     /// Follows the worker process's sequence numbers to `sequence`: the numbers it skipped are
-    /// counted as missing, and one seen before is a replay (after a reconnect).
+    /// counted as missing, and one seen before is a replay (after a reconnect). A number more
+    /// than [`MAX_SEQUENCE_JUMP`] past the last one (or past 0, for the first) is implausible:
+    /// refused and not followed, so that one bad number (`u64::MAX`) can neither make every
+    /// later event a "replay" nor count 1.8e19 events missing.
     pub fn follow_sequence(&self, sequence: u64) -> Sequenced {
+        let seen = self.last_sequence.load(Relaxed);
+        if sequence > seen && sequence - seen > MAX_SEQUENCE_JUMP {
+            return Sequenced::Implausible;
+        }
         let last = self.last_sequence.fetch_max(sequence, Relaxed);
         if sequence <= last {
             return Sequenced::Replay;
@@ -247,6 +254,8 @@ pub enum Sequenced {
     New,
     /// Received before from the same worker process.
     Replay,
+    /// Further past the last number than [`MAX_SEQUENCE_JUMP`].
+    Implausible,
 }
 
 /// Events per second over a short sliding window, sampled by a once-a-second tick.
@@ -765,9 +774,42 @@ mod tests {
             let status = tonic::Status::from(Error::invalid(error));
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
         }
-        let labelled = metadata(&[("x-worker-id", "w-1.a_b"), ("x-worker-label-zone", "us east")]);
+        let labelled = metadata(&[
+            ("x-worker-id", "w-1.a_b"),
+            ("x-worker-label-zone", "us east"),
+        ]);
         let identity = Identity::from_metadata(&labelled, None, false).unwrap();
         assert_eq!(identity.labels["zone"], "us east");
+    }
+
+    /// One absurd sequence number is refused instead of followed: the numbers after it are
+    /// still new, and what is missing stays what was skipped.
+    #[test]
+    fn an_implausible_sequence_jump_is_refused_not_followed() {
+        let counters = Counters::default();
+        assert_eq!(counters.follow_sequence(1), Sequenced::New);
+        assert_eq!(counters.follow_sequence(u64::MAX), Sequenced::Implausible);
+        assert_eq!(
+            counters.follow_sequence(2 + MAX_SEQUENCE_JUMP),
+            Sequenced::Implausible
+        );
+        assert_eq!(counters.follow_sequence(2), Sequenced::New);
+        assert_eq!(counters.follow_sequence(5), Sequenced::New);
+        assert_eq!(counters.follow_sequence(5), Sequenced::Replay);
+        assert_eq!(counters.missing.load(Relaxed), 2);
+        assert_eq!(counters.last_sequence.load(Relaxed), 5);
+        // Within the bound, a long gap (a worker that dropped much while cut off) is followed.
+        assert_eq!(
+            counters.follow_sequence(5 + MAX_SEQUENCE_JUMP),
+            Sequenced::New
+        );
+        // And a first number beyond it, from a process this hub never heard from, is refused.
+        let fresh = Counters::default();
+        assert_eq!(
+            fresh.follow_sequence(MAX_SEQUENCE_JUMP + 1),
+            Sequenced::Implausible
+        );
+        assert_eq!(fresh.last_sequence.load(Relaxed), 0);
     }
 
     #[test]

@@ -15,7 +15,10 @@ use async_stream::stream;
 use bridge_proto::{
     control::{ControlState, Verdict},
     pattern::validate_event_tokens,
-    protocol::events::{CONTROL_APPLIED, CONTROL_APPLIED_VERSION, RESERVED_PREFIX, WORKER_STATS},
+    protocol::{
+        MAX_SEQUENCE_JUMP,
+        events::{CONTROL_APPLIED, CONTROL_APPLIED_VERSION, RESERVED_PREFIX, WORKER_STATS},
+    },
     sampling::{Draw, Presampled},
     v1::{self, telemetry_control::Control, telemetry_value::Value},
     view::EventView,
@@ -111,8 +114,17 @@ fn accept(
     }
     worker.counters.received.fetch_add(1, Relaxed);
     if event.sequence > 0 {
+        let followed = worker.counters.follow_sequence(event.sequence);
+        if followed == Sequenced::Implausible {
+            // Not confirmed either: a receipt through it would confirm what never arrived.
+            worker.counters.drop(HubDrop::Invalid);
+            return Err(format!(
+                "sequence {} jumps more than {MAX_SEQUENCE_JUMP} past the last one received",
+                event.sequence
+            ));
+        }
         session.receipts.received(event.sequence);
-        if worker.counters.follow_sequence(event.sequence) == Sequenced::Replay {
+        if followed == Sequenced::Replay {
             worker.counters.drop(HubDrop::Duplicate);
             return Ok(());
         }

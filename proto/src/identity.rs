@@ -87,7 +87,13 @@ impl InvalidName {
 /// Checks a worker id or a pool name (`kind` says which).
 pub fn check_name(kind: NameKind, name: &str) -> Result<(), InvalidName> {
     let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
-    check(kind, name, MAX_NAME_BYTES, allowed, u8::is_ascii_alphanumeric)
+    check(
+        kind,
+        name,
+        MAX_NAME_BYTES,
+        allowed,
+        u8::is_ascii_alphanumeric,
+    )
 }
 
 /// Checks a label key in its wire form (lower case).
@@ -113,7 +119,11 @@ pub fn check_label_value(value: &str) -> Result<(), InvalidName> {
         ));
     }
     match value.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
-        Some(c) => Err(InvalidName::new(kind, value, format!("{c:?} is not allowed"))),
+        Some(c) => Err(InvalidName::new(
+            kind,
+            value,
+            format!("{c:?} is not allowed"),
+        )),
         None => Ok(()),
     }
 }
@@ -136,7 +146,11 @@ fn check(
         ));
     }
     if let Some(c) = name.chars().find(|c| !c.is_ascii() || !allowed(*c as u8)) {
-        return Err(InvalidName::new(kind, name, format!("{c:?} is not allowed")));
+        return Err(InvalidName::new(
+            kind,
+            name,
+            format!("{c:?} is not allowed"),
+        ));
     }
     if !first(&name.as_bytes()[0]) {
         return Err(InvalidName::new(
@@ -154,7 +168,14 @@ mod tests {
 
     #[test]
     fn ids_and_pools_are_a_small_character_set() {
-        for good in ["gpu-3", "llama", "node_1.example.com", "A", "0", &"x".repeat(128)] {
+        for good in [
+            "gpu-3",
+            "llama",
+            "node_1.example.com",
+            "A",
+            "0",
+            &"x".repeat(128),
+        ] {
             assert_eq!(check_name(NameKind::WorkerId, good), Ok(()), "{good}");
         }
         for (bad, problem) in [
@@ -179,8 +200,13 @@ mod tests {
     /// The message shows what was refused without letting it forge a log line.
     #[test]
     fn the_message_escapes_and_shortens_the_name() {
-        let error = check_name(NameKind::WorkerId, "a\nb").unwrap_err().to_string();
-        assert!(!error.contains('\n') && error.contains(r#""a\nb""#), "{error}");
+        let error = check_name(NameKind::WorkerId, "a\nb")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !error.contains('\n') && error.contains(r#""a\nb""#),
+            "{error}"
+        );
         let error = check_name(NameKind::WorkerId, &"/".repeat(10_000))
             .unwrap_err()
             .to_string();

@@ -127,7 +127,8 @@ pub mod hub_drops {
     pub const DISABLED: &str = "disabled";
     pub const FILTERED: &str = "filtered";
     pub const SAMPLED_OUT: &str = "sampled_out";
-    /// A malformed event, or a reserved name the worker may not send.
+    /// A malformed event, a reserved name the worker may not send, or a sequence number
+    /// beyond [`super::MAX_SEQUENCE_JUMP`].
     pub const INVALID: &str = "invalid";
     /// A replay of an event already received.
     pub const DUPLICATE: &str = "duplicate";
@@ -279,6 +280,12 @@ pub mod inference {
         BATCH_FILL_RATIO,
     ];
 }
+
+/// The furthest a worker's sequence number may jump past the last one the hub received from
+/// its process (or past 0, for the first): 2^48, which a worker emitting a million events a
+/// second reaches in about nine years. A numbered event beyond it is refused and counted as
+/// `invalid`, and the hub keeps following the sequence from where it was.
+pub const MAX_SEQUENCE_JUMP: u64 = 1 << 48;
 
 /// Events a worker holds until the hub confirms them, unless configured otherwise
 /// (`worker.buffer_events`, `--buffer-events`, `LinkOptions::buffer_events`).

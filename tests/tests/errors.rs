@@ -229,8 +229,16 @@ async fn worker_names_outside_the_rule_are_refused_at_the_edge() {
     for (key, value, problem) in [
         (headers::WORKER_ID, "../../etc/passwd", "'/' is not allowed"),
         (headers::WORKER_ID, " ", "' ' is not allowed"),
-        (headers::WORKER_ID, "inj\",forged=\"yes", "'\"' is not allowed"),
-        (headers::WORKER_POOL, "..", "does not start with a letter or digit"),
+        (
+            headers::WORKER_ID,
+            "inj\",forged=\"yes",
+            "'\"' is not allowed",
+        ),
+        (
+            headers::WORKER_POOL,
+            "..",
+            "does not start with a letter or digit",
+        ),
         ("x-worker-label-z.one", "b", "'.' is not allowed"),
     ] {
         let result = open_stream(&mut client, &[(key, value)]).await.map(drop);
@@ -258,6 +266,58 @@ async fn worker_names_outside_the_rule_are_refused_at_the_edge() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains("is not allowed"), "{stderr}");
     }
+}
+
+/// A sequence number of 2^64-1 once made `missing_events` read 1.8e19 and every later event
+/// of the worker process a "duplicate". Now it is refused (`invalid`), and the sequence goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_sequence_number_is_refused_and_the_sequence_goes_on() {
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let tail = Recorder::start(&mut client, v1::SubscribeRequest::default()).await;
+    let (tx, _controls) = open_stream(
+        &mut client,
+        &[
+            (headers::WORKER_ID, "jumpy"),
+            (headers::WORKER_INSTANCE, "1"),
+        ],
+    )
+    .await
+    .expect("opens");
+    for (sequence, tag) in [(1, "one"), (u64::MAX, "absurd"), (2, "two"), (3, "three")] {
+        let event = v1::TelemetryEvent {
+            event_parts: vec!["step".into(), tag.into()],
+            sequence,
+            ..Default::default()
+        };
+        tx.send(event).await.expect("send");
+    }
+    let delivered = || -> Vec<String> {
+        tail.deliveries()
+            .iter()
+            .filter(|d| d.worker_id == "jumpy" && name(d).starts_with("step."))
+            .map(name)
+            .collect()
+    };
+    eventually("the events after it to be delivered", WAIT, || async {
+        (delivered().len() == 3).then_some(())
+    })
+    .await;
+    assert_eq!(delivered(), ["step.one", "step.two", "step.three"]);
+    let info = worker_info(&mut client, "jumpy").await.expect("listed");
+    assert_eq!(
+        (info.missing_events, info.last_sequence),
+        (0, 3),
+        "{info:?}"
+    );
+    assert_eq!(info.hub_drops.get(hub_drops::INVALID), Some(&1));
+    assert_eq!(
+        info.hub_drops
+            .get(hub_drops::DUPLICATE)
+            .copied()
+            .unwrap_or(0),
+        0
+    );
 }
 
 #[test]

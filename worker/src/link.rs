@@ -13,8 +13,8 @@ use async_stream::stream;
 use bridge_proto::{
     connect::{ClientSecurity, SecurityError, error_chain},
     control::{ControlState, parse_patterns},
-    identity::{InvalidName, NameKind, check_label_key, check_label_value, check_name},
     encoded::EncodedEvent,
+    identity::{InvalidName, NameKind, check_label_key, check_label_value, check_name},
     protocol::{DEFAULT_BUFFER_EVENTS, events, headers as header},
     sampling::Rate,
     v1::{self, telemetry_control::Control},
