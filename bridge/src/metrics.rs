@@ -132,6 +132,13 @@ impl Collector for HubCollector {
             &[(vec![], lagged)],
         )?;
 
+        counter(
+            &mut encoder,
+            "bridge_malformed_messages",
+            "gRPC messages that did not decode, from any client (answered INVALID_ARGUMENT).",
+            &[(vec![], bridge_proto::codec::malformed_messages())],
+        )?;
+
         let by_worker = |f: &dyn Fn(&bridge_proto::v1::WorkerInfo) -> u64| {
             workers
                 .iter()

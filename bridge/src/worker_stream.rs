@@ -65,6 +65,13 @@ pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView
             }
             Ok(None) => break "stream closed by the worker".to_owned(),
             Err(status) => {
+                if status.code() == tonic::Code::InvalidArgument {
+                    // A message that did not decode (see `bridge_proto::codec`): refused, and
+                    // counted like any other invalid event of the worker.
+                    session.worker.counters.received.fetch_add(1, Relaxed);
+                    session.worker.counters.drop(HubDrop::Invalid);
+                    warn!(worker.id = %session.worker.id, error = %status.message(), "ending the stream of a worker that sent a malformed message (counted as drop reason `invalid`)");
+                }
                 let status = inbound_failure(status);
                 let reason = format!("stream failed: {}", status.message());
                 // Tell the worker why (it may be a message of ours it cannot see otherwise).

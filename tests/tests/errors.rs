@@ -320,6 +320,65 @@ async fn an_absurd_sequence_number_is_refused_and_the_sequence_goes_on() {
     );
 }
 
+/// A message that does not decode is the client's fault: INVALID_ARGUMENT (not INTERNAL), on a
+/// unary call and on a worker's stream alike, counted in `/metrics`, and on a stream counted as
+/// the worker's `invalid` drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_invalid_arguments_and_counted() {
+    use bridge_tests::{http_get, metric_sample, raw};
+    let hub = HubProcess::start();
+    // Field 1, length 5, and no bytes after it.
+    let truncated = bytes::Bytes::from_static(&[0x0a, 0x05]);
+    let result = raw::unary(
+        &hub.url,
+        "/telemetry.bridge.v1.TelemetryBridge/ListWorkers",
+        truncated.clone(),
+    )
+    .await;
+    assert_status(result, Code::InvalidArgument, "malformed message");
+
+    let valid = {
+        use prost::Message;
+        v1::TelemetryEvent {
+            event_parts: vec!["fine".into()],
+            ..Default::default()
+        }
+        .encode_to_vec()
+        .into()
+    };
+    let mut controls = raw::stream(
+        &hub.url,
+        "/telemetry.bridge.v1.TelemetryBridge/StreamTelemetry",
+        &[(headers::WORKER_ID, "garbled")],
+        vec![valid, truncated],
+    )
+    .await
+    .expect("opens");
+    let status = loop {
+        match tokio::time::timeout(WAIT, controls.message())
+            .await
+            .expect("the stream ends")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream must end with a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("malformed message"), "{status:?}");
+
+    let mut client = hub.client().await;
+    let info = worker_info(&mut client, "garbled").await.expect("listed");
+    assert_eq!(info.events_received, 2, "{info:?}");
+    assert_eq!(info.hub_drops.get(hub_drops::INVALID), Some(&1), "{info:?}");
+    let metrics = tokio::task::block_in_place(|| http_get(hub.http, "/metrics", &[])).body;
+    assert_eq!(
+        metric_sample(&metrics, "bridge_malformed_messages_total"),
+        Some(2.0),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn cli_errors_are_one_line_with_a_meaningful_exit_code() {
     let hub = HubProcess::start();
