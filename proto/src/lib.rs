@@ -11,6 +11,7 @@
 //!   events a worker buffers until the hub confirms them.
 //! - [`identity`]: the rule for worker ids, pool names and labels, which every participant
 //!   checks where they enter.
+//! - [`limits`]: the hub's limits on one event, which workers apply before buffering.
 //! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
 //! - [`protocol`]: the names and defaults beside the messages: request metadata, reserved
 //!   event names, worker counters and hub drop reasons, GPU events, the span and inference
@@ -35,6 +36,7 @@ pub mod control;
 pub mod encoded;
 pub mod fields;
 pub mod identity;
+pub mod limits;
 pub mod pattern;
 pub mod protocol;
 pub mod sampling;

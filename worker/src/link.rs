@@ -15,6 +15,7 @@ use bridge_proto::{
     control::{ControlState, parse_patterns},
     encoded::EncodedEvent,
     identity::{InvalidName, NameKind, check_label_key, check_label_value, check_name},
+    limits::EventLimits,
     protocol::{DEFAULT_BUFFER_EVENTS, events, headers as header},
     sampling::Rate,
     v1::{self, telemetry_control::Control},
@@ -32,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     backoff::Backoff,
-    counters::Snapshot,
+    counters::{DropReason, Snapshot},
     emitter::{Emitter, Shared, now_ns},
 };
 
@@ -362,12 +363,14 @@ async fn stream_once(
         );
     }
     let (acks, ack_rx) = watch::channel(0u64);
+    let (heard, heard_rx) = watch::channel(false);
     // Ends this stream's outbound half when the stream is over, so a transport that keeps the
     // old request body alive cannot keep sending from it.
     let over = CancellationToken::new();
     let _over_guard = over.clone().drop_guard();
     let mut request = Request::new(outbound(
         shared.clone(),
+        heard_rx,
         ack_rx,
         options.stats_interval,
         options.linger,
@@ -388,7 +391,9 @@ async fn stream_once(
             shared.buffer.confirmed.notify_one();
             continue;
         }
-        if let Some(version) = apply(shared, control) {
+        let version = apply(shared, control);
+        heard.send_replace(true);
+        if let Some(version) = version {
             acks.send_replace(version);
             state.send_replace(LinkState::Connected {
                 applied: Some(version),
@@ -398,8 +403,9 @@ async fn stream_once(
     Ok(())
 }
 
-/// Acknowledgements, buffered events and counter reports, in that priority. When closing, it
-/// sends everything still unsent and a last report, then ends the stream.
+/// Acknowledgements, buffered events and counter reports, in that priority, once the hub's
+/// first message arrived. When closing, it sends everything still unsent and a last report,
+/// then ends the stream.
 ///
 /// Events that arrive soon after a flush wait until `linger` has passed since it, so that a
 /// worker emitting steadily sends several events per write instead of one write per event
@@ -407,6 +413,7 @@ async fn stream_once(
 /// does an event after a quiet spell.
 fn outbound(
     shared: Arc<Shared>,
+    mut heard: watch::Receiver<bool>,
     mut acks: watch::Receiver<u64>,
     stats_interval: Duration,
     linger: Duration,
@@ -421,10 +428,20 @@ fn outbound(
         let mut flush_at: Option<Instant> = None;
         // A report waiting to travel with the next events rather than in a write of its own.
         let mut report_due = false;
+        // Nothing goes out before the hub's first message, which carries its limits (a hub
+        // that has none sends its control state first): a replay sent before them could hold
+        // an event the hub refuses.
+        let heard_first = tokio::select! {
+            () = over.cancelled() => false,
+            heard = heard.wait_for(|heard| *heard) => heard.is_ok(),
+        };
         loop {
+            if !heard_first {
+                break;
+            }
             if flush_at.is_none_or(|at| at <= Instant::now()) {
                 flush_at = None;
-                let batch = shared.buffer.take_unsent(SEND_BATCH);
+                let batch = take_batch(&shared);
                 if !batch.is_empty() {
                     let full = batch.len() == SEND_BATCH;
                     shared.counters.sent(batch.len());
@@ -458,7 +475,7 @@ fn outbound(
                 }
                 () = closing.cancelled() => {
                     loop {
-                        let batch = shared.buffer.take_unsent(SEND_BATCH);
+                        let batch = take_batch(&shared);
                         if batch.is_empty() {
                             break;
                         }
@@ -502,6 +519,25 @@ fn outbound(
     }
 }
 
+/// The next events to send. Events buffered before the worker knew the hub's message limit
+/// and over it are dropped and counted instead: the hub would end the stream on each, and the
+/// next stream would replay it again.
+fn take_batch(shared: &Shared) -> Vec<EncodedEvent> {
+    let limit = shared.limits().max_message_bytes;
+    let (batch, dropped) = shared.buffer.take_unsent_within(SEND_BATCH, limit);
+    if dropped > 0 {
+        shared
+            .counters
+            .dropped_many(DropReason::OverLimitBuffered, dropped);
+        warn!(
+            events = dropped,
+            max_message_bytes = limit,
+            "dropped buffered events larger than the hub accepts (counted as dropped.over_limit)"
+        );
+    }
+    batch
+}
+
 fn stats_event(snapshot: &Snapshot) -> EncodedEvent {
     protocol_event(&events::WORKER_STATS, &snapshot.measurements())
 }
@@ -537,6 +573,12 @@ fn apply(shared: &Shared, control: v1::TelemetryControl) -> Option<u64> {
     };
     match control.control? {
         Control::Received(_) => None,
+        Control::Limits(limits) => {
+            let limits = EventLimits::from(&limits);
+            debug!(?limits, "applying the hub's limits");
+            shared.apply_limits(limits);
+            None
+        }
         Control::State(state) => match ControlState::try_from(state) {
             Ok(state) => {
                 let version = state.version;

@@ -17,7 +17,7 @@ use std::{
     path::PathBuf,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
 };
@@ -25,6 +25,7 @@ use std::{
 use async_stream::stream;
 use bridge_proto::{
     encoded::EncodedSubscribeResponse,
+    limits::EventLimits,
     protocol::{events, headers},
     sampling::Draw,
     server::telemetry_bridge_server::{TelemetryBridge, TelemetryBridgeServer},
@@ -34,9 +35,9 @@ use bridge_proto::{
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming, transport::Server};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::emitter::Emitter;
+use crate::{counters::DropReason, emitter::Emitter};
 
 /// Where the local endpoint listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,14 +106,18 @@ impl TelemetryBridge for LocalIngest {
         let mut inbound = request.into_inner();
         let applied = Arc::new(AtomicU64::new(0));
         let done = self.shutdown.child_token();
+        // Why the sidecar ended the stream, when it did, for the client to read in the status.
+        let failure: Arc<Mutex<Option<Status>>> = Arc::default();
         // The highest sequence number taken from this client: confirmed to it, as the hub
         // confirms, so that a client with an outage buffer (the worker library, the Python
         // SDK) can forget what the sidecar now holds in its own.
         let (receipts, mut received) = tokio::sync::watch::channel(0u64);
         {
             let (emitter, applied, done) = (self.emitter.clone(), applied.clone(), done.clone());
+            let failure = failure.clone();
             tokio::spawn(async move {
                 debug!(acknowledges, "local client connected");
+                let mut warned = false;
                 loop {
                     let message = tokio::select! {
                         () = done.cancelled() => break,
@@ -127,9 +132,20 @@ impl TelemetryBridge for LocalIngest {
                                     receipts.send_replace(sequence);
                                 }
                             }
-                            Err(_) => emitter.count_parse_error(),
+                            Err(error) => {
+                                emitter.count_parse_error();
+                                if !std::mem::replace(&mut warned, true) {
+                                    warn!(%error, "dropping malformed events from a local client (counted as dropped.parse_error; logged once per stream)");
+                                }
+                            }
                         },
-                        Ok(None) | Err(_) => break,
+                        Ok(None) => break,
+                        Err(status) => {
+                            if let Some(status) = refused(&emitter, status) {
+                                *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                            }
+                            break;
+                        }
                     }
                 }
                 debug!("local client disconnected");
@@ -137,16 +153,31 @@ impl TelemetryBridge for LocalIngest {
             });
         }
         let mut control = self.emitter.watch_control();
+        let mut limits = self.emitter.watch_limits();
         let outbound = stream! {
             loop {
+                // Acknowledging clients get the hub's limits first, as the hub sends them.
+                if acknowledges {
+                    let announced = announced_limits(*limits.borrow_and_update());
+                    yield Ok(v1::TelemetryControl {
+                        control: Some(v1::telemetry_control::Control::Limits(announced.into())),
+                    });
+                }
                 let state = control.borrow_and_update().clone();
                 for message in state.messages(acknowledges) {
                     yield Ok(message);
                 }
                 loop {
                     tokio::select! {
-                        () = done.cancelled() => return,
+                        () = done.cancelled() => {
+                            let status = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+                            if let Some(status) = status {
+                                yield Err(status);
+                            }
+                            return;
+                        }
                         changed = control.changed() => if changed.is_err() { return } else { break },
+                        changed = limits.changed(), if acknowledges => if changed.is_err() { return } else { break },
                         changed = received.changed() => {
                             if changed.is_err() {
                                 return;
@@ -194,6 +225,46 @@ impl TelemetryBridge for LocalIngest {
     }
 }
 
+/// The largest message the local endpoint reads; the limits it announces are held to it.
+const MAX_LOCAL_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+fn announced_limits(limits: EventLimits) -> EventLimits {
+    EventLimits {
+        max_message_bytes: limits.max_message_bytes.min(MAX_LOCAL_MESSAGE_BYTES),
+        ..limits
+    }
+}
+
+/// What a failed local stream tells its client, counted and logged when it is the client's
+/// fault: a message that does not decode (INVALID_ARGUMENT, `dropped.parse_error`) or one over
+/// the size the endpoint reads (RESOURCE_EXHAUSTED, `dropped.over_limit`). `None` when the
+/// client went away, which ends its stream and is nobody's fault.
+fn refused(emitter: &Emitter, status: Status) -> Option<Status> {
+    let status = match status.code() {
+        tonic::Code::InvalidArgument => {
+            emitter.count_parse_error();
+            status
+        }
+        tonic::Code::OutOfRange if status.message().contains("too large") => {
+            emitter.shared.counters.dropped(DropReason::OverLimit);
+            Status::resource_exhausted(format!(
+                "event message too large for the sidecar's local endpoint (at most {MAX_LOCAL_MESSAGE_BYTES} bytes): {}",
+                status.message()
+            ))
+        }
+        code => {
+            debug!(
+                ?code,
+                message = status.message(),
+                "local client stream failed"
+            );
+            return None;
+        }
+    };
+    warn!(code = ?status.code(), message = status.message(), "ending a local client's stream: it sent a message the sidecar cannot take (counted)");
+    Some(status)
+}
+
 /// One event from a local client: an acknowledgement, a counter report (ignored: the sidecar
 /// reports its own), or telemetry to relay.
 fn relay(emitter: &Emitter, applied: &AtomicU64, acknowledges: bool, event: v1::TelemetryEvent) {
@@ -230,7 +301,8 @@ pub async fn serve(
     let service = TelemetryBridgeServer::new(LocalIngest {
         emitter,
         shutdown: shutdown.clone(),
-    });
+    })
+    .max_decoding_message_size(MAX_LOCAL_MESSAGE_BYTES);
     let router = Server::builder().tcp_nodelay(true).add_service(service);
     let stop = shutdown.clone().cancelled_owned();
     match &address {
