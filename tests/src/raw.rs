@@ -8,7 +8,7 @@ use tonic::{
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     codegen::http::uri::PathAndQuery,
     metadata::MetadataValue,
-    transport::Channel,
+    transport::{Channel, Endpoint},
 };
 
 /// Sends and receives message bytes as they are.
@@ -50,7 +50,8 @@ impl Decoder for RawCodec {
 }
 
 async fn client(address: &str) -> Grpc<Channel> {
-    let channel = Channel::from_shared(address.to_owned())
+    // `Endpoint` (unlike `Channel::from_shared`) also dials `unix://PATH`.
+    let channel = Endpoint::from_shared(address.to_owned())
         .expect("address")
         .connect()
         .await

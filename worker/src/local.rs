@@ -168,7 +168,10 @@ impl TelemetryBridge for LocalIngest {
                     yield Ok(message);
                 }
                 loop {
+                    // `done` first: the receipts' sender is gone once the client's half ended,
+                    // and that must not end the stream before it says why.
                     tokio::select! {
+                        biased;
                         () = done.cancelled() => {
                             let status = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
                             if let Some(status) = status {
