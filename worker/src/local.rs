@@ -295,10 +295,55 @@ fn relay(emitter: &Emitter, applied: &AtomicU64, acknowledges: bool, event: v1::
     }
 }
 
-/// Serves the local endpoint until `shutdown` is cancelled.
+/// The local endpoint's listening socket, bound by [`bind`].
+#[derive(Debug)]
+pub enum LocalListener {
+    Tcp(tokio::net::TcpListener, LocalAddress),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+/// Binds the local endpoint's address.
+///
+/// A unix socket file already at the path is taken over only when nothing answers on it (one
+/// left by a sidecar that died); while another process serves it, binding fails instead of
+/// silently stealing the path from under a running sidecar.
+pub async fn bind(address: &LocalAddress) -> Result<LocalListener, String> {
+    match address {
+        LocalAddress::Tcp(socket) => {
+            let listener = tokio::net::TcpListener::bind(socket)
+                .await
+                .map_err(|e| format!("--local {socket}: cannot listen: {e}"))?;
+            Ok(LocalListener::Tcp(listener, address.clone()))
+        }
+        LocalAddress::Unix(path) => {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                match tokio::net::UnixStream::connect(path).await {
+                    Ok(_) => {
+                        return Err(format!(
+                            "--local {}: another process (another worker?) is serving this socket; give each worker its own path",
+                            path.display()
+                        ));
+                    }
+                    Err(error) => {
+                        info!(path = %path.display(), %error, "taking over a socket file nothing serves");
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
+            let listener = tokio::net::UnixListener::bind(path)
+                .map_err(|e| format!("--local {}: cannot listen: {e}", path.display()))?;
+            Ok(LocalListener::Unix(listener, path.clone()))
+        }
+    }
+}
+
+/// Serves the local endpoint on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     emitter: Emitter,
-    address: LocalAddress,
+    listener: LocalListener,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let service = TelemetryBridgeServer::new(LocalIngest {
@@ -308,11 +353,8 @@ pub async fn serve(
     .max_decoding_message_size(MAX_LOCAL_MESSAGE_BYTES);
     let router = Server::builder().tcp_nodelay(true).add_service(service);
     let stop = shutdown.clone().cancelled_owned();
-    match &address {
-        LocalAddress::Tcp(socket) => {
-            let listener = tokio::net::TcpListener::bind(socket)
-                .await
-                .map_err(|e| format!("cannot listen on {socket}: {e}"))?;
+    match listener {
+        LocalListener::Tcp(listener, address) => {
             info!(local = %address, "local endpoint listening");
             router
                 .serve_with_incoming_shutdown(
@@ -322,17 +364,8 @@ pub async fn serve(
                 .await
                 .map_err(|e| e.to_string())
         }
-        LocalAddress::Unix(path) => {
-            // A socket file left by an earlier run would make bind fail.
-            if std::fs::symlink_metadata(path).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(path);
-            }
-            let listener = tokio::net::UnixListener::bind(path)
-                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-            info!(local = %address, "local endpoint listening");
+        LocalListener::Unix(listener, path) => {
+            info!(local = %LocalAddress::Unix(path.clone()), "local endpoint listening");
             let served = router
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::UnixListenerStream::new(listener),
@@ -340,7 +373,7 @@ pub async fn serve(
                 )
                 .await
                 .map_err(|e| e.to_string());
-            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(&path);
             served
         }
     }
@@ -363,11 +396,8 @@ mod tests {
         let path = dir.join("worker.sock");
         let sidecar = Emitter::detached(64);
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(
-            sidecar.clone(),
-            LocalAddress::Unix(path.clone()),
-            shutdown.clone(),
-        ));
+        let listener = bind(&LocalAddress::Unix(path.clone())).await.unwrap();
+        let server = tokio::spawn(serve(sidecar.clone(), listener, shutdown.clone()));
         let mut options = LinkOptions::new(format!("unix://{}", path.display()), "app-1");
         options.linger = Duration::ZERO;
         options.backoff_initial = Duration::from_millis(10);

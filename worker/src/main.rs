@@ -49,6 +49,10 @@ struct Args {
     /// How long to wait for the hub to confirm buffered events when exiting.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// How long the app has to exit after a forwarded SIGTERM or SIGINT before it is killed
+    /// (SIGKILL); a second signal kills it at once.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    kill_grace: Duration,
     /// Without an app: emit simulated inference traffic at this many requests per second.
     #[arg(long, value_name = "REQUESTS_PER_SEC", conflicts_with = "command")]
     simulate: Option<f64>,
@@ -81,6 +85,9 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = worker::launcher::run_if_launcher() {
+        return code;
+    }
     let args = Args::parse();
     // Wrapping an app, the sidecar keeps its stderr for the app and says only what is wrong.
     init_logging(
@@ -180,6 +187,7 @@ async fn run(args: Args) -> Result<u8, Failure> {
             requests_per_second: rate,
         }),
         max_line_bytes: config.max_line_bytes,
+        kill_grace: args.kill_grace,
     };
     tracing::info!(hub = %options.link.hub, worker.id = %options.link.id, worker.pool = %options.link.pool, "worker starting");
     sidecar::run(options).await.map_err(|message| Failure {
