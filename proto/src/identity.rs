@@ -213,6 +213,19 @@ mod tests {
         assert!(error.len() < 400, "{error}");
     }
 
+    /// `bridge.proto` states the rule with these very numbers.
+    #[test]
+    fn the_proto_documents_the_rule() {
+        let proto = include_str!("../telemetry/bridge/v1/bridge.proto").replace("\n  //", "");
+        for stated in [
+            format!("Worker ids and pool names are 1 to {MAX_NAME_BYTES} ASCII letters"),
+            format!("label keys 1 to {MAX_LABEL_KEY_BYTES} lower-case letters"),
+            format!("label values up to {MAX_LABEL_VALUE_BYTES} bytes of printable ASCII"),
+        ] {
+            assert!(proto.contains(&stated), "bridge.proto should say: {stated}");
+        }
+    }
+
     #[test]
     fn label_keys_are_lower_case_and_values_printable() {
         for good in ["zone", "rack-2", "gpu_type"] {

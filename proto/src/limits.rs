@@ -275,6 +275,18 @@ mod tests {
         assert_eq!(view.shape().entries, 4);
     }
 
+    /// `bridge.proto` states the defaults a worker applies before it hears a hub.
+    #[test]
+    fn the_proto_documents_the_defaults() {
+        let proto = include_str!("../telemetry/bridge/v1/bridge.proto").replace("\n//", "");
+        let d = EventLimits::DEFAULT;
+        let stated = format!(
+            "applies the hub's defaults: {}, {}, {} and {}.",
+            d.max_message_bytes, d.max_event_parts, d.max_event_entries, d.max_string_bytes
+        );
+        assert!(proto.contains(&stated), "bridge.proto should say: {stated}");
+    }
+
     #[test]
     fn the_hub_limits_travel_and_zero_means_the_default() {
         let limits = EventLimits {
