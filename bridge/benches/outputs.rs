@@ -3,13 +3,20 @@
 
 use std::hint::black_box;
 
-use bridge::outputs::{Delivery, Output, inference_metrics::InferenceMetrics};
+use bridge::outputs::{
+    Delivery, Output,
+    inference_metrics::InferenceMetrics,
+    subscribers::{Filter, Subscribers},
+};
 use bridge_proto::{
+    condition::Condition,
+    pattern::Pattern,
     protocol::{gpu, inference},
     v1::{TelemetryEvent, TelemetryValue, telemetry_value::Value},
     view::EventView,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
+use prost::Message;
 
 /// An `inference.stop` as `worker --simulate` sends it: the conventions' fields.
 fn stop(model: &str) -> EventView {
@@ -50,9 +57,8 @@ fn stop(model: &str) -> EventView {
 
 fn bench(c: &mut Criterion) {
     let metrics = InferenceMetrics::new(1);
-    let offer = |view: &EventView, rate| {
-        metrics.offer(black_box(&Delivery::local("gpu-3", "llama", view, rate, 1)))
-    };
+    let recorder = std::cell::RefCell::new(metrics.recorder("llama"));
+    let offer = |view: &EventView, rate| recorder.borrow_mut().record(black_box(view), rate);
     let counted = stop("llama-3-8b");
     let folded = stop("mistral-7b");
     offer(&counted, 1.0);
@@ -88,6 +94,67 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
+    c.bench_function("event_view/inference_call", |b| {
+        b.iter(|| black_box(&counted).inference_call())
+    });
+    // What ingest pays: decoding the view (which indexes a call's fields) and offering it,
+    // beside decoding alone; an event other than a call's end, beside it.
+    let encoded = counted.as_bytes().to_vec();
+    let renamed = {
+        let mut event = counted.to_event().expect("event");
+        event.event_parts = vec![inference::OPERATION.into(), "queued".into()];
+        EventView::from_event(&event)
+            .expect("view")
+            .as_bytes()
+            .to_vec()
+    };
+    c.bench_function("event_view/decode_stop", |b| {
+        b.iter(|| EventView::decode(black_box(encoded.as_slice())))
+    });
+    c.bench_function("event_view/decode_same_fields_other_name", |b| {
+        b.iter(|| EventView::decode(black_box(renamed.as_slice())))
+    });
+    c.bench_function("inference_metrics/decode_and_offer_stop", |b| {
+        b.iter(|| {
+            let view = EventView::decode(black_box(encoded.as_slice())).expect("view");
+            offer(&view, 1.0)
+        })
+    });
+    // Fan-out to 10 subscribers of `inference.>`, without and with `--where model=... --where
+    // result!=success` on each: the cost of a metadata filter per subscriber and event.
+    let fan_out = |conditions: &[&str]| {
+        let subscribers = Subscribers::new(1 << 20);
+        let subscriptions: Vec<_> = (0..10)
+            .map(|_| {
+                subscribers.subscribe(Filter {
+                    patterns: vec![Pattern::parse("inference.>").expect("pattern")],
+                    metadata: conditions
+                        .iter()
+                        .map(|c| Condition::parse(c).expect("condition"))
+                        .collect(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        (subscribers, subscriptions)
+    };
+    for (name, conditions) in [
+        ("subscribers/fan_out_10", &[][..]),
+        (
+            "subscribers/fan_out_10_where",
+            &["model=llama-3-8b", "result!=error"][..],
+        ),
+    ] {
+        let (subscribers, mut subscriptions) = fan_out(conditions);
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                subscribers.offer(&Delivery::local("gpu-3", "llama", &counted, 1.0, 1));
+                for subscription in &mut subscriptions {
+                    while subscription.queue.try_recv().is_ok() {}
+                }
+            })
+        });
+    }
     c.bench_function("event_view/to_event", |b| {
         b.iter(|| black_box(&counted).to_event())
     });

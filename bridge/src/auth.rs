@@ -78,16 +78,7 @@ impl Authenticator {
             let value = if token.token_file.as_os_str().is_empty() {
                 token.token.trim().to_owned()
             } else {
-                std::fs::read_to_string(&token.token_file)
-                    .map_err(|e| {
-                        format!(
-                            "auth token `{}`: cannot read {}: {e}",
-                            token.name,
-                            token.token_file.display()
-                        )
-                    })?
-                    .trim()
-                    .to_owned()
+                read_token_file(&token.name, &token.token_file)?
             };
             if value.len() < MIN_TOKEN_LEN {
                 return Err(format!(
@@ -150,6 +141,40 @@ impl Authenticator {
         }
         Ok(Some(&entry.name))
     }
+}
+
+/// The token in `path`: its one non-empty line, surrounding whitespace ignored. A file of
+/// several tokens is refused rather than read as one token with a newline in it, which no
+/// client could ever send. Warns when others may read it.
+fn read_token_file(name: &str, path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("auth token `{name}`: cannot read {}: {e}", path.display()))?;
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty());
+    let token = lines.next().map(|(_, line)| line.trim().to_owned());
+    if let Some((index, _)) = lines.next() {
+        return Err(format!(
+            "auth token `{name}`: {} line {}: a token file holds one token on one line; give each token its own [[auth.tokens]] entry and file",
+            path.display(),
+            index + 1
+        ));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(metadata) = std::fs::metadata(path)
+            && metadata.permissions().mode() & 0o004 != 0
+        {
+            tracing::warn!(
+                token = name,
+                file = %path.display(),
+                "a token file is readable by every user on this machine; restrict it (chmod 600)"
+            );
+        }
+    }
+    Ok(token.unwrap_or_default())
 }
 
 fn bearer(value: &str) -> Option<&str> {

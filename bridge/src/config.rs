@@ -170,6 +170,10 @@ pub struct LimitsConfig {
     pub worker_events_per_second: u32,
     /// Time a new connection has to start talking (TLS handshake, or the HTTP/2 preface).
     pub handshake_timeout_ms: u64,
+    /// Time an HTTP request head has to arrive whole, from its first byte.
+    pub http_header_timeout_ms: u64,
+    /// Time a keep-alive HTTP connection may stay silent between requests.
+    pub http_idle_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -184,6 +188,8 @@ impl Default for LimitsConfig {
             max_subscribers: 1024,
             worker_events_per_second: 0,
             handshake_timeout_ms: 10_000,
+            http_header_timeout_ms: 10_000,
+            http_idle_timeout_ms: 60_000,
         }
     }
 }
@@ -204,6 +210,9 @@ pub struct HubConfig {
     pub http: String,
     /// Origins whose web pages may call the HTTP API (CORS); "*" for any.
     pub http_allowed_origins: Vec<String>,
+    /// Host names the HTTP port answers to besides loopback ones, while no tokens are
+    /// configured (DNS rebinding); "*" for any.
+    pub http_allowed_hosts: Vec<String>,
     /// Directory for the control state file; empty means the platform's state directory.
     pub state_dir: PathBuf,
     /// Reject worker streams that do not name themselves with `x-worker-id`.
@@ -230,6 +239,7 @@ impl Default for HubConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http: "127.0.0.1:9464".into(),
             http_allowed_origins: Vec::new(),
+            http_allowed_hosts: Vec::new(),
             state_dir: PathBuf::new(),
             require_worker_id: false,
             subscriber_queue: 8192,
@@ -344,6 +354,11 @@ impl Config {
                 return Err((format!("hub.http_allowed_origins[{i}]"), message));
             }
         }
+        for (i, host) in hub.http_allowed_hosts.iter().enumerate() {
+            if let Err(message) = check_host(host) {
+                return Err((format!("hub.http_allowed_hosts[{i}]"), message));
+            }
+        }
         if hub.subscriber_queue == 0 {
             return Err(("hub.subscriber_queue".into(), "must be at least 1".into()));
         }
@@ -375,6 +390,14 @@ impl Config {
                 "limits.handshake_timeout_ms",
                 usize::try_from(limits.handshake_timeout_ms).unwrap_or(usize::MAX),
             ),
+            (
+                "limits.http_header_timeout_ms",
+                usize::try_from(limits.http_header_timeout_ms).unwrap_or(usize::MAX),
+            ),
+            (
+                "limits.http_idle_timeout_ms",
+                usize::try_from(limits.http_idle_timeout_ms).unwrap_or(usize::MAX),
+            ),
         ] {
             if value == 0 {
                 return Err((key.into(), "must be at least 1".into()));
@@ -404,6 +427,18 @@ impl Config {
             let key = format!("auth.tokens[{i}]");
             if token.name.trim().is_empty() {
                 return Err((format!("{key}.name"), "must not be empty".into()));
+            }
+            if let Some(first) = self.auth.tokens[..i]
+                .iter()
+                .position(|other| other.name.trim() == token.name.trim())
+            {
+                return Err((
+                    format!("{key}.name"),
+                    format!(
+                        "`{}` is already the name of auth.tokens[{first}]; each token needs a name of its own (logs and errors name the holder by it)",
+                        token.name.trim()
+                    ),
+                ));
             }
             if token.token.is_empty() == token.token_file.as_os_str().is_empty() {
                 return Err((
@@ -453,6 +488,22 @@ impl HubConfig {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// A host is a name or an address as a client writes it in a URL, without scheme or port.
+fn check_host(host: &str) -> Result<(), String> {
+    let bracketed_v6 = host.starts_with('[') && host.ends_with(']');
+    let well_formed = host == "*"
+        || (!host.is_empty()
+            && !host.contains(['/', '?', '#', '@', ' ', '\t', '*'])
+            && (bracketed_v6 || !host.contains(':')));
+    if well_formed {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{host}` is not a host name such as bridge.example.com or 10.0.0.5 (no scheme or port; \"*\" for any)"
+        ))
     }
 }
 
@@ -550,6 +601,14 @@ mod tests {
             (
                 "[hub]\nhttp_allowed_origins = [\"example.com/x\"]",
                 "http_allowed_origins[0]",
+            ),
+            (
+                "[hub]\nhttp_allowed_hosts = [\"ok.example\", \"http://x.example:80\"]",
+                "`hub.http_allowed_hosts[1]`",
+            ),
+            (
+                "[limits]\nhttp_idle_timeout_ms = 0",
+                "`limits.http_idle_timeout_ms`",
             ),
         ] {
             let err = parse(text).unwrap_err().to_string();

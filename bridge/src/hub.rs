@@ -31,6 +31,7 @@ use crate::{
         subscribers::{Filter, Subscribers, Subscription},
     },
     registry::{Identity, Registry, Session, Worker},
+    tls::ServerTls,
 };
 
 #[derive(Debug)]
@@ -49,6 +50,8 @@ struct Shared {
     otlp: OnceLock<Arc<OtlpExport>>,
     control: ControlPlane,
     auth: Authenticator,
+    /// `[tls]`, read at start so that both ports serve the same, checked, files.
+    tls: Option<ServerTls>,
     /// From an event's timestamp to the hub receiving it, for events that passed.
     ingest_latency: LatencyHistogram,
     /// Cancelled when the hub shuts down; every stream's token is a child.
@@ -86,13 +89,14 @@ impl Hub {
     pub fn new(config: Config) -> Result<Self> {
         let state_dir = config.hub.resolved_state_dir();
         let auth = Authenticator::new(&config.auth).map_err(Error::InvalidArgument)?;
+        let tls = ServerTls::load(&config.tls).map_err(Error::InvalidArgument)?;
         let control = ControlPlane::open(&config.control, &state_dir, config.cluster.enabled())?;
         info!(state_file = %control.state_file().display(), "control state loaded");
         let subscribers = Subscribers::new(config.hub.subscriber_queue);
         let outputs = Outputs::default();
         outputs.add(Arc::new(subscribers.clone()));
+        // Not among the outputs: each worker stream records into it (`worker_stream`).
         let inference_metrics = InferenceMetrics::new(config.metrics.max_models_per_pool);
-        outputs.add(Arc::new(inference_metrics.clone()));
         Ok(Self {
             shared: Arc::new(Shared {
                 registry: Registry::new(config.hub.max_remembered_workers),
@@ -103,6 +107,7 @@ impl Hub {
                 otlp: OnceLock::new(),
                 control,
                 auth,
+                tls,
                 ingest_latency: LatencyHistogram::new(INGEST_BOUNDS_NS),
                 shutdown: CancellationToken::new(),
                 config,
@@ -116,6 +121,11 @@ impl Hub {
 
     pub fn auth(&self) -> &Authenticator {
         &self.shared.auth
+    }
+
+    /// The TLS both ports serve, when `[tls]` is set.
+    pub fn tls(&self) -> Option<&ServerTls> {
+        self.shared.tls.as_ref()
     }
 
     pub fn registry(&self) -> &Registry {

@@ -5,10 +5,11 @@
 //!
 //! # How an event travels
 //! ```text
-//! worker stream ──▶ admission, enforcement ──▶ Outputs::publish ──┬─▶ subscribers (gRPC, SSE)
-//!  (worker_stream)   (limits, control state)   (one hand-off)     ├─▶ inference metrics (/metrics)
-//!                                                                 └─▶ cluster publisher ─▶ NATS
-//! other hubs ─▶ cluster subscriptions ─────────────────▲ (to the subscribers they were made for)
+//! worker stream ──▶ admission, enforcement ─┬─▶ Outputs::publish ──┬─▶ subscribers (gRPC, SSE)
+//!  (worker_stream)   (limits, control state) │   (one hand-off)     ├─▶ OTLP export
+//!                                            │                      └─▶ cluster publisher ─▶ NATS
+//!                                            └─▶ the stream's share of the inference metrics
+//! other hubs ─▶ cluster subscriptions ──────────────────▲ (to the subscribers they were made for)
 //! ```
 //! Every output owns its queue, its drops and its metrics, and never makes the door wait.
 //!
@@ -26,9 +27,11 @@
 //!   [`control`]: desired control state per worker, versioned and persisted.
 //! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection, over TLS
 //!   when configured; [`listener`]: accepting connections.
-//! - [`auth`]: bearer tokens with roles, and client certificate names.
+//! - [`auth`]: bearer tokens with roles, and client certificate names; [`tls`]: the
+//!   certificate both ports serve.
 //! - [`http`]: the HTTP port; [`metrics`]: the hub's state as Prometheus metrics;
 //!   [`latency`]: the clock and the histograms the hot paths record for them.
+//! - [`logging`]: log lines a peer's strings cannot forge or bloat.
 //! - [`client`]: a typed client for the CLI and tests; [`render`]: deliveries, workers and
 //!   control state as text and JSON, one shape for the CLI and the HTTP API.
 //! - [`error`]: the hub's errors and their gRPC statuses.
@@ -45,12 +48,14 @@ pub mod http;
 pub mod hub;
 pub mod latency;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod outputs;
 pub mod registry;
 pub mod render;
 pub mod server;
 pub mod service;
+pub mod tls;
 pub mod worker_stream;
 pub mod workspace;
 

@@ -6,11 +6,11 @@ use bridge_proto::{
     FILE_DESCRIPTOR_SET, SERVICE_NAME, server::telemetry_bridge_server::TelemetryBridgeServer,
 };
 use tokio::net::TcpListener;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
-use crate::{config::Config, hub::Hub, listener, service::BridgeService};
+use crate::{hub::Hub, listener, service::BridgeService};
 
 /// Serves `hub` on `listener` until `shutdown` completes, then ends every stream with
 /// UNAVAILABLE and waits up to the configured grace period for connections to close.
@@ -19,7 +19,9 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let tls = tls_config(hub.config())?;
+    let tls = hub
+        .tls()
+        .map(|tls| tls.grpc(hub.config().limits.handshake_timeout()));
     let limits = hub.config().limits.clone();
     let config = hub.config().hub.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -65,12 +67,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(bridge)
         .serve_with_incoming_shutdown(
-            listener::incoming(
-                listener,
-                listener::Opening::AnyByte,
-                limits.handshake_timeout(),
-                limits.max_connections,
-            ),
+            listener::incoming(listener, limits.handshake_timeout(), limits.max_connections),
             signal,
         );
 
@@ -89,26 +86,4 @@ pub async fn serve(
     hub.flush_state()?;
     info!("control state flushed; hub stopped");
     Ok(())
-}
-
-/// TLS settings from `[tls]`, with certificates read now so that a bad path fails at start.
-fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
-    let tls = &config.tls;
-    if !tls.enabled() {
-        return Ok(None);
-    }
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("tls.{what}: cannot read {}: {e}", path.display()))
-    };
-    let mut server = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read(&tls.cert, "cert")?,
-            read(&tls.key, "key")?,
-        ))
-        .timeout(config.limits.handshake_timeout());
-    if !tls.client_ca.as_os_str().is_empty() {
-        server = server.client_ca_root(Certificate::from_pem(read(&tls.client_ca, "client_ca")?));
-    }
-    Ok(Some(server))
 }

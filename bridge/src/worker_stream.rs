@@ -33,7 +33,7 @@ use crate::{
     config::Config,
     hub::Hub,
     latency::{elapsed_ns, unix_nanos},
-    outputs::Delivery,
+    outputs::{Delivery, inference_metrics::StreamRecorder},
     registry::{HubDrop, Sequenced, Session},
 };
 
@@ -41,6 +41,7 @@ use crate::{
 pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView>) {
     let mut enforcer = Enforcer::new(session.worker.watch_desired(), session.acknowledges);
     let mut admission = Admission::new(hub.config());
+    let mut inference = hub.inference_metrics().recorder(&session.pool);
     let mut warned = false;
     // Made once: a fresh future per message costs a measurable share of a trickling stream.
     let cancelled = session.cancel.cancelled();
@@ -57,7 +58,12 @@ pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView
         };
         match message {
             Ok(Some(event)) => {
-                if let Err(error) = accept(&hub, &session, &mut admission, &mut enforcer, event)
+                let stream = StreamState {
+                    admission: &mut admission,
+                    enforcer: &mut enforcer,
+                    inference: &mut inference,
+                };
+                if let Err(error) = accept(&hub, &session, stream, event)
                     && !warned
                 {
                     warn!(worker.id = %session.worker.id, %error, "dropping invalid events from this worker (logged once per stream; counted as drop reason `invalid`)");
@@ -105,10 +111,14 @@ fn inbound_failure(status: Status) -> Status {
 fn accept(
     hub: &Hub,
     session: &Session,
-    admission: &mut Admission,
-    enforcer: &mut Enforcer,
+    stream: StreamState<'_>,
     event: EventView,
 ) -> Result<(), String> {
+    let StreamState {
+        admission,
+        enforcer,
+        inference,
+    } = stream;
     let worker = &session.worker;
     let protocol = event.first_part() == Some(RESERVED_PREFIX);
     if protocol {
@@ -156,12 +166,21 @@ fn accept(
         rate,
         received_ns,
     ));
+    inference.record(&event, rate);
     worker.counters.delivered.fetch_add(1, Relaxed);
     if event.timestamp_ns > 0 {
         let age = elapsed_ns(event.timestamp_ns, received_ns);
         hub.ingest_latency().record(session.generation, age);
     }
     Ok(())
+}
+
+/// What the ingest loop keeps for the stream's life, beside its session.
+struct StreamState<'a> {
+    admission: &'a mut Admission,
+    enforcer: &'a mut Enforcer,
+    /// The stream's share of the per-model metrics, which it alone writes.
+    inference: &'a mut StreamRecorder,
 }
 
 /// Whether the event is well formed and within `[limits]`.

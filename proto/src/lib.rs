@@ -12,7 +12,8 @@
 //! - [`identity`]: the rule for worker ids, pool names and labels, which every participant
 //!   checks where they enter.
 //! - [`limits`]: the hub's limits on one event, which workers apply before buffering.
-//! - [`pattern`]: event names and NATS-style patterns (`*`, `>`).
+//! - [`pattern`]: event names and NATS-style patterns (`*`, `>`); [`condition`]: conditions
+//!   on an event's metadata (`model=llama`, `result!=success`), for subscriptions.
 //! - [`protocol`]: the names and defaults beside the messages: request metadata, reserved
 //!   event names, worker counters and hub drop reasons, GPU events, the span and inference
 //!   conventions (catalogued in `docs/conventions.md`), the outage buffer size.
@@ -31,6 +32,7 @@
 //! beside the wire types, so that the hub and the workers cannot drift apart.
 
 pub mod codec;
+pub mod condition;
 pub mod connect;
 pub mod control;
 pub mod encoded;

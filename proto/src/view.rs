@@ -21,9 +21,14 @@ use prost::{
 };
 use smallvec::SmallVec;
 
+mod inference;
+
+use self::inference::CallIndex;
+pub use self::inference::{CallEnd, InferenceCall};
+
 use crate::{
     fields::{
-        map_entry,
+        event_delivery, map_entry, subscribe_response,
         telemetry_event::{
             CONTROL_VERSION, CORRELATION_ID, EVENT_PARTS, MEASUREMENTS, METADATA, PARENT_SPAN_ID,
             SAMPLING_RATE, SEQUENCE, SPAN_ID, TIMESTAMP_NS, TRACE_ID,
@@ -55,6 +60,8 @@ pub struct EventView {
     entries: u32,
     /// Longest name token, correlation id, map key or string value, in bytes.
     longest_string: u32,
+    /// Where the fields of an inference call's end lie, if the event is one.
+    call: CallIndex,
 }
 
 impl EventView {
@@ -200,11 +207,18 @@ impl Message for EventView {
             }
             MEASUREMENTS | METADATA => {
                 check_wire_type(WireType::LengthDelimited, wire_type)?;
+                let measurement = tag == MEASUREMENTS;
+                let indexing = self.indexes_call();
                 let range = self.copy_delimited(tag, buf)?;
                 let entry = &self.bytes[range.start as usize..range.end as usize];
                 self.entries = self.entries.saturating_add(1);
-                match check_entry(entry, tag == MEASUREMENTS) {
-                    Ok(longest) => self.longest_string = self.longest_string.max(longest),
+                match check_entry(entry, measurement) {
+                    Ok((longest, key)) => {
+                        if indexing && let Some(slot) = CallIndex::slot(key, measurement) {
+                            self.call.found(slot, range);
+                        }
+                        self.longest_string = self.longest_string.max(longest);
+                    }
                     Err(problem) => self.note(problem),
                 }
             }
@@ -299,10 +313,11 @@ pub struct EventShape {
 
 /// Checks a `measurements` (`TelemetryValue` values) or `metadata` (string values) map entry
 /// the way a subscriber's decoder will read it, without building anything. Returns the length
-/// of its longest string.
-fn check_entry(mut entry: &[u8], measurement: bool) -> Result<u32, &'static str> {
+/// of its longest string, and its key.
+fn check_entry(mut entry: &[u8], measurement: bool) -> Result<(u32, &[u8]), &'static str> {
     const BAD: &str = "a measurement or metadata entry is malformed";
     let mut longest = 0;
+    let mut last_key: &[u8] = &[];
     while entry.has_remaining() {
         let (tag, wire_type) = decode_key(&mut entry).map_err(|_| BAD)?;
         match (tag, wire_type) {
@@ -310,6 +325,7 @@ fn check_entry(mut entry: &[u8], measurement: bool) -> Result<u32, &'static str>
                 let key = delimited(&mut entry)?;
                 longest = longest.max(key.len());
                 std::str::from_utf8(key).map_err(|_| "a map key is not UTF-8")?;
+                last_key = key;
             }
             (map_entry::VALUE, WireType::LengthDelimited) if measurement => {
                 longest = longest.max(check_value(delimited(&mut entry)?)?);
@@ -324,7 +340,7 @@ fn check_entry(mut entry: &[u8], measurement: bool) -> Result<u32, &'static str>
         }
     }
     // Entries are slices of a message whose length fits in u32.
-    Ok(u32::try_from(longest).unwrap_or(u32::MAX))
+    Ok((u32::try_from(longest).unwrap_or(u32::MAX), last_key))
 }
 
 /// Checks a `TelemetryValue`; returns the length of its string, if it holds one.
@@ -454,6 +470,38 @@ impl EventView {
         let ([], [value]) = self.lookup([], [key]);
         value
     }
+}
+
+/// The value of metadata `key` in an event's encoding, read where it lies (for events the hub
+/// holds encoded in a delivery, not as a view); `None` also for bytes that are not an event.
+pub fn metadata_in<'a>(event: &'a [u8], key: &str) -> Option<&'a str> {
+    let mut found = None;
+    for raw in (RawEntries { rest: event }) {
+        if !raw.measurement && raw.key == key.as_bytes() {
+            found = Some(utf8(raw.value)?);
+        }
+    }
+    found
+}
+
+/// The event in an encoded `SubscribeResponse` that delivers one, as the hub encodes them.
+pub fn delivered_event(response: &[u8]) -> Option<&[u8]> {
+    let delivery = field_of(response, subscribe_response::EVENT)?;
+    field_of(delivery, event_delivery::EVENT)
+}
+
+/// The last occurrence of length-delimited field `tag` in a message.
+fn field_of(mut message: &[u8], tag: u32) -> Option<&[u8]> {
+    let mut found = None;
+    while !message.is_empty() {
+        match field_key(&mut message)? {
+            (field, WireType::LengthDelimited) if field == tag => {
+                found = Some(take_delimited(&mut message)?);
+            }
+            (_, wire_type) => skip_field(wire_type, &mut message)?,
+        }
+    }
+    found
 }
 
 /// The iterator of [`EventView::entries`].

@@ -571,7 +571,8 @@ pub struct HttpResponse {
     pub body: String,
 }
 
-/// `GET path` on `addr` with a blocking socket, as curl would send it, with extra `headers`.
+/// `GET path` on `addr` with a blocking socket, as curl would send it, with extra `headers`
+/// (`Host` among them replaces the default, the address).
 pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the http port");
@@ -582,13 +583,82 @@ pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpR
         .iter()
         .map(|(name, value)| format!("{name}: {value}\r\n"))
         .collect();
+    // `Host` names the address unless the caller names another.
+    let host = if headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        String::new()
+    } else {
+        format!("Host: {addr}\r\n")
+    };
     // One write, as curl does: a server that answers after the request line may close early.
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\n{host}{extra}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).expect("send request");
     let mut raw = String::new();
     stream.read_to_string(&mut raw).expect("read response");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    parse_response(&raw)
+}
+
+/// `GET path` on `addr` over TLS, trusting `ca`, with `client` as the client certificate.
+/// `Err` when the TLS handshake or the exchange fails.
+pub fn https_get(
+    addr: SocketAddr,
+    ca: &Path,
+    client: Option<&Issued>,
+    path: &str,
+) -> Result<HttpResponse, String> {
+    use std::io::{Read, Write};
+    use tokio_rustls::rustls::{
+        self, ClientConfig, ClientConnection, RootCertStore, StreamOwned,
+        pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+    }
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(issued) => {
+            let chain = CertificateDer::pem_file_iter(&issued.cert)
+                .expect("client cert")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client cert PEM");
+            let key = PrivateKeyDer::from_pem_file(&issued.key).expect("client key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client certificate")
+        }
+    };
+    let name = ServerName::IpAddress(addr.ip().into());
+    let connection =
+        ClientConnection::new(Arc::new(config), name).map_err(|e| format!("TLS: {e}"))?;
+    let socket = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut stream = StreamOwned::new(connection, socket);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // Servers often close without a TLS close_notify; what arrived is the answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(format!("read: {e}")),
+    }
+    Ok(parse_response(&String::from_utf8_lossy(&raw)))
+}
+
+fn parse_response(raw: &str) -> HttpResponse {
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
     let (status_line, headers) = head.split_once("\r\n").unwrap_or((head, ""));
     let status = status_line
         .split_whitespace()

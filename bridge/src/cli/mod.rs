@@ -201,10 +201,16 @@ fn init_logging(format: LogFormat, command: &Command) {
     // Colour only for a person at a terminal: a log file or collector gets plain text.
     let builder = fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // Peer strings reach log lines: escaped and cut so that they cannot forge or bloat them.
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_writer(std::io::stderr)
+            .fmt_fields(bridge::logging::SafeFields)
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_writer(bridge::logging::CappedJson)
+            .init(),
     }
 }

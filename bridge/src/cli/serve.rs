@@ -65,16 +65,24 @@ pub async fn run(args: Args) -> Outcome {
         }
         tracing::warn!(%exposed, "serving without tokens on a non-loopback address (--insecure): anyone who can reach it may read telemetry and change control");
     }
+    raise_descriptor_limit(hub.config().limits.max_connections);
+    // Everything that can fail is done before the addresses are printed, so that a script or a
+    // person never sees `listening on` from a hub that is about to exit.
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| Failure::new(1, format!("cannot listen on {listen}: {e}")))?;
     let bound = listener
         .local_addr()
         .map_err(|e| Failure::new(1, format!("cannot read the bound address: {e}")))?;
-    // The first line on stdout names the bound address, so scripts and tests that asked for
-    // port 0 can find it.
-    println!("listening on {bound}");
-    tracing::info!(%bound, "hub listening");
+    let http_listener = match http {
+        None => None,
+        Some(http) => Some(TcpListener::bind(http).await.map_err(|e| {
+            Failure::new(
+                1,
+                format!("cannot listen on {http} for HTTP: {e} (--http ADDR to move it, --http off to disable)"),
+            )
+        })?),
+    };
     let cluster = &hub.config().cluster;
     if cluster.enabled() {
         let node = if cluster.node.trim().is_empty() {
@@ -89,19 +97,18 @@ pub async fn run(args: Args) -> Outcome {
         hub.join_cluster(link);
     }
     hub.start_export().map_err(Failure::invalid)?;
-    if let Some(http) = http {
-        let http_listener = TcpListener::bind(http).await.map_err(|e| {
-            Failure::new(
-                1,
-                format!("cannot listen on {http} for HTTP: {e} (--http ADDR to move it, --http off to disable)"),
-            )
-        })?;
+    // The first line on stdout names the bound address, so scripts and tests that asked for
+    // port 0 can find it.
+    println!("listening on {bound}");
+    let scheme = if hub.tls().is_some() { "https" } else { "http" };
+    tracing::info!(%bound, tls = hub.tls().is_some(), "hub listening");
+    if let Some(http_listener) = http_listener {
         let bound = http_listener
             .local_addr()
             .map_err(|e| Failure::new(1, format!("cannot read the bound address: {e}")))?;
         // The second line names the HTTP port, for the same reason.
         println!("http on {bound}");
-        tracing::info!(%bound, "http listening (/metrics, /healthz, /readyz, /api)");
+        tracing::info!(url = %format!("{scheme}://{bound}"), "http listening (/metrics, /healthz, /readyz, /api)");
         let stopped = hub.shutdown_token().clone().cancelled_owned();
         let http_hub = hub.clone();
         tokio::spawn(async move {
@@ -112,6 +119,25 @@ pub async fn run(args: Args) -> Outcome {
     }
     bridge::serve(hub, listener, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one, and warns when even that leaves too few
+/// for `max_connections` on each port.
+fn raise_descriptor_limit(max_connections: usize) {
+    // Both ports, plus the state file, NATS, OTLP and the runtime's own.
+    let needed = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2)
+        .saturating_add(bridge::listener::RESERVED_DESCRIPTORS);
+    match bridge::listener::raise_descriptor_limit() {
+        Ok(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit ({limit}) is below what limits.max_connections needs ({needed}: two ports and some to spare); connections past it will fail. Raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower limits.max_connections"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot read or raise the open-file limit"),
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

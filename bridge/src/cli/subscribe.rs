@@ -2,7 +2,12 @@
 
 use std::io::Write;
 
-use bridge_proto::{pattern::Pattern, trace::TraceId, v1};
+use bridge_proto::{
+    condition::{Condition, MAX_CONDITIONS},
+    pattern::Pattern,
+    trace::TraceId,
+    v1,
+};
 
 use super::{
     Failure, HubTarget, Outcome, connect,
@@ -24,6 +29,10 @@ pub struct Args {
     /// command prints): one request, across every worker.
     #[arg(long, value_name = "ID")]
     trace: Option<String>,
+    /// Only events whose metadata meets this: KEY=VALUE (has KEY, exactly VALUE) or
+    /// KEY!=VALUE (no KEY, or another value). Repeat: all must hold. Checked at the hub.
+    #[arg(long = "where", value_name = "CONDITION")]
+    conditions: Vec<String>,
     /// Output format; json prints one object per line.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -43,6 +52,21 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
             .to_vec(),
         None => Vec::new(),
     };
+    let conditions = args
+        .conditions
+        .iter()
+        .map(|text| {
+            Condition::parse(text)
+                .map(|c| v1::MetadataCondition::from(&c))
+                .map_err(|e| Failure::invalid(format!("--where {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if conditions.len() > MAX_CONDITIONS {
+        return Err(Failure::invalid(format!(
+            "{} --where conditions; at most {MAX_CONDITIONS}",
+            conditions.len()
+        )));
+    }
     if args.limit == Some(0) {
         return Ok(());
     }
@@ -53,6 +77,7 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
             worker_ids: args.workers,
             pool: args.pool.unwrap_or_default(),
             trace_id,
+            metadata_conditions: conditions,
         })
         .await?;
     let mut events = 0u64;

@@ -307,6 +307,7 @@ mod tests {
             worker_ids: ["gpu-3".to_owned(), "a.b".to_owned()].into(),
             pool: Some("llama".into()),
             trace_id: None,
+            metadata: Vec::new(),
         };
         assert_eq!(
             subjects("bridge", &filter),

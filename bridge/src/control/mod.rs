@@ -292,6 +292,9 @@ impl ControlPlane {
         let mut book = self.book();
         if let Err(error) = saved {
             book.runtime = previous;
+            // The operator's command fails too, but whoever watches the hub must hear of it:
+            // every later change will fail the same way until the disk is fixed.
+            tracing::error!(%error, "control change refused: the state file cannot be written");
             return Err(error);
         }
         Ok(Applied {

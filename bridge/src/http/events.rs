@@ -11,6 +11,7 @@ use axum::{
     response::sse::{Event, KeepAlive, Sse},
 };
 use bridge_proto::{
+    condition::Condition,
     trace::TraceId,
     v1::{self, subscribe_response::Item},
 };
@@ -26,8 +27,9 @@ use crate::{
     render,
 };
 
-/// `?pattern=P&worker=ID&pool=NAME&trace=ID` (patterns and workers repeatable; `trace` a trace
-/// id in hex), and `token` for clients that cannot set an `authorization` header
+/// `?pattern=P&worker=ID&pool=NAME&trace=ID&where=KEY=VALUE` (patterns, workers and `where`
+/// repeatable; `trace` a trace id in hex; `where` also `KEY!=VALUE`, percent-encoded as any
+/// value), and `token` for clients that cannot set an `authorization` header
 /// (`EventSource` cannot).
 pub async fn live_events(
     State(hub): State<Hub>,
@@ -36,7 +38,7 @@ pub async fn live_events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let mut request = v1::SubscribeRequest::default();
     let mut token = None;
-    let known = ["pattern", "worker", "pool", "trace", "token"];
+    let known = ["pattern", "worker", "pool", "trace", "where", "token"];
     for (key, value) in query_params(query.as_deref(), &known)? {
         match key.as_str() {
             "pattern" => request.patterns.push(value),
@@ -46,6 +48,11 @@ pub async fn live_events(
                 let id = TraceId::parse_any_case(value.trim())
                     .map_err(|e| ApiError::invalid(format!("trace: {e}")))?;
                 request.trace_id = id.as_bytes().to_vec();
+            }
+            "where" => {
+                let condition = Condition::parse(&value)
+                    .map_err(|e| ApiError::invalid(format!("where: {e}")))?;
+                request.metadata_conditions.push((&condition).into());
             }
             "token" => token = Some(value),
             _ => {}

@@ -7,22 +7,23 @@
 
 mod api;
 mod events;
+mod hosts;
+mod server;
 
 use std::future::Future;
 
 use axum::{
     Json, Router,
-    extract::{State, connect_info::Connected},
+    extract::State,
     http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{MethodRouter, get},
-    serve::IncomingStream,
 };
 use serde_json::json;
 use tokio::net::TcpListener;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::{auth::Access, config::HubConfig, hub::Hub, listener::HttpListener, metrics};
+use crate::{auth::Access, config::HubConfig, hub::Hub, metrics};
 
 /// The API description, written by hand and checked against the routes and the JSON they
 /// return by tests (`every_route_is_described_and_every_description_routed` below, and the
@@ -81,38 +82,35 @@ pub fn router(hub: Hub) -> Router {
                 "no such route (see /api/openapi.json)",
             )
         })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("this route does not take {method} (see /api/openapi.json; `allow` lists what it takes)"),
+            )
+        })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(hub);
-    match cors {
+        .with_state(hub.clone());
+    let router = match cors {
         Some(cors) => router.layer(cors),
         None => router,
-    }
+    };
+    hosts::guard(router, &hub)
 }
 
-/// Serves the HTTP routes on `listener` until `shutdown` completes, with the gRPC port's
-/// connection limits (`limits.max_connections` of its own, and the handshake timeout).
+/// Serves the HTTP routes on `listener` until `shutdown` completes: TLS when `[tls]` is set,
+/// with the gRPC port's connection limits (`limits.max_connections` of its own, and the
+/// handshake timeout) and timeouts on request heads and idle connections (see [`server`]).
 pub async fn serve(
     hub: Hub,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let limits = &hub.config().limits;
-    let listener = HttpListener::new(listener, limits.handshake_timeout(), limits.max_connections)?;
-    let app = router(hub).into_make_service_with_connect_info::<PeerAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(hub.clone(), router(hub), listener, shutdown).await
 }
 
 /// The client's address, recorded for every request (see [`api::Peer`]).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
-
-impl Connected<IncomingStream<'_, HttpListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, HttpListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
 
 fn cors(config: &HubConfig) -> Option<CorsLayer> {
     let origins = &config.http_allowed_origins;
@@ -146,8 +144,15 @@ pub struct ApiError {
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         let grpc = match status {
-            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => tonic::Code::InvalidArgument,
+            StatusCode::BAD_REQUEST => tonic::Code::InvalidArgument,
+            // gRPC's code for a message over the size limit.
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::URI_TOO_LONG => {
+                tonic::Code::ResourceExhausted
+            }
             StatusCode::NOT_FOUND => tonic::Code::NotFound,
+            StatusCode::FORBIDDEN => tonic::Code::PermissionDenied,
+            // What gRPC answers for a method a service does not have.
+            StatusCode::METHOD_NOT_ALLOWED => tonic::Code::Unimplemented,
             _ => tonic::Code::Unknown,
         };
         Self {
@@ -191,17 +196,28 @@ impl From<crate::Error> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The error as JSON, in the documented shape.
+    fn json(&self) -> serde_json::Value {
         let status_name = format!("{:?}", self.grpc);
-        let body = json!({
+        json!({
             "error": {
                 "code": self.status.as_u16(),
                 "status": screaming_snake(&status_name),
                 "message": self.message,
             }
-        });
-        let mut response = (self.status, Json(body)).into_response();
+        })
+    }
+
+    /// [`ApiError::json`] as text, for answers written before the router is reached.
+    fn body(&self) -> String {
+        self.json().to_string()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.json())).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

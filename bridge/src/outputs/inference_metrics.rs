@@ -7,10 +7,13 @@
 //! and sums are weighted the same way, so they are floats. Events from other hubs are theirs to
 //! count (Prometheus sums the hubs), and the hub's own `bridge.*` events are not calls.
 //!
-//! Ingest pays, per event: the name's tokens (every other event stops there), one walk over the
-//! event's entries where they lie ([`EventView::lookup`]), two map lookups that take no lock
-//! ([`ArcSwap`]), and an atomic add per figure. A lock is taken only to add a pool or a model,
-//! which happens at most `max_models_per_pool` + 2 times per pool: an event whose model has no
+//! Each worker stream records into a [`StreamRecorder`] of its own, which only that stream
+//! writes; a read sums the streams' figures (and those of streams that have ended). Ingest pays,
+//! per event: one branch for any event but a call's end; for a call's end, reading seven fields
+//! where the decoding walk found them ([`EventView::inference_call`]), one string comparison
+//! with the stream's last model, and a load and a store per figure, on cache lines no other
+//! stream writes. A lock is taken only to add a pool, a model or a stream, and to read: a
+//! model is added at most `max_models_per_pool` times per pool, and an event whose model has no
 //! room goes to `other` without one.
 //!
 //! Labels are bounded. In each pool, the first `max_models_per_pool` models seen have series of
@@ -22,18 +25,16 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
 };
 
 use arc_swap::ArcSwap;
 use bridge_proto::{
-    protocol::{inference, span},
-    view::{EventView, ValueRef},
+    protocol::inference,
+    view::{CallEnd, EventView, ValueRef},
 };
-
-use super::{Delivery, Origin, Output};
 
 /// The model label of events that name none (or an empty one).
 pub const UNKNOWN_MODEL: &str = "unknown";
@@ -101,18 +102,14 @@ pub const QUEUE_WAIT_BOUNDS_NS: [u64; 16] = [
     10_000_000_000,
 ];
 
-const STOP: [&str; 2] = [inference::OPERATION, span::STOP];
-const EXCEPTION: [&str; 2] = [inference::OPERATION, span::EXCEPTION];
-
-/// The output; a cheap-clone handle that the hub adds to its outputs and `/metrics` reads.
+/// The output; a cheap-clone handle that worker streams record into and `/metrics` reads.
 #[derive(Debug, Clone)]
 pub struct InferenceMetrics {
     shared: Arc<Shared>,
 }
 
-/// Keyed by pool or model name. Hashed with foldhash, not SipHash: the two lookups per event
-/// cost a third as much, and the maps hold few keys, at most `max_models` of them chosen by
-/// workers.
+/// Keyed by pool or model name. Hashed with foldhash, not SipHash: lookups cost a third as
+/// much, and the maps hold few keys, at most `max_models` of them chosen by workers.
 type Names<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 
 #[derive(Debug)]
@@ -123,24 +120,63 @@ struct Shared {
     adding: Mutex<()>,
 }
 
-#[derive(Debug, Default)]
+/// Where a model's figures are, in a pool: its index in [`Ledger::names`].
+type Slot = usize;
+const OTHER_SLOT: Slot = 0;
+const UNKNOWN_SLOT: Slot = 1;
+
+#[derive(Debug)]
 struct Pool {
-    /// Models with series of their own, at most `max_models`.
-    models: ArcSwap<Names<Arc<Stats>>>,
-    adding: Mutex<()>,
-    other: OnceLock<Stats>,
-    unknown: OnceLock<Stats>,
-    /// Weighted events counted under `other` because their model had no room.
-    folded: AtomicF64,
+    /// Models with series of their own, at most `max_models`, and their slots; read without a
+    /// lock, replaced under the ledger's.
+    models: ArcSwap<Names<Slot>>,
+    ledger: Mutex<Ledger>,
+}
+
+/// A pool's models and streams: taken to add a model, to add or retire a stream, and to read.
+#[derive(Debug)]
+struct Ledger {
+    /// Every slot's model: [`OTHER_MODEL`], [`UNKNOWN_MODEL`], then models in the order met.
+    names: Vec<Box<str>>,
+    /// Figures of streams that have ended, by slot.
+    retired: Vec<Option<Stats>>,
+    retired_folded: f64,
+    live: Vec<Arc<StreamFigures>>,
+}
+
+/// One stream's figures in its pool, which that stream alone writes.
+#[derive(Debug, Default)]
+struct StreamFigures {
+    /// The slots it has met; locked by the stream to add one, and by readers.
+    stats: Mutex<Vec<(Slot, Arc<Stats>)>>,
+    /// Weighted events counted under [`OTHER_MODEL`] because their model had no room.
+    folded: Tally,
+}
+
+/// One worker stream's recorder: ingest calls [`StreamRecorder::record`] for each event the
+/// stream delivers. Each stream writes figures of its own, which `/metrics` sums, so streams
+/// running on different cores never write the same cache line, and a figure costs a load and a
+/// store instead of a compare-and-swap loop. Dropping it folds its figures into the pool's.
+#[derive(Debug)]
+pub struct StreamRecorder {
+    pool: Arc<Pool>,
+    max_models: usize,
+    figures: Arc<StreamFigures>,
+    /// This stream's stats, by slot, for the slots it has met.
+    stats: Vec<Option<Arc<Stats>>>,
+    /// Models with series of their own that this stream has met, and their slots; most
+    /// streams serve one model, checked first.
+    slots: Names<Slot>,
+    last: Option<(Box<str>, Slot)>,
 }
 
 /// What the hub knows of one model's calls, weighted.
 #[derive(Debug, Default)]
 struct Stats {
-    success: AtomicF64,
-    error: AtomicF64,
-    input_tokens: AtomicF64,
-    output_tokens: AtomicF64,
+    success: Tally,
+    error: Tally,
+    input_tokens: Tally,
+    output_tokens: Tally,
     duration: Histogram<14>,
     time_to_first_token: Histogram<16>,
     queue_wait: Histogram<16>,
@@ -149,9 +185,9 @@ struct Stats {
 /// Weighted counts per bucket (not cumulative); `B` bounds and a last bucket for the rest.
 #[derive(Debug)]
 struct Histogram<const B: usize> {
-    counts: [AtomicF64; B],
-    above: AtomicF64,
-    sum_ns: AtomicF64,
+    counts: [Tally; B],
+    above: Tally,
+    sum_ns: Tally,
 }
 
 /// The fields of one call that the metrics read.
@@ -178,6 +214,21 @@ impl InferenceMetrics {
         }
     }
 
+    /// A recorder for one stream of a worker in `pool`, for the stream's life.
+    pub fn recorder(&self, pool: &str) -> StreamRecorder {
+        let pool = self.shared.pool(pool);
+        let figures = Arc::new(StreamFigures::default());
+        pool.lock().live.push(figures.clone());
+        StreamRecorder {
+            pool,
+            max_models: self.shared.max_models,
+            figures,
+            stats: Vec::new(),
+            slots: Names::default(),
+            last: None,
+        }
+    }
+
     /// Every pool's figures so far, pools and models in name order.
     pub fn snapshot(&self) -> Vec<PoolSnapshot> {
         let pools = self.shared.pools.load();
@@ -190,14 +241,10 @@ impl InferenceMetrics {
     }
 }
 
-impl Output for InferenceMetrics {
-    fn offer(&self, delivery: &Delivery<'_>) {
-        if !matches!(delivery.origin, Origin::Local) {
-            return;
-        }
-        let Some((view, rate)) = delivery.received() else {
-            return;
-        };
+impl StreamRecorder {
+    /// Counts `view` if it is an `inference.stop` or `.exception`, delivered at `rate`.
+    #[inline]
+    pub fn record(&mut self, view: &EventView, rate: f64) {
         let Some(call) = Call::read(view) else {
             return;
         };
@@ -207,65 +254,105 @@ impl Output for InferenceMetrics {
         } else {
             1.0
         };
-        self.shared.record(delivery.pool, &call, weight);
+        let slot = match &self.last {
+            Some((model, slot)) if **model == *call.model => *slot,
+            _ => self.slot(call.model, weight),
+        };
+        self.stats(slot).record(&call, weight);
+    }
+
+    /// The slot of a model other than the last one met; counts a fold.
+    fn slot(&mut self, model: &str, weight: f64) -> Slot {
+        if model.is_empty() || model == UNKNOWN_MODEL {
+            return UNKNOWN_SLOT;
+        }
+        if model == OTHER_MODEL {
+            return OTHER_SLOT;
+        }
+        let slot = match self.slots.get(model) {
+            Some(slot) => Some(*slot),
+            None => self.pool.slot(model, self.max_models),
+        };
+        match slot {
+            Some(slot) => {
+                // Bounded: a model met here has a series of its own, of which there are at
+                // most `max_models`.
+                if !self.slots.contains_key(model) {
+                    self.slots.insert(model.into(), slot);
+                }
+                self.last = Some((model.into(), slot));
+                slot
+            }
+            None => {
+                self.figures.folded.add(weight);
+                OTHER_SLOT
+            }
+        }
+    }
+
+    fn stats(&mut self, slot: Slot) -> &Stats {
+        if self.stats.len() <= slot {
+            self.stats.resize(slot + 1, None);
+        }
+        self.stats[slot].get_or_insert_with(|| {
+            let stats = Arc::new(Stats::default());
+            lock(&self.figures.stats).push((slot, stats.clone()));
+            stats
+        })
+    }
+}
+
+impl Drop for StreamRecorder {
+    /// Folds the stream's figures into the pool's, under the lock readers take, so that a read
+    /// counts them exactly once.
+    fn drop(&mut self) {
+        let mut ledger = self.pool.lock();
+        for (slot, stats) in lock(&self.figures.stats).iter() {
+            ledger.retired[*slot]
+                .get_or_insert_with(Stats::default)
+                .absorb(stats);
+        }
+        ledger.retired_folded += self.figures.folded.get();
+        ledger
+            .live
+            .retain(|figures| !Arc::ptr_eq(figures, &self.figures));
     }
 }
 
 impl<'a> Call<'a> {
     /// The call an `inference.stop` or `.exception` reports; `None` for any other event.
+    #[inline]
     fn read(view: &'a EventView) -> Option<Self> {
-        let failed = if view.is_named(&STOP) {
-            false
-        } else if view.is_named(&EXCEPTION) {
-            true
-        } else {
-            return None;
-        };
-        let ([duration, first_token, queue_wait, input, output], [model, result]) = view.lookup(
-            [
-                inference::DURATION_NS,
-                inference::TIME_TO_FIRST_TOKEN_NS,
-                inference::QUEUE_WAIT_NS,
-                inference::INPUT_TOKENS,
-                inference::OUTPUT_TOKENS,
-            ],
-            [inference::MODEL, inference::RESULT],
-        );
+        let call = view.inference_call()?;
         // The conventions make these ints; a float, a string or a negative value is a broken
         // emitter's, and only that field is left out.
         let count = |value| match value {
             Some(ValueRef::Int(n)) => u64::try_from(n).ok(),
             _ => None,
         };
-        let call = Call {
-            model: model.unwrap_or_default(),
-            failed: match result {
+        Some(Call {
+            model: call.model.unwrap_or_default(),
+            failed: match call.result {
                 Some(inference::RESULT_SUCCESS) => false,
                 Some(inference::RESULT_ERROR) => true,
                 // Any other value would be a label without bound: the name says.
-                _ => failed,
+                _ => call.end == CallEnd::Exception,
             },
-            duration_ns: count(duration),
-            time_to_first_token_ns: count(first_token),
-            queue_wait_ns: count(queue_wait),
-            input_tokens: count(input),
-            output_tokens: count(output),
-        };
-        Some(call)
+            duration_ns: count(call.duration_ns),
+            time_to_first_token_ns: count(call.time_to_first_token_ns),
+            queue_wait_ns: count(call.queue_wait_ns),
+            input_tokens: count(call.input_tokens),
+            output_tokens: count(call.output_tokens),
+        })
     }
 }
 
 impl Shared {
-    fn record(&self, pool: &str, call: &Call<'_>, weight: f64) {
-        if let Some(found) = self.pools.load().get(pool) {
-            return found.record(call, weight, self.max_models);
+    fn pool(&self, name: &str) -> Arc<Pool> {
+        if let Some(found) = self.pools.load().get(name) {
+            return found.clone();
         }
-        self.add_pool(pool).record(call, weight, self.max_models);
-    }
-
-    #[cold]
-    fn add_pool(&self, name: &str) -> Arc<Pool> {
-        let _adding = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        let _adding = lock(&self.adding);
         let pools = self.pools.load_full();
         if let Some(pool) = pools.get(name) {
             return pool.clone();
@@ -278,74 +365,89 @@ impl Shared {
     }
 }
 
+impl Default for Pool {
+    fn default() -> Self {
+        Self {
+            models: ArcSwap::default(),
+            ledger: Mutex::new(Ledger {
+                names: vec![OTHER_MODEL.into(), UNKNOWN_MODEL.into()],
+                retired: vec![None, None],
+                retired_folded: 0.0,
+                live: Vec::new(),
+            }),
+        }
+    }
+}
+
 impl Pool {
-    fn record(&self, call: &Call<'_>, weight: f64, max_models: usize) {
-        let model = call.model;
-        if model.is_empty() || model == UNKNOWN_MODEL {
-            return self
-                .unknown
-                .get_or_init(Stats::default)
-                .record(call, weight);
-        }
-        if model == OTHER_MODEL {
-            return self.other().record(call, weight);
-        }
-        let models = self.models.load();
-        if let Some(stats) = models.get(model) {
-            return stats.record(call, weight);
-        }
-        let room = models.len() < max_models && labelable(model);
-        drop(models);
-        match room.then(|| self.add_model(model, max_models)).flatten() {
-            Some(stats) => stats.record(call, weight),
-            None => {
-                self.folded.add(weight);
-                self.other().record(call, weight);
-            }
-        }
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        lock(&self.ledger)
     }
 
-    fn other(&self) -> &Stats {
-        self.other.get_or_init(Stats::default)
+    /// The slot of a model with a series of its own, added if there is room; `None`: it has
+    /// none, and is counted under `other`.
+    fn slot(&self, model: &str, max_models: usize) -> Option<Slot> {
+        if let Some(slot) = self.models.load().get(model) {
+            return Some(*slot);
+        }
+        if !labelable(model) {
+            return None;
+        }
+        self.add_model(model, max_models)
     }
 
-    /// The model's stats, added unless the pool filled up meanwhile.
     #[cold]
-    fn add_model(&self, name: &str, max_models: usize) -> Option<Arc<Stats>> {
-        let _adding = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+    fn add_model(&self, name: &str, max_models: usize) -> Option<Slot> {
+        let mut ledger = self.lock();
         let models = self.models.load_full();
-        if let Some(stats) = models.get(name) {
-            return Some(stats.clone());
+        if let Some(slot) = models.get(name) {
+            return Some(*slot);
         }
         if models.len() >= max_models {
             return None;
         }
-        let stats = Arc::new(Stats::default());
+        let slot = ledger.names.len();
+        ledger.names.push(name.into());
+        ledger.retired.push(None);
         let mut grown = Names::clone(&models);
-        grown.insert(name.into(), stats.clone());
+        grown.insert(name.into(), slot);
         self.models.store(Arc::new(grown));
-        Some(stats)
+        Some(slot)
     }
 
     fn snapshot(&self, name: &str) -> PoolSnapshot {
-        let models = self.models.load();
-        let mut snapshot: Vec<ModelSnapshot> = models
+        let ledger = self.lock();
+        let mut sums: Vec<Option<Stats>> = (0..ledger.names.len()).map(|_| None).collect();
+        let mut folded = ledger.retired_folded;
+        for figures in &ledger.live {
+            folded += figures.folded.get();
+            for (slot, stats) in lock(&figures.stats).iter() {
+                sums[*slot].get_or_insert_with(Stats::default).absorb(stats);
+            }
+        }
+        for (slot, stats) in ledger.retired.iter().enumerate() {
+            if let Some(stats) = stats {
+                sums[slot].get_or_insert_with(Stats::default).absorb(stats);
+            }
+        }
+        let mut models: Vec<ModelSnapshot> = sums
             .iter()
-            .map(|(model, stats)| stats.snapshot(model))
-            .chain(self.other.get().map(|stats| stats.snapshot(OTHER_MODEL)))
-            .chain(
-                self.unknown
-                    .get()
-                    .map(|stats| stats.snapshot(UNKNOWN_MODEL)),
-            )
+            .zip(&ledger.names)
+            .filter_map(|(stats, model)| Some(stats.as_ref()?.snapshot(model)))
             .collect();
-        snapshot.sort_by(|a, b| a.model.cmp(&b.model));
+        models.sort_by(|a, b| a.model.cmp(&b.model));
         PoolSnapshot {
             pool: name.to_owned(),
-            folded: self.folded.get(),
-            models: snapshot,
+            folded,
+            models,
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Whether a model name can be a label value that dashboards can show and match: bounded, and
@@ -355,6 +457,7 @@ fn labelable(model: &str) -> bool {
 }
 
 impl Stats {
+    #[inline]
     fn record(&self, call: &Call<'_>, weight: f64) {
         if call.failed {
             self.error.add(weight);
@@ -379,6 +482,21 @@ impl Stats {
         }
     }
 
+    /// Adds `other`'s figures to these.
+    fn absorb(&self, other: &Stats) {
+        for (mine, theirs) in [
+            (&self.success, &other.success),
+            (&self.error, &other.error),
+            (&self.input_tokens, &other.input_tokens),
+            (&self.output_tokens, &other.output_tokens),
+        ] {
+            mine.add(theirs.get());
+        }
+        self.duration.absorb(&other.duration);
+        self.time_to_first_token.absorb(&other.time_to_first_token);
+        self.queue_wait.absorb(&other.queue_wait);
+    }
+
     fn snapshot(&self, model: &str) -> ModelSnapshot {
         ModelSnapshot {
             model: model.to_owned(),
@@ -398,19 +516,28 @@ impl Stats {
 impl<const B: usize> Default for Histogram<B> {
     fn default() -> Self {
         Self {
-            counts: std::array::from_fn(|_| AtomicF64::default()),
-            above: AtomicF64::default(),
-            sum_ns: AtomicF64::default(),
+            counts: std::array::from_fn(|_| Tally::default()),
+            above: Tally::default(),
+            sum_ns: Tally::default(),
         }
     }
 }
 
 impl<const B: usize> Histogram<B> {
+    #[inline]
     fn record(&self, bounds_ns: &[u64; B], ns: u64, weight: f64) {
         // Bucket i holds values up to and including bounds[i].
         let bucket = bounds_ns.partition_point(|bound| *bound < ns);
         self.counts.get(bucket).unwrap_or(&self.above).add(weight);
         self.sum_ns.add(weight * ns as f64);
+    }
+
+    fn absorb(&self, other: &Self) {
+        for (mine, theirs) in self.counts.iter().zip(&other.counts) {
+            mine.add(theirs.get());
+        }
+        self.above.add(other.above.get());
+        self.sum_ns.add(other.sum_ns.get());
     }
 
     fn snapshot(&self, bounds_ns: &[u64; B]) -> HistogramSnapshot {
@@ -433,15 +560,17 @@ impl<const B: usize> Histogram<B> {
     }
 }
 
-/// An `f64` that threads add to without a lock.
+/// An `f64` with one writer at a time (its stream, or whoever holds the pool's ledger) and any
+/// number of readers: adding is a load and a store, which cannot lose an add without a second
+/// writer.
 #[derive(Debug, Default)]
-struct AtomicF64(AtomicU64);
+struct Tally(AtomicU64);
 
-impl AtomicF64 {
+impl Tally {
+    #[inline]
     fn add(&self, value: f64) {
-        let _ = self.0.fetch_update(Relaxed, Relaxed, |bits| {
-            Some((f64::from_bits(bits) + value).to_bits())
-        });
+        let sum = f64::from_bits(self.0.load(Relaxed)) + value;
+        self.0.store(sum.to_bits(), Relaxed);
     }
 
     fn get(&self) -> f64 {
@@ -485,7 +614,6 @@ mod tests {
     use bridge_proto::v1::{TelemetryEvent, TelemetryValue, telemetry_value::Value};
 
     use super::*;
-    use crate::outputs::subscribers::SubscriberId;
 
     fn event(name: &str, measurements: &[(&str, Value)], metadata: &[(&str, &str)]) -> EventView {
         EventView::from_event(&TelemetryEvent {
@@ -510,8 +638,9 @@ mod tests {
         event(inference::STOP, measurements, &[(inference::MODEL, model)])
     }
 
+    /// One stream's event, counted once the stream has ended.
     fn offer(metrics: &InferenceMetrics, pool: &str, view: &EventView, rate: f64) {
-        metrics.offer(&Delivery::local("w", pool, view, rate, 1));
+        metrics.recorder(pool).record(view, rate);
     }
 
     fn model<'a>(snapshot: &'a [PoolSnapshot], pool: &str, model: &str) -> &'a ModelSnapshot {
@@ -605,7 +734,7 @@ mod tests {
     }
 
     #[test]
-    fn only_inference_ends_from_this_hubs_workers_count() {
+    fn only_inference_ends_count() {
         let metrics = InferenceMetrics::new(50);
         for name in [
             "inference.start",
@@ -621,19 +750,7 @@ mod tests {
                 1.0,
             );
         }
-        let view = stop("m", &[]);
-        let encoded = Delivery::local("w", "p", &view, 1.0, 1).encoded().clone();
-        let subscribers: [SubscriberId; 0] = [];
-        metrics.offer(&Delivery::from_other_hub(
-            "w",
-            "p",
-            inference::STOP,
-            None,
-            encoded,
-            1,
-            &subscribers,
-        ));
-        assert_eq!(metrics.snapshot(), []);
+        assert_eq!(metrics.snapshot()[0].models, []);
     }
 
     #[test]
@@ -690,10 +807,18 @@ mod tests {
             for thread in 0..4 {
                 let (metrics, views) = (&metrics, &views);
                 scope.spawn(move || {
+                    let mut recorder = metrics.recorder(&format!("p{}", thread % 2));
                     for i in 0..1000 {
-                        offer(metrics, &format!("p{}", thread % 2), &views[i % 8], 1.0);
+                        recorder.record(&views[i % 8], 1.0);
                     }
                 });
+            }
+            // Reads while streams record (and end) see each figure once at most.
+            for _ in 0..100 {
+                for pool in metrics.snapshot() {
+                    let calls: f64 = pool.models.iter().map(|m| m.success).sum();
+                    assert!(calls <= 2000.0, "{pool:#?}");
+                }
             }
         });
         for pool in metrics.snapshot() {
@@ -702,5 +827,24 @@ mod tests {
             let tokens: f64 = pool.models.iter().map(|m| m.input_tokens).sum();
             assert_eq!((calls, tokens, pool.folded), (2000.0, 6000.0, 1000.0));
         }
+    }
+
+    #[test]
+    fn a_live_stream_is_read_and_its_end_counts_it_once() {
+        let metrics = InferenceMetrics::new(4);
+        let mut live = metrics.recorder("p");
+        live.record(&stop("m", &[]), 0.5);
+        offer(&metrics, "p", &stop("m", &[]), 1.0);
+        let read = |metrics: &InferenceMetrics| model(&metrics.snapshot(), "p", "m").success;
+        assert_eq!(read(&metrics), 3.0);
+        live.record(&stop("m", &[]), 1.0);
+        assert_eq!(read(&metrics), 4.0);
+        drop(live);
+        assert_eq!(read(&metrics), 4.0);
+        let pools = metrics.shared.pools.load();
+        assert!(
+            pools["p"].lock().live.is_empty(),
+            "ended streams stay listed"
+        );
     }
 }

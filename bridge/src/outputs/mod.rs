@@ -10,7 +10,9 @@
 //! - [`subscribers`]: live subscriptions (gRPC `Subscribe`, server-sent events): filters,
 //!   bounded queues, lag notices.
 //! - [`inference_metrics`]: per-model inference metrics from this hub's workers' events, read
-//!   by `/metrics`.
+//!   by `/metrics`. Not behind [`Outputs`]: it keeps figures per worker stream, so each stream
+//!   records into its own share where it admits an event (`worker_stream`), and streams on
+//!   different cores never write the same memory.
 //! - The cluster publisher (`cluster::events`), added when the hub joins a cluster.
 
 pub mod inference_metrics;
@@ -20,7 +22,12 @@ pub mod subscribers;
 use std::{cell::OnceCell, sync::Arc};
 
 use arc_swap::ArcSwap;
-use bridge_proto::{encoded::EncodedSubscribeResponse, trace::TraceId, view::EventView};
+use bridge_proto::{
+    encoded::EncodedSubscribeResponse,
+    trace::TraceId,
+    view::{self, Entry, EventView},
+};
+use smallvec::SmallVec;
 
 use self::subscribers::SubscriberId;
 
@@ -50,6 +57,8 @@ pub struct Delivery<'a> {
     pub received_ns: i64,
     event: Event<'a>,
     encoded: OnceCell<EncodedSubscribeResponse>,
+    /// The metadata of a received event, listed on first use.
+    metadata: OnceCell<SmallVec<[(&'a str, &'a str); 8]>>,
 }
 
 #[derive(Debug)]
@@ -86,6 +95,7 @@ impl<'a> Delivery<'a> {
                 sampling_rate,
             },
             encoded: OnceCell::new(),
+            metadata: OnceCell::new(),
         }
     }
 
@@ -110,6 +120,7 @@ impl<'a> Delivery<'a> {
                 response: encoded,
             },
             encoded: OnceCell::new(),
+            metadata: OnceCell::new(),
         }
     }
 
@@ -141,6 +152,33 @@ impl<'a> Delivery<'a> {
         match &self.event {
             Event::Received { view, .. } => view.trace_id(),
             Event::Encoded { trace_id, .. } => trace_id.as_ref().map_or(&[], |id| id.as_bytes()),
+        }
+    }
+
+    /// The event's metadata `key`, read where it lies. The first call on an event this hub
+    /// received lists its metadata in one walk, which every later call (the next condition, the
+    /// next subscriber) reads instead of walking the event again.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        match &self.event {
+            Event::Received { view, .. } => {
+                let entries = self.metadata.get_or_init(|| {
+                    view.entries()
+                        .filter_map(|entry| match entry {
+                            Entry::Metadata(key, value) => Some((key, value)),
+                            Entry::Measurement(..) => None,
+                        })
+                        .collect()
+                });
+                // A repeated key counts as its last entry, as a decoder keeps it.
+                entries
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| *v)
+            }
+            Event::Encoded { response, .. } => {
+                view::delivered_event(response.as_bytes()).and_then(|e| view::metadata_in(e, key))
+            }
         }
     }
 

@@ -18,7 +18,9 @@ use std::{
 
 use arc_swap::ArcSwap;
 use async_stream::stream;
-use bridge_proto::{encoded::EncodedSubscribeResponse, pattern::Pattern, trace::TraceId, v1};
+use bridge_proto::{
+    condition::Condition, encoded::EncodedSubscribeResponse, pattern::Pattern, trace::TraceId, v1,
+};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +42,8 @@ pub struct Filter {
     pub pool: Option<String>,
     /// Only events of this trace.
     pub trace_id: Option<TraceId>,
+    /// Only events whose metadata meets all of these.
+    pub metadata: Vec<Condition>,
 }
 
 impl Filter {
@@ -65,6 +69,15 @@ impl Filter {
         self.trace_id
             .is_none_or(|id| id.as_bytes()[..] == *delivery.trace_id())
             && self.matches_parts(delivery.worker_id, delivery.pool, delivery.parts())
+            && (self.metadata.is_empty() || self.meets_metadata(delivery))
+    }
+
+    /// Each condition reads its key where it lies (a walk over the entries): subscriptions
+    /// carry one or two, and only events that passed every cheaper test get this far.
+    fn meets_metadata(&self, delivery: &Delivery<'_>) -> bool {
+        self.metadata
+            .iter()
+            .all(|condition| condition.holds(delivery.metadata(&condition.key)))
     }
 }
 
@@ -85,8 +98,11 @@ impl TryFrom<v1::SubscribeRequest> for Filter {
                 TraceId::from_bytes(id).map_err(|e| Error::invalid(format!("trace_id: {e}")))?,
             ),
         };
+        let metadata = Condition::from_request(&request.metadata_conditions)
+            .map_err(|e| Error::invalid(e.to_string()))?;
         Ok(Self {
             trace_id,
+            metadata,
             patterns,
             worker_ids: request
                 .worker_ids
@@ -399,6 +415,51 @@ mod tests {
             .count();
         subscribers.offer(&delivery);
         matching
+    }
+
+    #[test]
+    fn metadata_conditions_hold_alike_on_received_and_relayed_events() {
+        let view = EventView::from_event(&v1::TelemetryEvent {
+            event_parts: vec!["inference".into(), "stop".into()],
+            metadata: [
+                ("model".to_owned(), "llama-70b".to_owned()),
+                ("result".to_owned(), "error".to_owned()),
+            ]
+            .into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let received = Delivery::local("gpu-3", "llama", &view, 1.0, 1);
+        let encoded = received.encoded().clone();
+        let subscribers = [SubscriberId(1)];
+        let relayed = Delivery::from_other_hub(
+            "gpu-3",
+            "llama",
+            "inference.stop",
+            None,
+            encoded,
+            1,
+            &subscribers,
+        );
+        let filter = |conditions: &[&str]| Filter {
+            metadata: conditions
+                .iter()
+                .map(|c| Condition::parse(c).unwrap())
+                .collect(),
+            ..Default::default()
+        };
+        for (conditions, expected) in [
+            (&["model=llama-70b"][..], true),
+            (&["model=llama-70b", "result!=success"], true),
+            (&["model=llama-70b", "result=success"], false),
+            (&["model!=llama-70b"], false),
+            (&["tier!=l2"], true),
+            (&["tier=l2"], false),
+        ] {
+            let filter = filter(conditions);
+            assert_eq!(filter.matches(&received), expected, "{conditions:?}");
+            assert_eq!(filter.matches(&relayed), expected, "{conditions:?} relayed");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use bridge_proto::{
     protocol::span,
-    v1::{self, telemetry_value::Value},
+    view::{Entry, EventView, ValueRef},
 };
 use opentelemetry_proto::tonic::{
     collector::{logs::v1::ExportLogsServiceRequest, trace::v1::ExportTraceServiceRequest},
@@ -14,6 +14,7 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
     trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
 };
+use smallvec::SmallVec;
 
 /// What the exporter knows of a worker beyond its events.
 pub trait WorkerDirectory: Send + Sync + std::fmt::Debug {
@@ -91,24 +92,70 @@ fn typed(key: &str, value: any_value::Value) -> KeyValue {
     }
 }
 
+/// A delivery as subscribers receive it (`SubscribeResponse`), read without building the
+/// event's maps: its event is a view, whose entries are read where they lie.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Delivered {
+    #[prost(message, optional, tag = "1")]
+    delivery: Option<DeliveryFields>,
+}
+
+/// `EventDelivery`, with the event as a view.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeliveryFields {
+    #[prost(string, tag = "1")]
+    pub worker_id: String,
+    #[prost(string, tag = "2")]
+    pub pool: String,
+    #[prost(message, optional, tag = "3")]
+    pub event: Option<EventView>,
+    #[prost(double, tag = "4")]
+    pub sampling_rate: f64,
+    #[prost(int64, tag = "5")]
+    pub received_ns: i64,
+}
+
+impl Delivered {
+    /// The delivery an encoded `SubscribeResponse` carries, if it is one with an event that
+    /// a subscriber could decode.
+    pub fn read(encoded: &[u8]) -> Option<DeliveryFields> {
+        use prost::Message;
+        let delivery = Self::decode(encoded).ok()?.delivery?;
+        let event = delivery.event.as_ref()?;
+        event.problem().is_none().then_some(delivery)
+    }
+}
+
 /// Measurements (typed), metadata (strings) and the rate the event was kept at, so that a
-/// backend can scale counts by `1 / bridge.sampling_rate`.
-fn attributes(event: &v1::TelemetryEvent, sampling_rate: f64) -> Vec<KeyValue> {
-    let mut attributes = Vec::with_capacity(event.measurements.len() + event.metadata.len() + 2);
-    for (key, value) in &event.measurements {
-        let value = match &value.value {
-            Some(Value::IntValue(v)) => any_value::Value::IntValue(*v),
-            Some(Value::FloatValue(v)) => any_value::Value::DoubleValue(*v),
-            Some(Value::StringValue(v)) => any_value::Value::StringValue(v.clone()),
-            None => continue,
-        };
-        attributes.push(typed(key, value));
+/// backend can scale counts by `1 / bridge.sampling_rate`. Where a key repeats in a map, the
+/// last entry counts, as a decoder keeps it.
+fn attributes(event: &EventView, sampling_rate: f64) -> Vec<KeyValue> {
+    let entries: SmallVec<[Entry<'_>; 16]> = event.entries().collect();
+    let mut attributes = Vec::with_capacity(entries.len() + 2);
+    for (at, entry) in entries.iter().enumerate() {
+        let superseded = entries[at + 1..].iter().any(|later| match (entry, later) {
+            (Entry::Measurement(key, _), Entry::Measurement(later, _))
+            | (Entry::Metadata(key, _), Entry::Metadata(later, _)) => key == later,
+            _ => false,
+        });
+        if superseded {
+            continue;
+        }
+        match entry {
+            Entry::Measurement(key, Some(value)) => attributes.push(typed(
+                key,
+                match *value {
+                    ValueRef::Int(v) => any_value::Value::IntValue(v),
+                    ValueRef::Float(v) => any_value::Value::DoubleValue(v),
+                    ValueRef::String(v) => any_value::Value::StringValue(v.to_owned()),
+                },
+            )),
+            Entry::Measurement(_, None) => {}
+            Entry::Metadata(key, value) => attributes.push(string(key, value)),
+        }
     }
-    for (key, value) in &event.metadata {
-        attributes.push(string(key, value));
-    }
-    if !event.correlation_id.is_empty() {
-        attributes.push(string("bridge.correlation_id", &event.correlation_id));
+    if !event.correlation_id().is_empty() {
+        attributes.push(string("bridge.correlation_id", event.correlation_id()));
     }
     attributes.push(typed(
         "bridge.sampling_rate",
@@ -117,12 +164,9 @@ fn attributes(event: &v1::TelemetryEvent, sampling_rate: f64) -> Vec<KeyValue> {
     attributes
 }
 
-fn failed(event: &v1::TelemetryEvent) -> bool {
-    event
-        .event_parts
-        .last()
-        .is_some_and(|p| p == span::EXCEPTION)
-        || event.metadata.get(span::RESULT).map(String::as_str) == Some(span::RESULT_ERROR)
+fn failed(event: &EventView) -> bool {
+    event.parts().last() == Some(span::EXCEPTION)
+        || event.metadata(span::RESULT) == Some(span::RESULT_ERROR)
 }
 
 fn unsigned(ns: i64) -> u64 {
@@ -130,14 +174,15 @@ fn unsigned(ns: i64) -> u64 {
 }
 
 /// One log record per delivery.
-pub fn log_record(delivery: &v1::EventDelivery) -> LogRecord {
-    let event = delivery.event.as_ref().cloned().unwrap_or_default();
-    let (severity, text) = if failed(&event) {
+pub fn log_record(delivery: &DeliveryFields) -> LogRecord {
+    let default = EventView::default();
+    let event = delivery.event.as_ref().unwrap_or(&default);
+    let (severity, text) = if failed(event) {
         (SeverityNumber::Error, "ERROR")
     } else {
         (SeverityNumber::Info, "INFO")
     };
-    let name = event.event_parts.join(".");
+    let name = event.name();
     LogRecord {
         time_unix_nano: unsigned(event.timestamp_ns),
         observed_time_unix_nano: unsigned(delivery.received_ns),
@@ -146,9 +191,9 @@ pub fn log_record(delivery: &v1::EventDelivery) -> LogRecord {
         body: Some(AnyValue {
             value: Some(any_value::Value::StringValue(name.clone())),
         }),
-        attributes: attributes(&event, delivery.sampling_rate),
-        trace_id: event.trace_id,
-        span_id: event.span_id,
+        attributes: attributes(event, delivery.sampling_rate),
+        trace_id: event.trace_id().to_vec(),
+        span_id: event.span_id().to_vec(),
         event_name: name,
         ..Default::default()
     }
@@ -156,13 +201,14 @@ pub fn log_record(delivery: &v1::EventDelivery) -> LogRecord {
 
 /// The span a `X.stop` / `X.exception` delivery ends: named `X`, from its timestamp minus
 /// `duration_ns` to its timestamp, in error for `.exception` or `result=error`.
-pub fn span(delivery: &v1::EventDelivery) -> Result<Span, NotASpan> {
+pub fn span(delivery: &DeliveryFields) -> Result<Span, NotASpan> {
     let event = delivery.event.as_ref().ok_or(NotASpan::Incomplete)?;
-    let duration = match event.measurements.get(span::DURATION_NS).map(|v| &v.value) {
-        Some(Some(Value::IntValue(ns))) if *ns >= 0 => *ns,
+    let duration = match event.measurement(span::DURATION_NS) {
+        Some(ValueRef::Int(ns)) if ns >= 0 => ns,
         _ => return Err(NotASpan::Incomplete),
     };
-    if event.trace_id.len() != 16 || event.span_id.len() != 8 || event.event_parts.len() < 2 {
+    let parts: SmallVec<[&str; 4]> = event.parts().collect();
+    if event.trace_id().len() != 16 || event.span_id().len() != 8 || parts.len() < 2 {
         return Err(NotASpan::Incomplete);
     }
     let end = unsigned(event.timestamp_ns);
@@ -170,19 +216,18 @@ pub fn span(delivery: &v1::EventDelivery) -> Result<Span, NotASpan> {
         Status {
             code: StatusCode::Error as i32,
             message: event
-                .metadata
-                .get(span::ERROR_MESSAGE)
-                .cloned()
-                .unwrap_or_default(),
+                .metadata(span::ERROR_MESSAGE)
+                .unwrap_or_default()
+                .to_owned(),
         }
     } else {
         Status::default()
     };
     Ok(Span {
-        trace_id: event.trace_id.clone(),
-        span_id: event.span_id.clone(),
-        parent_span_id: event.parent_span_id.clone(),
-        name: event.event_parts[..event.event_parts.len() - 1].join("."),
+        trace_id: event.trace_id().to_vec(),
+        span_id: event.span_id().to_vec(),
+        parent_span_id: event.parent_span_id().to_vec(),
+        name: parts[..parts.len() - 1].join("."),
         kind: SpanKind::Internal as i32,
         start_time_unix_nano: end.saturating_sub(unsigned(duration)),
         end_time_unix_nano: end,
@@ -207,8 +252,12 @@ impl<T> Default for ByWorker<T> {
 }
 
 impl<T> ByWorker<T> {
-    pub fn push(&mut self, delivery: &v1::EventDelivery, item: T) {
-        let key = (delivery.worker_id.clone(), delivery.pool.clone());
+    /// Adds `item`, from the worker and pool of `delivery` (whose names it takes).
+    pub fn push(&mut self, delivery: &mut DeliveryFields, item: T) {
+        let key = (
+            std::mem::take(&mut delivery.worker_id),
+            std::mem::take(&mut delivery.pool),
+        );
         self.groups.entry(key).or_default().push(item);
     }
 
@@ -267,9 +316,24 @@ pub fn traces_request(
 
 #[cfg(test)]
 mod tests {
+    use bridge_proto::v1::{self, subscribe_response::Item, telemetry_value::Value};
+    use prost::Message;
+
     use super::*;
 
-    fn delivery(name: &str, duration: Option<i64>, metadata: &[(&str, &str)]) -> v1::EventDelivery {
+    /// As the export reads it: encoded as subscribers receive it.
+    fn delivery(name: &str, duration: Option<i64>, metadata: &[(&str, &str)]) -> DeliveryFields {
+        let response = v1::SubscribeResponse {
+            item: Some(Item::Event(event_delivery(name, duration, metadata))),
+        };
+        Delivered::read(&response.encode_to_vec()).expect("a delivery")
+    }
+
+    fn event_delivery(
+        name: &str,
+        duration: Option<i64>,
+        metadata: &[(&str, &str)],
+    ) -> v1::EventDelivery {
         let mut measurements = HashMap::from([(
             "output_tokens".to_owned(),
             v1::TelemetryValue {
@@ -365,6 +429,47 @@ mod tests {
             Some(&any_value::Value::StringValue("llama".into()))
         );
         assert_eq!(record.severity_text, "INFO");
+    }
+
+    #[test]
+    fn a_repeated_key_is_one_attribute_with_the_last_value() {
+        let mut event = event_delivery("app.done", None, &[("model", "llama")]);
+        let mut bytes = v1::SubscribeResponse {
+            item: Some(Item::Event(event.clone())),
+        }
+        .encode_to_vec();
+        // The same delivery again, its model changed: a decoder merges the two, the last
+        // model wins.
+        event.event.as_mut().unwrap().metadata = [("model".into(), "mistral".into())].into();
+        bytes.extend(
+            v1::SubscribeResponse {
+                item: Some(Item::Event(event)),
+            }
+            .encode_to_vec(),
+        );
+        let record = log_record(&Delivered::read(&bytes).unwrap());
+        let models: Vec<_> = record
+            .attributes
+            .iter()
+            .filter(|kv| kv.key == "model")
+            .collect();
+        assert_eq!(models.len(), 1, "{models:?}");
+        assert_eq!(
+            attribute(&record.attributes, "model"),
+            Some(&any_value::Value::StringValue("mistral".into()))
+        );
+    }
+
+    #[test]
+    fn a_delivery_with_a_malformed_event_is_not_read() {
+        // An event whose metadata value is not UTF-8: a subscriber could not decode it either.
+        let event = [0x1a, 0x06, 0x0a, 0x01, b'k', 0x12, 0x01, 0xff];
+        let mut delivery = vec![0x1a, event.len() as u8];
+        delivery.extend(event);
+        let mut response = vec![0x0a, delivery.len() as u8];
+        response.extend(delivery);
+        assert_eq!(Delivered::read(&response), None);
+        assert_eq!(Delivered::read(b"\xff\xff"), None);
     }
 
     #[test]

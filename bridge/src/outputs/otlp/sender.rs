@@ -9,10 +9,7 @@ use std::{
     time::Duration,
 };
 
-use bridge_proto::{
-    encoded::{EncodedSubscribeResponse, PreEncoded},
-    v1::{self, subscribe_response::Item},
-};
+use bridge_proto::encoded::{EncodedSubscribeResponse, PreEncoded};
 use opentelemetry_proto::tonic::collector::{
     logs::v1::ExportLogsServiceResponse, metrics::v1::ExportMetricsServiceResponse,
     trace::v1::ExportTraceServiceResponse,
@@ -380,21 +377,17 @@ impl Exporter {
     /// The export request for `batch`, encoded, and how many records it holds (the rest were
     /// counted as dropped).
     fn request(&self, batch: &[EncodedSubscribeResponse]) -> (PreEncoded, u64) {
-        let deliveries = batch.iter().filter_map(|item| {
-            match v1::SubscribeResponse::decode(item.as_bytes().clone()) {
-                Ok(v1::SubscribeResponse {
-                    item: Some(Item::Event(delivery)),
-                }) => Some(delivery),
-                _ => None,
-            }
-        });
+        let deliveries = batch
+            .iter()
+            .filter_map(|item| convert::Delivered::read(item.as_bytes()));
         let directory = self.directory.as_ref();
         match self.signal {
             Signal::Logs => {
                 let mut records = ByWorker::default();
                 let mut count = 0;
-                for delivery in deliveries {
-                    records.push(&delivery, convert::log_record(&delivery));
+                for mut delivery in deliveries {
+                    let record = convert::log_record(&delivery);
+                    records.push(&mut delivery, record);
                     count += 1;
                 }
                 self.stats
@@ -407,10 +400,10 @@ impl Exporter {
             Signal::Traces => {
                 let mut spans = ByWorker::default();
                 let mut count = 0;
-                for delivery in deliveries {
+                for mut delivery in deliveries {
                     match convert::span(&delivery) {
                         Ok(span) => {
-                            spans.push(&delivery, span);
+                            spans.push(&mut delivery, span);
                             count += 1;
                         }
                         Err(convert::NotASpan::Incomplete) => {}
