@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use bridge_proto::limits::EventLimits;
 use serde::Deserialize;
 
 pub use crate::{
@@ -178,9 +179,9 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
-            max_event_parts: 16,
-            max_event_entries: 256,
-            max_string_bytes: 4096,
+            max_event_parts: EventLimits::DEFAULT.max_event_parts,
+            max_event_entries: EventLimits::DEFAULT.max_event_entries,
+            max_string_bytes: EventLimits::DEFAULT.max_string_bytes,
             max_connections: 50_000,
             max_streams_per_connection: 1024,
             max_worker_streams: 50_000,
@@ -242,7 +243,7 @@ impl Default for HubConfig {
             state_dir: PathBuf::new(),
             require_worker_id: false,
             subscriber_queue: 8192,
-            max_message_bytes: 4 * 1024 * 1024,
+            max_message_bytes: EventLimits::DEFAULT.max_message_bytes,
             shutdown_grace_ms: 5000,
             max_remembered_workers: 10_000,
             stream_window_bytes: 4 * 1024 * 1024,
@@ -271,6 +272,16 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The limits on one event, as workers are told them (`TelemetryControl.limits`).
+    pub fn event_limits(&self) -> EventLimits {
+        EventLimits {
+            max_message_bytes: self.hub.max_message_bytes,
+            max_event_parts: self.limits.max_event_parts,
+            max_event_entries: self.limits.max_event_entries,
+            max_string_bytes: self.limits.max_string_bytes,
+        }
+    }
+
     /// Loads `path`, or the built-in defaults when there is none.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let Some(path) = path else {

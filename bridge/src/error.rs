@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use bridge_proto::{control::ControlError, pattern::NameError, sampling::RateError};
+use bridge_proto::{
+    control::ControlError, identity::InvalidName, pattern::NameError, sampling::RateError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,6 +18,9 @@ pub enum Error {
     Name(#[from] NameError),
     #[error("{0}")]
     Rate(#[from] RateError),
+    /// A worker id, pool or label that breaks `bridge_proto::identity`'s rule.
+    #[error("{0}")]
+    Identity(#[from] InvalidName),
     #[error("cannot write control state to {path}: {source}")]
     StateWrite {
         path: PathBuf,
@@ -46,9 +51,11 @@ impl From<Error> for tonic::Status {
         let message = error.to_string();
         match error {
             Error::UnknownWorker(_) => Self::not_found(message),
-            Error::InvalidArgument(_) | Error::Control(_) | Error::Name(_) | Error::Rate(_) => {
-                Self::invalid_argument(message)
-            }
+            Error::InvalidArgument(_)
+            | Error::Control(_)
+            | Error::Name(_)
+            | Error::Rate(_)
+            | Error::Identity(_) => Self::invalid_argument(message),
             Error::StateWrite { .. } | Error::StateRead { .. } => Self::internal(message),
             Error::ShuttingDown | Error::Unavailable(_) => Self::unavailable(message),
             Error::Internal(_) => Self::internal(message),

@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// Worker-side outcomes reported in `bridge.worker.stats`, as metric label values.
-const WORKER_DROPS: [(&str, &str); 8] = [
+const WORKER_DROPS: [(&str, &str); 9] = [
     (counters::SAMPLED_OUT, "sampled_out"),
     (counters::FILTERED, "filtered"),
     (counters::DISABLED, "disabled"),
@@ -39,6 +39,7 @@ const WORKER_DROPS: [(&str, &str); 8] = [
         counters::DROPPED_INVALID_TRACE_CONTEXT,
         "invalid_trace_context",
     ),
+    (counters::DROPPED_OVER_LIMIT, "over_limit"),
 ];
 
 /// Renders the hub's metrics in the OpenMetrics text format.
@@ -130,6 +131,13 @@ impl Collector for HubCollector {
             "bridge_subscriber_lagged_events",
             "Events subscribers skipped because they fell behind (each skip is also a lag notice).",
             &[(vec![], lagged)],
+        )?;
+
+        counter(
+            &mut encoder,
+            "bridge_malformed_messages",
+            "gRPC messages that did not decode, from any client (answered INVALID_ARGUMENT).",
+            &[(vec![], bridge_proto::codec::malformed_messages())],
         )?;
 
         let by_worker = |f: &dyn Fn(&bridge_proto::v1::WorkerInfo) -> u64| {

@@ -16,7 +16,8 @@ use std::{
 
 use bridge_proto::{
     control::ControlState,
-    protocol::{headers, hub_drops},
+    identity::{InvalidName, NameKind, check_label_key, check_label_value, check_name},
+    protocol::{MAX_SEQUENCE_JUMP, headers, hub_drops},
 };
 use dashmap::DashMap;
 use tokio::sync::watch;
@@ -25,7 +26,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::error::{Error, Result};
 
-/// Longest worker id, pool name, label key or value accepted from metadata.
+/// Longest instance, host or GPU description accepted from metadata.
 const MAX_NAME_LEN: usize = 256;
 
 /// Who is on the other end of a `StreamTelemetry` stream, from its request metadata.
@@ -62,12 +63,24 @@ impl Identity {
                         .to_str()
                         .map_err(|_| Error::invalid(format!("{key}: must be printable ASCII")))?
                         .trim();
-                    check_name(key, value)?;
+                    check_text(key, value)?;
                     Ok((!value.is_empty()).then(|| value.to_owned()))
                 }
             }
         };
-        let (id, generated) = match text(headers::WORKER_ID)? {
+        // Ids, pools and labels are checked as sent: no trimming, so " " is refused, not
+        // taken for "absent".
+        let name = |key: &str, kind: NameKind| -> Result<Option<String>> {
+            let Some(value) = metadata.get(key) else {
+                return Ok(None);
+            };
+            let value = value
+                .to_str()
+                .map_err(|_| Error::invalid(format!("{key}: must be printable ASCII")))?;
+            check_name(kind, value).map_err(|e| Error::invalid(format!("{key}: {e}")))?;
+            Ok(Some(value.to_owned()))
+        };
+        let (id, generated) = match name(headers::WORKER_ID, NameKind::WorkerId)? {
             Some(id) => (id, false),
             None if require_id => {
                 return Err(Error::invalid(format!(
@@ -90,15 +103,23 @@ impl Identity {
         for key in metadata.keys() {
             if let tonic::metadata::KeyRef::Ascii(key) = key
                 && let Some(label) = key.as_str().strip_prefix(headers::WORKER_LABEL_PREFIX)
-                && let Some(value) = text(key.as_str())?
+                && let Some(value) = metadata.get(key.as_str())
             {
-                labels.insert(label.to_owned(), value);
+                let invalid = |e: InvalidName| Error::invalid(format!("{}: {e}", key.as_str()));
+                check_label_key(label).map_err(invalid)?;
+                let value = value.to_str().map_err(|_| {
+                    Error::invalid(format!("{}: must be printable ASCII", key.as_str()))
+                })?;
+                check_label_value(value).map_err(invalid)?;
+                if !value.is_empty() {
+                    labels.insert(label.to_owned(), value.to_owned());
+                }
             }
         }
         Ok(Self {
             id,
             generated,
-            pool: text(headers::WORKER_POOL)?.unwrap_or_default(),
+            pool: name(headers::WORKER_POOL, NameKind::Pool)?.unwrap_or_default(),
             pid,
             labels,
             acknowledges: text(headers::CONTROL_ACK)?.as_deref() == Some(headers::CONTROL_ACK_YES),
@@ -127,7 +148,8 @@ fn gpu_text(metadata: &MetadataMap) -> Result<String> {
     Ok(value.trim().to_owned())
 }
 
-fn check_name(key: &str, value: &str) -> Result<()> {
+/// The other headers (instance, host): short, one word.
+fn check_text(key: &str, value: &str) -> Result<()> {
     if value.len() > MAX_NAME_LEN {
         return Err(Error::invalid(format!(
             "{key}: longer than {MAX_NAME_LEN} bytes"
@@ -204,8 +226,15 @@ impl Counters {
             .map(|reason| (reason, self.drops[reason as usize].load(Relaxed)))
     }
     /// Follows the worker process's sequence numbers to `sequence`: the numbers it skipped are
-    /// counted as missing, and one seen before is a replay (after a reconnect).
+    /// counted as missing, and one seen before is a replay (after a reconnect). A number more
+    /// than [`MAX_SEQUENCE_JUMP`] past the last one (or past 0, for the first) is implausible:
+    /// refused and not followed, so that one bad number (`u64::MAX`) can neither make every
+    /// later event a "replay" nor count 1.8e19 events missing.
     pub fn follow_sequence(&self, sequence: u64) -> Sequenced {
+        let seen = self.last_sequence.load(Relaxed);
+        if sequence > seen && sequence - seen > MAX_SEQUENCE_JUMP {
+            return Sequenced::Implausible;
+        }
         let last = self.last_sequence.fetch_max(sequence, Relaxed);
         if sequence <= last {
             return Sequenced::Replay;
@@ -225,6 +254,8 @@ pub enum Sequenced {
     New,
     /// Received before from the same worker process.
     Replay,
+    /// Further past the last number than [`MAX_SEQUENCE_JUMP`].
+    Implausible,
 }
 
 /// Events per second over a short sliding window, sampled by a once-a-second tick.
@@ -721,6 +752,64 @@ mod tests {
         let err = Identity::from_metadata(&metadata(&[("x-worker-pid", "abc")]), None, false)
             .unwrap_err();
         assert!(err.to_string().contains("x-worker-pid"));
+    }
+
+    /// Ids, pools and labels follow `bridge_proto::identity`: a path, a lone space or a quote
+    /// is refused, naming the header, instead of ending up in logs, metrics and subjects.
+    #[test]
+    fn names_outside_the_rule_are_refused() {
+        for (key, value) in [
+            ("x-worker-id", "../../etc/passwd"),
+            ("x-worker-id", " "),
+            ("x-worker-id", "inj\",forged=\"yes"),
+            ("x-worker-pool", "a b"),
+            ("x-worker-pool", ".."),
+            ("x-worker-label-z.one", "b"),
+            ("x-worker-label-zone", &"v".repeat(300)),
+        ] {
+            let error = Identity::from_metadata(&metadata(&[(key, value)]), None, false)
+                .expect_err(value)
+                .to_string();
+            assert!(error.starts_with(key), "{error}");
+            let status = tonic::Status::from(Error::invalid(error));
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        }
+        let labelled = metadata(&[
+            ("x-worker-id", "w-1.a_b"),
+            ("x-worker-label-zone", "us east"),
+        ]);
+        let identity = Identity::from_metadata(&labelled, None, false).unwrap();
+        assert_eq!(identity.labels["zone"], "us east");
+    }
+
+    /// One absurd sequence number is refused instead of followed: the numbers after it are
+    /// still new, and what is missing stays what was skipped.
+    #[test]
+    fn an_implausible_sequence_jump_is_refused_not_followed() {
+        let counters = Counters::default();
+        assert_eq!(counters.follow_sequence(1), Sequenced::New);
+        assert_eq!(counters.follow_sequence(u64::MAX), Sequenced::Implausible);
+        assert_eq!(
+            counters.follow_sequence(2 + MAX_SEQUENCE_JUMP),
+            Sequenced::Implausible
+        );
+        assert_eq!(counters.follow_sequence(2), Sequenced::New);
+        assert_eq!(counters.follow_sequence(5), Sequenced::New);
+        assert_eq!(counters.follow_sequence(5), Sequenced::Replay);
+        assert_eq!(counters.missing.load(Relaxed), 2);
+        assert_eq!(counters.last_sequence.load(Relaxed), 5);
+        // Within the bound, a long gap (a worker that dropped much while cut off) is followed.
+        assert_eq!(
+            counters.follow_sequence(5 + MAX_SEQUENCE_JUMP),
+            Sequenced::New
+        );
+        // And a first number beyond it, from a process this hub never heard from, is refused.
+        let fresh = Counters::default();
+        assert_eq!(
+            fresh.follow_sequence(MAX_SEQUENCE_JUMP + 1),
+            Sequenced::Implausible
+        );
+        assert_eq!(fresh.last_sequence.load(Relaxed), 0);
     }
 
     #[test]

@@ -74,6 +74,7 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
         Ok(Response::new(Box::pin(worker_stream::controls(
             session,
             identity.acknowledges,
+            self.hub.config().event_limits(),
         ))))
     }
 

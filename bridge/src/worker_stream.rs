@@ -14,8 +14,12 @@ use std::{
 use async_stream::stream;
 use bridge_proto::{
     control::{ControlState, Verdict},
+    limits::EventLimits,
     pattern::validate_event_tokens,
-    protocol::events::{CONTROL_APPLIED, CONTROL_APPLIED_VERSION, RESERVED_PREFIX, WORKER_STATS},
+    protocol::{
+        MAX_SEQUENCE_JUMP,
+        events::{CONTROL_APPLIED, CONTROL_APPLIED_VERSION, RESERVED_PREFIX, WORKER_STATS},
+    },
     sampling::{Draw, Presampled},
     v1::{self, telemetry_control::Control, telemetry_value::Value},
     view::EventView,
@@ -26,7 +30,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::{
-    config::LimitsConfig,
+    config::Config,
     hub::Hub,
     latency::{elapsed_ns, unix_nanos},
     outputs::{Delivery, inference_metrics::StreamRecorder},
@@ -36,7 +40,7 @@ use crate::{
 /// Reads the worker's events until the stream ends or the hub ends it.
 pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView>) {
     let mut enforcer = Enforcer::new(session.worker.watch_desired(), session.acknowledges);
-    let mut admission = Admission::new(&hub.config().limits);
+    let mut admission = Admission::new(hub.config());
     let mut inference = hub.inference_metrics().recorder(&session.pool);
     let mut warned = false;
     // Made once: a fresh future per message costs a measurable share of a trickling stream.
@@ -68,6 +72,13 @@ pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView
             }
             Ok(None) => break "stream closed by the worker".to_owned(),
             Err(status) => {
+                if status.code() == tonic::Code::InvalidArgument {
+                    // A message that did not decode (see `bridge_proto::codec`): refused, and
+                    // counted like any other invalid event of the worker.
+                    session.worker.counters.received.fetch_add(1, Relaxed);
+                    session.worker.counters.drop(HubDrop::Invalid);
+                    warn!(worker.id = %session.worker.id, error = %status.message(), "ending the stream of a worker that sent a malformed message (counted as drop reason `invalid`)");
+                }
                 let status = inbound_failure(status);
                 let reason = format!("stream failed: {}", status.message());
                 // Tell the worker why (it may be a message of ours it cannot see otherwise).
@@ -121,8 +132,17 @@ fn accept(
     }
     worker.counters.received.fetch_add(1, Relaxed);
     if event.sequence > 0 {
+        let followed = worker.counters.follow_sequence(event.sequence);
+        if followed == Sequenced::Implausible {
+            // Not confirmed either: a receipt through it would confirm what never arrived.
+            worker.counters.drop(HubDrop::Invalid);
+            return Err(format!(
+                "sequence {} jumps more than {MAX_SEQUENCE_JUMP} past the last one received",
+                event.sequence
+            ));
+        }
         session.receipts.received(event.sequence);
-        if worker.counters.follow_sequence(event.sequence) == Sequenced::Replay {
+        if followed == Sequenced::Replay {
             worker.counters.drop(HubDrop::Duplicate);
             return Ok(());
         }
@@ -237,56 +257,33 @@ fn protocol_event(session: &Session, event: &v1::TelemetryEvent) -> Result<(), S
     }
 }
 
-/// `[limits]` as one worker stream applies them: event size, and a token bucket for the
-/// worker's event rate (bursts of up to one second's worth).
+/// `[limits]` as one worker stream applies them: event shape (the rule workers apply too,
+/// `bridge_proto::limits`), and a token bucket for the worker's event rate (bursts of up to
+/// one second's worth).
 struct Admission {
-    limits: LimitsConfig,
+    limits: EventLimits,
+    per_second: f64,
     bucket: Option<(f64, Instant)>,
 }
 
 impl Admission {
-    fn new(limits: &LimitsConfig) -> Self {
-        let per_second = f64::from(limits.worker_events_per_second);
+    fn new(config: &Config) -> Self {
+        let per_second = f64::from(config.limits.worker_events_per_second);
         Self {
-            limits: limits.clone(),
+            limits: config.event_limits(),
+            per_second,
             bucket: (per_second > 0.0).then(|| (per_second, Instant::now())),
         }
     }
 
     fn check(&mut self, event: &EventView) -> Result<(), Refused> {
-        let shape = event.shape();
-        let limits = &self.limits;
-        for (value, limit, what, key) in [
-            (
-                shape.parts,
-                limits.max_event_parts,
-                "name tokens",
-                "max_event_parts",
-            ),
-            (
-                shape.entries,
-                limits.max_event_entries,
-                "measurements and metadata entries",
-                "max_event_entries",
-            ),
-            (
-                shape.longest_string,
-                limits.max_string_bytes,
-                "bytes in one string",
-                "max_string_bytes",
-            ),
-        ] {
-            if value > limit {
-                return Err(Refused::Size(format!(
-                    "{value} {what}, over the limit of {limit} (limits.{key})"
-                )));
-            }
-        }
+        self.limits
+            .check_shape(&event.shape())
+            .map_err(|over| Refused::Size(over.to_string()))?;
         if let Some((tokens, refilled)) = &mut self.bucket {
-            let per_second = f64::from(limits.worker_events_per_second);
             let now = Instant::now();
-            *tokens = (*tokens + now.duration_since(*refilled).as_secs_f64() * per_second)
-                .min(per_second);
+            *tokens = (*tokens + now.duration_since(*refilled).as_secs_f64() * self.per_second)
+                .min(self.per_second);
             *refilled = now;
             if *tokens < 1.0 {
                 return Err(Refused::Rate);
@@ -359,18 +356,27 @@ impl Enforcer {
 /// trickling worker then gets one receipt for several events instead of one write per event.
 const RECEIPT_DELAY: Duration = Duration::from_secs(1);
 
-/// The control messages for a worker: its full state now and after every change, and receipts
-/// for its numbered events. A stream the worker closed gets a last receipt before it ends, so
+/// The control messages for a worker: the hub's limits on one event (to clients that
+/// acknowledge control), its full state now and after every change, and receipts for its
+/// numbered events. A stream the worker closed gets a last receipt before it ends, so
 /// a worker that drains and closes knows everything arrived.
 pub fn controls(
     session: Session,
     acknowledges: bool,
+    limits: EventLimits,
 ) -> impl Stream<Item = Result<v1::TelemetryControl, Status>> {
     let mut desired = session.worker.watch_desired();
     let receipt = |through_sequence| v1::TelemetryControl {
         control: Some(Control::Received(v1::ReceiptAck { through_sequence })),
     };
     stream! {
+        // First, so that the worker knows them before it sends (or replays) anything. Plain
+        // clients, which may not know the message, do without.
+        if acknowledges {
+            yield Ok(v1::TelemetryControl {
+                control: Some(Control::Limits(limits.into())),
+            });
+        }
         let mut send_state = true;
         // When the receipts waiting now go out, unless `Receipts::BATCH` are waiting first. A
         // deadline rather than a sleep, so that a control change never waits behind it.

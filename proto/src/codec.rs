@@ -3,12 +3,22 @@
 //! tonic allocates an 8 KiB encode buffer and an 8 KiB decode buffer for every stream up front.
 //! A hub holds one stream per connected worker, most of them trickling or idle, so those buffers
 //! would be most of its memory per worker; these start at 1 KiB and grow when a stream is busy.
+//!
+//! A message that does not decode is the peer's fault, so it is answered with INVALID_ARGUMENT
+//! (prost's codec says INTERNAL, which reads as the server's fault) and counted
+//! ([`malformed_messages`]), before any handler sees it.
 
-use std::marker::PhantomData;
+use std::{
+    marker::PhantomData,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
 
 use prost::Message;
-use tonic::codec::{BufferSettings, Codec};
-use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+use tonic::{
+    Status,
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
+};
+use tonic_prost::{ProstCodec, ProstEncoder};
 
 /// Initial size of a stream's encode and decode buffers.
 const INITIAL_BUFFER: usize = 1024;
@@ -37,13 +47,42 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
+    type Decoder = LeanDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstCodec::<T, U>::raw_encoder(settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::raw_decoder(settings())
+        LeanDecoder(PhantomData)
+    }
+}
+
+/// Messages this process's servers received and could not decode, since it started.
+static MALFORMED: AtomicU64 = AtomicU64::new(0);
+
+/// How many messages this process's servers (the hub, a sidecar's local endpoint) refused
+/// because they did not decode.
+pub fn malformed_messages() -> u64 {
+    MALFORMED.load(Relaxed)
+}
+
+/// prost's decoder with [`INITIAL_BUFFER`]-sized buffers, answering INVALID_ARGUMENT.
+#[derive(Debug)]
+pub struct LeanDecoder<U>(PhantomData<U>);
+
+impl<U: Message + Default> Decoder for LeanDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        U::decode(buf).map(Some).map_err(|error| {
+            MALFORMED.fetch_add(1, Relaxed);
+            Status::invalid_argument(format!("malformed message: {error}"))
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        settings()
     }
 }

@@ -9,6 +9,9 @@
 //! - [`codec`]: the server's codec, with small per-stream buffers.
 //! - [`encoded`]: messages encoded once: subscription items shared by every subscriber, and
 //!   events a worker buffers until the hub confirms them.
+//! - [`identity`]: the rule for worker ids, pool names and labels, which every participant
+//!   checks where they enter.
+//! - [`limits`]: the hub's limits on one event, which workers apply before buffering.
 //! - [`pattern`]: event names and NATS-style patterns (`*`, `>`); [`condition`]: conditions
 //!   on an event's metadata (`model=llama`, `result!=success`), for subscriptions.
 //! - [`protocol`]: the names and defaults beside the messages: request metadata, reserved
@@ -34,6 +37,8 @@ pub mod connect;
 pub mod control;
 pub mod encoded;
 pub mod fields;
+pub mod identity;
+pub mod limits;
 pub mod pattern;
 pub mod protocol;
 pub mod sampling;

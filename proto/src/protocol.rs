@@ -95,15 +95,19 @@ pub mod counters {
     pub const DROPPED_BUFFER_FULL: &str = "dropped.buffer_full";
     /// A malformed event name.
     pub const DROPPED_INVALID_NAME: &str = "dropped.invalid_name";
-    /// A sidecar's `TELEMETRY:` line that is not valid JSON of the expected shape.
+    /// A sidecar's `TELEMETRY:` line that is not valid JSON of the expected shape, or a message
+    /// from one of its local clients that does not decode.
     pub const DROPPED_PARSE_ERROR: &str = "dropped.parse_error";
     /// A sidecar's `TELEMETRY:` line longer than it holds (`worker.max_line_bytes`).
     pub const DROPPED_LINE_TOO_LONG: &str = "dropped.line_too_long";
     /// A relayed event whose trace or span id is not of its length or is all zero.
     pub const DROPPED_INVALID_TRACE_CONTEXT: &str = "dropped.invalid_trace_context";
+    /// Over the hub's limits (`HubLimits`): never buffered, or dropped from the buffer instead
+    /// of being sent.
+    pub const DROPPED_OVER_LIMIT: &str = "dropped.over_limit";
 
     /// Every key a worker reports, in the order it reports them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         PRODUCED,
         ACCEPTED,
         SENT,
@@ -118,6 +122,7 @@ pub mod counters {
         DROPPED_PARSE_ERROR,
         DROPPED_LINE_TOO_LONG,
         DROPPED_INVALID_TRACE_CONTEXT,
+        DROPPED_OVER_LIMIT,
     ];
 }
 
@@ -127,7 +132,8 @@ pub mod hub_drops {
     pub const DISABLED: &str = "disabled";
     pub const FILTERED: &str = "filtered";
     pub const SAMPLED_OUT: &str = "sampled_out";
-    /// A malformed event, or a reserved name the worker may not send.
+    /// A malformed event, a reserved name the worker may not send, or a sequence number
+    /// beyond [`super::MAX_SEQUENCE_JUMP`].
     pub const INVALID: &str = "invalid";
     /// A replay of an event already received.
     pub const DUPLICATE: &str = "duplicate";
@@ -279,6 +285,12 @@ pub mod inference {
         BATCH_FILL_RATIO,
     ];
 }
+
+/// The furthest a worker's sequence number may jump past the last one the hub received from
+/// its process (or past 0, for the first): 2^48, which a worker emitting a million events a
+/// second reaches in about nine years. A numbered event beyond it is refused and counted as
+/// `invalid`, and the hub keeps following the sequence from where it was.
+pub const MAX_SEQUENCE_JUMP: u64 = 1 << 48;
 
 /// Events a worker holds until the hub confirms them, unless configured otherwise
 /// (`worker.buffer_events`, `--buffer-events`, `LinkOptions::buffer_events`).

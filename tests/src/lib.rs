@@ -19,6 +19,7 @@ use bridge_proto::v1;
 
 pub mod openapi;
 mod pki;
+pub mod raw;
 pub use bridge_bench::fault_proxy::{Mode as ProxyMode, Proxy};
 pub use pki::{Issued, Pki};
 

@@ -218,6 +218,167 @@ async fn bad_worker_streams_are_refused_or_cut_with_a_clear_status() {
     .await;
 }
 
+/// Worker ids, pools and label keys that break the documented rule (`bridge_proto::identity`)
+/// are refused where they enter: by the hub with INVALID_ARGUMENT naming the header, and by the
+/// sidecar at start-up with a usage error, before anything reaches a log, a metrics label or
+/// a subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_names_outside_the_rule_are_refused_at_the_edge() {
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    for (key, value, problem) in [
+        (headers::WORKER_ID, "../../etc/passwd", "'/' is not allowed"),
+        (headers::WORKER_ID, " ", "' ' is not allowed"),
+        (
+            headers::WORKER_ID,
+            "inj\",forged=\"yes",
+            "'\"' is not allowed",
+        ),
+        (
+            headers::WORKER_POOL,
+            "..",
+            "does not start with a letter or digit",
+        ),
+        ("x-worker-label-z.one", "b", "'.' is not allowed"),
+    ] {
+        let result = open_stream(&mut client, &[(key, value)]).await.map(drop);
+        assert_status(result, Code::InvalidArgument, problem);
+    }
+    let listed = client
+        .raw()
+        .list_workers(v1::ListWorkersRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.workers.is_empty(), "{:?}", listed.workers);
+
+    for args in [
+        &["--id", "../../etc/passwd"][..],
+        &["--id", "ok", "--pool", " "],
+        &["--id", "ok", "--label", "z/one=b"],
+    ] {
+        let out = std::process::Command::new(bridge_tests::bin("worker"))
+            .args(["--hub", &hub.url, "--simulate", "1"])
+            .args(args)
+            .output()
+            .expect("run worker");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("is not allowed"), "{stderr}");
+    }
+}
+
+/// A sequence number of 2^64-1 once made `missing_events` read 1.8e19 and every later event
+/// of the worker process a "duplicate". Now it is refused (`invalid`), and the sequence goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_sequence_number_is_refused_and_the_sequence_goes_on() {
+    let hub = HubProcess::start();
+    let mut client = hub.client().await;
+    let tail = Recorder::start(&mut client, v1::SubscribeRequest::default()).await;
+    let (tx, _controls) = open_stream(
+        &mut client,
+        &[
+            (headers::WORKER_ID, "jumpy"),
+            (headers::WORKER_INSTANCE, "1"),
+        ],
+    )
+    .await
+    .expect("opens");
+    for (sequence, tag) in [(1, "one"), (u64::MAX, "absurd"), (2, "two"), (3, "three")] {
+        let event = v1::TelemetryEvent {
+            event_parts: vec!["step".into(), tag.into()],
+            sequence,
+            ..Default::default()
+        };
+        tx.send(event).await.expect("send");
+    }
+    let delivered = || -> Vec<String> {
+        tail.deliveries()
+            .iter()
+            .filter(|d| d.worker_id == "jumpy" && name(d).starts_with("step."))
+            .map(name)
+            .collect()
+    };
+    eventually("the events after it to be delivered", WAIT, || async {
+        (delivered().len() == 3).then_some(())
+    })
+    .await;
+    assert_eq!(delivered(), ["step.one", "step.two", "step.three"]);
+    let info = worker_info(&mut client, "jumpy").await.expect("listed");
+    assert_eq!(
+        (info.missing_events, info.last_sequence),
+        (0, 3),
+        "{info:?}"
+    );
+    assert_eq!(info.hub_drops.get(hub_drops::INVALID), Some(&1));
+    assert_eq!(
+        info.hub_drops
+            .get(hub_drops::DUPLICATE)
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+}
+
+/// A message that does not decode is the client's fault: INVALID_ARGUMENT (not INTERNAL), on a
+/// unary call and on a worker's stream alike, counted in `/metrics`, and on a stream counted as
+/// the worker's `invalid` drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_invalid_arguments_and_counted() {
+    use bridge_tests::{http_get, metric_sample, raw};
+    let hub = HubProcess::start();
+    // Field 1, length 5, and no bytes after it.
+    let truncated = bytes::Bytes::from_static(&[0x0a, 0x05]);
+    let result = raw::unary(
+        &hub.url,
+        "/telemetry.bridge.v1.TelemetryBridge/ListWorkers",
+        truncated.clone(),
+    )
+    .await;
+    assert_status(result, Code::InvalidArgument, "malformed message");
+
+    let valid = {
+        use prost::Message;
+        v1::TelemetryEvent {
+            event_parts: vec!["fine".into()],
+            ..Default::default()
+        }
+        .encode_to_vec()
+        .into()
+    };
+    let mut controls = raw::stream(
+        &hub.url,
+        "/telemetry.bridge.v1.TelemetryBridge/StreamTelemetry",
+        &[(headers::WORKER_ID, "garbled")],
+        vec![valid, truncated],
+    )
+    .await
+    .expect("opens");
+    let status = loop {
+        match tokio::time::timeout(WAIT, controls.message())
+            .await
+            .expect("the stream ends")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream must end with a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("malformed message"), "{status:?}");
+
+    let mut client = hub.client().await;
+    let info = worker_info(&mut client, "garbled").await.expect("listed");
+    assert_eq!(info.events_received, 2, "{info:?}");
+    assert_eq!(info.hub_drops.get(hub_drops::INVALID), Some(&1), "{info:?}");
+    let metrics = tokio::task::block_in_place(|| http_get(hub.http, "/metrics", &[])).body;
+    assert_eq!(
+        metric_sample(&metrics, "bridge_malformed_messages_total"),
+        Some(2.0),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn cli_errors_are_one_line_with_a_meaningful_exit_code() {
     let hub = HubProcess::start();

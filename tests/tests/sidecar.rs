@@ -889,3 +889,129 @@ async fn a_python_client_on_the_local_endpoint_relays_through_the_sidecar() {
     drop(app.stdin.take());
     let _ = app.wait();
 }
+
+/// The state letter of `/proc/PID/stat`, `None` once the process is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.get(stat.rfind(')')? + 2..)?.chars().next()
+}
+
+fn app_pid(worker: &WorkerProcess) -> u32 {
+    let out = std::process::Command::new("pgrep")
+        .args(["-P", &worker.pid().to_string()])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("app pid")
+}
+
+fn app_worker(app: &str, args: &[&str]) -> (WorkerProcess, tempfile::TempDir) {
+    let (dir, path) = script(app);
+    let mut all = vec!["--drain-timeout", "100ms"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--", "sh", &path]);
+    let mut command =
+        WorkerProcess::command("http://127.0.0.1:9", "sig", "", QUICK_WORKER_CONFIG, &all);
+    command.command.stdout(Stdio::piped());
+    (WorkerProcess::spawn(command, true), dir)
+}
+
+/// An app that ignores SIGTERM once kept the sidecar waiting forever, and a second SIGTERM did
+/// nothing. Now the app is killed after `--kill-grace`, or at once on a second signal.
+#[test]
+fn an_app_that_ignores_sigterm_is_killed_after_the_grace_or_a_second_signal() {
+    let stubborn = "trap 'echo got-term' TERM; echo ready; while :; do sleep 0.02; done";
+    for (grace, second) in [("200ms", false), ("10min", true)] {
+        let (mut worker, _dir) = app_worker(stubborn, &["--kill-grace", grace]);
+        let stdout = worker.child().stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+        signal(worker.pid(), "TERM");
+        assert_eq!(
+            lines.next().and_then(Result::ok).as_deref(),
+            Some("got-term"),
+            "forwarded"
+        );
+        if second {
+            signal(worker.pid(), "TERM");
+        }
+        let status = worker.wait(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(128 + 9), "grace {grace}");
+    }
+}
+
+/// A SIGKILLed sidecar once left its app running as an orphan; now the kernel kills the app
+/// with it (parent-death signal).
+#[test]
+fn the_app_dies_with_a_killed_sidecar() {
+    let (mut worker, _dir) = app_worker("echo ready; exec sleep 60", &[]);
+    let stdout = worker.child().stdout.take().expect("stdout");
+    assert_eq!(
+        read_line_within(stdout, Duration::from_secs(10)).as_deref(),
+        Some("ready\n")
+    );
+    let app = app_pid(&worker);
+    worker.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while process_state(app).is_some_and(|state| state != 'Z') {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the app {app} outlived its sidecar"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A second sidecar on the same `--local` socket once took the path from the first silently.
+/// Now it refuses (exit 1, one line) while the first serves it, and takes over a socket file
+/// left by one that died.
+#[test]
+fn a_local_socket_in_use_is_refused_and_a_stale_one_taken_over() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("worker.sock");
+    let path = socket.to_str().expect("utf-8").to_owned();
+    let serving = |what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} never listened"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut first = WorkerProcess::start("http://127.0.0.1:9", "one", "", &["--local", &path]);
+    serving("the first");
+    let log = dir.path().join("second.log");
+    let mut second = std::process::Command::new(bridge_tests::bin("worker"))
+        .args([
+            "--hub",
+            "http://127.0.0.1:9",
+            "--id",
+            "two",
+            "--local",
+            &path,
+        ])
+        .env("RUST_LOG", "off")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("run worker");
+    let status = bridge_tests::wait_exit(&mut second, Duration::from_secs(10));
+    if status.is_none() {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
+    let stderr = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("another process"), "{stderr}");
+    serving("the first, still,");
+
+    first.kill();
+    assert!(socket.exists(), "a killed sidecar leaves its socket file");
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_err());
+    let _third = WorkerProcess::start("http://127.0.0.1:9", "three", "", &["--local", &path]);
+    serving("the third");
+}

@@ -95,16 +95,34 @@ impl Buffer {
     }
 
     /// Up to `max` events the current stream has not sent, oldest first.
+    #[cfg(test)]
     pub(crate) fn take_unsent(&self, max: usize) -> Vec<EncodedEvent> {
+        self.take_unsent_within(max, usize::MAX).0
+    }
+
+    /// Up to `max` events the current stream has not sent, oldest first, and how many events
+    /// were dropped instead because they are longer than `max_bytes` (the hub's message limit,
+    /// which they were buffered before the worker knew): sent, such an event would end the
+    /// stream, and be replayed to end the next one.
+    pub(crate) fn take_unsent_within(
+        &self,
+        max: usize,
+        max_bytes: usize,
+    ) -> (Vec<EncodedEvent>, usize) {
         let mut inner = self.lock();
-        let start = inner.events.len() - inner.unsent;
-        let count = inner.unsent.min(max);
-        inner.unsent -= count;
-        inner
-            .events
-            .range(start..start + count)
-            .map(|(_, event)| event.clone())
-            .collect()
+        let mut dropped = 0;
+        let mut batch = Vec::with_capacity(inner.unsent.min(max));
+        while batch.len() < max && inner.unsent > 0 {
+            let at = inner.events.len() - inner.unsent;
+            if inner.events[at].1.as_bytes().len() > max_bytes {
+                inner.events.remove(at);
+                dropped += 1;
+            } else {
+                batch.push(inner.events[at].1.clone());
+            }
+            inner.unsent -= 1;
+        }
+        (batch, dropped)
     }
 
     /// Forgets events the hub confirmed; returns how many.
@@ -182,6 +200,22 @@ mod tests {
         assert_eq!(sequences(&buffer.take_unsent(10)), [3, 4, 5, 6]);
         assert_eq!(buffer.confirm(6), 4);
         assert_eq!(buffer.unconfirmed(), 0);
+    }
+
+    /// An event buffered before the worker knew the hub's message limit is dropped instead of
+    /// sent, once: it is gone from the buffer, so the next replay does not meet it again.
+    #[test]
+    fn events_over_the_message_limit_are_dropped_not_sent() {
+        let buffer = Buffer::new(10);
+        buffer.push(&event("a"));
+        buffer.push(&event(&"b".repeat(100)));
+        buffer.push(&event("c"));
+        let (batch, dropped) = buffer.take_unsent_within(10, 50);
+        assert_eq!((sequences(&batch), dropped), (vec![1, 3], 1));
+        assert_eq!(buffer.rewind(), 2);
+        let (batch, dropped) = buffer.take_unsent_within(10, 50);
+        assert_eq!((sequences(&batch), dropped), (vec![1, 3], 0));
+        assert_eq!(buffer.confirm(3), 2);
     }
 
     #[test]

@@ -2,7 +2,11 @@
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
-use bridge_proto::{connect::host_name, protocol::DEFAULT_BUFFER_EVENTS};
+use bridge_proto::{
+    connect::host_name,
+    identity::{NameKind, check_label_key, check_label_value, check_name},
+    protocol::DEFAULT_BUFFER_EVENTS,
+};
 use serde::Deserialize;
 
 use crate::link::LinkOptions;
@@ -125,6 +129,17 @@ impl WorkerConfig {
         if self.stats_interval_ms == 0 {
             return Err(("stats_interval_ms", "must be positive".into()));
         }
+        if !self.id.is_empty() {
+            check_name(NameKind::WorkerId, &self.id).map_err(|e| ("id", e.to_string()))?;
+        }
+        if !self.pool.is_empty() {
+            check_name(NameKind::Pool, &self.pool).map_err(|e| ("pool", e.to_string()))?;
+        }
+        for (key, value) in &self.labels {
+            check_label_key(&key.to_ascii_lowercase())
+                .and_then(|()| check_label_value(value))
+                .map_err(|e| ("labels", e.to_string()))?;
+        }
         if !MAX_LINE_BYTES.contains(&self.max_line_bytes) {
             return Err((
                 "max_line_bytes",
@@ -187,6 +202,15 @@ mod tests {
         std::fs::write(&path, "[worker]\nqueue = 5\n").unwrap();
         let err = WorkerConfig::load(Some(&path)).unwrap_err();
         assert!(err.contains("unknown field `queue`"), "{err}");
+        for (bad, key) in [
+            ("id = \"../../etc/passwd\"", "`worker.id`"),
+            ("pool = \" \"", "`worker.pool`"),
+            ("labels = { \"z/one\" = \"b\" }", "`worker.labels`"),
+        ] {
+            std::fs::write(&path, format!("[worker]\n{bad}\n")).unwrap();
+            let err = WorkerConfig::load(Some(&path)).unwrap_err();
+            assert!(err.contains(key) && err.contains("not allowed"), "{err}");
+        }
         for bad in [0, 1023, (1 << 30) + 1] {
             std::fs::write(&path, format!("[worker]\nmax_line_bytes = {bad}\n")).unwrap();
             let err = WorkerConfig::load(Some(&path)).unwrap_err();

@@ -1,9 +1,10 @@
 //! What happened to every event a worker produced.
 //!
 //! The accounting rule: `produced = accepted + sampled_out + filtered + disabled + invalid`
-//! (invalid: a malformed name or TELEMETRY line, or a TELEMETRY line too long to hold), and of
-//! the accepted events each is, in the end, `confirmed` by the hub or `dropped.buffer_full`; the
-//! rest are still buffered. Only outcomes are counted, never `produced` itself, so an emit
+//! (invalid: a malformed name or TELEMETRY line, a TELEMETRY line too long to hold, or an event
+//! over the hub's limits), and of the accepted events each is, in the end, `confirmed` by the
+//! hub, `dropped.buffer_full`, or dropped from the buffer as over the hub's limits; the rest are
+//! still buffered. Only outcomes are counted, never `produced` itself, so an emit
 //! touches one counter.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -22,6 +23,11 @@ pub enum DropReason {
     LineTooLong,
     /// A relayed event with a trace or span id the hub would refuse (wrong length, all zero).
     InvalidTraceContext,
+    /// Over the hub's limits (`bridge_proto::limits`), so never buffered.
+    OverLimit,
+    /// Buffered, then found over the hub's limits when about to be sent (it was buffered under
+    /// other limits); reported together with [`DropReason::OverLimit`].
+    OverLimitBuffered,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +44,8 @@ pub(crate) struct Counters {
     parse_error: AtomicU64,
     line_too_long: AtomicU64,
     invalid_trace_context: AtomicU64,
+    over_limit: AtomicU64,
+    over_limit_buffered: AtomicU64,
 }
 
 macro_rules! bump {
@@ -66,14 +74,21 @@ impl Counters {
 
     #[inline]
     pub(crate) fn dropped(&self, reason: DropReason) {
+        self.dropped_many(reason, 1);
+    }
+
+    #[inline]
+    pub(crate) fn dropped_many(&self, reason: DropReason, count: usize) {
         match reason {
             DropReason::BufferFull => &self.buffer_full,
             DropReason::InvalidName => &self.invalid_name,
             DropReason::ParseError => &self.parse_error,
             DropReason::LineTooLong => &self.line_too_long,
             DropReason::InvalidTraceContext => &self.invalid_trace_context,
+            DropReason::OverLimit => &self.over_limit,
+            DropReason::OverLimitBuffered => &self.over_limit_buffered,
         }
-        .fetch_add(1, Relaxed);
+        .fetch_add(count as u64, Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
@@ -90,6 +105,8 @@ impl Counters {
             dropped_parse_error: self.parse_error.load(Relaxed),
             dropped_line_too_long: self.line_too_long.load(Relaxed),
             dropped_invalid_trace_context: self.invalid_trace_context.load(Relaxed),
+            dropped_over_limit: self.over_limit.load(Relaxed),
+            dropped_over_limit_buffered: self.over_limit_buffered.load(Relaxed),
         }
     }
 }
@@ -113,6 +130,10 @@ pub struct Snapshot {
     pub dropped_parse_error: u64,
     pub dropped_line_too_long: u64,
     pub dropped_invalid_trace_context: u64,
+    /// Over the hub's limits, never buffered.
+    pub dropped_over_limit: u64,
+    /// Accepted, then dropped from the buffer as over the hub's limits instead of being sent.
+    pub dropped_over_limit_buffered: u64,
 }
 
 impl Snapshot {
@@ -126,16 +147,18 @@ impl Snapshot {
             + self.dropped_parse_error
             + self.dropped_line_too_long
             + self.dropped_invalid_trace_context
+            + self.dropped_over_limit
     }
 
     /// Accepted events neither confirmed nor dropped: still in the buffer.
     pub fn buffered(&self) -> u64 {
-        self.accepted
-            .saturating_sub(self.confirmed + self.dropped_buffer_full)
+        self.accepted.saturating_sub(
+            self.confirmed + self.dropped_buffer_full + self.dropped_over_limit_buffered,
+        )
     }
 
     /// The counters as `bridge.worker.stats` measurements.
-    pub fn measurements(&self) -> [(&'static str, u64); 14] {
+    pub fn measurements(&self) -> [(&'static str, u64); 15] {
         use bridge_proto::protocol::counters as key;
         [
             (key::PRODUCED, self.produced()),
@@ -154,6 +177,10 @@ impl Snapshot {
             (
                 key::DROPPED_INVALID_TRACE_CONTEXT,
                 self.dropped_invalid_trace_context,
+            ),
+            (
+                key::DROPPED_OVER_LIMIT,
+                self.dropped_over_limit + self.dropped_over_limit_buffered,
             ),
         ]
     }

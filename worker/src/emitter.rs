@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
     },
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -18,6 +18,7 @@ use std::{
 use arc_swap::ArcSwap;
 use bridge_proto::{
     control::{ControlState, Verdict},
+    limits::{EventLimits, OverLimit},
     pattern::{validate_event_name, validate_event_parts},
     protocol::{events, span},
     sampling::{Draw, Presampled, SamplingKey},
@@ -45,11 +46,28 @@ pub(crate) struct Shared {
     fast: FastControl,
     pub(crate) counters: Counters,
     pub(crate) buffer: Buffer,
+    /// The hub's limits on one event: the defaults until the link hears the hub's.
+    limits: AtomicLimits,
+    /// Whether an event over them was logged (once per emitter).
+    warned_over_limit: AtomicBool,
     /// Follows `control`, for whoever forwards it (the sidecar's local clients).
     pub(crate) control_changes: watch::Sender<Arc<ControlState>>,
+    /// Follows `limits`, likewise.
+    limit_changes: watch::Sender<EventLimits>,
 }
 
 impl Shared {
+    #[inline]
+    pub(crate) fn limits(&self) -> EventLimits {
+        self.limits.load()
+    }
+
+    pub(crate) fn apply_limits(&self, limits: EventLimits) {
+        self.limits.store(limits);
+        // Followers (the sidecar's local clients) are told too.
+        self.limit_changes.send_replace(limits);
+    }
+
     pub(crate) fn apply(&self, state: ControlState) {
         let state = Arc::new(state);
         self.fast.store(&state);
@@ -79,7 +97,10 @@ impl Emitter {
                 fast,
                 counters: Counters::default(),
                 buffer: Buffer::new(capacity),
+                limits: AtomicLimits::new(EventLimits::DEFAULT),
+                warned_over_limit: AtomicBool::new(false),
                 control_changes: watch::Sender::new(Arc::new(initial)),
+                limit_changes: watch::Sender::new(EventLimits::DEFAULT),
             }),
         }
     }
@@ -146,7 +167,27 @@ impl Emitter {
             control_version,
         };
         let timestamp = now_ns();
-        self.accept(|buf| {
+        let shape = Shape {
+            parts: name.bytes().filter(|b| *b == b'.').count() + 1,
+            entries: measurements.len() + metadata.len(),
+            longest_string: || {
+                let values = measurements.iter().map(|(key, value)| match value {
+                    Value::Str(text) => key.len().max(text.len()),
+                    _ => key.len(),
+                });
+                let metadata = metadata
+                    .iter()
+                    .map(|(key, value)| key.len().max(value.len()));
+                name.split('.')
+                    .map(str::len)
+                    .chain([correlation_id.len()])
+                    .chain(values)
+                    .chain(metadata)
+                    .max()
+                    .unwrap_or(0)
+            },
+        };
+        self.accept(shape, |buf| {
             encode::event(
                 name,
                 measurements,
@@ -224,7 +265,21 @@ impl Emitter {
         if event.timestamp_ns == 0 {
             event.timestamp_ns = now_ns();
         }
-        self.accept(|buf| encode::message(event, buf));
+        event.sequence = 0;
+        // Checked before encoding, so that an event over the limits costs no copy.
+        if let Err(over) = self.limits().check_event(&event, event.encoded_len()) {
+            return self.over_limit(&event.event_parts.join("."), over);
+        }
+        self.accept_checked(|buf| encode::message(event, buf));
+    }
+
+    /// Counts an event over the hub's limits, and says so the first time.
+    #[cold]
+    fn over_limit(&self, name: &str, over: OverLimit) {
+        self.shared.counters.dropped(DropReason::OverLimit);
+        if !self.shared.warned_over_limit.swap(true, Relaxed) {
+            tracing::warn!(event = %name.escape_debug(), %over, "dropping events over the hub's limits (counted as dropped.over_limit; logged once)");
+        }
     }
 
     /// Counts a `TELEMETRY:` line (or other relayed input) that could not be parsed.
@@ -232,22 +287,67 @@ impl Emitter {
         self.shared.counters.dropped(DropReason::ParseError);
     }
 
-    /// Encodes with `encode` into this thread's scratch buffer and buffers a copy.
-    fn accept(&self, encode: impl FnOnce(&mut Vec<u8>)) {
-        thread_local! {
-            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Encodes with `encode` into this thread's scratch buffer and buffers a copy, unless it is
+    /// over the hub's limits (`shape` describes the event without reading the encoding).
+    #[inline]
+    fn accept(&self, shape: Shape<impl FnOnce() -> usize>, encode: impl FnOnce(&mut Vec<u8>)) {
+        let limits = self.limits();
+        let pushed = SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.clear();
+            encode(&mut scratch);
+            limits
+                .check(
+                    scratch.len(),
+                    shape.parts,
+                    shape.entries,
+                    shape.longest_string,
+                )
+                .map(|()| self.shared.buffer.push(&scratch).evicted)
+        });
+        match pushed {
+            Ok(evicted) => self.accepted(evicted),
+            Err(over) => {
+                let name = SCRATCH.with(|scratch| {
+                    v1::TelemetryEvent::decode(scratch.borrow().as_slice())
+                        .map(|e| e.event_parts.join("."))
+                        .unwrap_or_default()
+                });
+                self.over_limit(&name, over);
+            }
         }
+    }
+
+    /// [`Emitter::accept`] for an event already checked against the limits.
+    fn accept_checked(&self, encode: impl FnOnce(&mut Vec<u8>)) {
         let evicted = SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             scratch.clear();
             encode(&mut scratch);
             self.shared.buffer.push(&scratch).evicted
         });
+        self.accepted(evicted);
+    }
+
+    #[inline]
+    fn accepted(&self, evicted: bool) {
         let counters = &self.shared.counters;
         counters.accepted();
         if evicted {
             counters.dropped(DropReason::BufferFull);
         }
+    }
+
+    /// The hub's limits on one event as this emitter applies them before buffering: the
+    /// defaults until its link hears the hub's.
+    #[inline]
+    pub fn limits(&self) -> EventLimits {
+        self.shared.limits()
+    }
+
+    /// Applies the hub's limits on one event, as a link does when the hub sends them.
+    pub fn apply_limits(&self, limits: EventLimits) {
+        self.shared.apply_limits(limits);
     }
 
     /// Starts a span that begins a trace: emits `{operation}.start` now, and `.stop` or
@@ -347,6 +447,11 @@ impl Emitter {
         self.shared.control_changes.subscribe()
     }
 
+    /// Follows the limits this emitter applies.
+    pub fn watch_limits(&self) -> watch::Receiver<EventLimits> {
+        self.shared.limit_changes.subscribe()
+    }
+
     /// What happened to every event emitted so far.
     pub fn counters(&self) -> crate::counters::Snapshot {
         self.shared.counters.snapshot()
@@ -374,6 +479,50 @@ impl Emitter {
             .iter()
             .map(|e| e.event_parts.join("."))
             .collect()
+    }
+}
+
+thread_local! {
+    /// Where events are encoded before they are copied into the buffer.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What the limits bound, known from `emit`'s arguments; the longest string is measured only
+/// for an event long enough to hold one over the limit.
+struct Shape<F> {
+    parts: usize,
+    entries: usize,
+    longest_string: F,
+}
+
+/// [`EventLimits`] in atomics, read on every emit without a lock.
+#[derive(Debug)]
+struct AtomicLimits([AtomicUsize; 4]);
+
+impl AtomicLimits {
+    fn new(limits: EventLimits) -> Self {
+        let this = Self(Default::default());
+        this.store(limits);
+        this
+    }
+
+    #[inline]
+    fn load(&self) -> EventLimits {
+        let [message, parts, entries, string] = &self.0;
+        EventLimits {
+            max_message_bytes: message.load(Relaxed),
+            max_event_parts: parts.load(Relaxed),
+            max_event_entries: entries.load(Relaxed),
+            max_string_bytes: string.load(Relaxed),
+        }
+    }
+
+    fn store(&self, limits: EventLimits) {
+        let [message, parts, entries, string] = &self.0;
+        message.store(limits.max_message_bytes, Relaxed);
+        parts.store(limits.max_event_parts, Relaxed);
+        entries.store(limits.max_event_entries, Relaxed);
+        string.store(limits.max_string_bytes, Relaxed);
     }
 }
 
@@ -943,6 +1092,43 @@ mod tests {
             kept_a.len() * 2,
             "start and end together"
         );
+    }
+
+    /// An event the hub would refuse is never buffered: dropped and counted, whichever way it
+    /// was emitted, and the events around it are kept.
+    #[test]
+    fn events_over_the_hubs_limits_are_never_buffered() {
+        let emitter = Emitter::detached(8);
+        emitter.apply_limits(EventLimits {
+            max_message_bytes: 1024,
+            ..EventLimits::DEFAULT
+        });
+        let long = "x".repeat(5000);
+        let many: Vec<(String, String)> = (0..300).map(|i| (format!("k{i}"), "v".into())).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        emitter.emit("before", &[], &[], None);
+        emitter.emit("long.string", &[], &[("blob", &long)], None);
+        emitter.emit("many.entries", &[], &many, None);
+        emitter.emit(&["q"; 17].join("."), &[], &[], None);
+        emitter.emit(
+            "long.measurement",
+            &[("text", Value::Str(&long))],
+            &[],
+            None,
+        );
+        let mut relayed = v1::TelemetryEvent {
+            event_parts: vec!["relayed".into()],
+            ..Default::default()
+        };
+        relayed.metadata.insert("blob".into(), "y".repeat(900));
+        relayed.metadata.insert("more".into(), "y".repeat(900));
+        emitter.emit_event(relayed, Draw::Consistent);
+        emitter.emit("after", &[], &[], None);
+        assert_eq!(emitter.buffered_names(), ["before", "after"]);
+        let counters = emitter.counters();
+        assert_eq!(counters.dropped_over_limit, 5);
+        assert_eq!(counters.produced(), 7);
+        assert_eq!(counters.buffered(), 2);
     }
 
     #[test]

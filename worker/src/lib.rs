@@ -24,7 +24,8 @@
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`config`]: the `[worker]` section of `config.toml`.
 //! - [`sidecar`]: the `worker` binary: runs an app, relays its [`telemetry_line`]s, serves the
-//!   [`local`] endpoint, reports [`gpu`] (NVML) and [`process`] metrics.
+//!   [`local`] endpoint, reports [`gpu`] (NVML) and [`process`] metrics; its app is started
+//!   by the [`launcher`], so that it dies with the sidecar.
 //! - [`simulate`]: synthetic inference traffic for demos and tests.
 
 pub mod backoff;
@@ -35,6 +36,7 @@ pub mod emitter;
 mod encode;
 mod fast_control;
 pub mod gpu;
+pub mod launcher;
 pub mod link;
 pub mod local;
 pub mod process;

@@ -14,6 +14,8 @@ use bridge_proto::{
     connect::{ClientSecurity, SecurityError, error_chain},
     control::{ControlState, parse_patterns},
     encoded::EncodedEvent,
+    identity::{InvalidName, NameKind, check_label_key, check_label_value, check_name},
+    limits::EventLimits,
     protocol::{DEFAULT_BUFFER_EVENTS, events, headers as header},
     sampling::Rate,
     v1::{self, telemetry_control::Control},
@@ -31,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     backoff::Backoff,
-    counters::Snapshot,
+    counters::{DropReason, Snapshot},
     emitter::{Emitter, Shared, now_ns},
 };
 
@@ -233,20 +235,25 @@ fn headers(options: &LinkOptions) -> Result<Headers, LinkError> {
         headers.push((parsed_key, parsed_value));
         Ok(())
     };
+    // The hub's rule for names (`bridge_proto::identity`), checked here so that a name it would
+    // refuse stops the link from starting instead of failing every reconnect.
+    let invalid = |e: InvalidName| LinkError::InvalidIdentity(e.to_string());
+    if !options.id.is_empty() {
+        check_name(NameKind::WorkerId, &options.id).map_err(invalid)?;
+    }
+    if !options.pool.is_empty() {
+        check_name(NameKind::Pool, &options.pool).map_err(invalid)?;
+    }
     add(header::WORKER_ID.into(), &options.id)?;
     add(header::WORKER_POOL.into(), &options.pool)?;
     if options.pid != 0 {
         add(header::WORKER_PID.into(), &options.pid.to_string())?;
     }
     for (key, value) in &options.labels {
-        add(
-            format!(
-                "{}{}",
-                header::WORKER_LABEL_PREFIX,
-                key.to_ascii_lowercase()
-            ),
-            value,
-        )?;
+        let key = key.to_ascii_lowercase();
+        check_label_key(&key).map_err(invalid)?;
+        check_label_value(value).map_err(invalid)?;
+        add(format!("{}{key}", header::WORKER_LABEL_PREFIX), value)?;
     }
     add(header::WORKER_GPU.into(), &options.gpu)?;
     let host = bridge_proto::connect::host_name();
@@ -356,12 +363,14 @@ async fn stream_once(
         );
     }
     let (acks, ack_rx) = watch::channel(0u64);
+    let (heard, heard_rx) = watch::channel(false);
     // Ends this stream's outbound half when the stream is over, so a transport that keeps the
     // old request body alive cannot keep sending from it.
     let over = CancellationToken::new();
     let _over_guard = over.clone().drop_guard();
     let mut request = Request::new(outbound(
         shared.clone(),
+        heard_rx,
         ack_rx,
         options.stats_interval,
         options.linger,
@@ -382,7 +391,9 @@ async fn stream_once(
             shared.buffer.confirmed.notify_one();
             continue;
         }
-        if let Some(version) = apply(shared, control) {
+        let version = apply(shared, control);
+        heard.send_replace(true);
+        if let Some(version) = version {
             acks.send_replace(version);
             state.send_replace(LinkState::Connected {
                 applied: Some(version),
@@ -392,8 +403,9 @@ async fn stream_once(
     Ok(())
 }
 
-/// Acknowledgements, buffered events and counter reports, in that priority. When closing, it
-/// sends everything still unsent and a last report, then ends the stream.
+/// Acknowledgements, buffered events and counter reports, in that priority, once the hub's
+/// first message arrived. When closing, it sends everything still unsent and a last report,
+/// then ends the stream.
 ///
 /// Events that arrive soon after a flush wait until `linger` has passed since it, so that a
 /// worker emitting steadily sends several events per write instead of one write per event
@@ -401,6 +413,7 @@ async fn stream_once(
 /// does an event after a quiet spell.
 fn outbound(
     shared: Arc<Shared>,
+    mut heard: watch::Receiver<bool>,
     mut acks: watch::Receiver<u64>,
     stats_interval: Duration,
     linger: Duration,
@@ -415,10 +428,20 @@ fn outbound(
         let mut flush_at: Option<Instant> = None;
         // A report waiting to travel with the next events rather than in a write of its own.
         let mut report_due = false;
+        // Nothing goes out before the hub's first message, which carries its limits (a hub
+        // that has none sends its control state first): a replay sent before them could hold
+        // an event the hub refuses.
+        let heard_first = tokio::select! {
+            () = over.cancelled() => false,
+            heard = heard.wait_for(|heard| *heard) => heard.is_ok(),
+        };
         loop {
+            if !heard_first {
+                break;
+            }
             if flush_at.is_none_or(|at| at <= Instant::now()) {
                 flush_at = None;
-                let batch = shared.buffer.take_unsent(SEND_BATCH);
+                let batch = take_batch(&shared);
                 if !batch.is_empty() {
                     let full = batch.len() == SEND_BATCH;
                     shared.counters.sent(batch.len());
@@ -452,7 +475,7 @@ fn outbound(
                 }
                 () = closing.cancelled() => {
                     loop {
-                        let batch = shared.buffer.take_unsent(SEND_BATCH);
+                        let batch = take_batch(&shared);
                         if batch.is_empty() {
                             break;
                         }
@@ -496,6 +519,25 @@ fn outbound(
     }
 }
 
+/// The next events to send. Events buffered before the worker knew the hub's message limit
+/// and over it are dropped and counted instead: the hub would end the stream on each, and the
+/// next stream would replay it again.
+fn take_batch(shared: &Shared) -> Vec<EncodedEvent> {
+    let limit = shared.limits().max_message_bytes;
+    let (batch, dropped) = shared.buffer.take_unsent_within(SEND_BATCH, limit);
+    if dropped > 0 {
+        shared
+            .counters
+            .dropped_many(DropReason::OverLimitBuffered, dropped);
+        warn!(
+            events = dropped,
+            max_message_bytes = limit,
+            "dropped buffered events larger than the hub accepts (counted as dropped.over_limit)"
+        );
+    }
+    batch
+}
+
 fn stats_event(snapshot: &Snapshot) -> EncodedEvent {
     protocol_event(&events::WORKER_STATS, &snapshot.measurements())
 }
@@ -531,6 +573,12 @@ fn apply(shared: &Shared, control: v1::TelemetryControl) -> Option<u64> {
     };
     match control.control? {
         Control::Received(_) => None,
+        Control::Limits(limits) => {
+            let limits = EventLimits::from(&limits);
+            debug!(?limits, "applying the hub's limits");
+            shared.apply_limits(limits);
+            None
+        }
         Control::State(state) => match ControlState::try_from(state) {
             Ok(state) => {
                 let version = state.version;
@@ -603,6 +651,44 @@ fn apply(shared: &Shared, control: v1::TelemetryControl) -> Option<u64> {
                 }
             }
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name the hub would refuse stops the link from starting, with the rule in the message,
+    /// rather than failing every reconnect.
+    #[test]
+    fn names_the_hub_refuses_stop_the_link_from_starting() {
+        let options = |change: &dyn Fn(&mut LinkOptions)| {
+            let mut options = LinkOptions::new("http://127.0.0.1:1", "gpu-3");
+            change(&mut options);
+            validate(&options)
+        };
+        assert!(options(&|_| {}).is_ok());
+        assert!(options(&|o| o.id.clear()).is_ok(), "the hub names it");
+        assert!(options(&|o| o.labels = vec![("Zone".into(), "us east".into())]).is_ok());
+        for (change, expected) in [
+            (
+                &(|o: &mut LinkOptions| o.id = "../../etc/passwd".into()) as &dyn Fn(&mut _),
+                "worker id",
+            ),
+            (&|o: &mut LinkOptions| o.id = " ".into(), "worker id"),
+            (&|o: &mut LinkOptions| o.pool = "a\"b".into(), "pool name"),
+            (
+                &|o: &mut LinkOptions| o.labels = vec![("a.b".into(), "v".into())],
+                "label key",
+            ),
+            (
+                &|o: &mut LinkOptions| o.labels = vec![("k".into(), "v".repeat(300))],
+                "label value",
+            ),
+        ] {
+            let error = options(change).expect_err(expected).to_string();
+            assert!(error.contains(expected), "{error}");
         }
     }
 }

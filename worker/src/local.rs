@@ -17,7 +17,7 @@ use std::{
     path::PathBuf,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
 };
@@ -25,6 +25,7 @@ use std::{
 use async_stream::stream;
 use bridge_proto::{
     encoded::EncodedSubscribeResponse,
+    limits::EventLimits,
     protocol::{events, headers},
     sampling::Draw,
     server::telemetry_bridge_server::{TelemetryBridge, TelemetryBridgeServer},
@@ -34,9 +35,9 @@ use bridge_proto::{
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming, transport::Server};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::emitter::Emitter;
+use crate::{counters::DropReason, emitter::Emitter};
 
 /// Where the local endpoint listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,14 +106,18 @@ impl TelemetryBridge for LocalIngest {
         let mut inbound = request.into_inner();
         let applied = Arc::new(AtomicU64::new(0));
         let done = self.shutdown.child_token();
+        // Why the sidecar ended the stream, when it did, for the client to read in the status.
+        let failure: Arc<Mutex<Option<Status>>> = Arc::default();
         // The highest sequence number taken from this client: confirmed to it, as the hub
         // confirms, so that a client with an outage buffer (the worker library, the Python
         // SDK) can forget what the sidecar now holds in its own.
         let (receipts, mut received) = tokio::sync::watch::channel(0u64);
         {
             let (emitter, applied, done) = (self.emitter.clone(), applied.clone(), done.clone());
+            let failure = failure.clone();
             tokio::spawn(async move {
                 debug!(acknowledges, "local client connected");
+                let mut warned = false;
                 loop {
                     let message = tokio::select! {
                         () = done.cancelled() => break,
@@ -127,9 +132,20 @@ impl TelemetryBridge for LocalIngest {
                                     receipts.send_replace(sequence);
                                 }
                             }
-                            Err(_) => emitter.count_parse_error(),
+                            Err(error) => {
+                                emitter.count_parse_error();
+                                if !std::mem::replace(&mut warned, true) {
+                                    warn!(%error, "dropping malformed events from a local client (counted as dropped.parse_error; logged once per stream)");
+                                }
+                            }
                         },
-                        Ok(None) | Err(_) => break,
+                        Ok(None) => break,
+                        Err(status) => {
+                            if let Some(status) = refused(&emitter, status) {
+                                *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                            }
+                            break;
+                        }
                     }
                 }
                 debug!("local client disconnected");
@@ -137,16 +153,34 @@ impl TelemetryBridge for LocalIngest {
             });
         }
         let mut control = self.emitter.watch_control();
+        let mut limits = self.emitter.watch_limits();
         let outbound = stream! {
             loop {
+                // Acknowledging clients get the hub's limits first, as the hub sends them.
+                if acknowledges {
+                    let announced = announced_limits(*limits.borrow_and_update());
+                    yield Ok(v1::TelemetryControl {
+                        control: Some(v1::telemetry_control::Control::Limits(announced.into())),
+                    });
+                }
                 let state = control.borrow_and_update().clone();
                 for message in state.messages(acknowledges) {
                     yield Ok(message);
                 }
                 loop {
+                    // `done` first: the receipts' sender is gone once the client's half ended,
+                    // and that must not end the stream before it says why.
                     tokio::select! {
-                        () = done.cancelled() => return,
+                        biased;
+                        () = done.cancelled() => {
+                            let status = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+                            if let Some(status) = status {
+                                yield Err(status);
+                            }
+                            return;
+                        }
                         changed = control.changed() => if changed.is_err() { return } else { break },
+                        changed = limits.changed(), if acknowledges => if changed.is_err() { return } else { break },
                         changed = received.changed() => {
                             if changed.is_err() {
                                 return;
@@ -194,6 +228,46 @@ impl TelemetryBridge for LocalIngest {
     }
 }
 
+/// The largest message the local endpoint reads; the limits it announces are held to it.
+const MAX_LOCAL_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+fn announced_limits(limits: EventLimits) -> EventLimits {
+    EventLimits {
+        max_message_bytes: limits.max_message_bytes.min(MAX_LOCAL_MESSAGE_BYTES),
+        ..limits
+    }
+}
+
+/// What a failed local stream tells its client, counted and logged when it is the client's
+/// fault: a message that does not decode (INVALID_ARGUMENT, `dropped.parse_error`) or one over
+/// the size the endpoint reads (RESOURCE_EXHAUSTED, `dropped.over_limit`). `None` when the
+/// client went away, which ends its stream and is nobody's fault.
+fn refused(emitter: &Emitter, status: Status) -> Option<Status> {
+    let status = match status.code() {
+        tonic::Code::InvalidArgument => {
+            emitter.count_parse_error();
+            status
+        }
+        tonic::Code::OutOfRange if status.message().contains("too large") => {
+            emitter.shared.counters.dropped(DropReason::OverLimit);
+            Status::resource_exhausted(format!(
+                "event message too large for the sidecar's local endpoint (at most {MAX_LOCAL_MESSAGE_BYTES} bytes): {}",
+                status.message()
+            ))
+        }
+        code => {
+            debug!(
+                ?code,
+                message = status.message(),
+                "local client stream failed"
+            );
+            return None;
+        }
+    };
+    warn!(code = ?status.code(), message = status.message(), "ending a local client's stream: it sent a message the sidecar cannot take (counted)");
+    Some(status)
+}
+
 /// One event from a local client: an acknowledgement, a counter report (ignored: the sidecar
 /// reports its own), or telemetry to relay.
 fn relay(emitter: &Emitter, applied: &AtomicU64, acknowledges: bool, event: v1::TelemetryEvent) {
@@ -221,23 +295,66 @@ fn relay(emitter: &Emitter, applied: &AtomicU64, acknowledges: bool, event: v1::
     }
 }
 
-/// Serves the local endpoint until `shutdown` is cancelled.
+/// The local endpoint's listening socket, bound by [`bind`].
+#[derive(Debug)]
+pub enum LocalListener {
+    Tcp(tokio::net::TcpListener, LocalAddress),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+/// Binds the local endpoint's address.
+///
+/// A unix socket file already at the path is taken over only when nothing answers on it (one
+/// left by a sidecar that died); while another process serves it, binding fails instead of
+/// silently stealing the path from under a running sidecar.
+pub async fn bind(address: &LocalAddress) -> Result<LocalListener, String> {
+    match address {
+        LocalAddress::Tcp(socket) => {
+            let listener = tokio::net::TcpListener::bind(socket)
+                .await
+                .map_err(|e| format!("--local {socket}: cannot listen: {e}"))?;
+            Ok(LocalListener::Tcp(listener, address.clone()))
+        }
+        LocalAddress::Unix(path) => {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                match tokio::net::UnixStream::connect(path).await {
+                    Ok(_) => {
+                        return Err(format!(
+                            "--local {}: another process (another worker?) is serving this socket; give each worker its own path",
+                            path.display()
+                        ));
+                    }
+                    Err(error) => {
+                        info!(path = %path.display(), %error, "taking over a socket file nothing serves");
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
+            let listener = tokio::net::UnixListener::bind(path)
+                .map_err(|e| format!("--local {}: cannot listen: {e}", path.display()))?;
+            Ok(LocalListener::Unix(listener, path.clone()))
+        }
+    }
+}
+
+/// Serves the local endpoint on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     emitter: Emitter,
-    address: LocalAddress,
+    listener: LocalListener,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let service = TelemetryBridgeServer::new(LocalIngest {
         emitter,
         shutdown: shutdown.clone(),
-    });
+    })
+    .max_decoding_message_size(MAX_LOCAL_MESSAGE_BYTES);
     let router = Server::builder().tcp_nodelay(true).add_service(service);
     let stop = shutdown.clone().cancelled_owned();
-    match &address {
-        LocalAddress::Tcp(socket) => {
-            let listener = tokio::net::TcpListener::bind(socket)
-                .await
-                .map_err(|e| format!("cannot listen on {socket}: {e}"))?;
+    match listener {
+        LocalListener::Tcp(listener, address) => {
             info!(local = %address, "local endpoint listening");
             router
                 .serve_with_incoming_shutdown(
@@ -247,17 +364,8 @@ pub async fn serve(
                 .await
                 .map_err(|e| e.to_string())
         }
-        LocalAddress::Unix(path) => {
-            // A socket file left by an earlier run would make bind fail.
-            if std::fs::symlink_metadata(path).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(path);
-            }
-            let listener = tokio::net::UnixListener::bind(path)
-                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-            info!(local = %address, "local endpoint listening");
+        LocalListener::Unix(listener, path) => {
+            info!(local = %LocalAddress::Unix(path.clone()), "local endpoint listening");
             let served = router
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::UnixListenerStream::new(listener),
@@ -265,7 +373,7 @@ pub async fn serve(
                 )
                 .await
                 .map_err(|e| e.to_string());
-            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(&path);
             served
         }
     }
@@ -288,11 +396,8 @@ mod tests {
         let path = dir.join("worker.sock");
         let sidecar = Emitter::detached(64);
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(
-            sidecar.clone(),
-            LocalAddress::Unix(path.clone()),
-            shutdown.clone(),
-        ));
+        let listener = bind(&LocalAddress::Unix(path.clone())).await.unwrap();
+        let server = tokio::spawn(serve(sidecar.clone(), listener, shutdown.clone()));
         let mut options = LinkOptions::new(format!("unix://{}", path.display()), "app-1");
         options.linger = Duration::ZERO;
         options.backoff_initial = Duration::from_millis(10);

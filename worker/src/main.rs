@@ -2,7 +2,10 @@
 
 use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
-use bridge_proto::connect::ClientSecurity;
+use bridge_proto::{
+    connect::ClientSecurity,
+    identity::{check_label_key, check_label_value},
+};
 use clap::Parser;
 use worker::{
     config::WorkerConfig,
@@ -46,6 +49,10 @@ struct Args {
     /// How long to wait for the hub to confirm buffered events when exiting.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// How long the app has to exit after a forwarded SIGTERM or SIGINT before it is killed
+    /// (SIGKILL); a second signal kills it at once.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    kill_grace: Duration,
     /// Without an app: emit simulated inference traffic at this many requests per second.
     #[arg(long, value_name = "REQUESTS_PER_SEC", conflicts_with = "command")]
     simulate: Option<f64>,
@@ -65,23 +72,22 @@ struct Args {
     command: Vec<OsString>,
 }
 
+/// `KEY=VALUE`, both held to the hub's rule for labels (`bridge_proto::identity`); the key is
+/// sent in lower case.
 fn parse_label(text: &str) -> Result<(String, String), String> {
     let (key, value) = text
         .split_once('=')
         .ok_or_else(|| format!("`{text}`: a label is key=value"))?;
-    if key.is_empty()
-        || !key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(format!(
-            "`{key}`: label keys are letters, digits, '-' and '_'"
-        ));
-    }
-    Ok((key.to_owned(), value.to_owned()))
+    let key = key.to_ascii_lowercase();
+    check_label_key(&key).map_err(|e| e.to_string())?;
+    check_label_value(value).map_err(|e| e.to_string())?;
+    Ok((key, value.to_owned()))
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = worker::launcher::run_if_launcher() {
+        return code;
+    }
     let args = Args::parse();
     // Wrapping an app, the sidecar keeps its stderr for the app and says only what is wrong.
     init_logging(
@@ -181,6 +187,7 @@ async fn run(args: Args) -> Result<u8, Failure> {
             requests_per_second: rate,
         }),
         max_line_bytes: config.max_line_bytes,
+        kill_grace: args.kill_grace,
     };
     tracing::info!(hub = %options.link.hub, worker.id = %options.link.id, worker.pool = %options.link.pool, "worker starting");
     sidecar::run(options).await.map_err(|message| Failure {

@@ -5,8 +5,10 @@
 //! line by line, minus `TELEMETRY:{json}` lines, which become events (a malformed one is counted
 //! and passed through). A line is held only up to `max_line_bytes`; the rest of a longer one is
 //! passed through as it arrives, so the sidecar's memory does not depend on what the app writes.
-//! SIGINT and SIGTERM are forwarded to the app, and the sidecar exits with the app's exit code
-//! (128 + signal if it was killed). Without a command it serves only GPU metrics and the local
+//! SIGINT and SIGTERM are forwarded to the app; an app still running `kill_grace` later, or
+//! when a second signal arrives, is killed (SIGKILL), and on Linux the app is killed too if the
+//! sidecar dies (parent-death signal). The sidecar exits with the app's exit code (128 + signal
+//! if it was killed). Without a command it serves only GPU metrics and the local
 //! endpoint until signalled. Either way it reports GPU metrics (NVML) and the app's CPU and
 //! memory every interval, and drains its buffer to the hub before exiting.
 
@@ -16,7 +18,7 @@ use bridge_proto::sampling::Draw;
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
     io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader},
-    process::{Child, Command},
+    process::Child,
     signal::unix::{SignalKind, signal},
 };
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,7 @@ use crate::{
     counters::DropReason,
     emitter::Emitter,
     gpu::{self, FakeGpus, GpuSource, NvmlSource},
+    launcher,
     link::{Link, LinkOptions},
     local::{self, LocalAddress},
     process::{self, ProcessSampler},
@@ -49,6 +52,8 @@ pub struct SidecarOptions {
     pub simulate: Option<simulate::Simulation>,
     /// The most of one line of the app's stderr held at once (`worker.max_line_bytes`).
     pub max_line_bytes: usize,
+    /// How long the app has to exit after a forwarded SIGTERM or SIGINT before it is killed.
+    pub kill_grace: Duration,
 }
 
 /// Runs the sidecar to completion; returns the process exit code.
@@ -65,9 +70,11 @@ pub async fn run(mut options: SidecarOptions) -> Result<u8, String> {
     let stop = CancellationToken::new();
 
     if let Some(address) = options.local.clone() {
+        // Bound before the app starts, so that an address in use stops the sidecar at once.
+        let listener = local::bind(&address).await?;
         let (emitter, stop) = (emitter.clone(), stop.clone());
         tokio::spawn(async move {
-            if let Err(error) = local::serve(emitter, address, stop).await {
+            if let Err(error) = local::serve(emitter, listener, stop).await {
                 warn!(%error, "local endpoint failed");
             }
         });
@@ -124,13 +131,36 @@ pub async fn run(mut options: SidecarOptions) -> Result<u8, String> {
             options.metrics_interval,
             stop.clone(),
         ));
+        // Set by the first signal: when the app is killed unless it exited first.
+        let mut kill_at: Option<tokio::time::Instant> = None;
         let status = loop {
+            let grace_over = async {
+                match kill_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 status = child.wait() => break status.map_err(|e| format!("waiting for the app failed: {e}"))?,
-                Some(signal) = signals.next() => match pid {
-                    Some(pid) => forward(pid, signal),
-                    None => warn!(?signal, "not forwarded: the app's pid is unknown"),
+                Some(signal) = signals.next() => match (pid, kill_at) {
+                    (None, _) => warn!(?signal, "not forwarded: the app's pid is unknown"),
+                    (Some(pid), None) => {
+                        forward(pid, signal);
+                        kill_at = Some(tokio::time::Instant::now() + options.kill_grace);
+                    }
+                    // Asked twice: whoever asks does not want to wait.
+                    (Some(pid), Some(_)) => {
+                        warn!(pid = pid.get(), ?signal, "signalled again: killing the app now");
+                        forward(pid, Signal::SIGKILL);
+                    }
                 },
+                () = grace_over => {
+                    kill_at = None;
+                    if let Some(pid) = pid {
+                        warn!(pid = pid.get(), grace = ?options.kill_grace, "the app did not exit within --kill-grace of the signal: killing it");
+                        forward(pid, Signal::SIGKILL);
+                    }
+                }
             }
         };
         // Everything the app wrote before it exited is relayed before it is reported gone.
@@ -181,8 +211,8 @@ fn open_gpus(fake: Option<u32>, simulated: bool) -> Option<Box<dyn GpuSource>> {
 }
 
 fn spawn_app(command: &[OsString]) -> Result<Child, String> {
-    Command::new(&command[0])
-        .args(&command[1..])
+    // Through the launcher, so that the app dies with the sidecar however the sidecar dies.
+    launcher::command(command)
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped())
