@@ -236,14 +236,9 @@ impl Client {
             // Inside a span (of this link), an event joins the span's trace: sampled with it
             // and shown with it. Looking that up is skipped when nothing is let through anyway.
             if correlation_id.is_none()
-                && crate::span::any_open()
-                && conn.emitter.enabled()
-                && let Some(span) = crate::current_span(py)?
+                && crate::emit_in_current_span(py, &conn, name, values, pairs)?
             {
-                let span = span.get();
-                if span.belongs_to(&conn) && span.event_in(name, values, pairs) {
-                    return Ok(());
-                }
+                return Ok(());
             }
             conn.emitter.emit(name, values, pairs, correlation_id);
             Ok(())

@@ -60,6 +60,27 @@ pub(crate) fn current_span<'py>(py: Python<'py>) -> PyResult<Option<Bound<'py, s
     Ok(current.cast_into::<span::NativeSpan>().ok())
 }
 
+/// Emits `name` within the current span if it is one of `conn`'s link and still open: the
+/// event joins the span's trace and is sampled with it. False when the caller is to emit it
+/// plainly; looking the span up is skipped when no span is open or nothing is let through.
+#[inline]
+pub(crate) fn emit_in_current_span(
+    py: Python<'_>,
+    conn: &client::Conn,
+    name: &str,
+    measurements: &[(&str, worker::Value<'_>)],
+    metadata: &[(&str, &str)],
+) -> PyResult<bool> {
+    if !span::any_open() || !conn.emitter.enabled() {
+        return Ok(false);
+    }
+    let Some(span) = current_span(py)? else {
+        return Ok(false);
+    };
+    let span = span.get();
+    Ok(span.belongs_to(conn) && span.event_in(name, measurements, metadata))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
