@@ -164,10 +164,12 @@ pub struct StreamRecorder {
     figures: Arc<StreamFigures>,
     /// This stream's stats, by slot, for the slots it has met.
     stats: Vec<Option<Arc<Stats>>>,
-    /// Models with series of their own that this stream has met, and their slots; most
-    /// streams serve one model, checked first.
+    /// Models with series of their own that this stream has met, and their slots.
     slots: Names<Slot>,
-    last: Option<(Box<str>, Slot)>,
+    /// The last of them met, checked first (most streams serve one model); the buffer is
+    /// reused, so a stream that alternates between models allocates nothing per event.
+    last_model: String,
+    last_slot: Option<Slot>,
 }
 
 /// What the hub knows of one model's calls, weighted.
@@ -225,7 +227,8 @@ impl InferenceMetrics {
             figures,
             stats: Vec::new(),
             slots: Names::default(),
-            last: None,
+            last_model: String::new(),
+            last_slot: None,
         }
     }
 
@@ -254,8 +257,8 @@ impl StreamRecorder {
         } else {
             1.0
         };
-        let slot = match &self.last {
-            Some((model, slot)) if **model == *call.model => *slot,
+        let slot = match self.last_slot {
+            Some(slot) if self.last_model == call.model => slot,
             _ => self.slot(call.model, weight),
         };
         self.stats(slot).record(&call, weight);
@@ -280,7 +283,8 @@ impl StreamRecorder {
                 if !self.slots.contains_key(model) {
                     self.slots.insert(model.into(), slot);
                 }
-                self.last = Some((model.into(), slot));
+                model.clone_into(&mut self.last_model);
+                self.last_slot = Some(slot);
                 slot
             }
             None => {
@@ -387,12 +391,16 @@ impl Pool {
     /// The slot of a model with a series of its own, added if there is room; `None`: it has
     /// none, and is counted under `other`.
     fn slot(&self, model: &str, max_models: usize) -> Option<Slot> {
-        if let Some(slot) = self.models.load().get(model) {
+        let models = self.models.load();
+        if let Some(slot) = models.get(model) {
             return Some(*slot);
         }
-        if !labelable(model) {
+        // Without a lock: the events of a model with no room (of which there may be many per
+        // second, from every stream) must not contend for the ledger.
+        if models.len() >= max_models || !labelable(model) {
             return None;
         }
+        drop(models);
         self.add_model(model, max_models)
     }
 
