@@ -559,6 +559,40 @@ async fn changes_print_json_and_name_the_rules_they_leave_in_force() {
         out.stderr.trim_end(),
         "warning: no worker `gpu-9` is known to the hub (`bridge workers` lists them); waiting for it to connect"
     );
+
+    // A reset names the narrower levels that keep settings of their own: gpu-2's rate, and
+    // gpu-1's `toggle on` above (equal to what it inherits, but still its own).
+    let out = run_cli(&hub.url, &["sample", "gpu-2", "0.5", "--no-wait"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = run_cli(&hub.url, &["reset", "--pool", "mistral", "--no-wait"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "note: worker gpu-2 keeps settings of its own, which still apply to it \
+             (`bridge reset gpu-2` forgets them)"
+        ),
+        "{}",
+        out.stderr
+    );
+    let change = json_object(
+        &run_cli(
+            &hub.url,
+            &["reset", "--all", "--format", "json", "--no-wait"],
+        )
+        .await,
+    );
+    assert_eq!(
+        change["levels_keeping_settings"],
+        serde_json::json!(["worker gpu-1", "worker gpu-2"])
+    );
+    let change = json_object(
+        &run_cli(
+            &hub.url,
+            &["reset", "gpu-2", "--format", "json", "--no-wait"],
+        )
+        .await,
+    );
+    assert_eq!(change["levels_keeping_settings"], serde_json::json!([]));
 }
 
 #[test]

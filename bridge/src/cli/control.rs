@@ -236,16 +236,37 @@ async fn apply(hub: &HubTarget, selector: Selector, change: Change, wait: &Wait)
             .unwrap_or_default(),
         _ => Vec::new(),
     };
+    let keeping = match &change {
+        Change::Reset => levels_keeping_settings(&mut client, &selector)
+            .await
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let late = late_workers(&response, wait);
     match wait.format {
-        Format::Json => println!(
-            "{}",
-            change_json(&selector, &change, &response, wait, &late, &kept)
-        ),
+        Format::Json => {
+            let mut object = change_json(&selector, &change, &response, wait, &late, &kept);
+            if let (Change::Reset, serde_json::Value::Object(fields)) = (&change, &mut object) {
+                fields.insert("levels_keeping_settings".into(), keeping.clone().into());
+            }
+            println!("{object}");
+        }
         Format::Text => {
             report(&selector, &change, &response, wait);
             for rule in &kept {
                 eprintln!("note: {}", rule.text(&change));
+            }
+            for level in &keeping {
+                let to = if level.starts_with("pool ") {
+                    "its workers"
+                } else {
+                    "it"
+                };
+                eprintln!(
+                    "note: {level} keeps settings of its own, which still apply to {to} \
+                     (`bridge reset {}` forgets them)",
+                    reset_arguments(level)
+                );
             }
         }
     }
@@ -382,6 +403,78 @@ async fn rules_still_deciding(
         }
     }
     Some(kept)
+}
+
+/// Most workers whose own levels a reset's note looks up (one call each).
+const MAX_LEVELS_LOOKED_UP: usize = 64;
+
+/// After a reset of a pool or of the global level, the narrower levels under it that keep
+/// settings of their own (`pool P`, `worker W`): a reset forgets one level's settings, and the
+/// levels below it keep theirs. Workers whose effective state differs from the level's are
+/// looked up first (they surely have some), then the others (a setting equal to what it
+/// inherits still outlives the reset), at most [`MAX_LEVELS_LOOKED_UP`] in all. Best effort:
+/// `None` when the hub cannot say.
+async fn levels_keeping_settings(
+    client: &mut HubClient,
+    selector: &Selector,
+) -> Option<Vec<String>> {
+    if matches!(selector, Selector::Worker(_)) {
+        return Some(Vec::new());
+    }
+    let unversioned = |state: Option<v1::ControlState>| {
+        state.map(|state| v1::ControlState {
+            version: 0,
+            ..state
+        })
+    };
+    let level = unversioned(client.get_control(selector).await.ok()?.effective);
+    let workers = client.list_workers(Some(selector)).await.ok()?;
+    let mut levels: Vec<String> = Vec::new();
+    let (differing, alike): (Vec<_>, Vec<_>) = workers
+        .into_iter()
+        .partition(|worker| unversioned(worker.control.clone()) != level);
+    for worker in differing
+        .into_iter()
+        .chain(alike)
+        .take(MAX_LEVELS_LOOKED_UP)
+    {
+        let own = client
+            .get_control(&Selector::Worker(worker.id.clone()))
+            .await
+            .ok()?;
+        let pool_level =
+            matches!(selector, Selector::All) && own.pool.as_ref().is_some_and(has_settings);
+        let found = [
+            pool_level.then(|| format!("pool {}", worker.pool)),
+            own.worker
+                .as_ref()
+                .is_some_and(has_settings)
+                .then(|| format!("worker {}", worker.id)),
+        ];
+        for level in found.into_iter().flatten() {
+            if !levels.contains(&level) {
+                levels.push(level);
+            }
+        }
+    }
+    levels.sort();
+    Some(levels)
+}
+
+fn has_settings(layer: &v1::ControlLayer) -> bool {
+    layer.enabled.is_some()
+        || layer.sampling_rate.is_some()
+        || !layer.rules.is_empty()
+        || layer.filter.is_some()
+}
+
+/// `bridge reset`'s arguments for a level named as [`levels_keeping_settings`] names them.
+fn reset_arguments(level: &str) -> String {
+    match level.split_once(' ') {
+        Some(("pool", pool)) => format!("--pool {pool}"),
+        Some((_, worker)) => worker.to_owned(),
+        None => level.to_owned(),
+    }
 }
 
 /// Whether some event name matches both patterns (`*` one token, `>` one or more at the end).
