@@ -207,6 +207,17 @@ impl HubProcess {
         })
     }
 
+    /// Waits until exactly `count` subscriptions are open (panics after `timeout`), so that a
+    /// test sends its events only once every subscriber it started can receive them.
+    pub async fn wait_for_subscribers(&self, count: usize, timeout: Duration) {
+        let what = format!("{count} subscription(s) to be open");
+        eventually(&what, timeout, || async {
+            let open = tokio::task::block_in_place(|| self.subscribers());
+            (open == Some(count as f64)).then_some(())
+        })
+        .await;
+    }
+
     pub async fn client(&self) -> HubClient {
         HubClient::connect(&self.url, Duration::from_secs(5))
             .await

@@ -112,11 +112,7 @@ async fn server_sent_events_carry_the_filtered_tail_and_account_for_lag() {
         .stderr(Stdio::null())
         .spawn()
         .expect("bridge subscribe");
-    eventually("both subscriptions to be open", WAIT, || async {
-        let count = tokio::task::block_in_place(|| hub.subscribers());
-        (count == Some(2.0)).then_some(())
-    })
-    .await;
+    hub.wait_for_subscribers(2, WAIT).await;
 
     let mut client = hub.client().await;
     let (sender, _controls) = open_stream(&mut client, &[(headers::WORKER_ID, "flood")])
@@ -391,11 +387,7 @@ async fn the_tail_follows_one_trace() {
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut events =
         EventStream::open(&format!("http://{}/api/events?trace={trace}", hub.http)).await;
-    eventually("the subscription to be open", WAIT, || async {
-        let count = tokio::task::block_in_place(|| hub.subscribers());
-        (count == Some(1.0)).then_some(())
-    })
-    .await;
+    hub.wait_for_subscribers(1, WAIT).await;
     let mut client = hub.client().await;
     let (sender, _controls) = open_stream(&mut client, &[(headers::WORKER_ID, "gpu-3")])
         .await

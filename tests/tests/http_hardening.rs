@@ -146,11 +146,7 @@ async fn an_event_stream_outlives_the_idle_timeout() {
     })
     .await
     .expect("connect");
-    eventually("the subscription to be open", WAIT, || async {
-        let count = tokio::task::block_in_place(|| hub.subscribers());
-        (count == Some(1.0)).then_some(())
-    })
-    .await;
+    hub.wait_for_subscribers(1, WAIT).await;
     // Several idle timeouts with nothing sent either way (keep-alive comments come every 15 s).
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(

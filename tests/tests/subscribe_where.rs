@@ -44,11 +44,7 @@ async fn where_delivers_only_events_whose_metadata_holds() {
         .stderr(Stdio::null())
         .spawn()
         .expect("bridge subscribe");
-    eventually("both subscriptions to be open", WAIT, || async {
-        let count = tokio::task::block_in_place(|| hub.subscribers());
-        (count == Some(2.0)).then_some(())
-    })
-    .await;
+    hub.wait_for_subscribers(2, WAIT).await;
 
     let (events, _controls) = open_stream(&mut client, &[(headers::WORKER_ID, "gpu-3")])
         .await

@@ -72,11 +72,7 @@ async fn one_request_is_followed_by_its_trace_id_across_workers() {
         .stderr(Stdio::null())
         .spawn()
         .expect("bridge subscribe");
-    eventually("both subscriptions to be open", WAIT, || async {
-        let count = tokio::task::block_in_place(|| hub.subscribers());
-        (count == Some(2.0)).then_some(())
-    })
-    .await;
+    hub.wait_for_subscribers(2, WAIT).await;
 
     let gateway_span = |trace: &str| format!("00-{trace}-{GATEWAY_SPAN}-01");
     let model_span = |trace: &str| format!("00-{trace}-{MODEL_SPAN}-01");
