@@ -39,9 +39,11 @@ use crate::{
 
 /// Reads the worker's events until the stream ends or the hub ends it.
 pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView>) {
-    let mut enforcer = Enforcer::new(session.worker.watch_desired(), session.acknowledges);
-    let mut admission = Admission::new(hub.config());
-    let mut inference = hub.inference_metrics().recorder(&session.pool);
+    let mut stream = StreamState {
+        admission: Admission::new(hub.config()),
+        enforcer: Enforcer::new(session.worker.watch_desired(), session.acknowledges),
+        inference: hub.inference_metrics().recorder(&session.pool),
+    };
     let mut warned = false;
     // Made once: a fresh future per message costs a measurable share of a trickling stream.
     let cancelled = session.cancel.cancelled();
@@ -58,12 +60,7 @@ pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView
         };
         match message {
             Ok(Some(event)) => {
-                let stream = StreamState {
-                    admission: &mut admission,
-                    enforcer: &mut enforcer,
-                    inference: &mut inference,
-                };
-                if let Err(error) = accept(&hub, &session, stream, event)
+                if let Err(error) = accept(&hub, &session, &mut stream, event)
                     && !warned
                 {
                     warn!(worker.id = %session.worker.id, %error, "dropping invalid events from this worker (logged once per stream; counted as drop reason `invalid`)");
@@ -111,7 +108,7 @@ fn inbound_failure(status: Status) -> Status {
 fn accept(
     hub: &Hub,
     session: &Session,
-    stream: StreamState<'_>,
+    stream: &mut StreamState,
     event: EventView,
 ) -> Result<(), String> {
     let StreamState {
@@ -176,11 +173,11 @@ fn accept(
 }
 
 /// What the ingest loop keeps for the stream's life, beside its session.
-struct StreamState<'a> {
-    admission: &'a mut Admission,
-    enforcer: &'a mut Enforcer,
+struct StreamState {
+    admission: Admission,
+    enforcer: Enforcer,
     /// The stream's share of the per-model metrics, which it alone writes.
-    inference: &'a mut StreamRecorder,
+    inference: StreamRecorder,
 }
 
 /// Whether the event is well formed and within `[limits]`.
