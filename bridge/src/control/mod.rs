@@ -9,6 +9,7 @@
 pub mod config;
 pub mod layer;
 pub mod store;
+pub mod target;
 
 use std::{
     collections::BTreeMap,
