@@ -220,6 +220,13 @@ impl PreEncoded {
         }
     }
 
+    /// A message encoded by hand, sent as it is.
+    pub fn from_encoded(bytes: Vec<u8>) -> Self {
+        Self {
+            bytes: Bytes::from(bytes),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.bytes.len()
     }

@@ -21,10 +21,14 @@ use prost::{
 };
 use smallvec::SmallVec;
 
+mod delivered;
 mod inference;
 
 use self::inference::CallIndex;
-pub use self::inference::{CallEnd, InferenceCall};
+pub use self::{
+    delivered::{DeliveredEvent, DeliveryRef, UncheckedEntry},
+    inference::{CallEnd, InferenceCall},
+};
 
 use crate::{
     fields::{
@@ -401,6 +405,15 @@ pub enum ValueRef<'a> {
     String(&'a str),
 }
 
+/// A measurement's value as it lies in the event: a string is not checked to be UTF-8 again
+/// (see [`delivered`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RawValue<'a> {
+    Int(i64),
+    Float(f64),
+    String(&'a [u8]),
+}
+
 /// A measurement or metadata entry, read where it lies in the event.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Entry<'a> {
@@ -620,7 +633,14 @@ impl<'a> RawEntry<'a> {
 
     /// The `TelemetryValue` of a measurement (`Some(None)`: nothing set); a part with nothing
     /// set keeps the value before.
+    #[inline]
     fn measurement(&self) -> Option<Option<ValueRef<'a>>> {
+        checked(self.raw_measurement()?)
+    }
+
+    /// [`RawEntry::measurement`] with a string value as it lies, not checked to be UTF-8.
+    #[inline]
+    fn raw_measurement(&self) -> Option<Option<RawValue<'a>>> {
         let Some(mut entry) = self.parts else {
             return read_value(self.value);
         };
@@ -637,23 +657,34 @@ impl<'a> RawEntry<'a> {
     }
 }
 
+/// A value read as it lies, its string checked to be UTF-8 (`None` when it is not).
+#[inline]
+fn checked(value: Option<RawValue<'_>>) -> Option<Option<ValueRef<'_>>> {
+    Some(match value {
+        None => None,
+        Some(RawValue::Int(v)) => Some(ValueRef::Int(v)),
+        Some(RawValue::Float(v)) => Some(ValueRef::Float(v)),
+        Some(RawValue::String(s)) => Some(ValueRef::String(utf8(s)?)),
+    })
+}
+
 /// A `TelemetryValue`: the member of its oneof set last, if any.
 #[inline]
-fn read_value(mut bytes: &[u8]) -> Option<Option<ValueRef<'_>>> {
+fn read_value(mut bytes: &[u8]) -> Option<Option<RawValue<'_>>> {
     let mut value = None;
     while !bytes.is_empty() {
         match field_key(&mut bytes)? {
             // int64 travels as its two's complement, as a varint.
             (INT_VALUE, WireType::Varint) => {
-                value = Some(ValueRef::Int(varint(&mut bytes)? as i64))
+                value = Some(RawValue::Int(varint(&mut bytes)? as i64))
             }
             (FLOAT_VALUE, WireType::SixtyFourBit) => {
                 let (le, rest) = bytes.split_first_chunk::<8>()?;
-                value = Some(ValueRef::Float(f64::from_le_bytes(*le)));
+                value = Some(RawValue::Float(f64::from_le_bytes(*le)));
                 bytes = rest;
             }
             (STRING_VALUE, WireType::LengthDelimited) => {
-                value = Some(ValueRef::String(utf8(take_delimited(&mut bytes)?)?));
+                value = Some(RawValue::String(take_delimited(&mut bytes)?));
             }
             (INT_VALUE | FLOAT_VALUE | STRING_VALUE, _) => return None,
             (_, wire_type) => skip_field(wire_type, &mut bytes)?,

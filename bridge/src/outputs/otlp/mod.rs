@@ -9,6 +9,7 @@
 
 pub mod config;
 mod convert;
+mod logs;
 mod metrics;
 mod sender;
 

@@ -25,7 +25,10 @@ use tonic::{Code, Status, codec::CompressionEncoding, metadata::MetadataMap, tra
 use tonic_types::StatusExt;
 use tracing::{info, warn};
 
-use super::convert::{self, ByWorker, WorkerDirectory};
+use super::{
+    convert::{self, ByWorker, WorkerDirectory},
+    logs,
+};
 use crate::outputs::inference_metrics::InferenceMetrics;
 
 /// What is exported.
@@ -377,27 +380,18 @@ impl Exporter {
     /// The export request for `batch`, encoded, and how many records it holds (the rest were
     /// counted as dropped).
     fn request(&self, batch: &[EncodedSubscribeResponse]) -> (PreEncoded, u64) {
-        let deliveries = batch
-            .iter()
-            .filter_map(|item| convert::Delivered::read(item.as_bytes()));
         let directory = self.directory.as_ref();
         match self.signal {
             Signal::Logs => {
-                let mut records = ByWorker::default();
-                let mut count = 0;
-                for mut delivery in deliveries {
-                    let record = convert::log_record(&delivery);
-                    records.push(&mut delivery, record);
-                    count += 1;
-                }
+                let (request, count) = logs::request(batch, directory);
                 self.stats
                     .drop_n(Dropped::Rejected, batch.len() as u64 - count);
-                (
-                    PreEncoded::new(&convert::logs_request(records, directory)),
-                    count,
-                )
+                (request, count)
             }
             Signal::Traces => {
+                let deliveries = batch
+                    .iter()
+                    .filter_map(|item| convert::Delivered::read(item.as_bytes()));
                 let mut spans = ByWorker::default();
                 let mut count = 0;
                 for mut delivery in deliveries {
