@@ -164,11 +164,12 @@ pub struct StreamRecorder {
     figures: Arc<StreamFigures>,
     /// This stream's stats, by slot, for the slots it has met.
     stats: Vec<Option<Arc<Stats>>>,
-    /// Models with series of their own that this stream has met, and their slots.
-    slots: Names<Slot>,
+    /// Models with series of their own that this stream has met, and their slots, by the
+    /// names' bytes: a name is read as text only the first time the stream meets it.
+    slots: HashMap<Box<[u8]>, Slot, foldhash::fast::RandomState>,
     /// The last of them met, checked first (most streams serve one model); the buffer is
     /// reused, so a stream that alternates between models allocates nothing per event.
-    last_model: String,
+    last_model: Vec<u8>,
     last_slot: Option<Slot>,
 }
 
@@ -195,7 +196,7 @@ struct Histogram<const B: usize> {
 /// The fields of one call that the metrics read.
 #[derive(Debug, Default, PartialEq)]
 struct Call<'a> {
-    model: &'a str,
+    model: &'a [u8],
     failed: bool,
     duration_ns: Option<u64>,
     time_to_first_token_ns: Option<u64>,
@@ -226,8 +227,8 @@ impl InferenceMetrics {
             max_models: self.shared.max_models,
             figures,
             stats: Vec::new(),
-            slots: Names::default(),
-            last_model: String::new(),
+            slots: HashMap::default(),
+            last_model: Vec::new(),
             last_slot: None,
         }
     }
@@ -258,23 +259,26 @@ impl StreamRecorder {
             1.0
         };
         let slot = match self.last_slot {
-            Some(slot) if self.last_model == call.model => slot,
+            Some(slot) if self.last_model.as_slice() == call.model => slot,
             _ => self.slot(call.model, weight),
         };
         self.stats(slot).record(&call, weight);
     }
 
     /// The slot of a model other than the last one met; counts a fold.
-    fn slot(&mut self, model: &str, weight: f64) -> Slot {
-        if model.is_empty() || model == UNKNOWN_MODEL {
+    fn slot(&mut self, model: &[u8], weight: f64) -> Slot {
+        if model.is_empty() || model == UNKNOWN_MODEL.as_bytes() {
             return UNKNOWN_SLOT;
         }
-        if model == OTHER_MODEL {
+        if model == OTHER_MODEL.as_bytes() {
             return OTHER_SLOT;
         }
         let slot = match self.slots.get(model) {
             Some(slot) => Some(*slot),
-            None => self.pool.slot(model, self.max_models),
+            // Checked when the event was received: never anything but UTF-8.
+            None => std::str::from_utf8(model)
+                .ok()
+                .and_then(|name| self.pool.slot(name, self.max_models)),
         };
         match slot {
             Some(slot) => {
@@ -283,7 +287,8 @@ impl StreamRecorder {
                 if !self.slots.contains_key(model) {
                     self.slots.insert(model.into(), slot);
                 }
-                model.clone_into(&mut self.last_model);
+                self.last_model.clear();
+                self.last_model.extend_from_slice(model);
                 self.last_slot = Some(slot);
                 slot
             }
@@ -337,8 +342,8 @@ impl<'a> Call<'a> {
         Some(Call {
             model: call.model.unwrap_or_default(),
             failed: match call.result {
-                Some(inference::RESULT_SUCCESS) => false,
-                Some(inference::RESULT_ERROR) => true,
+                Some(result) if result == inference::RESULT_SUCCESS.as_bytes() => false,
+                Some(result) if result == inference::RESULT_ERROR.as_bytes() => true,
                 // Any other value would be a label without bound: the name says.
                 _ => call.end == CallEnd::Exception,
             },

@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use super::{EventView, RawEntry, ValueRef, utf8};
+use super::{EventView, RawEntry, ValueRef};
 use crate::protocol::{inference, span};
 
 /// How an inference call ended.
@@ -24,12 +24,15 @@ pub enum CallEnd {
 
 /// The conventions' fields of an `inference.stop` or `.exception`, as they lie in the event:
 /// values the event does not carry are `None`. Measurements are returned as sent (the
-/// conventions make them ints; what to do with another type is the reader's choice).
+/// conventions make them ints; what to do with another type is the reader's choice). The
+/// metadata values are bytes as they lie, checked to be UTF-8 when the event was received and
+/// not again: the hub's metrics compare them with the last model and the result values, and
+/// read a model's name as text only when they first meet it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct InferenceCall<'a> {
     pub end: CallEnd,
-    pub model: Option<&'a str>,
-    pub result: Option<&'a str>,
+    pub model: Option<&'a [u8]>,
+    pub result: Option<&'a [u8]>,
     pub duration_ns: Option<ValueRef<'a>>,
     pub time_to_first_token_ns: Option<ValueRef<'a>>,
     pub queue_wait_ns: Option<ValueRef<'a>>,
@@ -129,7 +132,7 @@ impl EventView {
         let metadata = |slot| {
             entry(slot)
                 .filter(|bytes| !bytes.is_empty())
-                .and_then(|bytes| utf8(RawEntry::read(bytes, false)?.value))
+                .and_then(|bytes| Some(RawEntry::read(bytes, false)?.value))
         };
         Some(InferenceCall {
             end,
@@ -159,8 +162,8 @@ impl EventView {
         ) = self.lookup(MEASUREMENTS, METADATA);
         Some(InferenceCall {
             end,
-            model,
-            result,
+            model: model.map(str::as_bytes),
+            result: result.map(str::as_bytes),
             duration_ns,
             time_to_first_token_ns,
             queue_wait_ns,
@@ -194,7 +197,7 @@ mod tests {
             _ => return None,
         };
         let measurement = |key| decoded.measurements.get(key)?.value.as_ref().map(as_ref);
-        let metadata = |key| decoded.metadata.get(key).map(String::as_str);
+        let metadata = |key| decoded.metadata.get(key).map(String::as_bytes);
         Some(InferenceCall {
             end,
             model: metadata(inference::MODEL),
