@@ -207,7 +207,7 @@ mod tests {
 
     #[test]
     fn fewer_labels_order_first_then_by_text() {
-        let mut sets = vec![set(&["a=1", "b=2"]), set(&["z=1"]), set(&["b=1"])];
+        let mut sets = [set(&["a=1", "b=2"]), set(&["z=1"]), set(&["b=1"])];
         sets.sort();
         let texts: Vec<_> = sets.iter().map(LabelSet::canonical).collect();
         assert_eq!(texts, ["b=1", "z=1", "a=1,b=2"]);
