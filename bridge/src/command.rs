@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bridge_proto::{
     control::{parse_patterns, parse_rate},
+    labels::LabelSet,
     pattern::Pattern,
     sampling::Rate,
     v1,
@@ -18,6 +19,8 @@ use crate::error::{Error, Result};
 pub enum Selector {
     Worker(String),
     Pool(String),
+    /// Every worker whose labels include all of these.
+    Labels(LabelSet),
     All,
 }
 
@@ -39,12 +42,14 @@ pub enum Change {
     Reset,
 }
 
-/// `worker gpu-3`, `pool llama`, `all workers`: how logs and messages name a selector.
+/// `worker gpu-3`, `pool llama`, `workers labelled zone=a`, `all workers`: how logs and
+/// messages name a selector.
 impl std::fmt::Display for Selector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Worker(id) => write!(f, "worker {id}"),
             Self::Pool(pool) => write!(f, "pool {pool}"),
+            Self::Labels(labels) => write!(f, "workers labelled {labels}"),
             Self::All => f.write_str("all workers"),
         }
     }
@@ -89,8 +94,11 @@ impl TryFrom<Option<v1::Selector>> for Selector {
             Some(Target::WorkerId(id)) if !id.is_empty() => Ok(Self::Worker(id)),
             Some(Target::Pool(pool)) if !pool.is_empty() => Ok(Self::Pool(pool)),
             Some(Target::All(true)) => Ok(Self::All),
+            Some(Target::Labels(selector)) => LabelSet::new(selector.labels.into_iter().collect())
+                .map(Self::Labels)
+                .map_err(|e| Error::invalid(format!("selector.labels: {e}"))),
             _ => Err(Error::invalid(
-                "selector: name a worker id, a pool, or all workers",
+                "selector: name a worker id, a pool, labels, or all workers",
             )),
         }
     }
@@ -131,6 +139,9 @@ impl From<&Selector> for v1::Selector {
             target: Some(match selector {
                 Selector::Worker(id) => Target::WorkerId(id.clone()),
                 Selector::Pool(pool) => Target::Pool(pool.clone()),
+                Selector::Labels(labels) => Target::Labels(v1::LabelSelector {
+                    labels: labels.labels().clone().into_iter().collect(),
+                }),
                 Selector::All => Target::All(true),
             }),
         }

@@ -1,6 +1,7 @@
 //! The hub: workers, outputs and the control plane behind one cheap-clone handle.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, OnceLock, atomic::Ordering::Relaxed},
     time::{Duration, Instant, SystemTime},
 };
@@ -242,7 +243,7 @@ impl Hub {
             .shared
             .registry
             .open(identity, &self.shared.shutdown, || {
-                control.effective(Some(&identity.id), &identity.pool)
+                control.effective(Some(&identity.id), &identity.pool, &identity.labels)
             });
         if let Some(old) = &opened.replaced {
             info!(worker.id = %identity.id, "worker reconnected; its previous stream is replaced");
@@ -276,6 +277,7 @@ impl Hub {
         self.publish_lifecycle(
             &identity.id,
             &identity.pool,
+            &identity.labels,
             &WORKER_CONNECTED,
             metadata,
             Default::default(),
@@ -293,11 +295,15 @@ impl Hub {
     }
 
     fn announce_disconnected(&self, worker: &Worker, reason: &str) {
-        let pool = worker.details().pool.clone();
+        let (pool, labels) = {
+            let details = worker.details();
+            (details.pool.clone(), details.labels.clone())
+        };
         let received = worker.counters.received.load(Relaxed);
         self.publish_lifecycle(
             &worker.id,
             &pool,
+            &labels,
             &WORKER_DISCONNECTED,
             [("reason".to_owned(), reason.to_owned())].into(),
             [(
@@ -328,6 +334,7 @@ impl Hub {
         self.publish_lifecycle(
             node,
             "",
+            &BTreeMap::new(),
             name,
             [("note".to_owned(), note.to_owned())].into(),
             Default::default(),
@@ -338,6 +345,7 @@ impl Hub {
         &self,
         worker_id: &str,
         pool: &str,
+        labels: &BTreeMap<String, String>,
         name: &[&str],
         metadata: std::collections::HashMap<String, String>,
         measurements: std::collections::HashMap<String, v1::TelemetryValue>,
@@ -351,7 +359,8 @@ impl Hub {
             ..Default::default()
         };
         if let Ok(event) = EventView::from_event(&event) {
-            let delivery = Delivery::local(worker_id, pool, &event, 1.0, now);
+            let delivery =
+                Delivery::local(worker_id, pool, &event, 1.0, now).with_worker_labels(labels);
             self.shared.outputs.publish(&delivery);
         }
     }
@@ -365,7 +374,11 @@ impl Hub {
             )));
         }
         let subscription = self.shared.subscribers.subscribe(filter);
-        if let Some(link) = self.cluster() {
+        // Other hubs' events carry no labels, so none could match a subscription on labels:
+        // it sees this hub's workers only (as the README says), and costs NATS nothing.
+        if let Some(link) = self.cluster()
+            && subscription.filter().worker_labels.is_none()
+        {
             link.mirror(
                 subscription.id(),
                 subscription.filter(),
@@ -454,21 +467,26 @@ impl Hub {
     /// returns them.
     fn push(&self, selector: &Selector, how: Push) -> Vec<Arc<Worker>> {
         let reached = self.addressed(selector);
-        // Most workers have no settings of their own: their state depends on their pool only,
-        // so it is computed once per pool rather than once per worker.
+        // Most workers have no settings of their own and match no label level: their state
+        // depends on their pool only, so it is computed once per pool rather than once per
+        // worker.
         let mut by_pool: std::collections::HashMap<String, bridge_proto::control::ControlState> =
             std::collections::HashMap::new();
         for worker in &reached {
-            let pool = worker.details().pool.clone();
-            let control = &self.shared.control;
-            let state = if control.has_worker_settings(&worker.id) {
-                control.effective(Some(&worker.id), &pool)
-            } else {
-                by_pool
-                    .entry(pool)
-                    .or_insert_with_key(|pool| control.effective(None, pool))
-                    .clone()
+            let (pool, labels) = {
+                let details = worker.details();
+                (details.pool.clone(), details.labels.clone())
             };
+            let control = &self.shared.control;
+            let state =
+                if control.has_worker_settings(&worker.id) || control.label_levels_apply(&labels) {
+                    control.effective(Some(&worker.id), &pool, &labels)
+                } else {
+                    by_pool
+                        .entry(pool)
+                        .or_insert_with_key(|pool| control.effective(None, pool, &BTreeMap::new()))
+                        .clone()
+                };
             match how {
                 Push::Change => {
                     worker.offer_desired(state);
@@ -608,19 +626,27 @@ impl Hub {
     /// The effective control state for a selector and the levels it comes from.
     pub async fn describe_control(&self, selector: &Selector) -> Result<v1::GetControlResponse> {
         let control = &self.shared.control;
+        let none = BTreeMap::new();
         Ok(match selector {
-            Selector::All => control.describe(None, ""),
-            Selector::Pool(pool) => control.describe(None, pool),
+            Selector::All => control.describe(None, "", &none),
+            Selector::Pool(pool) => control.describe(None, pool, &none),
+            Selector::Labels(set) => control.describe(None, "", set.labels()),
             Selector::Worker(id) => {
-                let pool = match self.shared.registry.get(id) {
-                    Some(worker) => worker.details().pool.clone(),
+                let (pool, labels) = match self.shared.registry.get(id) {
+                    Some(worker) => {
+                        let details = worker.details();
+                        (details.pool.clone(), details.labels.clone())
+                    }
                     None => match self.list_workers(Some(selector)).await.workers.first() {
-                        Some(worker) => worker.pool.clone(),
-                        None if control.has_worker_settings(id) => String::new(),
+                        Some(worker) => (
+                            worker.pool.clone(),
+                            worker.labels.clone().into_iter().collect(),
+                        ),
+                        None if control.has_worker_settings(id) => (String::new(), none),
                         None => return Err(Error::UnknownWorker(id.clone())),
                     },
                 };
-                control.describe(Some(id), &pool)
+                control.describe(Some(id), &pool, &labels)
             }
         })
     }
@@ -663,6 +689,7 @@ fn selects(selector: &Selector, worker: &Worker) -> bool {
         Selector::All => true,
         Selector::Worker(id) => worker.id == *id,
         Selector::Pool(pool) => worker.details().pool == *pool,
+        Selector::Labels(set) => set.matched_by(&worker.details().labels),
     }
 }
 

@@ -406,6 +406,8 @@ pub struct Session {
     pub worker: Arc<Worker>,
     /// The pool the worker named when it opened this stream.
     pub pool: Arc<str>,
+    /// The labels it named then (`bridge subscribe --label` reads them for each event).
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Whether the client declared that it applies and acknowledges `ControlState`.
     pub acknowledges: bool,
     pub generation: u64,
@@ -551,6 +553,7 @@ impl Registry {
         let session = Session {
             worker: worker.clone(),
             pool: identity.pool.as_str().into(),
+            labels: Arc::new(identity.labels.clone()),
             acknowledges: identity.acknowledges,
             generation,
             cancel: parent.child_token(),
@@ -593,6 +596,7 @@ impl Registry {
             let old = Session {
                 worker: worker.clone(),
                 pool: handle.pool,
+                labels: Arc::default(),
                 acknowledges: false,
                 generation: handle.generation,
                 cancel: handle.cancel,

@@ -276,6 +276,10 @@ pub fn describe_control_json(response: &v1::GetControlResponse) -> Json {
         "effective": control_json(&response.effective.clone().unwrap_or_default()),
         "global": response.global.as_ref().map(layer_json),
         "pool": response.pool.as_ref().map(layer_json),
+        "labels": response.labels.iter().map(|level| json!({
+            "labels": level.labels.iter().collect::<BTreeMap<_, _>>(),
+            "layer": level.layer.as_ref().map(layer_json),
+        })).collect::<Vec<_>>(),
         "worker": response.worker.as_ref().map(layer_json),
     })
 }
@@ -327,11 +331,23 @@ pub fn describe_control(response: &v1::GetControlResponse, format: Format) -> St
                 effective.version,
                 control_text(&effective)
             );
-            for (name, layer) in [
-                ("global", &response.global),
-                ("pool", &response.pool),
-                ("worker", &response.worker),
-            ] {
+            let labels = response.labels.iter().map(|level| {
+                let mut names: Vec<String> = level
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                names.sort();
+                (format!("labels {}", names.join(",")), &level.layer)
+            });
+            let levels = [
+                ("global".to_owned(), &response.global),
+                ("pool".to_owned(), &response.pool),
+            ]
+            .into_iter()
+            .chain(labels)
+            .chain([("worker".to_owned(), &response.worker)]);
+            for (name, layer) in levels {
                 if let Some(layer) = layer {
                     let _ = write!(text, "\n{name:<10} {}", layer_text(layer));
                 }

@@ -156,13 +156,10 @@ fn accept(
         }
     };
     let received_ns = unix_nanos(std::time::SystemTime::now());
-    hub.outputs().publish(&Delivery::local(
-        &worker.id,
-        &session.pool,
-        &event,
-        rate,
-        received_ns,
-    ));
+    hub.outputs().publish(
+        &Delivery::local(&worker.id, &session.pool, &event, rate, received_ns)
+            .with_worker_labels(&session.labels),
+    );
     inference.record(&event, rate);
     worker.counters.delivered.fetch_add(1, Relaxed);
     if event.timestamp_ns > 0 {

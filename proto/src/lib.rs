@@ -10,7 +10,7 @@
 //! - [`encoded`]: messages encoded once: subscription items shared by every subscriber, and
 //!   events a worker buffers until the hub confirms them.
 //! - [`identity`]: the rule for worker ids, pool names and labels, which every participant
-//!   checks where they enter.
+//!   checks where they enter; [`labels`]: sets of labels that select workers.
 //! - [`limits`]: the hub's limits on one event, which workers apply before buffering.
 //! - [`pattern`]: event names and NATS-style patterns (`*`, `>`); [`condition`]: conditions
 //!   on an event's metadata (`model=llama`, `result!=success`), for subscriptions.
@@ -38,6 +38,7 @@ pub mod control;
 pub mod encoded;
 pub mod fields;
 pub mod identity;
+pub mod labels;
 pub mod limits;
 pub mod pattern;
 pub mod protocol;

@@ -354,3 +354,59 @@ async fn a_level_that_does_not_validate_is_refused_and_the_previous_one_stays() 
         Some(Vec::new())
     );
 }
+
+/// A label change taken by hub A reaches the matching worker on hub B (and only it), is
+/// acknowledged back to A, reaches a matching worker that joins B later, and comes back from
+/// JetStream for a worker that reconnects after both hubs restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_label_level_set_on_one_hub_reaches_matching_workers_on_another() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let a = nats.hub("hub-a");
+    let b = nats.hub("hub-b");
+    ready(&a).await;
+    ready(&b).await;
+    let labelled = |hub: &HubProcess, id: &str, zone: &str| {
+        let label = format!("zone={zone}");
+        WorkerProcess::start(
+            &hub.url,
+            id,
+            "llama",
+            &["--simulate", "20", "--label", &label],
+        )
+    };
+    let gpu_b1 = labelled(&b, "gpu-b1", "a");
+    let gpu_b2 = labelled(&b, "gpu-b2", "b");
+    wait_for_rate(&a, "gpu-b1", 1.0).await;
+    wait_for_rate(&a, "gpu-b2", 1.0).await;
+
+    let out = run_cli(&a.url, &["sample", "--label", "zone=a", "0.25"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.starts_with("gpu-b1: sampling 0.25 applied in ")
+            && !out.stdout.contains("gpu-b2"),
+        "{}",
+        out.stdout
+    );
+    wait_for_rate(&b, "gpu-b1", 0.25).await;
+    assert_eq!(applied_rate(&b, "gpu-b2").await, Some(1.0));
+    let gpu_b3 = labelled(&b, "gpu-b3", "a");
+    wait_for_rate(&b, "gpu-b3", 0.25).await;
+    let shown = run_cli(&b.url, &["control", "gpu-b3"]).await;
+    assert!(
+        shown
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("labels zone=a") && l.contains("rate=0.25")),
+        "{}",
+        shown.stdout
+    );
+
+    drop((gpu_b1, gpu_b2, gpu_b3));
+    drop((a, b));
+    let a = nats.hub("hub-a");
+    ready(&a).await;
+    let _gpu_b1 = labelled(&a, "gpu-b1", "a");
+    wait_for_rate(&a, "gpu-b1", 0.25).await;
+}

@@ -508,3 +508,85 @@ async fn the_api_needs_the_same_tokens_and_roles_as_grpc() {
         assert!(!log.contains(token), "a token appears in the hub's log");
     }
 }
+
+/// `?label=KEY=VALUE` on `/api/control` addresses a label level (the answer lists the matching
+/// workers only, and they apply it), `/api/workers?label=` lists them, and a bad label is a 400
+/// naming it, as the gRPC API says it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_address_a_label_level_and_filter_the_worker_list() {
+    let hub = HubProcess::start();
+    let api = Api::new(&hub).await;
+    let _a = WorkerProcess::start(&hub.url, "gpu-a", "llama", &["--label", "zone=a"]);
+    let _b = WorkerProcess::start(&hub.url, "gpu-b", "llama", &["--label", "zone=b"]);
+    eventually("both workers to connect", WAIT, || async {
+        let answer = api.get("/api/workers", &[], "").await;
+        (answer.body["workers"].as_array()?.len() == 2).then_some(())
+    })
+    .await;
+
+    let answer = api
+        .call(
+            Method::PUT,
+            ALL_CONTROL,
+            &[],
+            "?label=zone%3Da",
+            None,
+            Some(r#"{"sampling_rate": 0.5, "wait_ms": 10000}"#),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let targets = answer.body["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 1, "{}", answer.body);
+    assert_eq!(targets[0]["worker_id"], "gpu-a");
+    assert_eq!(targets[0]["applied"], true);
+
+    let shown = api.get(ALL_CONTROL, &[], "?label=zone%3Da").await;
+    assert_eq!(
+        shown.body["effective"]["sampling_rate"], 0.5,
+        "{}",
+        shown.body
+    );
+    assert_eq!(
+        shown.body["labels"][0]["labels"]["zone"], "a",
+        "{}",
+        shown.body
+    );
+    let shown = api.get(WORKER_CONTROL, &[("id", "gpu-b")], "").await;
+    assert_eq!(shown.body["labels"], json!([]), "{}", shown.body);
+    assert_eq!(
+        shown.body["effective"]["sampling_rate"], 1.0,
+        "{}",
+        shown.body
+    );
+
+    let listed = api.get("/api/workers", &[], "?label=zone%3Db").await;
+    let ids: Vec<&str> = listed.body["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["gpu-b"]);
+
+    for query in ["?label=Zone%3Da", "?label=zone"] {
+        let bad = api.get(ALL_CONTROL, &[], query).await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{query}");
+        assert!(bad.message().starts_with("label: "), "{}", bad.message());
+    }
+    let bad = api
+        .get(WORKER_CONTROL, &[("id", "gpu-a")], "?label=zone%3Da")
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let reset = api
+        .call(
+            Method::DELETE,
+            ALL_CONTROL,
+            &[],
+            "?label=zone%3Da&wait_ms=5000",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(reset.status, StatusCode::OK, "{}", reset.body);
+    assert_eq!(reset.body["targets"][0]["worker_id"], "gpu-a");
+}

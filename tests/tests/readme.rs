@@ -135,7 +135,7 @@ fn as_run(command: &str, http: &str) -> Option<(String, Ending)> {
     Some((command, Ending::Done))
 }
 
-/// A hub with the worker the examples address, `gpu.metrics` flowing fast enough for
+/// A hub with the worker the examples address (with the label they use), `gpu.metrics` flowing fast enough for
 /// `bridge subscribe 'gpu.*' --limit 100` (the simulated worker reports once a second), and
 /// requests of the trace the `--trace` example follows.
 struct Stage {
@@ -147,7 +147,12 @@ struct Stage {
 impl Stage {
     async fn new() -> Self {
         let hub = HubProcess::start();
-        let worker = WorkerProcess::start(&hub.url, "gpu-3", "llama", &["--simulate", "50"]);
+        let worker = WorkerProcess::start(
+            &hub.url,
+            "gpu-3",
+            "llama",
+            &["--simulate", "50", "--label", "zone=us-east1-b"],
+        );
         let mut client = hub.client().await;
         eventually("gpu-3 to connect and apply its control", WAIT, || {
             let mut client = client.clone();

@@ -6,22 +6,33 @@ use bridge::{
     client::HubClient,
     command::{Change, Selector},
 };
-use bridge_proto::{pattern::Pattern, sampling::Rate, v1};
+use bridge_proto::{labels::LabelSet, pattern::Pattern, sampling::Rate, v1};
 
 use super::{
     Failure, HubTarget, Outcome, connect,
     render::{self, Format},
 };
 
-/// Which workers: a WORKER argument, `--pool NAME` or `--all`.
+/// Which workers: a WORKER argument, `--pool NAME`, `--label KEY=VALUE` or `--all`.
 #[derive(Debug, clap::Args)]
 pub struct Target {
     /// Every worker in this pool, including workers that join it later.
-    #[arg(long, value_name = "NAME", conflicts_with = "all")]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["all", "labels"])]
     pool: Option<String>,
+    /// Every worker with this label, including workers that join later with it. Repeat: all
+    /// must match.
+    #[arg(long = "label", value_name = "KEY=VALUE", conflicts_with = "all")]
+    labels: Vec<String>,
     /// Every worker, including workers that join later.
     #[arg(long)]
     all: bool,
+}
+
+impl Target {
+    /// Whether a flag names the workers (so no WORKER argument may).
+    fn broad(&self) -> bool {
+        self.pool.is_some() || self.all || !self.labels.is_empty()
+    }
 }
 
 /// How a change waits for acknowledgements, and how its outcome is printed.
@@ -104,15 +115,25 @@ pub struct ShowArgs {
 }
 
 fn selector(worker: Option<String>, target: &Target) -> Result<Selector, Failure> {
+    if !target.labels.is_empty() {
+        if worker.is_some() {
+            return Err(Failure::invalid(
+                "name either a WORKER or --label, not both",
+            ));
+        }
+        return LabelSet::parse_items(target.labels.iter().map(String::as_str))
+            .map(Selector::Labels)
+            .map_err(|e| Failure::invalid(format!("--label {e}")));
+    }
     match (worker, &target.pool, target.all) {
         (Some(id), None, false) => Ok(Selector::Worker(id)),
         (None, Some(pool), false) => Ok(Selector::Pool(pool.clone())),
         (None, None, true) => Ok(Selector::All),
         (None, None, false) => Err(Failure::invalid(
-            "name a WORKER, or use --pool NAME or --all",
+            "name a WORKER, or use --pool NAME, --label KEY=VALUE or --all",
         )),
         _ => Err(Failure::invalid(
-            "name either a WORKER or --pool/--all, not both",
+            "name either a WORKER or --pool/--label/--all, not both",
         )),
     }
 }
@@ -126,14 +147,14 @@ fn worker_and_value(
     value: (&str, fn(&str) -> bool),
 ) -> Result<(Selector, String), Failure> {
     let (value_name, is_value) = value;
-    let broad = target.pool.is_some() || target.all;
+    let broad = target.broad();
     let mut args = args.into_iter();
     let (worker, value) = match (args.next(), args.next(), broad) {
         (Some(worker), Some(value), false) => (Some(worker), value),
         (Some(value), None, true) => (None, value),
         (Some(_), Some(_), true) => {
             return Err(Failure::invalid(
-                "with --pool or --all, give only the value, not a WORKER",
+                "with --pool, --label or --all, give only the value, not a WORKER",
             ));
         }
         (Some(worker), None, false) if !is_value(&worker) => {
@@ -143,7 +164,7 @@ fn worker_and_value(
         }
         _ => {
             return Err(Failure::invalid(
-                "name a WORKER (or use --pool NAME or --all)",
+                "name a WORKER (or use --pool NAME, --label KEY=VALUE or --all)",
             ));
         }
     };
@@ -257,7 +278,7 @@ async fn apply(hub: &HubTarget, selector: Selector, change: Change, wait: &Wait)
                 eprintln!("note: {}", rule.text(&change));
             }
             for level in &keeping {
-                let to = if level.starts_with("pool ") {
+                let to = if level.starts_with("pool ") || level.starts_with("labels ") {
                     "its workers"
                 } else {
                     "it"
@@ -349,11 +370,17 @@ async fn rules_still_deciding(
     // pattern is not.
     let mut add = |response: v1::GetControlResponse, pool: Option<&str>, worker: Option<&str>| {
         let effective = response.effective.unwrap_or_default().rules;
+        let labels = response
+            .labels
+            .into_iter()
+            .map(|level| (Some(label_level_name(&level)), level.layer));
         let levels = [
             (Some("global".to_owned()), response.global),
             (pool.map(|p| format!("pool {p}")), response.pool),
-            (worker.map(|w| format!("worker {w}")), response.worker),
-        ];
+        ]
+        .into_iter()
+        .chain(labels)
+        .chain([(worker.map(|w| format!("worker {w}")), response.worker)]);
         for (level, layer) in levels {
             if let (Some(level), Some(layer)) = (level, layer) {
                 let rules = layer
@@ -367,7 +394,9 @@ async fn rules_still_deciding(
     match selector {
         Selector::Worker(_) => {}
         Selector::Pool(pool) => add(client.get_control(selector).await.ok()?, Some(pool), None),
-        Selector::All => add(client.get_control(selector).await.ok()?, None, None),
+        Selector::All | Selector::Labels(_) => {
+            add(client.get_control(selector).await.ok()?, None, None);
+        }
     }
     for worker in &workers {
         // A worker with no rule in force has none at any level: no need to ask.
@@ -444,14 +473,27 @@ async fn levels_keeping_settings(
             .ok()?;
         let pool_level =
             matches!(selector, Selector::All) && own.pool.as_ref().is_some_and(has_settings);
-        let found = [
-            pool_level.then(|| format!("pool {}", worker.pool)),
-            own.worker
+        // Label levels win over a pool's and the global level; between two label levels, the
+        // one after the reset one (more labels, or the same number and later text).
+        let reset_set = match selector {
+            Selector::Labels(set) => Some(set),
+            _ => None,
+        };
+        let label_levels = own.labels.iter().filter_map(|level| {
+            let set = LabelSet::new(level.labels.clone().into_iter().collect()).ok()?;
+            let narrower = reset_set.is_none_or(|reset| set > *reset);
+            (narrower && level.layer.as_ref().is_some_and(has_settings))
+                .then(|| label_level_name(level))
+        });
+        let found = [pool_level.then(|| format!("pool {}", worker.pool))]
+            .into_iter()
+            .chain(label_levels.map(Some))
+            .chain([own
+                .worker
                 .as_ref()
                 .is_some_and(has_settings)
-                .then(|| format!("worker {}", worker.id)),
-        ];
-        for level in found.into_iter().flatten() {
+                .then(|| format!("worker {}", worker.id))]);
+        for level in found.flatten() {
             if !levels.contains(&level) {
                 levels.push(level);
             }
@@ -468,10 +510,27 @@ fn has_settings(layer: &v1::ControlLayer) -> bool {
         || layer.filter.is_some()
 }
 
+/// `labels zone=a,rack=3`: how the notes name a label level.
+fn label_level_name(level: &v1::LabelLayer) -> String {
+    match LabelSet::new(level.labels.clone().into_iter().collect()) {
+        Ok(set) => format!("labels {set}"),
+        Err(_) => "labels ?".to_owned(),
+    }
+}
+
 /// `bridge reset`'s arguments for a level named as [`levels_keeping_settings`] names them.
 fn reset_arguments(level: &str) -> String {
     match level.split_once(' ') {
         Some(("pool", pool)) => format!("--pool {pool}"),
+        Some(("labels", text)) => match LabelSet::parse_canonical(text) {
+            Ok(set) => set
+                .labels()
+                .iter()
+                .map(|(key, value)| format!("--label {}", shell_word(&format!("{key}={value}"))))
+                .collect::<Vec<_>>()
+                .join(" "),
+            Err(_) => level.to_owned(),
+        },
         Some((_, worker)) => worker.to_owned(),
         None => level.to_owned(),
     }
@@ -489,8 +548,21 @@ fn overlap(a: &Pattern, b: &Pattern) -> bool {
     }
 }
 
+/// A word as a POSIX shell reads it back: as it is when it is plain, else in single quotes.
+fn shell_word(word: &str) -> String {
+    if word
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.=,/:@%+".contains(&b))
+    {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
 fn selector_json(selector: &Selector) -> serde_json::Value {
     match selector {
+        Selector::Labels(set) => serde_json::json!({ "labels": set.labels() }),
         Selector::Worker(id) => serde_json::json!({ "worker": id }),
         Selector::Pool(pool) => serde_json::json!({ "pool": pool }),
         Selector::All => serde_json::json!({ "all": true }),
@@ -537,6 +609,9 @@ fn report(selector: &Selector, change: &Change, response: &v1::UpdateControlResp
                     format!("{id} is not connected and gets it when it reconnects"),
                 Selector::Pool(pool) =>
                     format!("no worker of pool `{pool}` is connected; workers that join it get it"),
+                Selector::Labels(labels) => format!(
+                    "no worker labelled {labels} is connected; workers that join with these labels get it"
+                ),
                 Selector::All => "no worker is connected; workers that connect get it".into(),
             }
         );

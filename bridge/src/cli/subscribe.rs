@@ -5,6 +5,7 @@ use std::io::Write;
 use bridge::{client::HubClient, command::Selector};
 use bridge_proto::{
     condition::{Condition, MAX_CONDITIONS},
+    labels::LabelSet,
     pattern::Pattern,
     trace::TraceId,
     v1,
@@ -34,6 +35,10 @@ pub struct Args {
     /// KEY!=VALUE (no KEY, or another value). Repeat: all must hold. Checked at the hub.
     #[arg(long = "where", value_name = "CONDITION")]
     conditions: Vec<String>,
+    /// Only events from workers with this label: KEY=VALUE. Repeat: all must match. In cluster
+    /// mode only the hub's own workers' events (other hubs' events carry no labels).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
     /// Output format; json prints one object per line.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -68,6 +73,15 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
             conditions.len()
         )));
     }
+    let worker_labels = match args.labels.as_slice() {
+        [] => Default::default(),
+        items => LabelSet::parse_items(items.iter().map(String::as_str))
+            .map_err(|e| Failure::invalid(format!("--label {e}")))?
+            .labels()
+            .clone()
+            .into_iter()
+            .collect(),
+    };
     if args.limit == Some(0) {
         return Ok(());
     }
@@ -80,6 +94,7 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
             pool: args.pool.unwrap_or_default(),
             trace_id,
             metadata_conditions: conditions,
+            worker_labels,
         })
         .await?;
     let mut events = 0u64;

@@ -1,7 +1,7 @@
 //! Desired control state shared by every hub, in a JetStream key-value bucket.
 //!
-//! One key per level: `global`, `pool.<name>`, `worker.<id>`, each holding that level's
-//! [`Layer`] as JSON. A change reads its level, applies itself and writes the level back only
+//! One key per level: `global`, `pool.<name>`, `label.<labels>` (their canonical text,
+//! `zone=a,rack=3`), `worker.<id>`, each holding that level's [`Layer`] as JSON. A change reads its level, applies itself and writes the level back only
 //! if nobody wrote it in between (optimistic concurrency on the key's revision), so concurrent
 //! commands on different hubs never lose one another.
 //!
@@ -19,6 +19,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
+use bridge_proto::labels::LabelSet;
 use futures_util::StreamExt;
 use tracing::{info, warn};
 
@@ -52,6 +53,7 @@ pub fn layer_key(selector: &Selector) -> String {
         Selector::All => "global".into(),
         Selector::Pool(pool) => format!("pool.{}", key_token(pool)),
         Selector::Worker(id) => format!("worker.{}", key_token(id)),
+        Selector::Labels(set) => format!("label.{}", key_token(&set.canonical())),
     }
 }
 
@@ -61,6 +63,9 @@ fn parse_layer_key(key: &str) -> Option<Selector> {
         None if key == "global" => Some(Selector::All),
         Some(("pool", token)) => parse_key_token(token).map(Selector::Pool),
         Some(("worker", token)) => parse_key_token(token).map(Selector::Worker),
+        Some(("label", token)) => parse_key_token(token)
+            .and_then(|text| LabelSet::parse_canonical(&text).ok())
+            .map(Selector::Labels),
         _ => None,
     }
 }
@@ -429,6 +434,36 @@ mod tests {
         assert_eq!(parse_layer_key("global"), Some(Selector::All));
         assert_eq!(parse_layer_key(EPOCH_KEY), None);
         assert_eq!(parse_key_token("=4"), None);
+    }
+
+    /// Label values hold characters keys cannot (spaces, `=`, `,`, `%`, `.`): every valid set
+    /// makes a valid key that reads back into the same set.
+    #[test]
+    fn label_levels_round_trip_through_keys() {
+        for items in [
+            &["zone=us-east1-b"][..],
+            &["zone=a", "rack=r 3.1"],
+            &["a=x,y=z", "b=100%", "c=~!@#$^&*()[]{}<>?/\\|'\"`", "d=.>*"],
+        ] {
+            let set = LabelSet::parse_items(items.iter().copied()).unwrap();
+            let key = layer_key(&Selector::Labels(set.clone()));
+            let token = key.strip_prefix("label.").unwrap();
+            assert!(
+                token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(&b)),
+                "{key}"
+            );
+            assert_eq!(parse_layer_key(&key), Some(Selector::Labels(set)), "{key}");
+        }
+        assert_eq!(
+            layer_key(&Selector::Labels(
+                LabelSet::parse_items(["zone=us-east1-b"]).unwrap()
+            )),
+            "label.zone=3Dus-east1-b"
+        );
+        // Text that is not a valid set is not a level.
+        assert_eq!(parse_layer_key("label.Zone=3Da"), None);
     }
 
     #[test]

@@ -308,6 +308,7 @@ mod tests {
             pool: Some("llama".into()),
             trace_id: None,
             metadata: Vec::new(),
+            worker_labels: None,
         };
         assert_eq!(
             subjects("bridge", &filter),

@@ -23,6 +23,8 @@ pub struct ControlConfig {
     pub pools: BTreeMap<String, LayerConfig>,
     /// Settings for one worker, by worker id.
     pub workers: BTreeMap<String, LayerConfig>,
+    /// Settings for every worker whose labels include these, by `k=v,k2=v2`.
+    pub labels: BTreeMap<String, LayerConfig>,
 }
 
 impl Default for ControlConfig {
@@ -35,11 +37,13 @@ impl Default for ControlConfig {
             block: Vec::new(),
             pools: BTreeMap::new(),
             workers: BTreeMap::new(),
+            labels: BTreeMap::new(),
         }
     }
 }
 
-/// `[control.pools.NAME]` and `[control.workers.ID]`: unset keys inherit.
+/// `[control.pools.NAME]`, `[control.labels."K=V"]` and `[control.workers.ID]`: unset keys
+/// inherit.
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LayerConfig {

@@ -1,9 +1,11 @@
-//! Control settings at one level (global, a pool, a worker), and how levels combine.
+//! Control settings at one level (global, a pool, a set of labels, a worker), and how levels
+//! combine.
 //!
 //! Every setting remembers the version of the change that made it. A worker's effective value
 //! for a setting is the newest among the levels that apply to it; between settings of the same
 //! version (the ones from `config.toml`, all version 0) the more specific level wins. So the
-//! configured precedence worker > pool > global holds until an operator changes something, and
+//! configured precedence worker > label > pool > global holds until an operator changes
+//! something (between two label levels, the one with more labels, see `super::labels`), and
 //! then the latest command wins: `bridge sample --all 0.1` reaches every worker, and a later
 //! `bridge sample gpu-3 0.5` overrides it for that worker.
 //!

@@ -1,12 +1,14 @@
 //! The control plane: desired control state per worker, with versions, persisted.
 //!
-//! Settings live at three levels (global, pool, worker), each seeded from `config.toml` and
-//! changed at runtime by operators; [`layer`] says how they combine. Runtime changes and the
+//! Settings live at four kinds of levels (global, pool, label, worker), each seeded from
+//! `config.toml` and changed at runtime by operators; [`layer`] says how they combine, and
+//! [`labels`] which label levels apply to a worker. Runtime changes and the
 //! version counter are saved in the state directory ([`store`]) before they are pushed to any
 //! worker, so an acknowledged change survives a hub restart. Every start takes a new version,
 //! so versions only ever grow, even when `config.toml` changed in between.
 
 pub mod config;
+pub mod labels;
 pub mod layer;
 pub mod store;
 pub mod target;
@@ -21,6 +23,7 @@ use bridge_proto::{control::ControlState, v1};
 
 use self::{
     config::{ControlConfig, LayerConfig},
+    labels::LabelLevels,
     layer::{FilterSpec, Invalid, Layer, RuleKey, Setting, merge},
     store::{Snapshot, Store},
 };
@@ -35,6 +38,7 @@ pub(crate) struct Configured {
     global: Layer,
     pools: BTreeMap<String, Layer>,
     workers: BTreeMap<String, Layer>,
+    labels: LabelLevels,
 }
 
 impl Configured {
@@ -54,6 +58,7 @@ impl Configured {
             global: Layer::global_from_config(config)?,
             pools: levels("pools", &config.pools)?,
             workers: levels("workers", &config.workers)?,
+            labels: labels::from_config(&config.labels)?,
         })
     }
 }
@@ -212,10 +217,16 @@ impl ControlPlane {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The state a worker with this id (if any) in this pool (empty: none) should apply.
-    pub fn effective(&self, worker: Option<&str>, pool: &str) -> ControlState {
+    /// The state a worker with this id (if any) in this pool (empty: none) with these labels
+    /// should apply.
+    pub fn effective(
+        &self,
+        worker: Option<&str>,
+        pool: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> ControlState {
         let book = self.book();
-        let chain = book.chain(worker, pool);
+        let chain = book.chain(worker, pool, labels);
         let version = chain
             .iter()
             .map(|layer| layer.version)
@@ -224,8 +235,13 @@ impl ControlPlane {
     }
 
     /// The levels behind [`Self::effective`], for display.
-    pub fn describe(&self, worker: Option<&str>, pool: &str) -> v1::GetControlResponse {
-        let effective = self.effective(worker, pool);
+    pub fn describe(
+        &self,
+        worker: Option<&str>,
+        pool: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> v1::GetControlResponse {
+        let effective = self.effective(worker, pool, labels);
         let book = self.book();
         let combine = |configured: Option<&Layer>, runtime: Option<&Layer>| {
             let (configured, runtime) = (configured.cloned(), runtime.cloned());
@@ -254,7 +270,27 @@ impl ControlPlane {
                     book.runtime.workers.get(id),
                 )
             }),
+            labels: labels::matching(&book.configured.labels, &book.runtime.labels, labels)
+                .into_iter()
+                .filter_map(|(set, [configured, runtime])| {
+                    Some(v1::LabelLayer {
+                        labels: set.labels().clone().into_iter().collect(),
+                        layer: Some(combine(configured, runtime)?),
+                    })
+                })
+                .collect(),
         }
+    }
+
+    /// Whether some label level applies to a worker with these labels: if none does, its state
+    /// depends on its pool (and its own settings) alone.
+    pub fn label_levels_apply(&self, labels: &BTreeMap<String, String>) -> bool {
+        if labels.is_empty() {
+            return false;
+        }
+        let book = self.book();
+        labels::any_matches(&book.configured.labels, labels)
+            || labels::any_matches(&book.runtime.labels, labels)
     }
 
     /// Whether settings exist for this worker id (so it may be addressed before it connects).
@@ -312,6 +348,7 @@ impl Snapshot {
             Selector::All => Some(&self.global),
             Selector::Pool(pool) => self.pools.get(pool),
             Selector::Worker(id) => self.workers.get(id),
+            Selector::Labels(set) => self.labels.get(set),
         }
     }
 
@@ -321,17 +358,26 @@ impl Snapshot {
             Selector::All => &mut self.global,
             Selector::Pool(pool) => self.pools.entry(pool.clone()).or_default(),
             Selector::Worker(id) => self.workers.entry(id.clone()).or_default(),
+            Selector::Labels(set) => self.labels.entry(set.clone()).or_default(),
         }
     }
 }
 
 impl Book {
     /// The levels that apply to a worker, most general first.
-    fn chain(&self, worker: Option<&str>, pool: &str) -> Vec<&Layer> {
+    fn chain(
+        &self,
+        worker: Option<&str>,
+        pool: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Vec<&Layer> {
         let mut chain = vec![&self.configured.global, &self.runtime.global];
         if !pool.is_empty() {
             chain.extend(self.configured.pools.get(pool));
             chain.extend(self.runtime.pools.get(pool));
+        }
+        for (_, levels) in labels::matching(&self.configured.labels, &self.runtime.labels, labels) {
+            chain.extend(levels.into_iter().flatten());
         }
         if let Some(id) = worker {
             chain.extend(self.configured.workers.get(id));
@@ -406,6 +452,10 @@ mod tests {
 
     use super::*;
 
+    fn none() -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
     fn rate(r: f64) -> Rate {
         Rate::new(r).unwrap()
     }
@@ -422,23 +472,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = ControlConfig::default();
         let plane = ControlPlane::open(&config, dir.path(), false).unwrap();
-        let start = plane.effective(Some("gpu-3"), "llama").version;
+        let start = plane.effective(Some("gpu-3"), "llama", &none()).version;
         let v = plane
             .apply(&Selector::Worker("gpu-3".into()), &sampling(0.1))
             .await
             .unwrap()
             .version;
         assert!(v > start);
-        let state = plane.effective(Some("gpu-3"), "llama");
+        let state = plane.effective(Some("gpu-3"), "llama", &none());
         assert_eq!((state.version, state.default_rate.get()), (v, 0.1));
         assert_eq!(
-            plane.effective(Some("gpu-4"), "llama").default_rate.get(),
+            plane
+                .effective(Some("gpu-4"), "llama", &none())
+                .default_rate
+                .get(),
             1.0
         );
         drop(plane);
 
         let plane = ControlPlane::open(&config, dir.path(), false).unwrap();
-        let state = plane.effective(Some("gpu-3"), "llama");
+        let state = plane.effective(Some("gpu-3"), "llama", &none());
         assert_eq!(state.default_rate.get(), 0.1);
         assert!(state.version > v, "a restart takes a new version");
         assert!(plane.has_worker_settings("gpu-3"));
@@ -456,24 +509,39 @@ mod tests {
             },
         );
         let plane = ControlPlane::open(&config, dir.path(), false).unwrap();
-        assert_eq!(plane.effective(Some("gpu-1"), "").default_rate.get(), 0.9);
+        assert_eq!(
+            plane
+                .effective(Some("gpu-1"), "", &none())
+                .default_rate
+                .get(),
+            0.9
+        );
 
         plane
             .apply(&Selector::Pool("llama".into()), &sampling(0.5))
             .await
             .unwrap();
         assert_eq!(
-            plane.effective(Some("new"), "llama").default_rate.get(),
+            plane
+                .effective(Some("new"), "llama", &none())
+                .default_rate
+                .get(),
             0.5
         );
         assert_eq!(
-            plane.effective(Some("new"), "other").default_rate.get(),
+            plane
+                .effective(Some("new"), "other", &none())
+                .default_rate
+                .get(),
             1.0
         );
 
         plane.apply(&Selector::All, &sampling(0.2)).await.unwrap();
         assert_eq!(
-            plane.effective(Some("gpu-1"), "llama").default_rate.get(),
+            plane
+                .effective(Some("gpu-1"), "llama", &none())
+                .default_rate
+                .get(),
             0.2
         );
         plane
@@ -481,12 +549,76 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            plane.effective(Some("gpu-1"), "llama").default_rate.get(),
+            plane
+                .effective(Some("gpu-1"), "llama", &none())
+                .default_rate
+                .get(),
             0.3
         );
 
         plane.apply(&Selector::All, &Change::Reset).await.unwrap();
-        assert_eq!(plane.effective(Some("x"), "llama").default_rate.get(), 0.5);
+        assert_eq!(
+            plane
+                .effective(Some("x"), "llama", &none())
+                .default_rate
+                .get(),
+            0.5
+        );
+    }
+
+    #[tokio::test]
+    async fn label_levels_sit_between_pool_and_worker_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let level = |rate: f64| LayerConfig {
+            sampling_rate: Some(rate),
+            ..Default::default()
+        };
+        let mut config = ControlConfig::default();
+        config.pools.insert("llama".into(), level(0.9));
+        config.labels.insert("zone=a".into(), level(0.8));
+        config.labels.insert("rack=3,zone=a".into(), level(0.7));
+        config.workers.insert("gpu-1".into(), level(0.6));
+        let labels = |items: &[&str]| -> BTreeMap<String, String> {
+            items
+                .iter()
+                .map(|item| {
+                    let (k, v) = item.split_once('=').unwrap();
+                    (k.to_owned(), v.to_owned())
+                })
+                .collect()
+        };
+        let plane = ControlPlane::open(&config, dir.path(), false).unwrap();
+        let rate = |plane: &ControlPlane, id: &str, items: &[&str]| {
+            plane
+                .effective(Some(id), "llama", &labels(items))
+                .default_rate
+                .get()
+        };
+        // Configured ties: worker > label (more labels first) > pool.
+        assert_eq!(rate(&plane, "gpu-1", &["zone=a", "rack=3"]), 0.6);
+        assert_eq!(rate(&plane, "gpu-2", &["zone=a", "rack=3"]), 0.7);
+        assert_eq!(rate(&plane, "gpu-2", &["zone=a", "rack=4"]), 0.8);
+        assert_eq!(rate(&plane, "gpu-2", &["zone=b"]), 0.9);
+        assert!(plane.label_levels_apply(&labels(&["zone=a"])));
+        assert!(!plane.label_levels_apply(&labels(&["zone=b"])));
+
+        let zone_b =
+            Selector::Labels(bridge_proto::labels::LabelSet::parse_canonical("zone=b").unwrap());
+        plane.apply(&zone_b, &sampling(0.25)).await.unwrap();
+        assert_eq!(rate(&plane, "gpu-2", &["zone=b", "rack=1"]), 0.25);
+        assert_eq!(
+            rate(&plane, "gpu-1", &["zone=b"]),
+            0.25,
+            "newer than gpu-1's own"
+        );
+        let shown = plane.describe(Some("gpu-3"), "llama", &labels(&["zone=b"]));
+        assert_eq!(shown.labels.len(), 1);
+        assert_eq!(shown.labels[0].labels["zone"], "b");
+        drop(plane);
+
+        let plane = ControlPlane::open(&config, dir.path(), false).unwrap();
+        assert_eq!(rate(&plane, "gpu-2", &["zone=b"]), 0.25);
+        assert_eq!(rate(&plane, "gpu-2", &["zone=c"]), 0.9);
     }
 
     #[test]
@@ -499,13 +631,14 @@ mod tests {
             apply_change(&mut layer, &sampling(r), version);
             layer
         };
-        let rate = |plane: &ControlPlane| plane.effective(None, "llama").default_rate.get();
+        let rate =
+            |plane: &ControlPlane| plane.effective(None, "llama", &none()).default_rate.get();
         plane.load_cluster(vec![(pool.clone(), level(0.5, 3))], &[], 2);
         assert_eq!(rate(&plane), 0.5);
         // Loaded again (NATS came back) with that level no longer valid: it stays as it was,
         plane.load_cluster(vec![], std::slice::from_ref(&pool), 10);
         assert_eq!(rate(&plane), 0.5);
-        assert!(plane.effective(None, "llama").version >= 10);
+        assert!(plane.effective(None, "llama", &none()).version >= 10);
         // unless the cluster has a valid one after all,
         plane.load_cluster(
             vec![(pool.clone(), level(0.25, 11))],
@@ -542,7 +675,7 @@ mod tests {
     async fn a_failed_save_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let plane = ControlPlane::open(&ControlConfig::default(), dir.path(), false).unwrap();
-        let before = plane.effective(None, "");
+        let before = plane.effective(None, "", &none());
         // Replace the directory with a file so that the next save cannot create its temp file.
         std::fs::remove_dir_all(dir.path()).unwrap();
         std::fs::write(dir.path(), b"").unwrap();
@@ -554,7 +687,7 @@ mod tests {
             err.to_string().contains("cannot write control state"),
             "{err}"
         );
-        assert_eq!(plane.effective(None, ""), before);
+        assert_eq!(plane.effective(None, "", &none()), before);
         std::fs::remove_file(dir.path()).unwrap();
     }
 }

@@ -35,6 +35,13 @@ pub struct Snapshot {
     pub global: Layer,
     pub pools: BTreeMap<String, Layer>,
     pub workers: BTreeMap<String, Layer>,
+    /// Label levels by canonical text (`zone=a,rack=3`); absent from older files.
+    #[serde(
+        default,
+        with = "super::labels::by_text",
+        skip_serializing_if = "super::labels::by_text::is_empty"
+    )]
+    pub labels: super::labels::LabelLevels,
 }
 
 /// The state file inside a state directory.
@@ -165,6 +172,46 @@ mod tests {
             err.contains("control.json") && err.contains("move the file away"),
             "{err}"
         );
+    }
+
+    /// Files written before label levels load (no `labels`), and are written back without it.
+    #[test]
+    fn files_without_label_levels_still_load_and_label_levels_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), FILE_NAME).unwrap();
+        let old =
+            r#"{"format": 1, "version": 4, "global": {"version": 0}, "pools": {}, "workers": {}}"#;
+        fs::write(store.path(), old).unwrap();
+        let mut snapshot = store.load().unwrap();
+        assert!(snapshot.labels.is_empty());
+        store.save(&snapshot).unwrap();
+        assert!(!fs::read_to_string(store.path()).unwrap().contains("labels"));
+
+        let set = bridge_proto::labels::LabelSet::parse_items(["zone=a,b", "rack=3"]).unwrap();
+        snapshot.labels.insert(
+            set,
+            Layer {
+                version: 5,
+                ..Default::default()
+            },
+        );
+        store.save(&snapshot).unwrap();
+        assert!(
+            fs::read_to_string(store.path())
+                .unwrap()
+                .contains(r#""rack=3,zone=a%2Cb""#)
+        );
+        assert_eq!(store.load().unwrap(), snapshot);
+        fs::write(
+            store.path(),
+            old.replace(
+                r#""workers": {}"#,
+                r#""workers": {}, "labels": {"Zone=a": {"version": 1}}"#,
+            ),
+        )
+        .unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains(r#"labels."Zone=a": label key"#), "{err}");
     }
 
     #[test]

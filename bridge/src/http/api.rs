@@ -10,7 +10,7 @@ use axum::{
     extract::{ConnectInfo, FromRequestParts, Path, RawQuery, State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, request::Parts},
 };
-use bridge_proto::v1;
+use bridge_proto::{labels::LabelSet, v1};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -23,9 +23,24 @@ use crate::{
     render,
 };
 
-/// The selector a control route addresses: `{id}` a worker, `{name}` a pool, neither all.
+/// The selector a control route addresses: `{id}` a worker, `{name}` a pool, neither all (or,
+/// with `?label=KEY=VALUE`, repeatable, the workers with all of those labels).
 #[derive(Debug)]
 pub struct Target(Selector);
+
+/// The `label` query parameters as a label selector; `None` when there are none.
+fn label_selector(query: Option<&str>) -> Result<Option<Selector>, ApiError> {
+    let items: Vec<String> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .filter(|(key, _)| key == "label")
+        .map(|(_, value)| value.into_owned())
+        .collect();
+    if items.is_empty() {
+        return Ok(None);
+    }
+    LabelSet::parse_items(items.iter().map(String::as_str))
+        .map(|set| Some(Selector::Labels(set)))
+        .map_err(|e| ApiError::invalid(format!("label: {e}")))
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for Target {
     type Rejection = ApiError;
@@ -35,10 +50,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Target {
             .await
             .map(|Path(params)| params)
             .unwrap_or_default();
-        let selector = match (params.get("id"), params.get("name")) {
-            (Some(id), _) => Selector::Worker(id.clone()),
-            (None, Some(pool)) => Selector::Pool(pool.clone()),
-            (None, None) => Selector::All,
+        let labels = label_selector(parts.uri.query())?;
+        let selector = match (params.get("id"), params.get("name"), labels) {
+            (None, None, Some(labels)) => labels,
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "label: only /api/control takes labels; a worker's or a pool's route names its level",
+                ));
+            }
+            (Some(id), _, None) => Selector::Worker(id.clone()),
+            (None, Some(pool), None) => Selector::Pool(pool.clone()),
+            (None, None, None) => Selector::All,
         };
         Ok(Self(selector))
     }
@@ -61,18 +83,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
     }
 }
 
-/// `GET /api/workers[?pool=NAME]`
+/// `GET /api/workers[?pool=NAME | ?label=KEY=VALUE...]`
 pub async fn list_workers(
     State(hub): State<Hub>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&hub, &headers, None, Access::Read)?;
-    let mut selector = None;
-    for (key, value) in query_params(query.as_deref(), &["pool"])? {
+    let mut selector = label_selector(query.as_deref())?;
+    for (key, value) in query_params(query.as_deref(), &["pool", "label"])? {
         if key == "pool" {
             if value.is_empty() {
                 return Err(ApiError::invalid("pool: name a pool"));
+            }
+            if selector.is_some() {
+                return Err(ApiError::invalid("pool: give a pool or labels, not both"));
             }
             selector = Some(Selector::Pool(value));
         }
@@ -187,7 +212,10 @@ pub async fn reset_control(
 ) -> Result<Json<Value>, ApiError> {
     let token = authorize(&hub, &headers, None, Access::Admin)?;
     let mut wait_ms = 0;
-    for (_, value) in query_params(query.as_deref(), &["wait_ms"])? {
+    for (key, value) in query_params(query.as_deref(), &["wait_ms", "label"])? {
+        if key != "wait_ms" {
+            continue;
+        }
         wait_ms = value.parse().map_err(|_| {
             ApiError::invalid(format!(
                 "wait_ms: `{value}` is not a number of milliseconds"

@@ -12,6 +12,7 @@ use axum::{
 };
 use bridge_proto::{
     condition::Condition,
+    labels::LabelSet,
     trace::TraceId,
     v1::{self, subscribe_response::Item},
 };
@@ -27,9 +28,9 @@ use crate::{
     render,
 };
 
-/// `?pattern=P&worker=ID&pool=NAME&trace=ID&where=KEY=VALUE` (patterns, workers and `where`
-/// repeatable; `trace` a trace id in hex; `where` also `KEY!=VALUE`, percent-encoded as any
-/// value), and `token` for clients that cannot set an `authorization` header
+/// `?pattern=P&worker=ID&pool=NAME&trace=ID&where=KEY=VALUE&label=KEY=VALUE` (patterns,
+/// workers, `where` and `label` repeatable; `trace` a trace id in hex; `where` also
+/// `KEY!=VALUE`, percent-encoded as any value), and `token` for clients that cannot set an `authorization` header
 /// (`EventSource` cannot).
 pub async fn live_events(
     State(hub): State<Hub>,
@@ -38,7 +39,10 @@ pub async fn live_events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let mut request = v1::SubscribeRequest::default();
     let mut token = None;
-    let known = ["pattern", "worker", "pool", "trace", "where", "token"];
+    let known = [
+        "pattern", "worker", "pool", "trace", "where", "label", "token",
+    ];
+    let mut labels = Vec::new();
     for (key, value) in query_params(query.as_deref(), &known)? {
         match key.as_str() {
             "pattern" => request.patterns.push(value),
@@ -54,9 +58,15 @@ pub async fn live_events(
                     .map_err(|e| ApiError::invalid(format!("where: {e}")))?;
                 request.metadata_conditions.push((&condition).into());
             }
+            "label" => labels.push(value),
             "token" => token = Some(value),
             _ => {}
         }
+    }
+    if !labels.is_empty() {
+        let set = LabelSet::parse_items(labels.iter().map(String::as_str))
+            .map_err(|e| ApiError::invalid(format!("label: {e}")))?;
+        request.worker_labels = set.labels().clone().into_iter().collect();
     }
     authorize(&hub, &headers, token.as_deref(), Access::Read)?;
     let filter = Filter::try_from(request)?;

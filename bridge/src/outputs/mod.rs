@@ -19,7 +19,7 @@ pub mod inference_metrics;
 pub mod otlp;
 pub mod subscribers;
 
-use std::{cell::OnceCell, sync::Arc};
+use std::{cell::OnceCell, collections::BTreeMap, sync::Arc};
 
 use arc_swap::ArcSwap;
 use bridge_proto::{
@@ -52,6 +52,9 @@ pub enum Origin<'a> {
 pub struct Delivery<'a> {
     pub worker_id: &'a str,
     pub pool: &'a str,
+    /// The worker's labels, when known: this hub's workers' events have them, other hubs'
+    /// do not (their messages carry no labels).
+    pub worker_labels: Option<&'a BTreeMap<String, String>>,
     pub origin: Origin<'a>,
     /// When the (first) hub received the event, Unix nanoseconds.
     pub received_ns: i64,
@@ -88,6 +91,7 @@ impl<'a> Delivery<'a> {
         Self {
             worker_id,
             pool,
+            worker_labels: None,
             origin: Origin::Local,
             received_ns,
             event: Event::Received {
@@ -112,6 +116,7 @@ impl<'a> Delivery<'a> {
         Self {
             worker_id,
             pool,
+            worker_labels: None,
             origin: Origin::OtherHub { subscribers },
             received_ns,
             event: Event::Encoded {
@@ -121,6 +126,14 @@ impl<'a> Delivery<'a> {
             },
             encoded: OnceCell::new(),
             metadata: OnceCell::new(),
+        }
+    }
+
+    /// The same delivery, from a worker with these labels.
+    pub fn with_worker_labels(self, labels: &'a BTreeMap<String, String>) -> Self {
+        Self {
+            worker_labels: Some(labels),
+            ..self
         }
     }
 

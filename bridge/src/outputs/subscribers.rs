@@ -19,7 +19,8 @@ use std::{
 use arc_swap::ArcSwap;
 use async_stream::stream;
 use bridge_proto::{
-    condition::Condition, encoded::EncodedSubscribeResponse, pattern::Pattern, trace::TraceId, v1,
+    condition::Condition, encoded::EncodedSubscribeResponse, labels::LabelSet, pattern::Pattern,
+    trace::TraceId, v1,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -44,6 +45,9 @@ pub struct Filter {
     pub trace_id: Option<TraceId>,
     /// Only events whose metadata meets all of these.
     pub metadata: Vec<Condition>,
+    /// Only events from workers whose labels include these. Other hubs' events carry no
+    /// labels, so they never match.
+    pub worker_labels: Option<LabelSet>,
 }
 
 impl Filter {
@@ -69,6 +73,11 @@ impl Filter {
         self.trace_id
             .is_none_or(|id| id.as_bytes()[..] == *delivery.trace_id())
             && self.matches_parts(delivery.worker_id, delivery.pool, delivery.parts())
+            && self.worker_labels.as_ref().is_none_or(|set| {
+                delivery
+                    .worker_labels
+                    .is_some_and(|labels| set.matched_by(labels))
+            })
             && (self.metadata.is_empty() || self.meets_metadata(delivery))
     }
 
@@ -100,7 +109,15 @@ impl TryFrom<v1::SubscribeRequest> for Filter {
         };
         let metadata = Condition::from_request(&request.metadata_conditions)
             .map_err(|e| Error::invalid(e.to_string()))?;
+        let worker_labels = match request.worker_labels.len() {
+            0 => None,
+            _ => Some(
+                LabelSet::new(request.worker_labels.into_iter().collect())
+                    .map_err(|e| Error::invalid(format!("worker_labels: {e}")))?,
+            ),
+        };
         Ok(Self {
+            worker_labels,
             trace_id,
             metadata,
             patterns,
