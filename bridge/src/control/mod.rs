@@ -10,6 +10,7 @@ pub mod config;
 pub mod layer;
 pub mod store;
 pub mod target;
+pub mod timed;
 
 use std::{
     collections::BTreeMap,
@@ -21,8 +22,9 @@ use bridge_proto::{control::ControlState, v1};
 
 use self::{
     config::{ControlConfig, LayerConfig},
-    layer::{FilterSpec, Invalid, Layer, RuleKey, Setting, merge},
+    layer::{FilterSpec, Invalid, Layer, RuleKey, merge},
     store::{Snapshot, Store},
+    timed::Reverted,
 };
 use crate::{
     command::{Change, Selector},
@@ -77,6 +79,8 @@ pub struct ControlPlane {
     /// Serialises changes from the moment they are made until they are pushed to workers, so
     /// that no worker can receive an older state after a newer one.
     changes: tokio::sync::Mutex<()>,
+    /// Wakes the task that reverts timed changes (see `reverts`) when expiries may have moved.
+    expiries: tokio::sync::Notify,
 }
 
 /// A change that has been saved; the next change waits until this is dropped.
@@ -142,6 +146,7 @@ impl ControlPlane {
             store,
             syncer,
             changes: tokio::sync::Mutex::new(()),
+            expiries: tokio::sync::Notify::new(),
         })
     }
 
@@ -159,6 +164,7 @@ impl ControlPlane {
         runtime.version = runtime.version.max(layer.version);
         *runtime.layer_mut(selector) = layer;
         let _ = self.syncer.send(Some(runtime.clone()));
+        self.expiries.notify_one();
         true
     }
 
@@ -187,6 +193,7 @@ impl ControlPlane {
         let _ = self.syncer.send(Some(runtime.clone()));
         book.runtime = runtime;
         book.epoch = epoch;
+        self.expiries.notify_one();
     }
 
     /// Makes changes one at a time: states computed and pushed while holding the guard cannot
@@ -221,6 +228,67 @@ impl ControlPlane {
             .map(|layer| layer.version)
             .fold(book.epoch, u64::max);
         merge(chain, version)
+    }
+
+    /// When the first timed setting in force for such a worker reverts, Unix milliseconds.
+    pub fn next_expiry_in_force(&self, worker: Option<&str>, pool: &str) -> Option<u64> {
+        let book = self.book();
+        timed::earliest_in_force(&book.chain(worker, pool))
+    }
+
+    /// When the first timed setting of any level reverts, Unix milliseconds.
+    pub fn next_expiry(&self) -> Option<u64> {
+        let book = self.book();
+        book.runtime
+            .levels()
+            .filter_map(|(_, layer)| timed::earliest(layer))
+            .min()
+    }
+
+    /// Notified when a change may have added an earlier expiry.
+    pub fn expiries_changed(&self) -> &tokio::sync::Notify {
+        &self.expiries
+    }
+
+    /// The levels with a setting due to revert at `now_ms` (cluster mode: each is reverted in
+    /// the cluster's state, which this hub then follows).
+    pub fn due_levels(&self, now_ms: u64) -> Vec<Selector> {
+        let book = self.book();
+        book.runtime
+            .levels()
+            .filter(|(_, layer)| timed::earliest(layer).is_some_and(|at| at <= now_ms))
+            .map(|(selector, _)| selector)
+            .collect()
+    }
+
+    /// Reverts every setting due at `now_ms`, as one change, and saves it; `None` when nothing
+    /// was due. Push the resulting states to the workers of each level before dropping the
+    /// returned guard.
+    pub async fn revert_due(
+        &self,
+        now_ms: u64,
+    ) -> Result<Option<(Applied<'_>, Vec<(Selector, Vec<Reverted>)>)>> {
+        let serialised = self.changes.lock().await;
+        let (previous, snapshot, reverted) = {
+            let mut book = self.book();
+            let previous = book.runtime.clone();
+            let version = book.runtime.version + 1;
+            let mut reverted = Vec::new();
+            for (selector, layer) in book.runtime.levels_mut() {
+                let settings = timed::revert_due(layer, now_ms);
+                if !settings.is_empty() {
+                    layer.version = version;
+                    reverted.push((selector, settings));
+                }
+            }
+            if reverted.is_empty() {
+                return Ok(None);
+            }
+            book.runtime.version = version;
+            (previous, book.runtime.clone(), reverted)
+        };
+        let applied = self.save(previous, snapshot, serialised).await?;
+        Ok(Some((applied, reverted)))
     }
 
     /// The levels behind [`Self::effective`], for display.
@@ -266,15 +334,39 @@ impl ControlPlane {
     /// Records a change and saves it. Push the resulting states to workers before dropping the
     /// returned guard.
     pub async fn apply(&self, selector: &Selector, change: &Change) -> Result<Applied<'_>> {
+        self.apply_timed(selector, change, None).await
+    }
+
+    /// [`Self::apply`] for a change that reverts at `until` (Unix milliseconds), if timed.
+    pub async fn apply_timed(
+        &self,
+        selector: &Selector,
+        change: &Change,
+        until: Option<u64>,
+    ) -> Result<Applied<'_>> {
         let serialised = self.changes.lock().await;
         let (previous, snapshot) = {
             let mut book = self.book();
             let previous = book.runtime.clone();
             book.runtime.version += 1;
             let version = book.runtime.version;
-            apply_change(book.runtime.layer_mut(selector), change, version);
+            apply_timed_change(book.runtime.layer_mut(selector), change, version, until);
             (previous, book.runtime.clone())
         };
+        let applied = self.save(previous, snapshot, serialised).await?;
+        if until.is_some() {
+            self.expiries.notify_one();
+        }
+        Ok(applied)
+    }
+
+    /// Saves `snapshot`, the book's new runtime state; puts `previous` back when it cannot be.
+    async fn save<'a>(
+        &'a self,
+        previous: Snapshot,
+        snapshot: Snapshot,
+        serialised: tokio::sync::MutexGuard<'a, ()>,
+    ) -> Result<Applied<'a>> {
         let store = self.store.clone();
         let syncer = self.syncer.clone();
         let saved = tokio::task::spawn_blocking(move || {
@@ -306,6 +398,24 @@ impl ControlPlane {
 }
 
 impl Snapshot {
+    /// Every level with runtime settings.
+    fn levels(&self) -> impl Iterator<Item = (Selector, &Layer)> {
+        let pools = self.pools.iter();
+        let workers = self.workers.iter();
+        std::iter::once((Selector::All, &self.global))
+            .chain(pools.map(|(pool, layer)| (Selector::Pool(pool.clone()), layer)))
+            .chain(workers.map(|(id, layer)| (Selector::Worker(id.clone()), layer)))
+    }
+
+    /// [`Self::levels`], to change them.
+    fn levels_mut(&mut self) -> impl Iterator<Item = (Selector, &mut Layer)> {
+        let pools = self.pools.iter_mut();
+        let workers = self.workers.iter_mut();
+        std::iter::once((Selector::All, &mut self.global))
+            .chain(pools.map(|(pool, layer)| (Selector::Pool(pool.clone()), layer)))
+            .chain(workers.map(|(id, layer)| (Selector::Worker(id.clone()), layer)))
+    }
+
     /// A level's runtime settings, if it has any.
     fn layer(&self, selector: &Selector) -> Option<&Layer> {
         match selector {
@@ -341,39 +451,43 @@ impl Book {
     }
 }
 
+#[cfg(test)]
 pub(crate) fn apply_change(layer: &mut Layer, change: &Change, version: u64) {
+    apply_timed_change(layer, change, version, None);
+}
+
+/// Makes `change` at `layer` as `version`; with `until` (Unix milliseconds) each setting it
+/// makes reverts then (see `timed`). A reset is never timed.
+pub(crate) fn apply_timed_change(
+    layer: &mut Layer,
+    change: &Change,
+    version: u64,
+    until: Option<u64>,
+) {
     match change {
         Change::Sampling { rate, patterns } if patterns.is_empty() => {
-            layer.sampling_rate = Some(Setting {
-                value: *rate,
-                version,
-            });
+            let current = layer.sampling_rate.take();
+            layer.sampling_rate = Some(timed::replace(current, *rate, version, until));
         }
         Change::Sampling { rate, patterns } => {
             for pattern in patterns {
-                layer.rules.insert(
-                    RuleKey(pattern.clone()),
-                    Setting {
-                        value: *rate,
-                        version,
-                    },
-                );
+                let key = RuleKey(pattern.clone());
+                let current = layer.rules.remove(&key);
+                let setting = timed::replace(current, *rate, version, until);
+                layer.rules.insert(key, setting);
             }
         }
         Change::Toggle(enabled) => {
-            layer.enabled = Some(Setting {
-                value: *enabled,
-                version,
-            });
+            let current = layer.enabled.take();
+            layer.enabled = Some(timed::replace(current, *enabled, version, until));
         }
         Change::Filter { allow, block } => {
-            layer.filter = Some(Setting {
-                value: FilterSpec {
-                    allow: allow.clone(),
-                    block: block.clone(),
-                },
-                version,
-            });
+            let filter = FilterSpec {
+                allow: allow.clone(),
+                block: block.clone(),
+            };
+            let current = layer.filter.take();
+            layer.filter = Some(timed::replace(current, filter, version, until));
         }
         Change::Reset => *layer = Layer::default(),
     }
