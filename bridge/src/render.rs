@@ -352,6 +352,7 @@ pub fn update_json(response: &v1::UpdateControlResponse) -> Json {
         "version": response.version,
         "targets": targets,
         "unanswered_hubs": response.unanswered_hubs,
+        "expires_at_ms": (response.expires_at_ms != 0).then_some(response.expires_at_ms),
     })
 }
 

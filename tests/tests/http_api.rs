@@ -123,6 +123,7 @@ async fn grpc_message(hub: &HubProcess, change: v1::update_control_request::Chan
         }),
         change: Some(change),
         wait_ms: 0,
+        for_ms: 0,
     };
     client
         .raw()
