@@ -284,7 +284,7 @@ async fn apply(hub: &HubTarget, selector: Selector, change: Change, wait: &Wait)
             report(&selector, &change, &response, wait);
             if let Some(at) = expires_at(&response) {
                 println!(
-                    "{change}: reverts in {} (at {}); `bridge control` shows what to",
+                    "{change}: reverts in {} (at {})",
                     humantime::format_duration(round_to_seconds(
                         at.duration_since(std::time::SystemTime::now())
                             .unwrap_or_default()
