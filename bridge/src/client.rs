@@ -193,10 +193,22 @@ impl HubClient {
         change: &Change,
         wait: Duration,
     ) -> Result<v1::UpdateControlResponse, ClientError> {
+        self.update_control_for(selector, change, wait, None).await
+    }
+
+    /// [`Self::update_control`] for a change that undoes itself after `lasting`, if given.
+    pub async fn update_control_for(
+        &mut self,
+        selector: &Selector,
+        change: &Change,
+        wait: Duration,
+        lasting: Option<Duration>,
+    ) -> Result<v1::UpdateControlResponse, ClientError> {
         let request = v1::UpdateControlRequest {
             selector: Some(v1::Selector::from(selector)),
             change: Some(v1::update_control_request::Change::from(change)),
             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+            for_ms: lasting.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         let call = self.inner.update_control(request);
         Self::answer(self.request_timeout, &self.peer, wait, call).await

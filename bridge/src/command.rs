@@ -14,6 +14,9 @@ use bridge_proto::{
 
 use crate::error::{Error, Result};
 
+/// The longest a timed change may last.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Which workers a change addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
@@ -104,8 +107,44 @@ impl TryFrom<Option<v1::Selector>> for Selector {
     }
 }
 
-/// Converts an `UpdateControlRequest` into its selector, change and wait, validating all three.
-pub fn parse_update(request: v1::UpdateControlRequest) -> Result<(Selector, Change, Duration)> {
+/// An `UpdateControlRequest`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub selector: Selector,
+    pub change: Change,
+    /// How long to wait for acknowledgements.
+    pub wait: Duration,
+    /// How long the change lasts before it undoes itself; `None`: for good.
+    pub lasting: Option<Duration>,
+}
+
+/// Why `--for` / `for_ms` is refused on a reset.
+pub const RESET_NOT_TIMED: &str =
+    "a reset cannot be timed (it removes the level's settings and their timers)";
+
+/// Checks how long a timed change lasts: more than nothing, at most [`MAX_DURATION`], and not
+/// for a reset. `what` names the field in the message.
+pub fn check_lasting(what: &str, lasting: Duration, change: &Change) -> Result<()> {
+    if *change == Change::Reset {
+        return Err(Error::invalid(format!("{what}: {RESET_NOT_TIMED}")));
+    }
+    if lasting.is_zero() {
+        return Err(Error::invalid(format!(
+            "{what}: a timed change must last more than 0"
+        )));
+    }
+    if lasting > MAX_DURATION {
+        return Err(Error::invalid(format!(
+            "{what}: {} is longer than the 30 days a timed change may last",
+            humantime::format_duration(lasting)
+        )));
+    }
+    Ok(())
+}
+
+/// Converts an `UpdateControlRequest` into its selector, change, wait and duration,
+/// validating all of them.
+pub fn parse_update(request: v1::UpdateControlRequest) -> Result<Update> {
     use v1::update_control_request::Change as Wire;
     let selector = Selector::try_from(request.selector)?;
     let change = match request.change {
@@ -125,11 +164,17 @@ pub fn parse_update(request: v1::UpdateControlRequest) -> Result<(Selector, Chan
             ));
         }
     };
-    Ok((
+    // 0 is the field's default: not timed.
+    let lasting = (request.for_ms != 0).then(|| Duration::from_millis(request.for_ms));
+    if let Some(lasting) = lasting {
+        check_lasting("for_ms", lasting, &change)?;
+    }
+    Ok(Update {
         selector,
         change,
-        Duration::from_millis(request.wait_ms.into()),
-    ))
+        wait: Duration::from_millis(request.wait_ms.into()),
+        lasting,
+    })
 }
 
 impl From<&Selector> for v1::Selector {

@@ -20,9 +20,13 @@ use tracing::info;
 use crate::{
     auth::Authenticator,
     cluster::{self, ClusterLink, rpc},
-    command::{Change, Selector},
+    command::{Change, Selector, Update},
     config::Config,
-    control::{ControlPlane, layer::Layer},
+    control::{
+        ControlPlane,
+        layer::Layer,
+        timed::{self, Reverted},
+    },
     error::{Error, Result},
     latency::{INGEST_BOUNDS_NS, LatencyHistogram, unix_nanos},
     outputs::{
@@ -389,17 +393,23 @@ impl Hub {
     }
 
     /// Applies an operator's change, pushes the new state to the workers it reaches, and waits
-    /// up to `wait` for the connected ones that acknowledge control to apply it.
+    /// up to `wait` for the connected ones that acknowledge control to apply it. A timed change
+    /// reverts when its time is up (see `reverts`).
     ///
     /// In cluster mode the change is written to the cluster's state, which every hub (this one
     /// included) follows, and the acknowledgements come from every hub.
     pub async fn update_control(
         &self,
-        selector: &Selector,
-        change: &Change,
-        wait: Duration,
+        update: &Update,
         requester: Requester<'_>,
     ) -> Result<v1::UpdateControlResponse> {
+        let Update {
+            selector,
+            change,
+            wait,
+            lasting,
+        } = update;
+        let wait = *wait;
         if self.shared.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -408,14 +418,19 @@ impl Hub {
         {
             return Err(Error::UnknownWorker(id.clone()));
         }
-        let response = match self.cluster() {
+        let until = lasting.map(|lasting| {
+            let millis = u64::try_from(lasting.as_millis()).unwrap_or(u64::MAX);
+            timed::now_ms().saturating_add(millis)
+        });
+        let mut response = match self.cluster() {
             Some(link) => {
                 let started = Instant::now();
                 let version =
-                    cluster::control::write(&link.buckets()?.control, selector, change).await?;
+                    cluster::control::write(&link.buckets()?.control, selector, change, until)
+                        .await?;
                 let written_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 // The workers it reaches are each hub's to tell.
-                log_change(selector, change, version, None, requester);
+                log_change(selector, change, version, until, None, requester);
                 let (local, mut response) = tokio::join!(
                     self.local_acknowledgements(selector, version, wait),
                     link.remote_acknowledgements(selector, version, wait)
@@ -429,11 +444,22 @@ impl Hub {
             }
             None => {
                 let started = Instant::now();
-                let applied = self.shared.control.apply(selector, change).await?;
+                let applied = self
+                    .shared
+                    .control
+                    .apply_timed(selector, change, until)
+                    .await?;
                 let version = applied.version;
                 let reached = self.push(selector, Push::Change);
                 drop(applied);
-                log_change(selector, change, version, Some(reached.len()), requester);
+                log_change(
+                    selector,
+                    change,
+                    version,
+                    until,
+                    Some(reached.len()),
+                    requester,
+                );
                 let targets = self
                     .acknowledgements(&reached, version, wait, Some(started))
                     .await;
@@ -441,10 +467,60 @@ impl Hub {
                     version,
                     targets,
                     unanswered_hubs: Vec::new(),
+                    expires_at_ms: 0,
                 }
             }
         };
+        response.expires_at_ms = until.unwrap_or(0);
         Ok(response)
+    }
+
+    /// Reverts the timed settings due now, pushes the result to the workers of each level, and
+    /// logs each one; in cluster mode, writes each due level back to the cluster's state, which
+    /// every hub follows. Returns whether it must be tried again later (the disk or NATS
+    /// failed, or a reverted level has yet to come back from the cluster).
+    pub async fn revert_due(&self) -> bool {
+        let now_ms = timed::now_ms();
+        let control = &self.shared.control;
+        let Some(link) = self.cluster() else {
+            let (applied, reverted) = match control.revert_due(now_ms).await {
+                Ok(Some(done)) => done,
+                Ok(None) => return false,
+                // The error is logged where the save failed.
+                Err(_) => return true,
+            };
+            let version = applied.version;
+            for (selector, _) in &reverted {
+                self.push(selector, Push::Change);
+            }
+            drop(applied);
+            for (selector, settings) in &reverted {
+                log_reverted(selector, settings, version);
+            }
+            return false;
+        };
+        let mut again = false;
+        for selector in control.due_levels(now_ms) {
+            let written = match link.buckets() {
+                Ok(buckets) => cluster::control::revert(&buckets.control, &selector, now_ms).await,
+                Err(error) => Err(error),
+            };
+            match written {
+                Ok(Some((version, settings))) => {
+                    log_reverted(&selector, &settings, version);
+                    // Followed like any change; wait for it so as not to revert it again.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+                    again |= !link.applied(version, deadline).await;
+                }
+                // Another hub reverted it, or changed it since: its entry is on the way.
+                Ok(None) => again = true,
+                Err(error) => {
+                    tracing::warn!(selector = %selector, %error, "timed control change not reverted yet; retrying");
+                    again = true;
+                }
+            }
+        }
+        again
     }
 
     /// Whether a worker with this id is connected to (or remembered by) any hub, or has
@@ -619,7 +695,7 @@ impl Hub {
             .all()
             .iter()
             .filter(|w| selector.is_none_or(|s| selects(s, w)))
-            .map(|w| worker_info(w, hub))
+            .map(|w| worker_info(w, hub, &self.shared.control))
             .collect()
     }
 
@@ -664,17 +740,35 @@ impl Hub {
     }
 }
 
+/// The log line every revert writes, one per setting.
+fn log_reverted(selector: &Selector, settings: &[Reverted], version: u64) {
+    for setting in settings {
+        info!(
+            selector = %selector,
+            setting = %setting.setting,
+            reverted_to = setting.to.as_deref().unwrap_or("inherited"),
+            control.version = version,
+            "timed control change reverted: {selector}: {setting}"
+        );
+    }
+}
+
 /// The log line every change writes, as soon as it is made (before any acknowledgement).
 fn log_change(
     selector: &Selector,
     change: &Change,
     version: u64,
+    until: Option<u64>,
     workers: Option<usize>,
     requester: Requester<'_>,
 ) {
+    let expires_at = until.map(|ms| {
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+    });
     info!(
         selector = %selector,
         change = %change,
+        expires_at = expires_at.map(tracing::field::display),
         control.version = version,
         workers,
         token = requester.token,
@@ -729,8 +823,13 @@ impl cluster::LocalHub for Hub {
     }
 }
 
-fn worker_info(worker: &Worker, hub: &str) -> v1::WorkerInfo {
+fn worker_info(worker: &Worker, hub: &str, control: &ControlPlane) -> v1::WorkerInfo {
     let desired = worker.desired();
+    let (pool, labels) = {
+        let details = worker.details();
+        (details.pool.clone(), details.labels.clone())
+    };
+    let expires_at = control.next_expiry_in_force(Some(&worker.id), &pool, &labels);
     let events_per_second = worker.events_per_second();
     let applied_version = worker.applied_version();
     let status = worker.details();
@@ -764,6 +863,7 @@ fn worker_info(worker: &Worker, hub: &str) -> v1::WorkerInfo {
         missing_events: worker.counters.missing.load(Relaxed),
         last_sequence: worker.counters.last_sequence.load(Relaxed),
         hub: hub.to_owned(),
+        control_expires_in_ms: expires_at.map_or(0, |at| at.saturating_sub(timed::now_ms()).max(1)),
     }
 }
 

@@ -24,7 +24,8 @@
 //! - [`cluster`]: several hubs as one through NATS (an output, a source of events, and control
 //!   state shared in JetStream); it sees the hub only through [`cluster::LocalHub`].
 //! - [`command`]: an operator's command (which workers, what change) and its wire forms;
-//!   [`control`]: desired control state per worker, versioned and persisted.
+//!   [`control`]: desired control state per worker, versioned and persisted; [`reverts`]: the
+//!   task that undoes timed changes when their time is up.
 //! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection, over TLS
 //!   when configured; [`listener`]: accepting connections.
 //! - [`auth`]: bearer tokens with roles, and client certificate names; [`tls`]: the
@@ -53,6 +54,7 @@ pub mod metrics;
 pub mod outputs;
 pub mod registry;
 pub mod render;
+pub mod reverts;
 pub mod server;
 pub mod service;
 pub mod tls;

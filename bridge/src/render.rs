@@ -239,7 +239,45 @@ fn layer_json(layer: &v1::ControlLayer) -> Json {
         "sampling_rate": layer.sampling_rate,
         "rules": rules,
         "filter": layer.filter.as_ref().map(|f| json!({"allow": f.allowed_events, "block": f.blocked_events})),
+        "timed": layer.timed.iter().map(timed_json).collect::<Vec<_>>(),
     })
+}
+
+/// A setting made by a timed change: which, the time left, and what it returns to (`null`:
+/// unset at this level, so inherited).
+fn timed_json(timed: &v1::TimedSetting) -> Json {
+    json!({
+        "setting": timed.setting,
+        "pattern": (!timed.pattern.is_empty()).then_some(&timed.pattern),
+        "expires_in_ms": timed.expires_in_ms,
+        "reverts_to": timed.reverts_to,
+    })
+}
+
+/// `rate=0.1 for 1m29s more, then 0.5` (or `then inherited`).
+fn timed_text(timed: &v1::TimedSetting) -> String {
+    let setting = match timed.setting.as_str() {
+        "rule" => printable(&timed.pattern).into_owned(),
+        "sampling_rate" => "rate".to_owned(),
+        other => other.to_owned(),
+    };
+    format!(
+        "{setting} reverts in {} to {}",
+        time_left(timed.expires_in_ms),
+        timed.reverts_to.as_deref().unwrap_or("inherited")
+    )
+}
+
+/// Milliseconds left, for a person: `1m29s`, `350ms`.
+pub fn time_left(ms: u64) -> String {
+    let left = if ms < 1000 {
+        Duration::from_millis(ms)
+    } else {
+        Duration::from_secs(ms.div_ceil(1000))
+    };
+    humantime::format_duration(left)
+        .to_string()
+        .replace(' ', "")
 }
 
 fn layer_text(layer: &v1::ControlLayer) -> String {
@@ -318,6 +356,7 @@ pub fn update_json(response: &v1::UpdateControlResponse) -> Json {
         "version": response.version,
         "targets": targets,
         "unanswered_hubs": response.unanswered_hubs,
+        "expires_at_ms": (response.expires_at_ms != 0).then_some(response.expires_at_ms),
     })
 }
 
@@ -350,6 +389,9 @@ pub fn describe_control(response: &v1::GetControlResponse, format: Format) -> St
             for (name, layer) in levels {
                 if let Some(layer) = layer {
                     let _ = write!(text, "\n{name:<10} {}", layer_text(layer));
+                    for timed in &layer.timed {
+                        let _ = write!(text, "\n{:<10}   {}", "", timed_text(timed));
+                    }
                 }
             }
             text
@@ -450,6 +492,7 @@ pub fn worker_json(worker: &v1::WorkerInfo) -> Json {
         "applied_version": worker.applied_version,
         "last_ack_latency_us": (worker.last_ack_latency_us != 0).then_some(worker.last_ack_latency_us),
         "control": worker.control.as_ref().map(control_json),
+        "control_expires_in_ms": (worker.control_expires_in_ms != 0).then_some(worker.control_expires_in_ms),
     })
 }
 
@@ -491,6 +534,14 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
                     Some(applied) => format!("v{} (applied v{applied})", w.desired_version),
                     None => format!("v{} pending", w.desired_version),
                 }
+            };
+            let control = if w.control_expires_in_ms == 0 {
+                control
+            } else {
+                format!(
+                    "{control}, reverts in {}",
+                    time_left(w.control_expires_in_ms)
+                )
             };
             let mut row = vec![
                 w.id.clone(),

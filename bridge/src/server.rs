@@ -43,6 +43,7 @@ pub async fn serve(
     let keepalive = (config.keepalive_secs > 0).then(|| Duration::from_secs(config.keepalive_secs));
 
     tokio::spawn(hub.clone().run_ticker());
+    tokio::spawn(crate::reverts::run(hub.clone()));
     let drained = hub.shutdown_token().clone();
     let hub_for_shutdown = hub.clone();
     let signal = async move {

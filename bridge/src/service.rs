@@ -119,11 +119,8 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
             via: "grpc",
             peer: request.remote_addr(),
         };
-        let (selector, change, wait) = parse_update(request.into_inner())?;
-        let response = self
-            .hub
-            .update_control(&selector, &change, wait, requester)
-            .await?;
+        let update = parse_update(request.into_inner())?;
+        let response = self.hub.update_control(&update, requester).await?;
         Ok(Response::new(response))
     }
 

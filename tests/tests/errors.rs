@@ -22,6 +22,7 @@ fn sampling(target: Target, rate: f64, patterns: &[&str]) -> v1::UpdateControlRe
             event_patterns: patterns.iter().map(|p| (*p).to_owned()).collect(),
         })),
         wait_ms: 0,
+        for_ms: 0,
     }
 }
 

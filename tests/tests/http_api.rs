@@ -123,6 +123,7 @@ async fn grpc_message(hub: &HubProcess, change: v1::update_control_request::Chan
         }),
         change: Some(change),
         wait_ms: 0,
+        for_ms: 0,
     };
     client
         .raw()
@@ -589,4 +590,78 @@ async fn labels_address_a_label_level_and_filter_the_worker_list() {
         .await;
     assert_eq!(reset.status, StatusCode::OK, "{}", reset.body);
     assert_eq!(reset.body["targets"][0]["worker_id"], "gpu-a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_change_over_http_says_when_it_reverts_and_bad_durations_are_refused() {
+    let hub = HubProcess::start();
+    let api = Api::new(&hub).await;
+    let pool = [("name", "llama")];
+    let timed = api
+        .put(
+            POOL_CONTROL,
+            &pool,
+            r#"{"sampling_rate": 0.2, "for_ms": 600000}"#,
+        )
+        .await;
+    assert_eq!(timed.status, StatusCode::OK, "{}", timed.body);
+    assert!(
+        timed.body["expires_at_ms"].as_u64().is_some(),
+        "{}",
+        timed.body
+    );
+    let shown = api.get(POOL_CONTROL, &pool, "").await;
+    let entry = &shown.body["pool"]["timed"][0];
+    assert_eq!(entry["setting"], "sampling_rate");
+    assert_eq!(
+        entry["reverts_to"],
+        Value::Null,
+        "the pool had no rate: inherited"
+    );
+    assert!(
+        entry["expires_in_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 590_000 && ms <= 600_000),
+        "{entry}"
+    );
+    let untimed = api.put(POOL_CONTROL, &pool, r#"{"enabled": false}"#).await;
+    assert_eq!(untimed.body["expires_at_ms"], Value::Null);
+
+    for body in [
+        r#"{"enabled": true, "for_ms": 0}"#,
+        r#"{"enabled": true, "for_ms": -5}"#,
+        r#"{"enabled": true, "for_ms": "soon"}"#,
+        r#"{"enabled": true, "for_ms": 2678400000}"#,
+    ] {
+        let refused = api.put(POOL_CONTROL, &pool, body).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            refused.message().starts_with("for_ms: "),
+            "{}",
+            refused.body
+        );
+    }
+    let reset = api
+        .call(
+            Method::DELETE,
+            POOL_CONTROL,
+            &pool,
+            "?for_ms=60000",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(reset.status, StatusCode::BAD_REQUEST);
+    assert!(
+        reset.message().contains("a reset cannot be timed"),
+        "{}",
+        reset.body
+    );
+    // Nothing refused was applied: still off, the rate still timed.
+    let shown = api.get(POOL_CONTROL, &pool, "").await;
+    assert_eq!(shown.body["effective"]["enabled"], false);
+    assert_eq!(
+        shown.body["pool"]["timed"].as_array().map(Vec::len),
+        Some(1)
+    );
 }

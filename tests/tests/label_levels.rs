@@ -262,6 +262,7 @@ async fn bad_label_syntax_is_refused_with_one_line() {
                 }),
                 change: Some(Change::Toggle(v1::TelemetryToggle { enabled: false })),
                 wait_ms: 0,
+                for_ms: 0,
             })
             .await
             .expect_err("refused");

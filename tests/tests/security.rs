@@ -57,6 +57,7 @@ async fn codes_of(mut client: HubClient) -> [Code; 5] {
             selector: all(),
             change: Some(Change::Toggle(v1::TelemetryToggle { enabled: true })),
             wait_ms: 0,
+            for_ms: 0,
         })
         .await
         .map(drop);

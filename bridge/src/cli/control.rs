@@ -48,6 +48,28 @@ pub struct Wait {
     /// and whether it applied it, and the rules that still decide some of its events.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    /// Undo the change after this long (e.g. 90s, 15m, 2h, 1h30m; up to 30 days): each setting
+    /// it makes returns to what it was. Not for reset.
+    // Read as text, so that a bad value gets one line of ours rather than clap's usage.
+    #[arg(long = "for", value_name = "DURATION", allow_hyphen_values = true)]
+    lasting: Option<String>,
+}
+
+/// `--for`'s value: a duration of at least a millisecond and at most 30 days.
+fn parse_lasting(text: &str, change: &Change) -> Result<Duration, Failure> {
+    let lasting = humantime::parse_duration(text.trim()).map_err(|error| {
+        Failure::invalid(format!(
+            "--for `{}`: not a duration ({error}; say 90s, 15m, 2h or 1h30m)",
+            render::printable(text)
+        ))
+    })?;
+    bridge::command::check_lasting("--for", lasting, change).map_err(Failure::invalid)?;
+    if lasting < Duration::from_millis(1) {
+        return Err(Failure::invalid(format!(
+            "--for {text}: a timed change must last at least 1ms"
+        )));
+    }
+    Ok(lasting)
 }
 
 #[derive(Debug, clap::Args)]
@@ -238,13 +260,20 @@ pub async fn show(hub: &HubTarget, args: ShowArgs) -> Outcome {
 }
 
 async fn apply(hub: &HubTarget, selector: Selector, change: Change, wait: &Wait) -> Outcome {
+    let lasting = wait
+        .lasting
+        .as_deref()
+        .map(|text| parse_lasting(text, &change))
+        .transpose()?;
     let mut client = connect(hub).await?;
     let wait_for = if wait.no_wait {
         Duration::ZERO
     } else {
         wait.timeout
     };
-    let response = client.update_control(&selector, &change, wait_for).await?;
+    let response = client
+        .update_control_for(&selector, &change, wait_for, lasting)
+        .await?;
     if let Some(warning) = render::unanswered_warning(
         &response.unanswered_hubs,
         "the change is stored in the cluster and their workers get it, but their acknowledgements are missing below",
@@ -274,6 +303,16 @@ async fn apply(hub: &HubTarget, selector: Selector, change: Change, wait: &Wait)
         }
         Format::Text => {
             report(&selector, &change, &response, wait);
+            if let Some(at) = expires_at(&response) {
+                println!(
+                    "{change}: reverts in {} (at {})",
+                    humantime::format_duration(round_to_seconds(
+                        at.duration_since(std::time::SystemTime::now())
+                            .unwrap_or_default()
+                    )),
+                    humantime::format_rfc3339_seconds(at),
+                );
+            }
             for rule in &kept {
                 eprintln!("note: {}", rule.text(&change));
             }
@@ -591,6 +630,15 @@ fn change_json(
         );
         fields.insert("not_acknowledged".into(), late.into());
         fields.insert(
+            "expires_in_ms".into(),
+            expires_at(response)
+                .map(|at| {
+                    let left = at.duration_since(std::time::SystemTime::now());
+                    u64::try_from(left.unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+                })
+                .into(),
+        );
+        fields.insert(
             "rules_still_deciding".into(),
             kept.iter().map(KeptRule::json).collect(),
         );
@@ -670,6 +718,21 @@ pub fn target_line(
     }
 }
 
+/// When a timed change reverts, by the hub's clock.
+fn expires_at(response: &v1::UpdateControlResponse) -> Option<std::time::SystemTime> {
+    (response.expires_at_ms != 0)
+        .then(|| std::time::UNIX_EPOCH + Duration::from_millis(response.expires_at_ms))
+}
+
+/// A duration to show a person: whole seconds, or milliseconds under a second.
+pub fn round_to_seconds(duration: Duration) -> Duration {
+    if duration < Duration::from_secs(1) {
+        Duration::from_millis(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+    } else {
+        Duration::from_secs(duration.as_secs_f64().round() as u64)
+    }
+}
+
 fn millis(us: u64) -> String {
     format!("{:.1} ms", us as f64 / 1000.0)
 }
@@ -677,6 +740,47 @@ fn millis(us: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn for_takes_a_duration_up_to_30_days_and_refuses_the_rest_in_one_line() {
+        let toggle = Change::Toggle(false);
+        for (text, secs) in [
+            ("90s", 90),
+            ("15m", 900),
+            ("2h", 7200),
+            ("1h30m", 5400),
+            ("30d", 2_592_000),
+        ] {
+            let parsed =
+                parse_lasting(text, &toggle).unwrap_or_else(|f| panic!("{text}: {}", f.message));
+            assert_eq!(parsed, Duration::from_secs(secs), "{text}");
+        }
+        for (text, says) in [
+            ("0", "must last more than 0"),
+            ("0s", "must last more than 0"),
+            ("-5s", "not a duration"),
+            ("soon", "not a duration"),
+            ("400d", "longer than the 30 days"),
+            ("31d", "longer than the 30 days"),
+            ("500us", "at least 1ms"),
+            ("", "not a duration"),
+        ] {
+            let failure = parse_lasting(text, &toggle).expect_err(text);
+            assert_eq!(failure.code, 2);
+            assert!(
+                failure.message.contains(says),
+                "{text}: {}",
+                failure.message
+            );
+            assert!(!failure.message.contains('\n'), "{text}: one line");
+        }
+        let failure = parse_lasting("1m", &Change::Reset).expect_err("reset");
+        assert!(
+            failure.message.contains("a reset cannot be timed"),
+            "{}",
+            failure.message
+        );
+    }
 
     #[test]
     fn patterns_overlap_when_some_name_matches_both() {

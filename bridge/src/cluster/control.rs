@@ -26,7 +26,11 @@ use tracing::{info, warn};
 use super::{ClusterLink, LocalHub, token};
 use crate::{
     command::{Change, Selector},
-    control::{apply_change, layer::Layer},
+    control::{
+        apply_timed_change,
+        layer::Layer,
+        timed::{self, Reverted},
+    },
     error::{Error, Result},
 };
 
@@ -117,8 +121,49 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> Error {
     ))
 }
 
-/// Writes `change` to its level; returns the revision, which is the change's version.
-pub async fn write(control: &kv::Store, selector: &Selector, change: &Change) -> Result<u64> {
+/// Writes `change` to its level, reverting at `until` (Unix milliseconds) when timed; returns
+/// the revision, which is the change's version.
+pub async fn write(
+    control: &kv::Store,
+    selector: &Selector,
+    change: &Change,
+    until: Option<u64>,
+) -> Result<u64> {
+    let written = update_layer(control, selector, change == &Change::Reset, |layer| {
+        apply_timed_change(layer, change, 0, until);
+        Some(())
+    })
+    .await?;
+    Ok(written.map_or(0, |(revision, ())| revision))
+}
+
+/// Reverts the settings of a level that are due at `now_ms` (see `control::timed`): the level
+/// is written back only while it still holds them, so that hubs racing to revert it do so once,
+/// and a change made in between is never undone. Returns the revision and what was reverted;
+/// `None` when nothing was due any more.
+pub async fn revert(
+    control: &kv::Store,
+    selector: &Selector,
+    now_ms: u64,
+) -> Result<Option<(u64, Vec<Reverted>)>> {
+    update_layer(control, selector, false, |layer| {
+        let reverted = timed::revert_due(layer, now_ms);
+        // The revert is a change of the level: its workers are pushed the result.
+        layer.version = 0;
+        (!reverted.is_empty()).then_some(reverted)
+    })
+    .await
+}
+
+/// Reads a level, lets `edit` change it, and writes it back unless another hub wrote it in
+/// between (then again from the top). `edit` returning `None` writes nothing. `replace_invalid`:
+/// a level that is not valid is edited as an empty one, not refused.
+async fn update_layer<T>(
+    control: &kv::Store,
+    selector: &Selector,
+    replace_invalid: bool,
+    mut edit: impl FnMut(&mut Layer) -> Option<T>,
+) -> Result<Option<(u64, T)>> {
     let key = layer_key(selector);
     for _ in 0..WRITE_ATTEMPTS {
         let entry = control
@@ -131,7 +176,7 @@ pub async fn write(control: &kv::Store, selector: &Selector, change: &Change) ->
                     Ok(layer) => layer,
                     // A reset needs nothing of what the level holds: it is the way out of a
                     // level that is not valid (every hub refuses it and keeps the one before).
-                    Err(_) if *change == Change::Reset => Layer::default(),
+                    Err(_) if replace_invalid => Layer::default(),
                     Err(e) => {
                         return Err(Error::Internal(format!(
                             "cluster control state `{key}` is not valid: {e}; a reset of {selector} replaces it"
@@ -143,7 +188,9 @@ pub async fn write(control: &kv::Store, selector: &Selector, change: &Change) ->
             Some(entry) => (Layer::default(), Some(entry.revision)),
             None => (Layer::default(), None),
         };
-        apply_change(&mut layer, change, 0);
+        let Some(outcome) = edit(&mut layer) else {
+            return Ok(None);
+        };
         let value = serde_json::to_vec(&layer)
             .map_err(|e| Error::Internal(e.to_string()))?
             .into();
@@ -162,7 +209,7 @@ pub async fn write(control: &kv::Store, selector: &Selector, change: &Change) ->
             }),
         };
         match written {
-            Ok(revision) => return Ok(revision),
+            Ok(revision) => return Ok(Some((revision, outcome))),
             // Another hub wrote this level in between: read it again.
             Err((true, _)) => {}
             Err((false, error)) => return Err(unavailable("write", error)),
@@ -410,6 +457,7 @@ impl ClusterLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::apply_change;
 
     #[test]
     fn key_tokens_round_trip_and_are_valid_keys() {

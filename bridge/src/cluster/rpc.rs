@@ -75,6 +75,7 @@ async fn answer_acks(hub: impl LocalHub, link: Arc<ClusterLink>, message: async_
         version,
         targets,
         unanswered_hubs: Vec::new(),
+        expires_at_ms: 0,
     };
     respond(&link, reply, answer.encode_to_vec()).await;
 }
@@ -235,6 +236,7 @@ impl ClusterLink {
             selector: Some(v1::Selector::from(selector)),
             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
             change: None,
+            for_ms: 0,
         };
         let mut headers = HeaderMap::new();
         headers.insert(VERSION_HEADER, version.to_string().as_str());
@@ -255,6 +257,7 @@ impl ClusterLink {
                 .flat_map(|answer| answer.targets)
                 .collect(),
             unanswered_hubs: answers.unanswered,
+            expires_at_ms: 0,
         }
     }
 }

@@ -24,32 +24,74 @@ use bridge_proto::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::config::{ControlConfig, LayerConfig};
+use super::{
+    config::{ControlConfig, LayerConfig},
+    timed::{self, Expiry},
+};
 
 /// A value and the version of the change that set it (0: from `config.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(bound(deserialize = "T: Deserialize<'de>"))]
 pub struct Setting<T> {
     pub value: T,
     pub version: u64,
+    /// Set by a timed change: when the setting reverts, and to what (see `timed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<Box<Expiry<T>>>,
 }
 
 impl<T> Setting<T> {
     /// A value from `config.toml`, older than any runtime change.
     pub fn configured(value: T) -> Self {
-        Self { value, version: 0 }
+        Self::new(value, 0)
     }
 
-    fn map<U>(self, f: impl FnOnce(T) -> U) -> Setting<U> {
-        Setting {
-            value: f(self.value),
-            version: self.version,
+    /// A value set by the change of this version, for good.
+    pub fn new(value: T, version: u64) -> Self {
+        Self {
+            value,
+            version,
+            expiry: None,
         }
     }
 
-    fn try_map<U, E>(self, f: impl FnOnce(T) -> Result<U, E>) -> Result<Setting<U>, E> {
+    fn map<U>(self, f: impl Fn(T) -> U) -> Setting<U> {
+        self.map_with(&f)
+    }
+
+    // `dyn`: the previous setting is mapped by the same function, one level down.
+    fn map_with<U>(self, f: &dyn Fn(T) -> U) -> Setting<U> {
+        Setting {
+            value: f(self.value),
+            version: self.version,
+            expiry: self.expiry.map(|expiry| {
+                Box::new(Expiry {
+                    at_ms: expiry.at_ms,
+                    previous: expiry.previous.map(|previous| previous.map_with(f)),
+                })
+            }),
+        }
+    }
+
+    fn try_map<U, E>(self, f: impl Fn(T) -> Result<U, E>) -> Result<Setting<U>, E> {
+        self.try_map_with(&f)
+    }
+
+    fn try_map_with<U, E>(self, f: &dyn Fn(T) -> Result<U, E>) -> Result<Setting<U>, E> {
+        let expiry = match self.expiry {
+            Some(expiry) => Some(Box::new(Expiry {
+                at_ms: expiry.at_ms,
+                previous: expiry
+                    .previous
+                    .map(|previous| previous.try_map_with(f))
+                    .transpose()?,
+            })),
+            None => None,
+        };
         Ok(Setting {
             value: f(self.value)?,
             version: self.version,
+            expiry,
         })
     }
 }
@@ -163,6 +205,7 @@ impl Layer {
                 blocked_events: names(&s.value.block),
             }),
             version: self.version,
+            timed: timed::to_wire(self, timed::now_ms()),
         }
     }
 }
@@ -347,10 +390,8 @@ mod tests {
 
     fn layer(rate: Option<(f64, u64)>, version: u64) -> Layer {
         Layer {
-            sampling_rate: rate.map(|(value, version)| Setting {
-                value: Rate::new(value).unwrap(),
-                version,
-            }),
+            sampling_rate: rate
+                .map(|(value, version)| Setting::new(Rate::new(value).unwrap(), version)),
             version,
             ..Default::default()
         }
@@ -359,10 +400,7 @@ mod tests {
     fn rule(pattern: &str, rate: f64, version: u64) -> (RuleKey, Setting<Rate>) {
         (
             RuleKey(Pattern::parse(pattern).unwrap()),
-            Setting {
-                value: Rate::new(rate).unwrap(),
-                version,
-            },
+            Setting::new(Rate::new(rate).unwrap(), version),
         )
     }
 

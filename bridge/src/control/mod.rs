@@ -12,6 +12,7 @@ pub mod labels;
 pub mod layer;
 pub mod store;
 pub mod target;
+pub mod timed;
 
 use std::{
     collections::BTreeMap,
@@ -24,8 +25,9 @@ use bridge_proto::{control::ControlState, v1};
 use self::{
     config::{ControlConfig, LayerConfig},
     labels::LabelLevels,
-    layer::{FilterSpec, Invalid, Layer, RuleKey, Setting, merge},
+    layer::{FilterSpec, Invalid, Layer, RuleKey, merge},
     store::{Snapshot, Store},
+    timed::Reverted,
 };
 use crate::{
     command::{Change, Selector},
@@ -82,6 +84,8 @@ pub struct ControlPlane {
     /// Serialises changes from the moment they are made until they are pushed to workers, so
     /// that no worker can receive an older state after a newer one.
     changes: tokio::sync::Mutex<()>,
+    /// Wakes the task that reverts timed changes (see `reverts`) when expiries may have moved.
+    expiries: tokio::sync::Notify,
 }
 
 /// A change that has been saved; the next change waits until this is dropped.
@@ -147,6 +151,7 @@ impl ControlPlane {
             store,
             syncer,
             changes: tokio::sync::Mutex::new(()),
+            expiries: tokio::sync::Notify::new(),
         })
     }
 
@@ -164,6 +169,7 @@ impl ControlPlane {
         runtime.version = runtime.version.max(layer.version);
         *runtime.layer_mut(selector) = layer;
         let _ = self.syncer.send(Some(runtime.clone()));
+        self.expiries.notify_one();
         true
     }
 
@@ -192,6 +198,7 @@ impl ControlPlane {
         let _ = self.syncer.send(Some(runtime.clone()));
         book.runtime = runtime;
         book.epoch = epoch;
+        self.expiries.notify_one();
     }
 
     /// Makes changes one at a time: states computed and pushed while holding the guard cannot
@@ -232,6 +239,72 @@ impl ControlPlane {
             .map(|layer| layer.version)
             .fold(book.epoch, u64::max);
         merge(chain, version)
+    }
+
+    /// When the first timed setting in force for such a worker reverts, Unix milliseconds.
+    pub fn next_expiry_in_force(
+        &self,
+        worker: Option<&str>,
+        pool: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<u64> {
+        let book = self.book();
+        timed::earliest_in_force(&book.chain(worker, pool, labels))
+    }
+
+    /// When the first timed setting of any level reverts, Unix milliseconds.
+    pub fn next_expiry(&self) -> Option<u64> {
+        let book = self.book();
+        book.runtime
+            .levels()
+            .filter_map(|(_, layer)| timed::earliest(layer))
+            .min()
+    }
+
+    /// Notified when a change may have added an earlier expiry.
+    pub fn expiries_changed(&self) -> &tokio::sync::Notify {
+        &self.expiries
+    }
+
+    /// The levels with a setting due to revert at `now_ms` (cluster mode: each is reverted in
+    /// the cluster's state, which this hub then follows).
+    pub fn due_levels(&self, now_ms: u64) -> Vec<Selector> {
+        let book = self.book();
+        book.runtime
+            .levels()
+            .filter(|(_, layer)| timed::earliest(layer).is_some_and(|at| at <= now_ms))
+            .map(|(selector, _)| selector)
+            .collect()
+    }
+
+    /// Reverts every setting due at `now_ms`, as one change, and saves it; `None` when nothing
+    /// was due. Push the resulting states to the workers of each level before dropping the
+    /// returned guard.
+    pub async fn revert_due(
+        &self,
+        now_ms: u64,
+    ) -> Result<Option<(Applied<'_>, Vec<(Selector, Vec<Reverted>)>)>> {
+        let serialised = self.changes.lock().await;
+        let (previous, snapshot, reverted) = {
+            let mut book = self.book();
+            let previous = book.runtime.clone();
+            let version = book.runtime.version + 1;
+            let mut reverted = Vec::new();
+            for (selector, layer) in book.runtime.levels_mut() {
+                let settings = timed::revert_due(layer, now_ms);
+                if !settings.is_empty() {
+                    layer.version = version;
+                    reverted.push((selector, settings));
+                }
+            }
+            if reverted.is_empty() {
+                return Ok(None);
+            }
+            book.runtime.version = version;
+            (previous, book.runtime.clone(), reverted)
+        };
+        let applied = self.save(previous, snapshot, serialised).await?;
+        Ok(Some((applied, reverted)))
     }
 
     /// The levels behind [`Self::effective`], for display.
@@ -302,15 +375,39 @@ impl ControlPlane {
     /// Records a change and saves it. Push the resulting states to workers before dropping the
     /// returned guard.
     pub async fn apply(&self, selector: &Selector, change: &Change) -> Result<Applied<'_>> {
+        self.apply_timed(selector, change, None).await
+    }
+
+    /// [`Self::apply`] for a change that reverts at `until` (Unix milliseconds), if timed.
+    pub async fn apply_timed(
+        &self,
+        selector: &Selector,
+        change: &Change,
+        until: Option<u64>,
+    ) -> Result<Applied<'_>> {
         let serialised = self.changes.lock().await;
         let (previous, snapshot) = {
             let mut book = self.book();
             let previous = book.runtime.clone();
             book.runtime.version += 1;
             let version = book.runtime.version;
-            apply_change(book.runtime.layer_mut(selector), change, version);
+            apply_timed_change(book.runtime.layer_mut(selector), change, version, until);
             (previous, book.runtime.clone())
         };
+        let applied = self.save(previous, snapshot, serialised).await?;
+        if until.is_some() {
+            self.expiries.notify_one();
+        }
+        Ok(applied)
+    }
+
+    /// Saves `snapshot`, the book's new runtime state; puts `previous` back when it cannot be.
+    async fn save<'a>(
+        &'a self,
+        previous: Snapshot,
+        snapshot: Snapshot,
+        serialised: tokio::sync::MutexGuard<'a, ()>,
+    ) -> Result<Applied<'a>> {
         let store = self.store.clone();
         let syncer = self.syncer.clone();
         let saved = tokio::task::spawn_blocking(move || {
@@ -342,6 +439,28 @@ impl ControlPlane {
 }
 
 impl Snapshot {
+    /// Every level with runtime settings.
+    fn levels(&self) -> impl Iterator<Item = (Selector, &Layer)> {
+        let pools = self.pools.iter();
+        let labels = self.labels.iter();
+        let workers = self.workers.iter();
+        std::iter::once((Selector::All, &self.global))
+            .chain(pools.map(|(pool, layer)| (Selector::Pool(pool.clone()), layer)))
+            .chain(labels.map(|(set, layer)| (Selector::Labels(set.clone()), layer)))
+            .chain(workers.map(|(id, layer)| (Selector::Worker(id.clone()), layer)))
+    }
+
+    /// [`Self::levels`], to change them.
+    fn levels_mut(&mut self) -> impl Iterator<Item = (Selector, &mut Layer)> {
+        let pools = self.pools.iter_mut();
+        let labels = self.labels.iter_mut();
+        let workers = self.workers.iter_mut();
+        std::iter::once((Selector::All, &mut self.global))
+            .chain(pools.map(|(pool, layer)| (Selector::Pool(pool.clone()), layer)))
+            .chain(labels.map(|(set, layer)| (Selector::Labels(set.clone()), layer)))
+            .chain(workers.map(|(id, layer)| (Selector::Worker(id.clone()), layer)))
+    }
+
     /// A level's runtime settings, if it has any.
     fn layer(&self, selector: &Selector) -> Option<&Layer> {
         match selector {
@@ -387,39 +506,43 @@ impl Book {
     }
 }
 
+#[cfg(test)]
 pub(crate) fn apply_change(layer: &mut Layer, change: &Change, version: u64) {
+    apply_timed_change(layer, change, version, None);
+}
+
+/// Makes `change` at `layer` as `version`; with `until` (Unix milliseconds) each setting it
+/// makes reverts then (see `timed`). A reset is never timed.
+pub(crate) fn apply_timed_change(
+    layer: &mut Layer,
+    change: &Change,
+    version: u64,
+    until: Option<u64>,
+) {
     match change {
         Change::Sampling { rate, patterns } if patterns.is_empty() => {
-            layer.sampling_rate = Some(Setting {
-                value: *rate,
-                version,
-            });
+            let current = layer.sampling_rate.take();
+            layer.sampling_rate = Some(timed::replace(current, *rate, version, until));
         }
         Change::Sampling { rate, patterns } => {
             for pattern in patterns {
-                layer.rules.insert(
-                    RuleKey(pattern.clone()),
-                    Setting {
-                        value: *rate,
-                        version,
-                    },
-                );
+                let key = RuleKey(pattern.clone());
+                let current = layer.rules.remove(&key);
+                let setting = timed::replace(current, *rate, version, until);
+                layer.rules.insert(key, setting);
             }
         }
         Change::Toggle(enabled) => {
-            layer.enabled = Some(Setting {
-                value: *enabled,
-                version,
-            });
+            let current = layer.enabled.take();
+            layer.enabled = Some(timed::replace(current, *enabled, version, until));
         }
         Change::Filter { allow, block } => {
-            layer.filter = Some(Setting {
-                value: FilterSpec {
-                    allow: allow.clone(),
-                    block: block.clone(),
-                },
-                version,
-            });
+            let filter = FilterSpec {
+                allow: allow.clone(),
+                block: block.clone(),
+            };
+            let current = layer.filter.take();
+            layer.filter = Some(timed::replace(current, filter, version, until));
         }
         Change::Reset => *layer = Layer::default(),
     }
@@ -619,6 +742,37 @@ mod tests {
         let plane = ControlPlane::open(&config, dir.path(), false).unwrap();
         assert_eq!(rate(&plane, "gpu-2", &["zone=b"]), 0.25);
         assert_eq!(rate(&plane, "gpu-2", &["zone=c"]), 0.9);
+    }
+
+    #[tokio::test]
+    async fn a_timed_change_at_a_label_level_reverts_and_says_when() {
+        let dir = tempfile::tempdir().unwrap();
+        let plane = ControlPlane::open(&ControlConfig::default(), dir.path(), false).unwrap();
+        let zone_a =
+            Selector::Labels(bridge_proto::labels::LabelSet::parse_canonical("zone=a").unwrap());
+        let labels = BTreeMap::from([("zone".to_owned(), "a".to_owned())]);
+        let now = timed::now_ms();
+        plane
+            .apply_timed(&zone_a, &sampling(0.25), Some(now + 1_000))
+            .await
+            .unwrap();
+        let rate = || {
+            plane
+                .effective(Some("gpu-1"), "", &labels)
+                .default_rate
+                .get()
+        };
+        assert_eq!(rate(), 0.25);
+        assert_eq!(plane.next_expiry(), Some(now + 1_000));
+        assert_eq!(
+            plane.next_expiry_in_force(Some("gpu-1"), "", &labels),
+            Some(now + 1_000)
+        );
+        assert_eq!(plane.due_levels(now + 1_000), [zone_a.clone()]);
+        let (_, reverted) = plane.revert_due(now + 1_000).await.unwrap().expect("due");
+        assert_eq!(reverted[0].0, zone_a);
+        assert_eq!(rate(), 1.0);
+        assert_eq!(plane.next_expiry(), None);
     }
 
     #[test]

@@ -154,10 +154,7 @@ mod tests {
         snapshot.workers.insert(
             "gpu-3".into(),
             Layer {
-                sampling_rate: Some(Setting {
-                    value: Rate::new(0.1).unwrap(),
-                    version: 9,
-                }),
+                sampling_rate: Some(Setting::new(Rate::new(0.1).unwrap(), 9)),
                 version: 9,
                 ..Default::default()
             },

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::{ApiError, PeerAddr, authorize, query_params};
 use crate::{
     auth::Access,
-    command::{Selector, parse_update},
+    command::{RESET_NOT_TIMED, Selector, parse_update},
     error::Error,
     hub::{Hub, Requester},
     render,
@@ -143,13 +143,26 @@ struct ChangeBody {
     allowed_events: Option<Vec<String>>,
     blocked_events: Option<Vec<String>>,
     wait_ms: Option<u32>,
+    /// Any JSON value, so that a wrong one gets this API's message rather than serde's.
+    for_ms: Option<Value>,
 }
 
 const CHANGE_KINDS: &str = "set one of sampling_rate (with event_patterns to limit it), enabled, \
                             or allowed_events/blocked_events";
 
+/// `for_ms` of a change body or a reset's query: a whole number of milliseconds, more than 0.
+/// (The upper bound is checked with the change, as for gRPC.)
+fn parse_for_ms(value: &Value) -> Result<u64, ApiError> {
+    match value.as_u64() {
+        Some(ms) if ms > 0 => Ok(ms),
+        _ => Err(ApiError::invalid(format!(
+            "for_ms: `{value}` is not a number of milliseconds above 0 (a timed change lasts up to 30 days)"
+        ))),
+    }
+}
+
 impl ChangeBody {
-    fn into_change(self) -> Result<(v1::update_control_request::Change, u32), ApiError> {
+    fn into_change(self) -> Result<(v1::update_control_request::Change, u32, u64), ApiError> {
         use v1::update_control_request::Change;
         let sampling = self.sampling_rate.is_some() || self.event_patterns.is_some();
         let filter = self.allowed_events.is_some() || self.blocked_events.is_some();
@@ -173,7 +186,8 @@ impl ChangeBody {
                 blocked_events: self.blocked_events.unwrap_or_default(),
             })
         };
-        Ok((change, self.wait_ms.unwrap_or(0)))
+        let for_ms = self.for_ms.as_ref().map(parse_for_ms).transpose()?;
+        Ok((change, self.wait_ms.unwrap_or(0), for_ms.unwrap_or(0)))
     }
 }
 
@@ -198,8 +212,8 @@ pub async fn change_control(
             "body: {e} (expected a JSON object such as {{\"sampling_rate\": 0.1}})"
         ))
     })?;
-    let (change, wait_ms) = body.into_change()?;
-    update(&hub, token, peer, selector, change, wait_ms).await
+    let (change, wait_ms, for_ms) = body.into_change()?;
+    update(&hub, token, peer, selector, change, wait_ms, for_ms).await
 }
 
 /// `DELETE .../control[?wait_ms=N]`: forget this level's own settings.
@@ -212,9 +226,12 @@ pub async fn reset_control(
 ) -> Result<Json<Value>, ApiError> {
     let token = authorize(&hub, &headers, None, Access::Admin)?;
     let mut wait_ms = 0;
-    for (key, value) in query_params(query.as_deref(), &["wait_ms", "label"])? {
-        if key != "wait_ms" {
-            continue;
+    for (key, value) in query_params(query.as_deref(), &["wait_ms", "for_ms", "label"])? {
+        match key.as_ref() {
+            "for_ms" => return Err(ApiError::invalid(format!("for_ms: {RESET_NOT_TIMED}"))),
+            // The selector's, read by `Target`.
+            "label" => continue,
+            _ => {}
         }
         wait_ms = value.parse().map_err(|_| {
             ApiError::invalid(format!(
@@ -223,7 +240,7 @@ pub async fn reset_control(
         })?;
     }
     let reset = v1::update_control_request::Change::Reset(v1::ResetControl {});
-    update(&hub, token, peer, selector, reset, wait_ms).await
+    update(&hub, token, peer, selector, reset, wait_ms, 0).await
 }
 
 async fn update(
@@ -233,20 +250,20 @@ async fn update(
     selector: Selector,
     change: v1::update_control_request::Change,
     wait_ms: u32,
+    for_ms: u64,
 ) -> Result<Json<Value>, ApiError> {
     let request = v1::UpdateControlRequest {
         selector: Some(v1::Selector::from(&selector)),
         change: Some(change),
         wait_ms,
+        for_ms,
     };
-    let (selector, change, wait) = parse_update(request)?;
+    let update = parse_update(request)?;
     let requester = Requester {
         token: token.as_deref(),
         via: "http",
         peer,
     };
-    let response = hub
-        .update_control(&selector, &change, wait, requester)
-        .await?;
+    let response = hub.update_control(&update, requester).await?;
     Ok(Json(render::update_json(&response)))
 }
