@@ -768,7 +768,7 @@ mod tests {
             plane.next_expiry_in_force(Some("gpu-1"), "", &labels),
             Some(now + 1_000)
         );
-        assert_eq!(plane.due_levels(now + 1_000), [zone_a.clone()]);
+        assert_eq!(plane.due_levels(now + 1_000), std::slice::from_ref(&zone_a));
         let (_, reverted) = plane.revert_due(now + 1_000).await.unwrap().expect("due");
         assert_eq!(reverted[0].0, zone_a);
         assert_eq!(rate(), 1.0);
