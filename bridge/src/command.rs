@@ -12,7 +12,10 @@ use bridge_proto::{
     v1,
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    event_rate::EventRate,
+};
 
 /// The longest a timed change may last.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -43,6 +46,14 @@ pub enum Change {
     },
     /// Forget this level's own settings so that it inherits again.
     Reset,
+    /// Keep choosing the level's sampling rate so that the events delivered from its workers
+    /// approach this goal (see `control::target`), starting from `start`: the rate the level's
+    /// workers have now, so that setting a goal makes no burst. The wire carries only the
+    /// goal; the hub fills in `start` before it applies the change.
+    Target {
+        goal: EventRate,
+        start: Rate,
+    },
 }
 
 /// `worker gpu-3`, `pool llama`, `workers labelled zone=a`, `all workers`: how logs and
@@ -85,6 +96,7 @@ impl std::fmt::Display for Change {
                 write!(f, "filter allow=[{}] block=[{}]", list(allow), list(block))
             }
             Self::Reset => f.write_str("reset to inherited settings"),
+            Self::Target { goal, .. } => write!(f, "target {goal}"),
         }
     }
 }
@@ -122,11 +134,18 @@ pub struct Update {
 pub const RESET_NOT_TIMED: &str =
     "a reset cannot be timed (it removes the level's settings and their timers)";
 
+/// Why `--for` / `for_ms` is refused on a target rate.
+pub const TARGET_NOT_TIMED: &str = "a target rate cannot be timed (a fixed rate can: sample --for; \
+     it suspends the target until it reverts)";
+
 /// Checks how long a timed change lasts: more than nothing, at most [`MAX_DURATION`], and not
 /// for a reset. `what` names the field in the message.
 pub fn check_lasting(what: &str, lasting: Duration, change: &Change) -> Result<()> {
     if *change == Change::Reset {
         return Err(Error::invalid(format!("{what}: {RESET_NOT_TIMED}")));
+    }
+    if matches!(change, Change::Target { .. }) {
+        return Err(Error::invalid(format!("{what}: {TARGET_NOT_TIMED}")));
     }
     if lasting.is_zero() {
         return Err(Error::invalid(format!(
@@ -158,9 +177,14 @@ pub fn parse_update(request: v1::UpdateControlRequest) -> Result<Update> {
             block: parse_patterns("blocked_events", &filter.blocked_events)?,
         },
         Some(Wire::Reset(_)) => Change::Reset,
+        Some(Wire::Target(target)) => Change::Target {
+            goal: EventRate::per_second(target.events_per_second)
+                .map_err(|e| Error::invalid(format!("target.events_per_second: {e}")))?,
+            start: Rate::ALL,
+        },
         None => {
             return Err(Error::invalid(
-                "change: set one of sampling, toggle, filter or reset",
+                "change: set one of sampling, toggle, filter, reset or target",
             ));
         }
     };
@@ -207,6 +231,9 @@ impl From<&Change> for v1::update_control_request::Change {
                 blocked_events: names(block),
             }),
             Change::Reset => Self::Reset(v1::ResetControl {}),
+            Change::Target { goal, .. } => Self::Target(v1::TargetRate {
+                events_per_second: goal.get(),
+            }),
         }
     }
 }

@@ -25,6 +25,7 @@ use crate::{
     control::{
         ControlPlane,
         layer::Layer,
+        target::EventRate,
         timed::{self, Reverted},
     },
     error::{Error, Result},
@@ -422,6 +423,17 @@ impl Hub {
             let millis = u64::try_from(lasting.as_millis()).unwrap_or(u64::MAX);
             timed::now_ms().saturating_add(millis)
         });
+        let started_from;
+        let change = match change {
+            Change::Target { goal, .. } => {
+                started_from = Change::Target {
+                    goal: *goal,
+                    start: self.current_rate(selector),
+                };
+                &started_from
+            }
+            change => change,
+        };
         let mut response = match self.cluster() {
             Some(link) => {
                 let started = Instant::now();
@@ -521,6 +533,47 @@ impl Hub {
             }
         }
         again
+    }
+
+    /// The sampling rate a level's workers have now, for a target to start from: what the
+    /// level's own workers get (a worker's own, when the level is one worker).
+    fn current_rate(&self, selector: &Selector) -> bridge_proto::sampling::Rate {
+        let control = &self.shared.control;
+        let none = BTreeMap::new();
+        let state = match selector {
+            Selector::All => control.effective(None, "", &none),
+            Selector::Pool(pool) => control.effective(None, pool, &none),
+            Selector::Labels(set) => control.effective(None, "", set.labels()),
+            Selector::Worker(id) => match self.shared.registry.get(id) {
+                Some(worker) => {
+                    let details = worker.details();
+                    control.effective(Some(id), &details.pool, &details.labels)
+                }
+                None => control.effective(Some(id), "", &none),
+            },
+        };
+        state.default_rate
+    }
+
+    /// Sets the rate the controller chose for a level under a target (see `steering`) and
+    /// pushes it to the level's workers; in cluster mode writes it to the cluster's state.
+    /// Returns the new version; `None` when the level changed since the controller looked.
+    pub async fn steer(
+        &self,
+        selector: &Selector,
+        from: bridge_proto::sampling::Rate,
+        to: bridge_proto::sampling::Rate,
+    ) -> Result<Option<u64>> {
+        if let Some(link) = self.cluster() {
+            return cluster::control::steer(&link.buckets()?.control, selector, from, to).await;
+        }
+        let Some(applied) = self.shared.control.steer(selector, from, to).await? else {
+            return Ok(None);
+        };
+        let version = applied.version;
+        self.push(selector, Push::Change);
+        drop(applied);
+        Ok(Some(version))
     }
 
     /// Whether a worker with this id is connected to (or remembered by) any hub, or has
@@ -778,6 +831,16 @@ fn log_change(
     );
 }
 
+/// Whether `selector` addresses the worker `info` describes (from any hub).
+pub(crate) fn selects_info(selector: &Selector, info: &v1::WorkerInfo) -> bool {
+    match selector {
+        Selector::All => true,
+        Selector::Worker(id) => info.id == *id,
+        Selector::Pool(pool) => info.pool == *pool,
+        Selector::Labels(set) => set.matched_by(&info.labels.clone().into_iter().collect()),
+    }
+}
+
 fn selects(selector: &Selector, worker: &Worker) -> bool {
     match selector {
         Selector::All => true,
@@ -864,6 +927,9 @@ fn worker_info(worker: &Worker, hub: &str, control: &ControlPlane) -> v1::Worker
         last_sequence: worker.counters.last_sequence.load(Relaxed),
         hub: hub.to_owned(),
         control_expires_in_ms: expires_at.map_or(0, |at| at.saturating_sub(timed::now_ms()).max(1)),
+        target_events_per_second: control
+            .target_for(Some(&worker.id), &pool, &labels)
+            .map(EventRate::get),
     }
 }
 

@@ -23,9 +23,11 @@
 //!   [`outputs::inference_metrics`]: per-model metrics from this hub's workers' inference events.
 //! - [`cluster`]: several hubs as one through NATS (an output, a source of events, and control
 //!   state shared in JetStream); it sees the hub only through [`cluster::LocalHub`].
-//! - [`command`]: an operator's command (which workers, what change) and its wire forms;
+//! - [`command`]: an operator's command (which workers, what change) and its wire forms
+//!   ([`event_rate`]: the goal of a target rate);
 //!   [`control`]: desired control state per worker, versioned and persisted; [`reverts`]: the
-//!   task that undoes timed changes when their time is up.
+//!   task that undoes timed changes when their time is up; [`steering`]: the task that keeps
+//!   choosing the rate of levels under a target event rate.
 //! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection, over TLS
 //!   when configured; [`listener`]: accepting connections.
 //! - [`auth`]: bearer tokens with roles, and client certificate names; [`tls`]: the
@@ -45,6 +47,7 @@ pub mod command;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod event_rate;
 pub mod http;
 pub mod hub;
 pub mod latency;
@@ -57,6 +60,7 @@ pub mod render;
 pub mod reverts;
 pub mod server;
 pub mod service;
+pub mod steering;
 pub mod tls;
 pub mod worker_stream;
 pub mod workspace;

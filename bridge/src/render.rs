@@ -240,6 +240,7 @@ fn layer_json(layer: &v1::ControlLayer) -> Json {
         "rules": rules,
         "filter": layer.filter.as_ref().map(|f| json!({"allow": f.allowed_events, "block": f.blocked_events})),
         "timed": layer.timed.iter().map(timed_json).collect::<Vec<_>>(),
+        "target_events_per_second": layer.target_events_per_second,
     })
 }
 
@@ -289,8 +290,11 @@ fn layer_text(layer: &v1::ControlLayer) -> String {
             "off".to_owned()
         });
     }
-    if let Some(rate) = layer.sampling_rate {
-        parts.push(format!("rate={rate}"));
+    match (layer.target_events_per_second, layer.sampling_rate) {
+        (Some(goal), Some(rate)) => parts.push(format!("target {goal}/s, rate chosen {rate}")),
+        (Some(goal), None) => parts.push(format!("target {goal}/s")),
+        (None, Some(rate)) => parts.push(format!("rate={rate}")),
+        (None, None) => {}
     }
     for rule in &layer.rules {
         parts.push(format!("{}={}", rule.pattern, rule.sampling_rate));
@@ -493,6 +497,7 @@ pub fn worker_json(worker: &v1::WorkerInfo) -> Json {
         "last_ack_latency_us": (worker.last_ack_latency_us != 0).then_some(worker.last_ack_latency_us),
         "control": worker.control.as_ref().map(control_json),
         "control_expires_in_ms": (worker.control_expires_in_ms != 0).then_some(worker.control_expires_in_ms),
+        "target_events_per_second": worker.target_events_per_second,
     })
 }
 
@@ -560,7 +565,13 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
                     drop_text.join(" ")
                 },
                 control,
-                w.control.as_ref().map(control_text).unwrap_or_default(),
+                match (
+                    w.control.as_ref().map(control_text),
+                    w.target_events_per_second,
+                ) {
+                    (Some(state), Some(goal)) => format!("{state} target {goal}/s"),
+                    (state, _) => state.unwrap_or_default(),
+                },
             ];
             if clustered {
                 row.insert(2, w.hub.clone());

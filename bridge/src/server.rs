@@ -44,6 +44,7 @@ pub async fn serve(
 
     tokio::spawn(hub.clone().run_ticker());
     tokio::spawn(crate::reverts::run(hub.clone()));
+    tokio::spawn(crate::steering::run(hub.clone()));
     let drained = hub.shutdown_token().clone();
     let hub_for_shutdown = hub.clone();
     let signal = async move {

@@ -665,3 +665,36 @@ async fn a_timed_change_over_http_says_when_it_reverts_and_bad_durations_are_ref
         Some(1)
     );
 }
+
+#[tokio::test]
+async fn a_target_rate_over_http_is_shown_at_its_level_and_bad_goals_are_refused() {
+    let hub = HubProcess::start();
+    let api = Api::new(&hub).await;
+    let pool = [("name", "llama")];
+    for body in [
+        r#"{"target_events_per_second": 0}"#,
+        r#"{"target_events_per_second": -5}"#,
+        r#"{"target_events_per_second": 2e9}"#,
+        r#"{"target_events_per_second": 60, "sampling_rate": 0.5}"#,
+        r#"{"target_events_per_second": 60, "for_ms": 60000}"#,
+    ] {
+        let refused = api.put(POOL_CONTROL, &pool, body).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{body}");
+    }
+    let set = api
+        .put(POOL_CONTROL, &pool, r#"{"target_events_per_second": 60}"#)
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.body);
+    let shown = api.get(POOL_CONTROL, &pool, "").await;
+    assert_eq!(shown.body["pool"]["target_events_per_second"], 60.0);
+    assert_eq!(
+        shown.body["pool"]["sampling_rate"], 1.0,
+        "from the rate it had"
+    );
+    let fixed = api
+        .put(POOL_CONTROL, &pool, r#"{"sampling_rate": 0.5}"#)
+        .await;
+    assert_eq!(fixed.status, StatusCode::OK, "{}", fixed.body);
+    let shown = api.get(POOL_CONTROL, &pool, "").await;
+    assert_eq!(shown.body["pool"]["target_events_per_second"], Value::Null);
+}

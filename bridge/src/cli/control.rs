@@ -5,6 +5,7 @@ use std::time::Duration;
 use bridge::{
     client::HubClient,
     command::{Change, Selector},
+    control::target::EventRate,
 };
 use bridge_proto::{labels::LabelSet, pattern::Pattern, sampling::Rate, v1};
 
@@ -75,11 +76,24 @@ fn parse_lasting(text: &str, change: &Change) -> Result<Duration, Failure> {
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
     /// `WORKER RATE`, or `RATE` with --pool or --all. RATE is from 0 to 1 (0.05 keeps 5 %).
-    #[arg(value_name = "[WORKER] RATE", num_args = 1..=2, required = true, allow_negative_numbers = true)]
+    /// With --target, only `WORKER` (or none with --pool, --label or --all).
+    #[arg(value_name = "[WORKER] RATE", num_args = 1..=2, required_unless_present = "goal", allow_negative_numbers = true)]
     args: Vec<String>,
     /// Only for events matching this pattern (repeatable); otherwise the default rate.
     #[arg(long = "pattern", value_name = "P")]
     patterns: Vec<String>,
+    /// Instead of a RATE, a goal for the events delivered from these workers (`500/s`,
+    /// `600/m`): the hub keeps choosing the level's rate to approach it, until a fixed
+    /// rate is set there.
+    // Read as text, so that a bad value gets one line of ours rather than clap's usage.
+    #[arg(
+        long = "target",
+        id = "goal",
+        value_name = "EVENTS/s",
+        conflicts_with = "patterns",
+        allow_hyphen_values = true
+    )]
+    goal: Option<String>,
     #[command(flatten)]
     target: Target,
     #[command(flatten)]
@@ -200,6 +214,25 @@ fn patterns(list: &[String]) -> Result<Vec<Pattern>, Failure> {
 }
 
 pub async fn sample(hub: &HubTarget, args: SampleArgs) -> Outcome {
+    if let Some(goal) = &args.goal {
+        let goal: EventRate = goal
+            .parse()
+            .map_err(|e| Failure::invalid(format!("--{e}")))?;
+        let mut positional = args.args.into_iter();
+        let worker = positional.next();
+        let is_rate = worker.as_deref().is_some_and(|w| w.parse::<f64>().is_ok());
+        if positional.next().is_some() || is_rate {
+            return Err(Failure::invalid(
+                "--target replaces the RATE: give only a WORKER (or --pool, --label or --all)",
+            ));
+        }
+        let selector = selector(worker, &args.target)?;
+        let change = Change::Target {
+            goal,
+            start: Rate::ALL,
+        };
+        return apply(hub, selector, change, &args.wait).await;
+    }
     let (selector, rate) = worker_and_value(
         args.args,
         &args.target,
@@ -547,6 +580,7 @@ fn has_settings(layer: &v1::ControlLayer) -> bool {
         || layer.sampling_rate.is_some()
         || !layer.rules.is_empty()
         || layer.filter.is_some()
+        || layer.target_events_per_second.is_some()
 }
 
 /// `labels zone=a,rack=3`: how the notes name a label level.

@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use bridge_proto::labels::LabelSet;
+use bridge_proto::{labels::LabelSet, sampling::Rate};
 use futures_util::StreamExt;
 use tracing::{info, warn};
 
@@ -29,6 +29,7 @@ use crate::{
     control::{
         apply_timed_change,
         layer::Layer,
+        steer_layer,
         timed::{self, Reverted},
     },
     error::{Error, Result},
@@ -109,6 +110,9 @@ fn read_layer(value: &[u8], revision: u64) -> Result<Layer, serde_json::Error> {
     if let Some(s) = &mut layer.filter {
         resolve(&mut s.version);
     }
+    if let Some(s) = &mut layer.target {
+        resolve(&mut s.version);
+    }
     for s in layer.rules.values_mut() {
         resolve(&mut s.version);
     }
@@ -153,6 +157,30 @@ pub async fn revert(
         (!reverted.is_empty()).then_some(reverted)
     })
     .await
+}
+
+/// Sets the rate the controller chose for a level under a target (see `steering`): written
+/// only while the level still has the target and the rate `from`, so that a command made in
+/// between wins. Returns the revision; `None` when the level changed.
+pub async fn steer(
+    control: &kv::Store,
+    selector: &Selector,
+    from: Rate,
+    to: Rate,
+) -> Result<Option<u64>> {
+    let written = update_layer(control, selector, false, |layer| {
+        steer_layer(layer, from, to, 0).then_some(())
+    })
+    .await?;
+    Ok(written.map(|(revision, ())| revision))
+}
+
+/// Whether this hub is the one that steers the cluster's target rates: the one whose node name
+/// is the smallest among the hubs that are up, so that hubs do not fight over a level's rate.
+/// `false` while it cannot tell who is up.
+pub fn steers(link: &ClusterLink) -> bool {
+    link.peers()
+        .is_some_and(|peers| peers.iter().all(|peer| peer.as_str() > link.node()))
 }
 
 /// Reads a level, lets `edit` change it, and writes it back unless another hub wrote it in
@@ -519,7 +547,7 @@ mod tests {
         let mut layer = read_layer(b"", 3).unwrap();
         assert_eq!(layer.version, 3);
         let rate = |r| Change::Sampling {
-            rate: bridge_proto::sampling::Rate::new(r).unwrap(),
+            rate: Rate::new(r).unwrap(),
             patterns: vec![],
         };
         apply_change(&mut layer, &rate(0.5), 0);

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     config::{ControlConfig, LayerConfig},
+    target::EventRate,
     timed::{self, Expiry},
 };
 
@@ -129,6 +130,9 @@ pub struct Layer {
     pub sampling_rate: Option<Setting<Rate>>,
     pub rules: BTreeMap<RuleKey, Setting<Rate>>,
     pub filter: Option<Setting<FilterSpec>>,
+    /// A target event rate (see `target`): while its value is `Some`, the hub chooses
+    /// `sampling_rate`. `None` as a value: suspended by a timed fixed rate, until that reverts.
+    pub target: Option<Setting<Option<EventRate>>>,
     /// Version of the last change at this level.
     pub version: u64,
 }
@@ -139,6 +143,13 @@ impl Layer {
             && self.sampling_rate.is_none()
             && self.rules.is_empty()
             && self.filter.is_none()
+            && self.target.is_none()
+    }
+
+    /// The level's target and the rate it chose, while the target is in force.
+    pub fn target_in_force(&self) -> Option<(EventRate, Rate)> {
+        let goal = self.target.as_ref()?.value?;
+        Some((goal, self.sampling_rate.as_ref()?.value))
     }
 
     /// A level as `config.toml` describes it, every setting at version 0; `key` (such as
@@ -166,6 +177,7 @@ impl Layer {
                 .transpose()?,
             rules: configured_rules(&format!("{key}.rules"), &config.rules)?,
             filter,
+            target: None,
             version: 0,
         })
     }
@@ -183,6 +195,7 @@ impl Layer {
                 allow: patterns("control.allow", &config.allow)?,
                 block: patterns("control.block", &config.block)?,
             })),
+            target: None,
             version: 0,
         })
     }
@@ -206,6 +219,11 @@ impl Layer {
             }),
             version: self.version,
             timed: timed::to_wire(self, timed::now_ms()),
+            target_events_per_second: self
+                .target
+                .as_ref()
+                .and_then(|s| s.value)
+                .map(EventRate::get),
         }
     }
 }
@@ -279,6 +297,9 @@ struct StoredLayer {
     rules: BTreeMap<String, Setting<f64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     filter: Option<Setting<StoredFilter>>,
+    /// Events per second; `null` as a value: suspended (see [`Layer::target`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<Setting<Option<f64>>>,
     version: u64,
 }
 
@@ -310,6 +331,20 @@ impl TryFrom<StoredLayer> for Layer {
                     })
                 })
                 .transpose()?,
+            target: stored
+                .target
+                .map(|s| {
+                    s.try_map(|goal| {
+                        goal.map(|goal| {
+                            EventRate::per_second(goal).map_err(|e| Invalid {
+                                field: "target".into(),
+                                message: e.to_string(),
+                            })
+                        })
+                        .transpose()
+                    })
+                })
+                .transpose()?,
             version: stored.version,
         })
     }
@@ -332,6 +367,7 @@ impl From<Layer> for StoredLayer {
                     block: names(f.block),
                 })
             }),
+            target: layer.target.map(|s| s.map(|goal| goal.map(EventRate::get))),
             version: layer.version,
         }
     }

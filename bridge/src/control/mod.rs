@@ -20,13 +20,14 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use bridge_proto::{control::ControlState, v1};
+use bridge_proto::{control::ControlState, sampling::Rate, v1};
 
 use self::{
     config::{ControlConfig, LayerConfig},
     labels::LabelLevels,
-    layer::{FilterSpec, Invalid, Layer, RuleKey, merge},
+    layer::{FilterSpec, Invalid, Layer, RuleKey, Setting, merge},
     store::{Snapshot, Store},
+    target::EventRate,
     timed::Reverted,
 };
 use crate::{
@@ -307,6 +308,66 @@ impl ControlPlane {
         Ok(Some((applied, reverted)))
     }
 
+    /// The levels with a target in force: each with its goal and the rate it chose.
+    pub fn target_levels(&self) -> Vec<(Selector, EventRate, Rate)> {
+        let book = self.book();
+        book.runtime
+            .levels()
+            .filter_map(|(selector, layer)| {
+                let (goal, rate) = layer.target_in_force()?;
+                Some((selector, goal, rate))
+            })
+            .collect()
+    }
+
+    /// The target in force at the level that decides a worker's sampling rate (the one
+    /// `layer::merge` takes it from), if that level has one.
+    pub fn target_for(
+        &self,
+        worker: Option<&str>,
+        pool: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<EventRate> {
+        let book = self.book();
+        let mut decides: Option<&Layer> = None;
+        for layer in book.chain(worker, pool, labels) {
+            if let Some(setting) = &layer.sampling_rate
+                && decides
+                    .and_then(|d| d.sampling_rate.as_ref())
+                    .is_none_or(|current| setting.version >= current.version)
+            {
+                decides = Some(layer);
+            }
+        }
+        decides?.target_in_force().map(|(goal, _)| goal)
+    }
+
+    /// Sets the rate the controller chose for a level under a target, as one change, and
+    /// saves it (see [`steer_layer`]); `None` when the level changed since the controller
+    /// looked. Push the result to the level's workers before dropping the guard.
+    pub async fn steer(
+        &self,
+        selector: &Selector,
+        from: Rate,
+        to: Rate,
+    ) -> Result<Option<Applied<'_>>> {
+        let serialised = self.changes.lock().await;
+        let (previous, snapshot) = {
+            let mut book = self.book();
+            let previous = book.runtime.clone();
+            let version = book.runtime.version + 1;
+            let Some(layer) = book.runtime.levels_mut().find(|(s, _)| s == selector) else {
+                return Ok(None);
+            };
+            if !steer_layer(layer.1, from, to, version) {
+                return Ok(None);
+            }
+            book.runtime.version = version;
+            (previous, book.runtime.clone())
+        };
+        self.save(previous, snapshot, serialised).await.map(Some)
+    }
+
     /// The levels behind [`Self::effective`], for display.
     pub fn describe(
         &self,
@@ -523,6 +584,11 @@ pub(crate) fn apply_timed_change(
         Change::Sampling { rate, patterns } if patterns.is_empty() => {
             let current = layer.sampling_rate.take();
             layer.sampling_rate = Some(timed::replace(current, *rate, version, until));
+            // A fixed rate ends the level's target; a timed one suspends it until it reverts.
+            layer.target = match (layer.target.take(), until) {
+                (Some(target), Some(_)) => Some(timed::replace(Some(target), None, version, until)),
+                _ => None,
+            };
         }
         Change::Sampling { rate, patterns } => {
             for pattern in patterns {
@@ -545,8 +611,26 @@ pub(crate) fn apply_timed_change(
             layer.filter = Some(timed::replace(current, filter, version, until));
         }
         Change::Reset => *layer = Layer::default(),
+        Change::Target { goal, start } => {
+            // A new goal for a level already steered goes on from the rate chosen so far.
+            let rate = layer.target_in_force().map_or(*start, |(_, rate)| rate);
+            layer.sampling_rate = Some(Setting::new(rate, version));
+            layer.target = Some(Setting::new(Some(*goal), version));
+        }
     }
     layer.version = version;
+}
+
+/// Sets the rate that the controller chose for a level under a target (see `steering`),
+/// keeping the target; `false`, changing nothing, unless the target is still in force and
+/// the level's rate is still `from` (a change made since the controller looked wins).
+pub(crate) fn steer_layer(layer: &mut Layer, from: Rate, to: Rate, version: u64) -> bool {
+    if layer.target_in_force().is_none_or(|(_, rate)| rate != from) {
+        return false;
+    }
+    layer.sampling_rate = Some(Setting::new(to, version));
+    layer.version = version;
+    true
 }
 
 /// One level's configured and runtime settings seen as one (runtime wins, being newer).
@@ -561,6 +645,9 @@ fn merge_layer(layers: &[Layer]) -> Layer {
         }
         if layer.filter.is_some() {
             merged.filter.clone_from(&layer.filter);
+        }
+        if layer.target.is_some() {
+            merged.target.clone_from(&layer.target);
         }
         merged
             .rules
@@ -803,6 +890,157 @@ mod tests {
         // while a level the cluster no longer has goes.
         plane.load_cluster(vec![], &[], 13);
         assert_eq!(rate(&plane), 1.0);
+    }
+
+    fn goal(per_second: f64) -> EventRate {
+        EventRate::per_second(per_second).unwrap()
+    }
+
+    fn target(per_second: f64, start: f64) -> Change {
+        Change::Target {
+            goal: goal(per_second),
+            start: rate(start),
+        }
+    }
+
+    #[test]
+    fn a_target_starts_from_the_current_rate_and_is_steered_only_while_in_force() {
+        let mut layer = Layer::default();
+        apply_change(&mut layer, &target(60.0, 0.5), 3);
+        assert_eq!(layer.target_in_force(), Some((goal(60.0), rate(0.5))));
+        assert_eq!(merge([&layer], 3).default_rate.get(), 0.5);
+        assert!(steer_layer(&mut layer, rate(0.5), rate(0.1), 4));
+        assert_eq!(layer.target_in_force(), Some((goal(60.0), rate(0.1))));
+        assert_eq!(layer.version, 4);
+        // The controller looked before a change: its choice is dropped.
+        assert!(!steer_layer(&mut layer, rate(0.5), rate(0.2), 5));
+        // A new goal goes on from the rate chosen so far, not from the start given.
+        apply_change(&mut layer, &target(30.0, 1.0), 6);
+        assert_eq!(layer.target_in_force(), Some((goal(30.0), rate(0.1))));
+        assert_eq!(layer.to_wire().target_events_per_second, Some(30.0));
+    }
+
+    #[test]
+    fn a_fixed_rate_ends_the_target_and_other_changes_leave_it() {
+        let mut layer = Layer::default();
+        apply_change(&mut layer, &target(60.0, 1.0), 1);
+        let rule = Change::Sampling {
+            rate: rate(0.5),
+            patterns: vec![bridge_proto::pattern::Pattern::parse("a.*").unwrap()],
+        };
+        apply_change(&mut layer, &rule, 2);
+        apply_change(&mut layer, &Change::Toggle(true), 3);
+        let filter = Change::Filter {
+            allow: vec![],
+            block: vec![],
+        };
+        apply_change(&mut layer, &filter, 4);
+        assert_eq!(layer.target_in_force(), Some((goal(60.0), rate(1.0))));
+        apply_change(&mut layer, &sampling(0.2), 5);
+        assert_eq!(layer.target, None);
+        assert_eq!(layer.sampling_rate.as_ref().unwrap().value.get(), 0.2);
+        assert!(!steer_layer(&mut layer, rate(0.2), rate(0.1), 6));
+
+        apply_change(&mut layer, &target(60.0, 1.0), 7);
+        apply_change(&mut layer, &Change::Reset, 8);
+        assert!(layer.is_empty());
+    }
+
+    #[test]
+    fn a_timed_fixed_rate_suspends_the_target_until_both_come_back() {
+        let mut layer = Layer::default();
+        apply_change(&mut layer, &target(60.0, 1.0), 1);
+        steer_layer(&mut layer, rate(1.0), rate(0.1), 2);
+        apply_timed_change(&mut layer, &sampling(0.9), 3, Some(1_000));
+        assert_eq!(layer.target_in_force(), None, "suspended");
+        assert_eq!(layer.to_wire().target_events_per_second, None);
+        let wire = timed::to_wire(&layer, 0);
+        let entry = wire.iter().find(|t| t.setting == "target").unwrap();
+        assert_eq!(entry.reverts_to.as_deref(), Some("60/s"));
+        // Another timed rate keeps what the first one suspended.
+        apply_timed_change(&mut layer, &sampling(0.8), 4, Some(2_000));
+        assert_eq!(timed::earliest(&layer), Some(2_000));
+        let reverted: Vec<_> = timed::revert_due(&mut layer, 2_000)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            reverted,
+            ["sampling_rate back to 0.1", "target back to 60/s"]
+        );
+        assert_eq!(layer.target_in_force(), Some((goal(60.0), rate(0.1))));
+
+        // An untimed fixed rate over a suspended target ends it for good.
+        apply_timed_change(&mut layer, &sampling(0.9), 5, Some(3_000));
+        apply_change(&mut layer, &sampling(0.3), 6);
+        assert_eq!(layer.target, None);
+        assert!(timed::revert_due(&mut layer, u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn targets_are_stored_suspended_or_not_and_validated_on_load() {
+        let mut layer = Layer::default();
+        apply_change(&mut layer, &target(60.0, 0.25), 1);
+        let json = serde_json::to_string(&layer).unwrap();
+        assert!(
+            json.contains(r#""target":{"value":60.0,"version":1}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Layer>(&json).unwrap(), layer);
+        apply_timed_change(&mut layer, &sampling(0.9), 2, Some(1_700_000_000_000));
+        let json = serde_json::to_string(&layer).unwrap();
+        assert!(json.contains(r#""target":{"value":null"#), "{json}");
+        assert_eq!(serde_json::from_str::<Layer>(&json).unwrap(), layer);
+        for bad in ["0", "-5", "1e10"] {
+            let json = format!(r#"{{"target":{{"value":{bad},"version":1}},"version":1}}"#);
+            let err = serde_json::from_str::<Layer>(&json)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("target: target rate"), "{bad}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn workers_show_the_target_of_the_level_that_decides_their_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let plane = ControlPlane::open(&ControlConfig::default(), dir.path(), false).unwrap();
+        let pool = Selector::Pool("llama".into());
+        plane.apply(&pool, &target(60.0, 1.0)).await.unwrap();
+        let shown = |id: &str| {
+            plane
+                .target_for(Some(id), "llama", &none())
+                .map(EventRate::get)
+        };
+        assert_eq!(shown("gpu-1"), Some(60.0));
+        assert_eq!(
+            plane.target_levels(),
+            [(pool.clone(), goal(60.0), rate(1.0))]
+        );
+        let gpu_1 = Selector::Worker("gpu-1".into());
+        plane.apply(&gpu_1, &sampling(0.5)).await.unwrap();
+        assert_eq!(shown("gpu-1"), None, "its own newer rate decides");
+        assert_eq!(shown("gpu-2"), Some(60.0));
+        assert!(
+            plane
+                .steer(&pool, rate(1.0), rate(0.1))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            plane
+                .effective(Some("gpu-2"), "llama", &none())
+                .default_rate
+                .get(),
+            0.1
+        );
+        assert!(
+            plane
+                .steer(&pool, rate(1.0), rate(0.2))
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

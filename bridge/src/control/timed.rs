@@ -102,6 +102,12 @@ pub fn revert_due(layer: &mut Layer, now_ms: u64) -> Vec<Reverted> {
             layer.filter.as_ref().map(|s| filter_text(&s.value)),
         );
     }
+    if revert(&mut layer.target, now_ms) {
+        one(
+            "target".into(),
+            layer.target.as_ref().map(|s| target_text(s.value)),
+        );
+    }
     let due: Vec<_> = layer
         .rules
         .iter()
@@ -141,6 +147,7 @@ pub fn earliest(layer: &Layer) -> Option<u64> {
         at(layer.enabled.as_ref()),
         at(layer.sampling_rate.as_ref()),
         at(layer.filter.as_ref()),
+        at(layer.target.as_ref()),
     ]
     .into_iter()
     .chain(layer.rules.values().map(|s| at(Some(s))))
@@ -208,7 +215,16 @@ pub fn to_wire(layer: &Layer, now_ms: u64) -> Vec<v1::TimedSetting> {
         let to = e.previous.as_ref().map(|p| filter_text(&p.value));
         timed.push(entry("filter", String::new(), e.at_ms, to));
     }
+    if let Some(e) = layer.target.as_ref().and_then(|s| s.expiry.as_ref()) {
+        let to = e.previous.as_ref().map(|p| target_text(p.value));
+        timed.push(entry("target", String::new(), e.at_ms, to));
+    }
     timed
+}
+
+/// A target as `bridge control` writes it: `60/s`, or `suspended`.
+fn target_text(target: Option<super::target::EventRate>) -> String {
+    target.map_or_else(|| "suspended".to_owned(), |goal| goal.to_string())
 }
 
 fn on_off(enabled: bool) -> String {

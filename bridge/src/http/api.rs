@@ -142,13 +142,14 @@ struct ChangeBody {
     enabled: Option<bool>,
     allowed_events: Option<Vec<String>>,
     blocked_events: Option<Vec<String>>,
+    target_events_per_second: Option<f64>,
     wait_ms: Option<u32>,
     /// Any JSON value, so that a wrong one gets this API's message rather than serde's.
     for_ms: Option<Value>,
 }
 
 const CHANGE_KINDS: &str = "set one of sampling_rate (with event_patterns to limit it), enabled, \
-                            or allowed_events/blocked_events";
+                            allowed_events/blocked_events, or target_events_per_second";
 
 /// `for_ms` of a change body or a reset's query: a whole number of milliseconds, more than 0.
 /// (The upper bound is checked with the change, as for gRPC.)
@@ -166,7 +167,8 @@ impl ChangeBody {
         use v1::update_control_request::Change;
         let sampling = self.sampling_rate.is_some() || self.event_patterns.is_some();
         let filter = self.allowed_events.is_some() || self.blocked_events.is_some();
-        let kinds = [sampling, self.enabled.is_some(), filter];
+        let target = self.target_events_per_second;
+        let kinds = [sampling, self.enabled.is_some(), filter, target.is_some()];
         if kinds.iter().filter(|k| **k).count() != 1 {
             return Err(ApiError::invalid(format!("body: {CHANGE_KINDS}")));
         }
@@ -178,6 +180,8 @@ impl ChangeBody {
                 sampling_rate: rate,
                 event_patterns: self.event_patterns.unwrap_or_default(),
             })
+        } else if let Some(events_per_second) = target {
+            Change::Target(v1::TargetRate { events_per_second })
         } else if let Some(enabled) = self.enabled {
             Change::Toggle(v1::TelemetryToggle { enabled })
         } else {
