@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bridge::command::Selector;
 use bridge_proto::v1;
-use bridge_tests::{HubProcess, WorkerProcess, eventually, run_cli};
+use bridge_tests::{HubProcess, NatsServer, WorkerProcess, eventually, run_cli};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -135,6 +135,37 @@ async fn a_pool_under_a_target_settles_near_it_follows_the_load_and_a_fixed_rate
     for worker in pool_workers(&hub, "llama").await {
         assert_eq!(worker["control"]["sampling_rate"], 0.5, "{worker}");
         assert!(worker["target_events_per_second"].is_null(), "{worker}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_one_hub_steers_a_target_counting_the_workers_of_every_hub() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    // hub-a steers (the smallest node name); the worker streams to hub-b, where the target is
+    // set.
+    let a = nats.hub("hub-a");
+    let b = nats.hub("hub-b");
+    let _first = WorkerProcess::start(&b.url, "gpu-1", "llama", &["--simulate", "300"]);
+    eventually("hub A to see gpu-1 offer its load", WAIT, || async {
+        (offered(&a, "llama").await > 400.0).then_some(())
+    })
+    .await;
+    let out = run_cli(&b.url, &["sample", "--pool", "llama", "--target", "60/s"]).await;
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    settles(&b, "llama", 40.0..=80.0, SETTLE).await;
+
+    // Twice the load, half of it on the other hub.
+    let _second = WorkerProcess::start(&a.url, "gpu-2", "llama", &["--simulate", "300"]);
+    eventually("both workers to be listed", WAIT, || async {
+        (pool_workers(&b, "llama").await.len() == 2).then_some(())
+    })
+    .await;
+    settles(&a, "llama", 40.0..=80.0, SETTLE).await;
+    for hub in [&a, &b] {
+        let shown = control_text(hub, "llama").await;
+        assert!(shown.contains("target 60/s, rate chosen"), "{shown}");
     }
 }
 
