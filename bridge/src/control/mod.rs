@@ -624,11 +624,20 @@ pub(crate) fn apply_timed_change(
 /// Sets the rate that the controller chose for a level under a target (see `steering`),
 /// keeping the target; `false`, changing nothing, unless the target is still in force and
 /// the level's rate is still `from` (a change made since the controller looked wins).
+///
+/// The level takes `version` (so that its workers are pushed the rate), but the rate keeps
+/// the version of the operator's command that set the target: between levels, the rate is as
+/// new as that command, so a rate set at a narrower level after it keeps deciding for its
+/// workers however often the controller adjusts.
 pub(crate) fn steer_layer(layer: &mut Layer, from: Rate, to: Rate, version: u64) -> bool {
-    if layer.target_in_force().is_none_or(|(_, rate)| rate != from) {
+    let steered = layer.target.as_ref().is_some_and(|t| t.value.is_some());
+    let Some(current) = layer.sampling_rate.as_mut() else {
+        return false;
+    };
+    if !steered || current.value != from {
         return false;
     }
-    layer.sampling_rate = Some(Setting::new(to, version));
+    current.value = to;
     layer.version = version;
     true
 }
@@ -912,6 +921,11 @@ mod tests {
         assert!(steer_layer(&mut layer, rate(0.5), rate(0.1), 4));
         assert_eq!(layer.target_in_force(), Some((goal(60.0), rate(0.1))));
         assert_eq!(layer.version, 4);
+        assert_eq!(
+            layer.sampling_rate.as_ref().unwrap().version,
+            3,
+            "as new as the command that set the target"
+        );
         // The controller looked before a change: its choice is dropped.
         assert!(!steer_layer(&mut layer, rate(0.5), rate(0.2), 5));
         // A new goal goes on from the rate chosen so far, not from the start given.
@@ -1027,6 +1041,15 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+        assert_eq!(
+            plane
+                .effective(Some("gpu-1"), "llama", &none())
+                .default_rate
+                .get(),
+            0.5,
+            "a rate set at a worker after the target still decides for it"
+        );
+        assert_eq!(shown("gpu-1"), None);
         assert_eq!(
             plane
                 .effective(Some("gpu-2"), "llama", &none())
