@@ -170,6 +170,44 @@ async fn in_a_cluster_one_hub_steers_a_target_counting_the_workers_of_every_hub(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_fixed_rate_suspends_a_workers_target_until_it_reverts() {
+    let hub = HubProcess::start();
+    let _worker = WorkerProcess::start(&hub.url, "gpu-1", "llama", &["--simulate", "50"]);
+    let show = || async {
+        let out = run_cli(&hub.url, &["control", "gpu-1"]).await;
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        out.stdout
+    };
+    eventually("gpu-1 to connect", WAIT, || async {
+        (pool_workers(&hub, "llama").await.len() == 1).then_some(())
+    })
+    .await;
+    let out = run_cli(&hub.url, &["sample", "gpu-1", "--target", "600/m"]).await;
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    let shown = show().await;
+    assert!(shown.contains("target 10/s, rate chosen"), "{shown}");
+
+    let out = run_cli(&hub.url, &["sample", "gpu-1", "0.9", "--for", "2s"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let shown = show().await;
+    assert!(shown.contains("rate=0.9"), "{shown}");
+    assert!(shown.contains("target reverts in"), "{shown}");
+    assert!(shown.contains("to 10/s"), "{shown}");
+    // When the timed rate reverts, the target is back, steering again.
+    eventually("the target to come back", WAIT, || async {
+        show()
+            .await
+            .contains("target 10/s, rate chosen")
+            .then_some(())
+    })
+    .await;
+    let out = run_cli(&hub.url, &["sample", "gpu-1", "0.3"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let shown = show().await;
+    assert!(!shown.contains("target"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_targets_are_refused_in_one_line() {
     let hub = HubProcess::start();
     for bad in ["0", "-5/s", "fast", "10/h", "1e10/s"] {
