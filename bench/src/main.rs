@@ -45,7 +45,11 @@ fn main() -> ExitCode {
     init_logging(role.is_some());
     // A benchmark's load processes share the machine with the server they measure: one
     // thread each leaves the cores to it and keeps the scheduling noise out of the figures.
-    let mut builder = if role.is_some() {
+    // The baseline is a server measured, not load: it runs on the runtime a plain tonic server
+    // gets (`#[tokio::main]`: a thread per core), as the hub does, so that the two compare
+    // the code and not the runtimes (on one thread it needed about a quarter less CPU per
+    // delivery than on two, and so did the hub: see BENCHMARKS.md).
+    let mut builder = if role.is_some() && !matches!(role, Some(Role::Baseline { .. })) {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()

@@ -217,11 +217,11 @@ impl Message for EventView {
                 let entry = &self.bytes[range.start as usize..range.end as usize];
                 self.entries = self.entries.saturating_add(1);
                 match check_entry(entry, measurement) {
-                    Ok((longest, key)) => {
-                        if indexing && let Some(slot) = CallIndex::slot(key, measurement) {
-                            self.call.found(slot, range);
+                    Ok(checked) => {
+                        if indexing && let Some(slot) = CallIndex::slot(checked.key, measurement) {
+                            self.call.found(slot, checked.value, self.bytes.as_ptr());
                         }
-                        self.longest_string = self.longest_string.max(longest);
+                        self.longest_string = self.longest_string.max(checked.longest);
                     }
                     Err(problem) => self.note(problem),
                 }
@@ -315,13 +315,23 @@ pub struct EventShape {
     pub longest_string: usize,
 }
 
+/// A map entry that [`check_entry`] checked: its longest string, key, and value as a decoder
+/// reads it (a measurement's `None`: nothing set).
+struct CheckedEntry<'a> {
+    longest: u32,
+    key: &'a [u8],
+    value: Option<RawValue<'a>>,
+}
+
 /// Checks a `measurements` (`TelemetryValue` values) or `metadata` (string values) map entry
-/// the way a subscriber's decoder will read it, without building anything. Returns the length
-/// of its longest string, and its key.
-fn check_entry(mut entry: &[u8], measurement: bool) -> Result<(u32, &[u8]), &'static str> {
+/// the way a subscriber's decoder will read it, without building anything; the value read on
+/// the way is kept for the fields an inference call's end is indexed by.
+fn check_entry(mut entry: &[u8], measurement: bool) -> Result<CheckedEntry<'_>, &'static str> {
     const BAD: &str = "a measurement or metadata entry is malformed";
     let mut longest = 0;
     let mut last_key: &[u8] = &[];
+    // A metadata entry without a value holds the empty string, as a decoder reads it.
+    let mut last_value = (!measurement).then_some(RawValue::String(&[]));
     while entry.has_remaining() {
         let (tag, wire_type) = decode_key(&mut entry).map_err(|_| BAD)?;
         match (tag, wire_type) {
@@ -332,44 +342,60 @@ fn check_entry(mut entry: &[u8], measurement: bool) -> Result<(u32, &[u8]), &'st
                 last_key = key;
             }
             (map_entry::VALUE, WireType::LengthDelimited) if measurement => {
-                longest = longest.max(check_value(delimited(&mut entry)?)?);
+                let (text, value) = check_value(delimited(&mut entry)?)?;
+                longest = longest.max(text);
+                // A decoder merges the parts of a value: one with nothing set keeps the last.
+                last_value = value.or(last_value);
             }
             (map_entry::VALUE, WireType::LengthDelimited) => {
                 let value = delimited(&mut entry)?;
                 longest = longest.max(value.len());
                 std::str::from_utf8(value).map_err(|_| "a metadata value is not UTF-8")?;
+                last_value = Some(RawValue::String(value));
             }
             (map_entry::KEY | map_entry::VALUE, _) => return Err(BAD),
             (_, wire_type) => skip(wire_type, &mut entry)?,
         }
     }
-    // Entries are slices of a message whose length fits in u32.
-    Ok((u32::try_from(longest).unwrap_or(u32::MAX), last_key))
+    Ok(CheckedEntry {
+        // Entries are slices of a message whose length fits in u32.
+        longest: u32::try_from(longest).unwrap_or(u32::MAX),
+        key: last_key,
+        value: last_value,
+    })
 }
 
-/// Checks a `TelemetryValue`; returns the length of its string, if it holds one.
-fn check_value(mut value: &[u8]) -> Result<usize, &'static str> {
+/// Checks a `TelemetryValue`; returns the length of its string, if it holds one, and the
+/// member of its oneof set last.
+fn check_value(mut value: &[u8]) -> Result<(usize, Option<RawValue<'_>>), &'static str> {
     const BAD: &str = "a measurement value is malformed";
     let mut longest = 0;
+    let mut last = None;
     while value.has_remaining() {
         let (tag, wire_type) = decode_key(&mut value).map_err(|_| BAD)?;
         match (tag, wire_type) {
             (INT_VALUE, WireType::Varint) => {
-                decode_varint(&mut value).map_err(|_| BAD)?;
+                // int64 travels as its two's complement.
+                last = Some(RawValue::Int(
+                    decode_varint(&mut value).map_err(|_| BAD)? as i64
+                ));
             }
             (FLOAT_VALUE, WireType::SixtyFourBit) => {
-                value = value.get(8..).ok_or(BAD)?;
+                let (le, rest) = value.split_first_chunk::<8>().ok_or(BAD)?;
+                last = Some(RawValue::Float(f64::from_le_bytes(*le)));
+                value = rest;
             }
             (STRING_VALUE, WireType::LengthDelimited) => {
                 let text = delimited(&mut value)?;
                 longest = longest.max(text.len());
                 std::str::from_utf8(text).map_err(|_| "a measurement string is not UTF-8")?;
+                last = Some(RawValue::String(text));
             }
             (INT_VALUE | FLOAT_VALUE | STRING_VALUE, _) => return Err(BAD),
             (_, wire_type) => skip(wire_type, &mut value)?,
         }
     }
-    Ok(longest)
+    Ok((longest, last))
 }
 
 fn delimited<'a>(bytes: &mut &'a [u8]) -> Result<&'a [u8], &'static str> {

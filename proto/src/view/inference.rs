@@ -3,14 +3,14 @@
 //!
 //! Reading them afterwards with [`EventView::lookup`] walks every entry a second time, which was
 //! most of what the metrics cost ingest per call. Instead, the decoding walk, once it meets the
-//! first map entry of an event named `inference.stop` or `.exception`, notes where each of the
-//! conventions' fields lies; other events pay one branch per entry. Encoders write the name
+//! first map entry of an event named `inference.stop` or `.exception`, keeps the value of each of
+//! the conventions' fields as it parses it for its check; other events pay one branch per entry. Encoders write the name
 //! (field 1) before the maps; for an event that does not, the index is not trusted and the
 //! fields are looked up.
 
 use std::ops::Range;
 
-use super::{EventView, RawEntry, ValueRef};
+use super::{EventView, RawValue, ValueRef};
 use crate::protocol::{inference, span};
 
 /// How an inference call ended.
@@ -53,15 +53,27 @@ const FIELDS: usize = MEASUREMENTS.len() + METADATA.len();
 const STOP: [&str; 2] = [inference::OPERATION, span::STOP];
 const EXCEPTION: [&str; 2] = [inference::OPERATION, span::EXCEPTION];
 
-/// Where the decoding walk found the fields, in the order of [`MEASUREMENTS`] then
-/// [`METADATA`]; an empty range: not found.
+/// What the decoding walk read of the fields, in the order of [`MEASUREMENTS`] then
+/// [`METADATA`]: the values it parsed while checking them, so that reading the call does not
+/// parse them again.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(super) struct CallIndex {
     /// How many name tokens the event had when its first map entry was decoded: the index
     /// describes the event only while that is still the count.
     decided_at_parts: Option<u32>,
     end: Option<CallEnd>,
-    entries: [Range<u32>; FIELDS],
+    values: [Indexed; FIELDS],
+}
+
+/// A field's value as the walk found it; text as where it lies in the view's bytes.
+#[derive(Debug, Clone, Default, PartialEq)]
+enum Indexed {
+    /// No entry, or a measurement with nothing set.
+    #[default]
+    Absent,
+    Int(i64),
+    Float(f64),
+    Text(Range<u32>),
 }
 
 impl CallIndex {
@@ -78,11 +90,24 @@ impl CallIndex {
         }
     }
 
-    /// Notes where the field in `slot` lies; a later entry with the same key replaces it, as
-    /// a decoder keeps the last.
+    /// Notes the value of the field in `slot`, read from the view's bytes starting at `base`;
+    /// a later entry with the same key replaces it, as a decoder keeps the last.
     #[inline]
-    pub(super) fn found(&mut self, slot: usize, entry: Range<u32>) {
-        self.entries[slot] = entry;
+    pub(super) fn found(&mut self, slot: usize, value: Option<RawValue<'_>>, base: *const u8) {
+        self.values[slot] = match value {
+            None => Indexed::Absent,
+            Some(RawValue::Int(v)) => Indexed::Int(v),
+            Some(RawValue::Float(v)) => Indexed::Float(v),
+            Some(RawValue::String([])) => Indexed::Text(0..0),
+            Some(RawValue::String(text)) => {
+                // `text` lies in the bytes that start at `base`, whose length fits in u32.
+                let start = (text.as_ptr() as usize).saturating_sub(base as usize);
+                match (u32::try_from(start), u32::try_from(start + text.len())) {
+                    (Ok(start), Ok(end)) => Indexed::Text(start..end),
+                    _ => Indexed::Absent,
+                }
+            }
+        };
     }
 }
 
@@ -119,20 +144,15 @@ impl EventView {
             return self.inference_call_looked_up();
         }
         let end = self.call.end?;
-        let entry = |slot: usize| {
-            let range = &self.call.entries[slot];
-            self.bytes.get(range.start as usize..range.end as usize)
+        let measurement = |slot: usize| match &self.call.values[slot] {
+            Indexed::Absent => None,
+            Indexed::Int(v) => Some(ValueRef::Int(*v)),
+            Indexed::Float(v) => Some(ValueRef::Float(*v)),
+            Indexed::Text(range) => Some(ValueRef::String(self.text(range))),
         };
-        let measurement = |slot| {
-            entry(slot)
-                .filter(|bytes| !bytes.is_empty())
-                .and_then(|bytes| RawEntry::read(bytes, true)?.measurement())
-                .flatten()
-        };
-        let metadata = |slot| {
-            entry(slot)
-                .filter(|bytes| !bytes.is_empty())
-                .and_then(|bytes| Some(RawEntry::read(bytes, false)?.value))
+        let metadata = |slot: usize| match &self.call.values[slot] {
+            Indexed::Text(range) => Some(self.slice(range)),
+            _ => None,
         };
         Some(InferenceCall {
             end,
