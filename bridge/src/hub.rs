@@ -428,7 +428,7 @@ impl Hub {
             Change::Target { goal, .. } => {
                 started_from = Change::Target {
                     goal: *goal,
-                    start: self.current_rate(selector),
+                    start: self.current_rate(selector).await,
                 };
                 &started_from
             }
@@ -535,24 +535,49 @@ impl Hub {
         again
     }
 
-    /// The sampling rate a level's workers have now, for a target to start from: what the
-    /// level's own workers get (a worker's own, when the level is one worker).
-    fn current_rate(&self, selector: &Selector) -> bridge_proto::sampling::Rate {
+    /// The default rate the workers `selector` addresses have now, from which a target starts.
+    async fn current_rate(&self, selector: &Selector) -> bridge_proto::sampling::Rate {
         let control = &self.shared.control;
-        let none = BTreeMap::new();
-        let state = match selector {
-            Selector::All => control.effective(None, "", &none),
-            Selector::Pool(pool) => control.effective(None, pool, &none),
-            Selector::Labels(set) => control.effective(None, "", set.labels()),
-            Selector::Worker(id) => match self.shared.registry.get(id) {
-                Some(worker) => {
-                    let details = worker.details();
-                    control.effective(Some(id), &details.pool, &details.labels)
-                }
-                None => control.effective(Some(id), "", &none),
-            },
+        let (worker, pool, labels) = match (self.levels_of(selector).await, selector) {
+            (Ok(levels), _) => levels,
+            // A worker the change found a moment ago and that has gone since: its own levels.
+            (Err(_), Selector::Worker(id)) => (Some(id.as_str()), String::new(), BTreeMap::new()),
+            (Err(_), _) => (None, String::new(), BTreeMap::new()),
         };
-        state.default_rate
+        control.effective(worker, &pool, &labels).default_rate
+    }
+
+    /// The worker, pool and labels whose levels apply to what `selector` addresses: a worker's
+    /// own (from this hub, else from the hub it streams to; none when only its settings are
+    /// known), a label level's labels, a pool, or nothing for every worker.
+    async fn levels_of<'a>(
+        &self,
+        selector: &'a Selector,
+    ) -> Result<(Option<&'a str>, String, BTreeMap<String, String>)> {
+        Ok(match selector {
+            Selector::All => (None, String::new(), BTreeMap::new()),
+            Selector::Pool(pool) => (None, pool.clone(), BTreeMap::new()),
+            Selector::Labels(set) => (None, String::new(), set.labels().clone()),
+            Selector::Worker(id) => {
+                let (pool, labels) = match self.shared.registry.get(id) {
+                    Some(worker) => {
+                        let details = worker.details();
+                        (details.pool.clone(), details.labels.clone())
+                    }
+                    None => match self.list_workers(Some(selector)).await.workers.first() {
+                        Some(worker) => (
+                            worker.pool.clone(),
+                            worker.labels.clone().into_iter().collect(),
+                        ),
+                        None if self.shared.control.has_worker_settings(id) => {
+                            (String::new(), BTreeMap::new())
+                        }
+                        None => return Err(Error::UnknownWorker(id.clone())),
+                    },
+                };
+                (Some(id.as_str()), pool, labels)
+            }
+        })
     }
 
     /// Sets the rate the controller chose for a level under a target (see `steering`) and
@@ -754,30 +779,8 @@ impl Hub {
 
     /// The effective control state for a selector and the levels it comes from.
     pub async fn describe_control(&self, selector: &Selector) -> Result<v1::GetControlResponse> {
-        let control = &self.shared.control;
-        let none = BTreeMap::new();
-        Ok(match selector {
-            Selector::All => control.describe(None, "", &none),
-            Selector::Pool(pool) => control.describe(None, pool, &none),
-            Selector::Labels(set) => control.describe(None, "", set.labels()),
-            Selector::Worker(id) => {
-                let (pool, labels) = match self.shared.registry.get(id) {
-                    Some(worker) => {
-                        let details = worker.details();
-                        (details.pool.clone(), details.labels.clone())
-                    }
-                    None => match self.list_workers(Some(selector)).await.workers.first() {
-                        Some(worker) => (
-                            worker.pool.clone(),
-                            worker.labels.clone().into_iter().collect(),
-                        ),
-                        None if control.has_worker_settings(id) => (String::new(), none),
-                        None => return Err(Error::UnknownWorker(id.clone())),
-                    },
-                };
-                control.describe(Some(id), &pool, &labels)
-            }
-        })
+        let (worker, pool, labels) = self.levels_of(selector).await?;
+        Ok(self.shared.control.describe(worker, &pool, &labels))
     }
 
     /// Runs once-a-second housekeeping until shutdown.

@@ -147,7 +147,7 @@ impl<'a> DeliveredEvent<'a> {
         Some(event)
     }
 
-    /// The event's name: its tokens joined by dots, as bytes.
+    /// The length of the event's name: its tokens joined by dots.
     pub fn name_len(&self) -> usize {
         self.parts.iter().map(|part| part.len()).sum::<usize>() + self.parts.len().saturating_sub(1)
     }

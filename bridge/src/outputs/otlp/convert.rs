@@ -169,8 +169,16 @@ fn attributes(event: &EventView, sampling_rate: f64) -> Vec<KeyValue> {
 }
 
 fn failed(event: &EventView) -> bool {
-    event.parts().last() == Some(span::EXCEPTION)
-        || event.metadata(span::RESULT) == Some(span::RESULT_ERROR)
+    failed_end(
+        event.parts().last().map(str::as_bytes),
+        event.metadata(span::RESULT).map(str::as_bytes),
+    )
+}
+
+/// Whether an event ending in `last_part`, with metadata `result`, is a failure (a log
+/// record's ERROR severity, a span's error status): an `.exception`, or `result=error`.
+pub(super) fn failed_end(last_part: Option<&[u8]>, result: Option<&[u8]>) -> bool {
+    last_part == Some(span::EXCEPTION.as_bytes()) || result == Some(span::RESULT_ERROR.as_bytes())
 }
 
 fn unsigned(ns: i64) -> u64 {

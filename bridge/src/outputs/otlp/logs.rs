@@ -22,7 +22,7 @@ use prost::{
 };
 use smallvec::SmallVec;
 
-use super::convert::{WorkerDirectory, resource, scope};
+use super::convert::{WorkerDirectory, failed_end, resource, scope};
 
 // Field numbers of the OpenTelemetry messages written here (opentelemetry/proto/...).
 const REQUEST_RESOURCE_LOGS: u32 = 1;
@@ -170,9 +170,7 @@ fn write_times_and_severity(
         UncheckedEntry::Metadata(key, value) if *key == span::RESULT.as_bytes() => Some(*value),
         _ => None,
     });
-    let failed = event.parts.last() == Some(&span::EXCEPTION.as_bytes())
-        || result == Some(span::RESULT_ERROR.as_bytes());
-    let (severity, text) = if failed {
+    let (severity, text) = if failed_end(event.parts.last().copied(), result) {
         (SeverityNumber::Error, "ERROR")
     } else {
         (SeverityNumber::Info, "INFO")
