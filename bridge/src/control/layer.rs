@@ -240,14 +240,32 @@ fn configured_rules(
     )
 }
 
+/// Of one setting along a chain of levels (most general first), the one a worker gets, with
+/// its level's `key`: the newest; between equal versions (`config.toml`'s, all 0) the more
+/// specific level.
+pub fn deciding_level<'a, K, T: 'a>(
+    settings: impl IntoIterator<Item = (K, Option<&'a Setting<T>>)>,
+) -> Option<(K, &'a Setting<T>)> {
+    settings
+        .into_iter()
+        .filter_map(|(key, setting)| Some((key, setting?)))
+        .fold(None, |winner, candidate| match winner {
+            Some(winner) if winner.1.version > candidate.1.version => Some(winner),
+            _ => Some(candidate),
+        })
+}
+
+/// [`deciding_level`] without the level.
+pub fn deciding<'a, T: 'a>(
+    settings: impl IntoIterator<Item = Option<&'a Setting<T>>>,
+) -> Option<&'a Setting<T>> {
+    deciding_level(settings.into_iter().map(|setting| ((), setting))).map(|((), setting)| setting)
+}
+
 /// Combines levels, most general first, into the state a worker applies.
 pub fn merge<'a>(layers: impl IntoIterator<Item = &'a Layer>, version: u64) -> ControlState {
     fn newer<'a, T>(current: &mut Option<&'a Setting<T>>, candidate: &'a Option<Setting<T>>) {
-        if let Some(candidate) = candidate
-            && current.is_none_or(|c| candidate.version >= c.version)
-        {
-            *current = Some(candidate);
-        }
+        *current = deciding([*current, candidate.as_ref()]);
     }
     let mut enabled = None;
     let mut rate = None;
@@ -258,11 +276,8 @@ pub fn merge<'a>(layers: impl IntoIterator<Item = &'a Layer>, version: u64) -> C
         newer(&mut rate, &layer.sampling_rate);
         newer(&mut filter, &layer.filter);
         for (pattern, setting) in &layer.rules {
-            match rules.get(pattern) {
-                Some(current) if current.version > setting.version => {}
-                _ => {
-                    rules.insert(pattern, setting);
-                }
+            if let Some(winner) = deciding([rules.get(pattern).copied(), Some(setting)]) {
+                rules.insert(pattern, winner);
             }
         }
     }

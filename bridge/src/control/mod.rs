@@ -25,7 +25,7 @@ use bridge_proto::{control::ControlState, sampling::Rate, v1};
 use self::{
     config::{ControlConfig, LayerConfig},
     labels::LabelLevels,
-    layer::{FilterSpec, Invalid, Layer, RuleKey, Setting, merge},
+    layer::{FilterSpec, Invalid, Layer, RuleKey, Setting, deciding_level, merge},
     store::{Snapshot, Store},
     target::EventRate,
     timed::Reverted,
@@ -329,17 +329,13 @@ impl ControlPlane {
         labels: &BTreeMap<String, String>,
     ) -> Option<EventRate> {
         let book = self.book();
-        let mut decides: Option<&Layer> = None;
-        for layer in book.chain(worker, pool, labels) {
-            if let Some(setting) = &layer.sampling_rate
-                && decides
-                    .and_then(|d| d.sampling_rate.as_ref())
-                    .is_none_or(|current| setting.version >= current.version)
-            {
-                decides = Some(layer);
-            }
-        }
-        decides?.target_in_force().map(|(goal, _)| goal)
+        let chain = book.chain(worker, pool, labels);
+        let (decides, _) = deciding_level(
+            chain
+                .into_iter()
+                .map(|layer| (layer, layer.sampling_rate.as_ref())),
+        )?;
+        decides.target_in_force().map(|(goal, _)| goal)
     }
 
     /// Sets the rate the controller chose for a level under a target, as one change, and

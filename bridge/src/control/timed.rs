@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bridge_proto::v1;
 use serde::{Deserialize, Serialize};
 
-use super::layer::{FilterSpec, Layer, Setting};
+use super::layer::{FilterSpec, Layer, Setting, deciding};
 
 /// When a setting made by a timed change reverts, and to what.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,17 +159,10 @@ pub fn earliest(layer: &Layer) -> Option<u64> {
 /// (most general first): of each setting, the one `layer::merge` takes. A timed setting that a
 /// newer one overrides changes nothing when it reverts.
 pub fn earliest_in_force(chain: &[&Layer]) -> Option<u64> {
-    fn newest<'a, T>(settings: impl Iterator<Item = Option<&'a Setting<T>>>) -> Option<u64>
-    where
-        T: 'a,
-    {
-        let mut winner: Option<&Setting<T>> = None;
-        for candidate in settings.flatten() {
-            if winner.is_none_or(|w| candidate.version >= w.version) {
-                winner = Some(candidate);
-            }
-        }
-        winner.and_then(|s| s.expiry.as_ref()).map(|e| e.at_ms)
+    fn newest<'a, T: 'a>(settings: impl Iterator<Item = Option<&'a Setting<T>>>) -> Option<u64> {
+        deciding(settings)
+            .and_then(|s| s.expiry.as_ref())
+            .map(|e| e.at_ms)
     }
     let mut earliest = [
         newest(chain.iter().map(|l| l.enabled.as_ref())),
