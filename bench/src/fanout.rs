@@ -1,5 +1,6 @@
 //! Fan-out: deliveries per second to 1, 10 and 100 subscribers matching every event, and to
-//! 100 matching 1 % each, at the highest event rate the server sustains without dropping any.
+//! 100 matching 1 % each, at the highest event rate the server sustains without dropping any;
+//! and the server's CPU per delivery at fixed delivery rates both servers sustain.
 
 use std::time::{Duration, Instant};
 
@@ -101,8 +102,82 @@ pub(crate) fn probe_fanout(
     })
 }
 
-pub(crate) fn fanout(plan: &Plan) -> Result<Vec<Figure>, String> {
+/// Subscribers, and the events per second sent to them, for the fixed-load cost figures: rates
+/// both servers sustain on a 2-core machine shared with the load and the subscribers.
+const COST_LOADS: [(usize, f64); 3] = [(1, 200_000.0), (10, 50_000.0), (100, 6_000.0)];
+
+/// What a server spends per delivery at a fixed load.
+struct Cost {
+    cpu_seconds_per_million: f64,
+    dropped: f64,
+}
+
+/// The server's CPU per million deliveries to `count` subscribers matching every event, with
+/// `rate` events per second offered, over one window after the warm-up.
+///
+/// Steadier than the probe of [`probe_fanout`]: the probe's limit is reached when hub,
+/// generator and subscribers saturate the two cores together, so it moves with scheduling,
+/// while the cost of a delivery at a load all of them sustain moves much less.
+fn measure_cost(plan: &Plan, kind: Server, count: usize, rate: f64) -> Result<Cost, String> {
+    let server = ServerProcess::start(plan, kind)?;
+    let mut subs = subscribers(&server.url, count, false, false)?;
+    let _load = load(&server.url, 4, Some(rate))?;
+    std::thread::sleep(plan.warmup);
+    let (first, cpu0) = (subs.mark()?, server.stat()?.cpu_seconds);
+    std::thread::sleep(plan.window);
+    let (last, cpu1) = (subs.mark()?, server.stat()?.cpu_seconds);
+    let delivered = number(&last, "deliveries")? - number(&first, "deliveries")?;
+    Ok(Cost {
+        cpu_seconds_per_million: (cpu1 - cpu0) / delivered.max(1.0) * 1e6,
+        dropped: number(&last, "lagged")? - number(&first, "lagged")?,
+    })
+}
+
+/// The fixed-load cost figures, hub and baseline measured in alternation, run by run, so that
+/// a change in the machine's load falls on both.
+fn costs(plan: &Plan) -> Result<Vec<Figure>, String> {
     let mut figures = Vec::new();
+    for (count, rate) in COST_LOADS {
+        let label = format!(
+            "fan-out cost, {count} subscribers at {} deliveries/s",
+            rate * count as f64
+        );
+        let (mut hub, mut base) = (Vec::new(), Vec::new());
+        for run in repeat(plan, &label, || {
+            Ok((
+                measure_cost(plan, Server::Hub, count, rate)?,
+                measure_cost(plan, Server::Baseline, count, rate)?,
+            ))
+        })? {
+            hub.push(run.0);
+            base.push(run.1);
+        }
+        figures.push(
+            Figure::new(
+                Section::Fanout,
+                label,
+                "CPU-s per million deliveries",
+                median(hub.iter().map(|c| c.cpu_seconds_per_million).collect()),
+            )
+            .baseline(median(
+                base.iter().map(|c| c.cpu_seconds_per_million).collect(),
+            )),
+        );
+        figures.push(
+            Figure::new(
+                Section::Fanout,
+                "  dropped in the window",
+                "events",
+                median(hub.iter().map(|c| c.dropped).collect()),
+            )
+            .baseline(median(base.iter().map(|c| c.dropped).collect())),
+        );
+    }
+    Ok(figures)
+}
+
+pub(crate) fn fanout(plan: &Plan) -> Result<Vec<Figure>, String> {
+    let mut figures = costs(plan)?;
     for (count, buckets) in [(1, false), (10, false), (100, false), (100, true)] {
         let label = if buckets {
             format!("fan-out, {count} subscribers matching 1 % each")

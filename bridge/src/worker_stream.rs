@@ -8,7 +8,7 @@
 
 use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use async_stream::stream;
@@ -24,6 +24,7 @@ use bridge_proto::{
     v1::{self, telemetry_control::Control, telemetry_value::Value},
     view::EventView,
 };
+use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Status, Streaming};
@@ -37,6 +38,12 @@ use crate::{
     registry::{HubDrop, Sequenced, Session},
 };
 
+/// Events taken without waiting, with one receipt time, before the ingest loop looks at
+/// whether the hub ended the stream (and reads the clock) again: a bound on how much earlier
+/// than its actual arrival an event can be stamped (the time the hub takes for this many,
+/// tens of microseconds).
+const READ_TOGETHER: u32 = 32;
+
 /// Reads the worker's events until the stream ends or the hub ends it.
 pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView>) {
     let mut stream = StreamState {
@@ -48,19 +55,40 @@ pub async fn ingest(hub: Hub, session: Session, mut inbound: Streaming<EventView
     // Made once: a fresh future per message costs a measurable share of a trickling stream.
     let cancelled = session.cancel.cancelled();
     tokio::pin!(cancelled);
+    // When the events being taken were read: messages that are ready without waiting came in
+    // together, so they share one clock read (up to `READ_TOGETHER` of them). The first one
+    // reads the clock.
+    let mut received_ns = 0;
+    let mut together = READ_TOGETHER;
     let reason = loop {
-        let message = tokio::select! {
-            biased;
-            () = &mut cancelled => {
-                break session
-                    .ended_with()
-                    .map_or_else(|| "closed by the hub".to_owned(), |s| s.message().to_owned());
+        let ready = if together < READ_TOGETHER {
+            inbound.message().now_or_never()
+        } else {
+            None
+        };
+        let message = match ready {
+            Some(message) => {
+                together += 1;
+                message
             }
-            message = inbound.message() => message,
+            None => {
+                let message = tokio::select! {
+                    biased;
+                    () = &mut cancelled => {
+                        break session
+                            .ended_with()
+                            .map_or_else(|| "closed by the hub".to_owned(), |s| s.message().to_owned());
+                    }
+                    message = inbound.message() => message,
+                };
+                received_ns = unix_nanos(SystemTime::now());
+                together = 0;
+                message
+            }
         };
         match message {
             Ok(Some(event)) => {
-                if let Err(error) = accept(&hub, &session, &mut stream, event)
+                if let Err(error) = accept(&hub, &session, &mut stream, event, received_ns)
                     && !warned
                 {
                     warn!(worker.id = %session.worker.id, %error, "dropping invalid events from this worker (logged once per stream; counted as drop reason `invalid`)");
@@ -110,6 +138,7 @@ fn accept(
     session: &Session,
     stream: &mut StreamState,
     event: EventView,
+    received_ns: i64,
 ) -> Result<(), String> {
     let StreamState {
         admission,
@@ -155,7 +184,6 @@ fn accept(
             return Ok(());
         }
     };
-    let received_ns = unix_nanos(std::time::SystemTime::now());
     hub.outputs().publish(
         &Delivery::local(&worker.id, &session.pool, &event, rate, received_ns)
             .with_worker_labels(&session.labels),

@@ -37,18 +37,25 @@ impl Rate {
     /// Whether to keep an event with this sampling key (none: decided at random).
     #[inline]
     pub fn keep(self, key: SamplingKey<'_>) -> bool {
-        self.keep_with(key, &mut rand::rng())
+        self.keep_drawing(key, draw_from_thread)
     }
 
     /// [`Rate::keep`] drawing from `rng` for events without a sampling key.
     #[inline]
     pub fn keep_with<R: rand::Rng + ?Sized>(self, key: SamplingKey<'_>, rng: &mut R) -> bool {
+        self.keep_drawing(key, || rand::RngExt::random::<f64>(rng))
+    }
+
+    /// [`Rate::keep`] with `draw` giving a uniform number in [0, 1) when one is needed (only
+    /// then: taking the thread's generator costs a thread-local access per event at rate 1).
+    #[inline]
+    fn keep_drawing(self, key: SamplingKey<'_>, draw: impl FnOnce() -> f64) -> bool {
         if self.0 >= 1.0 {
             true
         } else if self.0 <= 0.0 {
             false
         } else if key.is_none() {
-            rand::RngExt::random::<f64>(rng) < self.0
+            draw() < self.0
         } else {
             key.fraction() < self.0
         }
@@ -155,7 +162,7 @@ impl Presampled {
     /// lower rate than `target` is kept, at its own rate: what was dropped cannot be restored.
     #[inline]
     pub fn resample(self, target: Rate, key: SamplingKey<'_>) -> Option<Rate> {
-        self.resample_with(target, key, &mut rand::rng())
+        self.resample_drawing(target, key, draw_from_thread)
     }
 
     /// [`Presampled::resample`] drawing from `rng` for events without a sampling key.
@@ -166,16 +173,31 @@ impl Presampled {
         key: SamplingKey<'_>,
         rng: &mut R,
     ) -> Option<Rate> {
+        self.resample_drawing(target, key, || rand::RngExt::random::<f64>(rng))
+    }
+
+    #[inline]
+    fn resample_drawing(
+        self,
+        target: Rate,
+        key: SamplingKey<'_>,
+        draw: impl FnOnce() -> f64,
+    ) -> Option<Rate> {
         if target.0 >= self.rate {
             return Some(Rate(self.rate));
         }
         let keep = if self.rate >= 1.0 || (self.draw == Draw::Consistent && !key.is_none()) {
-            target.keep_with(key, rng)
+            target.keep_drawing(key, draw)
         } else {
-            Rate(target.0 / self.rate).keep_with(key, rng)
+            Rate(target.0 / self.rate).keep_drawing(key, draw)
         };
         keep.then_some(target)
     }
+}
+
+/// A uniform number in [0, 1) from the thread's generator.
+fn draw_from_thread() -> f64 {
+    rand::RngExt::random::<f64>(&mut rand::rng())
 }
 
 /// `fmix64(fnv1a64(bytes))`, the hash sampling decisions are made on.

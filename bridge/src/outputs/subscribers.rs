@@ -9,22 +9,23 @@
 use std::{
     collections::HashSet,
     future::Future,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
+    task::{Context, Poll},
     time::SystemTime,
 };
 
 use arc_swap::ArcSwap;
-use async_stream::stream;
 use bridge_proto::{
     condition::Condition, encoded::EncodedSubscribeResponse, labels::LabelSet, pattern::Pattern,
     trace::TraceId, v1,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{Delivery, Origin, Output};
 use crate::{
@@ -244,42 +245,102 @@ pub enum FeedItem {
     ShuttingDown,
 }
 
+/// Items a feed takes from its queue at a time, with one clock read and one update of the
+/// latency histogram for them all. Small: a subscription that has been busy keeps room for
+/// this many.
+const TAKE: usize = 64;
+
 impl Subscription {
     /// The subscription as a stream of deliveries, with a lag notice wherever events were
     /// skipped; it ends (after [`FeedItem::ShuttingDown`]) when `shutdown` is cancelled. Every
     /// transport (gRPC, server-sent events) serves this one stream, so lag is reported alike.
-    pub fn into_feed(mut self, shutdown: CancellationToken) -> impl Stream<Item = FeedItem> + Send {
-        stream! {
-            loop {
-                let item = match self.queue.try_recv() {
-                    Ok(item) => item,
-                    Err(_) => {
-                        // Drained: report events skipped since the last queued one before
-                        // waiting, so a lag is never hidden behind a quiet period.
-                        let skipped = self.take_skipped();
-                        if skipped > 0 {
-                            yield FeedItem::Lagged(skipped);
-                        }
-                        tokio::select! {
-                            item = self.queue.recv() => match item {
-                                Some(item) => item,
-                                None => break,
-                            },
-                            () = shutdown.cancelled() => {
-                                yield FeedItem::ShuttingDown;
-                                break;
-                            }
-                        }
-                    }
-                };
-                if item.skipped_before > 0 {
-                    yield FeedItem::Lagged(item.skipped_before);
+    pub fn into_feed(self, shutdown: CancellationToken) -> Feed {
+        Feed {
+            subscription: self,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
+            taken: Vec::new(),
+            after_notice: None,
+            ended: false,
+        }
+    }
+}
+
+/// A subscription's deliveries as a stream: see [`Subscription::into_feed`].
+///
+/// Takes what its queue holds in one go (up to [`TAKE`]), which hands the queue's capacity back
+/// once per take rather than once per event and reads the clock once for the lot; the
+/// transport then writes as many as it can take in one write.
+#[derive(Debug)]
+pub struct Feed {
+    subscription: Subscription,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Taken from the queue and not yet yielded, the next one last.
+    taken: Vec<Item>,
+    /// An event whose lag notice was yielded just before it.
+    after_notice: Option<EncodedSubscribeResponse>,
+    ended: bool,
+}
+
+impl Feed {
+    /// Records the wait of every item just taken, and puts them in yielding order.
+    fn took(&mut self) {
+        let now = unix_nanos(SystemTime::now());
+        let subscription = &self.subscription;
+        subscription.subscribers.latency().record_each(
+            subscription.subscriber.id.0,
+            self.taken
+                .iter()
+                .map(|item| elapsed_ns(item.received_ns, now)),
+        );
+        self.taken.reverse();
+    }
+}
+
+impl Stream for Feed {
+    type Item = FeedItem;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FeedItem>> {
+        let this = self.get_mut();
+        if let Some(response) = this.after_notice.take() {
+            return Poll::Ready(Some(FeedItem::Event(response)));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.taken.is_empty() {
+            match this
+                .subscription
+                .queue
+                .poll_recv_many(cx, &mut this.taken, TAKE)
+            {
+                Poll::Ready(0) => {
+                    this.ended = true;
+                    return Poll::Ready(None);
                 }
-                let waited = elapsed_ns(item.received_ns, unix_nanos(SystemTime::now()));
-                self.subscribers.latency().record(self.subscriber.id.0, waited);
-                yield FeedItem::Event(item.response);
+                Poll::Ready(_) => this.took(),
+                Poll::Pending => {
+                    // Drained: report events skipped since the last queued one before
+                    // waiting, so a lag is never hidden behind a quiet period.
+                    let skipped = this.subscription.take_skipped();
+                    if skipped > 0 {
+                        return Poll::Ready(Some(FeedItem::Lagged(skipped)));
+                    }
+                    if this.shutdown.as_mut().poll(cx).is_ready() {
+                        this.ended = true;
+                        return Poll::Ready(Some(FeedItem::ShuttingDown));
+                    }
+                    return Poll::Pending;
+                }
             }
         }
+        let Some(item) = this.taken.pop() else {
+            return Poll::Pending;
+        };
+        if item.skipped_before > 0 {
+            this.after_notice = Some(item.response);
+            return Poll::Ready(Some(FeedItem::Lagged(item.skipped_before)));
+        }
+        Poll::Ready(Some(FeedItem::Event(item.response)))
     }
 }
 
@@ -401,6 +462,7 @@ mod tests {
     use bridge_proto::view::EventView;
 
     use super::*;
+    use futures_util::FutureExt;
     use prost::Message;
 
     fn event(name: &str) -> EventView {
@@ -548,6 +610,67 @@ mod tests {
             .map(|q| q.queue.try_recv().is_ok())
             .collect();
         assert_eq!(received, [true, false, true, false]);
+    }
+
+    /// What a feed yields now, without waiting: events as their names, lag notices as counts.
+    fn ready(feed: &mut Feed) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Some(Some(item)) = futures_util::StreamExt::next(feed).now_or_never() {
+            seen.push(match item {
+                FeedItem::Event(response) => {
+                    match v1::SubscribeResponse::decode(response.as_bytes().clone())
+                        .unwrap()
+                        .item
+                        .unwrap()
+                    {
+                        v1::subscribe_response::Item::Event(d) => {
+                            d.event.unwrap().event_parts[0].clone()
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+                FeedItem::Lagged(n) => format!("lagged {n}"),
+                FeedItem::ShuttingDown => "shutting down".to_owned(),
+            });
+        }
+        seen
+    }
+
+    #[test]
+    fn a_feed_yields_what_its_queue_took_in_order_with_lag_notices_where_the_gaps_are() {
+        let subscribers = Subscribers::new(2);
+        let shutdown = CancellationToken::new();
+        let mut feed = subscribers
+            .subscribe(Filter::default())
+            .into_feed(shutdown.clone());
+        for name in ["a", "b", "c", "d"] {
+            publish(&subscribers, name, 1.0, 0);
+        }
+        // The queue held two; the two skipped are reported once it has drained.
+        assert_eq!(ready(&mut feed), ["a", "b", "lagged 2"]);
+        for name in ["e", "f", "g", "h"] {
+            publish(&subscribers, name, 1.0, 0);
+        }
+        assert_eq!(ready(&mut feed), ["e", "f", "lagged 2"]);
+        for name in ["i", "j", "k"] {
+            publish(&subscribers, name, 1.0, 0);
+        }
+        // Taking `i` takes `j` from the queue too, which makes room for `l`: the skip of `k`
+        // travels with `l`, just before it.
+        assert!(
+            futures_util::StreamExt::next(&mut feed)
+                .now_or_never()
+                .is_some()
+        );
+        publish(&subscribers, "l", 1.0, 0);
+        assert_eq!(ready(&mut feed), ["j", "lagged 1", "l"]);
+        assert_eq!(subscribers.latency().snapshot().count, 7);
+        shutdown.cancel();
+        assert_eq!(ready(&mut feed), ["shutting down"]);
+        assert!(matches!(
+            futures_util::StreamExt::next(&mut feed).now_or_never(),
+            Some(None)
+        ));
     }
 
     #[test]
