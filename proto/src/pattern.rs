@@ -92,6 +92,18 @@ impl Pattern {
         matches!(*self.tokens, [Token::Tail])
     }
 
+    /// The tokens of a pattern that names one event exactly (no `*` or `>`).
+    pub fn exact_name(&self) -> Option<impl Iterator<Item = &str> + Clone> {
+        let literals = self.tokens.iter().map(|token| match token {
+            Token::Literal(literal) => Some(&**literal),
+            Token::Star | Token::Tail => None,
+        });
+        literals
+            .clone()
+            .all(|literal| literal.is_some())
+            .then(|| literals.flatten())
+    }
+
     /// Matches a dotted event name such as `inference.stop`.
     pub fn matches_name(&self, name: &str) -> bool {
         self.matches_tokens(name.split('.'))

@@ -7,8 +7,9 @@
 //! is swapped atomically on (rare) subscribe/unsubscribe, so publishing takes no lock.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     future::Future,
+    hash::{BuildHasher, Hasher},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -23,6 +24,8 @@ use bridge_proto::{
     condition::Condition, encoded::EncodedSubscribeResponse, labels::LabelSet, pattern::Pattern,
     trace::TraceId, v1,
 };
+use foldhash::fast::FixedState;
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -183,9 +186,99 @@ impl Subscriber {
     }
 }
 
+/// The subscribers as publishing walks them, rebuilt on every subscribe and unsubscribe.
+#[derive(Debug, Default)]
+struct Audience {
+    /// Every subscriber, in id order.
+    all: Vec<Arc<Subscriber>>,
+    /// Subscribers whose every pattern names one event exactly, by [`name_hash`] of each name
+    /// (as indexes into `all`, each at most once per hash): an event looks up its own name
+    /// instead of every such subscriber trying its patterns. Their whole filter is still
+    /// checked, so a hash shared by two names costs a check, never a wrong delivery.
+    by_name: HashMap<u64, SmallVec<[u32; 2]>, FixedState>,
+    /// The others (no pattern, or one with a wildcard), as indexes into `all`.
+    rest: Vec<u32>,
+}
+
+/// The seed of [`name_hash`]: any constant, the same for the index and the lookups.
+const NAME_HASH_SEED: u64 = 0x6272_6964_6765;
+
+/// A hash of an event name's tokens.
+fn name_hash<'a>(parts: impl Iterator<Item = &'a str>) -> u64 {
+    let mut hasher = FixedState::with_seed(NAME_HASH_SEED).build_hasher();
+    for part in parts {
+        hasher.write(part.as_bytes());
+        // Never part of a UTF-8 string: `a.bc` and `ab.c` hash apart.
+        hasher.write_u8(0xff);
+    }
+    hasher.finish()
+}
+
+impl Audience {
+    fn new(all: Vec<Arc<Subscriber>>) -> Self {
+        let mut by_name: HashMap<u64, SmallVec<[u32; 2]>, FixedState> = HashMap::default();
+        let mut rest = Vec::new();
+        for (index, subscriber) in (0u32..).zip(&all) {
+            let patterns = &subscriber.filter.patterns;
+            let names: Option<Vec<u64>> = (!patterns.is_empty())
+                .then(|| {
+                    patterns
+                        .iter()
+                        .map(|p| p.exact_name().map(name_hash))
+                        .collect()
+                })
+                .flatten();
+            match names {
+                Some(mut hashes) => {
+                    hashes.sort_unstable();
+                    hashes.dedup();
+                    for hash in hashes {
+                        by_name.entry(hash).or_default().push(index);
+                    }
+                }
+                None => rest.push(index),
+            }
+        }
+        Self { all, by_name, rest }
+    }
+
+    /// The subscribers that may want an event with these name tokens: every one whose filter
+    /// matches it is among them, exactly once.
+    #[inline]
+    fn candidates<'a>(&self, parts: impl Iterator<Item = &'a str>) -> Candidates<'_> {
+        let named = if self.by_name.is_empty() {
+            None
+        } else {
+            self.by_name.get(&name_hash(parts))
+        };
+        Candidates {
+            all: &self.all,
+            indexes: self.rest.iter().chain(named.into_iter().flatten()),
+        }
+    }
+}
+
+/// See [`Audience::candidates`].
+struct Candidates<'a> {
+    all: &'a [Arc<Subscriber>],
+    indexes: std::iter::Chain<
+        std::slice::Iter<'a, u32>,
+        std::iter::Flatten<std::option::IntoIter<&'a SmallVec<[u32; 2]>>>,
+    >,
+}
+
+impl<'a> Iterator for Candidates<'a> {
+    type Item = &'a Subscriber;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a Subscriber> {
+        self.indexes.next().map(|index| &*self.all[*index as usize])
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
-    subscribers: ArcSwap<Vec<Arc<Subscriber>>>,
+    subscribers: ArcSwap<Audience>,
     edit: Mutex<()>,
     next_id: AtomicU64,
     queue_capacity: usize,
@@ -354,7 +447,7 @@ impl Subscribers {
     pub fn new(queue_capacity: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
-                subscribers: ArcSwap::from_pointee(Vec::new()),
+                subscribers: ArcSwap::from_pointee(Audience::default()),
                 edit: Mutex::new(()),
                 next_id: AtomicU64::new(1),
                 queue_capacity,
@@ -376,11 +469,11 @@ impl Subscribers {
             skipped_total: AtomicU64::new(0),
         });
         let _edit = self.shared.edit.lock().unwrap_or_else(|p| p.into_inner());
-        let mut list = Vec::clone(&self.shared.subscribers.load());
+        let mut list = self.shared.subscribers.load().all.clone();
         // In id order (ids are taken before the lock), for `offer`'s walk over an audience.
         let at = list.partition_point(|s| s.id < subscriber.id);
         list.insert(at, subscriber.clone());
-        self.shared.subscribers.store(Arc::new(list));
+        self.shared.subscribers.store(Arc::new(Audience::new(list)));
         Subscription {
             queue: rx,
             subscriber,
@@ -390,7 +483,7 @@ impl Subscribers {
 
     fn remove(&self, id: SubscriberId) {
         let _edit = self.shared.edit.lock().unwrap_or_else(|p| p.into_inner());
-        let mut list = Vec::clone(&self.shared.subscribers.load());
+        let mut list = self.shared.subscribers.load().all.clone();
         if let Some(gone) = list.iter().find(|s| s.id == id) {
             let shared = &self.shared;
             shared
@@ -401,7 +494,7 @@ impl Subscribers {
                 .fetch_add(gone.skipped_total.load(Relaxed), Relaxed);
         }
         list.retain(|s| s.id != id);
-        self.shared.subscribers.store(Arc::new(list));
+        self.shared.subscribers.store(Arc::new(Audience::new(list)));
     }
 
     /// Events queued for subscribers, and events subscribers skipped because they lagged,
@@ -409,7 +502,7 @@ impl Subscribers {
     pub fn totals(&self) -> (u64, u64) {
         // Under the edit lock, so a subscriber leaving is never counted twice or not at all.
         let _edit = self.shared.edit.lock().unwrap_or_else(|p| p.into_inner());
-        let live = self.shared.subscribers.load();
+        let live = &self.shared.subscribers.load().all;
         let delivered: u64 = live.iter().map(|s| s.delivered.load(Relaxed)).sum();
         let skipped: u64 = live.iter().map(|s| s.skipped_total.load(Relaxed)).sum();
         (
@@ -424,7 +517,7 @@ impl Subscribers {
     }
 
     pub fn subscriber_count(&self) -> usize {
-        self.shared.subscribers.load().len()
+        self.shared.subscribers.load().all.len()
     }
 }
 
@@ -440,13 +533,13 @@ impl Output for Subscribers {
             }
         };
         match delivery.origin {
-            Origin::Local => subscribers.iter().for_each(|s| offer(s)),
+            Origin::Local => subscribers.candidates(delivery.parts()).for_each(offer),
             Origin::OtherHub {
                 subscribers: audience,
             } => {
                 // Both lists are in id order: one walk, however many subscribers share it.
                 let mut wanted = audience.iter().peekable();
-                for subscriber in subscribers.iter() {
+                for subscriber in &subscribers.all {
                     while wanted.next_if(|id| **id < subscriber.id).is_some() {}
                     if wanted.next_if(|id| **id == subscriber.id).is_some() {
                         offer(subscriber);
@@ -489,6 +582,7 @@ mod tests {
             .shared
             .subscribers
             .load()
+            .all
             .iter()
             .filter(|s| s.filter.matches(&delivery))
             .count();
@@ -671,6 +765,73 @@ mod tests {
             futures_util::StreamExt::next(&mut feed).now_or_never(),
             Some(None)
         ));
+    }
+
+    /// Subscribers that name their events exactly are found by the name, the others by their
+    /// patterns; each matching one gets an event once, whatever its patterns repeat.
+    #[test]
+    fn every_matching_subscriber_gets_an_event_once_whether_named_or_patterned() {
+        let subscribers = Subscribers::new(64);
+        let with = |patterns: &[&str], pool: Option<&str>| {
+            subscribers.subscribe(Filter {
+                patterns: patterns
+                    .iter()
+                    .map(|p| Pattern::parse(p).unwrap())
+                    .collect(),
+                pool: pool.map(String::from),
+                ..Default::default()
+            })
+        };
+        let mut subscriptions = [
+            with(&["inference.stop"], None),
+            with(&["inference.stop", "inference.stop", "gpu.util"], None),
+            with(&["inference.stop"], Some("mistral")),
+            with(&["inference.*"], None),
+            with(&[], None),
+            with(&["inference.start", "inference.stop.late"], None),
+            with(&["inference"], None),
+        ];
+        for name in [
+            "inference.stop",
+            "gpu.util",
+            "inference.start",
+            "infer.ence",
+        ] {
+            publish(&subscribers, name, 1.0, 0);
+        }
+        let received: Vec<Vec<String>> = subscriptions
+            .iter_mut()
+            .map(|s| {
+                std::iter::from_fn(|| s.queue.try_recv().ok())
+                    .map(|item| match decode(&item) {
+                        v1::subscribe_response::Item::Event(d) => {
+                            d.event.unwrap().event_parts.join(".")
+                        }
+                        other => panic!("{other:?}"),
+                    })
+                    .collect()
+            })
+            .collect();
+        let expected: [&[&str]; 7] = [
+            &["inference.stop"],
+            &["inference.stop", "gpu.util"],
+            &[],
+            &["inference.stop", "inference.start"],
+            &[
+                "inference.stop",
+                "gpu.util",
+                "inference.start",
+                "infer.ence",
+            ],
+            &["inference.start"],
+            &[],
+        ];
+        assert_eq!(received, expected);
+        // Unsubscribing rebuilds the index.
+        let [first, second, ..] = subscriptions;
+        drop(first);
+        assert_eq!(publish(&subscribers, "inference.stop", 1.0, 0), 3);
+        assert_eq!(second.queue.len(), 1);
     }
 
     #[test]
