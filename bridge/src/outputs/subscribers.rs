@@ -246,14 +246,14 @@ impl Audience {
     /// matches it is among them, exactly once.
     #[inline]
     fn candidates<'a>(&self, parts: impl Iterator<Item = &'a str>) -> Candidates<'_> {
-        let named = if self.by_name.is_empty() {
-            None
+        let named: &[u32] = if self.by_name.is_empty() {
+            &[]
         } else {
-            self.by_name.get(&name_hash(parts))
+            self.by_name.get(&name_hash(parts)).map_or(&[], |n| n)
         };
         Candidates {
             all: &self.all,
-            indexes: self.rest.iter().chain(named.into_iter().flatten()),
+            indexes: self.rest.iter().chain(named),
         }
     }
 }
@@ -261,10 +261,7 @@ impl Audience {
 /// See [`Audience::candidates`].
 struct Candidates<'a> {
     all: &'a [Arc<Subscriber>],
-    indexes: std::iter::Chain<
-        std::slice::Iter<'a, u32>,
-        std::iter::Flatten<std::option::IntoIter<&'a SmallVec<[u32; 2]>>>,
-    >,
+    indexes: std::iter::Chain<std::slice::Iter<'a, u32>, std::slice::Iter<'a, u32>>,
 }
 
 impl<'a> Iterator for Candidates<'a> {
