@@ -2,8 +2,8 @@
 //! measured the same way in the same invocation (the baseline column).
 //!
 //! Load goes to hub A and subscribers and operators use hub B, so every figure crosses NATS:
-//! A publishes, NATS matches, B delivers; a command on B is written to the key-value bucket,
-//! A pushes it to its worker and B gathers A's acknowledgement.
+//! A publishes batches of events, B matches and delivers them; a command on B is written to
+//! the key-value bucket, A pushes it to its worker and B gathers A's acknowledgement.
 
 use std::{
     io::{BufRead, BufReader},

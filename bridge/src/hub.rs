@@ -7,6 +7,7 @@ use std::{
 };
 
 use bridge_proto::{
+    batch::Labels,
     protocol::events::{
         CLUSTER_CONNECTED, CLUSTER_DISCONNECTED, WORKER_CONNECTED, WORKER_DISCONNECTED,
     },
@@ -282,7 +283,7 @@ impl Hub {
         self.publish_lifecycle(
             &identity.id,
             &identity.pool,
-            &identity.labels,
+            &opened.session.labels,
             &WORKER_CONNECTED,
             metadata,
             Default::default(),
@@ -302,7 +303,7 @@ impl Hub {
     fn announce_disconnected(&self, worker: &Worker, reason: &str) {
         let (pool, labels) = {
             let details = worker.details();
-            (details.pool.clone(), details.labels.clone())
+            (details.pool.clone(), Arc::new(details.labels.clone()))
         };
         let received = worker.counters.received.load(Relaxed);
         self.publish_lifecycle(
@@ -339,7 +340,7 @@ impl Hub {
         self.publish_lifecycle(
             node,
             "",
-            &BTreeMap::new(),
+            &Labels::default(),
             name,
             [("note".to_owned(), note.to_owned())].into(),
             Default::default(),
@@ -350,7 +351,7 @@ impl Hub {
         &self,
         worker_id: &str,
         pool: &str,
-        labels: &BTreeMap<String, String>,
+        labels: &Labels,
         name: &[&str],
         metadata: std::collections::HashMap<String, String>,
         measurements: std::collections::HashMap<String, v1::TelemetryValue>,
@@ -379,16 +380,8 @@ impl Hub {
             )));
         }
         let subscription = self.shared.subscribers.subscribe(filter);
-        // Other hubs' events carry no labels, so none could match a subscription on labels:
-        // it sees this hub's workers only (as the README says), and costs NATS nothing.
-        if let Some(link) = self.cluster()
-            && subscription.filter().worker_labels.is_none()
-        {
-            link.mirror(
-                subscription.id(),
-                subscription.filter(),
-                subscription.closed(),
-            );
+        if let Some(link) = self.cluster() {
+            link.receive_while(subscription.closed());
         }
         Ok(subscription)
     }

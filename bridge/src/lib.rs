@@ -9,7 +9,7 @@
 //!  (worker_stream)   (limits, control state) │   (one hand-off)     ├─▶ OTLP export
 //!                                            │                      └─▶ cluster publisher ─▶ NATS
 //!                                            └─▶ the stream's share of the inference metrics
-//! other hubs ─▶ cluster subscriptions ──────────────────▲ (to the subscribers they were made for)
+//! other hubs' batches ─▶ check each event ──────────────▲ (to the subscribers, by their filters)
 //! ```
 //! Every output owns its queue, its drops and its metrics, and never makes the door wait.
 //!

@@ -253,24 +253,55 @@ impl Collector for HubCollector {
                     }),
                 )],
             )?;
-            counter(
-                &mut encoder,
-                "bridge_cluster_received_events",
-                "Events received from other hubs, once for each of this hub's cluster subscriptions that carried them.",
-                &[(
-                    vec![],
-                    cluster.received.load(std::sync::atomic::Ordering::Relaxed),
-                )],
-            )?;
-            counter(
-                &mut encoder,
-                "bridge_cluster_dropped_events",
-                "Events not published to the cluster because NATS was slow or away too long.",
-                &[(
-                    vec![],
-                    cluster.dropped.load(std::sync::atomic::Ordering::Relaxed),
-                )],
-            )?;
+            let counters = &cluster.counters;
+            for (name, help, value) in [
+                (
+                    "bridge_cluster_published_events",
+                    "Events this hub sent to the other hubs.",
+                    &counters.published_events,
+                ),
+                (
+                    "bridge_cluster_published_batches",
+                    "NATS messages (batches of events) this hub sent to the other hubs.",
+                    &counters.published_batches,
+                ),
+                (
+                    "bridge_cluster_dropped_events",
+                    "Events not sent to the other hubs because NATS was slow or away too long, \
+                     or refused them.",
+                    &counters.dropped_events,
+                ),
+                (
+                    "bridge_cluster_received_events",
+                    "Events received from other hubs, each once however many subscriptions \
+                     take it.",
+                    &counters.received_events,
+                ),
+                (
+                    "bridge_cluster_received_batches",
+                    "NATS messages (batches of events) received from other hubs.",
+                    &counters.received_batches,
+                ),
+                (
+                    "bridge_cluster_malformed_batches",
+                    "Messages on the cluster's batch subject that were not well-formed batches, \
+                     dropped whole.",
+                    &counters.malformed_batches,
+                ),
+                (
+                    "bridge_cluster_malformed_events",
+                    "Events of other hubs' batches that were not well-formed event deliveries, \
+                     dropped.",
+                    &counters.malformed_events,
+                ),
+            ] {
+                counter(
+                    &mut encoder,
+                    name,
+                    help,
+                    &[(vec![], value.load(std::sync::atomic::Ordering::Relaxed))],
+                )?;
+            }
         }
         if let Some(otlp) = self.hub.otlp() {
             otlp_metrics(&mut encoder, otlp)?;

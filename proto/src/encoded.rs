@@ -15,10 +15,10 @@ use prost::{
     encoding::{DecodeContext, WireType, skip_field},
 };
 
-use crate::trace::TraceId;
 use crate::v1::{
     EventDelivery, LagNotice, SubscribeResponse, TelemetryEvent, subscribe_response::Item,
 };
+use crate::view::RelayedDelivery;
 
 /// Implements [`prost::Message`] for a wrapper of already-encoded bytes: encoding writes them
 /// verbatim. Only the side that sends these types uses them, so decoding skips every field.
@@ -177,32 +177,14 @@ impl EncodedSubscribeResponse {
         &self.bytes
     }
 
-    /// Bytes received from elsewhere (another hub) that must hold an event delivery, with what
-    /// the receiving hub's filters read; `None` when they do not, so that nothing malformed
-    /// reaches a subscriber.
-    pub fn checked_delivery(bytes: Bytes) -> Option<CheckedDelivery> {
-        match SubscribeResponse::decode(bytes.clone()) {
-            Ok(SubscribeResponse {
-                item: Some(Item::Event(delivery)),
-            }) => Some(CheckedDelivery {
-                response: Self { bytes },
-                received_ns: delivery.received_ns,
-                trace_id: delivery
-                    .event
-                    .and_then(|event| TraceId::from_bytes(&event.trace_id).ok()),
-            }),
-            _ => None,
+    /// A copy of a delivery received from another hub, which [`RelayedDelivery::check`]
+    /// passed: a copy, so that an event a subscriber keeps queued does not keep the whole
+    /// message it came in alive.
+    pub fn relayed(delivery: &RelayedDelivery<'_>) -> Self {
+        Self {
+            bytes: Bytes::copy_from_slice(delivery.response),
         }
     }
-}
-
-/// An event delivery received from elsewhere, checked.
-#[derive(Debug, Clone)]
-pub struct CheckedDelivery {
-    pub response: EncodedSubscribeResponse,
-    /// When the delivering hub received the event.
-    pub received_ns: i64,
-    pub trace_id: Option<TraceId>,
 }
 
 bytes_message!(EncodedSubscribeResponse);

@@ -1,6 +1,7 @@
 //! Field numbers of the messages that are encoded or read by hand rather than by the generated
 //! code: the worker's event encoder, the hub's `EventView` and its once-encoded deliveries
-//! (the `view` and `encoded` modules), and the outage buffer's sequence numbers.
+//! (the `view` and `encoded` modules), the outage buffer's sequence numbers, and the batches
+//! hubs pass one another in cluster mode (the `batch` module).
 //!
 //! They must equal the numbers in `bridge.proto`; the test below reads them back from the
 //! compiled descriptors, so that a change to the contract cannot leave a hand-written codec
@@ -46,6 +47,23 @@ pub mod event_delivery {
     pub const EVENT: u32 = 3;
     pub const SAMPLING_RATE: u32 = 4;
     pub const RECEIVED_NS: u32 = 5;
+}
+
+/// `EventBatch`.
+pub mod event_batch {
+    pub const LABELS: u32 = 1;
+    pub const EVENTS: u32 = 2;
+}
+
+/// `WorkerLabels` (its `labels` map; entries as [`map_entry`](super::map_entry)).
+pub mod worker_labels {
+    pub const LABELS: u32 = 1;
+}
+
+/// `BatchedEvent`.
+pub mod batched_event {
+    pub const DELIVERY: u32 = 1;
+    pub const LABELS: u32 = 2;
 }
 
 #[cfg(test)]
@@ -128,6 +146,26 @@ mod tests {
                 ("event", d::EVENT),
                 ("sampling_rate", d::SAMPLING_RATE),
                 ("received_ns", d::RECEIVED_NS),
+            ])
+        );
+        assert_eq!(
+            fields(&message("EventBatch")),
+            named(&[
+                ("labels", event_batch::LABELS),
+                ("events", event_batch::EVENTS)
+            ])
+        );
+        let labels = message("WorkerLabels");
+        assert_eq!(fields(&labels), named(&[("labels", worker_labels::LABELS)]));
+        assert_eq!(
+            fields(&labels.nested_type[0]),
+            named(&[("key", map_entry::KEY), ("value", map_entry::VALUE)])
+        );
+        assert_eq!(
+            fields(&message("BatchedEvent")),
+            named(&[
+                ("delivery", batched_event::DELIVERY),
+                ("labels", batched_event::LABELS)
             ])
         );
         let response = fields(&message("SubscribeResponse"));

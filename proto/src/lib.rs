@@ -21,7 +21,9 @@
 //!   id.
 //! - [`trace`]: W3C trace context: trace and span ids, `traceparent`.
 //! - [`control`]: a worker's effective control state and the verdict it gives each event.
-//! - [`view`]: `TelemetryEvent` as the hub receives it, without building its maps.
+//! - [`view`]: `TelemetryEvent` as the hub receives it, without building its maps, and a
+//!   delivery another hub passed on, checked where it lies.
+//! - [`batch`]: the batches of deliveries hubs pass one another in cluster mode.
 //! - [`fields`]: field numbers for the codecs written by hand ([`encoded`], [`view`], the
 //!   worker's encoder), checked against the contract.
 //! - [`connect`]: what every client of the hub needs to connect: token and TLS options, a
@@ -31,6 +33,7 @@
 //! The semantics every participant must share (names, patterns, sampling, control) live here,
 //! beside the wire types, so that the hub and the workers cannot drift apart.
 
+pub mod batch;
 pub mod codec;
 pub mod condition;
 pub mod connect;

@@ -23,11 +23,13 @@ use smallvec::SmallVec;
 
 mod delivered;
 mod inference;
+mod relayed;
 
 use self::inference::CallIndex;
 pub use self::{
     delivered::{DeliveredEvent, DeliveryRef, UncheckedEntry},
     inference::{CallEnd, InferenceCall},
+    relayed::RelayedDelivery,
 };
 
 use crate::{

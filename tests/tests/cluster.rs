@@ -3,10 +3,10 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use bridge_proto::protocol::events;
-use bridge_proto::v1;
+use bridge_proto::{batch::BatchWriter, encoded::EncodedSubscribeResponse, protocol::events, v1};
 use bridge_tests::{
-    HubProcess, NatsServer, Recorder, WorkerProcess, eventually, http_get, name, sequence,
+    HubProcess, NatsServer, Recorder, WorkerProcess, eventually, http_get, metric_sample, name,
+    run_cli, sequence,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -181,4 +181,229 @@ async fn a_hub_without_nats_serves_locally_says_so_and_rejoins() {
     .await;
     sequences_once(&remote, "gpu-a");
     sequences_once(&local, "gpu-a");
+}
+
+/// A subscription on hub B with these filters.
+fn request(patterns: &[&str], workers: &[&str], labels: &[(&str, &str)]) -> v1::SubscribeRequest {
+    v1::SubscribeRequest {
+        patterns: patterns.iter().map(|p| (*p).to_owned()).collect(),
+        worker_ids: workers.iter().map(|w| (*w).to_owned()).collect(),
+        worker_labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn metric(hub: &HubProcess, series: &str) -> f64 {
+    let text = tokio::task::block_in_place(|| http_get(hub.http, "/metrics", &[])).body;
+    metric_sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// An event from hub A reaches every subscription on hub B whose filter matches it, once each
+/// (B receives it once and matches it against all of them), and the worker's labels travel
+/// with it, so `subscribe --label` on B sees A's labelled workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_matching_subscription_on_another_hub_gets_an_event_once_labels_included() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let a = nats.hub("hub-a");
+    let b = nats.hub("hub-b");
+    let mut client_b = b.client().await;
+    // Two different filters that both match gpu-a's inference events, and two on labels.
+    let by_name = Recorder::start(&mut client_b, request(&["inference.>"], &[], &[])).await;
+    let by_worker = Recorder::start(&mut client_b, request(&[], &["gpu-a"], &[])).await;
+    let eu = Recorder::start(&mut client_b, request(&[], &[], &[("zone", "eu")])).await;
+    let us_rack = Recorder::start(
+        &mut client_b,
+        request(&[], &[], &[("zone", "us"), ("rack", "7")]),
+    )
+    .await;
+    let _gpu_a = WorkerProcess::start(
+        &a.url,
+        "gpu-a",
+        "llama",
+        &["--simulate", "100", "--label", "zone=eu"],
+    );
+    let _gpu_c = WorkerProcess::start(
+        &a.url,
+        "gpu-c",
+        "llama",
+        &[
+            "--simulate",
+            "100",
+            "--label",
+            "zone=us",
+            "--label",
+            "rack=7",
+        ],
+    );
+    // Sequence numbers of `worker`'s inference events, checking each arrived once.
+    let inference_of = |tail: &Recorder, worker: &str| -> Vec<u64> {
+        sequences_once(tail, worker);
+        tail.deliveries()
+            .iter()
+            .filter(|d| d.worker_id == worker && name(d).starts_with("inference."))
+            .map(sequence)
+            .collect()
+    };
+    eventually("gpu-a's and gpu-c's events on B", WAIT, || async {
+        (inference_of(&by_name, "gpu-a").len() > 100
+            && inference_of(&by_worker, "gpu-a").len() > 100
+            && sequences_once(&eu, "gpu-a").len() > 100
+            && sequences_once(&us_rack, "gpu-c").len() > 100)
+            .then_some(())
+    })
+    .await;
+
+    // The two subscriptions that match the same events got the same ones, each once (both
+    // were open before gpu-a started; compared up to where the shorter tail ends).
+    let (named, from_worker) = (
+        inference_of(&by_name, "gpu-a"),
+        inference_of(&by_worker, "gpu-a"),
+    );
+    let upto = *named.last().unwrap().min(from_worker.last().unwrap());
+    let upto = |sequences: &[u64]| -> Vec<u64> {
+        sequences.iter().copied().filter(|s| *s <= upto).collect()
+    };
+    assert_eq!(upto(&named), upto(&from_worker));
+    assert!(upto(&named).len() > 50);
+    // Labels crossed with the events: each label subscription sees its worker only.
+    assert!(
+        eu.deliveries().iter().all(|d| d.worker_id == "gpu-a"),
+        "zone=eu let another worker through"
+    );
+    assert!(
+        us_rack.deliveries().iter().all(|d| d.worker_id == "gpu-c"),
+        "zone=us,rack=7 let another worker through"
+    );
+    // As `bridge subscribe --label` on B shows it.
+    let out = run_cli(
+        &b.url,
+        &[
+            "subscribe",
+            "--label",
+            "zone=eu",
+            "--format",
+            "json",
+            "--limit",
+            "5",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let lines: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 5, "{}", out.stdout);
+    assert!(
+        lines.iter().all(|l| l["worker_id"] == "gpu-a"),
+        "{}",
+        out.stdout
+    );
+
+    // A sent them in batches; B counted each event once (not once per subscription that took
+    // it: four here), and nothing was malformed.
+    // (Read in this order, since the counts keep growing: taken <= received <= published.)
+    let crossed = eu.deliveries().len() + us_rack.deliveries().len();
+    let received = metric(&b, "bridge_cluster_received_events_total");
+    let published = metric(&a, "bridge_cluster_published_events_total");
+    let batches = metric(&a, "bridge_cluster_published_batches_total");
+    assert!(
+        (1.0..=published).contains(&batches),
+        "{published} events in {batches} batches"
+    );
+    assert!(
+        received >= crossed as f64 && received <= published,
+        "{received} received, {crossed} taken, {published} published"
+    );
+    assert_eq!(metric(&b, "bridge_cluster_malformed_batches_total"), 0.0);
+    assert_eq!(metric(&b, "bridge_cluster_malformed_events_total"), 0.0);
+}
+
+/// A delivery as a hub encodes it, of an event named `injected` from `worker`.
+fn injected(worker: &str) -> Vec<u8> {
+    let event = v1::TelemetryEvent {
+        event_parts: vec!["injected".into()],
+        ..Default::default()
+    };
+    EncodedSubscribeResponse::delivery(worker, "", &event, 1.0, 1)
+        .as_bytes()
+        .to_vec()
+}
+
+fn batch(deliveries: &[&[u8]]) -> bytes::Bytes {
+    let mut batch = BatchWriter::new();
+    for delivery in deliveries {
+        assert!(batch.add(delivery, None));
+    }
+    batch.take()
+}
+
+/// What arrives on the batch subject is input from the network: a message that is not a batch
+/// is dropped whole, a malformed event alone, each counted, and nothing malformed reaches a
+/// subscriber while the well-formed events of the same batch do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_batches_and_events_are_dropped_and_counted() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let b = nats.hub("hub-b");
+    let mut client_b = b.client().await;
+    let tail = Recorder::start(&mut client_b, v1::SubscribeRequest::default()).await;
+    let client = async_nats::connect(nats.url.as_str())
+        .await
+        .expect("connect to NATS");
+    let from = |tail: &Recorder, worker: &str| {
+        tail.deliveries()
+            .iter()
+            .filter(|d| d.worker_id == worker)
+            .count()
+    };
+    // B takes batches once its NATS subscription is in place.
+    eventually("B to take a batch", WAIT, || async {
+        client
+            .publish("bridge.batch.probe", batch(&[&injected("probe")]))
+            .await
+            .expect("publish");
+        client.flush().await.expect("flush");
+        (from(&tail, "probe") > 0).then_some(())
+    })
+    .await;
+    let probes = metric(&b, "bridge_cluster_received_events_total");
+
+    for payload in [
+        bytes::Bytes::from_static(b"\xff\xff\xff not a batch"),
+        batch(&[&injected("fine"), b"not a delivery", &injected("fine too")]),
+    ] {
+        client
+            .publish("bridge.batch.intruder", payload)
+            .await
+            .expect("publish");
+    }
+    client.flush().await.expect("flush");
+    eventually(
+        "the well-formed events to arrive and be counted",
+        WAIT,
+        || async {
+            (from(&tail, "fine") == 1
+                && from(&tail, "fine too") == 1
+                && metric(&b, "bridge_cluster_received_events_total") >= probes + 2.0
+                && metric(&b, "bridge_cluster_malformed_events_total") == 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(metric(&b, "bridge_cluster_malformed_batches_total"), 1.0);
+    assert!(
+        tail.deliveries()
+            .iter()
+            .all(|d| ["probe", "fine", "fine too", "hub-b"].contains(&d.worker_id.as_str())),
+        "{:?}",
+        tail.deliveries()
+    );
 }

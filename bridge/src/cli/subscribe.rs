@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(long = "where", value_name = "CONDITION")]
     conditions: Vec<String>,
     /// Only events from workers with this label: KEY=VALUE. Repeat: all must match. In cluster
-    /// mode only the hub's own workers' events (other hubs' events carry no labels).
+    /// mode, workers on every hub.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
     /// Output format; json prints one object per line.

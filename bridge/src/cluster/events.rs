@@ -1,164 +1,130 @@
 //! Events across hubs.
 //!
-//! Each hub publishes every event it passes on to `<prefix>.events.<pool>.<worker>.<event
-//! name>` (pool and worker as [`subject_token`]s), with the encoded delivery its own subscribers
-//! get as the payload (it carries the time the hub received the event): the `Publisher` is one
-//! of the hub's outputs. For each local subscription the hub subscribes to the subjects its
-//! filter maps to, so NATS does the matching, and hands what other hubs published to its
-//! outputs through the same door as local events, addressed to the subscriptions it was
-//! received for (same queues, same lag notices). The connection is made with `no_echo`, so NATS never sends a
-//! hub its own messages: its own subscribers got them directly. Publishing never waits: when
-//! NATS is slow or away the backlog is bounded and what does not fit is counted, while local
-//! delivery goes on.
+//! Each hub's publisher, one of its outputs, queues its own events (its workers' and its
+//! own lifecycle events) and sends what it finds waiting as one NATS message, a batch
+//! (`bridge_proto::batch`: each event as the delivery its own subscribers got, which carries
+//! the time the hub received it, with its worker's labels), to `<prefix>.batch.<node>`. It
+//! never waits for more events to fill a batch, so a quiet hub sends each event at once.
+//!
+//! A hub takes the batches of every other hub from `<prefix>.batch.*` while it has at least
+//! one subscription of its own (with none, NATS sends it nothing), checks each event (input
+//! from the network) and hands it to its outputs once, as [`Origin::OtherHub`]: subscribers'
+//! filters match it as they match local events (labels included), so each subscription gets
+//! each event once, same queues, same lag notices. Matching happens here rather than in NATS
+//! because a message per event, which subject matching needs, cost more than the events
+//! (BENCHMARKS.md, "Issue 19: batched cluster crossing").
+//!
+//! The connection is made with `no_echo`, so NATS never sends a hub its own messages: its own
+//! subscribers got them directly. Publishing never waits: when NATS is slow or away the backlog
+//! is bounded and what does not fit is counted, while local delivery goes on.
 
-use std::{
-    borrow::Cow,
-    collections::HashMap,
-    future::Future,
-    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering::Relaxed},
 };
 
-use bridge_proto::encoded::EncodedSubscribeResponse;
+use bridge_proto::{
+    batch::{Batch, BatchWriter, Labels},
+    encoded::EncodedSubscribeResponse,
+    view::RelayedDelivery,
+};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{ClusterLink, token};
-use crate::outputs::{
-    Delivery, Origin, Output,
-    subscribers::{Filter, SubscriberId},
-};
+use crate::outputs::{Delivery, Origin, Output};
 
 /// Events waiting for the NATS connection; beyond this they are dropped and counted.
 pub(super) const BACKLOG: usize = 65_536;
-/// Events the publisher takes from the backlog at a time.
-const BATCH: usize = 256;
+/// Events the publisher takes from the backlog at a time; a batch also ends at
+/// `bridge_proto::batch::MAX_BATCH_BYTES`.
+const TAKE: usize = 1024;
 
 /// One event on its way to NATS.
 #[derive(Debug)]
 pub struct Outbound {
-    pub subject: String,
-    pub response: EncodedSubscribeResponse,
+    response: EncodedSubscribeResponse,
+    labels: Option<Labels>,
+}
+
+/// What crossed between this hub and the others, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Events sent to the other hubs, and the NATS messages (batches) they went in.
+    pub published_events: AtomicU64,
+    pub published_batches: AtomicU64,
+    /// Events not sent: the backlog was full (NATS slow or away too long), or NATS refused
+    /// the batch.
+    pub dropped_events: AtomicU64,
+    /// Well-formed events received from other hubs (each once, however many of this hub's
+    /// subscriptions take it), and the batches they came in.
+    pub received_events: AtomicU64,
+    pub received_batches: AtomicU64,
+    /// Messages on the batch subject refused whole (not a well-formed batch), and events of
+    /// well-formed batches refused alone (not a well-formed event delivery).
+    pub malformed_batches: AtomicU64,
+    pub malformed_events: AtomicU64,
 }
 
 impl ClusterLink {
-    /// The subject of an event from `worker` in `pool`.
-    pub fn subject<'a>(
-        &self,
-        pool: &str,
-        worker: &str,
-        parts: impl Iterator<Item = &'a str>,
-    ) -> String {
-        let mut subject = format!(
-            "{}.events.{}.{}",
-            self.prefix,
-            subject_token(pool),
-            subject_token(worker)
-        );
-        for part in parts {
-            subject.push('.');
-            subject.push_str(part);
-        }
-        subject
-    }
-
     /// The output that publishes this hub's events to the cluster.
     pub fn publisher(self: &Arc<Self>) -> Arc<dyn Output> {
         Arc::new(Publisher { link: self.clone() })
     }
 
-    /// Hands the events other hubs publish that match `filter` to the outputs, for subscription
-    /// `id`, until `closed` completes. Local subscriptions whose filters map to the same subject
-    /// share one NATS subscription, and each message on it is decoded once however many of them
-    /// receive it.
-    pub fn mirror(
-        self: &Arc<Self>,
-        id: SubscriberId,
-        filter: &Filter,
-        closed: impl Future<Output = ()> + Send + 'static,
-    ) {
-        let subjects = subjects(&self.prefix, filter);
-        {
-            let mut mirrors = self.mirrors();
-            for subject in &subjects {
-                match mirrors.get(subject) {
-                    Some(mirror) => mirror.add(id),
-                    None => {
-                        let mirror = Arc::new(Mirror::default());
-                        mirror.add(id);
-                        mirrors.insert(subject.clone(), mirror.clone());
-                        tokio::spawn(self.clone().run_mirror(subject.clone(), mirror));
-                    }
-                }
-            }
-        }
-        let link = self.clone();
+    /// Makes this hub receive the other hubs' events until `closed` completes (a local
+    /// subscription is open until then). The events go to every output; subscriptions pick
+    /// theirs by their filters.
+    pub fn receive_while(&self, closed: impl Future<Output = ()> + Send + 'static) {
+        self.listeners.send_modify(|open| *open += 1);
+        let listeners = self.listeners.clone();
         tokio::spawn(async move {
             closed.await;
-            let mut mirrors = link.mirrors();
-            for subject in &subjects {
-                let Some(mirror) = mirrors.get(subject) else {
-                    continue;
-                };
-                let mut sharing = mirror.lock();
-                sharing.retain(|s| *s != id);
-                if sharing.is_empty() {
-                    // Under the map's lock: a mirror still in the map is never done.
-                    mirror.done.cancel();
-                    drop(sharing);
-                    mirrors.remove(subject);
-                }
-            }
+            listeners.send_modify(|open| *open -= 1);
         });
     }
 
-    fn mirrors(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Mirror>>> {
-        self.mirrors.lock().unwrap_or_else(|p| p.into_inner())
+    /// The subject this hub publishes its batches on.
+    fn batch_subject(&self) -> String {
+        self.scoped(&format!("batch.{}", subject_token(&self.node)))
     }
 
-    /// One NATS subscription, until no local subscriber needs it.
-    async fn run_mirror(self: Arc<Self>, subject: String, mirror: Arc<Mirror>) {
-        let mut messages = match self.client.subscribe(subject.clone()).await {
-            Ok(messages) => messages,
+    /// Checks a batch from another hub and hands its events to the outputs.
+    fn take_batch(&self, message: &async_nats::Message) {
+        let counters = &self.counters;
+        let batch = match Batch::read(&message.payload) {
+            Ok(batch) => batch,
             Err(error) => {
-                warn!(%subject, %error, "cluster: cannot subscribe; these subscribers see local events only");
+                counters.malformed_batches.fetch_add(1, Relaxed);
+                debug!(subject = %message.subject, %error, "cluster: skipping a message that is not a batch of event deliveries");
                 return;
             }
         };
-        loop {
-            tokio::select! {
-                () = mirror.done.cancelled() => break,
-                message = messages.next() => {
-                    let Some(message) = message else { break };
-                    self.deliver(&mirror, message);
+        counters.received_batches.fetch_add(1, Relaxed);
+        let (mut received, mut malformed) = (0, 0);
+        for event in batch.events() {
+            let relayed = match RelayedDelivery::check(event.delivery) {
+                Ok(relayed) => relayed,
+                Err(problem) => {
+                    malformed += 1;
+                    debug!(subject = %message.subject, problem, "cluster: skipping an event that is not an event delivery");
+                    continue;
                 }
-            }
+            };
+            received += 1;
+            let delivery = Delivery::from_other_hub(&relayed);
+            let delivery = match event.labels {
+                Some(labels) => delivery.with_worker_labels(labels),
+                None => delivery,
+            };
+            self.outputs.publish(&delivery);
         }
-        // Dropping the subscription unsubscribes.
-    }
-
-    fn deliver(&self, mirror: &Mirror, message: async_nats::Message) {
-        let Some((pool, worker, name)) = parse_subject(&self.prefix, &message.subject) else {
-            return;
-        };
-        let Some(checked) = EncodedSubscribeResponse::checked_delivery(message.payload) else {
-            debug!(subject = %message.subject, "cluster: skipping a message that is not an event delivery");
-            return;
-        };
-        self.received.fetch_add(1, Relaxed);
-        // Held while the outputs take the event: none of them waits, and a copy per event
-        // would cost an allocation each.
-        let subscribers = mirror.lock();
-        self.outputs.publish(&Delivery::from_other_hub(
-            &worker,
-            &pool,
-            name,
-            checked.trace_id,
-            checked.response,
-            checked.received_ns,
-            &subscribers,
-        ));
+        counters.received_events.fetch_add(received, Relaxed);
+        if malformed > 0 {
+            counters.malformed_events.fetch_add(malformed, Relaxed);
+        }
     }
 }
 
@@ -169,117 +135,114 @@ struct Publisher {
 }
 
 impl Output for Publisher {
-    /// Queues the hub's own events for the publisher task; never waits. The subject and bytes
-    /// are only made when the backlog has room, so an overloaded or cut-off hub does not encode
-    /// what it would drop.
+    /// Queues the hub's own events for the publisher task; never waits. The delivery is only
+    /// encoded when the backlog has room, so an overloaded or cut-off hub does not encode what
+    /// it would drop.
     fn offer(&self, delivery: &Delivery<'_>) {
-        if !matches!(delivery.origin, Origin::Local) {
+        if delivery.origin != Origin::Local {
             return;
         }
         let link = &self.link;
         match link.outbound.try_reserve() {
             Ok(slot) => slot.send(Outbound {
-                subject: link.subject(delivery.pool, delivery.worker_id, delivery.parts()),
                 response: delivery.encoded().clone(),
+                labels: delivery.worker_labels.cloned(),
             }),
             Err(_) => {
-                link.dropped.fetch_add(1, Relaxed);
+                link.counters.dropped_events.fetch_add(1, Relaxed);
             }
         }
     }
 }
 
-/// The local subscribers that share one NATS subscription.
-#[derive(Debug, Default)]
-pub(super) struct Mirror {
-    subscribers: Mutex<Vec<SubscriberId>>,
-    /// Cancelled when the last of them has gone.
-    done: CancellationToken,
-}
-
-impl Mirror {
-    /// Adds a subscription, keeping the list in id order (as `Origin::OtherHub` wants it).
-    fn add(&self, id: SubscriberId) {
-        let mut ids = self.lock();
-        let at = ids.partition_point(|known| *known < id);
-        ids.insert(at, id);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SubscriberId>> {
-        self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
+/// Sends the hub's queued events, a batch at a time.
 pub(super) async fn publish(link: Arc<ClusterLink>, mut backlog: mpsc::Receiver<Outbound>) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while backlog.recv_many(&mut batch, BATCH).await > 0 {
-        for event in batch.drain(..) {
-            let payload = event.response.as_bytes().clone();
-            if link.client.publish(event.subject, payload).await.is_err() {
-                link.dropped.fetch_add(1, Relaxed);
+    let subject = async_nats::Subject::from(link.batch_subject());
+    let mut waiting = Vec::with_capacity(TAKE);
+    let mut batch = BatchWriter::new();
+    while backlog.recv_many(&mut waiting, TAKE).await > 0 {
+        for event in waiting.drain(..) {
+            let bytes = event.response.as_bytes();
+            if !batch.add(bytes, event.labels.as_ref()) {
+                send(&link, &subject, &mut batch).await;
+                // An empty batch takes any event.
+                batch.add(bytes, event.labels.as_ref());
             }
+        }
+        send(&link, &subject, &mut batch).await;
+    }
+}
+
+async fn send(link: &ClusterLink, subject: &async_nats::Subject, batch: &mut BatchWriter) {
+    let events = batch.events() as u64;
+    let counters = &link.counters;
+    match link.client.publish(subject.clone(), batch.take()).await {
+        Ok(()) => {
+            counters.published_events.fetch_add(events, Relaxed);
+            counters.published_batches.fetch_add(1, Relaxed);
+        }
+        Err(error) => {
+            counters.dropped_events.fetch_add(events, Relaxed);
+            debug!(%error, events, "cluster: NATS refused a batch");
         }
     }
 }
 
-/// A pool or worker id as one subject token: characters NATS gives a meaning to ('.', '*',
-/// '>', whitespace), '~' and non-ASCII are written `~HH`; the empty string is `~`.
+/// Takes the other hubs' batches while this hub has subscriptions of its own, until
+/// `shutdown`. One task, so that two NATS subscriptions never overlap (an event would arrive
+/// twice).
+pub(super) async fn receive(link: Arc<ClusterLink>, shutdown: CancellationToken) {
+    let subject = link.scoped("batch.*");
+    let mut listeners = link.listeners.subscribe();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            opened = listeners.wait_for(|open| *open > 0) => if opened.is_err() { return },
+        }
+        let mut messages = match link.client.subscribe(subject.clone()).await {
+            Ok(messages) => messages,
+            Err(error) => {
+                warn!(%subject, %error, "cluster: cannot subscribe; subscribers see this hub's events only until they have all gone");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    closed = listeners.wait_for(|open| *open == 0) => if closed.is_err() { return },
+                }
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                closed = listeners.wait_for(|open| *open == 0) => {
+                    if closed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                message = messages.next() => match message {
+                    Some(message) => link.take_batch(&message),
+                    None => break,
+                },
+            }
+        }
+        // Dropping the subscription unsubscribes.
+    }
+}
+
+/// A name as one subject token: characters NATS gives a meaning to ('.', '*', '>',
+/// whitespace), '~' and non-ASCII are written `~HH`; the empty string is `~`.
 pub fn subject_token(text: &str) -> String {
     token::escape(text, b'~', |byte| {
         byte.is_ascii_graphic() && !matches!(byte, b'.' | b'*' | b'>')
     })
 }
 
-/// The inverse of [`subject_token`]; `None` for a token it cannot have written.
-pub fn parse_token(token: &str) -> Option<Cow<'_, str>> {
-    token::unescape(token, b'~')
-}
-
-/// Pool, worker and event name (dotted) of an event subject.
-fn parse_subject<'a>(
-    prefix: &str,
-    subject: &'a str,
-) -> Option<(Cow<'a, str>, Cow<'a, str>, &'a str)> {
-    let rest = subject.strip_prefix(prefix)?.strip_prefix(".events.")?;
-    let mut tokens = rest.splitn(3, '.');
-    let pool = parse_token(tokens.next()?)?;
-    let worker = parse_token(tokens.next()?)?;
-    let name = tokens.next().filter(|name| !name.is_empty())?;
-    Some((pool, worker, name))
-}
-
-/// The subjects that carry the events `filter` matches, without overlap (NATS would deliver an
-/// event once per matching subscription): one per worker named (or any), with the pattern when
-/// there is one, or every name when there are several (they may overlap; the filter is checked
-/// again on arrival).
-fn subjects(prefix: &str, filter: &Filter) -> Vec<String> {
-    let pool = filter
-        .pool
-        .as_deref()
-        .map_or_else(|| "*".to_owned(), subject_token);
-    let event = match filter.patterns.as_slice() {
-        [one] => one.as_str().to_owned(),
-        _ => ">".to_owned(),
-    };
-    let mut workers: Vec<String> = filter.worker_ids.iter().map(|w| subject_token(w)).collect();
-    if workers.is_empty() {
-        workers.push("*".into());
-    }
-    workers.sort();
-    workers
-        .into_iter()
-        .map(|worker| format!("{prefix}.events.{pool}.{worker}.{event}"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
-    use bridge_proto::pattern::Pattern;
-
     use super::*;
 
     #[test]
-    fn tokens_round_trip_and_never_contain_subject_syntax() {
+    fn tokens_never_contain_subject_syntax() {
         for text in [
             "gpu-3",
             "",
@@ -293,44 +256,13 @@ mod tests {
             let token = subject_token(text);
             assert!(!token.contains(['.', '*', '>', ' ']), "{token}");
             assert!(!token.is_empty());
-            assert_eq!(parse_token(&token).as_deref(), Some(text), "{token}");
+            assert_eq!(
+                token::unescape(&token, b'~').as_deref(),
+                Some(text),
+                "{token}"
+            );
         }
         assert_eq!(subject_token("gpu-3"), "gpu-3");
-        assert_eq!(parse_token("~4"), None);
-        assert_eq!(parse_token("~ZZ"), None);
-    }
-
-    #[test]
-    fn filters_map_onto_subjects_nats_can_match() {
-        let filter = Filter {
-            patterns: vec![Pattern::parse("inference.>").unwrap()],
-            worker_ids: ["gpu-3".to_owned(), "a.b".to_owned()].into(),
-            pool: Some("llama".into()),
-            trace_id: None,
-            metadata: Vec::new(),
-            worker_labels: None,
-        };
-        assert_eq!(
-            subjects("bridge", &filter),
-            [
-                "bridge.events.llama.a~2Eb.inference.>",
-                "bridge.events.llama.gpu-3.inference.>"
-            ]
-        );
-        let everything = Filter::default();
-        assert_eq!(subjects("b", &everything), ["b.events.*.*.>"]);
-        let two = Filter {
-            patterns: vec![
-                Pattern::parse("a.>").unwrap(),
-                Pattern::parse("a.b").unwrap(),
-            ],
-            ..Default::default()
-        };
-        assert_eq!(subjects("b", &two), ["b.events.*.*.>"]);
-        assert_eq!(
-            parse_subject("b", "b.events.~.gpu~2E1.inference.stop"),
-            Some(("".into(), "gpu.1".into(), "inference.stop"))
-        );
-        assert_eq!(parse_subject("b", "b.events.~.w"), None);
+        assert_eq!(subject_token("host:50051"), "host:50051");
     }
 }

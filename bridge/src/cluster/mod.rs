@@ -1,7 +1,7 @@
 //! Cluster mode: several hubs act as one through NATS.
 //!
-//! - [`events`]: every hub publishes the events it passes on; subscribers on any hub receive
-//!   the events of workers on every hub.
+//! - [`events`]: every hub publishes the events it passes on, in batches; subscribers on any
+//!   hub receive the events of workers on every hub.
 //! - [`control`]: desired control state lives in a JetStream key-value bucket that no hub owns;
 //!   every hub follows it and pushes changes to its own workers.
 //! - [`rpc`]: a hub asks the others for their workers and for their workers'
@@ -21,7 +21,7 @@ mod token;
 use std::{
     collections::HashMap,
     future::Future,
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use self::events::{Outbound, parse_token, subject_token};
+pub use self::events::{Counters, Outbound, subject_token};
 use crate::{command::Selector, config::ClusterConfig, control::layer::Layer, outputs::Outputs};
 
 /// What the cluster needs of the hub it links: its own workers and its copy of the control
@@ -80,14 +80,12 @@ pub struct ClusterLink {
     buckets: watch::Sender<Option<control::Buckets>>,
     /// The newest revision of the control bucket this hub has applied (0: not loaded yet).
     applied_revision: watch::Sender<u64>,
-    /// Local subscribers by the NATS subject they receive other hubs' events on.
-    mirrors: Mutex<HashMap<String, Arc<events::Mirror>>>,
+    /// This hub's open subscriptions: while there is one, it receives other hubs' events.
+    listeners: watch::Sender<usize>,
     /// Hubs that are up, and when this hub last heard that they were.
     members: Mutex<HashMap<String, Instant>>,
-    /// Events that found the backlog full (NATS slow or away).
-    pub dropped: AtomicU64,
-    /// Events received from other hubs.
-    pub received: AtomicU64,
+    /// Events and batches sent, received, dropped and refused.
+    pub counters: Counters,
     /// Where events from other hubs go.
     outputs: Outputs,
 }
@@ -96,6 +94,7 @@ pub struct ClusterLink {
 pub(crate) fn start(hub: impl LocalHub, link: Arc<ClusterLink>) {
     tokio::spawn(control::follow(hub.clone(), link.clone()));
     tokio::spawn(rpc::serve(hub.clone(), link.clone()));
+    tokio::spawn(events::receive(link.clone(), hub.shutdown().clone()));
     tokio::spawn(announce(hub, link));
 }
 
@@ -138,6 +137,10 @@ impl ClusterLink {
             // A hub's own events reach its subscribers directly; back from NATS they would be
             // duplicates, and every one of them would cross the network twice.
             .no_echo()
+            // Messages are batches of up to 64 KiB: these bound what waits in the client
+            // (to publish while NATS is away, or for this hub to take) to 16 and 64 MiB.
+            .client_capacity(256)
+            .subscription_capacity(1024)
             .event_callback(move |event| {
                 let connection_tx = connection_tx.clone();
                 async move {
@@ -170,9 +173,8 @@ impl ClusterLink {
             buckets: watch::Sender::new(None),
             applied_revision: watch::Sender::new(0),
             members: Mutex::default(),
-            mirrors: Mutex::default(),
-            dropped: AtomicU64::new(0),
-            received: AtomicU64::new(0),
+            listeners: watch::Sender::new(0),
+            counters: Counters::default(),
             outputs,
         });
         tokio::spawn(events::publish(link.clone(), backlog));

@@ -19,17 +19,15 @@ pub mod inference_metrics;
 pub mod otlp;
 pub mod subscribers;
 
-use std::{cell::OnceCell, collections::BTreeMap, sync::Arc};
+use std::{cell::OnceCell, sync::Arc};
 
 use arc_swap::ArcSwap;
 use bridge_proto::{
+    batch::Labels,
     encoded::EncodedSubscribeResponse,
-    trace::TraceId,
-    view::{self, Entry, EventView},
+    view::{self, Entry, EventView, RelayedDelivery},
 };
 use smallvec::SmallVec;
-
-use self::subscribers::SubscriberId;
 
 /// An output: takes each event or counts it as dropped, and never waits.
 pub trait Output: Send + Sync + std::fmt::Debug {
@@ -37,14 +35,14 @@ pub trait Output: Send + Sync + std::fmt::Debug {
 }
 
 /// Where a delivery comes from.
-#[derive(Debug, Clone, Copy)]
-pub enum Origin<'a> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
     /// A worker of this hub, or the hub itself.
     Local,
-    /// Another hub, received on the cluster subscription made for these local subscribers (in
-    /// id order): only they may receive it (another of this hub's cluster subscriptions can carry the same
-    /// event for others). Each hub passes on its own workers' events to every other output.
-    OtherHub { subscribers: &'a [SubscriberId] },
+    /// Another hub (cluster mode): it reaches this hub once, and goes to the subscribers whose
+    /// filters match it. Each hub passes on its own workers' events to every other output
+    /// (the cluster, OTLP export), so those take local events only.
+    OtherHub,
 }
 
 /// One event on its way to the outputs.
@@ -52,10 +50,9 @@ pub enum Origin<'a> {
 pub struct Delivery<'a> {
     pub worker_id: &'a str,
     pub pool: &'a str,
-    /// The worker's labels, when known: this hub's workers' events have them, other hubs'
-    /// do not (their messages carry no labels).
-    pub worker_labels: Option<&'a BTreeMap<String, String>>,
-    pub origin: Origin<'a>,
+    /// The worker's labels, when it has any (other hubs send theirs along).
+    pub worker_labels: Option<&'a Labels>,
+    pub origin: Origin,
     /// When the (first) hub received the event, Unix nanoseconds.
     pub received_ns: i64,
     event: Event<'a>,
@@ -71,12 +68,8 @@ enum Event<'a> {
         view: &'a EventView,
         sampling_rate: f64,
     },
-    /// Encoded already, by the hub that received it.
-    Encoded {
-        name: &'a str,
-        trace_id: Option<TraceId>,
-        response: EncodedSubscribeResponse,
-    },
+    /// Encoded already, by the hub that received it, and checked by this one.
+    Relayed(&'a RelayedDelivery<'a>),
 }
 
 impl<'a> Delivery<'a> {
@@ -103,36 +96,24 @@ impl<'a> Delivery<'a> {
         }
     }
 
-    /// An event another hub published, `encoded` as its subscribers receive it.
-    pub fn from_other_hub(
-        worker_id: &'a str,
-        pool: &'a str,
-        name: &'a str,
-        trace_id: Option<TraceId>,
-        encoded: EncodedSubscribeResponse,
-        received_ns: i64,
-        subscribers: &'a [SubscriberId],
-    ) -> Self {
+    /// An event another hub passed on, as its subscribers received it.
+    pub fn from_other_hub(delivery: &'a RelayedDelivery<'a>) -> Self {
         Self {
-            worker_id,
-            pool,
+            worker_id: delivery.worker_id,
+            pool: delivery.pool,
             worker_labels: None,
-            origin: Origin::OtherHub { subscribers },
-            received_ns,
-            event: Event::Encoded {
-                name,
-                trace_id,
-                response: encoded,
-            },
+            origin: Origin::OtherHub,
+            received_ns: delivery.received_ns,
+            event: Event::Relayed(delivery),
             encoded: OnceCell::new(),
             metadata: OnceCell::new(),
         }
     }
 
     /// The same delivery, from a worker with these labels.
-    pub fn with_worker_labels(self, labels: &'a BTreeMap<String, String>) -> Self {
+    pub fn with_worker_labels(self, labels: &'a Labels) -> Self {
         Self {
-            worker_labels: Some(labels),
+            worker_labels: (!labels.is_empty()).then_some(labels),
             ..self
         }
     }
@@ -142,7 +123,7 @@ impl<'a> Delivery<'a> {
     pub fn parts(&self) -> impl Iterator<Item = &'a str> + Clone + use<'a> {
         match &self.event {
             Event::Received { view, .. } => Tokens::View(view.parts()),
-            Event::Encoded { name, .. } => Tokens::Dotted(name.split('.')),
+            Event::Relayed(delivery) => Tokens::Listed(delivery.parts()),
         }
     }
 
@@ -155,7 +136,7 @@ impl<'a> Delivery<'a> {
                 view,
                 sampling_rate,
             } => Some((view, sampling_rate)),
-            Event::Encoded { .. } => None,
+            Event::Relayed(_) => None,
         }
     }
 
@@ -164,7 +145,7 @@ impl<'a> Delivery<'a> {
     pub fn trace_id(&self) -> &[u8] {
         match &self.event {
             Event::Received { view, .. } => view.trace_id(),
-            Event::Encoded { trace_id, .. } => trace_id.as_ref().map_or(&[], |id| id.as_bytes()),
+            Event::Relayed(delivery) => delivery.trace_id,
         }
     }
 
@@ -189,18 +170,19 @@ impl<'a> Delivery<'a> {
                     .find(|(k, _)| *k == key)
                     .map(|(_, v)| *v)
             }
-            Event::Encoded { response, .. } => {
-                view::delivered_event(response.as_bytes()).and_then(|e| view::metadata_in(e, key))
-            }
+            Event::Relayed(delivery) => view::metadata_in(delivery.event, key),
         }
     }
 
-    /// The delivery as subscribers receive it, encoded on first use. An event without a
-    /// timestamp is stamped with the time the hub received it.
+    /// The delivery as subscribers receive it, encoded (or copied from the other hub's
+    /// message) on first use. An event without a timestamp is stamped with the time the hub
+    /// received it.
     #[inline]
     pub fn encoded(&self) -> &EncodedSubscribeResponse {
         match &self.event {
-            Event::Encoded { response, .. } => response,
+            Event::Relayed(delivery) => self
+                .encoded
+                .get_or_init(|| EncodedSubscribeResponse::relayed(delivery)),
             Event::Received {
                 view,
                 sampling_rate,
@@ -222,7 +204,7 @@ impl<'a> Delivery<'a> {
 #[derive(Clone)]
 enum Tokens<V, D> {
     View(V),
-    Dotted(D),
+    Listed(D),
 }
 
 impl<'a, V, D> Iterator for Tokens<V, D>
@@ -236,7 +218,7 @@ where
     fn next(&mut self) -> Option<&'a str> {
         match self {
             Tokens::View(tokens) => tokens.next(),
-            Tokens::Dotted(tokens) => tokens.next(),
+            Tokens::Listed(tokens) => tokens.next(),
         }
     }
 }

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::{Delivery, Origin, Output};
+use super::{Delivery, Output};
 use crate::{
     error::{Error, Result},
     latency::{FANOUT_BOUNDS_NS, LatencyHistogram, elapsed_ns, unix_nanos},
@@ -49,8 +49,7 @@ pub struct Filter {
     pub trace_id: Option<TraceId>,
     /// Only events whose metadata meets all of these.
     pub metadata: Vec<Condition>,
-    /// Only events from workers whose labels include these. Other hubs' events carry no
-    /// labels, so they never match.
+    /// Only events from workers whose labels include these.
     pub worker_labels: Option<LabelSet>,
 }
 
@@ -467,7 +466,7 @@ impl Subscribers {
         });
         let _edit = self.shared.edit.lock().unwrap_or_else(|p| p.into_inner());
         let mut list = self.shared.subscribers.load().all.clone();
-        // In id order (ids are taken before the lock), for `offer`'s walk over an audience.
+        // In id order (ids are taken before the lock).
         let at = list.partition_point(|s| s.id < subscriber.id);
         list.insert(at, subscriber.clone());
         self.shared.subscribers.store(Arc::new(Audience::new(list)));
@@ -519,29 +518,14 @@ impl Subscribers {
 }
 
 impl Output for Subscribers {
-    /// Queues the event for every subscriber whose filter it matches (of those it was received
-    /// for, when it comes from another hub).
+    /// Queues the event for every subscriber whose filter it matches, wherever it comes from
+    /// (another hub's events reach this hub once).
     #[inline]
     fn offer(&self, delivery: &Delivery<'_>) {
-        let subscribers = self.shared.subscribers.load();
-        let offer = |subscriber: &Subscriber| {
+        let audience = self.shared.subscribers.load();
+        for subscriber in audience.candidates(delivery.parts()) {
             if subscriber.filter.matches(delivery) {
                 subscriber.offer(delivery.encoded(), delivery.received_ns);
-            }
-        };
-        match delivery.origin {
-            Origin::Local => subscribers.candidates(delivery.parts()).for_each(offer),
-            Origin::OtherHub {
-                subscribers: audience,
-            } => {
-                // Both lists are in id order: one walk, however many subscribers share it.
-                let mut wanted = audience.iter().peekable();
-                for subscriber in &subscribers.all {
-                    while wanted.next_if(|id| **id < subscriber.id).is_some() {}
-                    if wanted.next_if(|id| **id == subscriber.id).is_some() {
-                        offer(subscriber);
-                    }
-                }
             }
         }
     }
@@ -549,7 +533,7 @@ impl Output for Subscribers {
 
 #[cfg(test)]
 mod tests {
-    use bridge_proto::view::EventView;
+    use bridge_proto::view::{EventView, RelayedDelivery};
 
     use super::*;
     use futures_util::FutureExt;
@@ -601,16 +585,8 @@ mod tests {
         .unwrap();
         let received = Delivery::local("gpu-3", "llama", &view, 1.0, 1);
         let encoded = received.encoded().clone();
-        let subscribers = [SubscriberId(1)];
-        let relayed = Delivery::from_other_hub(
-            "gpu-3",
-            "llama",
-            "inference.stop",
-            None,
-            encoded,
-            1,
-            &subscribers,
-        );
+        let checked = RelayedDelivery::check(encoded.as_bytes()).unwrap();
+        let relayed = Delivery::from_other_hub(&checked);
         let filter = |conditions: &[&str]| Filter {
             metadata: conditions
                 .iter()
@@ -672,35 +648,36 @@ mod tests {
         assert_eq!(slow.take_skipped(), 0);
     }
 
-    /// An event from another hub reaches only the subscriptions it was received for, even
-    /// when another one's filter matches it (that one has a cluster subscription of its own).
+    /// An event from another hub reaches each subscription whose filter matches it once,
+    /// however many there are, as the bytes the other hub's subscribers received.
     #[test]
-    fn an_event_from_another_hub_reaches_the_subscriptions_it_was_received_for() {
+    fn an_event_from_another_hub_reaches_each_matching_subscription_once() {
         let subscribers = Subscribers::new(16);
-        let mut queues: Vec<_> = (0..4)
-            .map(|_| subscribers.subscribe(Filter::default()))
-            .collect();
+        let pattern = |p: &str| Filter {
+            patterns: vec![Pattern::parse(p).unwrap()],
+            ..Default::default()
+        };
+        let mut queues = [
+            subscribers.subscribe(pattern("inference.>")),
+            subscribers.subscribe(pattern("gpu.>")),
+            subscribers.subscribe(pattern("inference.>")),
+            subscribers.subscribe(Filter::default()),
+        ];
         let view = event("inference.stop");
         let encoded = Delivery::local("gpu-9", "llama", &view, 1.0, 7)
             .encoded()
             .clone();
-        // The first and third, and one that has gone already.
-        let gone = SubscriberId(queues[3].id().0 + 1);
-        let audience = [queues[0].id(), queues[2].id(), gone];
-        subscribers.offer(&Delivery::from_other_hub(
-            "gpu-9",
-            "llama",
-            "inference.stop",
-            None,
-            encoded,
-            7,
-            &audience,
-        ));
-        let received: Vec<bool> = queues
+        let checked = RelayedDelivery::check(encoded.as_bytes()).unwrap();
+        subscribers.offer(&Delivery::from_other_hub(&checked));
+        let received: Vec<usize> = queues
             .iter_mut()
-            .map(|q| q.queue.try_recv().is_ok())
+            .map(|q| {
+                std::iter::from_fn(|| q.queue.try_recv().ok())
+                    .inspect(|item| assert_eq!(item.response, encoded))
+                    .count()
+            })
             .collect();
-        assert_eq!(received, [true, false, true, false]);
+        assert_eq!(received, [1, 0, 1, 1]);
     }
 
     /// What a feed yields now, without waiting: events as their names, lag notices as counts.

@@ -3,10 +3,11 @@
 //!
 //! Unlike [`EventView`](super::EventView), nothing is copied and strings are not checked to be
 //! UTF-8 again: every delivery holds an event the hub checked when it received it (from a
-//! worker, or from another hub, whose deliveries are decoded in full before they are fanned
-//! out), so its strings can be passed on as bytes. Anything that does not parse as a delivery,
-//! or holds a delivery or event in several parts (which a decoder would merge, and the hub
-//! never writes), is `None`, never a panic.
+//! worker, or from another hub, whose deliveries pass
+//! [`RelayedDelivery::check`](super::RelayedDelivery::check) before they are fanned out), so its
+//! strings can be passed on as bytes. Anything that does not parse as a delivery, or holds a
+//! delivery or event in several parts (which a decoder would merge, and the hub never writes),
+//! is `None`, never a panic.
 
 use prost::encoding::WireType;
 use smallvec::SmallVec;
