@@ -45,6 +45,18 @@ fn bench(c: &mut Criterion) {
     // it does in a worker whose hub is away.
     let queued = emitter(true, Rate::ALL, 1 << 20);
     c.bench_function("emit/queued", |b| b.iter(|| emit(&queued, 1)));
+    // As `bridge-bench` measures it: a new emitter with room for every event, so the buffer
+    // grows (fresh memory) instead of evicting.
+    c.bench_function("emit/queued_filling", |b| {
+        b.iter_custom(|iterations| {
+            let filling = emitter(true, Rate::ALL, iterations as usize + 1);
+            let started = std::time::Instant::now();
+            for _ in 0..iterations {
+                emit(&filling, 1);
+            }
+            started.elapsed()
+        })
+    });
 
     // A span is two events, `.start` and `.stop`, plus the span's own bookkeeping.
     c.bench_function("span/disabled", |b| b.iter(|| span(&disabled)));

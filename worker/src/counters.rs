@@ -5,15 +5,18 @@
 //! over the hub's limits), and of the accepted events each is, in the end, `confirmed` by the
 //! hub, `dropped.buffer_full`, or dropped from the buffer as over the hub's limits; the rest are
 //! still buffered. Only outcomes are counted, never `produced` itself, so an emit
-//! touches one counter.
+//! touches one counter. What becomes of accepted events is counted by the outage buffer, under
+//! its lock (`buffer::Counts`), so that an accepted event costs no atomic operation of its own
+//! and a snapshot's accepted, confirmed, dropped and buffered always add up.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Why an event was not accepted, or was dropped after it was.
+use crate::buffer::Counts;
+
+/// Why an event was not accepted. (Accepted events dropped later, to make room in the buffer
+/// or as over the hub's limits when about to be sent, are counted by the buffer.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
-    /// The outage buffer was full; the oldest event made room.
-    BufferFull,
     /// The event name is malformed.
     InvalidName,
     /// A `TELEMETRY:` line that is not valid JSON of the expected shape.
@@ -25,27 +28,20 @@ pub enum DropReason {
     InvalidTraceContext,
     /// Over the hub's limits (`bridge_proto::limits`), so never buffered.
     OverLimit,
-    /// Buffered, then found over the hub's limits when about to be sent (it was buffered under
-    /// other limits); reported together with [`DropReason::OverLimit`].
-    OverLimitBuffered,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    accepted: AtomicU64,
     sent: AtomicU64,
     replayed: AtomicU64,
-    confirmed: AtomicU64,
     sampled_out: AtomicU64,
     filtered: AtomicU64,
     disabled: AtomicU64,
-    buffer_full: AtomicU64,
     invalid_name: AtomicU64,
     parse_error: AtomicU64,
     line_too_long: AtomicU64,
     invalid_trace_context: AtomicU64,
     over_limit: AtomicU64,
-    over_limit_buffered: AtomicU64,
 }
 
 macro_rules! bump {
@@ -58,7 +54,7 @@ macro_rules! bump {
 }
 
 impl Counters {
-    bump!(accepted, sampled_out, filtered, disabled);
+    bump!(sampled_out, filtered, disabled);
 
     pub(crate) fn sent(&self, count: usize) {
         self.sent.fetch_add(count as u64, Relaxed);
@@ -68,45 +64,35 @@ impl Counters {
         self.replayed.fetch_add(count as u64, Relaxed);
     }
 
-    pub(crate) fn confirmed(&self, count: usize) {
-        self.confirmed.fetch_add(count as u64, Relaxed);
-    }
-
     #[inline]
     pub(crate) fn dropped(&self, reason: DropReason) {
-        self.dropped_many(reason, 1);
-    }
-
-    #[inline]
-    pub(crate) fn dropped_many(&self, reason: DropReason, count: usize) {
         match reason {
-            DropReason::BufferFull => &self.buffer_full,
             DropReason::InvalidName => &self.invalid_name,
             DropReason::ParseError => &self.parse_error,
             DropReason::LineTooLong => &self.line_too_long,
             DropReason::InvalidTraceContext => &self.invalid_trace_context,
             DropReason::OverLimit => &self.over_limit,
-            DropReason::OverLimitBuffered => &self.over_limit_buffered,
         }
-        .fetch_add(count as u64, Relaxed);
+        .fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn snapshot(&self) -> Snapshot {
+    /// These counters with what the buffer counted (`buffer`, read once).
+    pub(crate) fn snapshot(&self, buffer: Counts) -> Snapshot {
         Snapshot {
-            accepted: self.accepted.load(Relaxed),
+            accepted: buffer.accepted,
             sent: self.sent.load(Relaxed),
             replayed: self.replayed.load(Relaxed),
-            confirmed: self.confirmed.load(Relaxed),
+            confirmed: buffer.confirmed,
             sampled_out: self.sampled_out.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
             disabled: self.disabled.load(Relaxed),
-            dropped_buffer_full: self.buffer_full.load(Relaxed),
+            dropped_buffer_full: buffer.dropped_full,
             dropped_invalid_name: self.invalid_name.load(Relaxed),
             dropped_parse_error: self.parse_error.load(Relaxed),
             dropped_line_too_long: self.line_too_long.load(Relaxed),
             dropped_invalid_trace_context: self.invalid_trace_context.load(Relaxed),
             dropped_over_limit: self.over_limit.load(Relaxed),
-            dropped_over_limit_buffered: self.over_limit_buffered.load(Relaxed),
+            dropped_over_limit_buffered: buffer.dropped_over_limit,
         }
     }
 }

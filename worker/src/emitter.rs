@@ -12,7 +12,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
     },
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::Instant,
 };
 
 use arc_swap::ArcSwap;
@@ -28,9 +28,11 @@ use bridge_proto::{
 use prost::Message;
 use tokio::sync::watch;
 
+pub use crate::clock::now_ns;
 use crate::{
     buffer::Buffer,
-    counters::{Counters, DropReason},
+    clock,
+    counters::{Counters, DropReason, Snapshot},
     encode,
     fast_control::FastControl,
     value::Value,
@@ -68,6 +70,11 @@ impl Shared {
         self.limit_changes.send_replace(limits);
     }
 
+    /// What happened to every event emitted so far.
+    pub(crate) fn counters(&self) -> Snapshot {
+        self.counters.snapshot(self.buffer.counts())
+    }
+
     pub(crate) fn apply(&self, state: ControlState) {
         let state = Arc::new(state);
         self.fast.store(&state);
@@ -87,6 +94,7 @@ impl Emitter {
     /// An emitter whose buffer holds up to `capacity` events, with no link to send them:
     /// [`Emitter::buffered`] shows what it would send. Links make their own.
     pub fn detached(capacity: usize) -> Self {
+        clock::init();
         let initial = ControlState::default();
         let fast = FastControl::default();
         fast.store(&initial);
@@ -159,18 +167,26 @@ impl Emitter {
                 }
             }
         };
-        if !valid_name(name) {
-            return counters.dropped(DropReason::InvalidName);
-        }
         let decision = encode::Decision {
             sampling_rate: rate.get(),
             control_version,
         };
-        let timestamp = now_ns();
-        let shape = Shape {
-            parts: name.bytes().filter(|b| *b == b'.').count() + 1,
-            entries: measurements.len() + metadata.len(),
-            longest_string: || {
+        let request = encode::RequestContext {
+            correlation_id,
+            trace,
+        };
+        let accepted = with_name(name, |parts| {
+            let (parts, count) = parts.ok_or(Refused::InvalidName)?;
+            let event = encode::Event {
+                parts,
+                measurements,
+                metadata,
+                timestamp_ns: now_ns(),
+                request,
+                decision,
+            };
+            let len = event.encoded_len();
+            let longest_string = || {
                 let values = measurements.iter().map(|(key, value)| match value {
                     Value::Str(text) => key.len().max(text.len()),
                     _ => key.len(),
@@ -185,22 +201,23 @@ impl Emitter {
                     .chain(metadata)
                     .max()
                     .unwrap_or(0)
-            },
-        };
-        self.accept(shape, |buf| {
-            encode::event(
-                name,
-                measurements,
-                metadata,
-                timestamp,
-                encode::RequestContext {
-                    correlation_id,
-                    trace,
-                },
-                decision,
-                buf,
-            )
+            };
+            self.limits()
+                .check(
+                    len,
+                    count,
+                    measurements.len() + metadata.len(),
+                    longest_string,
+                )
+                .map_err(Refused::OverLimit)?;
+            self.shared.buffer.push(len, |out| event.write(out));
+            Ok(())
         });
+        match accepted {
+            Ok(()) => {}
+            Err(Refused::InvalidName) => counters.dropped(DropReason::InvalidName),
+            Err(Refused::OverLimit(over)) => self.over_limit(name, over),
+        }
     }
 
     /// Emits an event built elsewhere (e.g. relayed from another process), applying the same
@@ -266,11 +283,13 @@ impl Emitter {
             event.timestamp_ns = now_ns();
         }
         event.sequence = 0;
-        // Checked before encoding, so that an event over the limits costs no copy.
-        if let Err(over) = self.limits().check_event(&event, event.encoded_len()) {
+        let len = event.encoded_len();
+        if let Err(over) = self.limits().check_event(&event, len) {
             return self.over_limit(&event.event_parts.join("."), over);
         }
-        self.accept_checked(|buf| encode::message(event, buf));
+        self.shared
+            .buffer
+            .push(len, |out| encode::write_message(&event, out));
     }
 
     /// Counts an event over the hub's limits, and says so the first time.
@@ -285,57 +304,6 @@ impl Emitter {
     /// Counts a `TELEMETRY:` line (or other relayed input) that could not be parsed.
     pub fn count_parse_error(&self) {
         self.shared.counters.dropped(DropReason::ParseError);
-    }
-
-    /// Encodes with `encode` into this thread's scratch buffer and buffers a copy, unless it is
-    /// over the hub's limits (`shape` describes the event without reading the encoding).
-    #[inline]
-    fn accept(&self, shape: Shape<impl FnOnce() -> usize>, encode: impl FnOnce(&mut Vec<u8>)) {
-        let limits = self.limits();
-        let pushed = SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            scratch.clear();
-            encode(&mut scratch);
-            limits
-                .check(
-                    scratch.len(),
-                    shape.parts,
-                    shape.entries,
-                    shape.longest_string,
-                )
-                .map(|()| self.shared.buffer.push(&scratch).evicted)
-        });
-        match pushed {
-            Ok(evicted) => self.accepted(evicted),
-            Err(over) => {
-                let name = SCRATCH.with(|scratch| {
-                    v1::TelemetryEvent::decode(scratch.borrow().as_slice())
-                        .map(|e| e.event_parts.join("."))
-                        .unwrap_or_default()
-                });
-                self.over_limit(&name, over);
-            }
-        }
-    }
-
-    /// [`Emitter::accept`] for an event already checked against the limits.
-    fn accept_checked(&self, encode: impl FnOnce(&mut Vec<u8>)) {
-        let evicted = SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            scratch.clear();
-            encode(&mut scratch);
-            self.shared.buffer.push(&scratch).evicted
-        });
-        self.accepted(evicted);
-    }
-
-    #[inline]
-    fn accepted(&self, evicted: bool) {
-        let counters = &self.shared.counters;
-        counters.accepted();
-        if evicted {
-            counters.dropped(DropReason::BufferFull);
-        }
     }
 
     /// The hub's limits on one event as this emitter applies them before buffering: the
@@ -453,8 +421,8 @@ impl Emitter {
     }
 
     /// What happened to every event emitted so far.
-    pub fn counters(&self) -> crate::counters::Snapshot {
-        self.shared.counters.snapshot()
+    pub fn counters(&self) -> Snapshot {
+        self.shared.counters()
     }
 
     /// Applies a control state locally, as a link does when the hub sends one.
@@ -482,17 +450,10 @@ impl Emitter {
     }
 }
 
-thread_local! {
-    /// Where events are encoded before they are copied into the buffer.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// What the limits bound, known from `emit`'s arguments; the longest string is measured only
-/// for an event long enough to hold one over the limit.
-struct Shape<F> {
-    parts: usize,
-    entries: usize,
-    longest_string: F,
+/// Why `emit` did not accept an event it would have kept.
+enum Refused {
+    InvalidName,
+    OverLimit(OverLimit),
 }
 
 /// [`EventLimits`] in atomics, read on every emit without a lock.
@@ -740,39 +701,66 @@ impl Drop for Span {
     }
 }
 
-/// A well-formed name outside the `bridge.` namespace, which belongs to the protocol. Callers
-/// emit the same few names over and over, so the last one found valid on this thread is
-/// remembered and a repeat costs a comparison.
-#[inline]
+/// A well-formed name outside the `bridge.` namespace, which belongs to the protocol.
 fn valid_name(name: &str) -> bool {
-    thread_local! {
-        static LAST_VALID: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    validate_event_name(name).is_ok() && !events::is_reserved(name)
+}
+
+/// The last valid name emitted on this thread, with its tokens encoded as `event_parts`
+/// fields. Callers emit the same few names over and over, so a repeat costs a comparison.
+struct KnownName {
+    name: String,
+    parts: Vec<u8>,
+    count: usize,
+}
+
+thread_local! {
+    static LAST_NAME: std::cell::RefCell<KnownName> = const {
+        std::cell::RefCell::new(KnownName { name: String::new(), parts: Vec::new(), count: 0 })
+    };
+}
+
+/// Calls `f` with `name`'s tokens encoded as `event_parts` fields and how many there are, or
+/// with `None` if it is not a valid name.
+#[inline]
+fn with_name<R>(name: &str, f: impl FnOnce(Option<(&[u8], usize)>) -> R) -> R {
+    let mut f = Some(f);
+    let cached = LAST_NAME.try_with(|last| {
+        let mut last = last.try_borrow_mut().ok()?;
+        let f = f.take()?;
+        if last.name != name {
+            if !valid_name(name) {
+                return Some(f(None));
+            }
+            let KnownName {
+                name: known,
+                parts,
+                count,
+            } = &mut *last;
+            known.clear();
+            known.push_str(name);
+            *count = encode::name_parts(name, parts);
+        }
+        Some(f(Some((&last.parts, last.count))))
+    });
+    if let Ok(Some(result)) = cached {
+        return result;
     }
-    LAST_VALID.with(|last| {
-        if *last.borrow() == name {
-            return true;
-        }
-        let valid = validate_event_name(name).is_ok() && !events::is_reserved(name);
-        if valid {
-            let mut last = last.borrow_mut();
-            last.clear();
-            last.push_str(name);
-        }
-        valid
-    })
+    // The cache was out of reach (in use further up this thread's stack, or this thread's
+    // locals already gone): the name is checked and encoded for this event alone.
+    let f = f.expect("f is taken only where it is called");
+    if !valid_name(name) {
+        return f(None);
+    }
+    let mut parts = Vec::new();
+    let count = encode::name_parts(name, &mut parts);
+    f(Some((&parts, count)))
 }
 
 /// The same for an event given as parts.
 fn acceptable(parts: &[String]) -> bool {
     validate_event_parts(parts).is_ok()
         && parts.first().is_none_or(|p| p != events::RESERVED_PREFIX)
-}
-
-/// Nanoseconds since the Unix epoch.
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// Whether a relayed event's trace context is one the hub accepts: each id absent, or of its

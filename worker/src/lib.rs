@@ -30,6 +30,7 @@
 
 pub mod backoff;
 mod buffer;
+mod clock;
 pub mod config;
 pub mod counters;
 pub mod emitter;

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     backoff::Backoff,
-    counters::{DropReason, Snapshot},
+    counters::Snapshot,
     emitter::{Emitter, Shared, now_ns},
 };
 
@@ -386,8 +386,7 @@ async fn stream_once(
     while let Some(control) = inbound.message().await? {
         backoff.reset();
         if let Some(Control::Received(receipt)) = &control.control {
-            let confirmed = shared.buffer.confirm(receipt.through_sequence);
-            shared.counters.confirmed(confirmed);
+            shared.buffer.confirm(receipt.through_sequence);
             shared.buffer.confirmed.notify_one();
             continue;
         }
@@ -454,7 +453,7 @@ fn outbound(
                         continue;
                     }
                     if std::mem::take(&mut report_due) {
-                        let now = shared.counters.snapshot();
+                        let now = shared.counters();
                         reported = Some(now);
                         yield stats_event(&now);
                     }
@@ -491,11 +490,11 @@ fn outbound(
                             () = shared.buffer.confirmed.notified() => {}
                         }
                     }
-                    yield stats_event(&shared.counters.snapshot());
+                    yield stats_event(&shared.counters());
                     break;
                 }
                 _ = stats.tick() => {
-                    let now = shared.counters.snapshot();
+                    let now = shared.counters();
                     if reported != Some(now) {
                         if flush_at.is_some() {
                             report_due = true;
@@ -526,9 +525,6 @@ fn take_batch(shared: &Shared) -> Vec<EncodedEvent> {
     let limit = shared.limits().max_message_bytes;
     let (batch, dropped) = shared.buffer.take_unsent_within(SEND_BATCH, limit);
     if dropped > 0 {
-        shared
-            .counters
-            .dropped_many(DropReason::OverLimitBuffered, dropped);
         warn!(
             events = dropped,
             max_message_bytes = limit,
