@@ -21,7 +21,7 @@ const REANCHOR_NS: u64 = 1_000_000;
 /// The longest an anchor's two counter readings may lie apart: a reading interrupted (the
 /// thread preempted between the counter and the system clock) would put the anchor off by as
 /// long as the interruption, so it is taken again.
-const ANCHOR_GAP_NS: u64 = 2_000;
+const ANCHOR_GAP_NS: u64 = 1_000;
 
 /// The counter, calibrated against the monotonic clock; `None` where the kernel does not keep
 /// time with it.
