@@ -779,6 +779,11 @@ mod tests {
     #[test]
     fn emit_builds_the_event_with_typed_values() {
         let emitter = Emitter::detached(8);
+        let system_ns = || {
+            let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            i64::try_from(since.unwrap().as_nanos()).unwrap()
+        };
+        let before = system_ns();
         emitter.emit(
             "inference.stop",
             &[
@@ -804,7 +809,14 @@ mod tests {
             event.measurements["state"].value,
             Some(V::StringValue("warm".into()))
         );
-        assert!(event.timestamp_ns > 0);
+        // The wall clock, read from the TSC where the kernel uses it: within a few
+        // microseconds of the system clock's readings around the call.
+        let after = system_ns();
+        assert!(
+            (before - 20_000..=after + 20_000).contains(&event.timestamp_ns),
+            "{before} <= {} <= {after}",
+            event.timestamp_ns
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!
 //! # Layout
 //! - [`emitter`]: [`Emitter`]: `emit`, spans, toggle/filter/sampling, then encoding straight to
-//!   bytes into the outage buffer (`buffer`: numbered, bounded, replayed until confirmed).
+//!   bytes into the outage buffer (`buffer`: numbered, bounded, replayed until confirmed), with
+//!   timestamps from `clock` (the TSC, anchored to the system clock).
 //! - [`link`]: [`Link`]: the stream to the hub, reconnecting with backoff, replaying what the hub
 //!   did not confirm, applying and acknowledging control, reporting counters.
 //! - [`value`]: [`Value`], a measurement as `emit` takes it (`encode` writes it to the wire).
