@@ -153,7 +153,7 @@ impl Buffer {
     /// without a sequence number, straight into the buffer.
     #[inline]
     pub(crate) fn push(&self, len: usize, write: impl FnOnce(&mut Writer<'_>)) -> Pushed {
-        let (pushed, wake) = {
+        let pushed = {
             let mut inner = self.lock();
             let inner = &mut *inner;
             let sequence = inner.next_sequence;
@@ -176,9 +176,6 @@ impl Buffer {
                 len: total,
             });
             inner.counts.accepted += 1;
-            // The link takes every unsent event each time it wakes (or comes back for more), so
-            // only the first of a run of pushes needs to wake it.
-            let wake = inner.unsent == 0;
             inner.unsent += 1;
             let evicted = inner.events.len() > inner.capacity;
             if evicted {
@@ -187,11 +184,9 @@ impl Buffer {
                 inner.unsent = inner.unsent.min(inner.events.len());
                 inner.release();
             }
-            (Pushed { sequence, evicted }, wake)
+            Pushed { sequence, evicted }
         };
-        if wake {
-            self.ready.notify_one();
-        }
+        self.ready.notify_one();
         pushed
     }
 
@@ -205,9 +200,6 @@ impl Buffer {
     /// were dropped instead because they are longer than `max_bytes` (the hub's message limit,
     /// which they were buffered before the worker knew): sent, such an event would end the
     /// stream, and be replayed to end the next one.
-    ///
-    /// Once it returns fewer than `max` events, nothing is left unsent: the buffer wakes the
-    /// link only for a push onto nothing unsent.
     pub(crate) fn take_unsent_within(
         &self,
         max: usize,
@@ -285,10 +277,6 @@ mod tests {
     use bridge_proto::v1::TelemetryEvent;
     use proptest::prelude::*;
     use prost::Message;
-    use std::{
-        pin::pin,
-        task::{Context, Waker},
-    };
 
     fn event(name: &str) -> Vec<u8> {
         TelemetryEvent {
@@ -390,32 +378,6 @@ mod tests {
         assert_eq!(chunks(&buffer), (0, 0));
         push(&buffer, &encoded);
         assert_eq!(sequences(&buffer.snapshot()), [100_001]);
-    }
-
-    /// The link takes every unsent event when woken, so only a push onto nothing unsent wakes
-    /// it; pushes after it add to what the wake-up will take.
-    #[test]
-    fn only_a_push_onto_nothing_unsent_wakes_the_link() {
-        let buffer = Buffer::new(10);
-        let woken = |buffer: &Buffer| {
-            let notified = pin!(buffer.ready.notified());
-            notified
-                .poll(&mut Context::from_waker(Waker::noop()))
-                .is_ready()
-        };
-        push(&buffer, &event("a"));
-        push(&buffer, &event("b"));
-        assert!(woken(&buffer));
-        assert!(!woken(&buffer), "one wake-up for the two");
-        assert_eq!(buffer.take_unsent(10).len(), 2);
-        push(&buffer, &event("c"));
-        assert!(woken(&buffer), "nothing was unsent: wake again");
-        // A full batch leaves events unsent: the link comes back for them unwoken.
-        push(&buffer, &event("d"));
-        assert_eq!(buffer.take_unsent(1).len(), 1);
-        push(&buffer, &event("e"));
-        assert!(!woken(&buffer));
-        assert_eq!(sequences(&buffer.take_unsent(10)), [4, 5]);
     }
 
     #[derive(Debug, Clone)]
