@@ -355,6 +355,19 @@ pub struct CliOutput {
     pub stderr: String,
 }
 
+impl CliOutput {
+    /// Standard output as the JSON lines of `--format json`.
+    ///
+    /// # Panics
+    /// On a line that is not JSON (a test failure).
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    }
+}
+
 /// Runs `bridge --hub HUB ARGS...` to completion, or kills it after a minute (a hung command
 /// then shows as `code: None` instead of hanging the test).
 pub fn cli(hub: &str, args: &[&str]) -> CliOutput {

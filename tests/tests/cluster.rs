@@ -294,11 +294,7 @@ async fn each_matching_subscription_on_another_hub_gets_an_event_once_labels_inc
     )
     .await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    let lines: Vec<serde_json::Value> = out
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
+    let lines = out.json_lines();
     assert_eq!(lines.len(), 5, "{}", out.stdout);
     assert!(
         lines.iter().all(|l| l["worker_id"] == "gpu-a"),

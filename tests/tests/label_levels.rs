@@ -189,11 +189,7 @@ async fn a_subscription_on_labels_receives_only_matching_workers_events() {
     )
     .await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    let lines: Vec<serde_json::Value> = out
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
+    let lines = out.json_lines();
     assert_eq!(lines.len(), 10, "{}", out.stdout);
     assert!(
         lines.iter().all(|l| l["worker_id"] == "gpu-b"),
