@@ -231,20 +231,8 @@ impl Message for EventView {
             TRACE_ID | SPAN_ID | PARENT_SPAN_ID => {
                 check_wire_type(WireType::LengthDelimited, wire_type)?;
                 let range = self.copy_delimited(tag, buf)?;
-                let id = self.slice(&range);
-                let valid = if tag == TRACE_ID {
-                    TraceId::from_bytes(id).is_ok()
-                } else {
-                    SpanId::from_bytes(id).is_ok()
-                };
-                // Empty is proto3's "absent"; anything else must be an id an OTLP receiver (or
-                // any tracing backend) would accept.
-                if !id.is_empty() && !valid {
-                    self.note(match tag {
-                        TRACE_ID => "the trace id is not 16 bytes, or is all zero",
-                        SPAN_ID => "the span id is not 8 bytes, or is all zero",
-                        _ => "the parent span id is not 8 bytes, or is all zero",
-                    });
+                if let Some(problem) = id_problem(tag, self.slice(&range)) {
+                    self.note(problem);
                 }
                 match tag {
                     TRACE_ID => self.trace_id = range,
@@ -328,6 +316,22 @@ struct CheckedEntry<'a> {
 /// Checks a `measurements` (`TelemetryValue` values) or `metadata` (string values) map entry
 /// the way a subscriber's decoder will read it, without building anything; the value read on
 /// the way is kept for the fields an inference call's end is indexed by.
+/// What is wrong with the bytes of a trace id (`TRACE_ID`) or span id (`SPAN_ID`,
+/// `PARENT_SPAN_ID`), if anything. Empty is proto3's "absent"; anything else must be an id an
+/// OTLP receiver (or any tracing backend) would accept.
+fn id_problem(tag: u32, id: &[u8]) -> Option<&'static str> {
+    let valid = if tag == TRACE_ID {
+        TraceId::from_bytes(id).is_ok()
+    } else {
+        SpanId::from_bytes(id).is_ok()
+    };
+    (!id.is_empty() && !valid).then_some(match tag {
+        TRACE_ID => "the trace id is not 16 bytes, or is all zero",
+        SPAN_ID => "the span id is not 8 bytes, or is all zero",
+        _ => "the parent span id is not 8 bytes, or is all zero",
+    })
+}
+
 fn check_entry(mut entry: &[u8], measurement: bool) -> Result<CheckedEntry<'_>, &'static str> {
     const BAD: &str = "a measurement or metadata entry is malformed";
     let mut longest = 0;

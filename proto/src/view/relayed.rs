@@ -14,16 +14,13 @@ use std::ops::Range;
 use prost::encoding::WireType;
 use smallvec::SmallVec;
 
-use super::{check_entry, delimited, skip};
-use crate::{
-    fields::{
-        event_delivery, subscribe_response,
-        telemetry_event::{
-            CONTROL_VERSION, CORRELATION_ID, EVENT_PARTS, MEASUREMENTS, METADATA, PARENT_SPAN_ID,
-            SAMPLING_RATE, SEQUENCE, SPAN_ID, TIMESTAMP_NS, TRACE_ID,
-        },
+use super::{check_entry, delimited, id_problem, skip};
+use crate::fields::{
+    event_delivery, subscribe_response,
+    telemetry_event::{
+        CONTROL_VERSION, CORRELATION_ID, EVENT_PARTS, MEASUREMENTS, METADATA, PARENT_SPAN_ID,
+        SAMPLING_RATE, SEQUENCE, SPAN_ID, TIMESTAMP_NS, TRACE_ID,
     },
-    trace::{SpanId, TraceId},
 };
 
 /// A delivery from another hub that [`RelayedDelivery::check`] passed.
@@ -138,17 +135,13 @@ impl<'a> RelayedDelivery<'a> {
                 (tag @ (MEASUREMENTS | METADATA), WireType::LengthDelimited) => {
                     check_entry(delimited(&mut rest)?, tag == MEASUREMENTS)?;
                 }
-                (TRACE_ID, WireType::LengthDelimited) => {
+                (tag @ (TRACE_ID | SPAN_ID | PARENT_SPAN_ID), WireType::LengthDelimited) => {
                     let id = delimited(&mut rest)?;
-                    if !id.is_empty() && TraceId::from_bytes(id).is_err() {
-                        return Err("the trace id is not 16 bytes, or is all zero");
+                    if let Some(problem) = id_problem(tag, id) {
+                        return Err(problem);
                     }
-                    self.trace_id = id;
-                }
-                (SPAN_ID | PARENT_SPAN_ID, WireType::LengthDelimited) => {
-                    let id = delimited(&mut rest)?;
-                    if !id.is_empty() && SpanId::from_bytes(id).is_err() {
-                        return Err("a span id is not 8 bytes, or is all zero");
+                    if tag == TRACE_ID {
+                        self.trace_id = id;
                     }
                 }
                 (TIMESTAMP_NS | SEQUENCE | CONTROL_VERSION, WireType::Varint) => {
