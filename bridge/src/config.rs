@@ -66,6 +66,9 @@ pub struct ClusterConfig {
     pub subject_prefix: String,
     /// Copies JetStream keeps of the cluster's control state (1, or 3 or 5 on a NATS cluster).
     pub replicas: usize,
+    /// How long, after sending a batch, the publisher gathers events before it sends the next
+    /// (0: never waits; see `ClusterConfig::linger`).
+    pub linger_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -75,13 +78,29 @@ impl Default for ClusterConfig {
             node: String::new(),
             subject_prefix: "bridge".into(),
             replicas: 1,
+            linger_ms: LINGER_MS,
         }
     }
 }
 
+/// The publisher's default linger: see `config.toml`, and BENCHMARKS.md, "Issue 19: a linger
+/// for the cluster crossing".
+const LINGER_MS: u64 = 1;
+
+/// The longest linger accepted: longer would hold events from the other hubs' subscribers for
+/// longer than anyone tailing a stream waits without noticing.
+const MAX_LINGER_MS: u64 = 1000;
+
 impl ClusterConfig {
     pub fn enabled(&self) -> bool {
         !self.nats_url.trim().is_empty()
+    }
+
+    /// How long the publisher gathers events after sending a batch: a hub that sent nothing
+    /// for this long sends its next event at once, a busy one sends at most one batch per
+    /// linger (or per full batch), so that NATS wakes up that much less often.
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
     }
 }
 
@@ -338,6 +357,15 @@ impl Config {
                 ),
             ));
         }
+        if cluster.linger_ms > MAX_LINGER_MS {
+            return Err((
+                "cluster.linger_ms".into(),
+                format!(
+                    "{} ms is longer than the {MAX_LINGER_MS} ms other hubs' subscribers can be kept waiting (0 to send at once)",
+                    cluster.linger_ms
+                ),
+            ));
+        }
         let prefix = &self.cluster.subject_prefix;
         if prefix.is_empty()
             || prefix
@@ -590,6 +618,7 @@ mod tests {
                 "`cluster.subject_prefix`",
             ),
             ("[cluster]\nreplicas = 0", "`cluster.replicas`"),
+            ("[cluster]\nlinger_ms = 60000", "`cluster.linger_ms`"),
             (
                 "[metrics]\nmax_models_per_pool = 0",
                 "`metrics.max_models_per_pool`",

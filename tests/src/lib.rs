@@ -880,12 +880,14 @@ impl NatsServer {
         self.hub_with(node, HubOptions::default())
     }
 
-    /// [`NatsServer::hub`] with `options` (their `config` is replaced).
+    /// [`NatsServer::hub`] with `options`; their `config` goes on in the `[cluster]` table (its
+    /// own keys first, then any other table).
     pub fn hub_with(&self, node: &str, options: HubOptions) -> HubProcess {
         HubProcess::start_with(HubOptions {
             config: Some(format!(
-                "[cluster]\nnats_url = \"{}\"\nnode = \"{node}\"\n",
-                self.url
+                "[cluster]\nnats_url = \"{}\"\nnode = \"{node}\"\n{}",
+                self.url,
+                options.config.as_deref().unwrap_or_default()
             )),
             ..options
         })

@@ -1,13 +1,22 @@
 //! Cluster mode: hubs sharing events through a real nats-server on loopback. Subscribers on any
 //! hub receive the events of workers on every hub, filtered as on one hub, exactly once.
 
-use std::{collections::HashSet, time::Duration};
-
-use bridge_proto::{batch::BatchWriter, encoded::EncodedSubscribeResponse, protocol::events, v1};
-use bridge_tests::{
-    HubProcess, NatsServer, Recorder, WorkerProcess, eventually, http_get, metric_sample, name,
-    run_cli, sequence,
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
 };
+
+use bridge_proto::{
+    batch::{Batch, BatchWriter},
+    encoded::EncodedSubscribeResponse,
+    protocol::events,
+    v1,
+};
+use bridge_tests::{
+    HubOptions, HubProcess, NatsServer, Recorder, WorkerProcess, eventually, http_get,
+    metric_sample, name, run_cli, sequence,
+};
+use futures_util::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -401,5 +410,56 @@ async fn malformed_batches_and_events_are_dropped_and_counted() {
             .all(|d| ["probe", "fine", "fine too", "hub-b"].contains(&d.worker_id.as_str())),
         "{:?}",
         tail.deliveries()
+    );
+}
+
+/// `cluster.linger_ms`: a hub whose workers keep sending gathers their events for the linger
+/// after each batch, so the other hubs get one NATS message per linger, holding every event of
+/// it, instead of one per read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_hub_sends_one_batch_per_linger() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let client = async_nats::connect(nats.url.as_str())
+        .await
+        .expect("connect to NATS");
+    let mut batches = client
+        .subscribe("bridge.batch.hub-a")
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    let a = nats.hub_with(
+        "hub-a",
+        HubOptions {
+            config: Some("linger_ms = 1000\n".into()),
+            ..Default::default()
+        },
+    );
+    // About 20 requests a second, several events each: well under a batch's 64 KiB a second.
+    let _gpu_a = WorkerProcess::start(&a.url, "gpu-a", "llama", &["--simulate", "20"]);
+    let mut arrivals: Vec<(Instant, usize)> = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while arrivals.len() < 4 {
+            let message = batches.next().await.expect("the subscription ended");
+            let events = Batch::read(&message.payload).expect("a batch").len();
+            arrivals.push((Instant::now(), events));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("four batches within {WAIT:?}: {arrivals:?}"));
+    // The hub waits out the linger after each batch (asserted with room for NATS's jitter).
+    for pair in arrivals.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= Duration::from_millis(700),
+            "batches {gap:?} apart with a 1 s linger: {arrivals:?}"
+        );
+    }
+    // And gathers: a second of a busy worker's events in one message (the first batches may
+    // hold only the hub's and the worker's lifecycle events, from before its traffic began).
+    assert!(
+        arrivals[2..].iter().all(|(_, events)| *events > 10),
+        "{arrivals:?}"
     );
 }

@@ -3,8 +3,10 @@
 //! Each hub's publisher, one of its outputs, queues its own events (its workers' and its
 //! own lifecycle events) and sends what it finds waiting as one NATS message, a batch
 //! (`bridge_proto::batch`: each event as the delivery its own subscribers got, which carries
-//! the time the hub received it, with its worker's labels), to `<prefix>.batch.<node>`. It
-//! never waits for more events to fill a batch, so a quiet hub sends each event at once.
+//! the time the hub received it, with its worker's labels), to `<prefix>.batch.<node>`. After
+//! each batch it gathers events for the link's linger (`cluster.linger_ms`) before it sends
+//! the next, so a busy hub wakes NATS and the other hubs once per linger rather than once per
+//! read, while a quiet hub sends each event at once.
 //!
 //! A hub takes the batches of every other hub from `<prefix>.batch.*` while it has at least
 //! one subscription of its own (with none, NATS sends it nothing), checks each event (input
@@ -29,7 +31,7 @@ use bridge_proto::{
     view::RelayedDelivery,
 };
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -156,20 +158,52 @@ impl Output for Publisher {
 }
 
 /// Sends the hub's queued events, a batch at a time.
+///
+/// Events that come within the link's linger of the last batch wait for the linger to pass
+/// (or for their batch to fill), so that a busy hub sends a batch per linger rather than per
+/// read; an event after a quiet spell goes at once.
 pub(super) async fn publish(link: Arc<ClusterLink>, mut backlog: mpsc::Receiver<Outbound>) {
     let subject = async_nats::Subject::from(link.batch_subject());
     let mut waiting = Vec::with_capacity(TAKE);
     let mut batch = BatchWriter::new();
+    let mut last_sent: Option<Instant> = None;
     while backlog.recv_many(&mut waiting, TAKE).await > 0 {
-        for event in waiting.drain(..) {
-            let bytes = event.response.as_bytes();
-            if !batch.add(bytes, event.labels.as_ref()) {
-                send(&link, &subject, &mut batch).await;
-                // An empty batch takes any event.
-                batch.add(bytes, event.labels.as_ref());
+        add(&link, &subject, &mut batch, &mut waiting).await;
+        if let Some(due) = last_sent.map(|sent| sent + link.linger) {
+            let linger = tokio::time::sleep_until(due);
+            tokio::pin!(linger);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut linger => break,
+                    taken = backlog.recv_many(&mut waiting, TAKE) => {
+                        if taken == 0 {
+                            break;
+                        }
+                        add(&link, &subject, &mut batch, &mut waiting).await;
+                    }
+                }
             }
         }
         send(&link, &subject, &mut batch).await;
+        last_sent = (!link.linger.is_zero()).then(Instant::now);
+    }
+}
+
+/// Adds `waiting` to `batch`, sending the batch whenever it is full.
+async fn add(
+    link: &ClusterLink,
+    subject: &async_nats::Subject,
+    batch: &mut BatchWriter,
+    waiting: &mut Vec<Outbound>,
+) {
+    for event in waiting.drain(..) {
+        let bytes = event.response.as_bytes();
+        if !batch.add(bytes, event.labels.as_ref()) {
+            send(link, subject, batch).await;
+            // An empty batch takes any event.
+            batch.add(bytes, event.labels.as_ref());
+        }
     }
 }
 

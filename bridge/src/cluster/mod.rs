@@ -73,6 +73,8 @@ pub struct ClusterLink {
     prefix: String,
     /// JetStream replicas of the buckets.
     replicas: usize,
+    /// How long the publisher gathers events after a batch (`ClusterConfig::linger`).
+    linger: Duration,
     outbound: mpsc::Sender<Outbound>,
     /// Whether the NATS connection is up, as its events said last.
     connection: watch::Receiver<bool>,
@@ -169,6 +171,7 @@ impl ClusterLink {
             connection,
             prefix: config.subject_prefix.clone(),
             replicas: config.replicas,
+            linger: config.linger(),
             outbound,
             buckets: watch::Sender::new(None),
             applied_revision: watch::Sender::new(0),
