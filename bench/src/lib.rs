@@ -136,7 +136,7 @@ impl Plan {
                 fanout_probes: 7,
                 emit_scale: 4,
                 pressure_silent: 2000,
-                pressure_waves: 2,
+                pressure_waves: 3,
             }
         } else {
             Self {
@@ -151,7 +151,7 @@ impl Plan {
                 fanout_probes: 10,
                 emit_scale: 1,
                 pressure_silent: 10_000,
-                pressure_waves: 3,
+                pressure_waves: 4,
             }
         }
     }

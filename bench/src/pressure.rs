@@ -107,9 +107,12 @@ pub(crate) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     let peak = waves.iter().map(|w| w.rss_during).max().unwrap_or(0);
     // Every wave is the same load, so a leak shows as the peak growing from wave to wave. The
-    // level after a wave depends on when the allocator returns pages, so it is only reported.
+    // first wave also builds what the hub keeps by design (its 10,000 workers, remembered once
+    // disconnected, up to `hub.max_remembered_workers`), so growth counts from the second:
+    // seven waves rose 330, 339, 344, then stayed at 340 to 342 MiB. The level after a wave
+    // depends on when the allocator returns pages, so it is only reported.
     let (first_peak, last_peak) = (
-        waves.first().map_or(0, |w| w.rss_during),
+        waves.get(1).map_or(0, |w| w.rss_during),
         waves.last().map_or(0, |w| w.rss_during),
     );
     let growth = mib(last_peak) - mib(first_peak);
@@ -140,11 +143,11 @@ pub(crate) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
         ),
         Figure::new(
             Section::Pressure,
-            format!("hub RSS growth under pressure, wave 1 to wave {wave_count}"),
+            format!("hub RSS growth under pressure, wave 2 to wave {wave_count}"),
             "MiB",
             growth,
         )
-        .target("<= 5 % of wave 1", growth <= 0.05 * mib(first_peak)),
+        .target("<= 5 % of wave 2", growth <= 0.05 * mib(first_peak)),
     ])
 }
 
