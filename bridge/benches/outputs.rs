@@ -10,7 +10,7 @@ use bridge::outputs::{
 };
 use bridge_proto::{
     condition::Condition,
-    pattern::Pattern,
+    pattern::{Pattern, validate_event_tokens},
     protocol::{gpu, inference},
     v1::{TelemetryEvent, TelemetryValue, telemetry_value::Value},
     view::EventView,
@@ -110,6 +110,11 @@ fn bench(c: &mut Criterion) {
     };
     c.bench_function("event_view/decode_stop", |b| {
         b.iter(|| EventView::decode(black_box(encoded.as_slice())))
+    });
+    // The check every worker event's name passes at ingest.
+    let stop_view = stop("llama-3-70b");
+    c.bench_function("event_view/check_name_tokens", |b| {
+        b.iter(|| validate_event_tokens(black_box(&stop_view).parts()))
     });
     c.bench_function("event_view/decode_same_fields_other_name", |b| {
         b.iter(|| EventView::decode(black_box(renamed.as_slice())))
