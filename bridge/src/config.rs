@@ -87,8 +87,8 @@ impl Default for ClusterConfig {
 /// for the cluster crossing".
 const LINGER_MS: u64 = 1;
 
-/// The longest linger accepted: longer would hold events from the other hubs' subscribers for
-/// longer than anyone tailing a stream waits without noticing.
+/// The longest linger accepted: a second is already a stall to anyone tailing the stream on
+/// another hub.
 const MAX_LINGER_MS: u64 = 1000;
 
 impl ClusterConfig {
