@@ -203,7 +203,7 @@ pub fn validate_event_tokens<'a>(
     let mut tokens = 0;
     let plain = parts.clone().all(|part| {
         tokens += 1;
-        !part.is_empty() && part.bytes().all(plain_name_byte)
+        !part.is_empty() && part.bytes().all(plain_token_byte)
     });
     if plain && tokens > 0 {
         return Ok(());
@@ -211,9 +211,10 @@ pub fn validate_event_tokens<'a>(
     explain_event_tokens(parts)
 }
 
-/// A byte a name token may hold that needs no further check: printable ASCII other than the
-/// separator and the wildcards (non-ASCII characters may be whitespace or control characters).
-fn plain_name_byte(byte: u8) -> bool {
+/// A byte a name token, or a NATS subject token, holds as it is: printable ASCII other than
+/// the separator and the wildcards (non-ASCII characters may be whitespace or control
+/// characters, which neither allows).
+pub fn plain_token_byte(byte: u8) -> bool {
     byte.is_ascii_graphic() && !matches!(byte, b'.' | b'*' | b'>')
 }
 

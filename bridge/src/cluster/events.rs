@@ -28,6 +28,7 @@ use std::sync::{
 use bridge_proto::{
     batch::{Batch, BatchWriter, Labels},
     encoded::EncodedSubscribeResponse,
+    pattern::plain_token_byte,
     view::RelayedDelivery,
 };
 use futures_util::StreamExt;
@@ -266,9 +267,7 @@ pub(super) async fn receive(link: Arc<ClusterLink>, shutdown: CancellationToken)
 /// A name as one subject token: characters NATS gives a meaning to ('.', '*', '>',
 /// whitespace), '~' and non-ASCII are written `~HH`; the empty string is `~`.
 pub fn subject_token(text: &str) -> String {
-    token::escape(text, b'~', |byte| {
-        byte.is_ascii_graphic() && !matches!(byte, b'.' | b'*' | b'>')
-    })
+    token::escape(text, b'~', plain_token_byte)
 }
 
 #[cfg(test)]
