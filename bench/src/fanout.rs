@@ -116,14 +116,24 @@ struct Cost {
     dropped: f64,
 }
 
+/// The hub's other layout, measured beside the default one: every connection on one thread of
+/// its own (cheaper per delivery at a steady load, capped at one core).
+const ONE_CONNECTION_THREAD: &str = "[hub]\nconnection_threads = 1\n";
+
 /// The server's CPU per million deliveries to `count` subscribers matching every event, with
-/// `rate` events per second offered, over one window after the warm-up.
+/// `rate` events per second offered, over one window after the warm-up; a hub with `config`.
 ///
 /// Steadier than the probe of [`probe_fanout`]: the probe's limit is reached when hub,
 /// generator and subscribers saturate the two cores together, so it moves with scheduling,
 /// while the cost of a delivery at a load all of them sustain moves much less.
-fn measure_cost(plan: &Plan, kind: Server, count: usize, rate: f64) -> Result<Cost, String> {
-    let server = ServerProcess::start(plan, kind)?;
+fn measure_cost(
+    plan: &Plan,
+    kind: Server,
+    config: Option<&str>,
+    count: usize,
+    rate: f64,
+) -> Result<Cost, String> {
+    let server = ServerProcess::start_with(plan, kind, config)?;
     let mut subs = subscribers(&server.url, count, false, false)?;
     let _load = load(&server.url, 4, Some(rate))?;
     std::thread::sleep(plan.warmup);
@@ -146,36 +156,47 @@ fn costs(plan: &Plan) -> Result<Vec<Figure>, String> {
             "fan-out cost, {count} subscribers at {} deliveries/s",
             rate * count as f64
         );
-        let (mut hub, mut base) = (Vec::new(), Vec::new());
+        let (mut hub, mut one_thread, mut base) = (Vec::new(), Vec::new(), Vec::new());
         for run in repeat(plan, &label, || {
             Ok((
-                measure_cost(plan, Server::Hub, count, rate)?,
-                measure_cost(plan, Server::Baseline, count, rate)?,
+                measure_cost(plan, Server::Hub, None, count, rate)?,
+                measure_cost(plan, Server::Hub, Some(ONE_CONNECTION_THREAD), count, rate)?,
+                measure_cost(plan, Server::Baseline, None, count, rate)?,
             ))
         })? {
             hub.push(run.0);
-            base.push(run.1);
+            one_thread.push(run.1);
+            base.push(run.2);
         }
-        figures.push(
-            Figure::new(
-                Section::Fanout,
-                label,
-                "CPU-s per million deliveries",
-                median(hub.iter().map(|c| c.cpu_seconds_per_million).collect()),
-            )
-            .baseline(median(
-                base.iter().map(|c| c.cpu_seconds_per_million).collect(),
-            )),
-        );
-        figures.push(
+        let per_million =
+            |costs: &[Cost]| median(costs.iter().map(|c| c.cpu_seconds_per_million).collect());
+        let dropped = |costs: &[Cost]| median(costs.iter().map(|c| c.dropped).collect());
+        let unit = "CPU-s per million deliveries";
+        figures.extend([
+            Figure::new(Section::Fanout, label, unit, per_million(&hub))
+                .baseline(per_million(&base)),
             Figure::new(
                 Section::Fanout,
                 "  dropped in the window",
                 "events",
-                median(hub.iter().map(|c| c.dropped).collect()),
+                dropped(&hub),
             )
-            .baseline(median(base.iter().map(|c| c.dropped).collect())),
-        );
+            .baseline(dropped(&base)),
+            Figure::new(
+                Section::Fanout,
+                "  with hub.connection_threads = 1",
+                unit,
+                per_million(&one_thread),
+            )
+            .baseline(per_million(&base)),
+            Figure::new(
+                Section::Fanout,
+                "    dropped in the window",
+                "events",
+                dropped(&one_thread),
+            )
+            .baseline(dropped(&base)),
+        ]);
     }
     Ok(figures)
 }

@@ -250,6 +250,9 @@ pub struct HubConfig {
     pub connection_window_bytes: u32,
     /// Interval of HTTP/2 keepalive pings, in seconds (0: off).
     pub keepalive_secs: u64,
+    /// Threads that each own a share of the gRPC port's connections; 0: the connections share
+    /// the runtime's threads, one per core.
+    pub connection_threads: usize,
 }
 
 impl Default for HubConfig {
@@ -268,9 +271,13 @@ impl Default for HubConfig {
             stream_window_bytes: 4 * 1024 * 1024,
             connection_window_bytes: 16 * 1024 * 1024,
             keepalive_secs: 20,
+            connection_threads: 0,
         }
     }
 }
+
+/// More threads than any machine has cores is a typo, not a layout.
+const MAX_CONNECTION_THREADS: usize = 1024;
 
 /// A configuration that cannot be used; the message names the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -400,6 +407,12 @@ impl Config {
             return Err((
                 "hub.stream_window_bytes".into(),
                 "HTTP/2 windows must be at least 65535 bytes".into(),
+            ));
+        }
+        if hub.connection_threads > MAX_CONNECTION_THREADS {
+            return Err((
+                "hub.connection_threads".into(),
+                format!("must be at most {MAX_CONNECTION_THREADS} (0: the shared runtime)"),
             ));
         }
         let limits = &self.limits;
@@ -619,6 +632,10 @@ mod tests {
             ),
             ("[cluster]\nreplicas = 0", "`cluster.replicas`"),
             ("[cluster]\nlinger_ms = 60000", "`cluster.linger_ms`"),
+            (
+                "[hub]\nconnection_threads = 5000",
+                "`hub.connection_threads`",
+            ),
             (
                 "[metrics]\nmax_models_per_pool = 0",
                 "`metrics.max_models_per_pool`",

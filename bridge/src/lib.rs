@@ -29,7 +29,8 @@
 //!   task that undoes timed changes when their time is up; [`steering`]: the task that keeps
 //!   choosing the rate of levels under a target event rate.
 //! - [`service`]: the gRPC edge; [`server`]: serving it with health and reflection, over TLS
-//!   when configured; [`listener`]: accepting connections.
+//!   when configured; [`listener`]: accepting connections; [`connection_threads`]: threads
+//!   that each own a share of them, when configured.
 //! - [`auth`]: bearer tokens with roles, and client certificate names; [`tls`]: the
 //!   certificate both ports serve.
 //! - [`http`]: the HTTP port; [`metrics`]: the hub's state as Prometheus metrics;
@@ -45,6 +46,7 @@ pub mod client;
 pub mod cluster;
 pub mod command;
 pub mod config;
+pub mod connection_threads;
 pub mod control;
 pub mod error;
 pub mod event_rate;

@@ -111,7 +111,32 @@ pub fn raise_descriptor_limit() -> io::Result<u64> {
     Ok(hard)
 }
 
+/// A connection on its way to the runtime that will own it: sockets are registered with one
+/// runtime's reactor, so it leaves this one's and joins the other's.
+#[derive(Debug)]
+pub struct Handoff {
+    stream: std::net::TcpStream,
+    slot: OwnedSemaphorePermit,
+}
+
+impl Handoff {
+    /// The connection, registered with the runtime this is called on.
+    pub fn into_connection(self) -> io::Result<Connection> {
+        Ok(Connection {
+            stream: TcpStream::from_std(self.stream)?,
+            _slot: self.slot,
+        })
+    }
+}
+
 impl Connection {
+    pub fn into_handoff(self) -> io::Result<Handoff> {
+        Ok(Handoff {
+            stream: self.stream.into_std()?,
+            slot: self._slot,
+        })
+    }
+
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.stream.peer_addr()
     }

@@ -1,16 +1,17 @@
 //! Serving a hub on a bound listener: the bridge service, health and reflection on one port.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, pin::Pin, time::Duration};
 
 use bridge_proto::{
     FILE_DESCRIPTOR_SET, SERVICE_NAME, server::telemetry_bridge_server::TelemetryBridgeServer,
 };
 use tokio::net::TcpListener;
-use tonic::transport::Server;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::Router};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
-use crate::{hub::Hub, listener, service::BridgeService};
+use crate::{connection_threads, hub::Hub, listener, service::BridgeService};
 
 /// Serves `hub` on `listener` until `shutdown` completes, then ends every stream with
 /// UNAVAILABLE and waits up to the configured grace period for connections to close.
@@ -58,33 +59,49 @@ pub async fn serve(
             .await;
         hub_for_shutdown.shut_down();
     };
-    let mut builder = Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    let server = builder
-        .tcp_nodelay(true)
-        .max_concurrent_streams(Some(limits.max_streams_per_connection))
-        .initial_stream_window_size(config.stream_window_bytes)
-        .initial_connection_window_size(config.connection_window_bytes)
-        .http2_keepalive_interval(keepalive)
-        .http2_keepalive_timeout(keepalive.map(|k| k.min(Duration::from_secs(20))))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(bridge)
-        .serve_with_incoming_shutdown(
-            listener::incoming(listener, limits.handshake_timeout(), limits.max_connections),
-            signal,
-        );
-
-    tokio::pin!(server);
+    let router = || -> anyhow::Result<Router> {
+        let mut builder = Server::builder();
+        if let Some(tls) = tls.clone() {
+            builder = builder.tls_config(tls)?;
+        }
+        Ok(builder
+            .tcp_nodelay(true)
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            .initial_stream_window_size(config.stream_window_bytes)
+            .initial_connection_window_size(config.connection_window_bytes)
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(keepalive.map(|k| k.min(Duration::from_secs(20))))
+            .add_service(health_service.clone())
+            .add_service(reflection_v1.clone())
+            .add_service(reflection_v1alpha.clone())
+            .add_service(bridge.clone()))
+    };
+    let incoming = listener::incoming(listener, limits.handshake_timeout(), limits.max_connections);
+    let abandon = CancellationToken::new();
+    let server: Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> =
+        match config.connection_threads {
+            0 => {
+                let served = router()?.serve_with_incoming_shutdown(incoming, signal);
+                Box::pin(async move { Ok(served.await?) })
+            }
+            threads => {
+                tokio::spawn(signal);
+                Box::pin(connection_threads::serve(
+                    threads,
+                    router,
+                    incoming,
+                    hub.shutdown_token().clone(),
+                    abandon.clone(),
+                ))
+            }
+        };
     tokio::select! {
-        result = &mut server => result?,
+        result = server => result?,
         () = async {
             drained.cancelled().await;
             tokio::time::sleep(config.shutdown_grace()).await;
         } => {
+            abandon.cancel();
             warn!(grace_ms = config.shutdown_grace_ms, "connections still open after the grace period; exiting anyway");
         }
     }

@@ -89,7 +89,20 @@ async fn health_and_reflection_are_served_on_the_same_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_streams_with_unavailable_and_exits_promptly() {
-    let mut hub = HubProcess::start();
+    sigterm_ends_streams_with_unavailable("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_streams_on_connection_threads_too() {
+    sigterm_ends_streams_with_unavailable("connection_threads = 2\n").await;
+}
+
+/// With `hub_config` as the `[hub]` table.
+async fn sigterm_ends_streams_with_unavailable(hub_config: &str) {
+    let mut hub = HubProcess::start_with(HubOptions {
+        config: Some(format!("[hub]\n{hub_config}")),
+        ..Default::default()
+    });
     let mut client = hub.client().await;
     let mut stream = client
         .subscribe(v1::SubscribeRequest::default())
@@ -122,8 +135,18 @@ async fn sigterm_ends_streams_with_unavailable_and_exits_promptly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_within_the_grace_period_even_with_stalled_subscribers() {
+    sigterm_exits_within_the_grace_period("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_within_the_grace_period_on_connection_threads_too() {
+    sigterm_exits_within_the_grace_period("connection_threads = 2\n").await;
+}
+
+/// With `hub_config` added to the `[hub]` table.
+async fn sigterm_exits_within_the_grace_period(hub_config: &str) {
     let mut hub = HubProcess::start_with(HubOptions {
-        config: Some("[hub]\nshutdown_grace_ms = 1000\n".into()),
+        config: Some(format!("[hub]\nshutdown_grace_ms = 1000\n{hub_config}")),
         ..Default::default()
     });
     // A subscriber that never reads, with the smallest windows HTTP/2 allows: the hub soon

@@ -310,3 +310,58 @@ async fn a_second_stream_with_the_same_id_replaces_the_first() {
     );
     assert_eq!(info.pool, "other-pool");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_threads_carry_events_and_control_between_their_connections() {
+    let hub = HubProcess::start_with(HubOptions {
+        config: Some("[hub]\nconnection_threads = 2\n".into()),
+        ..Default::default()
+    });
+    eventually("the hub to start two connection threads", WAIT, || async {
+        (connection_threads(hub.pid()) == ["bridge-conn-0", "bridge-conn-1"]).then_some(())
+    })
+    .await;
+    // Each on a connection of its own, handed to the thread with the fewest open: the two
+    // subscribers go to different threads, and each worker's events reach both.
+    let first = Recorder::start(&mut hub.client().await, matching(&["inference.stop"])).await;
+    let second = Recorder::start(&mut hub.client().await, matching(&["inference.stop"])).await;
+    let _a = WorkerProcess::start(&hub.url, "gpu-a", "llama", &["--simulate", "200"]);
+    let _b = WorkerProcess::start(&hub.url, "gpu-b", "llama", &["--simulate", "200"]);
+    for tail in [&first, &second] {
+        eventually(
+            "both workers' events on both subscriptions",
+            WAIT,
+            || async {
+                let deliveries = tail.deliveries();
+                let from = |id: &str| deliveries.iter().any(|d| d.worker_id == id);
+                (from("gpu-a") && from("gpu-b")).then_some(())
+            },
+        )
+        .await;
+    }
+    let out = run_cli(&hub.url, &["sample", "gpu-b", "0.1"]).await;
+    assert!(
+        out.stdout.starts_with("gpu-b: sampling 0.1 applied in "),
+        "{out:?}"
+    );
+    eventually("gpu-b's events to carry the new rate", WAIT, || async {
+        first
+            .deliveries()
+            .iter()
+            .any(|d| d.worker_id == "gpu-b" && d.sampling_rate == 0.1)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Names of the hub's connection threads, sorted.
+fn connection_threads(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the hub's threads");
+    let mut names: Vec<String> = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| name.starts_with("bridge-conn-"))
+        .collect();
+    names.sort();
+    names
+}
