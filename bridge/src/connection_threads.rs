@@ -8,32 +8,22 @@
 //! task runs after the worker's has handed over everything it read, and writes it at once.
 //! Connections are handed to the thread with the fewest open; nothing moves after that.
 
-use std::{
-    io,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering::Relaxed},
-    },
-    task::{Context, Poll},
-};
+use std::{io, sync::Arc};
 
 use futures_util::StreamExt;
-use tokio::{
-    io::{AsyncRead, ReadBuf},
-    sync::{mpsc, oneshot},
-};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::{Stream, wrappers::UnboundedReceiverStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::{Connected, Router, TcpConnectInfo};
+use tonic::transport::server::Router;
 use tracing::{info, warn};
 
-use crate::listener::{Connection, Handoff, forward_writes};
+use crate::listener::{Connection, Handoff};
 
 /// One connection thread, as the accepting side sees it.
 struct Owner {
     handoffs: mpsc::UnboundedSender<Handoff>,
-    open: Arc<AtomicUsize>,
+    /// A permit per open connection, held by the connection: the fewer open, the more left.
+    slots: Arc<Semaphore>,
     stopped: oneshot::Receiver<()>,
 }
 
@@ -59,16 +49,18 @@ pub async fn serve(
         tokio::pin!(incoming);
         while let Some(accepted) = incoming.next().await {
             let Ok(connection) = accepted else { continue };
-            let owner = owners
+            let Some(owner) = owners
                 .iter()
-                .min_by_key(|owner| owner.open.load(Relaxed))
-                .expect("at least one connection thread");
-            match connection.into_handoff() {
-                Ok(handoff) => {
-                    owner.open.fetch_add(1, Relaxed);
-                    // Fails only once the thread has stopped, and the connection closes with it.
-                    let _ = owner.handoffs.send(handoff);
-                }
+                .min_by_key(|owner| Semaphore::MAX_PERMITS - owner.slots.available_permits())
+            else {
+                continue;
+            };
+            let Ok(slot) = owner.slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            match connection.into_handoff(slot) {
+                // Fails only once the thread has stopped, and the connection closes with it.
+                Ok(handoff) => drop(owner.handoffs.send(handoff)),
                 Err(error) => warn!(%error, "cannot hand a connection to its thread"),
             }
         }
@@ -95,21 +87,13 @@ fn start(
         .enable_all()
         .build()?;
     let (handoffs, received) = mpsc::unbounded_channel::<Handoff>();
-    let open = Arc::new(AtomicUsize::new(0));
     let (stopped_tx, stopped) = oneshot::channel();
-    let counted = open.clone();
     std::thread::Builder::new()
         .name(format!("bridge-conn-{index}"))
         .spawn(move || {
             runtime.block_on(async move {
-                // Registered with this thread's runtime, which polls it from now on.
-                let incoming = UnboundedReceiverStream::new(received).map(move |handoff| {
-                    let open = Open(counted.clone());
-                    handoff.into_connection().map(|connection| Owned {
-                        stream: connection,
-                        _open: open,
-                    })
-                });
+                // Each registered with this thread's runtime as it arrives.
+                let incoming = UnboundedReceiverStream::new(received).map(Handoff::into_connection);
                 let served = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
                 tokio::select! {
                     result = served => if let Err(error) = result {
@@ -124,42 +108,7 @@ fn start(
         })?;
     Ok(Owner {
         handoffs,
-        open,
+        slots: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
         stopped,
     })
 }
-
-/// Counts a connection among its thread's open ones until it closes.
-struct Open(Arc<AtomicUsize>);
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-    }
-}
-
-/// A connection on the thread that owns it.
-struct Owned {
-    stream: Connection,
-    _open: Open,
-}
-
-impl Connected for Owned {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl AsyncRead for Owned {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-forward_writes!(impl[] Owned);

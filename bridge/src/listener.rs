@@ -32,11 +32,12 @@ use tracing::{debug, warn};
 /// holds the rest).
 const MAX_PENDING: usize = 4096;
 
-/// A connection that holds one of the hub's connection slots until it closes.
+/// A connection that holds one of the hub's connection slots until it closes, and one of its
+/// connection thread's when it has one.
 #[derive(Debug)]
 pub struct Connection {
     stream: TcpStream,
-    _slot: OwnedSemaphorePermit,
+    _slots: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
 
 /// Connections from `listener` that started talking within `timeout`, at most
@@ -66,7 +67,7 @@ pub fn incoming(
                         pending.push(async move {
                             let opened = tokio::time::timeout(timeout, first_byte(&stream)).await;
                             match opened {
-                                Ok(true) => Some(Connection { stream, _slot: slot }),
+                                Ok(true) => Some(Connection { stream, _slots: (slot, None) }),
                                 Ok(false) => None,
                                 Err(_) => {
                                     debug!(%peer, ?timeout, "closing a connection that sent nothing");
@@ -111,29 +112,31 @@ pub fn raise_descriptor_limit() -> io::Result<u64> {
     Ok(hard)
 }
 
-/// A connection on its way to the runtime that will own it: sockets are registered with one
+/// A connection on its way to the thread that will own it: a socket is registered with one
 /// runtime's reactor, so it leaves this one's and joins the other's.
 #[derive(Debug)]
 pub struct Handoff {
     stream: std::net::TcpStream,
-    slot: OwnedSemaphorePermit,
+    slots: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 impl Handoff {
     /// The connection, registered with the runtime this is called on.
     pub fn into_connection(self) -> io::Result<Connection> {
+        let (hub, thread) = self.slots;
         Ok(Connection {
             stream: TcpStream::from_std(self.stream)?,
-            _slot: self.slot,
+            _slots: (hub, Some(thread)),
         })
     }
 }
 
 impl Connection {
-    pub fn into_handoff(self) -> io::Result<Handoff> {
+    /// The connection on its way to a thread, taking up `thread_slot` there until it closes.
+    pub fn into_handoff(self, thread_slot: OwnedSemaphorePermit) -> io::Result<Handoff> {
         Ok(Handoff {
             stream: self.stream.into_std()?,
-            slot: self._slot,
+            slots: (self._slots.0, thread_slot),
         })
     }
 
