@@ -49,17 +49,20 @@ pub async fn serve(
         tokio::pin!(incoming);
         while let Some(accepted) = incoming.next().await {
             let Ok(connection) = accepted else { continue };
+            // A thread that stopped early (it cannot, short of a bug) gets nothing more.
             let Some(owner) = owners
                 .iter()
+                .filter(|owner| !owner.handoffs.is_closed())
                 .min_by_key(|owner| Semaphore::MAX_PERMITS - owner.slots.available_permits())
             else {
+                warn!("every connection thread has stopped; closing a new connection");
                 continue;
             };
             let Ok(slot) = owner.slots.clone().try_acquire_owned() else {
                 continue;
             };
             match connection.into_handoff(slot) {
-                // Fails only once the thread has stopped, and the connection closes with it.
+                // Fails only if the thread has just stopped: the connection closes with it.
                 Ok(handoff) => drop(owner.handoffs.send(handoff)),
                 Err(error) => warn!(%error, "cannot hand a connection to its thread"),
             }
