@@ -19,6 +19,28 @@ use tracing::{info, warn};
 
 use crate::listener::{Connection, Handoff};
 
+/// The connections each thread has open: where the next goes, and what `/metrics` shows.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadLoad(Arc<[Arc<Semaphore>]>);
+
+impl ThreadLoad {
+    pub fn new(threads: usize) -> Self {
+        Self(
+            (0..threads)
+                .map(|_| Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)))
+                .collect(),
+        )
+    }
+
+    /// Open connections per thread; empty on the shared runtime.
+    pub fn open(&self) -> Vec<usize> {
+        self.0
+            .iter()
+            .map(|slots| Semaphore::MAX_PERMITS - slots.available_permits())
+            .collect()
+    }
+}
+
 /// One connection thread, as the accepting side sees it.
 struct Owner {
     handoffs: mpsc::UnboundedSender<Handoff>,
@@ -27,19 +49,36 @@ struct Owner {
     stopped: oneshot::Receiver<()>,
 }
 
-/// Serves the connections of `incoming` on `count` threads, each with a router from `router`,
-/// until `stop` is cancelled and their connections have closed, or until `abandon` is
-/// cancelled (connections still open are then dropped).
+/// Serves the connections of `incoming` on a thread for each of `load`'s, each with a router
+/// from `router`, until `stop` is cancelled and their connections have closed, or until
+/// `abandon` is cancelled (connections still open are then dropped).
 pub async fn serve(
-    count: usize,
+    load: &ThreadLoad,
     router: impl Fn() -> anyhow::Result<Router>,
     incoming: impl Stream<Item = io::Result<Connection>>,
     stop: CancellationToken,
     abandon: CancellationToken,
 ) -> anyhow::Result<()> {
+    let count = load.0.len();
     let mut owners = Vec::with_capacity(count);
-    for index in 0..count {
-        owners.push(start(index, router()?, stop.clone(), abandon.clone())?);
+    for (index, slots) in load.0.iter().enumerate() {
+        let started = router().and_then(|router| {
+            Ok(start(
+                index,
+                router,
+                slots.clone(),
+                stop.clone(),
+                abandon.clone(),
+            )?)
+        });
+        match started {
+            Ok(owner) => owners.push(owner),
+            Err(error) => {
+                // The threads already started would otherwise serve nothing, forever.
+                abandon.cancel();
+                return Err(error);
+            }
+        }
     }
     info!(
         threads = count,
@@ -83,6 +122,7 @@ pub async fn serve(
 fn start(
     index: usize,
     router: Router,
+    slots: Arc<Semaphore>,
     stop: CancellationToken,
     abandon: CancellationToken,
 ) -> io::Result<Owner> {
@@ -111,7 +151,7 @@ fn start(
         })?;
     Ok(Owner {
         handoffs,
-        slots: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+        slots,
         stopped,
     })
 }

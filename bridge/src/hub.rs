@@ -23,6 +23,7 @@ use crate::{
     cluster::{self, ClusterLink, rpc},
     command::{Change, Selector, Update},
     config::Config,
+    connection_threads::ThreadLoad,
     control::{
         ControlPlane,
         layer::Layer,
@@ -61,6 +62,8 @@ struct Shared {
     tls: Option<ServerTls>,
     /// From an event's timestamp to the hub receiving it, for events that passed.
     ingest_latency: LatencyHistogram,
+    /// The connections each of `[hub] connection_threads` has open.
+    connection_load: ThreadLoad,
     /// Cancelled when the hub shuts down; every stream's token is a child.
     shutdown: CancellationToken,
 }
@@ -116,6 +119,7 @@ impl Hub {
                 auth,
                 tls,
                 ingest_latency: LatencyHistogram::new(INGEST_BOUNDS_NS),
+                connection_load: ThreadLoad::new(config.hub.connection_threads),
                 shutdown: CancellationToken::new(),
                 config,
             }),
@@ -163,6 +167,11 @@ impl Hub {
     /// The hub's link to the other hubs, in cluster mode.
     pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
         self.shared.cluster.get()
+    }
+
+    /// The connections each connection thread has open (none on the shared runtime).
+    pub fn connection_load(&self) -> &ThreadLoad {
+        &self.shared.connection_load
     }
 
     /// The OTLP export, when it runs.

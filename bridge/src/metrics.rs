@@ -133,6 +133,21 @@ impl Collector for HubCollector {
             &[(vec![], lagged)],
         )?;
 
+        let open = self.hub.connection_load().open();
+        if !open.is_empty() {
+            let threads: Vec<String> = (0..open.len()).map(|t| t.to_string()).collect();
+            let per_thread: Vec<_> = threads
+                .iter()
+                .zip(&open)
+                .map(|(thread, &open)| (vec![("thread", thread.as_str())], open as i64))
+                .collect();
+            gauge(
+                &mut encoder,
+                "bridge_connection_thread_connections",
+                "Open gRPC connections on each of hub.connection_threads.",
+                &per_thread,
+            )?;
+        }
         counter(
             &mut encoder,
             "bridge_malformed_messages",

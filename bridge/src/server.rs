@@ -84,15 +84,16 @@ pub async fn serve(
                 let served = router()?.serve_with_incoming_shutdown(incoming, signal);
                 Box::pin(async move { Ok(served.await?) })
             }
-            threads => {
+            _ => {
                 tokio::spawn(signal);
-                Box::pin(connection_threads::serve(
-                    threads,
-                    router,
-                    incoming,
+                let (load, stop, abandon) = (
+                    hub.connection_load().clone(),
                     hub.shutdown_token().clone(),
                     abandon.clone(),
-                ))
+                );
+                Box::pin(async move {
+                    connection_threads::serve(&load, router, incoming, stop, abandon).await
+                })
             }
         };
     tokio::select! {

@@ -5,8 +5,8 @@ use std::time::Duration;
 use bridge_proto::protocol::{events, headers, inference};
 use bridge_proto::v1::{self, subscribe_response::Item};
 use bridge_tests::{
-    HubOptions, HubProcess, Recorder, WorkerProcess, eventually, matching, name, open_stream,
-    run_cli,
+    HubOptions, HubProcess, Recorder, WorkerProcess, eventually, http_get, matching, name,
+    open_stream, run_cli,
 };
 use worker::{Link, LinkOptions, LinkState, Value};
 
@@ -338,6 +338,12 @@ async fn connection_threads_carry_events_and_control_between_their_connections()
             },
         )
         .await;
+    }
+    // Two connections on each thread (a subscriber and a worker), as `/metrics` shows.
+    let metrics = tokio::task::block_in_place(|| http_get(hub.http, "/metrics", &[])).body;
+    for thread in ["0", "1"] {
+        let line = format!("bridge_connection_thread_connections{{thread=\"{thread}\"}} 2");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
     let out = run_cli(&hub.url, &["sample", "gpu-b", "0.1"]).await;
     assert!(
