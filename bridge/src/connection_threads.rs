@@ -34,11 +34,13 @@ impl ThreadLoad {
 
     /// Open connections per thread; empty on the shared runtime.
     pub fn open(&self) -> Vec<usize> {
-        self.0
-            .iter()
-            .map(|slots| Semaphore::MAX_PERMITS - slots.available_permits())
-            .collect()
+        self.0.iter().map(|slots| open(slots)).collect()
     }
+}
+
+/// Connections open on the thread whose slots these are.
+fn open(slots: &Semaphore) -> usize {
+    Semaphore::MAX_PERMITS - slots.available_permits()
 }
 
 /// One connection thread, as the accepting side sees it.
@@ -92,7 +94,7 @@ pub async fn serve(
             let Some(owner) = owners
                 .iter()
                 .filter(|owner| !owner.handoffs.is_closed())
-                .min_by_key(|owner| Semaphore::MAX_PERMITS - owner.slots.available_permits())
+                .min_by_key(|owner| open(&owner.slots))
             else {
                 warn!("every connection thread has stopped; closing a new connection");
                 continue;
