@@ -131,11 +131,11 @@ pub(crate) async fn cluster(plan: &Plan, asked: bool) -> Result<Vec<Figure>, Str
     let label = "fan-out across hubs, 1 subscriber matching all";
     let two = repeat(plan, &format!("{label}, two hubs"), || {
         let pair = start()?.ok_or("nats-server went away")?;
-        probe_fanout(plan, &pair.a.url, &pair.b.url, 1, false)
+        probe_fanout(plan, &pair.a.url, &pair.b.url, 1, false, 0)
     })?;
     let one = repeat(plan, &format!("{label}, one hub"), || {
         let hub = ServerProcess::start(plan, Server::Hub)?;
-        probe_fanout(plan, &hub.url, &hub.url, 1, false)
+        probe_fanout(plan, &hub.url, &hub.url, 1, false, 0)
     })?;
     let rate = |runs: &[Fanout]| median(runs.iter().map(|r| r.deliveries_per_second).collect());
     figures.push(

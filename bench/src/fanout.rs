@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::{
     Plan, Section,
-    process::{RoleProcess, Server, ServerProcess, load, load_buckets, number, subscribers},
+    process::{RoleProcess, Server, ServerProcess, load, load_buckets, number, subscribers_of},
     repeat,
     report::{Figure, median},
 };
@@ -28,9 +28,10 @@ fn measure_fanout(
     kind: Server,
     count: usize,
     buckets: bool,
+    linger_ms: u32,
 ) -> Result<Fanout, String> {
     let server = ServerProcess::start(plan, kind)?;
-    probe_fanout(plan, &server.url, &server.url, count, buckets)
+    probe_fanout(plan, &server.url, &server.url, count, buckets, linger_ms)
 }
 
 /// [`measure_fanout`] with the load sent to `load_url` and the subscribers on `subs_url`.
@@ -40,8 +41,9 @@ pub(crate) fn probe_fanout(
     subs_url: &str,
     count: usize,
     buckets: bool,
+    linger_ms: u32,
 ) -> Result<Fanout, String> {
-    let mut subs = subscribers(subs_url, count, buckets, false)?;
+    let mut subs = subscribers_of(subs_url, count, buckets, false, &[], linger_ms)?;
     let deliveries_per_event = if buckets { 1.0 } else { count as f64 };
     let mut rate = (100_000.0 / deliveries_per_event).max(1000.0);
     let mut load = if buckets {
@@ -120,6 +122,10 @@ struct Cost {
 /// its own (cheaper per delivery at a steady load, capped at one core).
 const ONE_CONNECTION_THREAD: &str = "[hub]\nconnection_threads = 1\n";
 
+/// The latency budget the hub's subscriptions ask for in the rows measured with one
+/// (`SubscribeRequest.linger_ms`): fewer, larger writes, which the baseline cannot offer.
+const LINGER_MS: u32 = 1;
+
 /// The server's CPU per million deliveries to `count` subscribers matching every event, with
 /// `rate` events per second offered, over one window after the warm-up; a hub with `config`.
 ///
@@ -132,9 +138,10 @@ fn measure_cost(
     config: Option<&str>,
     count: usize,
     rate: f64,
+    linger_ms: u32,
 ) -> Result<Cost, String> {
     let server = ServerProcess::start_with(plan, kind, config)?;
-    let mut subs = subscribers(&server.url, count, false, false)?;
+    let mut subs = subscribers_of(&server.url, count, false, false, &[], linger_ms)?;
     let _load = load(&server.url, 4, Some(rate))?;
     std::thread::sleep(plan.warmup);
     let (first, cpu0) = (subs.mark()?, server.stat()?.cpu_seconds);
@@ -156,17 +163,27 @@ fn costs(plan: &Plan) -> Result<Vec<Figure>, String> {
             "fan-out cost, {count} subscribers at {} deliveries/s",
             rate * count as f64
         );
-        let (mut hub, mut one_thread, mut base) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut hub, mut one_thread, mut lingering, mut base) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for run in repeat(plan, &label, || {
             Ok((
-                measure_cost(plan, Server::Hub, None, count, rate)?,
-                measure_cost(plan, Server::Hub, Some(ONE_CONNECTION_THREAD), count, rate)?,
-                measure_cost(plan, Server::Baseline, None, count, rate)?,
+                measure_cost(plan, Server::Hub, None, count, rate, 0)?,
+                measure_cost(
+                    plan,
+                    Server::Hub,
+                    Some(ONE_CONNECTION_THREAD),
+                    count,
+                    rate,
+                    0,
+                )?,
+                measure_cost(plan, Server::Hub, None, count, rate, LINGER_MS)?,
+                measure_cost(plan, Server::Baseline, None, count, rate, 0)?,
             ))
         })? {
             hub.push(run.0);
             one_thread.push(run.1);
-            base.push(run.2);
+            lingering.push(run.2);
+            base.push(run.3);
         }
         let per_million =
             |costs: &[Cost]| median(costs.iter().map(|c| c.cpu_seconds_per_million).collect());
@@ -196,6 +213,20 @@ fn costs(plan: &Plan) -> Result<Vec<Figure>, String> {
                 dropped(&one_thread),
             )
             .baseline(dropped(&base)),
+            Figure::new(
+                Section::Fanout,
+                format!("  with subscriptions lingering {LINGER_MS} ms"),
+                unit,
+                per_million(&lingering),
+            )
+            .baseline(per_million(&base)),
+            Figure::new(
+                Section::Fanout,
+                "    dropped in the window",
+                "events",
+                dropped(&lingering),
+            )
+            .baseline(dropped(&base)),
         ]);
     }
     Ok(figures)
@@ -210,17 +241,16 @@ pub(crate) fn fanout(plan: &Plan) -> Result<Vec<Figure>, String> {
             format!("fan-out, {count} subscribers matching all")
         };
         let hub = repeat(plan, &format!("{label}, hub"), || {
-            measure_fanout(plan, Server::Hub, count, buckets)
+            measure_fanout(plan, Server::Hub, count, buckets, 0)
         })?;
         let base = repeat(plan, &format!("{label}, baseline"), || {
-            measure_fanout(plan, Server::Baseline, count, buckets)
+            measure_fanout(plan, Server::Baseline, count, buckets, 0)
         })?;
         let rate = median(hub.iter().map(|r| r.deliveries_per_second).collect());
         let dropped = median(hub.iter().map(|r| r.dropped).collect());
-        let mut figure = Figure::new(Section::Fanout, label.clone(), "deliveries/s", rate)
-            .baseline(median(
-                base.iter().map(|r| r.deliveries_per_second).collect(),
-            ));
+        let base_rate = median(base.iter().map(|r| r.deliveries_per_second).collect());
+        let mut figure =
+            Figure::new(Section::Fanout, label.clone(), "deliveries/s", rate).baseline(base_rate);
         match (count, buckets) {
             (10, false) => {
                 figure = figure.target(
@@ -255,6 +285,26 @@ pub(crate) fn fanout(plan: &Plan) -> Result<Vec<Figure>, String> {
             )
             .baseline(median(base.iter().map(|r| r.dropped).collect())),
         );
+        if !buckets {
+            let lingering = repeat(plan, &format!("{label}, hub, lingering"), || {
+                measure_fanout(plan, Server::Hub, count, buckets, LINGER_MS)
+            })?;
+            figures.extend([
+                Figure::new(
+                    Section::Fanout,
+                    format!("  with subscriptions lingering {LINGER_MS} ms"),
+                    "deliveries/s",
+                    median(lingering.iter().map(|r| r.deliveries_per_second).collect()),
+                )
+                .baseline(base_rate),
+                Figure::new(
+                    Section::Fanout,
+                    "    dropped in the measured window",
+                    "events",
+                    median(lingering.iter().map(|r| r.dropped).collect()),
+                ),
+            ]);
+        }
     }
     Ok(figures)
 }

@@ -38,7 +38,7 @@ pub(crate) async fn pressure(plan: &Plan) -> Result<Vec<Figure>, String> {
     let config = format!("[limits]\nworker_events_per_second = {QUOTA}\n");
     let hub = ServerProcess::start_with(plan, Server::Hub, Some(&config))?;
     let ids: Vec<String> = (0..REFERENCE_WORKERS).map(|k| format!("ref-{k}")).collect();
-    let mut counter = subscribers_of(&hub.url, 1, false, false, &ids)?;
+    let mut counter = subscribers_of(&hub.url, 1, false, false, &ids, 0)?;
     let _reference = load_named(&hub.url, "ref", REFERENCE_WORKERS, Some(REFERENCE_RATE))?;
     let mut client = HubClient::connect(&hub.url, Duration::from_secs(10))
         .await

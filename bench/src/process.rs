@@ -226,16 +226,18 @@ pub(crate) fn subscribers(
     buckets: bool,
     latency: bool,
 ) -> Result<RoleProcess, String> {
-    subscribers_of(url, count, buckets, latency, &[])
+    subscribers_of(url, count, buckets, latency, &[], 0)
 }
 
-/// [`subscribers`] to the events of `workers` only.
+/// [`subscribers`] to the events of `workers` only (all when empty), each subscription asking
+/// the server for `linger_ms`.
 pub(crate) fn subscribers_of(
     url: &str,
     count: usize,
     buckets: bool,
     latency: bool,
     workers: &[String],
+    linger_ms: u32,
 ) -> Result<RoleProcess, String> {
     let mut args = vec![
         "subscribe".into(),
@@ -243,6 +245,8 @@ pub(crate) fn subscribers_of(
         url.into(),
         "--subscribers".into(),
         count.to_string(),
+        "--linger-ms".into(),
+        linger_ms.to_string(),
     ];
     for worker in workers {
         args.extend(["--worker".into(), worker.clone()]);

@@ -82,6 +82,9 @@ pub enum Role {
         /// Only events from these workers (repeatable).
         #[arg(long = "worker")]
         workers: Vec<String>,
+        /// The subscriptions' `linger_ms` (0: none).
+        #[arg(long, default_value_t = 0)]
+        linger_ms: u32,
     },
     /// Subscriptions that are never read: the hub can send them nothing once their windows
     /// are full.
@@ -132,7 +135,8 @@ pub async fn run(role: Role) -> Result<(), Error> {
             buckets,
             latency,
             workers,
-        } => subscribe(&target, subscribers, buckets, latency, &workers).await,
+            linger_ms,
+        } => subscribe(&target, subscribers, buckets, latency, &workers, linger_ms).await,
         Role::Stall {
             target,
             subscribers,
@@ -421,6 +425,7 @@ async fn subscribe(
     buckets: bool,
     latency: bool,
     workers: &[String],
+    linger_ms: u32,
 ) -> Result<(), String> {
     let deliveries = Arc::new(Deliveries {
         count: AtomicU64::new(0),
@@ -441,6 +446,7 @@ async fn subscribe(
             v1::SubscribeRequest {
                 patterns,
                 worker_ids: workers.to_vec(),
+                linger_ms,
                 ..Default::default()
             },
             latency,

@@ -98,6 +98,7 @@ fn the_quick_benchmark_reports_every_figure_next_to_its_baseline() {
         "fan-out cost, 1 subscribers at",
         "fan-out cost, 100 subscribers at",
         "  with hub.connection_threads = 1",
+        "  with subscriptions lingering 1 ms",
         "emit -> subscriber p50, 25 % of max ingest",
         "emit -> subscriber p99.9, 75 % of max ingest",
         "sample one worker -> acknowledged p50",

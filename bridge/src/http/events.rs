@@ -24,11 +24,11 @@ use super::{ApiError, authorize, query_params};
 use crate::{
     auth::Access,
     hub::Hub,
-    outputs::subscribers::{FeedItem, Filter},
+    outputs::subscribers::{FeedItem, Filter, linger_of},
     render,
 };
 
-/// `?pattern=P&worker=ID&pool=NAME&trace=ID&where=KEY=VALUE&label=KEY=VALUE` (patterns,
+/// `?pattern=P&worker=ID&pool=NAME&trace=ID&where=KEY=VALUE&label=KEY=VALUE&linger_ms=N` (patterns,
 /// workers, `where` and `label` repeatable; `trace` a trace id in hex; `where` also
 /// `KEY!=VALUE`, percent-encoded as any value), and `token` for clients that cannot set an `authorization` header
 /// (`EventSource` cannot).
@@ -40,7 +40,14 @@ pub async fn live_events(
     let mut request = v1::SubscribeRequest::default();
     let mut token = None;
     let known = [
-        "pattern", "worker", "pool", "trace", "where", "label", "token",
+        "pattern",
+        "worker",
+        "pool",
+        "trace",
+        "where",
+        "label",
+        "linger_ms",
+        "token",
     ];
     let mut labels = Vec::new();
     for (key, value) in query_params(query.as_deref(), &known)? {
@@ -59,6 +66,13 @@ pub async fn live_events(
                 request.metadata_conditions.push((&condition).into());
             }
             "label" => labels.push(value),
+            "linger_ms" => {
+                request.linger_ms = value.trim().parse().map_err(|_| {
+                    ApiError::invalid(format!(
+                        "linger_ms: not a number of milliseconds: {value:?}"
+                    ))
+                })?;
+            }
             "token" => token = Some(value),
             _ => {}
         }
@@ -69,10 +83,11 @@ pub async fn live_events(
         request.worker_labels = set.labels().clone().into_iter().collect();
     }
     authorize(&hub, &headers, token.as_deref(), Access::Read)?;
+    let linger = linger_of(&request)?;
     let filter = Filter::try_from(request)?;
     let tail = hub
         .subscribe(filter)?
-        .into_feed(hub.shutdown_token().clone());
+        .into_feed(hub.shutdown_token().clone(), linger);
     let events = tail.filter_map(|item| {
         let data = match item {
             FeedItem::Event(response) => {

@@ -16,7 +16,7 @@ use std::{
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     task::{Context, Poll},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -26,7 +26,10 @@ use bridge_proto::{
 };
 use foldhash::fast::FixedState;
 use smallvec::SmallVec;
-use tokio::sync::mpsc;
+use tokio::{
+    sync::mpsc,
+    time::{Instant, Sleep},
+};
 use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -35,6 +38,22 @@ use crate::{
     error::{Error, Result},
     latency::{FANOUT_BOUNDS_NS, LatencyHistogram, elapsed_ns, unix_nanos},
 };
+
+/// The longest a subscription may ask the hub to hold its events (`linger_ms`).
+pub const MAX_LINGER: Duration = Duration::from_secs(1);
+
+/// The subscription's latency budget from its request: `None` for none (`linger_ms` 0).
+pub fn linger_of(request: &v1::SubscribeRequest) -> Result<Option<Duration>> {
+    let linger = Duration::from_millis(u64::from(request.linger_ms));
+    if linger > MAX_LINGER {
+        return Err(Error::invalid(format!(
+            "linger_ms: must be at most {}, not {}",
+            MAX_LINGER.as_millis(),
+            request.linger_ms
+        )));
+    }
+    Ok(Some(linger).filter(|l| !l.is_zero()))
+}
 
 /// Which events a subscriber wants; all given parts must match.
 #[derive(Debug, Clone, Default)]
@@ -343,14 +362,85 @@ impl Subscription {
     /// The subscription as a stream of deliveries, with a lag notice wherever events were
     /// skipped; it ends (after [`FeedItem::ShuttingDown`]) when `shutdown` is cancelled. Every
     /// transport (gRPC, server-sent events) serves this one stream, so lag is reported alike.
-    pub fn into_feed(self, shutdown: CancellationToken) -> Feed {
+    /// With a `linger` (see [`linger_of`]) the feed holds events after each send, so that the
+    /// transport writes them together; it must then be made on a tokio runtime with a timer.
+    pub fn into_feed(self, shutdown: CancellationToken, linger: Option<Duration>) -> Feed {
+        let quarter = (self.subscribers.shared.queue_capacity / 4).max(1);
         Feed {
             subscription: self,
             shutdown: Box::pin(shutdown.cancelled_owned()),
             taken: Vec::new(),
             after_notice: None,
             ended: false,
+            linger: linger.map(|asked| Box::new(Linger::new(asked, quarter))),
         }
+    }
+}
+
+/// tokio's timer resolution: a shorter hold would last this long anyway, so the feed does not
+/// hold at all rather than for less.
+const MIN_HOLD: Duration = Duration::from_millis(1);
+
+/// A feed's hold between sends, for a subscription that asked for one.
+///
+/// After the feed has sent (yielded events, then found its queue empty) it waits out the hold
+/// before taking again, so what arrives meanwhile leaves in one write; if nothing has arrived
+/// by then, the next event goes at once. While waiting nothing wakes the feed but its timer
+/// (and shutdown). The hold shortens while one would gather more than a quarter of the queue,
+/// so that a subscription that asked for a long one at a high rate does not lag for it, and
+/// grows back to what was asked when the rate falls.
+#[derive(Debug)]
+struct Linger {
+    asked: Duration,
+    hold: Duration,
+    /// A quarter of the subscription's queue.
+    quarter: usize,
+    /// Set while holding.
+    timer: Pin<Box<Sleep>>,
+    holding: bool,
+    /// Events yielded since the last hold ended.
+    sent: usize,
+}
+
+impl Linger {
+    fn new(asked: Duration, quarter: usize) -> Self {
+        Self {
+            asked,
+            hold: asked,
+            quarter,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            holding: false,
+            sent: 0,
+        }
+    }
+
+    /// The queue has drained after `sent` events went out: hold, if any went.
+    fn drained(&mut self) {
+        if self.sent == 0 {
+            return;
+        }
+        if self.sent > self.quarter {
+            self.hold = self.hold.mul_f64(self.quarter as f64 / self.sent as f64);
+            if self.hold < MIN_HOLD {
+                self.hold = Duration::ZERO;
+            }
+        } else if self.sent < self.quarter / 2 && self.hold < self.asked {
+            self.hold = (self.hold * 2).clamp(MIN_HOLD, self.asked);
+        }
+        self.sent = 0;
+        if !self.hold.is_zero() {
+            self.holding = true;
+            self.timer.as_mut().reset(Instant::now() + self.hold);
+        }
+    }
+
+    /// Whether the feed is still holding (and will be woken when it is not).
+    fn holds(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.holding && self.timer.as_mut().poll(cx).is_pending() {
+            return true;
+        }
+        self.holding = false;
+        false
     }
 }
 
@@ -368,6 +458,7 @@ pub struct Feed {
     /// An event whose lag notice was yielded just before it.
     after_notice: Option<EncodedSubscribeResponse>,
     ended: bool,
+    linger: Option<Box<Linger>>,
 }
 
 impl Feed {
@@ -397,6 +488,14 @@ impl Stream for Feed {
             return Poll::Ready(None);
         }
         if this.taken.is_empty() {
+            if let Some(linger) = this.linger.as_mut()
+                && linger.holds(cx)
+            {
+                if this.shutdown.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                linger.holding = false;
+            }
             match this
                 .subscription
                 .queue
@@ -408,6 +507,9 @@ impl Stream for Feed {
                 }
                 Poll::Ready(_) => this.took(),
                 Poll::Pending => {
+                    if let Some(linger) = this.linger.as_mut() {
+                        linger.drained();
+                    }
                     // Drained: report events skipped since the last queued one before
                     // waiting, so a lag is never hidden behind a quiet period.
                     let skipped = this.subscription.take_skipped();
@@ -425,6 +527,9 @@ impl Stream for Feed {
         let Some(item) = this.taken.pop() else {
             return Poll::Pending;
         };
+        if let Some(linger) = this.linger.as_mut() {
+            linger.sent += 1;
+        }
         if item.skipped_before > 0 {
             this.after_notice = Some(item.response);
             return Poll::Ready(Some(FeedItem::Lagged(item.skipped_before)));
@@ -710,7 +815,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let mut feed = subscribers
             .subscribe(Filter::default())
-            .into_feed(shutdown.clone());
+            .into_feed(shutdown.clone(), None);
         for name in ["a", "b", "c", "d"] {
             publish(&subscribers, name, 1.0, 0);
         }
@@ -739,6 +844,92 @@ mod tests {
             futures_util::StreamExt::next(&mut feed).now_or_never(),
             Some(None)
         ));
+    }
+
+    /// `linger_ms`: the first event after a quiet spell goes at once; what arrives after a
+    /// send waits out the hold and goes together; a hold that gathers nothing ends the waiting.
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_feed_holds_events_after_a_send_and_none_after_a_quiet_spell() {
+        let subscribers = Subscribers::new(64);
+        let hold = Duration::from_millis(10);
+        let mut feed = subscribers
+            .subscribe(Filter::default())
+            .into_feed(CancellationToken::new(), Some(hold));
+        publish(&subscribers, "a", 1.0, 0);
+        assert_eq!(ready(&mut feed), ["a"]);
+        publish(&subscribers, "b", 1.0, 0);
+        publish(&subscribers, "c", 1.0, 0);
+        assert!(ready(&mut feed).is_empty());
+        tokio::time::advance(Duration::from_millis(9)).await;
+        assert!(ready(&mut feed).is_empty());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(ready(&mut feed), ["b", "c"]);
+        // A hold passes with nothing gathered: the next event is not held.
+        tokio::time::advance(hold).await;
+        assert!(ready(&mut feed).is_empty());
+        publish(&subscribers, "d", 1.0, 0);
+        assert_eq!(ready(&mut feed), ["d"]);
+    }
+
+    /// A hold that gathers more than a quarter of the queue is shortened in proportion, so a
+    /// long linger at a high rate does not fill the queue; it grows back when the rate falls.
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_feed_shortens_its_hold_while_holds_gather_over_a_quarter_queue() {
+        let subscribers = Subscribers::new(16);
+        let mut feed = subscribers
+            .subscribe(Filter::default())
+            .into_feed(CancellationToken::new(), Some(Duration::from_millis(40)));
+        publish(&subscribers, "a", 1.0, 0);
+        assert_eq!(ready(&mut feed), ["a"]);
+        let burst = ["b", "c", "d", "e", "f", "g", "h", "i"];
+        for name in burst {
+            publish(&subscribers, name, 1.0, 0);
+        }
+        tokio::time::advance(Duration::from_millis(40)).await;
+        assert_eq!(ready(&mut feed), burst);
+        // Eight gathered, the quarter is four: the next hold is half as long.
+        publish(&subscribers, "j", 1.0, 0);
+        tokio::time::advance(Duration::from_millis(19)).await;
+        assert!(ready(&mut feed).is_empty());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(ready(&mut feed), ["j"]);
+        // One gathered: back to the whole linger.
+        publish(&subscribers, "k", 1.0, 0);
+        tokio::time::advance(Duration::from_millis(39)).await;
+        assert!(ready(&mut feed).is_empty());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(ready(&mut feed), ["k"]);
+    }
+
+    /// Shutting down does not wait out a hold: what was held goes, then the notice.
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_feed_sends_what_it_holds_when_the_hub_shuts_down() {
+        let subscribers = Subscribers::new(64);
+        let shutdown = CancellationToken::new();
+        let mut feed = subscribers
+            .subscribe(Filter::default())
+            .into_feed(shutdown.clone(), Some(Duration::from_secs(1)));
+        publish(&subscribers, "a", 1.0, 0);
+        assert_eq!(ready(&mut feed), ["a"]);
+        publish(&subscribers, "b", 1.0, 0);
+        assert!(ready(&mut feed).is_empty());
+        shutdown.cancel();
+        assert_eq!(ready(&mut feed), ["b", "shutting down"]);
+    }
+
+    #[test]
+    fn a_linger_over_a_second_is_refused_naming_the_field() {
+        let asking = |linger_ms| v1::SubscribeRequest {
+            linger_ms,
+            ..Default::default()
+        };
+        assert_eq!(linger_of(&asking(0)).unwrap(), None);
+        assert_eq!(
+            linger_of(&asking(1000)).unwrap(),
+            Some(Duration::from_secs(1))
+        );
+        let refused = linger_of(&asking(1001)).unwrap_err().to_string();
+        assert!(refused.contains("linger_ms"), "{refused}");
     }
 
     /// Subscribers that name their events exactly are found by the name, the others by their

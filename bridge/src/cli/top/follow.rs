@@ -25,6 +25,11 @@ use super::models::{self, Models, Request};
 /// Waits before opening a failed subscription again: doubling from the first, up to the second.
 const RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(5));
 
+/// How long the hub may hold top's events to send them together: well under a refresh (50 ms at
+/// the shortest), and at tens of thousands of events a second it spares the hub and top most of
+/// their writes and reads.
+const LINGER_MS: u32 = 20;
+
 /// The event patterns top subscribes to.
 pub const PATTERNS: [&str; 3] = [gpu::METRICS_EVENT, inference::STOP, inference::EXCEPTION];
 
@@ -62,6 +67,7 @@ impl Feed {
         let request = v1::SubscribeRequest {
             patterns: PATTERNS.map(str::to_owned).to_vec(),
             pool: pool.unwrap_or_default(),
+            linger_ms: LINGER_MS,
             ..Default::default()
         };
         let task = tokio::spawn(follow(client, request, shared.clone()));
