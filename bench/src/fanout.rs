@@ -240,12 +240,22 @@ pub(crate) fn fanout(plan: &Plan) -> Result<Vec<Figure>, String> {
         } else {
             format!("fan-out, {count} subscribers matching all")
         };
-        let hub = repeat(plan, &format!("{label}, hub"), || {
-            measure_fanout(plan, Server::Hub, count, buckets, 0)
-        })?;
-        let base = repeat(plan, &format!("{label}, baseline"), || {
-            measure_fanout(plan, Server::Baseline, count, buckets, 0)
-        })?;
+        // Run by run, hub (also with lingering subscriptions where each matches all) and
+        // baseline in turn, so that a change in the machine's load falls on all of them.
+        let (mut hub, mut lingering, mut base) = (Vec::new(), Vec::new(), Vec::new());
+        for run in repeat(plan, &label, || {
+            Ok((
+                measure_fanout(plan, Server::Hub, count, buckets, 0)?,
+                (!buckets)
+                    .then(|| measure_fanout(plan, Server::Hub, count, buckets, LINGER_MS))
+                    .transpose()?,
+                measure_fanout(plan, Server::Baseline, count, buckets, 0)?,
+            ))
+        })? {
+            hub.push(run.0);
+            lingering.extend(run.1);
+            base.push(run.2);
+        }
         let rate = median(hub.iter().map(|r| r.deliveries_per_second).collect());
         let dropped = median(hub.iter().map(|r| r.dropped).collect());
         let base_rate = median(base.iter().map(|r| r.deliveries_per_second).collect());
@@ -285,10 +295,7 @@ pub(crate) fn fanout(plan: &Plan) -> Result<Vec<Figure>, String> {
             )
             .baseline(median(base.iter().map(|r| r.dropped).collect())),
         );
-        if !buckets {
-            let lingering = repeat(plan, &format!("{label}, hub, lingering"), || {
-                measure_fanout(plan, Server::Hub, count, buckets, LINGER_MS)
-            })?;
+        if !lingering.is_empty() {
             figures.extend([
                 Figure::new(
                     Section::Fanout,
