@@ -386,9 +386,10 @@ const MIN_HOLD: Duration = Duration::from_millis(1);
 /// After the feed has sent (yielded events, then found its queue empty) it waits out the hold
 /// before taking again, so what arrives meanwhile leaves in one write; if nothing has arrived
 /// by then, the next event goes at once. While waiting nothing wakes the feed but its timer
-/// (and shutdown). The hold shortens while one would gather more than a quarter of the queue,
-/// so that a subscription that asked for a long one at a high rate does not lag for it, and
-/// grows back to what was asked when the rate falls.
+/// (and shutdown). The hold shortens in proportion while one would gather more than a quarter of
+/// the queue (below [`MIN_HOLD`] the feed does not hold at all), so that a subscription that
+/// asked for a long one at a high rate does not lag for it, and doubles back towards what was
+/// asked while holds gather less than an eighth.
 #[derive(Debug)]
 struct Linger {
     asked: Duration,
