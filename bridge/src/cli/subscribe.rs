@@ -56,7 +56,7 @@ pub struct Args {
 fn linger_ms(text: &str) -> Result<u32, Failure> {
     let invalid = |why: &str| Failure::invalid(format!("--linger {text}: {why}"));
     let linger = humantime::parse_duration(text.trim())
-        .map_err(|e| invalid(&e.to_string().to_lowercase()))?;
+        .map_err(|_| invalid("not a duration such as 20ms or 1s"))?;
     if linger > MAX_LINGER {
         return Err(invalid(&format!(
             "at most {}",
