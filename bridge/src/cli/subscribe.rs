@@ -104,7 +104,12 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
             .into_iter()
             .collect(),
     };
-    let linger_ms = args.linger.as_deref().map(linger_ms).transpose()?;
+    let linger_ms = args
+        .linger
+        .as_deref()
+        .map(linger_ms)
+        .transpose()?
+        .unwrap_or(0);
     if args.limit == Some(0) {
         return Ok(());
     }
@@ -118,7 +123,7 @@ pub async fn run(hub: &HubTarget, args: Args) -> Outcome {
             trace_id,
             metadata_conditions: conditions,
             worker_labels,
-            linger_ms: linger_ms.unwrap_or(0),
+            linger_ms,
         })
         .await?;
     let mut events = 0u64;
