@@ -9,7 +9,8 @@ use std::{
 
 use bridge_proto::{protocol::headers, v1};
 use bridge_tests::{
-    HubProcess, bin, http_get, matching, open_stream, read_lines_within, run_cli, sequence,
+    HubOptions, HubProcess, bin, http_get, matching, open_stream, read_lines_within, run_cli,
+    sequence,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -24,7 +25,21 @@ fn job(sequence: u64) -> v1::TelemetryEvent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lingering_subscription_gets_the_first_event_at_once_and_later_ones_together() {
-    let hub = HubProcess::start();
+    first_at_once_and_later_ones_together("").await;
+}
+
+/// A connection thread's runtime holds the subscription's timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_subscription_on_a_connection_thread_gets_later_events_together() {
+    first_at_once_and_later_ones_together("connection_threads = 1\n").await;
+}
+
+/// With `hub_config` as the `[hub]` table.
+async fn first_at_once_and_later_ones_together(hub_config: &str) {
+    let hub = HubProcess::start_with(HubOptions {
+        config: Some(format!("[hub]\n{hub_config}")),
+        ..Default::default()
+    });
     let mut client = hub.client().await;
     let mut subscription = client
         .raw()
