@@ -13,7 +13,7 @@ use bridge_proto::{
     pattern::{Pattern, validate_event_tokens},
     protocol::{gpu, inference},
     v1::{TelemetryEvent, TelemetryValue, telemetry_value::Value},
-    view::EventView,
+    view::{EventView, RelayedDelivery},
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use prost::Message;
@@ -160,6 +160,20 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // The same fan-out for an event from another hub, as the cluster's receiving side offers it.
+    let (subscribers, mut subscriptions) = fan_out(&[]);
+    let encoded = Delivery::local("gpu-3", "llama", &counted, 1.0, 1)
+        .encoded()
+        .clone();
+    c.bench_function("subscribers/fan_out_10_relayed", |b| {
+        b.iter(|| {
+            let relayed = RelayedDelivery::check(black_box(encoded.as_bytes())).expect("check");
+            subscribers.offer(&Delivery::from_other_hub(&relayed));
+            for subscription in &mut subscriptions {
+                while subscription.queue.try_recv().is_ok() {}
+            }
+        })
+    });
     c.bench_function("event_view/to_event", |b| {
         b.iter(|| black_box(&counted).to_event())
     });
