@@ -331,7 +331,8 @@ impl Collector for HubCollector {
         histogram(
             &mut encoder,
             "bridge_fanout_latency_seconds",
-            "From the hub receiving an event to a subscriber's stream taking it from its queue.",
+            "From the hub receiving an event to a subscriber's stream taking it from its queue \
+             (a subscription's linger included).",
             &self.hub.subscribers().latency().snapshot(),
         )?;
         Ok(())
