@@ -36,7 +36,7 @@ use crate::{
         Delivery, Outputs,
         inference_metrics::InferenceMetrics,
         otlp::{OtlpExport, WorkerDescription, WorkerDirectory},
-        subscribers::{Filter, Subscribers, Subscription},
+        subscribers::{Feed, Filter, Subscribers, Subscription, linger_of},
     },
     registry::{Identity, Registry, Session, Worker},
     tls::ServerTls,
@@ -380,8 +380,18 @@ impl Hub {
         }
     }
 
-    /// Opens a subscription, unless the hub already serves `limits.max_subscribers`.
-    pub fn subscribe(&self, filter: Filter) -> Result<Subscription> {
+    /// Opens the subscription `request` asks for, as the stream of deliveries every transport
+    /// serves: refused if its filter or linger is not valid, or if the hub already serves
+    /// `limits.max_subscribers`.
+    pub fn subscribe(&self, request: v1::SubscribeRequest) -> Result<Feed> {
+        let linger = linger_of(&request)?;
+        let filter = Filter::try_from(request)?;
+        Ok(self
+            .open_subscription(filter)?
+            .into_feed(self.shutdown_token().clone(), linger))
+    }
+
+    fn open_subscription(&self, filter: Filter) -> Result<Subscription> {
         let limit = self.shared.config.limits.max_subscribers;
         if self.shared.subscribers.subscriber_count() >= limit {
             return Err(Error::Limit(format!(

@@ -12,7 +12,7 @@ use crate::{
     auth::{Access, check_certificate_name},
     command::{Selector, parse_update},
     hub::{Hub, Requester},
-    outputs::subscribers::{FeedItem, Filter, linger_of},
+    outputs::subscribers::FeedItem,
     registry::Identity,
     worker_stream,
 };
@@ -83,13 +83,7 @@ impl telemetry_bridge_server::TelemetryBridge for BridgeService {
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         self.hub.auth().check(request.metadata(), Access::Read)?;
-        let request = request.into_inner();
-        let linger = linger_of(&request)?;
-        let filter = Filter::try_from(request)?;
-        let tail = self
-            .hub
-            .subscribe(filter)?
-            .into_feed(self.hub.shutdown_token().clone(), linger);
+        let tail = self.hub.subscribe(request.into_inner())?;
         Ok(Response::new(Box::pin(tail.map(|item| match item {
             FeedItem::Event(response) => Ok(response),
             FeedItem::Lagged(skipped) => Ok(EncodedSubscribeResponse::lagged(skipped)),

@@ -21,12 +21,7 @@ use serde_json::json;
 use tokio_stream::{Stream, StreamExt};
 
 use super::{ApiError, authorize, query_params};
-use crate::{
-    auth::Access,
-    hub::Hub,
-    outputs::subscribers::{FeedItem, Filter, linger_of},
-    render,
-};
+use crate::{auth::Access, hub::Hub, outputs::subscribers::FeedItem, render};
 
 /// `?pattern=P&worker=ID&pool=NAME&trace=ID&where=KEY=VALUE&label=KEY=VALUE&linger_ms=N` (patterns,
 /// workers, `where` and `label` repeatable; `trace` a trace id in hex; `where` also
@@ -83,11 +78,7 @@ pub async fn live_events(
         request.worker_labels = set.labels().clone().into_iter().collect();
     }
     authorize(&hub, &headers, token.as_deref(), Access::Read)?;
-    let linger = linger_of(&request)?;
-    let filter = Filter::try_from(request)?;
-    let tail = hub
-        .subscribe(filter)?
-        .into_feed(hub.shutdown_token().clone(), linger);
+    let tail = hub.subscribe(request)?;
     let events = tail.filter_map(|item| {
         let data = match item {
             FeedItem::Event(response) => {
